@@ -1,0 +1,293 @@
+"""The ``tistudio`` command: demo, create, train, generate, inspect, convert.
+
+Flags are generated from the options dataclasses in config.py, so the CLI, the API and the web UI offer the
+same options with the same defaults. Errors the user can fix are one line on stderr and exit code 2. During
+training, Ctrl-C (or SIGTERM) finishes the current step, saves, and exits 0; a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import CreateOptions, GenerateOptions, TrainOptions
+from .errors import TistudioError
+
+log = logging.getLogger("tistudio")
+
+# Extra spellings people know from A1111 and the issue tracker.
+ALIASES = {
+    "negative_prompt": ["--negative"],
+    "embeddings_dir": ["--embeddings"],
+    "learning_rate": ["--lr"],
+    "gradient_accumulation": ["--grad-accum"],
+}
+TRAIN_ALIASES = {"max_steps": ["--steps"]}
+ENV_DEFAULTS = {"model": "TISTUDIO_MODEL"}
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("TISTUDIO_CACHE"):
+        return Path(os.environ["TISTUDIO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tistudio"
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per dataclass field (positional where the field says so)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta = f.metadata
+        help_text = meta.get("help", "")
+        default = f.default
+        if f.name in ENV_DEFAULTS and os.environ.get(ENV_DEFAULTS[f.name]):
+            default = os.environ[ENV_DEFAULTS[f.name]]
+            help_text += f" (default from ${ENV_DEFAULTS[f.name]})"
+        if meta.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+            continue
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
+        if cls is TrainOptions:
+            flags += TRAIN_ALIASES.get(f.name, [])
+        if isinstance(f.default, bool):
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_text)
+            continue
+        kind = type(f.default)
+        shown = "" if default in ("", None) else f" (default: {default})"
+        parser.add_argument(*flags, dest=f.name, type=kind, default=default, metavar=f.name.upper(),
+                            choices=meta.get("choices"), help=help_text + shown)
+
+
+def options_from(args: argparse.Namespace, cls: type) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def quiet_third_party() -> None:
+    """Keep diffusers' and transformers' own progress bars and notices off the terminal."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(verbosity: int) -> None:
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("tistudio")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+
+
+def install_stop_handler() -> threading.Event:
+    """First Ctrl-C/SIGTERM: finish the step, save, exit 0. Second Ctrl-C: abort now."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        stop.set()
+        from tqdm import tqdm
+
+        tqdm.write("tistudio: stopping after this step and saving (press Ctrl-C again to abort now)",
+                   file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def train_progress() -> Callable[[Any], None]:
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def on_progress(progress: Any) -> None:
+        bar = state.get("bar")
+        if progress.event == "start":
+            state["bar"] = tqdm(total=progress.max_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+                                desc="training", file=sys.stderr)
+        elif progress.event == "step" and bar is not None:
+            bar.update(progress.step - bar.n)
+            postfix = {"lr": f"{progress.lr:.2g}", "epoch": progress.epoch}
+            if progress.loss is not None:
+                postfix["loss"] = f"{progress.loss:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+        elif progress.event in ("preview", "save") and progress.path:
+            log.debug("%s: %s", progress.event, progress.path)
+        elif progress.event in ("done", "stopped") and bar is not None:
+            bar.close()
+        elif progress.event == "encode":
+            log.info("%s", progress.message)
+
+    return on_progress
+
+
+def generate_progress(total: int) -> Callable[[Any], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True, file=sys.stderr, leave=False)
+
+    def on_progress(progress: Any) -> None:
+        bar.update(progress.step - bar.n)
+        if progress.step >= progress.total:
+            bar.close()
+
+    return on_progress
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps,
+                      on_progress=train_progress(), stop=install_stop_handler())
+    print(result.summary())
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from .create import create_embedding
+
+    path = create_embedding(options_from(args, CreateOptions), cache_dir=args.cache_dir)
+    print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    options = options_from(args, TrainOptions)
+    result = train(options, cache_dir=args.cache_dir, on_progress=train_progress(), stop=install_stop_handler())
+    for path, reason in result.skipped_images:
+        log.warning("skipped %s: %s", path, reason)
+    print(f"{result.message}: {result.embedding_path} (run folder {result.run_dir})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    options = options_from(args, GenerateOptions)
+    images = generate(options, cache_dir=args.cache_dir, on_progress=generate_progress(options.steps),
+                      stop=install_stop_handler())
+    for image in images:
+        print(image.path)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .embedding import describe, read_embedding
+
+    path = Path(args.file)
+    info = describe(read_embedding(path), path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .embedding import read_embedding, write_a1111_pt, write_diffusers, write_embedding
+
+    embedding = read_embedding(args.file)
+    out_dir = Path(args.out_dir)
+    if args.to == "a1111":
+        path = write_a1111_pt(embedding, out_dir / f"{embedding.name}.pt")
+    elif args.to == "diffusers":
+        path = write_diffusers(embedding, out_dir / f"{embedding.name}.safetensors")
+    else:
+        path = write_embedding(embedding, out_dir / f"{embedding.name}.safetensors")
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tistudio", description="Teach Stable Diffusion a new word from a few "
+                                     "photos (textual inversion), then use it in prompts.")
+    parser.add_argument("--version", action="version", version=f"tistudio {__version__}")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="cache for the demo model and file hashes (default: %(default)s; $TISTUDIO_CACHE)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the whole workflow on the built-in tiny model (about a minute)")
+    demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
+    demo.add_argument("--demo-steps", type=int, default=60, help="training steps (default: %(default)s)")
+    demo.set_defaults(run=cmd_demo)
+
+    create = commands.add_parser("create", help="create a new embedding", description=CreateOptions.__doc__)
+    add_options(create, CreateOptions)
+    create.set_defaults(run=cmd_create)
+
+    train = commands.add_parser("train", help="train (or resume) an embedding", description=TrainOptions.__doc__)
+    add_options(train, TrainOptions)
+    train.set_defaults(run=cmd_train)
+
+    generate = commands.add_parser("generate", help="generate images with embeddings",
+                                   description=GenerateOptions.__doc__)
+    add_options(generate, GenerateOptions)
+    generate.set_defaults(run=cmd_generate)
+
+    inspect = commands.add_parser("inspect", help="show what an embedding file holds")
+    inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=cmd_inspect)
+
+    convert = commands.add_parser("convert", help="write an embedding in another tool's format")
+    convert.add_argument("file", help="embedding file of any supported format")
+    convert.add_argument("--to", required=True, choices=("a1111", "diffusers", "safetensors"),
+                         help="a1111: A1111 .pt; diffusers: {NAME: vectors} safetensors; safetensors: tistudio's")
+    convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
+    convert.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        if args.command not in ("inspect", "convert"):
+            quiet_third_party()
+        return int(args.run(args) or 0)
+    except TistudioError as exc:
+        message = " ".join(str(exc).split())
+        print(f"tistudio: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tistudio: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Options for every job, as frozen dataclasses.
+
+The CLI flags, the HTTP API's JSON and the web UI's forms are all generated from these fields, so each field
+carries its type, its default and a one-line help text (``metadata["help"]``), plus its allowed range or
+choices. ``validate()`` checks a whole options object before any model is loaded; the resolved options are
+saved as ``options.json`` in every run folder. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import OptionError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    required: bool = False,
+    positional: bool = False,
+) -> Any:
+    """A dataclass field with the metadata the CLI, API and UI are generated from."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "required": required, "positional": positional}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load and how. Shared by every job that needs a model."""
+
+    # A diffusers folder, a single .safetensors/.ckpt checkpoint, a Hugging Face Hub id, or "demo".
+    model: str = option("", "model: a diffusers folder, a .safetensors/.ckpt file, a Hub id, or 'demo'",
+                        required=True)
+    # "auto" picks CUDA, then Apple MPS, then the CPU.
+    device: str = option("auto", "device to run on", choices=DEVICES)
+    # Precision of the frozen model parts; "auto" is bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU.
+    precision: str = option("auto", "precision of the frozen model weights", choices=PRECISIONS)
+    # Override the checkpoint's prediction type when its file does not say (SD2 768-v models use v_prediction).
+    prediction_type: str = option("auto", "noise prediction type of the model", choices=PREDICTION_TYPES)
+    # Use the output of the N-th last text-encoder layer (A1111's "Clip skip"; 2 for many anime models).
+    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12)
+
+
+@dataclass(frozen=True)
+class CreateOptions(ModelOptions):
+    """Create a new, untrained embedding (A1111's "Create embedding")."""
+
+    # The word you will type in prompts; also the file name. One word: letters, digits, '_' and '-'.
+    name: str = option("", "the embedding's name: the word you will use in prompts", required=True,
+                       positional=True)
+    # The vectors start from this text's token embeddings: evenly spaced tokens, repeated when fewer.
+    init_text: str = option("*", "initialization text (e.g. 'woman', 'dog', 'oil painting')")
+    # How many vectors the name stands for (A1111's "Number of vectors per token"); 3-4 suit a face.
+    vectors: int = option(4, "number of vectors per token", minimum=1, maximum=75)
+    # Replace an existing embedding of the same name.
+    overwrite: bool = option(False, "overwrite an existing embedding with this name")
+    # Where embeddings live (A1111's --embeddings-dir).
+    embeddings_dir: str = option("embeddings", "folder of embeddings")
+
+
+@dataclass(frozen=True)
+class TrainOptions(ModelOptions):
+    """Train an embedding (A1111's Train tab). Defaults follow A1111; the seed's example values are noted."""
+
+    # The embedding to train: a name in embeddings_dir or a path to its file. Created with `create` first.
+    embedding: str = option("", "embedding to train: its name or file", required=True, positional=True)
+    # Folder of training images (with an optional IMAGE.txt caption beside each).
+    dataset: str = option("", "folder of training images", required=True)
+    embeddings_dir: str = option("embeddings", "folder of embeddings")
+    # Run folder for copies, previews, loss.csv and resume state; default runs/NAME.
+    run_dir: str = option("", "run folder (default: runs/NAME)")
+    # A1111's schedule grammar: "0.005" or "0.005:100, 1e-3:1000, 1e-5" (rate until step, ...).
+    learning_rate: str = option("0.005", "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'")
+    batch_size: int = option(1, "images per micro-batch", minimum=1, maximum=256)
+    # Micro-batches accumulated per optimizer step; one step = batch_size * gradient_accumulation images.
+    gradient_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1, maximum=1024)
+    # subject, subject_filewords, style, style_filewords, none, or a path to a template file.
+    template: str = option("subject", "prompt template: a shipped name or a .txt file")
+    # Training resolution in pixels (square); 0 means the model's native size (512 SD1, 768 SD2-v).
+    size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
+    # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
+    max_steps: int = option(3000, "train until this step", minimum=1, maximum=10_000_000)
+    # Render a preview image every N steps (0: never).
+    preview_every: int = option(500, "save a preview image every N steps (0: off)", minimum=0)
+    # Save a copy of the embedding every N steps (0: never); resume state is saved with it.
+    save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
+    # Preview prompt; empty means the template's first line with the name.
+    preview_prompt: str = option("", "preview prompt (default: the template's first line)")
+    preview_negative_prompt: str = option("", "preview negative prompt")
+    # A fixed seed makes previews comparable across steps.
+    preview_seed: int = option(1234, "preview seed", minimum=0, maximum=2**32 - 1)
+    preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=150)
+    preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)")
+    preview_cfg: float = option(7.0, "preview CFG scale", minimum=1.0, maximum=30.0)
+    # Also train on mirrored images (their latents are cached too).
+    flip: bool = option(False, "add horizontally flipped copies of every image")
+    # Shuffle the comma-separated tags of [filewords] for each sample (A1111 option).
+    shuffle_tags: bool = option(False, "shuffle caption tags for each sample")
+    # Drop each caption tag with this probability (A1111 option).
+    tag_dropout: float = option(0.0, "probability of dropping each caption tag", minimum=0.0, maximum=1.0)
+    # AdamW weight decay on the vectors (A1111 uses 0).
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0, maximum=1.0)
+    # Clip the gradient norm of the vectors (0: off).
+    clip_grad_norm: float = option(0.0, "clip gradient norm (0: off)", minimum=0.0)
+    # Seeds data order, timesteps and noise; the same seed and options give the same embedding.
+    seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)
+
+
+@dataclass(frozen=True)
+class GenerateOptions(ModelOptions):
+    """Generate images (A1111's txt2img), using every embedding whose name appears in the prompts."""
+
+    prompt: str = option("", "prompt; embedding names in it are used", required=True, positional=True)
+    negative_prompt: str = option("", "negative prompt")
+    steps: int = option(20, "sampling steps", minimum=1, maximum=150)
+    sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name")
+    cfg: float = option(7.0, "CFG scale", minimum=1.0, maximum=30.0)
+    # -1 picks a random seed; image i of a batch uses seed + i, as in A1111.
+    seed: int = option(-1, "seed (-1: random)", minimum=-1, maximum=2**32 - 1)
+    # WIDTHxHEIGHT or one number for a square; empty means the model's native size.
+    size: str = option("", "image size, WIDTHxHEIGHT (default: the model's native size)")
+    batch: int = option(1, "images to generate", minimum=1, maximum=64)
+    embeddings_dir: str = option("embeddings", "folder of embeddings")
+    out_dir: str = option("outputs", "folder for the images")
+
+
+T = TypeVar("T")
+
+
+def field_specs(cls: type) -> list[dataclasses.Field]:
+    """The fields of an options class, in declaration order."""
+    return list(dataclasses.fields(cls))
+
+
+def to_dict(options: Any) -> dict[str, Any]:
+    """Plain JSON-able dict of an options object."""
+    return dataclasses.asdict(options)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build options from a dict, refusing unknown keys and values of the wrong type."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise OptionError(unknown[0], data[unknown[0]], f"unknown option; known options are {', '.join(known)}")
+    values = {}
+    for key, value in data.items():
+        values[key] = _coerce(known[key], value)
+    return cls(**values)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = type(f.default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise OptionError(f.name, value, "must be true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise OptionError(f.name, value, "must be a whole number")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(f.name, value, "must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise OptionError(f.name, value, "must be text")
+    return value
+
+
+def check_fields(options: Any) -> None:
+    """Check every field against its type, range, choices and required flag."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        _coerce(f, value)
+        meta = f.metadata
+        if meta.get("required") and value in ("", None):
+            raise OptionError(f.name, value, "is required")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise OptionError(f.name, value, f"choose one of {', '.join(meta['choices'])}")
+        low, high = meta.get("minimum"), meta.get("maximum")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise OptionError(f.name, value, "must be a finite number")
+            if low is not None and value < low:
+                raise OptionError(f.name, value, f"must be at least {low:g}")
+            if high is not None and value > high:
+                raise OptionError(f.name, value, f"must be at most {high:g}")
+
+
+def check_name(name: str, field_name: str = "name") -> str:
+    """An embedding name is one word of letters, digits, '_' and '-' (it is typed in prompts and is a file stem)."""
+    if not NAME_PATTERN.match(name or ""):
+        raise OptionError(field_name, name, "use one word of letters, digits, '_' or '-' (at most 64 "
+                          "characters, starting with a letter or digit), e.g. 'tomtut'")
+    return name
+
+
+def parse_size(text: str, field_name: str = "size") -> tuple[int, int] | None:
+    """Parse 'WxH' or 'N' into (width, height); None for ''. Sides must be multiples of 8 in 64..2048."""
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+)\s*(?:x\s*(\d+))?", text)
+    if not match:
+        raise OptionError(field_name, text, "write WIDTHxHEIGHT, e.g. 512x512, or one number for a square")
+    width = int(match.group(1))
+    height = int(match.group(2) or match.group(1))
+    for side in (width, height):
+        if side < 64 or side > 2048 or side % 8:
+            raise OptionError(field_name, text, "each side must be a multiple of 8 between 64 and 2048")
+    return width, height
+
+
+def validate_create(options: CreateOptions) -> None:
+    check_fields(options)
+    check_name(options.name)
+
+
+def validate_train(options: TrainOptions) -> None:
+    from .schedule import parse_schedule
+    from .templates import load_template
+
+    check_fields(options)
+    if options.size and (options.size < 64 or options.size % 8):
+        raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
+    parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
+    load_template(options.template)
+
+
+def validate_generate(options: GenerateOptions) -> None:
+    from .samplers import check_sampler
+
+    check_fields(options)
+    if not options.prompt.strip():
+        raise OptionError("prompt", options.prompt, "write a prompt, e.g. 'portrait of NAME as a lego figure'")
+    parse_size(options.size)
+    check_sampler(options.sampler, "sampler")

@@ -1,0 +1,174 @@
+"""The training images: found, checked, normalised and captioned, with a reason for every file left out.
+
+Every file in the folder (not sub-folders, as in A1111) is tried as an image by its content; caption files
+(``IMAGE.txt``) and hidden files are not images. An image is read with its EXIF orientation applied, 16-bit
+scaled to 8-bit, CMYK converted, transparency flattened on a neutral grey, the first frame of animations;
+then cropped to a centred square and resized with Lanczos to the training size (A1111 squashes instead, which
+distorts faces). Unreadable files are skipped with their reason; training stops only if none is left.
+
+Captions: ``IMAGE.txt`` beside the image if present, else the file name without leading digits and dashes
+(A1111's rule: ``00012-0-a woman smiling.jpg`` gives ``a woman smiling``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 64_000_000
+MIN_SIDE = 16
+KEEP_SIDE = 2048
+CAPTION_SUFFIXES = {".txt", ".caption"}
+MAX_CAPTION_BYTES = 16_384
+NEUTRAL = (128, 128, 128)
+
+
+@dataclass
+class TrainImage:
+    path: Path
+    caption: str
+    image: Image.Image  # RGB, short side at most KEEP_SIDE
+    original_size: tuple[int, int]
+
+
+@dataclass
+class Dataset:
+    folder: Path
+    images: list[TrainImage]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{len(self.images)} images from {self.folder}"
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped: " + "; ".join(f"{p.name}: {r}" for p, r in self.skipped[:5])
+            if len(self.skipped) > 5:
+                text += f"; and {len(self.skipped) - 5} more"
+        return text
+
+
+def caption_for(path: Path) -> str:
+    """The caption of an image: IMAGE.txt beside it, else its file name (minus leading digits and dashes)."""
+    for suffix in (".txt", ".caption"):
+        sidecar = path.with_suffix(suffix)
+        if sidecar.is_file():
+            try:
+                if sidecar.stat().st_size > MAX_CAPTION_BYTES:
+                    log.warning("%s: caption over %d bytes, using the first part", sidecar, MAX_CAPTION_BYTES)
+                with open(sidecar, "rb") as handle:
+                    raw = handle.read(MAX_CAPTION_BYTES)
+                return raw.decode("utf-8", errors="replace").strip()
+            except OSError as exc:
+                log.warning("%s: cannot read the caption (%s); using the file name", sidecar, exc)
+            break
+    return re.sub(r"^[-\d]+\s*", "", path.stem).strip()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit scaled (not clamped), CMYK converted, alpha flattened on grey."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        data = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
+        image = Image.fromarray((np.clip(data / high, 0, 1) * 255 + 0.5).astype("uint8"), "L")
+    elif image.mode == "F":
+        import numpy as np
+
+        data = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if data.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(data * scale + 0.5, 0, 255).astype("uint8"), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, NEUTRAL)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def read_image(path: Path) -> tuple[Image.Image, tuple[int, int]]:
+    """An image file as RGB (orientation applied, large images reduced), or DatasetError with the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_PIXELS:
+                    raise DatasetError(f"{width}x{height} pixels is too large (over {MAX_PIXELS:,} pixels)")
+                if min(width, height) < MIN_SIDE:
+                    raise DatasetError(f"{width}x{height} is too small (under {MIN_SIDE} px)")
+                opened.seek(0)
+                opened.load()
+                image = ImageOps.exif_transpose(opened) or opened
+                image = to_rgb(image)
+                if image is opened:
+                    image = image.copy()
+    except DatasetError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DatasetError(f"refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise DatasetError("not an image (unknown format)") from None
+    except PermissionError:
+        raise DatasetError("permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise DatasetError(f"cannot read the image: {exc}") from None
+    size = image.size
+    if min(size) > KEEP_SIDE:
+        image = image.copy()
+        image.thumbnail((KEEP_SIDE * size[0] // min(size), KEEP_SIDE * size[1] // min(size)), Image.LANCZOS)
+    return image, size
+
+
+def load_dataset(folder: str | Path) -> Dataset:
+    """All usable images of a folder; DatasetError if the folder is missing or has no usable image."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise DatasetError(f"dataset folder {folder} does not exist; pass the folder of your training photos")
+    if not folder.is_dir():
+        raise DatasetError(f"dataset {folder} is a file; pass the folder that holds your training photos")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise DatasetError(f"cannot list the dataset folder {folder}: {exc.strerror}") from None
+    images: list[TrainImage] = []
+    skipped: list[tuple[Path, str]] = []
+    for name in names:
+        path = folder / name
+        if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
+            continue
+        if path.is_dir():
+            continue
+        try:
+            image, size = read_image(path)
+        except DatasetError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        images.append(TrainImage(path=path, caption=caption_for(path), image=image, original_size=size))
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path.name, reason)
+    if not images:
+        if not skipped:
+            raise DatasetError(f"dataset folder {folder} has no images; put 5-30 photos of your subject in it")
+        reasons = "; ".join(f"{p.name}: {r}" for p, r in skipped[:3])
+        raise DatasetError(f"dataset folder {folder} has no usable image ({len(skipped)} files skipped: {reasons})")
+    return Dataset(folder=folder, images=images, skipped=skipped)
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to size x size with Lanczos."""
+    return ImageOps.fit(image, (size, size), method=Image.LANCZOS, centering=(0.5, 0.5))

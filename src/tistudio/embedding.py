@@ -1,0 +1,345 @@
+"""Embedding files: one data type, every format people bring, and the formats other tools read.
+
+An :class:`Embedding` is pure data: a name, its vectors and a little metadata. It never touches a model.
+
+Written:
+  * ``.safetensors`` (the default): ``{"emb_params": float32[n, width]}`` - the layout A1111, ComfyUI, kohya
+    and invoke read - with name, step, vector count, width and the model's hash in the header metadata.
+    diffusers reads it with ``pipe.load_textual_inversion(path, token=NAME)``.
+  * ``.pt`` for A1111 (``tistudio convert --to a1111``): the plain six-key dict A1111 writes.
+  * diffusers ``{NAME: float32[n, width]}`` safetensors (``--to diffusers``), loadable without ``token=``.
+
+Read (by content, never by extension): all of the above; A1111 ``.pt`` (also the old ``ParameterDict``
+kind), diffusers ``learned_embeds.bin``/``.safetensors``, kohya ``emb_params``, OneTrainer ``emp_params``,
+A1111's embeddings hidden in a PNG text chunk, and SDXL ``clip_l``/``clip_g`` files (listed and inspected).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import safeload
+from .errors import EmbeddingError, UnsafeFileError
+from .storage import atomic_write, file_sha256
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_VECTORS = 75
+MAX_WIDTH = 4096
+SUFFIXES = (".safetensors", ".pt", ".bin", ".png")
+SINGLE = "clip"
+SDXL_KEYS = ("clip_l", "clip_g")
+FAMILY_WIDTHS = {768: "SD 1.x (CLIP ViT-L, 768)", 1024: "SD 2.x (OpenCLIP ViT-H, 1024)"}
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A learned word: vectors per text encoder (``{"clip": [n, w]}``, or ``clip_l``/``clip_g`` for SDXL)."""
+
+    name: str
+    vectors: dict[str, torch.Tensor]
+    step: int = 0
+    model_hash: str | None = None  # A1111's sd_checkpoint: first 10 hex digits of the checkpoint's sha256
+    model_name: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    source_format: str = "new"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return set(self.vectors) == set(SDXL_KEYS)
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def width(self) -> int:
+        return sum(t.shape[1] for t in self.vectors.values())
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The [n, width] vectors of an SD1/SD2 embedding."""
+        if self.is_sdxl:
+            raise EmbeddingError(f"embedding {self.name!r} is an SDXL embedding (clip_l + clip_g); SDXL models are "
+                                 "not supported yet, so it cannot be used with an SD 1.x/2.x model")
+        return self.vectors[SINGLE]
+
+    def fits(self) -> str:
+        """Which model families this embedding fits, in words."""
+        if self.is_sdxl:
+            return "SDXL (CLIP-L 768 + OpenCLIP-bigG 1280)"
+        return FAMILY_WIDTHS.get(self.width, f"models whose text encoder is {self.width} wide")
+
+    def with_vectors(self, vectors: torch.Tensor, step: int) -> Embedding:
+        return replace(self, vectors={SINGLE: vectors.detach().to("cpu", torch.float32).clone()}, step=step)
+
+
+def _check_tensor(path: Path, key: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise EmbeddingError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor of vectors")
+    if not (value.is_floating_point()):
+        raise EmbeddingError(f"{path}: {key!r} has dtype {value.dtype}; embedding vectors are floating point")
+    tensor = value.detach().to("cpu")
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise EmbeddingError(f"{path}: {key!r} has shape {tuple(value.shape)}; expected [vectors, width]")
+    count, width = tensor.shape
+    if not 1 <= count <= MAX_VECTORS:
+        raise EmbeddingError(f"{path}: {key!r} has {count} vectors; an embedding has 1 to {MAX_VECTORS}")
+    if not 1 <= width <= MAX_WIDTH:
+        raise EmbeddingError(f"{path}: {key!r} is {width} wide; text encoders are at most {MAX_WIDTH} wide")
+    tensor = tensor.to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise EmbeddingError(f"{path}: {key!r} contains NaN or infinite values; the file is broken")
+    return tensor.contiguous()
+
+
+def _int_or_zero(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return 0
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedding:
+    """Dispatch on the content of a loaded file (A1111's order: string_to_param, SDXL, single tensor)."""
+    name = path.stem
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: holds a {type(data).__name__}; an embedding file holds a dict of vectors")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if isinstance(params, safeload.InertObject):  # an old nn.ParameterDict: its tensors are in _parameters
+            params = (params.state or {}).get("_parameters", {}) if isinstance(params.state, dict) else {}
+        if not isinstance(params, dict) or len(params) != 1:
+            count = len(params) if isinstance(params, dict) else 0
+            raise EmbeddingError(f"{path}: an A1111 embedding holds exactly one term; this one holds {count}")
+        vectors = _check_tensor(path, "string_to_param", next(iter(params.values())))
+        return Embedding(name=name, vectors={SINGLE: vectors}, step=_int_or_zero(data.get("step")),
+                         model_hash=_text_or_none(data.get("sd_checkpoint")),
+                         model_name=_text_or_none(data.get("sd_checkpoint_name")),
+                         meta={"internal_name": str(data.get("name", ""))[:200]}, source_format=f"a1111 ({kind})")
+    if all(key in data for key in SDXL_KEYS):
+        vectors = {key: _check_tensor(path, key, data[key]) for key in SDXL_KEYS}
+        if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+            raise EmbeddingError(f"{path}: clip_l and clip_g have different vector counts")
+        return Embedding(name=name, vectors=vectors, meta=meta, source_format=f"sdxl ({kind})",
+                         step=_int_or_zero(meta.get("step")))
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    for key in ("emb_params", "emp_params"):
+        if key in tensors:
+            return Embedding(name=name, vectors={SINGLE: _check_tensor(path, key, tensors[key])},
+                             step=_int_or_zero(meta.get("step")), model_hash=_text_or_none(meta.get("sd_checkpoint")),
+                             model_name=_text_or_none(meta.get("sd_checkpoint_name")), meta=meta,
+                             source_format=("tistudio" if "tistudio_version" in meta else key) + f" ({kind})")
+    if len(data) == 1 and len(tensors) == 1:
+        token, value = next(iter(tensors.items()))
+        return Embedding(name=name, vectors={SINGLE: _check_tensor(path, repr(token), value)},
+                         step=_int_or_zero(meta.get("step")), meta={**meta, "token": str(token)[:200]},
+                         source_format=f"diffusers ({kind})")
+    keys = ", ".join(repr(k)[:40] for k in list(data)[:8])
+    raise EmbeddingError(f"{path}: not a textual-inversion embedding (keys: {keys}); expected A1111's "
+                         "string_to_param, emb_params, clip_l/clip_g or a single {token: vectors} entry")
+
+
+def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A1111's embedding hidden in a PNG text chunk (base64 JSON, tensors as nested lists)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = image.text.get("sd-ti-embedding") if hasattr(image, "text") else None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise EmbeddingError(f"{path}: cannot read this PNG ({exc})") from None
+    if not text:
+        raise EmbeddingError(f"{path}: a PNG without an 'sd-ti-embedding' text chunk; embeddings hidden in the "
+                             "pixels are not read, re-save the embedding as .safetensors in A1111")
+
+    def tensors(obj: dict[str, Any]) -> Any:
+        if "TORCHTENSOR" in obj:
+            try:
+                return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise EmbeddingError(f"{path}: malformed tensor in the PNG embedding ({exc})") from None
+        return obj
+
+    try:
+        data = json.loads(base64.b64decode(text, validate=False), object_hook=tensors)
+    except (ValueError, RecursionError) as exc:
+        raise EmbeddingError(f"{path}: the PNG's embedding chunk is not valid ({exc})") from None
+    return data, {}
+
+
+def read_embedding(path: str | Path) -> Embedding:
+    """Read an embedding file of any supported format; the name is the file stem, as in A1111."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingError(f"{path}: no such embedding file")
+    try:
+        safeload.check_size(path, MAX_FILE_BYTES, "an embedding file")
+        kind = safeload.sniff(path)
+        if kind == safeload.SAFETENSORS:
+            data, meta = safeload.load_safetensors(path, MAX_FILE_BYTES, max_tensors=16,
+                                                   max_elements=4 * MAX_VECTORS * MAX_WIDTH)
+        elif kind in (safeload.TORCH_ZIP, safeload.TORCH_LEGACY):
+            data, meta = safeload.load_torch_pickle(path, MAX_FILE_BYTES), {}
+        elif kind == safeload.PNG:
+            data, meta = _png_embedding(path)
+        else:
+            raise EmbeddingError(f"{path}: not an embedding file: its content is neither safetensors, a PyTorch "
+                                 "file nor a PNG, whatever its extension says")
+    except UnsafeFileError as exc:
+        raise EmbeddingError(str(exc)) from None
+    return _from_dict(path, data, meta, kind)
+
+
+def header_info(path: Path) -> tuple[int, int] | None:
+    """(vectors, width) from a safetensors header without reading tensors; None for other formats."""
+    try:
+        if safeload.sniff(path) != safeload.SAFETENSORS:
+            return None
+        header, _ = safeload.safetensors_header(path, 16, 4 * MAX_VECTORS * MAX_WIDTH)
+    except (OSError, UnsafeFileError):
+        return None
+    shapes = [entry["shape"] for entry in header.values()]
+    if len(shapes) == 1 and len(shapes[0]) in (1, 2):
+        shape = shapes[0]
+        return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    return None
+
+
+def metadata(embedding: Embedding, **extra: str) -> dict[str, str]:
+    from . import __version__
+
+    meta = {k: v for k, v in embedding.meta.items() if k not in ("token", "internal_name")}
+    meta.update({
+        "name": embedding.name,
+        "step": str(embedding.step),
+        "vectors": str(embedding.count),
+        "width": str(embedding.width),
+        "tistudio_version": __version__,
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": embedding.name,
+    })
+    if embedding.model_hash:
+        meta["sd_checkpoint"] = embedding.model_hash
+    if embedding.model_name:
+        meta["sd_checkpoint_name"] = embedding.model_name
+    meta.update(extra)
+    return meta
+
+
+def _finite(embedding: Embedding) -> None:
+    for key, tensor in embedding.vectors.items():
+        if not torch.isfinite(tensor).all():
+            raise EmbeddingError(f"refusing to write embedding {embedding.name!r}: its {key} vectors contain NaN "
+                                 "or infinite values")
+
+
+def write_embedding(embedding: Embedding, path: str | Path, **extra_meta: str) -> Path:
+    """Write the default format: safetensors with ``emb_params`` (or clip_l/clip_g) and metadata, atomically."""
+    from safetensors.torch import save_file
+
+    _finite(embedding)
+    if embedding.is_sdxl:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.vectors.items()}
+    else:
+        tensors = {"emb_params": embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
+    meta = metadata(embedding, **extra_meta)
+    return atomic_write(Path(path), lambda temp: save_file(tensors, str(temp), metadata=meta))
+
+
+def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
+    """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
+    _finite(embedding)
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": embedding.tensor.detach().to("cpu", torch.float32).clone().requires_grad_(False)},
+        "name": embedding.name,
+        "step": embedding.step,
+        "sd_checkpoint": embedding.model_hash,
+        "sd_checkpoint_name": embedding.model_name,
+    }
+    return atomic_write(Path(path), lambda temp: torch.save(data, temp))
+
+
+def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = None) -> Path:
+    """diffusers' learned_embeds layout ``{token: [n, width]}``; loads with ``load_textual_inversion(path)``."""
+    from safetensors.torch import save_file
+
+    _finite(embedding)
+    tensors = {token or embedding.name: embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
+    return atomic_write(Path(path), lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+
+
+def short_hash(path: Path) -> str:
+    """A1111's TI hash: the first 12 hex digits of the file's sha256."""
+    return file_sha256(path)[:12]
+
+
+def find_embedding_file(spec: str, embeddings_dir: str | Path) -> Path:
+    """An embedding given as a path, or as a name looked up in the embeddings folder."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    folder = Path(embeddings_dir)
+    for suffix in SUFFIXES:
+        candidate = folder / f"{spec}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise EmbeddingError(f"embedding {spec!r}: no such file, and no {spec}.safetensors/.pt/.bin in {folder}; "
+                         f"create it first: tistudio create {spec} --init-text '...' --model ...")
+
+
+def list_embedding_files(folder: str | Path) -> dict[str, Path]:
+    """Embedding files in a folder and its sub-folders, by file stem (A1111: the stem is the prompt word).
+
+    Skipped: hidden files, zero-byte files, ``*.preview.png``, and files of other extensions.
+    """
+    folder = Path(folder)
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.rglob("*"), key=lambda p: (len(p.parts), str(p))):
+        if (path.suffix.lower() not in SUFFIXES or path.name.startswith(".") or path.name.endswith(".preview.png")
+                or not path.is_file() or path.stat().st_size == 0):
+            continue
+        found.setdefault(path.stem, path)
+    return found
+
+
+def describe(embedding: Embedding, path: Path | None = None) -> dict[str, Any]:
+    """What `tistudio inspect` shows."""
+    norms = [float(t.norm(dim=1).mean()) for t in embedding.vectors.values()]
+    info: dict[str, Any] = {
+        "name": embedding.name,
+        "format": embedding.source_format,
+        "vectors": embedding.count,
+        "width": embedding.width,
+        "step": embedding.step,
+        "model_hash": embedding.model_hash,
+        "model_name": embedding.model_name,
+        "fits": embedding.fits(),
+        "mean_vector_norm": round(sum(norms) / len(norms), 4) if all(math.isfinite(n) for n in norms) else None,
+    }
+    if path is not None:
+        info["file"] = str(path)
+        info["ti_hash"] = short_hash(path)
+    for key in ("init_text", "model_family", "token", "internal_name"):
+        if embedding.meta.get(key):
+            info[key] = embedding.meta[key]
+    return info

@@ -1,0 +1,623 @@
+"""Loading Stable Diffusion 1.x/2.x models, fully offline, from every form people keep them in.
+
+``--model`` may be:
+  * ``demo``: the built-in tiny model (seeded random weights, real tokenizer), built once and cached;
+  * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...);
+  * a single ``.safetensors``/``.ckpt`` checkpoint as A1111 and ComfyUI use. Its format is read from its
+    content; ``.ckpt`` goes through PyTorch's restricted unpickler (nothing in it runs). The architecture is
+    read off the tensor shapes and the small diffusers configuration is written locally, with the CLIP
+    tokenizer shipped in this package, so nothing is fetched;
+  * a Hugging Face Hub id (``runwayml/stable-diffusion-v1-5``): downloaded by ``huggingface_hub``, weights
+    as safetensors only, then loaded like a folder. With ``HF_HUB_OFFLINE=1`` only the local cache is used.
+
+The family is detected (SD1: CLIP ViT-L text encoder, 768 wide; SD2: OpenCLIP ViT-H, 1024 wide, v-prediction
+for the 768 px models) and other models are refused with a message that says what they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import safeload
+from .config import ModelOptions
+from .errors import ModelError, UnsafeFileError
+from .storage import file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+MAX_CHECKPOINT_BYTES = 40 * 1024**3
+DEMO = "demo"
+SD_SCALING_FACTOR = 0.18215
+SD1, SD2 = "sd1", "sd2"
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+
+
+@dataclass
+class SDModel:
+    """The parts of a loaded model, and what we know about it."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler_config: dict[str, Any]
+    family: str
+    prediction_type: str
+    native_size: int
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    name: str
+    hash: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        """Width of the text encoder's token vectors (768 for SD1, 1024 for SD2)."""
+        return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR) or SD_SCALING_FACTOR)
+
+    def describe(self) -> str:
+        family = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x"}.get(self.family, self.family)
+        return (f"{self.name} ({family}, {self.prediction_type}, native {self.native_size}px, text width "
+                f"{self.width}, {self.device.type} {str(self.dtype).replace('torch.', '')})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device='cuda' but PyTorch sees no CUDA GPU; use --device auto or cpu")
+    if choice == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ModelError("device='mps' but Apple Metal (MPS) is not available; use --device auto or cpu")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """Precision of the frozen parts. The trainable vectors always stay float32."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp16":
+        if device.type == "cpu":
+            raise ModelError("precision='fp16' is not supported on the CPU; use fp32 (or bf16)")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What kind of source is it?
+
+
+def source_kind(spec: str) -> str:
+    """'demo', 'folder', 'file' or 'hub'; refuses what is none of them."""
+    if spec == DEMO:
+        return "demo"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise ModelError(f"model {spec!r}: a folder without model_index.json; expected a diffusers model folder "
+                             "(with unet/, vae/, text_encoder/, tokenizer/)")
+        return "folder"
+    if path.is_file():
+        return "file"
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") or "\\" in spec or spec.startswith(("/", ".")):
+        raise ModelError(f"model {spec!r}: no such file or folder")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
+        return "hub"
+    raise ModelError(f"model {spec!r}: not a folder, a file, a Hub id (owner/name) or 'demo'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hashing (A1111's "Model hash": the first 10 hex digits of the checkpoint file's sha256), cached by file stat
+
+
+def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = cache_dir / "hashes.json" if cache_dir else None
+    cache: dict[str, str] = {}
+    if cache_file and cache_file.is_file():
+        try:
+            loaded = json.loads(cache_file.read_text("utf-8"))
+            cache = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache:
+        return cache[key]
+    digest = file_sha256(path)
+    if cache_file:
+        cache[key] = digest
+        write_json(cache_file, cache)
+    return digest
+
+
+def model_hash(spec_path: Path, kind: str, cache_dir: Path | None) -> str | None:
+    if kind == "file":
+        return _cached_sha256(spec_path, cache_dir)[:10]
+    weights = sorted((spec_path / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
+        (spec_path / "unet").glob("diffusion_pytorch_model*.bin"))
+    if not weights:
+        return None
+    combined = hashlib.sha256("".join(_cached_sha256(w, cache_dir) for w in weights).encode()).hexdigest()
+    return combined[:10]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-file checkpoints: read, classify, infer the architecture
+
+
+def read_checkpoint(path: Path, text_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict (and safetensors metadata) of a single-file checkpoint, read safely by content."""
+    kind = safeload.sniff(path)
+    try:
+        if kind == safeload.SAFETENSORS:
+            header, _ = safeload.safetensors_header(path, 100_000, 20 * 1024**3)
+            keys = [k for k in header if k.startswith("cond_stage_model.")] if text_only else None
+            return safeload.load_safetensors(path, MAX_CHECKPOINT_BYTES, 100_000, 20 * 1024**3, keys=keys)
+        if kind in (safeload.TORCH_ZIP, safeload.TORCH_LEGACY):
+            data = safeload.load_torch_pickle(path, MAX_CHECKPOINT_BYTES)
+        else:
+            raise ModelError(f"model {path}: not a checkpoint; its content is neither safetensors nor a PyTorch file "
+                             "(whatever the extension says)")
+    except UnsafeFileError as exc:
+        raise ModelError(f"model {exc}") from None
+    meta: dict[str, str] = {}
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        if "global_step" in data and isinstance(data["global_step"], int):
+            meta["global_step"] = str(data["global_step"])
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelError(f"model {path}: holds a {type(data).__name__}, not a state dict of weights")
+    tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if "global_step" in data and isinstance(data.get("global_step"), int):
+        meta["global_step"] = str(data["global_step"])
+    return tensors, meta
+
+
+def classify_checkpoint(keys: set[str], path: Any) -> str:
+    """SD1 or SD2 from the text encoder's layout; a clear refusal for anything else."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("conditioner.embedders."):
+        raise ModelError(f"model {path}: this is an SDXL checkpoint; SDXL is not supported yet (it comes in a later "
+                         "release). Use a Stable Diffusion 1.x or 2.x model")
+    if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
+        raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x and 2.x are supported")
+    if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
+        raise ModelError(f"model {path}: this is a Flux checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+    if not has(UNET + "input_blocks."):
+        if has("down_blocks.") or has("unet."):
+            raise ModelError(f"model {path}: this single file holds diffusers-format weights of one component, not "
+                             "a whole checkpoint; pass the diffusers model folder instead")
+        raise ModelError(f"model {path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
+                         "is it a LoRA, a VAE or an embedding? --model needs a whole SD 1.x/2.x checkpoint")
+    if not has(VAE):
+        raise ModelError(f"model {path}: the checkpoint has no VAE weights (first_stage_model.*); use a full "
+                         "checkpoint")
+    if has(CLIP_PREFIX):
+        return SD1
+    if has(OPENCLIP_PREFIX):
+        return SD2
+    raise ModelError(f"model {path}: the checkpoint has no text encoder weights (cond_stage_model.*); use a full "
+                     "checkpoint")
+
+
+def _levels(state: dict[str, torch.Tensor], prefix: str, pattern: str) -> list[int]:
+    found = {int(m.group(1)) for k in state if k.startswith(prefix) and (m := re.match(pattern, k[len(prefix):]))}
+    return sorted(found)
+
+
+def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: int, v_pred: bool) -> dict[str, Any]:
+    """The diffusers UNet config of an LDM-format UNet, read off its tensor shapes."""
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(state[UNET + key].shape)
+
+    in_channels = shape("input_blocks.0.0.weight")[1]
+    if in_channels != 4:
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(in_channels, f"{in_channels}-channel")
+        raise ModelError(f"this checkpoint is {kind}; textual inversion needs a plain text-to-image SD 1.x/2.x model")
+    blocks = _levels(state, UNET + "input_blocks.", r"(\d+)\.")
+    levels: list[list[tuple[int, bool]]] = [[]]
+    for index in blocks[1:]:
+        if UNET + f"input_blocks.{index}.0.op.weight" in state:
+            levels.append([])
+            continue
+        channels = shape(f"input_blocks.{index}.0.out_layers.3.weight")[0]
+        has_attention = UNET + f"input_blocks.{index}.1.proj_in.weight" in state
+        levels[-1].append((channels, has_attention))
+    if any(not level for level in levels) or len({len(level) for level in levels}) != 1:
+        raise ModelError("the checkpoint's UNet has an unusual layout that tistudio cannot read")
+    block_out = [level[0][0] for level in levels]
+    attention = [level[0][1] for level in levels]
+    cross_dim = None
+    depth = 1
+    linear = False
+    for key, value in state.items():
+        if key.startswith(UNET) and key.endswith("attn2.to_k.weight"):
+            cross_dim = int(value.shape[1])
+        if key.startswith(UNET) and key.endswith("proj_in.weight"):
+            linear = value.dim() == 2
+    first_attention = next((i for i, level in enumerate(levels) if level[0][1]), None)
+    if first_attention is not None:
+        index = blocks[1 + first_attention * (len(levels[0]) + 1)]
+        depth = len(_levels(state, UNET + f"input_blocks.{index}.1.transformer_blocks.", r"(\d+)\."))
+    if cross_dim is None:
+        raise ModelError("the checkpoint's UNet has no cross-attention; it is not a text-to-image model")
+    groups = 32
+    if any(c % groups for c in block_out):
+        raise ModelError(f"the checkpoint's UNet widths {block_out} are not multiples of 32; unsupported layout")
+    heads: Any = 8 if family == SD1 else [max(1, c // 64) for c in block_out]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "attention_head_dim": heads,
+        "block_out_channels": block_out,
+        "center_input_sample": False,
+        "cross_attention_dim": cross_dim,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": in_channels,
+        "layers_per_block": len(levels[0]),
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": groups,
+        "out_channels": shape("out.2.weight")[0],
+        "sample_size": native_size // 8,
+        "transformer_layers_per_block": depth,
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "use_linear_projection": linear,
+        "upcast_attention": bool(family == SD2 and v_pred),
+    }
+
+
+def infer_vae_config(state: dict[str, torch.Tensor], native_size: int) -> dict[str, Any]:
+    levels = _levels(state, VAE + "encoder.down.", r"(\d+)\.")
+    if not levels:
+        raise ModelError("the checkpoint's VAE has no encoder blocks; unsupported layout")
+    block_out = [int(state[VAE + f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in levels]
+    layers = len(_levels(state, VAE + "encoder.down.0.block.", r"(\d+)\."))
+    latent = int(state[VAE + "encoder.conv_out.weight"].shape[0]) // 2
+    return {
+        "_class_name": "AutoencoderKL",
+        "act_fn": "silu",
+        "block_out_channels": block_out,
+        "down_block_types": ["DownEncoderBlock2D"] * len(block_out),
+        "in_channels": 3,
+        "latent_channels": latent,
+        "layers_per_block": layers,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": native_size,
+        "scaling_factor": SD_SCALING_FACTOR,
+        "up_block_types": ["UpDecoderBlock2D"] * len(block_out),
+    }
+
+
+def convert_text_encoder(state: dict[str, torch.Tensor], family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) from the checkpoint's text encoder."""
+    if family == SD1:
+        prefix = CLIP_PREFIX
+        raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        out = {k.removeprefix("text_model."): v for k, v in raw.items()}
+        out.pop("embeddings.position_ids", None)
+        width = int(out["embeddings.token_embedding.weight"].shape[1])
+        layers = len({int(m.group(1)) for k in out if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+        inter = int(out["encoder.layers.0.mlp.fc1.weight"].shape[0])
+        act = "quick_gelu"
+        vocab, positions = out["embeddings.token_embedding.weight"].shape[0], out[
+            "embeddings.position_embedding.weight"].shape[0]
+    else:
+        prefix = OPENCLIP_PREFIX
+        raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        width = int(raw["token_embedding.weight"].shape[1])
+        total = len({int(m.group(1)) for k in raw if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+        layers = total - 1  # SD2 conditions on the penultimate layer, then the final layer norm
+        if layers < 1:
+            raise ModelError("the checkpoint's OpenCLIP text encoder has too few layers")
+        inter = int(raw["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+        act = "gelu"
+        vocab, positions = raw["token_embedding.weight"].shape[0], raw["positional_embedding"].shape[0]
+        out = {
+            "embeddings.token_embedding.weight": raw["token_embedding.weight"],
+            "embeddings.position_embedding.weight": raw["positional_embedding"],
+            "final_layer_norm.weight": raw["ln_final.weight"],
+            "final_layer_norm.bias": raw["ln_final.bias"],
+        }
+        names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                 "attn.out_proj": "self_attn.out_proj"}
+        for i in range(layers):
+            block = f"transformer.resblocks.{i}."
+            target = f"encoder.layers.{i}."
+            for old, new in names.items():
+                for leaf in ("weight", "bias"):
+                    out[f"{target}{new}.{leaf}"] = raw[f"{block}{old}.{leaf}"]
+            for leaf in ("weight", "bias"):
+                qkv = raw[f"{block}attn.in_proj_{leaf}"]
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), qkv.chunk(3, dim=0), strict=True):
+                    out[f"{target}self_attn.{part}.{leaf}"] = chunk.contiguous()
+    if width % 64:
+        raise ModelError(f"the checkpoint's text encoder is {width} wide, not a multiple of 64; unsupported")
+    config = {
+        "vocab_size": int(vocab), "hidden_size": width, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": width // 64, "max_position_embeddings": int(positions), "hidden_act": act,
+        "layer_norm_eps": 1e-05, "projection_dim": width, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    return config, out
+
+
+def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], path: Path,
+                           override: str) -> tuple[str, str]:
+    """(prediction type, why) for a single-file checkpoint."""
+    if override != "auto":
+        return override, "set by --prediction-type"
+    if "v_pred" in keys:
+        return "v_prediction", "the checkpoint has a v_pred key"
+    spec = (meta.get("modelspec.prediction_type") or "").lower()
+    if spec in ("v", "v_prediction"):
+        return "v_prediction", "the checkpoint's modelspec metadata"
+    if spec in ("epsilon", "eps"):
+        return "epsilon", "the checkpoint's modelspec metadata"
+    for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if sidecar.is_file() and sidecar.stat().st_size < 1_000_000:
+            text = sidecar.read_text("utf-8", errors="replace")
+            found = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.MULTILINE)
+            if found:
+                kind = "v_prediction" if found.group(1) == "v" else "epsilon"
+                return kind, f"{sidecar.name} says parameterization: {found.group(1)}"
+    if family == SD1:
+        return "epsilon", "SD 1.x models predict noise"
+    if meta.get("global_step") == "875000":
+        return "epsilon", "SD 2.x base (global_step 875000)"
+    return "v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"
+
+
+def scheduler_config(prediction_type: str) -> dict[str, Any]:
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
+        "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    }
+
+
+def write_config_folder(folder: Path, family: str, unet: dict[str, Any], vae: dict[str, Any],
+                        text: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    """A weights-free diffusers folder: the configs from_single_file needs, written locally."""
+    from .tokenizer import write_tokenizer
+
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+             "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    write_json(folder / "model_index.json", index)
+    write_json(folder / "unet" / "config.json", unet)
+    write_json(folder / "vae" / "config.json", vae)
+    write_json(folder / "text_encoder" / "config.json", {"architectures": ["CLIPTextModel"], "model_type":
+                                                          "clip_text_model", **text})
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_tokenizer(folder / "tokenizer", family)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_loaded(module: torch.nn.Module, what: str, source: str) -> None:
+    missing = [name for name, p in list(module.named_parameters()) + list(module.named_buffers())
+               if p.device.type == "meta"]
+    if missing:
+        raise ModelError(f"model {source}: the checkpoint lacks {len(missing)} {what} weights (e.g. {missing[0]}); "
+                         "the file is incomplete or of an unsupported variant")
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device=device, dtype=dtype)
+
+
+def _load_single_file(path: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
+                      text_only: bool, work_dir: Path) -> SDModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import load_tokenizer
+
+    try:
+        safeload.check_size(path, MAX_CHECKPOINT_BYTES, "a checkpoint")
+    except UnsafeFileError as exc:
+        raise ModelError(f"model {exc}") from None
+    if text_only and safeload.sniff(path) == safeload.SAFETENSORS:
+        try:
+            header, _ = safeload.safetensors_header(path, 100_000, 20 * 1024**3)
+        except UnsafeFileError as exc:
+            raise ModelError(f"model {exc}") from None
+        family = classify_checkpoint(set(header), path)
+        state, meta = read_checkpoint(path, text_only=True)
+        keys = set(header)
+    else:
+        state, meta = read_checkpoint(path)
+        keys = set(state)
+        family = classify_checkpoint(keys, path)
+    prediction, why = detect_prediction_type(family, meta, keys, path, options.prediction_type)
+    native = 768 if (family == SD2 and prediction == "v_prediction") else 512
+    text_config, text_state = convert_text_encoder(state, family)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    result = text_encoder.load_state_dict(text_state, strict=False)
+    if result.missing_keys:
+        raise ModelError(f"model {path}: the text encoder lacks weights such as {result.missing_keys[0]}")
+    unet = vae = None
+    if not text_only:
+        unet_config = infer_unet_config(state, family, native, prediction == "v_prediction")
+        vae_config = infer_vae_config(state, native)
+        digest = hashlib.sha256(json.dumps([unet_config, vae_config, text_config, family, prediction],
+                                           sort_keys=True).encode()).hexdigest()[:16]
+        folder = work_dir / "configs" / f"{family}-{digest}"
+        if not (folder / "model_index.json").is_file():
+            write_config_folder(folder, family, unet_config, vae_config, text_config, scheduler_config(prediction))
+        try:
+            unet = UNet2DConditionModel.from_single_file(state, config=str(folder), subfolder="unet",
+                                                         local_files_only=True, torch_dtype=dtype)
+            vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True,
+                                                 torch_dtype=dtype)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise ModelError(f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: "
+                             f"{str(exc)[:300]})") from None
+        _check_loaded(unet, "UNet", str(path))
+        _check_loaded(vae, "VAE", str(path))
+        unet = _freeze(unet, device, dtype)
+        vae = _freeze(vae, device, dtype)
+    del state
+    return SDModel(
+        tokenizer=load_tokenizer(family), text_encoder=_freeze(text_encoder, device, dtype), vae=vae, unet=unet,
+        scheduler_config=scheduler_config(prediction), family=family, prediction_type=prediction,
+        native_size=native, device=device, dtype=dtype, source=str(path), name=path.stem,
+        notes=[f"prediction type {prediction}: {why}"])
+
+
+def _folder_family(text_encoder: Any, folder: Path) -> str:
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {folder}: model_index.json is not valid JSON ({exc})") from None
+        name = str(data.get("_class_name", ""))
+        if "XL" in name or "text_encoder_2" in data:
+            raise ModelError(f"model {folder}: this is an SDXL model ({name}); SDXL is not supported yet, use a "
+                             "Stable Diffusion 1.x or 2.x model")
+        if name and "StableDiffusion" not in name:
+            raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x pipelines are supported")
+    act = getattr(text_encoder.config, "hidden_act", "quick_gelu")
+    return SD1 if act == "quick_gelu" else SD2
+
+
+def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
+                 text_only: bool, local_only: bool, name: str) -> SDModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [part for part in ("text_encoder", "tokenizer") + (() if text_only else ("unet", "vae"))
+               if not (folder / part).is_dir()]
+    if missing:
+        raise ModelError(f"model {folder}: the diffusers folder lacks {', '.join(missing)}/")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=local_only)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=local_only,
+                                                     torch_dtype=dtype)
+        family = _folder_family(text_encoder, folder)
+        unet = vae = None
+        if not text_only:
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=local_only,
+                                                        torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=local_only,
+                                                torch_dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {folder}: cannot load the diffusers folder ({type(exc).__name__}: "
+                         f"{str(exc)[:300]})") from None
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    try:
+        sched = json.loads(scheduler_file.read_text("utf-8")) if scheduler_file.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {folder}: scheduler_config.json is not valid JSON ({exc})") from None
+    prediction = sched.get("prediction_type") or "epsilon"
+    why = "the scheduler config"
+    if options.prediction_type != "auto":
+        prediction, why = options.prediction_type, "set by --prediction-type"
+    config = {**scheduler_config(prediction), **{k: v for k, v in sched.items() if not k.startswith("_")}}
+    config["prediction_type"] = prediction
+    if unet is not None and vae is not None:
+        native = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    else:
+        native = 768 if (family == SD2 and prediction == "v_prediction") else 512
+    return SDModel(
+        tokenizer=tokenizer, text_encoder=_freeze(text_encoder, device, dtype),
+        vae=_freeze(vae, device, dtype) if vae is not None else None,
+        unet=_freeze(unet, device, dtype) if unet is not None else None, scheduler_config=config, family=family,
+        prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(folder), name=name,
+        notes=[f"prediction type {prediction}: {why}"])
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the local cache) a Hub model's configs, tokenizer and safetensors weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "unet/*.safetensors",
+                "vae/*.safetensors", "text_encoder/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"model {repo_id!r}: not in the local Hugging Face cache and the Hub cannot be reached "
+                         "(HF_HUB_OFFLINE is set or there is no network); download it once or pass a local "
+                         "folder or checkpoint file") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelError(f"model {repo_id!r}: cannot download it from the Hugging Face Hub ({exc})") from None
+
+
+def load_model(options: ModelOptions, cache_dir: Path, text_only: bool = False) -> SDModel:
+    """Load a model for training or generation; with text_only, only the tokenizer and text encoder."""
+    kind = source_kind(options.model)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.precision, device)
+    spec = options.model
+    if kind == "demo":
+        from .tinymodel import demo_model_dir
+
+        folder = demo_model_dir(cache_dir)
+        model = _load_folder(folder, options, device, dtype, text_only, True, "tistudio-demo")
+        path, hash_kind = folder, "folder"
+    elif kind == "folder":
+        path = Path(spec).expanduser()
+        model = _load_folder(path, options, device, dtype, text_only, True, path.name)
+        hash_kind = "folder"
+    elif kind == "file":
+        path = Path(spec).expanduser()
+        model = _load_single_file(path, options, device, dtype, text_only, cache_dir)
+        hash_kind = "file"
+    else:
+        path = _hub_snapshot(spec)
+        model = _load_folder(path, options, device, dtype, text_only, True, spec.replace("/", "_"))
+        hash_kind = "folder"
+    model.hash = model_hash(path, hash_kind, cache_dir)
+    log.info("loaded %s", model.describe())
+    for note in model.notes:
+        log.info("%s", note)
+    return model

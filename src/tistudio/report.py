@@ -1,0 +1,117 @@
+"""A one-page HTML report of a training run: loss curve, previews over steps, and optional extra sections.
+
+The page is self-contained (images inlined as data URIs, the chart as inline SVG), so it can be mailed or
+opened anywhere without a server or network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+from .storage import write_text
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_chart(rows: list[dict[str, float]], width: int = 720, height: int = 240) -> str:
+    """An inline SVG of the per-step loss (light) and its moving average (dark)."""
+    if len(rows) < 2:
+        return "<p class='muted'>Not enough steps for a loss curve yet.</p>"
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    smooth = moving_average(losses, max(1, len(losses) // 20))
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+    left, right, top, bottom = 56, 12, 12, 32
+
+    def x(step: float) -> float:
+        return left + (step - steps[0]) / ((steps[-1] - steps[0]) or 1) * (width - left - right)
+
+    def y(value: float) -> float:
+        return top + (high - value) / span * (height - top - bottom)
+
+    def line(values: list[float], color: str, stroke: float) -> str:
+        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, values, strict=True))
+        return f"<polyline fill='none' stroke='{color}' stroke-width='{stroke}' points='{points}'/>"
+
+    ticks = "".join(
+        f"<text x='{left - 6}' y='{y(v) + 4:.1f}' text-anchor='end'>{v:.4f}</text>"
+        f"<line x1='{left}' x2='{width - right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#eee'/>"
+        for v in (low, low + span / 2, high))
+    labels = (f"<text x='{left}' y='{height - 10}'>step {int(steps[0])}</text>"
+              f"<text x='{width - right}' y='{height - 10}' text-anchor='end'>step {int(steps[-1])}</text>")
+    return (f"<svg viewBox='0 0 {width} {height}' width='100%' role='img' aria-label='loss curve' "
+            f"style='max-width:{width}px;font:11px sans-serif'>{ticks}{line(losses, '#9ecae1', 1)}"
+            f"{line(smooth, '#08519c', 2)}{labels}</svg>")
+
+
+def preview_grid(run_dir: Path, name: str) -> str:
+    previews = []
+    for path in (run_dir / "previews").glob(f"{name}-*.png"):
+        match = re.fullmatch(rf"{re.escape(name)}-(\d+)\.png", path.name)
+        if match:
+            previews.append((int(match.group(1)), path))
+    if not previews:
+        return "<p class='muted'>No previews (preview_every is 0).</p>"
+    cells = "".join(f"<figure><img src='{data_uri(p)}' alt='step {s}'><figcaption>step {s}</figcaption></figure>"
+                    for s, p in sorted(previews))
+    return f"<div class='grid'>{cells}</div>"
+
+
+STYLE = """
+body{font:15px/1.5 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+.banner{background:#fff4d6;border:1px solid #e6c36a;padding:.8em 1em;border-radius:6px}
+.muted{color:#777}.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;text-align:center}figure img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #ccc}
+figcaption{font-size:12px;color:#555;max-width:160px;word-wrap:break-word}
+pre{background:#f5f5f5;padding:.8em;overflow-x:auto;border-radius:4px}table{border-collapse:collapse}
+td{padding:2px 10px 2px 0;vertical-align:top}
+"""
+
+
+def write_run_report(run_dir: Path, name: str, *, title: str | None = None, banner: str = "",
+                     extra_sections: str = "") -> Path:
+    """Write run_dir/report.html from the run's files."""
+    from .train import read_loss_log
+
+    run_dir = Path(run_dir)
+    rows = read_loss_log(run_dir / "loss.csv")
+    options_file = run_dir / "options.json"
+    summary = ""
+    if options_file.is_file():
+        data = json.loads(options_file.read_text("utf-8"))
+        resolved, options = data.get("resolved", {}), data.get("options", {})
+        facts = {
+            "Model": resolved.get("model"), "Images": resolved.get("images"), "Size": resolved.get("size"),
+            "Learning rate": options.get("learning_rate"), "Batch x accumulation":
+                f"{options.get('batch_size')} x {options.get('gradient_accumulation')}",
+            "Template": options.get("template"), "Steps": f"{resolved.get('start_step')} → last {rows[-1]['step']:.0f}"
+            if rows else resolved.get("start_step"),
+        }
+        summary = "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                                      for k, v in facts.items()) + "</table>"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title or name)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title or f'Training run: {name}')}</h1>"
+            f"{f'<p class=banner>{banner}</p>' if banner else ''}{summary}"
+            f"<h2>Loss</h2>{loss_chart(rows)}<p class='muted'>Per-step training loss (light) and its moving "
+            f"average (dark). The loss of diffusion training is noisy by nature: it mostly measures which noise "
+            f"level each step drew.</p>"
+            f"<h2>Previews over training</h2>{preview_grid(run_dir, name)}{extra_sections}</body></html>")
+    return write_text(run_dir / "report.html", page)

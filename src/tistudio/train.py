@@ -1,0 +1,488 @@
+"""Training an embedding: the usual textual-inversion recipe, made exact to resume.
+
+Every weight of the model is frozen; the only trainable tensor is the embedding's own float32 vectors, spliced
+into the text encoder (see conditioning.py), so the optimizer holds nothing else and the vocabulary is never
+touched. Each image (and its mirror image, with ``flip``) is VAE-encoded once, with the posterior mean, and the
+latents are kept. The loss is the MSE of the UNet's noise (or v) prediction.
+
+Resume is exact: the data order, the prompts, the timesteps and the noise of step k are drawn from generators
+seeded by (seed, k) alone, and the optimizer state is saved as safetensors + JSON beside the embedding copy;
+so k steps, a stop, and N - k more steps give the same vectors as N steps straight.
+
+Run folder (``runs/NAME`` by default)::
+
+    options.json                 the resolved options, the model and the dataset
+    loss.csv                     step, epoch, loss, lr
+    embeddings/NAME-STEP.safetensors   a copy every save_every steps
+    previews/NAME-STEP.png       a preview every preview_every steps (A1111 infotext inside)
+    state/                       optimizer state and the step it belongs to (resume)
+    NAME.safetensors             the final embedding (also written to the embeddings folder)
+    report.html                  loss curve and previews
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .conditioning import PromptEncoder
+from .config import TrainOptions, to_dict, validate_train
+from .dataset import Dataset, load_dataset, square
+from .embedding import Embedding, find_embedding_file, read_embedding, write_embedding
+from .errors import EmbeddingError, TistudioError
+from .generate import Renderer, check_fits, infotext, save_png
+from .models import SDModel, load_model
+from .samplers import check_sampler
+from .schedule import parse_schedule
+from .storage import atomic_write, write_json, write_text
+from .templates import fill_template, load_template, preview_prompt
+
+log = logging.getLogger(__name__)
+
+LOSS_FLUSH_STEPS = 25  # on GPUs the loss is read (a host-device sync) every this many steps
+
+
+class TrainingDiverged(TistudioError):
+    """The loss or the vectors became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer reports after each step and at each event."""
+
+    event: str  # "encode", "start", "step", "preview", "save", "done", "stopped"
+    step: int
+    max_steps: int
+    epoch: int = 0
+    loss: float | None = None
+    lr: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    path: str | None = None
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    embedding_path: Path
+    run_dir: Path
+    start_step: int
+    step: int
+    stopped: bool
+    last_loss: float | None
+    previews: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)
+    skipped_images: list[tuple[Path, str]] = field(default_factory=list)
+    message: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deterministic randomness: everything drawn at step k comes from (seed, k)
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(_seed_for(seed, 1, epoch))).tolist()
+
+
+def sample_indices(seed: int, first_sample: int, batch: int, count: int) -> list[int]:
+    """Dataset indices of samples first_sample .. first_sample + batch - 1 (a fresh shuffle every epoch)."""
+    out = []
+    for sample in range(first_sample, first_sample + batch):
+        epoch, position = divmod(sample, count)
+        out.append(epoch_order(seed, epoch, count)[position])
+    return out
+
+
+def vectors_digest(vectors: torch.Tensor) -> str:
+    return hashlib.sha256(vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the run
+
+
+@torch.no_grad()
+def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> tuple[torch.Tensor, list[str]]:
+    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor."""
+    import numpy as np
+    from PIL import ImageOps
+
+    latents, captions = [], []
+    for item in dataset.images:
+        picture = square(item.image, size)
+        variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
+        for variant in variants:
+            array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+            pixels = array.unsqueeze(0).to(model.device, model.dtype)
+            latent = model.vae.encode(pixels).latent_dist.mean * model.scaling_factor
+            latents.append(latent[0])
+            captions.append(item.caption)
+    return torch.stack(latents), captions
+
+
+def noise_schedule(model: SDModel) -> tuple[torch.Tensor, int]:
+    """alphas_cumprod of the model's training noise schedule, and its number of timesteps."""
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    scheduler = DDPMScheduler.from_config(config)
+    return scheduler.alphas_cumprod.to(torch.float32), int(scheduler.config.num_train_timesteps)
+
+
+def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
+    if model.prediction_type == "v_prediction":
+        objective = a.sqrt() * noise.float() - (1 - a).sqrt() * clean.float()
+    else:
+        objective = noise.float()
+    hidden = encoder.encode(prompts).to(model.dtype)
+    prediction = model.unet(noisy, t, encoder_hidden_states=hidden).sample
+    return torch.nn.functional.mse_loss(prediction.float(), objective)
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """A fixed evaluation batch: latents, timesteps, noise and prompts that never change during a run."""
+
+    indices: list[int]
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    prompts: list[str]
+
+
+def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
+                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32) -> EvalBatch:
+    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts."""
+    generator = torch.Generator().manual_seed(_seed_for(seed, 4))
+    rng = random.Random(_seed_for(seed, 5))
+    indices = [i % count for i in range(size)]
+    prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
+               for i, index in enumerate(indices)]
+    return EvalBatch(indices=indices, timesteps=torch.randint(0, timesteps, (size,), generator=generator),
+                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts)
+
+
+@torch.no_grad()
+def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
+                    batch: EvalBatch, chunk: int = 16) -> float:
+    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk)."""
+    total = 0.0
+    for start in range(0, len(batch.indices), chunk):
+        part = slice(start, start + chunk)
+        clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
+        noise = batch.noise[part].to(latents.device, latents.dtype)
+        loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
+                              batch.prompts[part])
+        total += float(loss) * clean.shape[0]
+    return total / len(batch.indices)
+
+
+def load_state(run_dir: Path, step: int, vectors: torch.Tensor) -> dict[str, Any] | None:
+    """The saved optimizer state for this embedding at this step, or None (then a fresh optimizer is used)."""
+    from safetensors.torch import load_file
+
+    from .safeload import UnsafeFileError, check_size
+
+    meta_file, tensor_file = run_dir / "state" / "state.json", run_dir / "state" / "state.safetensors"
+    if not (meta_file.is_file() and tensor_file.is_file()):
+        return None
+    import json
+
+    try:
+        meta = json.loads(meta_file.read_text("utf-8"))
+        check_size(tensor_file, 64 * 1024 * 1024, "an optimizer state")
+        tensors = load_file(tensor_file)
+    except (OSError, ValueError, UnsafeFileError) as exc:
+        log.warning("ignoring unreadable optimizer state in %s (%s)", run_dir / "state", exc)
+        return None
+    if meta.get("step") != step or meta.get("vectors_sha256") != vectors_digest(vectors):
+        log.warning("the optimizer state in %s belongs to step %s, not to this embedding at step %d; starting a "
+                    "fresh optimizer (the next steps will differ slightly from an uninterrupted run)",
+                    run_dir / "state", meta.get("step"), step)
+        return None
+    return {"meta": meta, "tensors": tensors}
+
+
+def save_state(run_dir: Path, step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: Any) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()["state"].get(0, {})
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()
+               if isinstance(value, torch.Tensor)}
+    tensors["vectors"] = vectors.detach().to("cpu", torch.float32).contiguous()
+    meta = {"step": step, "vectors_sha256": vectors_digest(vectors), "tistudio_version": __version__,
+            "scalars": {k: v for k, v in state.items() if isinstance(v, (int, float))}}
+    if scaler is not None:
+        meta["grad_scaler"] = {k: float(v) if isinstance(v, (int, float)) else None
+                               for k, v in scaler.state_dict().items()}
+    atomic_write(run_dir / "state" / "state.safetensors", lambda temp: save_file(tensors, str(temp)))
+    write_json(run_dir / "state" / "state.json", meta)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], param: torch.Tensor) -> None:
+    state = {k: v.to(param.device) for k, v in saved["tensors"].items() if k != "vectors"}
+    state.update(saved["meta"].get("scalars", {}))
+    optimizer.load_state_dict({"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def trim_loss_log(path: Path, step: int) -> None:
+    """Drop rows after `step` (written by a run that stopped before it could save)."""
+    if not path.is_file():
+        return
+    rows = path.read_text("utf-8").splitlines()
+    kept = [rows[0]] + [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
+    if len(kept) != len(rows):
+        write_text(path, "\n".join(kept) + "\n")
+
+
+def read_loss_log(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    out = []
+    for row in csv.DictReader(io.StringIO(path.read_text("utf-8"))):
+        try:
+            out.append({k: float(v) for k, v in row.items()})
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
+          on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None) -> TrainResult:
+    """Train (or resume) an embedding; returns where everything was written."""
+    started = time.monotonic()
+    report = on_progress or (lambda progress: None)
+    stop = stop or threading.Event()
+
+    # 1. Check everything that needs no model.
+    validate_train(options)
+    preview_sampler = check_sampler(options.preview_sampler, "preview_sampler")
+    template = load_template(options.template)
+    embedding_path = find_embedding_file(options.embedding, options.embeddings_dir)
+    embedding = read_embedding(embedding_path)
+    if embedding.is_sdxl:
+        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding; SDXL training is not supported yet")
+    name = embedding.name
+    run_dir = Path(options.run_dir or Path("runs") / name)
+    start_step = embedding.step
+    if start_step >= options.max_steps:
+        message = (f"{name} is already trained to step {start_step}, which is not below max_steps="
+                   f"{options.max_steps}; raise --max-steps to train further")
+        log.info("%s", message)
+        return TrainResult(embedding_path=embedding_path, run_dir=run_dir, start_step=start_step, step=start_step,
+                           stopped=False, last_loss=None, message=message)
+    schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
+    dataset = load_dataset(options.dataset)
+    log.info("%s", dataset.summary())
+
+    # 2. The model, and what only it can tell.
+    if model is None:
+        model = load_model(options, cache_dir)
+    check_fits(embedding, model)
+    size = options.size or model.native_size
+    if embedding.model_hash and model.hash and embedding.model_hash != model.hash:
+        log.warning("%s was made with model %s (hash %s) and is now trained with %s (hash %s)", name,
+                    embedding.model_name or "?", embedding.model_hash, model.name, model.hash)
+    device = model.device
+    encoder = PromptEncoder(model.tokenizer, model.text_encoder, options.clip_skip)
+    if not encoder.token_ids(name):
+        raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
+
+    # 3. The run folder and the resolved options. A fresh start never overwrites an earlier run: it is moved aside.
+    if start_step == 0 and any((run_dir / part).exists() for part in ("loss.csv", "state", "previews", "embeddings")):
+        archived = run_dir.with_name(f"{run_dir.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(archived)
+        log.info("an earlier run of %s was moved to %s", name, archived)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"options": to_dict(options), "resolved": {
+        "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
+        "schedule": [list(pair) for pair in schedule.pairs], "size": size, "device": str(device),
+        "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(), "model_hash": model.hash,
+        "family": model.family, "prediction_type": model.prediction_type, "images": len(dataset.images),
+        "skipped_images": [[str(p), r] for p, r in dataset.skipped], "tistudio_version": __version__}}
+    write_json(run_dir / "options.json", resolved)
+    loss_log = run_dir / "loss.csv"
+    if start_step == 0 or not loss_log.is_file():
+        write_text(loss_log, "step,epoch,loss,lr\n")
+    else:
+        trim_loss_log(loss_log, start_step)
+
+    # 4. Latents, once.
+    report(Progress("encode", start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images"))
+    latents, captions = encode_latents(model, dataset, size, options.flip)
+    count = latents.shape[0]
+    alphas, timesteps = noise_schedule(model)
+    alphas = alphas.to(device)
+
+    # 5. The trainable vectors and their optimizer.
+    vectors = torch.nn.Parameter(embedding.tensor.to(device, torch.float32).clone())
+    encoder.set_embeddings({name: vectors})
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW([vectors], lr=schedule.rate_at(start_step), weight_decay=options.weight_decay,
+                                  fused=fused or None)
+    scaler = torch.amp.GradScaler("cuda") if (model.dtype == torch.float16 and device.type == "cuda") else None
+    if start_step > 0:
+        saved = load_state(run_dir, start_step, embedding.tensor)
+        if saved is not None:
+            restore_optimizer(optimizer, saved, vectors)
+            if scaler is not None and saved["meta"].get("grad_scaler"):
+                scaler.load_state_dict({k: v for k, v in saved["meta"]["grad_scaler"].items() if v is not None})
+            log.info("resuming %s from step %d with its optimizer state", name, start_step)
+        else:
+            log.info("resuming %s from step %d", name, start_step)
+
+    renderer = Renderer(model, encoder) if options.preview_every else None
+    prompt_for_preview = options.preview_prompt or preview_prompt(template, name)
+    result = TrainResult(embedding_path=embedding_path, run_dir=run_dir, start_step=start_step, step=start_step,
+                         stopped=False, last_loss=None, skipped_images=dataset.skipped)
+    pending: list[tuple[int, int, torch.Tensor, float]] = []
+
+    def flush_losses() -> None:
+        if not pending:
+            return
+        values = torch.stack([loss for _, _, loss, _ in pending]).tolist()
+        lines = [f"{s},{e},{v:.6f},{lr:g}" for (s, e, _, lr), v in zip(pending, values, strict=True)]
+        with open(loss_log, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        result.last_loss = values[-1]
+        pending.clear()
+        if not all(v == v and abs(v) != float("inf") for v in values) or not torch.isfinite(vectors).all():
+            raise TrainingDiverged(f"training diverged at step {result.step}: the loss became NaN or infinite; "
+                                   "nothing was saved from this point; lower the learning rate and resume")
+
+    def current(step: int) -> Embedding:
+        return replace(embedding, vectors={"clip": vectors.detach().to("cpu", torch.float32).clone()}, step=step,
+                       model_hash=model.hash, model_name=model.name,
+                       meta={**embedding.meta, "model_family": model.family})
+
+    def save_copy(step: int, final: bool) -> None:
+        flush_losses()
+        snapshot = current(step)
+        if not final:
+            path = write_embedding(replace(snapshot, name=f"{name}-{step}"), run_dir / "embeddings" /
+                                   f"{name}-{step}.safetensors")
+            result.copies.append(path)
+            report(Progress("save", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
+        save_state(run_dir, step, vectors, optimizer, scaler)
+        write_embedding(snapshot, target)
+        if final:
+            write_embedding(snapshot, run_dir / f"{name}.safetensors")
+
+    def make_preview(step: int) -> None:
+        if renderer is None:
+            return
+        path = run_dir / "previews" / f"{name}-{step}.png"
+        if path.exists() and step == start_step:
+            return
+        image = renderer.render(prompt_for_preview, options.preview_negative_prompt, [options.preview_seed],
+                                options.preview_steps, preview_sampler, options.preview_cfg, size, size)[0]
+        text = infotext(prompt_for_preview, options.preview_negative_prompt, options.preview_steps, preview_sampler,
+                        options.preview_cfg, options.preview_seed, size, size, model, {}, options.clip_skip)
+        save_png(image, path, text + f"\nEmbedding: {name}, Step: {step}")
+        result.previews.append(path)
+        report(Progress("preview", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
+
+    target = embedding_path.with_suffix(".safetensors")  # where the trained embedding goes
+    if target != embedding_path:
+        log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
+    if options.preview_every:
+        make_preview(start_step)
+    report(Progress("start", start_step, schedule.end_step, lr=schedule.rate_at(start_step),
+                    elapsed_s=time.monotonic() - started, message=dataset.summary()))
+
+    # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
+    batch, accumulation = min(options.batch_size, count), options.gradient_accumulation
+    per_step = batch * accumulation
+    loop_started = time.monotonic()
+    flush_every = 1 if device.type == "cpu" else LOSS_FLUSH_STEPS  # reading the loss syncs a GPU: batch it
+    step = start_step
+    while step < schedule.end_step and not stop.is_set():
+        lr = schedule.rate_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accumulation):
+            first = step * per_step + micro * batch
+            indices = sample_indices(options.seed, first, batch, count)
+            rng = random.Random(_seed_for(options.seed, 2, step, micro))
+            prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
+                                     options.tag_dropout) for i in indices]
+            generator = torch.Generator().manual_seed(_seed_for(options.seed, 3, step, micro))
+            t = torch.randint(0, timesteps, (batch,), generator=generator)
+            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device, latents.dtype)
+            clean = latents[torch.tensor(indices, device=device)]
+            loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_loss += loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if options.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        result.step = step
+        epoch = (step * per_step - 1) // count
+        pending.append((step, epoch, step_loss, lr))
+        if len(pending) >= flush_every:
+            flush_losses()
+        done = step - start_step
+        elapsed = time.monotonic() - loop_started
+        eta = elapsed / done * (schedule.end_step - step)
+        report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
+                        elapsed_s=time.monotonic() - started, eta_s=eta))
+        if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
+            save_copy(step, final=False)
+        if options.preview_every and step % options.preview_every == 0:
+            make_preview(step)
+
+    # 7. Save where we are: finished, or stopped by the caller (Ctrl-C).
+    result.stopped = step < schedule.end_step
+    save_copy(step, final=True)
+    if options.save_every and not result.stopped:
+        path = write_embedding(replace(current(step), name=f"{name}-{step}"),
+                               run_dir / "embeddings" / f"{name}-{step}.safetensors")
+        result.copies.append(path)
+    if options.preview_every and not result.stopped and step % options.preview_every:
+        make_preview(step)
+    result.embedding_path = target
+    from .report import write_run_report
+
+    write_run_report(run_dir, name)
+    if result.stopped:
+        result.message = (f"stopped at step {step} of {schedule.end_step}; saved. Run the same train command to "
+                          "continue")
+    else:
+        result.message = f"trained {name} to step {step}"
+    report(Progress("stopped" if result.stopped else "done", step, schedule.end_step, loss=result.last_loss,
+                    elapsed_s=time.monotonic() - started, path=str(result.embedding_path), message=result.message))
+    return result

@@ -1,0 +1,218 @@
+"""Embedding files: what we write loads in diffusers and A1111's layout; what others write loads in ours;
+hostile or broken files are refused without running anything."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import save_file
+
+from tistudio.embedding import Embedding, describe, read_embedding, write_a1111_pt, write_diffusers, write_embedding
+from tistudio.errors import EmbeddingError
+
+
+def vectors(count: int = 3, width: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn((count, width), generator=torch.Generator().manual_seed(seed))
+
+
+def test_roundtrip_keeps_vectors_and_metadata(tmp_path: Path) -> None:
+    original = Embedding(name="tomtut", vectors={"clip": vectors()}, step=1200, model_hash="0123456789",
+                         model_name="v1-5", meta={"init_text": "woman"})
+    path = write_embedding(original, tmp_path / "tomtut.safetensors")
+    loaded = read_embedding(path)
+    assert torch.equal(loaded.tensor, original.tensor)
+    assert (loaded.name, loaded.step, loaded.model_hash, loaded.model_name) == ("tomtut", 1200, "0123456789", "v1-5")
+    assert loaded.meta["init_text"] == "woman"
+    # The layout A1111, ComfyUI and kohya read: one tensor named emb_params.
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        assert list(handle.keys()) == ["emb_params"]
+        assert handle.metadata()["step"] == "1200"
+
+
+def test_our_file_loads_in_diffusers_with_the_same_rows(tiny_sd1: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    rows = vectors(3)
+    path = write_embedding(Embedding(name="tomtut", vectors={"clip": rows}), tmp_path / "tomtut.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, local_files_only=True, safety_checker=None)
+    pipe.load_textual_inversion(str(path), token="tomtut")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["tomtut", "tomtut_1", "tomtut_2"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), rows)
+    assert pipe.maybe_convert_prompt("a tomtut", pipe.tokenizer) == "a tomtut tomtut_1 tomtut_2"
+
+    converted = write_diffusers(read_embedding(path), tmp_path / "diffusers" / "tomtut.safetensors")
+    other = StableDiffusionPipeline.from_pretrained(tiny_sd1, local_files_only=True, safety_checker=None)
+    other.load_textual_inversion(str(converted))  # no token= needed for diffusers' own layout
+    ids = other.tokenizer.convert_tokens_to_ids(["tomtut", "tomtut_1", "tomtut_2"])
+    assert torch.equal(other.text_encoder.get_input_embeddings().weight[ids].detach(), rows)
+
+
+def test_a1111_pt_built_like_a1111_loads(tmp_path: Path) -> None:
+    rows = vectors(2)
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": rows.clone().requires_grad_(True)},
+            "name": "myface", "step": 500, "sd_checkpoint": "abcdef0123", "sd_checkpoint_name": "v1-5-pruned"}
+    torch.save(data, tmp_path / "myface.pt")
+    loaded = read_embedding(tmp_path / "myface.pt")
+    assert torch.equal(loaded.tensor, rows)
+    assert (loaded.name, loaded.step, loaded.model_hash, loaded.model_name) == \
+        ("myface", 500, "abcdef0123", "v1-5-pruned")
+    assert loaded.source_format.startswith("a1111")
+
+
+def test_old_a1111_pt_with_a_parameter_dict_loads(tmp_path: Path) -> None:
+    rows = vectors(2)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(rows.clone())})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "old", "step": 7},
+               tmp_path / "old.pt")
+    loaded = read_embedding(tmp_path / "old.pt")
+    assert torch.equal(loaded.tensor, rows) and loaded.step == 7
+
+
+def test_convert_to_a1111_pt_writes_the_six_plain_keys(tmp_path: Path) -> None:
+    embedding = Embedding(name="tomtut", vectors={"clip": vectors()}, step=42, model_hash="0123456789")
+    path = write_a1111_pt(embedding, tmp_path / "tomtut.pt")
+    data = torch.load(path, weights_only=True)  # A1111's safe unpickler accepts only plain data too
+    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
+                         "sd_checkpoint_name"}
+    assert data["string_to_token"] == {"*": 265} and data["step"] == 42
+    assert not data["string_to_param"]["*"].requires_grad
+    assert torch.equal(read_embedding(path).tensor, embedding.tensor)
+
+
+@pytest.mark.parametrize("layout", ["diffusers-bin", "diffusers-safetensors", "kohya", "onetrainer", "1d"])
+def test_other_tools_layouts_load(tmp_path: Path, layout: str) -> None:
+    rows = vectors(2)
+    if layout == "diffusers-bin":
+        path = tmp_path / "learned_embeds.bin"
+        torch.save({"<cat-toy>": rows}, path)
+    elif layout == "diffusers-safetensors":
+        path = tmp_path / "learned_embeds.safetensors"
+        save_file({"<cat-toy>": rows}, path, metadata={"format": "pt"})
+    elif layout == "kohya":
+        path = tmp_path / "k.safetensors"
+        save_file({"emb_params": rows}, path)
+    elif layout == "onetrainer":
+        path = tmp_path / "o.safetensors"
+        save_file({"emp_params": rows}, path)
+    else:
+        rows = rows[:1]
+        path = tmp_path / "single.bin"
+        torch.save({"<x>": rows[0]}, path)
+    loaded = read_embedding(path)
+    assert torch.equal(loaded.tensor, rows)
+    assert loaded.name == path.stem  # A1111: the file stem is the prompt word
+
+
+def test_sdxl_files_are_listed_and_inspected(tmp_path: Path) -> None:
+    path = tmp_path / "xl.safetensors"
+    save_file({"clip_l": vectors(2, 768), "clip_g": vectors(2, 1280)}, path)
+    loaded = read_embedding(path)
+    assert loaded.is_sdxl and loaded.count == 2 and loaded.width == 2048
+    info = describe(loaded, path)
+    assert "SDXL" in info["fits"]
+    with pytest.raises(EmbeddingError, match="SDXL"):
+        _ = loaded.tensor
+
+
+def test_a1111_embedding_in_a_png_text_chunk_loads(tmp_path: Path) -> None:
+    rows = vectors(2, 8)
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": {"TORCHTENSOR": rows.tolist()}},
+            "name": "pngemb", "step": 9}
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
+    path = tmp_path / "pngemb.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    loaded = read_embedding(path)
+    assert torch.allclose(loaded.tensor, rows) and loaded.step == 9
+
+
+def test_describe_names_the_family() -> None:
+    assert "SD 1.x" in Embedding(name="a", vectors={"clip": vectors(1, 768)}).fits()
+    assert "SD 2.x" in Embedding(name="a", vectors={"clip": vectors(1, 1024)}).fits()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class ImportsModule:
+    def __reduce__(self):
+        return (__import__, ("this",))
+
+
+def hostile(tmp_path: Path, payload: object, name: str) -> Path:
+    path = tmp_path / name
+    torch.save({"string_to_param": {"*": torch.zeros(1, 8)}, "name": "x", "payload": payload}, path)
+    return path
+
+
+def test_pickle_that_would_run_a_command_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = RunsCode()
+    payload.marker = marker
+    for name in ("evil.pt", "evil.bin", "evil.safetensors", "evil.ckpt"):
+        path = hostile(tmp_path, payload, name)
+        with pytest.raises(EmbeddingError, match="refused"):
+            read_embedding(path)
+    assert not marker.exists()
+
+
+def test_pickle_that_would_import_a_module_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddingError, match="refused"):
+        read_embedding(hostile(tmp_path, ImportsModule(), "imports.pt"))
+
+
+def test_raw_pickle_without_torch_zip_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = RunsCode()
+    payload.marker = marker
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(EmbeddingError):
+        read_embedding(path)
+    assert not marker.exists()
+
+
+def test_wrong_content_behind_a_known_extension_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fake.safetensors"
+    path.write_text("this is a text file, not tensors")
+    with pytest.raises(EmbeddingError, match="not an embedding file"):
+        read_embedding(path)
+
+
+def test_truncated_and_lying_safetensors_are_refused(tmp_path: Path) -> None:
+    good = write_embedding(Embedding(name="t", vectors={"clip": vectors()}), tmp_path / "t.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(EmbeddingError, match=r"outside the file|truncated"):
+        read_embedding(truncated)
+    header = json.dumps({"emb_params": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}).encode()
+    absurd = tmp_path / "absurd.safetensors"
+    absurd.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(EmbeddingError):
+        read_embedding(absurd)
+
+
+def test_empty_file_and_nan_vectors_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(EmbeddingError, match="empty"):
+        read_embedding(tmp_path / "empty.pt")
+    save_file({"emb_params": torch.tensor([[float("nan"), 1.0]])}, tmp_path / "nan.safetensors")
+    with pytest.raises(EmbeddingError, match="NaN"):
+        read_embedding(tmp_path / "nan.safetensors")
+    with pytest.raises(EmbeddingError, match="NaN"):
+        write_embedding(Embedding(name="n", vectors={"clip": torch.tensor([[float("inf")]])}),
+                        tmp_path / "n.safetensors")
+    assert not (tmp_path / "n.safetensors").exists()
