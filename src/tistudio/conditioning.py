@@ -17,16 +17,30 @@ from torch import nn
 from .prompt import CHUNK, Chunk, NameMatcher, chunk_prompt, names_in
 
 
-class SplicedTokenEmbedding(nn.Module):
-    """A token-embedding layer whose ids >= vocab_size read rows of ``extra`` instead of the frozen table."""
+class SplicedTokenEmbedding(nn.Embedding):
+    """A token-embedding layer whose ids >= vocab_size read rows of ``extra`` instead of the frozen table.
+
+    It holds the original table itself (the same Parameter, under the same name), so the text encoder's
+    state_dict() is unchanged.
+    """
 
     def __init__(self, base: nn.Embedding) -> None:
-        super().__init__()
-        self.base = base
-        self.vocab_size = int(base.num_embeddings)
+        nn.Module.__init__(self)
+        self.num_embeddings = int(base.num_embeddings)
+        self.embedding_dim = int(base.embedding_dim)
+        self.padding_idx = base.padding_idx
+        self.max_norm = None
+        self.norm_type = 2.0
+        self.scale_grad_by_freq = False
+        self.sparse = False
+        self.weight = base.weight
         # Kept outside the module's parameters, so that moving or casting the text encoder never touches the
-        # trainable float32 vectors and state_dict() stays the model's own.
+        # trainable float32 vectors.
         self._extra: list[torch.Tensor | None] = [None]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_embeddings
 
     @property
     def extra(self) -> torch.Tensor | None:
@@ -35,25 +49,14 @@ class SplicedTokenEmbedding(nn.Module):
     def set_extra(self, value: torch.Tensor | None) -> None:
         self._extra[0] = value
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.vocab_size
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.base.embedding_dim)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids.clamp(max=self.vocab_size - 1))
-        if self.extra is None:
+        out = nn.functional.embedding(ids.clamp(max=self.num_embeddings - 1), self.weight)
+        extra = self.extra
+        if extra is None:
             return out
-        extra = self.extra.to(device=out.device, dtype=out.dtype)
-        rows = extra[(ids - self.vocab_size).clamp(0, extra.shape[0] - 1)]
-        return torch.where((ids >= self.vocab_size).unsqueeze(-1), rows, out)
+        extra = extra.to(device=out.device, dtype=out.dtype)
+        rows = extra[(ids - self.num_embeddings).clamp(0, extra.shape[0] - 1)]
+        return torch.where((ids >= self.num_embeddings).unsqueeze(-1), rows, out)
 
 
 def splice(text_encoder: nn.Module) -> SplicedTokenEmbedding:
@@ -132,7 +135,7 @@ class PromptEncoder:
                 ids = [self.bos, *chunk.ids, self.eos] + [self.pad] * (CHUNK - len(chunk.ids))
                 rows.append(ids)
                 weights.append([1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK - len(chunk.ids)))
-        device = self.layer.base.weight.device
+        device = self.layer.weight.device
         ids = torch.tensor(rows, dtype=torch.long, device=device)
         if self.clip_skip > 1:
             out = self.text_encoder(ids, output_hidden_states=True)

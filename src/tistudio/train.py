@@ -437,7 +437,8 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device, latents.dtype)
             clean = latents[torch.tensor(indices, device=device)]
             loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.detach()
         if scaler is not None:
             scaler.unscale_(optimizer)

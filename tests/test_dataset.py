@@ -1,0 +1,121 @@
+"""Training images: every odd file a phone, camera or download produces is read correctly or skipped with a
+reason; captions come from IMAGE.txt or the file name."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tistudio.dataset import caption_for, load_dataset, read_image, square
+from tistudio.errors import DatasetError
+
+
+def exif_rotated(path: Path) -> None:
+    """A 40x80 portrait stored as 80x40 landscape with EXIF orientation 6 (rotate 90° clockwise to view)."""
+    image = Image.new("RGB", (80, 40), (200, 0, 0))
+    image.paste((0, 0, 200), (0, 0, 40, 40))  # left half blue: after rotation it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif)
+
+
+def png_bomb(path: Path, side: int = 30000) -> None:
+    """A tiny PNG whose header claims side x side pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    exif_rotated(tmp_path / "phone.jpg")
+    image, size = read_image(tmp_path / "phone.jpg")
+    assert image.size == (40, 80) == size
+    top, bottom = np.asarray(image)[5, 20], np.asarray(image)[75, 20]
+    assert top[2] > 150 and bottom[0] > 150
+
+
+def test_modes_are_converted_to_rgb_properly(tmp_path: Path) -> None:
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    sixteen = Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16))
+    sixteen.save(tmp_path / "sixteen.png")
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "palette.png", transparency=1)
+    Image.new("LA", (32, 32), (200, 0)).save(tmp_path / "la.png")
+    cmyk = np.asarray(read_image(tmp_path / "cmyk.jpg")[0])[16, 16]
+    assert cmyk[0] > 200 and cmyk[1] < 60  # cyan-free, so red
+    grey = np.asarray(read_image(tmp_path / "sixteen.png")[0])[0, 0]
+    assert 150 <= grey[0] <= 160  # 40000/65535 scaled, not clamped to white
+    transparent = np.asarray(read_image(tmp_path / "palette.png")[0])[0, 0]
+    assert tuple(transparent) == (128, 128, 128)  # flattened on neutral grey, not black
+    assert tuple(np.asarray(read_image(tmp_path / "la.png")[0])[0, 0]) == (128, 128, 128)
+
+
+def test_animations_use_the_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert np.asarray(read_image(tmp_path / "anim.gif")[0])[0, 0][0] > 200
+
+
+@pytest.mark.parametrize(
+    ("maker", "reason"),
+    [
+        (lambda p: p.write_bytes(b""), "not an image"),
+        (lambda p: p.write_text("just text"), "not an image"),
+        (lambda p: Image.new("RGB", (1, 1)).save(p, format="PNG"), "too small"),
+        (png_bomb, "decompression bomb"),
+    ],
+)
+def test_bad_files_are_refused_with_a_reason(tmp_path: Path, maker, reason) -> None:
+    path = tmp_path / "bad.jpg"
+    maker(path)
+    with pytest.raises(DatasetError, match=reason):
+        read_image(path)
+
+
+def test_truncated_jpeg_is_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_captions_from_txt_or_file_name(tmp_path: Path) -> None:
+    (tmp_path / "00012-0-a woman smiling.png").touch()
+    assert caption_for(tmp_path / "00012-0-a woman smiling.png") == "a woman smiling"
+    (tmp_path / "x.png").touch()
+    (tmp_path / "x.txt").write_text("red hat, smiling\n")
+    assert caption_for(tmp_path / "x.png") == "red hat, smiling"
+
+
+def test_folder_errors(tmp_path: Path, photos: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="has no images"):
+        load_dataset(tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_text("no")
+    with pytest.raises(DatasetError, match="no usable image.*a.jpg: not an image"):
+        load_dataset(tmp_path / "junk")
+    dataset = load_dataset(photos)
+    assert len(dataset.images) == 6 and not dataset.skipped
+    assert dataset.images[0].caption == "toy figure, red cap, blue shirt"  # from 00-toy figure.txt
+    assert dataset.images[1].caption == "toy figure"  # from the file name
+
+
+def test_square_crops_the_centre(tmp_path: Path) -> None:
+    wide = Image.new("RGB", (300, 100), (0, 0, 0))
+    wide.paste((255, 255, 255), (100, 0, 200, 100))
+    out = np.asarray(square(wide, 64))
+    assert out.shape == (64, 64, 3) and out.mean() > 250

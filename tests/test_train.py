@@ -1,0 +1,164 @@
+"""Training: only the new vectors change, resume is exact, and training really learns."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tistudio.config import CreateOptions, TrainOptions
+from tistudio.create import create_embedding
+from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.errors import DatasetError, EmbeddingError, OptionError
+from tistudio.train import train
+
+
+def new_embedding(model, folder: Path, name: str = "tomtut", vectors: int = 2, init: str = "toy") -> Path:
+    return create_embedding(CreateOptions(model="unused", name=name, init_text=init, vectors=vectors,
+                                          embeddings_dir=str(folder), overwrite=True),
+                            cache_dir=Path("cache"), model=model)
+
+
+def options(photos: Path, folder: Path, **changes) -> TrainOptions:
+    base = dict(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
+                run_dir=str(folder.parent / "run"), size=64, batch_size=2, max_steps=6, preview_every=0,
+                save_every=0, learning_rate="0.005")
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+def test_only_the_new_vectors_change(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    before = {part: {k: v.clone() for k, v in getattr(sd1_model, part).state_dict().items()}
+              for part in ("unet", "vae", "text_encoder")}
+    start = read_embedding(tmp_path / "emb" / "tomtut.safetensors").tensor
+    train(options(photos, tmp_path / "emb", max_steps=5), cache_dir=tmp_path, model=sd1_model)
+    after = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    assert after.step == 5 and not torch.equal(after.tensor, start)
+    for part, state in before.items():
+        now = getattr(sd1_model, part).state_dict()
+        assert now.keys() == state.keys()
+        assert all(torch.equal(now[k], state[k]) for k in state), f"{part} changed"
+    for part in ("unet", "vae", "text_encoder"):
+        for name, parameter in getattr(sd1_model, part).named_parameters():
+            assert not parameter.requires_grad and parameter.grad is None, f"{part}.{name} has a gradient"
+
+
+def run(model, photos, folder: Path, stop_at: int | None = None, **changes):
+    stop = threading.Event()
+
+    def on_progress(progress) -> None:
+        if stop_at is not None and progress.event == "step" and progress.step == stop_at:
+            stop.set()
+
+    return train(options(photos, folder, **changes), cache_dir=folder, model=model, on_progress=on_progress,
+                 stop=stop)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> None:
+    settings = dict(max_steps=8, gradient_accumulation=2, flip=True, learning_rate="0.01:4, 0.003",
+                    save_every=3, shuffle_tags=True)
+    template = new_embedding(sd1_model, tmp_path / "template")
+    straight, resumed = tmp_path / "straight" / "emb", tmp_path / "resumed" / "emb"
+    for folder in (straight, resumed):
+        folder.mkdir(parents=True)
+        shutil.copy(template, folder / "tomtut.safetensors")
+    run(sd1_model, photos, straight, **settings)
+    first = run(sd1_model, photos, resumed, stop_at=k, **settings)
+    assert first.stopped and first.step == k
+    assert read_embedding(resumed / "tomtut.safetensors").step == k
+    second = run(sd1_model, photos, resumed, **settings)
+    assert second.start_step == k and second.step == 8 and not second.stopped
+    a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")
+    assert a.step == b.step == 8
+    assert torch.equal(a.tensor, b.tensor), "resumed vectors differ from the uninterrupted run"
+    from safetensors.torch import load_file
+
+    state_a = load_file(straight.parent / "run" / "state" / "state.safetensors")
+    state_b = load_file(resumed.parent / "run" / "state" / "state.safetensors")
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[x], state_b[x]) for x in state_a)
+    rows = (straight.parent / "run" / "loss.csv").read_text().splitlines()
+    assert rows == (resumed.parent / "run" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 9
+
+
+def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    result = train(options(photos, tmp_path / "emb", max_steps=4, save_every=2, preview_every=2, preview_steps=2),
+                   cache_dir=tmp_path, model=sd1_model)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in (run_dir / "embeddings").iterdir()) == ["tomtut-2.safetensors",
+                                                                          "tomtut-4.safetensors"]
+    assert read_embedding(run_dir / "embeddings" / "tomtut-2.safetensors").step == 2
+    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["tomtut-0.png", "tomtut-2.png",
+                                                                        "tomtut-4.png"]
+    from PIL import Image
+
+    with Image.open(run_dir / "previews" / "tomtut-2.png") as image:
+        assert "Steps: 2, Sampler: DPM++ 2M Karras" in image.text["parameters"]
+    lines = (run_dir / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,lr" and len(lines) == 5
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3", "4"]
+    assert (run_dir / "options.json").is_file() and (run_dir / "report.html").is_file()
+    assert read_embedding(run_dir / "tomtut.safetensors").step == 4
+    assert result.embedding_path == tmp_path / "emb" / "tomtut.safetensors"
+    assert "<svg" in (run_dir / "report.html").read_text()
+
+
+def test_the_schedule_decides_where_training_stops(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    result = train(options(photos, tmp_path / "emb", max_steps=50, learning_rate="0.005:3"), cache_dir=tmp_path,
+                   model=sd1_model)
+    assert result.step == 3
+
+
+def test_an_embedding_trained_past_max_steps_is_left_alone(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    train(options(photos, tmp_path / "emb", max_steps=2), cache_dir=tmp_path, model=sd1_model)
+    result = train(options(photos, tmp_path / "emb", max_steps=2), cache_dir=tmp_path, model=sd1_model)
+    assert result.step == 2 and "already trained to step 2" in result.message
+
+
+def test_a_fresh_start_moves_an_earlier_run_aside(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    train(options(photos, tmp_path / "emb", max_steps=2), cache_dir=tmp_path, model=sd1_model)
+    new_embedding(sd1_model, tmp_path / "emb")
+    train(options(photos, tmp_path / "emb", max_steps=2), cache_dir=tmp_path, model=sd1_model)
+    archived = [p for p in tmp_path.iterdir() if p.name.startswith("run-previous-")]
+    assert len(archived) == 1 and (archived[0] / "loss.csv").is_file()
+
+
+def test_wrong_width_embedding_is_refused_before_training(sd1_model, photos, tmp_path) -> None:
+    folder = tmp_path / "emb"
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 768)}), folder / "tomtut.safetensors")
+    with pytest.raises(EmbeddingError, match=r"768 wide \(SD 1.x"):
+        train(options(photos, folder), cache_dir=tmp_path, model=sd1_model)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_options_and_missing_inputs_fail_before_any_compute(sd1_model, photos, tmp_path) -> None:
+    new_embedding(sd1_model, tmp_path / "emb")
+    with pytest.raises(OptionError, match="item 2"):
+        train(options(photos, tmp_path / "emb", learning_rate="0.005:3, fast"), cache_dir=tmp_path,
+              model=sd1_model)
+    with pytest.raises(OptionError, match="batch_size"):
+        train(options(photos, tmp_path / "emb", batch_size=0), cache_dir=tmp_path, model=sd1_model)
+    with pytest.raises(DatasetError, match="does not exist"):
+        train(options(tmp_path / "nope", tmp_path / "emb"), cache_dir=tmp_path, model=sd1_model)
+    with pytest.raises(EmbeddingError, match="create it first"):
+        train(options(photos, tmp_path / "emb", embedding="nobody"), cache_dir=tmp_path, model=sd1_model)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_images_are_skipped_with_a_reason(sd1_model, photos, tmp_path) -> None:
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.png").write_text("hello")
+    new_embedding(sd1_model, tmp_path / "emb")
+    result = train(options(photos, tmp_path / "emb", max_steps=1), cache_dir=tmp_path, model=sd1_model)
+    reasons = {path.name: reason for path, reason in result.skipped_images}
+    assert set(reasons) == {"broken.jpg", "notes.png"}
+    assert all(reasons.values())
