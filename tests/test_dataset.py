@@ -106,7 +106,7 @@ def test_folder_errors(tmp_path: Path, photos: Path) -> None:
         load_dataset(tmp_path / "empty")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_text("no")
-    with pytest.raises(DatasetError, match="no usable image.*a.jpg: not an image"):
+    with pytest.raises(DatasetError, match=r"no usable image.*a\.jpg: not an image"):
         load_dataset(tmp_path / "junk")
     dataset = load_dataset(photos)
     assert len(dataset.images) == 6 and not dataset.skipped

@@ -7,7 +7,6 @@ prompt measurably steers its prediction. The margins below were measured on it (
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 

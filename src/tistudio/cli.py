@@ -8,6 +8,7 @@ training, Ctrl-C (or SIGTERM) finishes the current step, saves, and exits 0; a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,14 @@ def setup_logging(verbosity: int) -> None:
     root.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
 
 
-def install_stop_handler() -> threading.Event:
-    """First Ctrl-C/SIGTERM: finish the step, save, exit 0. Second Ctrl-C: abort now."""
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """First Ctrl-C/SIGTERM: finish the step, save, exit 0. Second Ctrl-C: abort now. Handlers restored after."""
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         stop.set()
         from tqdm import tqdm
@@ -115,9 +117,14 @@ def install_stop_handler() -> threading.Event:
         tqdm.write("tistudio: stopping after this step and saving (press Ctrl-C again to abort now)",
                    file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train_progress() -> Callable[[Any], None]:
@@ -149,9 +156,13 @@ def train_progress() -> Callable[[Any], None]:
 def generate_progress(total: int) -> Callable[[Any], None]:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True, file=sys.stderr, leave=False)
+    state: dict[str, Any] = {}
 
     def on_progress(progress: Any) -> None:
+        if "bar" not in state:  # created on the first step, so errors before it print on a clean line
+            state["bar"] = tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True, file=sys.stderr,
+                                leave=False)
+        bar = state["bar"]
         bar.update(progress.step - bar.n)
         if progress.step >= progress.total:
             bar.close()
@@ -166,8 +177,9 @@ def generate_progress(total: int) -> Callable[[Any], None]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps,
-                      on_progress=train_progress(), stop=install_stop_handler())
+    with stop_on_signals() as stop:
+        result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps,
+                          on_progress=train_progress(), stop=stop)
     print(result.summary())
     return 0
 
@@ -184,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     options = options_from(args, TrainOptions)
-    result = train(options, cache_dir=args.cache_dir, on_progress=train_progress(), stop=install_stop_handler())
+    with stop_on_signals() as stop:
+        result = train(options, cache_dir=args.cache_dir, on_progress=train_progress(), stop=stop)
     for path, reason in result.skipped_images:
         log.warning("skipped %s: %s", path, reason)
     print(f"{result.message}: {result.embedding_path} (run folder {result.run_dir})")
@@ -195,8 +208,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
     options = options_from(args, GenerateOptions)
-    images = generate(options, cache_dir=args.cache_dir, on_progress=generate_progress(options.steps),
-                      stop=install_stop_handler())
+    with stop_on_signals() as stop:
+        images = generate(options, cache_dir=args.cache_dir, on_progress=generate_progress(options.steps),
+                          stop=stop)
     for image in images:
         print(image.path)
     return 0

@@ -131,8 +131,8 @@ def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> t
         for variant in variants:
             array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
             pixels = array.unsqueeze(0).to(model.device, model.dtype)
-            latent = model.vae.encode(pixels).latent_dist.mean * model.scaling_factor
-            latents.append(latent[0])
+            latent = model.vae.encode(pixels).latent_dist.mean.float() * model.scaling_factor
+            latents.append(latent[0])  # kept in float32: the loss target should not be rounded to bf16
             captions.append(item.caption)
     return torch.stack(latents), captions
 
@@ -190,7 +190,7 @@ def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor
     for start in range(0, len(batch.indices), chunk):
         part = slice(start, start + chunk)
         clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
-        noise = batch.noise[part].to(latents.device, latents.dtype)
+        noise = batch.noise[part].to(latents.device)
         loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
                               batch.prompts[part])
         total += float(loss) * clean.shape[0]
@@ -434,7 +434,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
                                      options.tag_dropout) for i in indices]
             generator = torch.Generator().manual_seed(_seed_for(options.seed, 3, step, micro))
             t = torch.randint(0, timesteps, (batch,), generator=generator)
-            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device, latents.dtype)
+            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
             clean = latents[torch.tensor(indices, device=device)]
             loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
             if loss.requires_grad:  # a prompt without the name gives the vectors no gradient

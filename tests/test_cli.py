@@ -1,0 +1,116 @@
+"""The tistudio command, end to end: create -> train -> Ctrl-C -> resume -> generate -> inspect -> convert,
+and user errors as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tistudio.cli import main
+from tistudio.embedding import Embedding, read_embedding, write_embedding
+
+
+def tistudio(*args: str, cache: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tistudio", "--cache-dir", str(cache), *args], env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Path, tmp_path: Path,
+                                                      cache_dir: Path) -> None:
+    model = ["--model", str(tiny_sd1)]
+    created = tistudio("create", "tomtut", "--init-text", "toy figure", "--vectors", "3", *model, cache=cache_dir)
+    assert created.returncode == 0, created.stderr
+    assert read_embedding(tmp_path / "embeddings" / "tomtut.safetensors").step == 0
+
+    # Train "for a long time", press Ctrl-C once the first steps are logged: the step finishes, it saves, exit 0.
+    command = [sys.executable, "-m", "tistudio", "--cache-dir", str(cache_dir), "train", "tomtut", *model,
+               "--dataset", str(photos), "--steps", "100000", "--size", "64", "--batch-size", "2",
+               "--preview-every", "0", "--save-every", "0"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "runs" / "tomtut" / "loss.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopping after this step" in err and "stopped at step" in out
+    stopped = read_embedding(tmp_path / "embeddings" / "tomtut.safetensors")
+    assert 3 <= stopped.step < 100000
+
+    # The same command (with a reachable max) continues from there, with the saved optimizer state.
+    resumed = tistudio("train", "tomtut", *model, "--dataset", str(photos), "--steps", str(stopped.step + 3),
+                       "--size", "64", "--batch-size", "2", "--preview-every", "0", cache=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming tomtut from step {stopped.step} with its optimizer state" in resumed.stderr
+    final = read_embedding(tmp_path / "embeddings" / "tomtut.safetensors")
+    assert final.step == stopped.step + 3
+    steps_logged = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    assert steps_logged == list(range(1, final.step + 1))
+
+    made = tistudio("generate", "a photo of tomtut on a beach", "--negative", "blurry", *model, "--steps", "5",
+                    "--sampler", "DPM++ 2M Karras", "--cfg", "7", "--seed", "42", "--size", "64x64", "--batch",
+                    "2", "--embeddings", "embeddings", cache=cache_dir)
+    assert made.returncode == 0, made.stderr
+    paths = [Path(line) for line in made.stdout.split()]
+    assert [p.name for p in paths] == ["00000-42.png", "00001-43.png"]
+    with Image.open(paths[0]) as image:
+        assert 'TI hashes: "tomtut: ' in image.text["parameters"]
+
+    shown = tistudio("inspect", "embeddings/tomtut.safetensors", "--json", cache=cache_dir)
+    assert shown.returncode == 0 and f'"step": {final.step}' in shown.stdout and '"vectors": 3' in shown.stdout
+    converted = tistudio("convert", "embeddings/tomtut.safetensors", "--to", "a1111", cache=cache_dir)
+    assert converted.returncode == 0
+    assert torch.equal(read_embedding(Path(converted.stdout.strip())).tensor, final.tensor)
+
+
+def one_line_error(capsys, argv: list[str], fragment: str) -> None:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("tistudio: error: ") and fragment in lines[-1], captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_user_errors_are_one_line_and_exit_2(tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path,
+                                             capsys) -> None:
+    base = ["--cache-dir", str(cache_dir)]
+    model = ["--model", str(tiny_sd1)]
+    assert main([*base, "create", "tomtut", *model, "--init-text", "toy"]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, [*base, "create", "tomtut", *model], "an embedding with this name exists")
+    one_line_error(capsys, [*base, "create", "woman", *model], "already a word the model knows")
+    one_line_error(capsys, [*base, "create", "two words", *model], "use one word")
+    one_line_error(capsys, [*base, "create", "tomtut2", *model, "--vectors", "0"], "vectors=0: must be at least 1")
+    train = [*base, "train", "tomtut", *model, "--size", "64"]
+    one_line_error(capsys, [*train, "--dataset", str(tmp_path / "nowhere")], "does not exist")
+    one_line_error(capsys, [*train, "--dataset", str(photos), "--lr", "0.005:100, 1e-3:abc"],
+                   "item 2 '1e-3:abc'")
+    one_line_error(capsys, [*train, "--dataset", str(photos), "--batch-size", "0"], "batch_size=0")
+    write_embedding(Embedding(name="wide", vectors={"clip": torch.zeros(1, 768)}), Path("embeddings/wide.safetensors"))
+    one_line_error(capsys, [*base, "train", "wide", *model, "--dataset", str(photos)], "768 wide")
+    one_line_error(capsys, [*base, "generate", "a photo", "--model", str(tmp_path / "missing.ckpt")],
+                   "no such file")
+    one_line_error(capsys, [*base, "generate", "a photo", *model, "--sampler", "Fast"], "unknown sampler")
+    one_line_error(capsys, [*base, "inspect", str(photos / "01-toy figure.png")], "sd-ti-embedding")
+    assert not Path("runs").exists()
+
+
+def test_help_lists_the_options_from_the_dataclasses(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--learning-rate", "--lr", "--gradient-accumulation", "--template", "--preview-every",
+                 "--save-every", "--flip", "--max-steps", "--steps", "--embeddings-dir"):
+        assert flag in text
