@@ -245,39 +245,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def common(parser: argparse.ArgumentParser, default: Any) -> None:
+        """Global flags, accepted before or after the command name."""
+        parser.add_argument("--cache-dir", type=Path, default=default_cache_dir() if default is None else default,
+                            help="cache for the demo model and file hashes (default: $TISTUDIO_CACHE or "
+                            "~/.cache/tistudio)")
+        parser.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
+                            help="more detail")
+        parser.add_argument("-q", "--quiet", action="store_true", default=False if default is None else default,
+                            help="warnings and errors only")
+
     parser = argparse.ArgumentParser(prog="tistudio", description="Teach Stable Diffusion a new word from a few "
                                      "photos (textual inversion), then use it in prompts.")
     parser.add_argument("--version", action="version", version=f"tistudio {__version__}")
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                        help="cache for the demo model and file hashes (default: %(default)s; $TISTUDIO_CACHE)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common(parser, None)
+    shared = argparse.ArgumentParser(add_help=False)
+    common(shared, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the whole workflow on the built-in tiny model (about a minute)")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[shared], **kwargs)
+
+    demo = command("demo", help="run the whole workflow on the built-in tiny model (about a minute)")
     demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
     demo.add_argument("--demo-steps", type=int, default=60, help="training steps (default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
-    create = commands.add_parser("create", help="create a new embedding", description=CreateOptions.__doc__)
+    create = command("create", help="create a new embedding", description=CreateOptions.__doc__)
     add_options(create, CreateOptions)
     create.set_defaults(run=cmd_create)
 
-    train = commands.add_parser("train", help="train (or resume) an embedding", description=TrainOptions.__doc__)
+    train = command("train", help="train (or resume) an embedding", description=TrainOptions.__doc__)
     add_options(train, TrainOptions)
     train.set_defaults(run=cmd_train)
 
-    generate = commands.add_parser("generate", help="generate images with embeddings",
+    generate = command("generate", help="generate images with embeddings",
                                    description=GenerateOptions.__doc__)
     add_options(generate, GenerateOptions)
     generate.set_defaults(run=cmd_generate)
 
-    inspect = commands.add_parser("inspect", help="show what an embedding file holds")
+    inspect = command("inspect", help="show what an embedding file holds")
     inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=cmd_inspect)
 
-    convert = commands.add_parser("convert", help="write an embedding in another tool's format")
+    convert = command("convert", help="write an embedding in another tool's format")
     convert.add_argument("file", help="embedding file of any supported format")
     convert.add_argument("--to", required=True, choices=("a1111", "diffusers", "safetensors"),
                          help="a1111: A1111 .pt; diffusers: {NAME: vectors} safetensors; safetensors: tistudio's")

@@ -81,7 +81,7 @@ h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 .muted{color:#777}.grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;text-align:center}figure img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #ccc}
 figcaption{font-size:12px;color:#555;max-width:160px;word-wrap:break-word}
-pre{background:#f5f5f5;padding:.8em;overflow-x:auto;border-radius:4px}table{border-collapse:collapse}
+pre{background:#f5f5f5;padding:.8em;white-space:pre-wrap;word-break:break-word;border-radius:4px}table{border-collapse:collapse}
 td{padding:2px 10px 2px 0;vertical-align:top}
 """
 
@@ -102,8 +102,9 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             "Model": resolved.get("model"), "Images": resolved.get("images"), "Size": resolved.get("size"),
             "Learning rate": options.get("learning_rate"), "Batch x accumulation":
                 f"{options.get('batch_size')} x {options.get('gradient_accumulation')}",
-            "Template": options.get("template"), "Steps": f"{resolved.get('start_step')} → last {rows[-1]['step']:.0f}"
-            if rows else resolved.get("start_step"),
+            "Template": options.get("template"),
+            "Steps": (f"{rows[-1]['step']:.0f}" if rows else "0")
+            + (f" (the last sitting resumed at step {resolved['start_step']})" if resolved.get("start_step") else ""),
         }
         summary = "<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
                                       for k, v in facts.items()) + "</table>"
