@@ -114,3 +114,15 @@ def test_help_lists_the_options_from_the_dataclasses(capsys) -> None:
     for flag in ("--learning-rate", "--lr", "--gradient-accumulation", "--template", "--preview-every",
                  "--save-every", "--flip", "--max-steps", "--steps", "--embeddings-dir"):
         assert flag in text
+
+
+def test_demo_runs_the_whole_story_and_writes_the_report(tmp_path: Path, cache_dir: Path, capsys) -> None:
+    assert main(["--cache-dir", str(cache_dir), "demo", "--out", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "not meaningful" in out and "resumed the first" in out
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "tiny model with random weights" in report and "<svg" in report
+    assert report.count("alt='step ") == 5  # previews at steps 0, 20, 30 (the stop of sitting one), 40, 60
+    assert len(list((tmp_path / "demo" / "images").glob("*.png"))) == 4
+    assert "tistudio train tomtut --model ~/models/v1-5-pruned-emaonly.safetensors" in report
+    assert read_embedding(tmp_path / "demo" / "embeddings" / "demotoy.safetensors").step == 60

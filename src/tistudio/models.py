@@ -450,7 +450,9 @@ def _check_loaded(module: torch.nn.Module, what: str, source: str) -> None:
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module.requires_grad_(False)
     module.eval()
-    return module.to(device=device, dtype=dtype)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module = module.to(dtype=dtype)
+    return module.to(device=device)
 
 
 def _load_single_file(path: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
@@ -493,10 +495,11 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         if not (folder / "model_index.json").is_file():
             write_config_folder(folder, family, unet_config, vae_config, text_config, scheduler_config(prediction))
         try:
+            cast = {} if dtype == torch.float32 else {"torch_dtype": dtype}
             unet = UNet2DConditionModel.from_single_file(state, config=str(folder), subfolder="unet",
-                                                         local_files_only=True, torch_dtype=dtype)
+                                                         local_files_only=True, **cast)
             vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True,
-                                                 torch_dtype=dtype)
+                                                 **cast)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ModelError(f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: "
                              f"{str(exc)[:300]})") from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import random
 import threading
@@ -41,7 +42,7 @@ from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
 from .dataset import Dataset, load_dataset, square
 from .embedding import Embedding, find_embedding_file, read_embedding, write_embedding
-from .errors import EmbeddingError, TistudioError
+from .errors import EmbeddingError, TistudioError, UnsafeFileError
 from .generate import Renderer, check_fits, infotext, save_png
 from .models import SDModel, load_model
 from .samplers import check_sampler
@@ -201,13 +202,11 @@ def load_state(run_dir: Path, step: int, vectors: torch.Tensor) -> dict[str, Any
     """The saved optimizer state for this embedding at this step, or None (then a fresh optimizer is used)."""
     from safetensors.torch import load_file
 
-    from .safeload import UnsafeFileError, check_size
+    from .safeload import check_size
 
     meta_file, tensor_file = run_dir / "state" / "state.json", run_dir / "state" / "state.safetensors"
     if not (meta_file.is_file() and tensor_file.is_file()):
         return None
-    import json
-
     try:
         meta = json.loads(meta_file.read_text("utf-8"))
         check_size(tensor_file, 64 * 1024 * 1024, "an optimizer state")
