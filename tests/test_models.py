@@ -162,3 +162,15 @@ def test_precision_defaults() -> None:
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ModelError, match="fp16"):
         resolve_dtype("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("class_name", "message"), [("StableDiffusionXLPipeline", "SDXL"),
+                                                     ("FluxPipeline", "only Stable Diffusion"),
+                                                     ("StableDiffusionInpaintPipeline", "plain text-to-image")])
+def test_other_diffusers_pipelines_are_refused_before_loading(class_name, message, tmp_path, cache_dir) -> None:
+    import json
+
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(ModelError, match=message):
+        load_model(ModelOptions(model=str(tmp_path / "m")), cache_dir)

@@ -515,19 +515,26 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         notes=[f"prediction type {prediction}: {why}"])
 
 
-def _folder_family(text_encoder: Any, folder: Path) -> str:
+def _check_pipeline_class(folder: Path) -> None:
+    """Refuse SDXL and other pipelines from model_index.json, before loading anything."""
     index = folder / "model_index.json"
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text("utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model {folder}: model_index.json is not valid JSON ({exc})") from None
-        name = str(data.get("_class_name", ""))
-        if "XL" in name or "text_encoder_2" in data:
-            raise ModelError(f"model {folder}: this is an SDXL model ({name}); SDXL is not supported yet, use a "
-                             "Stable Diffusion 1.x or 2.x model")
-        if name and "StableDiffusion" not in name:
-            raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x pipelines are supported")
+    if not index.is_file():
+        return
+    try:
+        data = json.loads(index.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {folder}: model_index.json is not valid JSON ({exc})") from None
+    name = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
+    if "XL" in name or (isinstance(data, dict) and "text_encoder_2" in data):
+        raise ModelError(f"model {folder}: this is an SDXL model ({name}); SDXL is not supported yet, use a "
+                         "Stable Diffusion 1.x or 2.x model")
+    if name and "StableDiffusion" not in name:
+        raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x pipelines are supported")
+    if "Inpaint" in name or "InstructPix2Pix" in name or "Upscale" in name:
+        raise ModelError(f"model {folder}: a {name}; textual inversion needs a plain text-to-image SD 1.x/2.x model")
+
+
+def _folder_family(text_encoder: Any) -> str:
     act = getattr(text_encoder.config, "hidden_act", "quick_gelu")
     return SD1 if act == "quick_gelu" else SD2
 
@@ -537,6 +544,7 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _check_pipeline_class(folder)
     missing = [part for part in ("text_encoder", "tokenizer") + (() if text_only else ("unet", "vae"))
                if not (folder / part).is_dir()]
     if missing:
@@ -545,7 +553,7 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=local_only)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=local_only,
                                                      torch_dtype=dtype)
-        family = _folder_family(text_encoder, folder)
+        family = _folder_family(text_encoder)
         unet = vae = None
         if not text_only:
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=local_only,
