@@ -78,9 +78,11 @@ def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> N
     assert torch.equal(a.tensor, b.tensor), "resumed vectors differ from the uninterrupted run"
     from safetensors.torch import load_file
 
-    state_a = load_file(straight.parent / "run" / "state" / "state.safetensors")
-    state_b = load_file(resumed.parent / "run" / "state" / "state.safetensors")
+    state_a = load_file(straight.parent / "run" / "state" / "state-8.safetensors")
+    state_b = load_file(resumed.parent / "run" / "state" / "state-8.safetensors")
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[x], state_b[x]) for x in state_a)
+    assert sorted(p.name for p in (resumed.parent / "run" / "state").iterdir()) == ["state-8.json",
+                                                                                   "state-8.safetensors"]
     rows = (straight.parent / "run" / "loss.csv").read_text().splitlines()
     assert rows == (resumed.parent / "run" / "loss.csv").read_text().splitlines()
     assert len(rows) == 9

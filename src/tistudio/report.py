@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from pathlib import Path
 
+from .runfolder import read_loss_log
 from .storage import write_text
 
 
@@ -31,6 +33,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 def loss_chart(rows: list[dict[str, float]], width: int = 720, height: int = 240) -> str:
     """An inline SVG of the per-step loss (light) and its moving average (dark)."""
+    rows = [r for r in rows if math.isfinite(r.get("loss", float("nan")))]
     if len(rows) < 2:
         return "<p class='muted'>Not enough steps for a loss curve yet.</p>"
     steps = [r["step"] for r in rows]
@@ -89,8 +92,6 @@ td{padding:2px 10px 2px 0;vertical-align:top}
 def write_run_report(run_dir: Path, name: str, *, title: str | None = None, banner: str = "",
                      extra_sections: str = "") -> Path:
     """Write run_dir/report.html from the run's files."""
-    from .train import read_loss_log
-
     run_dir = Path(run_dir)
     rows = read_loss_log(run_dir / "loss.csv")
     options_file = run_dir / "options.json"

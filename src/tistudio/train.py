@@ -22,10 +22,7 @@ Run folder (``runs/NAME`` by default)::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import logging
 import random
 import threading
@@ -42,12 +39,13 @@ from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
 from .dataset import Dataset, load_dataset, square
 from .embedding import Embedding, find_embedding_file, read_embedding, write_embedding
-from .errors import EmbeddingError, TistudioError, UnsafeFileError
+from .errors import EmbeddingError, TistudioError
 from .generate import Renderer, check_fits, infotext, save_png
 from .models import SDModel, load_model
+from .runfolder import RunFolder, restore_optimizer
 from .samplers import check_sampler
 from .schedule import parse_schedule
-from .storage import atomic_write, write_json, write_text
+from .storage import write_json
 from .templates import fill_template, load_template, preview_prompt
 
 log = logging.getLogger(__name__)
@@ -109,10 +107,6 @@ def sample_indices(seed: int, first_sample: int, batch: int, count: int) -> list
         epoch, position = divmod(sample, count)
         out.append(epoch_order(seed, epoch, count)[position])
     return out
-
-
-def vectors_digest(vectors: torch.Tensor) -> str:
-    return hashlib.sha256(vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,73 +192,41 @@ def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor
     return total / len(batch.indices)
 
 
-def load_state(run_dir: Path, step: int, vectors: torch.Tensor) -> dict[str, Any] | None:
-    """The saved optimizer state for this embedding at this step, or None (then a fresh optimizer is used)."""
-    from safetensors.torch import load_file
-
-    from .safeload import check_size
-
-    meta_file, tensor_file = run_dir / "state" / "state.json", run_dir / "state" / "state.safetensors"
-    if not (meta_file.is_file() and tensor_file.is_file()):
-        return None
-    try:
-        meta = json.loads(meta_file.read_text("utf-8"))
-        check_size(tensor_file, 64 * 1024 * 1024, "an optimizer state")
-        tensors = load_file(tensor_file)
-    except (OSError, ValueError, UnsafeFileError) as exc:
-        log.warning("ignoring unreadable optimizer state in %s (%s)", run_dir / "state", exc)
-        return None
-    if meta.get("step") != step or meta.get("vectors_sha256") != vectors_digest(vectors):
-        log.warning("the optimizer state in %s belongs to step %s, not to this embedding at step %d; starting a "
-                    "fresh optimizer (the next steps will differ slightly from an uninterrupted run)",
-                    run_dir / "state", meta.get("step"), step)
-        return None
-    return {"meta": meta, "tensors": tensors}
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer
 
 
-def save_state(run_dir: Path, step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: Any) -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()["state"].get(0, {})
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()
-               if isinstance(value, torch.Tensor)}
-    tensors["vectors"] = vectors.detach().to("cpu", torch.float32).contiguous()
-    meta = {"step": step, "vectors_sha256": vectors_digest(vectors), "tistudio_version": __version__,
-            "scalars": {k: v for k, v in state.items() if isinstance(v, (int, float))}}
-    if scaler is not None:
-        meta["grad_scaler"] = {k: float(v) if isinstance(v, (int, float)) else None
-                               for k, v in scaler.state_dict().items()}
-    atomic_write(run_dir / "state" / "state.safetensors", lambda temp: save_file(tensors, str(temp)))
-    write_json(run_dir / "state" / "state.json", meta)
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite losses and gradients
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], param: torch.Tensor) -> None:
-    state = {k: v.to(param.device) for k, v in saved["tensors"].items() if k != "vectors"}
-    state.update(saved["meta"].get("scalars", {}))
-    optimizer.load_state_dict({"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]})
+class NonFiniteGuard:
+    """Discards steps whose loss or gradient is NaN or infinite, halves the learning rate after each, and stops
+    the run after `limit` of them in a row. The vectors never take a non-finite update."""
 
+    def __init__(self, limit: int = 5, lr_factor: float = 1.0, in_a_row: int = 0) -> None:
+        self.limit = limit
+        self.lr_factor = lr_factor
+        self.in_a_row = in_a_row
+        self.discarded = 0
 
-def trim_loss_log(path: Path, step: int) -> None:
-    """Drop rows after `step` (written by a run that stopped before it could save)."""
-    if not path.is_file():
-        return
-    rows = path.read_text("utf-8").splitlines()
-    kept = [rows[0]] + [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
-    if len(kept) != len(rows):
-        write_text(path, "\n".join(kept) + "\n")
+    def bad(self, step: int, saved_step: int) -> None:
+        self.discarded += 1
+        self.in_a_row += 1
+        self.lr_factor *= 0.5
+        log.warning("step %d: the loss or gradient was NaN or infinite; the step was discarded and the learning "
+                    "rate halved (now x%g)", step, self.lr_factor)
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"training stopped at step {step}: the loss or gradient was NaN or infinite "
+                                   f"{self.in_a_row} steps in a row even after lowering the learning rate; the "
+                                   f"embedding saved at step {saved_step} is intact; check the images and use a "
+                                   "lower learning rate (or --precision fp32)")
 
+    def good(self) -> None:
+        self.in_a_row = 0
 
-def read_loss_log(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    out = []
-    for row in csv.DictReader(io.StringIO(path.read_text("utf-8"))):
-        try:
-            out.append({k: float(v) for k, v in row.items()})
-        except (TypeError, ValueError):
-            continue
-    return out
+    def state(self) -> dict[str, Any]:
+        return {"lr_factor": self.lr_factor, "nonfinite_in_a_row": self.in_a_row}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,14 +249,15 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     if embedding.is_sdxl:
         raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding; SDXL training is not supported yet")
     name = embedding.name
-    run_dir = Path(options.run_dir or Path("runs") / name)
+    run = RunFolder(Path(options.run_dir or Path("runs") / name), name)
+    target = embedding_path.with_suffix(".safetensors")  # where the trained embedding goes
     start_step = embedding.step
     if start_step >= options.max_steps:
         message = (f"{name} is already trained to step {start_step}, which is not below max_steps="
                    f"{options.max_steps}; raise --max-steps to train further")
         log.info("%s", message)
-        return TrainResult(embedding_path=embedding_path, run_dir=run_dir, start_step=start_step, step=start_step,
-                           stopped=False, last_loss=None, message=message)
+        return TrainResult(embedding_path=embedding_path, run_dir=run.path, start_step=start_step,
+                           step=start_step, stopped=False, last_loss=None, message=message)
     schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
     dataset = load_dataset(options.dataset)
     log.info("%s", dataset.summary())
@@ -312,24 +275,16 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     if not encoder.token_ids(name):
         raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
 
-    # 3. The run folder and the resolved options. A fresh start never overwrites an earlier run: it is moved aside.
-    if start_step == 0 and any((run_dir / part).exists() for part in ("loss.csv", "state", "previews", "embeddings")):
-        archived = run_dir.with_name(f"{run_dir.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(archived)
-        log.info("an earlier run of %s was moved to %s", name, archived)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"options": to_dict(options), "resolved": {
+    # 3. The run folder and the resolved options.
+    run.open(start_step)
+    write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
         "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
         "schedule": [list(pair) for pair in schedule.pairs], "size": size, "device": str(device),
         "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(), "model_hash": model.hash,
         "family": model.family, "prediction_type": model.prediction_type, "images": len(dataset.images),
-        "skipped_images": [[str(p), r] for p, r in dataset.skipped], "tistudio_version": __version__}}
-    write_json(run_dir / "options.json", resolved)
-    loss_log = run_dir / "loss.csv"
-    if start_step == 0 or not loss_log.is_file():
-        write_text(loss_log, "step,epoch,loss,lr\n")
-    else:
-        trim_loss_log(loss_log, start_step)
+        "skipped_images": [[str(p), r] for p, r in dataset.skipped], "tistudio_version": __version__}})
+    if target != embedding_path:
+        log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
 
     # 4. Latents, once.
     report(Progress("encode", start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images"))
@@ -338,65 +293,81 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     alphas, timesteps = noise_schedule(model)
     alphas = alphas.to(device)
 
-    # 5. The trainable vectors and their optimizer.
+    # 5. The trainable vectors, their optimizer, and the resume state.
     vectors = torch.nn.Parameter(embedding.tensor.to(device, torch.float32).clone())
     encoder.set_embeddings({name: vectors})
-    fused = device.type == "cuda"
+    cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW([vectors], lr=schedule.rate_at(start_step), weight_decay=options.weight_decay,
-                                  fused=fused or None)
-    scaler = torch.amp.GradScaler("cuda") if (model.dtype == torch.float16 and device.type == "cuda") else None
+                                  fused=True if cuda else None)
+    # On CUDA a GradScaler skips non-finite steps on the device, without a host sync; it also scales fp16 losses.
+    scaler = None
+    if cuda:
+        fp16 = model.dtype == torch.float16
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16 if fp16 else 1.0,
+                                      growth_interval=2000 if fp16 else 2**30)
+    guard = NonFiniteGuard()
     if start_step > 0:
-        saved = load_state(run_dir, start_step, embedding.tensor)
+        saved = run.load_state(start_step, embedding.tensor)
         if saved is not None:
             restore_optimizer(optimizer, saved, vectors)
             if scaler is not None and saved["meta"].get("grad_scaler"):
-                scaler.load_state_dict({k: v for k, v in saved["meta"]["grad_scaler"].items() if v is not None})
+                scaler.load_state_dict(saved["meta"]["grad_scaler"])
+            guard = NonFiniteGuard(lr_factor=float(saved["meta"].get("lr_factor", 1.0)),
+                                   in_a_row=int(saved["meta"].get("nonfinite_in_a_row", 0)))
             log.info("resuming %s from step %d with its optimizer state", name, start_step)
         else:
             log.info("resuming %s from step %d", name, start_step)
 
     renderer = Renderer(model, encoder) if options.preview_every else None
     prompt_for_preview = options.preview_prompt or preview_prompt(template, name)
-    result = TrainResult(embedding_path=embedding_path, run_dir=run_dir, start_step=start_step, step=start_step,
+    result = TrainResult(embedding_path=target, run_dir=run.path, start_step=start_step, step=start_step,
                          stopped=False, last_loss=None, skipped_images=dataset.skipped)
-    pending: list[tuple[int, int, torch.Tensor, float]] = []
+    pending: list[tuple[int, int, torch.Tensor, float, torch.Tensor]] = []
+    saved_step = start_step
 
-    def flush_losses() -> None:
+    def flush() -> None:
+        """Write the pending loss rows (one host read for all of them) and account for discarded steps."""
         if not pending:
             return
-        values = torch.stack([loss for _, _, loss, _ in pending]).tolist()
-        lines = [f"{s},{e},{v:.6f},{lr:g}" for (s, e, _, lr), v in zip(pending, values, strict=True)]
-        with open(loss_log, "a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-        result.last_loss = values[-1]
+        values = torch.stack([torch.stack([loss, finite.float()]) for _, _, loss, _, finite in pending]).tolist()
+        rows = list(zip(pending, values, strict=True))
         pending.clear()
-        if not all(v == v and abs(v) != float("inf") for v in values) or not torch.isfinite(vectors).all():
-            raise TrainingDiverged(f"training diverged at step {result.step}: the loss became NaN or infinite; "
-                                   "nothing was saved from this point; lower the learning rate and resume")
+        run.append_losses([f"{s},{e},{loss:.6f},{lr:g}" for (s, e, _, lr, _), (loss, _) in rows])
+        for _, (loss, finite) in rows:
+            if finite and loss == loss:
+                result.last_loss = loss
+        if cuda:  # on the CPU bad steps were handled as they happened
+            for (s, _, _, _, _), (_, finite) in rows:
+                if finite:
+                    guard.good()
+                else:
+                    guard.bad(s, saved_step)
 
     def current(step: int) -> Embedding:
         return replace(embedding, vectors={"clip": vectors.detach().to("cpu", torch.float32).clone()}, step=step,
                        model_hash=model.hash, model_name=model.name,
                        meta={**embedding.meta, "model_family": model.family})
 
-    def save_copy(step: int, final: bool) -> None:
-        flush_losses()
+    def save(step: int, copy: bool, final: bool) -> None:
+        """Copy (optional), resume state, the embedding; in that order, so a kill never orphans an embedding."""
+        nonlocal saved_step
+        flush()
         snapshot = current(step)
-        if not final:
-            path = write_embedding(replace(snapshot, name=f"{name}-{step}"), run_dir / "embeddings" /
-                                   f"{name}-{step}.safetensors")
-            result.copies.append(path)
+        if copy:
+            path = write_embedding(replace(snapshot, name=f"{name}-{step}"), run.copy_path(step))
+            if path not in result.copies:
+                result.copies.append(path)
             report(Progress("save", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
-        save_state(run_dir, step, vectors, optimizer, scaler)
+        run.save_state(step, vectors, optimizer, scaler, guard.state())
         write_embedding(snapshot, target)
+        run.prune_states(keep=step)
         if final:
-            write_embedding(snapshot, run_dir / f"{name}.safetensors")
+            write_embedding(snapshot, run.path / f"{name}.safetensors")
+        saved_step = step
 
     def make_preview(step: int) -> None:
-        if renderer is None:
-            return
-        path = run_dir / "previews" / f"{name}-{step}.png"
-        if path.exists() and step == start_step:
+        path = run.preview_path(step)
+        if renderer is None or (path.exists() and step == start_step):
             return
         image = renderer.render(prompt_for_preview, options.preview_negative_prompt, [options.preview_seed],
                                 options.preview_steps, preview_sampler, options.preview_cfg, size, size)[0]
@@ -406,22 +377,19 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         result.previews.append(path)
         report(Progress("preview", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
 
-    target = embedding_path.with_suffix(".safetensors")  # where the trained embedding goes
-    if target != embedding_path:
-        log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
     if options.preview_every:
         make_preview(start_step)
-    report(Progress("start", start_step, schedule.end_step, lr=schedule.rate_at(start_step),
+    report(Progress("start", start_step, schedule.end_step, lr=schedule.rate_at(start_step) * guard.lr_factor,
                     elapsed_s=time.monotonic() - started, message=dataset.summary()))
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
     batch, accumulation = min(options.batch_size, count), options.gradient_accumulation
     per_step = batch * accumulation
     loop_started = time.monotonic()
-    flush_every = 1 if device.type == "cpu" else LOSS_FLUSH_STEPS  # reading the loss syncs a GPU: batch it
+    flush_every = LOSS_FLUSH_STEPS if cuda else 1  # reading the loss syncs a GPU: batch it there
     step = start_step
     while step < schedule.end_step and not stop.is_set():
-        lr = schedule.rate_at(step)
+        lr = schedule.rate_at(step) * guard.lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
@@ -441,48 +409,48 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             step_loss += loss.detach()
         if scaler is not None:
             scaler.unscale_(optimizer)
+        grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
         if options.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skipped on the device when the gradient is not finite
             scaler.update()
-        else:
+        elif bool(finite):
             optimizer.step()
+            guard.good()
+        else:
+            guard.bad(step + 1, saved_step)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         result.step = step
         epoch = (step * per_step - 1) // count
-        pending.append((step, epoch, step_loss, lr))
+        pending.append((step, epoch, step_loss, lr, finite))
         if len(pending) >= flush_every:
-            flush_losses()
-        done = step - start_step
+            flush()
         elapsed = time.monotonic() - loop_started
-        eta = elapsed / done * (schedule.end_step - step)
         report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
-                        elapsed_s=time.monotonic() - started, eta_s=eta))
+                        elapsed_s=time.monotonic() - started,
+                        eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
         if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
-            save_copy(step, final=False)
+            save(step, copy=True, final=False)
         if options.preview_every and step % options.preview_every == 0:
             make_preview(step)
 
     # 7. Save where we are: finished, or stopped by the caller (Ctrl-C).
     result.stopped = step < schedule.end_step
-    save_copy(step, final=True)
-    if options.save_every and not result.stopped:
-        path = write_embedding(replace(current(step), name=f"{name}-{step}"),
-                               run_dir / "embeddings" / f"{name}-{step}.safetensors")
-        result.copies.append(path)
+    save(step, copy=bool(options.save_every) and not result.stopped, final=True)
     if options.preview_every and not result.stopped and step % options.preview_every:
         make_preview(step)
-    result.embedding_path = target
     from .report import write_run_report
 
-    write_run_report(run_dir, name)
+    write_run_report(run.path, name)
     if result.stopped:
-        result.message = (f"stopped at step {step} of {schedule.end_step}; saved. Run the same train command to "
-                          "continue")
+        result.message = f"stopped at step {step} of {schedule.end_step}; saved. Run the same train command to continue"
     else:
         result.message = f"trained {name} to step {step}"
+    if guard.discarded:
+        result.message += f" ({guard.discarded} non-finite steps discarded)"
     report(Progress("stopped" if result.stopped else "done", step, schedule.end_step, loss=result.last_loss,
-                    elapsed_s=time.monotonic() - started, path=str(result.embedding_path), message=result.message))
+                    elapsed_s=time.monotonic() - started, path=str(target), message=result.message))
     return result
