@@ -277,6 +277,8 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
 
     # 3. The run folder and the resolved options.
     run.open(start_step)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a run killed while writing the embedding
     write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
         "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
         "schedule": [list(pair) for pair in schedule.pairs], "size": size, "device": str(device),

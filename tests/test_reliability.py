@@ -1,0 +1,267 @@
+"""Reliability: kills, signals, non-finite numbers and failing disks never lose more than one save interval and
+never leave a broken file; resume after any of them continues exactly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tistudio import storage
+from tistudio import train as train_module
+from tistudio.config import CreateOptions, TrainOptions
+from tistudio.create import create_embedding
+from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.errors import StorageError
+from tistudio.runfolder import read_loss_log
+from tistudio.train import TrainingDiverged, train
+
+DRIVER = Path(__file__).with_name("driver.py")
+KILLS = int(os.environ.get("TISTUDIO_TEST_KILLS", "6"))
+
+
+def settings(photos: Path, folder: Path, **changes) -> TrainOptions:
+    base = dict(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder / "emb"),
+                run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=8, preview_every=0, save_every=0)
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+def fresh(model, folder: Path) -> Path:
+    return create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2,
+                                          embeddings_dir=str(folder / "emb"), overwrite=True),
+                            cache_dir=folder, model=model)
+
+
+def test_a_stop_requested_mid_accumulation_still_resumes_exactly(sd1_model, photos, tmp_path, monkeypatch) -> None:
+    common = dict(max_steps=6, gradient_accumulation=3, batch_size=1, save_every=2)
+    fresh(sd1_model, tmp_path / "a")
+    train(settings(photos, tmp_path / "a", **common), cache_dir=tmp_path, model=sd1_model)
+    fresh(sd1_model, tmp_path / "b")
+    stop = threading.Event()
+    calls = {"n": 0}
+    original = train_module.diffusion_loss
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 * 3 + 2:  # the second micro-batch of step 4
+            stop.set()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", counting)
+    first = train(settings(photos, tmp_path / "b", **common), cache_dir=tmp_path, model=sd1_model, stop=stop)
+    monkeypatch.undo()
+    assert first.stopped and first.step == 4  # the step in progress was finished, not cut
+    train(settings(photos, tmp_path / "b", **common), cache_dir=tmp_path, model=sd1_model)
+    a = read_embedding(tmp_path / "a" / "emb" / "tomtut.safetensors")
+    b = read_embedding(tmp_path / "b" / "emb" / "tomtut.safetensors")
+    assert a.step == b.step == 6 and torch.equal(a.tensor, b.tensor)
+
+
+def driver(cache: Path, *cli: str, slow_replace: float = 0.0, slow_step: float = 0.0) -> subprocess.Popen:
+    extra = []
+    if slow_replace:
+        extra += ["--slow-replace", str(slow_replace)]
+    if slow_step:
+        extra += ["--slow-step", str(slow_step)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(DRIVER), *extra, "--", "--cache-dir", str(cache), *cli],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run_dir: Path) -> int:
+    rows = read_loss_log(run_dir / "loss.csv")
+    return int(rows[-1]["step"]) if rows else 0
+
+
+def check_everything_on_disk_loads(root: Path) -> int:
+    """Every embedding, copy and state loads; returns how many temporary files a kill left behind."""
+    leftovers = 0
+    for path in root.rglob("*"):
+        if path.name.endswith(".tmp"):
+            leftovers += 1
+        elif path.suffix == ".safetensors" and "state" in path.parts:
+            assert load_file(path), path
+        elif path.suffix == ".safetensors":
+            embedding = read_embedding(path)
+            assert torch.isfinite(embedding.tensor).all()
+            if path.parent.name == "embeddings" and "-" in path.stem:
+                assert embedding.step == int(path.stem.rsplit("-", 1)[1]), path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    return leftovers
+
+
+def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(sd1_model, tiny_sd1, photos,
+                                                                             tmp_path, cache_dir) -> None:
+    steps = 40
+    reference = tmp_path / "reference"
+    fresh(sd1_model, reference)
+    train(settings(photos, reference, max_steps=steps, save_every=1), cache_dir=tmp_path, model=sd1_model)
+
+    folder = tmp_path / "killed"
+    fresh(sd1_model, folder)
+    cli = ["train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos), "--embeddings-dir",
+           str(folder / "emb"), "--run-dir", str(folder / "run"), "--size", "64", "--batch-size", "2", "--steps",
+           str(steps), "--save-every", "1", "--preview-every", "0"]
+    rng = random.Random(1234)
+    kills, in_saves = 0, 0
+    while kills < KILLS:
+        before = logged_steps(folder / "run")
+        process = driver(cache_dir, *cli, slow_replace=0.02)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and logged_steps(folder / "run") <= before and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if process.poll() is not None:
+            break  # finished before this kill
+        process.kill()
+        process.wait()
+        kills += 1
+        in_saves += check_everything_on_disk_loads(folder) > 0
+        embedding = read_embedding(folder / "emb" / "tomtut.safetensors")
+        assert logged_steps(folder / "run") - embedding.step <= 1, "more than one save interval lost"
+        assert (folder / "run" / "state" / f"state-{embedding.step}.json").is_file()
+    finished = driver(cache_dir, *cli)
+    out, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    assert check_everything_on_disk_loads(folder) == 0  # the resumed run cleaned up what the kills left
+    final = read_embedding(folder / "emb" / "tomtut.safetensors")
+    expected = read_embedding(reference / "emb" / "tomtut.safetensors")
+    print(f"SIGKILL: {kills} kills, {in_saves} of them during a save; resumed run equals the uninterrupted one")
+    assert kills >= min(KILLS, 3)
+    assert final.step == expected.step == steps
+    assert torch.equal(final.tensor, expected.tensor)
+
+
+def test_sigterm_finishes_the_step_and_saves(tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" /
+                    "tomtut.safetensors")
+    process = driver(cache_dir, "train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos),
+                     "--embeddings-dir", str(tmp_path / "emb"), "--size", "64", "--steps", "1000",
+                     "--preview-every", "0", "--save-every", "0", slow_step=0.3)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and logged_steps(tmp_path / "runs" / "tomtut") < 1:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    assert saved.step >= 1 and saved.step == logged_steps(tmp_path / "runs" / "tomtut")
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" /
+                    "tomtut.safetensors")
+    process = driver(cache_dir, "train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos),
+                     "--embeddings-dir", str(tmp_path / "emb"), "--size", "64", "--steps", "1000",
+                     "--preview-every", "0", "--save-every", "0", slow_step=5.0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (tmp_path / "runs" / "tomtut" / "options.json").is_file():
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the first (5 s) step
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "aborted" in err
+    assert time.monotonic() - sent < 3.0, "the second Ctrl-C did not stop at once"
+    assert read_embedding(tmp_path / "emb" / "tomtut.safetensors").step == 0
+
+
+def nan_on(calls: set[int], monkeypatch, model) -> None:
+    """Make the UNet return NaN on the given forward calls (1-based)."""
+    unet = model.unet
+    original = type(unet).forward
+    seen = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        seen["n"] += 1
+        if seen["n"] in calls:
+            output.sample = output.sample * float("nan")
+        return output
+
+    monkeypatch.setattr(type(unet), "forward", forward)
+
+
+def test_non_finite_steps_are_discarded_and_the_rate_lowered(sd1_model, photos, tmp_path, monkeypatch) -> None:
+    fresh(sd1_model, tmp_path)
+    nan_on({3, 4}, monkeypatch, sd1_model)
+    result = train(settings(photos, tmp_path, max_steps=6, save_every=1), cache_dir=tmp_path, model=sd1_model)
+    assert result.step == 6 and "2 non-finite steps discarded" in result.message
+    rows = read_loss_log(tmp_path / "run" / "loss.csv")
+    assert [r["lr"] for r in rows] == [0.005, 0.005, 0.005, 0.0025, 0.00125, 0.00125]
+    assert all(torch.isfinite(read_embedding(p).tensor).all() for p in (tmp_path / "run").rglob("tomtut*.safetensors"))
+    vectors_at = {step: read_embedding(tmp_path / "run" / "embeddings" / f"tomtut-{step}.safetensors").tensor
+                  for step in range(1, 7)}
+    assert torch.equal(vectors_at[3], vectors_at[2]) and torch.equal(vectors_at[4], vectors_at[2])
+    assert not torch.equal(vectors_at[5], vectors_at[4])
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_the_last_good_embedding_intact(sd1_model, photos, tmp_path,
+                                                                                    monkeypatch) -> None:
+    fresh(sd1_model, tmp_path)
+    nan_on(set(range(4, 100)), monkeypatch, sd1_model)
+    with pytest.raises(TrainingDiverged, match="5 steps in a row.*embedding saved at step 6 is intact"):
+        train(settings(photos, tmp_path, max_steps=50, save_every=2), cache_dir=tmp_path, model=sd1_model)
+    saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    after_three = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-4.safetensors").tensor
+    assert saved.step == 6 and torch.isfinite(saved.tensor).all()
+    assert torch.equal(saved.tensor, after_three)  # steps 4-8 were all discarded
+
+
+def fail_writes(monkeypatch, code: int, after: int = 0) -> None:
+    """Let `after` atomic renames succeed, then fail every write with the given errno."""
+    original = storage.os.replace
+    count = {"n": 0}
+
+    def replace(src, dst):
+        count["n"] += 1
+        if count["n"] > after:
+            raise OSError(code, os.strerror(code))
+        original(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "the disk is full"),
+                                             (errno.EROFS, "the file system is read-only")])
+def test_a_failing_disk_is_a_clear_error_and_the_previous_files_stay(code, words, sd1_model, photos, tmp_path,
+                                                                     monkeypatch) -> None:
+    fresh(sd1_model, tmp_path)
+    train(settings(photos, tmp_path, max_steps=2, save_every=1), cache_dir=tmp_path, model=sd1_model)
+    before = (tmp_path / "emb" / "tomtut.safetensors").read_bytes()
+    fail_writes(monkeypatch, code)
+    with pytest.raises(StorageError, match=f"cannot write .*{words}; the previous file, if any, is unchanged"):
+        train(settings(photos, tmp_path, max_steps=4, save_every=1), cache_dir=tmp_path, model=sd1_model)
+    monkeypatch.undo()
+    assert (tmp_path / "emb" / "tomtut.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert read_embedding(tmp_path / "emb" / "tomtut.safetensors").step == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_a_real_read_only_folder(sd1_model, tmp_path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    write_embedding(Embedding(name="a", vectors={"clip": torch.zeros(1, 64)}), folder / "a.safetensors")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(StorageError, match="permission denied"):
+            write_embedding(Embedding(name="a", vectors={"clip": torch.ones(1, 64)}), folder / "a.safetensors")
+    finally:
+        folder.chmod(0o755)
+    assert torch.equal(read_embedding(folder / "a.safetensors").tensor, torch.zeros(1, 64))
