@@ -3,6 +3,8 @@ reason; captions come from IMAGE.txt or the file name."""
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -119,3 +121,56 @@ def test_square_crops_the_centre(tmp_path: Path) -> None:
     wide.paste((255, 255, 255), (100, 0, 200, 100))
     out = np.asarray(square(wide, 64))
     assert out.shape == (64, 64, 3) and out.mean() > 250
+
+
+def test_the_bad_image_corpus_goes_through_train(sd1_model, tmp_path: Path, monkeypatch) -> None:
+    from tistudio import dataset as dataset_module
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.demo import draw_toy
+    from tistudio.train import train
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    import random
+
+    rng = random.Random(0)
+    for index in range(3):
+        draw_toy(rng).save(folder / f"good-{index}.png")
+    exif_rotated(folder / "exif-rotated.jpg")
+    draw_toy(rng).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((48, 48), 30000, dtype=np.uint16)).save(folder / "sixteen-bit.png")
+    palette = draw_toy(rng).convert("P")
+    palette.save(folder / "palette-alpha.png", transparency=0)
+    good = (folder / "good-0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    (folder / "zero-byte.jpg").write_bytes(b"")
+    Image.new("RGB", (1, 1)).save(folder / "one-pixel.png")
+    png_bomb(folder / "bomb.png")
+    (folder / "fake.jpg").write_text("not an image at all")
+    draw_toy(rng).save(folder / "locked.png")
+    (folder / "loop-a.jpg").symlink_to(folder / "loop-b.jpg")
+    (folder / "loop-b.jpg").symlink_to(folder / "loop-a.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    original_open = dataset_module.Image.open
+
+    def open_image(path, *args, **kwargs):  # the suite runs as root, which reads any file: simulate chmod 000
+        if Path(path).name == "locked.png":
+            raise PermissionError(13, "Permission denied")
+        return original_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module.Image, "open", open_image)
+    create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(tmp_path / "emb")),
+                     cache_dir=tmp_path, model=sd1_model)
+    options = TrainOptions(model="x", embedding="tomtut", dataset=str(folder), embeddings_dir=str(tmp_path / "emb"),
+                           size=64, max_steps=2, preview_every=0, save_every=0)
+    result = train(options, cache_dir=tmp_path, model=sd1_model)
+    reasons = {path.name: reason for path, reason in result.skipped_images}
+    assert result.step == 2
+    assert set(reasons) == {"truncated.png", "zero-byte.jpg", "one-pixel.png", "bomb.png", "fake.jpg", "locked.png",
+                            "loop-a.jpg", "loop-b.jpg", "pipe.jpg"}
+    assert "permission denied" in reasons["locked.png"]
+    assert "decompression bomb" in reasons["bomb.png"]
+    assert "symbolic link" in reasons["loop-a.jpg"] and "not a regular file" in reasons["pipe.jpg"]
+    recorded = json.loads((Path("runs") / "tomtut" / "options.json").read_text())
+    assert recorded["resolved"]["images"] == 7 and len(recorded["resolved"]["skipped_images"]) == 9

@@ -134,7 +134,7 @@ def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(sd
         assert logged_steps(folder / "run") - embedding.step <= 1, "more than one save interval lost"
         assert (folder / "run" / "state" / f"state-{embedding.step}.json").is_file()
     finished = driver(cache_dir, *cli)
-    out, err = finished.communicate(timeout=300)
+    _out, err = finished.communicate(timeout=300)
     assert finished.returncode == 0, err
     assert check_everything_on_disk_loads(folder) == 0  # the resumed run cleaned up what the kills left
     final = read_embedding(folder / "emb" / "tomtut.safetensors")
@@ -155,7 +155,7 @@ def test_sigterm_finishes_the_step_and_saves(tiny_sd1, photos, tmp_path, cache_d
     while time.monotonic() < deadline and logged_steps(tmp_path / "runs" / "tomtut") < 1:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    _out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     assert saved.step >= 1 and saved.step == logged_steps(tmp_path / "runs" / "tomtut")
@@ -175,7 +175,7 @@ def test_a_second_ctrl_c_stops_at_once(tiny_sd1, photos, tmp_path, cache_dir) ->
     time.sleep(0.3)
     sent = time.monotonic()
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    _out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "aborted" in err
     assert time.monotonic() - sent < 3.0, "the second Ctrl-C did not stop at once"
     assert read_embedding(tmp_path / "emb" / "tomtut.safetensors").step == 0
@@ -215,7 +215,7 @@ def test_repeated_non_finite_steps_stop_the_run_with_the_last_good_embedding_int
                                                                                     monkeypatch) -> None:
     fresh(sd1_model, tmp_path)
     nan_on(set(range(4, 100)), monkeypatch, sd1_model)
-    with pytest.raises(TrainingDiverged, match="5 steps in a row.*embedding saved at step 6 is intact"):
+    with pytest.raises(TrainingDiverged, match=r"5 steps in a row.*embedding saved at step 6 is intact"):
         train(settings(photos, tmp_path, max_steps=50, save_every=2), cache_dir=tmp_path, model=sd1_model)
     saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     after_three = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-4.safetensors").tensor

@@ -151,9 +151,11 @@ def load_dataset(folder: str | Path) -> Dataset:
         path = folder / name
         if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
             continue
-        if path.is_dir():
-            continue
         try:
+            if path.is_dir():
+                continue
+            if not path.is_file():  # a named pipe, a device or a dangling link: opening it could block or fail
+                raise DatasetError("not a regular file" if path.exists() else "a broken or looping symbolic link")
             image, size = read_image(path)
         except DatasetError as exc:
             skipped.append((path, str(exc)))

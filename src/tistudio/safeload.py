@@ -15,6 +15,7 @@ import json
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U
 TORCH_ZIP_MEMBER = re.compile(
     r"^[^/]+/(data\.pkl|version|byteorder|\.format_version|\.storage_alignment|\.data/version|"
     r"\.data/serialization_id|data/\d+)$")
+
+
+# What a damaged zip archive can raise from the standard library.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError, struct.error, zlib.error,
+               UnicodeDecodeError)
 
 
 class InertObject:
@@ -153,8 +159,8 @@ def _check_torch_zip(path: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UnsafeFileError(f"{path}: not a readable PyTorch archive ({exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise UnsafeFileError(f"{path}: not a readable PyTorch archive ({type(exc).__name__}: {exc})") from None
     if len(members) > 200_000:
         raise UnsafeFileError(f"{path}: {len(members):,} archive members; not a PyTorch file")
     pickles = [m for m in members if m.filename.endswith("/data.pkl")]
@@ -193,7 +199,7 @@ def load_torch_pickle(path: Path, max_bytes: int) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeFileError(f"{path}: refused: the file contains objects other than tensors and plain data, "
                               f"which could run code when loaded ({first[:300]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-            zipfile.BadZipFile, struct.error, MemoryError) as exc:
+    except (*_ZIP_ERRORS, RuntimeError, KeyError, TypeError, AttributeError, IndexError, MemoryError,
+            OverflowError, RecursionError) as exc:
         raise UnsafeFileError(f"{path}: cannot read this PyTorch file; it is truncated or corrupt "
                               f"({type(exc).__name__}: {str(exc)[:300]})") from None
