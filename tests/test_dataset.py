@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from corpus import exif_rotated, png_bomb
 from tistudio.dataset import caption_for, load_dataset, read_image, square
 from tistudio.errors import DatasetError
-
-
-def exif_rotated(path: Path) -> None:
-    """A 40x80 portrait stored as 80x40 landscape with EXIF orientation 6 (rotate 90° clockwise to view)."""
-    image = Image.new("RGB", (80, 40), (200, 0, 0))
-    image.paste((0, 0, 200), (0, 0, 40, 40))  # left half blue: after rotation it is the top half
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    image.save(path, exif=exif)
-
-
-def png_bomb(path: Path, side: int = 30000) -> None:
-    """A tiny PNG whose header claims side x side pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import CreateOptions, GenerateOptions, TrainOptions
+from .config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
 from .errors import TistudioError
 
 log = logging.getLogger("tistudio")
@@ -216,6 +216,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .preprocess import prepare, summary_lines
+
+    state: dict[str, Any] = {}
+
+    def on_progress(progress: Any) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=progress.total, unit="photo", desc="preparing", file=sys.stderr, leave=False)
+        state["bar"].update(progress.done - state["bar"].n)
+
+    with stop_on_signals() as stop:
+        result = prepare(options_from(args, PrepareOptions), on_progress=on_progress, stop=stop)
+    if "bar" in state:
+        state["bar"].close()
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .embedding import describe, read_embedding
 
@@ -270,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
     demo.add_argument("--demo-steps", type=int, default=60, help="training steps (default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
+
+    prepare = command("prepare", help="turn a folder of photos into a training set, with a quality report",
+                      description=PrepareOptions.__doc__)
+    add_options(prepare, PrepareOptions)
+    prepare.set_defaults(run=cmd_prepare)
 
     create = command("create", help="create a new embedding", description=CreateOptions.__doc__)
     add_options(create, CreateOptions)

@@ -137,6 +137,30 @@ class GenerateOptions(ModelOptions):
     out_dir: str = option("outputs", "folder for the images")
 
 
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Turn a folder of ordinary photos into a training set, with a quality report (A1111's old Preprocess tab)."""
+
+    # The folder of photos; it is only read, never changed.
+    photos: str = option("", "folder of photos (JPEG, PNG, WebP, HEIC, ...)", required=True, positional=True)
+    # Where the prepared images, their captions, manifest.json and report.html go.
+    out: str = option("", "output folder for the training set", required=True, positional=True)
+    # Side of the square output images; the model's size (512 for SD1, 768 for SD2-v).
+    size: int = option(512, "output size in pixels (square)", minimum=64, maximum=2048)
+    # face: the face and a little around it; head-and-shoulders: more of the person; center: a plain centre crop.
+    crop: str = option("face", "how to frame each photo", choices=("face", "head-and-shoulders", "center"))
+    # Also write a mirrored copy of every image.
+    flip: bool = option(False, "also write a horizontally flipped copy of every image")
+    # What to do with an existing IMAGE.txt caption next to a photo (A1111's "Existing Caption txt Action").
+    caption_action: str = option("ignore", "existing IMAGE.txt captions: ignore, copy, prepend or append",
+                                 choices=("ignore", "copy", "prepend", "append"))
+    # Cut very wide or tall photos without a face into overlapping squares instead of one centre square.
+    split: bool = option(False, "split very wide or tall photos without a face into several squares")
+    # Photos that would need more enlargement than this are left out as too small.
+    max_upscale: float = option(2.0, "largest enlargement allowed before a photo counts as too small",
+                                minimum=1.0, maximum=8.0)
+
+
 T = TypeVar("T")
 
 
@@ -225,6 +249,12 @@ def parse_size(text: str, field_name: str = "size") -> tuple[int, int] | None:
         if side < 64 or side > 2048 or side % 8:
             raise OptionError(field_name, text, "each side must be a multiple of 8 between 64 and 2048")
     return width, height
+
+
+def validate_prepare(options: PrepareOptions) -> None:
+    check_fields(options)
+    if options.size % 8:
+        raise OptionError("size", options.size, "use a multiple of 8, e.g. 512 or 768")
 
 
 def validate_create(options: CreateOptions) -> None:

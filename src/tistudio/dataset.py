@@ -100,8 +100,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def enable_heif() -> bool:
+    """Let Pillow read HEIC/HEIF (iPhone photos) when pillow-heif is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def read_image(path: Path) -> tuple[Image.Image, tuple[int, int]]:
     """An image file as RGB (orientation applied, large images reduced), or DatasetError with the reason."""
+    enable_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

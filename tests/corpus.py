@@ -1,0 +1,54 @@
+"""Test helper: the corner-case image files phones, cameras and downloads produce, generated on the fly."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def exif_rotated(path: Path) -> None:
+    """A 40x80 portrait stored as 80x40 landscape with EXIF orientation 6 (rotate 90° clockwise to view)."""
+    image = Image.new("RGB", (80, 40), (200, 0, 0))
+    image.paste((0, 0, 200), (0, 0, 40, 40))  # left half blue: after rotation it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif)
+
+
+def png_bomb(path: Path, side: int = 30000) -> None:
+    """A tiny PNG whose header claims side x side pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def bad_files(folder: Path, good: Path) -> set[str]:
+    """Write the unusable kinds into folder; returns their names."""
+    data = good.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "zero-byte.jpg").write_bytes(b"")
+    Image.new("RGB", (1, 1)).save(folder / "one-pixel.png")
+    png_bomb(folder / "bomb.png")
+    (folder / "fake.jpg").write_text("not an image at all")
+    (folder / "loop-a.jpg").symlink_to(folder / "loop-b.jpg")
+    (folder / "loop-b.jpg").symlink_to(folder / "loop-a.jpg")
+    return {"truncated.jpg", "zero-byte.jpg", "one-pixel.png", "bomb.png", "fake.jpg", "loop-a.jpg", "loop-b.jpg"}
+
+
+def odd_but_good_files(folder: Path, base: Image.Image) -> set[str]:
+    """Write the awkward-but-usable kinds (EXIF rotation, CMYK, 16-bit, palette with alpha); returns names."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.rotate(90, expand=True).save(folder / "exif-rotated.jpg", exif=exif)
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    grey = np.asarray(base.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(folder / "sixteen-bit.png")
+    base.convert("P").save(folder / "palette-alpha.png", transparency=0)
+    return {"exif-rotated.jpg", "cmyk.jpg", "sixteen-bit.png", "palette-alpha.png"}
