@@ -236,6 +236,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ModelOptions, check_fields
+    from .server import ServerConfig, read_auth, serve
+    from .server.security import LOOPBACK_HOSTS
+
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    listening = args.listen or host not in LOOPBACK_HOSTS
+    auth = read_auth(args.auth, args.auth_file)
+    if listening and not auth:
+        from .errors import OptionError
+
+        raise OptionError("listen", host, "--listen makes tistudio answer other computers, so it needs a password: "
+                          "add --auth USER:PASS or --auth-file FILE")
+    model = ModelOptions(model=args.model, device=args.device, precision=args.precision,
+                         prediction_type=args.prediction_type)
+    check_fields(model)
+    from .server.workspace import Limits
+
+    if args.max_upload_mb <= 0:
+        from .errors import OptionError
+
+        raise OptionError("max_upload_mb", args.max_upload_mb, "must be positive")
+    limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    config = ServerConfig(workspace=Path(args.workspace), model=model, cache_dir=args.cache_dir, auth=auth,
+                          listening=listening, limits=limits)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"tistudio {__version__}: open http://{shown}:{args.port}/ (API docs at /docs); workspace "
+          f"{Path(args.workspace).resolve()}; model {args.model}" + ("; password required" if auth else ""),
+          flush=True)
+    serve(config, host, args.port)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .embedding import describe, read_embedding
 
@@ -308,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    description=GenerateOptions.__doc__)
     add_options(generate, GenerateOptions)
     generate.set_defaults(run=cmd_generate)
+
+    server = command("serve", help="the web page and HTTP API (http://localhost:7860)")
+    server.add_argument("--host", default="", help="address to listen on (default 127.0.0.1; 0.0.0.0 with --listen)")
+    server.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    server.add_argument("--listen", action="store_true", help="answer other computers too (needs --auth)")
+    server.add_argument("--auth", default="", help="USER:PASS (several separated by commas)")
+    server.add_argument("--auth-file", default="", help="a file of USER:PASS lines")
+    server.add_argument("--workspace", default="tistudio-workspace", help="folder for everything the server keeps "
+                        "(default: %(default)s)")
+    model_default = os.environ.get("TISTUDIO_MODEL", "demo")
+    server.add_argument("--model", default=model_default, help="model for all jobs (default: %(default)s)")
+    server.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    server.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    server.add_argument("--prediction-type", default="auto", choices=("auto", "epsilon", "v_prediction"))
+    server.add_argument("--max-upload-mb", type=float, default=50, help="largest uploaded file (default: %(default)s)")
+    server.set_defaults(run=cmd_serve)
 
     inspect = command("inspect", help="show what an embedding file holds")
     inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png)")

@@ -40,8 +40,9 @@ def read_loss_log(path: Path) -> list[dict[str, float]]:
     out = []
     for row in csv.DictReader(io.StringIO(path.read_text("utf-8", errors="replace"))):
         try:
-            out.append({k: float(v) for k, v in row.items()})
-        except (TypeError, ValueError):
+            out.append({"step": int(row["step"]), "epoch": int(row["epoch"]), "loss": float(row["loss"]),
+                        "lr": float(row["lr"])})
+        except (TypeError, ValueError, KeyError):
             continue
     return out
 

@@ -1,0 +1,40 @@
+"""tistudio's HTTP API and web page. Not imported by the library; `tistudio serve` starts it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import OptionError
+from .app import ServerConfig, create_app
+from .security import LOOPBACK_HOSTS
+
+__all__ = ["ServerConfig", "create_app", "read_auth", "serve"]
+
+
+def read_auth(auth: str, auth_file: str) -> list[tuple[str, str]]:
+    """USER:PASS pairs from --auth (comma-separated) and --auth-file (one per line, # comments)."""
+    entries = [a for a in (auth or "").split(",") if a.strip()]
+    if auth_file:
+        path = Path(auth_file).expanduser()
+        try:
+            lines = path.read_text("utf-8").splitlines()
+        except OSError as exc:
+            raise OptionError("auth_file", auth_file, f"cannot read it ({exc.strerror})") from None
+        entries += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    pairs = []
+    for entry in entries:
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise OptionError("auth", "USER:***", "write USER:PASSWORD (both non-empty)")
+        pairs.append((user, password))
+    return pairs
+
+
+def serve(config: ServerConfig, host: str, port: int) -> None:
+    """Run the server until Ctrl-C. --listen (a non-loopback host) needs auth: checked by the caller."""
+    import uvicorn
+
+    if host not in LOOPBACK_HOSTS and not config.auth:
+        raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
+                          "--auth-file FILE")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)

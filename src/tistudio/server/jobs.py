@@ -1,0 +1,170 @@
+"""Jobs: training, generation, preparation and creation run one at a time on a worker thread that owns the model.
+
+HTTP calls return at once with a job id. Each job keeps its status, its last progress and a bounded list of
+events (steps, previews, messages) that the server streams to browsers. Jobs are saved as JSON in the
+workspace; after a restart a job that was queued or running shows as ``interrupted`` and can be resumed (a
+training run continues from its last save).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import TistudioError
+from ..storage import write_json
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("done", "failed", "stopped", "interrupted")
+MAX_EVENTS = 2000
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # prepare, create, train, generate
+    request: dict[str, Any]  # what the client asked for (names, never paths)
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    events: deque = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    sequence: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "request": self.request, "status": self.status,
+                "created": self.created, "started": self.started, "finished": self.finished,
+                "progress": self.progress, "result": self.result, "error": self.error}
+
+
+class JobStore:
+    """Jobs in memory and on disk (workspace/jobs/ID.json), safe to use from any thread."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.lock = threading.Lock()
+        self.jobs: dict[str, Job] = {}
+        self._saved_at: dict[str, float] = {}
+        for path in sorted(folder.glob("*.json")):
+            try:
+                data = json.loads(path.read_text("utf-8"))
+                job = Job(id=data["id"], kind=data["kind"], request=data.get("request", {}),
+                          status=data.get("status", "failed"), created=data.get("created", 0.0),
+                          started=data.get("started"), finished=data.get("finished"),
+                          progress=data.get("progress", {}), result=data.get("result"), error=data.get("error"))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable job file %s (%s)", path, exc)
+                continue
+            if job.status not in FINISHED:
+                job.status = "interrupted"
+                job.error = "the server stopped while this job was " + ("running" if job.started else "waiting")
+                job.finished = job.finished or time.time()
+                self._write(job)
+            job.done.set()
+            self.jobs[job.id] = job
+
+    def _write(self, job: Job) -> None:
+        write_json(self.folder / f"{job.id}.json", job.public())
+        self._saved_at[job.id] = time.monotonic()
+
+    def create(self, kind: str, request: dict[str, Any]) -> Job:
+        job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3), kind=kind, request=request)
+        with self.lock:
+            self.jobs[job.id] = job
+            self._write(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def all(self) -> list[Job]:
+        with self.lock:
+            return sorted(self.jobs.values(), key=lambda j: j.created, reverse=True)
+
+    def event(self, job: Job, kind: str, **data: Any) -> None:
+        with self.lock:
+            job.sequence += 1
+            job.events.append({"seq": job.sequence, "type": kind, "time": time.time(), **data})
+            if kind == "progress":
+                job.progress = data
+            if time.monotonic() - self._saved_at.get(job.id, 0.0) > 2.0:
+                self._write(job)
+
+    def update(self, job: Job, **changes: Any) -> None:
+        with self.lock:
+            for key, value in changes.items():
+                setattr(job, key, value)
+            self._write(job)
+        if job.status in FINISHED:
+            job.done.set()
+
+    def events_after(self, job: Job, sequence: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e for e in job.events if e["seq"] > sequence]
+
+
+class Worker(threading.Thread):
+    """Runs queued jobs one by one; `handlers[kind](job, worker)` does the work and returns the result dict."""
+
+    def __init__(self, store: JobStore, handlers: dict[str, Callable[[Job, Worker], dict[str, Any]]]) -> None:
+        super().__init__(name="tistudio-worker", daemon=True)
+        self.store = store
+        self.handlers = handlers
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.current: Job | None = None
+        self.model: Any = None  # loaded on the first job that needs it, then kept
+
+    def submit(self, kind: str, request: dict[str, Any]) -> Job:
+        job = self.store.create(kind, request)
+        self.queue.put(job.id)
+        return job
+
+    def waiting(self) -> int:
+        return self.queue.qsize()
+
+    def shutdown(self) -> None:
+        if self.current is not None:
+            self.current.stop.set()
+        self.queue.put(None)
+
+    def run(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            if job_id is None:
+                return
+            job = self.store.get(job_id)
+            if job is None or job.status != "queued":
+                continue
+            if job.stop.is_set():
+                self.store.update(job, status="stopped", finished=time.time())
+                continue
+            self.current = job
+            self.store.update(job, status="running", started=time.time())
+            try:
+                result = self.handlers[job.kind](job, self)
+                status = "stopped" if job.stop.is_set() else "done"
+                self.store.update(job, status=status, result=result, finished=time.time())
+            except TistudioError as exc:
+                self.store.update(job, status="failed", error=str(exc), finished=time.time())
+            except Exception as exc:  # a bug: keep serving, show it on the job, keep the traceback in the log
+                log.exception("job %s failed", job.id)
+                self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
+                                  finished=time.time())
+            finally:
+                self.current = None

@@ -1,0 +1,96 @@
+"""The server's workspace: every file the server reads or writes lives under one folder, and clients only ever
+name things (a photo set, an embedding, a file inside a set), never paths.
+
+    WORKSPACE/photos/SET/...        uploaded photos, as the client sent them
+    WORKSPACE/datasets/SET/...      `prepare` output: the training set, manifest.json, report.html
+    WORKSPACE/embeddings/NAME.safetensors
+    WORKSPACE/runs/NAME/...         training runs (previews, copies, loss.csv, resume state)
+    WORKSPACE/outputs/...           generated images
+    WORKSPACE/jobs/ID.json          the job list, kept across restarts
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import NAME_PATTERN
+from ..errors import OptionError
+
+FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps that keep one client from filling the disk or the GPU queue."""
+
+    upload_bytes: int = 50 * 1024 * 1024  # one uploaded file
+    request_bytes: int = 512 * 1024 * 1024  # one request (several photos at once)
+    photos_per_set: int = 300
+    embedding_bytes: int = 64 * 1024 * 1024
+    train_steps: int = 100_000
+    train_batch: int = 16
+    generate_batch: int = 8
+    generate_steps: int = 150
+    generate_side: int = 1536
+
+
+def check_set_name(name: str, field: str = "name") -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise OptionError(field, name, "use one word of letters, digits, '_' or '-' (at most 64 characters)")
+    return name
+
+
+def clean_file_name(name: str) -> str:
+    """A safe file name from a client's: the last path component, odd characters replaced, no leading dot."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._ -]+", "_", base).strip(" .")
+    base = re.sub(r"\.{2,}", ".", base)
+    if not base or not FILE_PATTERN.match(base):
+        raise OptionError("file", name, "use a plain file name such as photo-1.jpg")
+    return base
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.photos = self.root / "photos"
+        self.datasets = self.root / "datasets"
+        self.embeddings = self.root / "embeddings"
+        self.runs = self.root / "runs"
+        self.outputs = self.root / "outputs"
+        self.jobs = self.root / "jobs"
+        for folder in (self.photos, self.datasets, self.embeddings, self.runs, self.outputs, self.jobs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def inside(self, path: Path) -> Path:
+        """`path`, resolved, if it is inside the workspace; an error otherwise."""
+        resolved = path.resolve()
+        if self.root not in resolved.parents and resolved != self.root:
+            raise OptionError("path", str(path), "is outside the workspace")
+        return resolved
+
+    def photo_set(self, name: str) -> Path:
+        return self.photos / check_set_name(name, "set")
+
+    def dataset(self, name: str) -> Path:
+        return self.datasets / check_set_name(name, "dataset")
+
+    def run(self, name: str) -> Path:
+        return self.runs / check_set_name(name, "embedding")
+
+    def file_in(self, folder: Path, name: str) -> Path:
+        """A file directly inside `folder`, by a client-given name."""
+        path = folder / clean_file_name(name)
+        self.inside(path)
+        if path.parent.resolve() != folder.resolve():
+            raise OptionError("file", name, "must be a file directly in its folder")
+        return path
+
+    def sets(self) -> list[str]:
+        return sorted(p.name for p in self.photos.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
+
+    def prepared(self) -> list[str]:
+        return sorted(p.name for p in self.datasets.iterdir()
+                      if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "manifest.json").is_file())

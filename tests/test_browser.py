@@ -1,0 +1,172 @@
+"""The web page in a real browser (Debian's Chromium, driven by Playwright): a person's whole path - upload
+photos, prepare, create, train while the loss and previews update, pick a step, generate, reuse a seed - and the
+safety rules as a browser meets them. Screenshots of each section go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+playwright = pytest.importorskip("playwright.sync_api")
+if CHROMIUM is None:
+    if os.environ.get("TISTUDIO_REQUIRE_BROWSER"):
+        raise RuntimeError("TISTUDIO_REQUIRE_BROWSER is set but no chromium is installed")
+    pytest.skip("no chromium on this machine (CI installs Debian's)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(tmp: Path, cache: Path, model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tistudio", "--cache-dir", str(cache), "serve", "--model", str(model), "--workspace",
+         str(tmp / f"ws-{port}"), "--port", str(port), *extra],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/api/status", timeout=1)
+            return process, base
+        except urllib.error.HTTPError:
+            return process, base  # it answers (e.g. 401 when a password is needed)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if process.poll() is not None:
+                raise RuntimeError(f"the server did not start: {process.stdout.read()}") from None
+            time.sleep(0.2)
+    raise RuntimeError("the server did not answer in 60 s")
+
+
+@pytest.fixture
+def browser():
+    with playwright.sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield instance
+        instance.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_sd1, photos) -> None:
+    from playwright.sync_api import expect
+
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, "--max-upload-mb", "0.5")
+    errors: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base)
+        expect(page.locator("#sets-empty")).to_be_visible()  # a clear empty state first
+
+        # 1. Photos: a set, drag-free upload through the file input, then prepare.
+        page.fill("#new-set", "tomtut")
+        page.click("#new-set-button")
+        page.set_input_files("#file-input", sorted(str(p) for p in photos.glob("*.png")))
+        expect(page.locator("#photo-grid figure")).to_have_count(6)
+        big = tmp_path / "huge.png"
+        big.write_bytes(b"\x89PNG" + os.urandom(700_000))
+        page.set_input_files("#file-input", str(big))
+        expect(page.locator("#upload-error")).to_contain_text("larger than")
+        page.fill("#prepare-form-size", "64")
+        page.check("#prepare-form-flip")
+        page.click("#prepare-button")
+        expect(page.locator("#verdict li").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#prepared-grid figure")).to_have_count(6)
+        shot(page, "1-photos")
+
+        # 2. Embeddings: create one.
+        page.click("nav a[data-tab=embeddings]")
+        expect(page.locator("#embeddings-empty")).to_be_visible()
+        page.fill("#create-form-name", "woman")
+        page.click("#create-button")
+        expect(page.locator("#create-error")).to_contain_text("already a word the model knows")
+        page.fill("#create-form-name", "tomtut")
+        page.fill("#create-form-init_text", "toy figure")
+        page.fill("#create-form-vectors", "2")
+        page.click("#create-button")
+        expect(page.locator("#embedding-table tbody tr")).to_have_count(1, timeout=60_000)
+        shot(page, "2-embeddings")
+
+        # 3. Train: from the embedding's row; watch the loss and the previews arrive.
+        page.click("#embedding-table tbody tr >> text=Train")
+        expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
+        expect(page.locator("#train-form-set")).to_have_value("tomtut")
+        for field, value in (("max_steps", "40"), ("preview_every", "10"), ("save_every", "10"), ("size", "64"),
+                             ("batch_size", "2")):
+            page.fill(f"#train-form-{field}", value)
+        page.click("#train-form details summary")
+        page.fill("#train-form-preview_steps", "2")
+        page.click("#train-button")
+        expect(page.locator("#train-status")).to_contain_text("step", timeout=60_000)
+        seen = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = page.locator("#train-status").inner_text()
+            seen.add(text)
+            if "trained tomtut to step 40" in text:
+                break
+            page.wait_for_timeout(100)
+        assert any("step" in t and "of 40" in t and "loss" in t for t in seen), seen
+        expect(page.locator("#loss-chart svg")).to_be_visible()
+        expect(page.locator("#preview-timeline figure")).to_have_count(5)  # steps 0, 10, 20, 30, 40
+        shot(page, "3-train")
+        page.click("#preview-timeline figure[data-step='20'] button")
+        expect(page.locator("#train-status")).to_contain_text("saved at step 20")
+        page.click("nav a[data-tab=embeddings]")
+        expect(page.locator("#embedding-table tbody tr td").nth(2)).to_have_text("20")
+
+        # 4. Generate, see the image and its parameters, reuse its seed.
+        page.click("nav a[data-tab=generate]")
+        expect(page.locator("#gallery-empty")).to_be_visible()
+        page.fill("#generate-form-prompt", "a photo of tomtut on a beach")
+        page.fill("#generate-form-steps", "4")
+        page.fill("#generate-form-size", "64x64")
+        page.fill("#generate-form-batch", "2")
+        page.click("#generate-button")
+        expect(page.locator("#gallery figure")).to_have_count(2, timeout=60_000)
+        text = page.locator("#gallery figure pre").first.inner_text()
+        assert "a photo of tomtut on a beach" in text and 'TI hashes: "tomtut: ' in text
+        seed = text.split("Seed: ")[1].split(",")[0]
+        page.locator("#gallery figure").first.locator("text=Reuse seed").click()
+        expect(page.locator("#generate-form-seed")).to_have_value(seed)
+        shot(page, "4-generate")
+        assert not errors, errors
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_listening_server_asks_for_a_password(browser, tmp_path, cache_dir, tiny_sd1) -> None:
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, "--listen", "--host", "127.0.0.1", "--auth",
+                                "ann:s3cret")
+    try:
+        anonymous = browser.new_context()
+        assert anonymous.request.get(base).status == 401  # a page load would show the browser's sign-in prompt
+        context = browser.new_context(http_credentials={"username": "ann", "password": "s3cret"})
+        page = context.new_page()
+        assert page.goto(base).status == 200
+        page.wait_for_selector("#sets-empty")  # the page loaded and talked to the API with the password
+        shot(page, "5-signed-in")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

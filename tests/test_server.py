@@ -1,0 +1,237 @@
+"""The HTTP API, in-process: the whole workflow as jobs, the A1111-compatible subset, restarts, and the rules
+that keep a local server safe."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tistudio.cli import main
+from tistudio.config import ModelOptions
+from tistudio.server import ServerConfig, create_app
+from tistudio.server.workspace import Limits
+
+BASE = "http://127.0.0.1:7860"
+
+
+def client_for(workspace: Path, model: Path, cache: Path, **config) -> TestClient:
+    app = create_app(ServerConfig(workspace=workspace, model=ModelOptions(model=str(model)), cache_dir=cache,
+                                  **config))
+    return TestClient(app, base_url=BASE)
+
+
+@pytest.fixture
+def client(tmp_path, tiny_sd1, cache_dir):
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir) as test_client:
+        yield test_client
+
+
+def wait(client: TestClient, job: dict, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job['id']}").json()
+        if job["status"] in ("done", "failed", "stopped", "interrupted"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job['id']} did not finish")
+
+
+def upload(client: TestClient, name: str, photos: Path) -> dict:
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(photos.glob("*.png"))]
+    return client.post(f"/api/photosets/{name}/photos", files=files)
+
+
+def test_the_whole_workflow_through_the_api(client, photos) -> None:
+    assert client.get("/api/status").json()["demo"] is False
+    assert client.post("/api/photosets/tomtut").status_code == 200
+    assert len(upload(client, "tomtut", photos).json()["saved"]) == 6
+    prepared = wait(client, client.post("/api/photosets/tomtut/prepare", json={"size": 64, "flip": True}).json())
+    assert prepared["status"] == "done" and prepared["result"]["usable"] == 6
+    report = client.get("/api/datasets/tomtut").json()
+    assert report["verdict"] and len(report["items"]) == 6
+    assert client.get(report["items"][0]["images"][0]).headers["content-type"] == "image/png"
+
+    created = wait(client, client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy",
+                                                                "vectors": 2}).json())
+    assert created["status"] == "done"
+    assert [e["name"] for e in client.get("/api/embeddings").json()] == ["tomtut"]
+
+    job = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 6,
+                                          "preview_every": 3, "save_every": 3, "preview_steps": 2,
+                                          "batch_size": 2}).json()
+    with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+        kinds = [line.split(": ", 1)[1] for line in stream.iter_lines() if line.startswith("event: ")]
+    assert "progress" in kinds and "preview" in kinds and kinds[-1] == "end"
+    trained = wait(client, job)
+    assert trained["status"] == "done" and trained["result"]["step"] == 6
+    run = client.get("/api/runs/tomtut").json()
+    assert [row["step"] for row in run["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [p["step"] for p in run["previews"]] == [0, 3, 6] and run["copies"] == [3, 6]
+    assert client.get(run["previews"][1]["url"]).status_code == 200
+    assert client.post("/api/runs/tomtut/use-step", json={"step": 3}).json() == {"embedding": "tomtut", "step": 3}
+    assert client.get("/api/embeddings/tomtut").json()["step"] == 3
+
+    generated = wait(client, client.post("/api/generate", json={"prompt": "a photo of tomtut", "steps": 3,
+                                                                "seed": 5, "batch": 2, "size": "64x64"}).json())
+    images = generated["result"]["images"]
+    assert [i["seed"] for i in images] == [5, 6] and "TI hashes" in images[0]["infotext"]
+    assert {o["file"] for o in client.get("/api/outputs").json()} == {i["file"] for i in images}
+    assert client.get(images[0]["url"]).content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/api/embeddings/tomtut/file").content[8:9] == b"{"  # a safetensors file
+
+
+def test_the_a1111_subset(client, tmp_path) -> None:
+    from tistudio.embedding import Embedding, write_embedding
+
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
+                    tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
+    write_embedding(Embedding(name="wide", vectors={"clip": torch.randn(1, 768)}),
+                    tmp_path / "ws" / "embeddings" / "wide.safetensors")
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a photo of tomtut", "negative_prompt": "blurry",
+                                                    "seed": 42, "steps": 3, "width": 64, "height": 64,
+                                                    "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+                                                    "cfg_scale": 6, "batch_size": 2, "restore_faces": False})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert len(body["images"]) == 2 and body["parameters"]["prompt"] == "a photo of tomtut"
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert image.size == (64, 64) and "Sampler: DPM++ 2M Karras" in image.text["parameters"]
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [42, 43] and info["seed"] == 42
+    embeddings = client.get("/sdapi/v1/embeddings").json()
+    assert embeddings["loaded"]["tomtut"] == {"step": 40, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                              "shape": 64, "vectors": 2}
+    assert "wide" in embeddings["skipped"]
+    progress = client.get("/sdapi/v1/progress").json()
+    assert set(progress) >= {"progress", "eta_relative", "state", "current_image"}
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Magic"})
+    assert refused.status_code == 400 and "unknown sampler" in refused.json()["error"]
+
+
+def test_jobs_survive_a_restart_and_training_resumes(tmp_path, tiny_sd1, cache_dir, photos) -> None:
+    workspace = tmp_path / "ws"
+    with client_for(workspace, tiny_sd1, cache_dir) as client:
+        upload(client, "tomtut", photos)
+        wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
+        first = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 4,
+                                                             "size": 64, "preview_every": 0}).json())
+        assert first["result"]["step"] == 4
+    # A server that died while training: its job file still says "running".
+    record = json.loads((workspace / "jobs" / f"{first['id']}.json").read_text())
+    record.update(status="running", finished=None, request={**record["request"], "max_steps": 7})
+    (workspace / "jobs" / "crashed.json").write_text(json.dumps({**record, "id": "crashed"}))
+    with client_for(workspace, tiny_sd1, cache_dir) as client:
+        crashed = client.get("/api/jobs/crashed").json()
+        assert crashed["status"] == "interrupted" and "stopped while this job was running" in crashed["error"]
+        resumed = wait(client, client.post("/api/jobs/crashed/resume").json())
+        assert resumed["status"] == "done" and resumed["result"]["step"] == 7
+        steps = [row["step"] for row in client.get("/api/runs/tomtut").json()["loss"]]
+        assert steps == list(range(1, 8))  # continued from step 4, nothing repeated or lost
+
+
+def test_a_running_training_stops_and_saves_on_request(client, photos) -> None:
+    upload(client, "tomtut", photos)
+    wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
+    job = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64,
+                                          "preview_every": 0}).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/jobs/{job['id']}").json()["progress"].get("step", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.post(f"/api/jobs/{job['id']}/stop")
+    stopped = wait(client, job)
+    assert stopped["status"] == "stopped" and stopped["result"]["stopped"]
+    assert client.get("/api/embeddings/tomtut").json()["step"] == stopped["result"]["step"] > 0
+
+
+def test_uploaded_embeddings_are_read_safely_and_stored_as_safetensors(client, tmp_path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(2, 64)}, "name": "old",
+                "step": 9}, buffer)
+    answer = client.post("/api/embeddings/upload", files={"file": ("old.pt", buffer.getvalue())})
+    assert answer.status_code == 200 and answer.json()["step"] == 9
+    assert (tmp_path / "ws" / "embeddings" / "old.safetensors").is_file()
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = io.BytesIO()
+    torch.save({"string_to_param": {"*": torch.ones(1, 64)}, "x": Payload()}, evil)
+    refused = client.post("/api/embeddings/upload", files={"file": ("evil.pt", evil.getvalue())})
+    assert refused.status_code == 400 and "refused" in refused.json()["error"]
+    assert not marker.exists() and not (tmp_path / "ws" / "embeddings" / "evil.safetensors").exists()
+    assert not list((tmp_path / "ws" / "embeddings").glob(".*"))
+
+
+# -- safe by default ---------------------------------------------------------------------------------------------
+
+
+def test_other_hosts_and_cross_site_requests_are_refused(client) -> None:
+    rebinding = client.get("/api/status", headers={"Host": "attacker.example:7860"})
+    assert rebinding.status_code == 403 and "not this computer" in rebinding.json()["error"]
+    for headers in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}):
+        answer = client.post("/api/photosets/x", headers=headers)
+        assert answer.status_code == 403, headers
+    assert client.post("/api/photosets/x", headers={"Origin": BASE}).status_code == 200
+    assert "access-control-allow-origin" not in client.get("/api/status", headers={"Origin": "http://a.b"}).headers
+
+
+def test_auth_is_required_when_configured(tmp_path, tiny_sd1, cache_dir) -> None:
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, auth=[("ann", "s3cret")], listening=True) as client:
+        refused = client.get("/api/status")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+        assert client.get("/", auth=("ann", "wrong")).status_code == 401
+        assert client.get("/api/status", auth=("ann", "s3cret")).status_code == 200
+        # Listening with auth: any Host name is fine (the password protects it).
+        assert client.get("/api/status", auth=("ann", "s3cret"), headers={"Host": "box.lan:7860"}).status_code == 200
+
+
+def test_listen_refuses_to_start_without_auth(capsys, tmp_path) -> None:
+    assert main(["serve", "--listen", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "needs a password" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--workspace", str(tmp_path / "ws")]) == 2
+
+
+def test_clients_never_name_server_paths(client, photos, tmp_path) -> None:
+    sneaky = [("files", ("../../escape.png", (photos / "01-toy figure.png").read_bytes(), "image/png"))]
+    saved = client.post("/api/photosets/tomtut/photos", files=sneaky).json()["saved"]
+    assert saved == ["escape.png"] and (tmp_path / "ws" / "photos" / "tomtut" / "escape.png").is_file()
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "ws" / "escape.png").exists()
+    for url in ("/api/photosets/..%2F..%2Fetc/photos/passwd", "/api/photosets/tomtut/photos/..%2F..%2Fjobs",
+                "/api/runs/..%2Fjobs/previews/x.png", "/api/outputs/..%2Fembeddings%2Fx"):
+        answer = client.get(url)
+        assert answer.status_code in (400, 404), url
+    assert client.post("/api/photosets/../x").status_code in (400, 404)
+    for body, field in (({"prompt": "x", "model": "/etc/passwd"}, "model"),
+                        ({"prompt": "x", "embeddings_dir": "/"}, "embeddings_dir"),
+                        ({"prompt": "x", "out_dir": "/tmp"}, "out_dir")):
+        answer = client.post("/api/generate", json=body)
+        assert answer.status_code == 400 and answer.json()["field"] == field
+    answer = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "template": "/etc/passwd"})
+    assert answer.status_code == 400
+
+
+def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) -> None:
+    limits = Limits(upload_bytes=2000, photos_per_set=3, generate_batch=2, train_steps=50)
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, limits=limits) as client:
+        big = client.post("/api/photosets/a/photos", files=[("files", ("big.png", b"x" * 5000, "image/png"))])
+        assert big.status_code == 413 and "larger than" in big.json()["error"]
+        many = [("files", (f"{i}.png", b"x", "image/png")) for i in range(4)]
+        assert client.post("/api/photosets/a/photos", files=many).status_code == 400
+        assert client.post("/api/generate", json={"prompt": "x", "batch": 3}).json()["field"] == "batch"
+        assert client.post("/api/train", json={"set": "a", "embedding": "a", "max_steps": 51}).status_code == 400
+    with client_for(tmp_path / "ws2", tiny_sd1, cache_dir, limits=Limits(request_bytes=1000)) as client:
+        answer = client.post("/api/photosets/a/photos", files=[("files", ("x.png", b"y" * 3000, "image/png"))])
+        assert answer.status_code == 413
