@@ -200,7 +200,8 @@ def nan_on(calls: set[int], monkeypatch, model) -> None:
 def test_non_finite_steps_are_discarded_and_the_rate_lowered(sd1_model, photos, tmp_path, monkeypatch) -> None:
     fresh(sd1_model, tmp_path)
     nan_on({3, 4}, monkeypatch, sd1_model)
-    result = train(settings(photos, tmp_path, max_steps=6, save_every=1), cache_dir=tmp_path, model=sd1_model)
+    result = train(settings(photos, tmp_path, max_steps=6, save_every=1, eval_every=0), cache_dir=tmp_path,
+                   model=sd1_model)
     assert result.step == 6 and "2 non-finite steps discarded" in result.message
     rows = read_loss_log(tmp_path / "run" / "loss.csv")
     assert [r["lr"] for r in rows] == [0.005, 0.005, 0.005, 0.0025, 0.00125, 0.00125]
@@ -216,7 +217,8 @@ def test_repeated_non_finite_steps_stop_the_run_with_the_last_good_embedding_int
     fresh(sd1_model, tmp_path)
     nan_on(set(range(4, 100)), monkeypatch, sd1_model)
     with pytest.raises(TrainingDiverged, match=r"5 steps in a row.*embedding saved at step 6 is intact"):
-        train(settings(photos, tmp_path, max_steps=50, save_every=2), cache_dir=tmp_path, model=sd1_model)
+        train(settings(photos, tmp_path, max_steps=50, save_every=2, eval_every=0), cache_dir=tmp_path,
+              model=sd1_model)
     saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     after_three = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-4.safetensors").tensor
     assert saved.step == 6 and torch.isfinite(saved.tensor).all()

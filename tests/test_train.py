@@ -88,6 +88,20 @@ def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> N
     assert len(rows) == 9
 
 
+def test_gradient_checkpointing_gives_the_same_embedding(sd1_model, photos, tmp_path) -> None:
+    """The low-memory option recomputes activations; the trained vectors are the same, and it is switched off after."""
+    results, seen = [], []
+    for checkpointing in (False, True):
+        folder = tmp_path / f"checkpointing-{checkpointing}" / "emb"
+        new_embedding(sd1_model, folder)
+        train(options(photos, folder, max_steps=3, gradient_checkpointing=checkpointing), cache_dir=folder,
+              model=sd1_model, on_progress=lambda p: seen.append(sd1_model.unet.is_gradient_checkpointing))
+        results.append(read_embedding(folder / "tomtut.safetensors").tensor)
+    assert True in seen and False in seen
+    assert not sd1_model.unet.is_gradient_checkpointing
+    assert torch.allclose(results[0], results[1], atol=1e-6), (results[0] - results[1]).abs().max()
+
+
 def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
     result = train(options(photos, tmp_path / "emb", max_steps=4, save_every=2, preview_every=2, preview_steps=2),

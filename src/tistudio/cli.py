@@ -32,6 +32,7 @@ ALIASES = {
     "embeddings_dir": ["--embeddings"],
     "learning_rate": ["--lr"],
     "gradient_accumulation": ["--grad-accum"],
+    "init_text": ["--init"],
 }
 TRAIN_ALIASES = {"max_steps": ["--steps"]}
 ENV_DEFAULTS = {"model": "TISTUDIO_MODEL"}
@@ -319,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[shared], **kwargs)
 
-    demo = command("demo", help="run the whole workflow on the built-in tiny model (about a minute)")
+    demo = command("demo", help="the whole story on the built-in world model (about a minute)")
     demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
-    demo.add_argument("--demo-steps", type=int, default=60, help="training steps (default: %(default)s)")
+    demo.add_argument("--demo-steps", type=int, default=200, help="training steps (default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
     prepare = command("prepare", help="turn a folder of photos into a training set, with a quality report",

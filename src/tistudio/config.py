@@ -61,8 +61,10 @@ class CreateOptions(ModelOptions):
     # The word you will type in prompts; also the file name. One word: letters, digits, '_' and '-'.
     name: str = option("", "the embedding's name: the word you will use in prompts", required=True,
                        positional=True)
-    # The vectors start from this text's token embeddings: evenly spaced tokens, repeated when fewer.
-    init_text: str = option("*", "initialization text (e.g. 'woman', 'dog', 'oil painting')")
+    # Empty or 'auto': a person-like start for faces (Cross Initialization's idea: the mean of common first names,
+    # a different group of names per vector). A text ('dog', 'oil painting', A1111's '*') starts from its tokens.
+    init_text: str = option("", "initialization text (empty or 'auto': a person-like start for faces; e.g. "
+                            "'dog', 'oil painting')")
     # How many vectors the name stands for (A1111's "Number of vectors per token"); 3-4 suit a face.
     vectors: int = option(4, "number of vectors per token", minimum=1, maximum=75)
     # Replace an existing embedding of the same name.
@@ -117,6 +119,23 @@ class TrainOptions(ModelOptions):
     clip_grad_norm: float = option(0.0, "clip gradient norm (0: off)", minimum=0.0)
     # Seeds data order, timesteps and noise; the same seed and options give the same embedding.
     seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)
+    # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
+    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (0: off)", minimum=0)
+    # max-steps: train to max_steps; auto: stop once the fixed-batch loss has stopped changing (DVAR).
+    stop: str = option("max-steps", "when to stop: at max_steps, or auto once the loss has converged",
+                       choices=("max-steps", "auto"))
+    # What NAME.safetensors holds when training ends: the best step (the first where the fixed-batch loss reached
+    # its floor: within 2.5% of its whole drop above the lowest), or the last.
+    final: str = option("best", "the embedding to keep at the end: the best step (the last is kept too) or the "
+                        "last", choices=("best", "last"))
+    # Keep each vector's norm at most this many times the vocabulary's median token norm (0: no limit).
+    max_norm: float = option(0.0, "limit vector norms to this many times a typical word's (0: off)", minimum=0.0,
+                             maximum=1000.0)
+    # Pull the vectors toward where they started (weight of a mean squared distance added to the loss).
+    init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0)
+    # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for
+    # large sizes and batches, about a third more compute per step. Results are the same.
+    gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)")
 
 
 @dataclass(frozen=True)

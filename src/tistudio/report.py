@@ -64,6 +64,61 @@ def loss_chart(rows: list[dict[str, float]], width: int = 720, height: int = 240
             f"{line(smooth, '#08519c', 2)}{labels}</svg>")
 
 
+def read_eval_log(path: Path) -> list[tuple[int, float, float | None]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text("utf-8", errors="replace").splitlines()[1:]:
+            parts = line.split(",")
+            try:
+                rows.append((int(parts[0]), float(parts[1]),
+                             float(parts[2]) if len(parts) > 2 and parts[2] else None))
+            except (ValueError, IndexError):
+                continue
+    return rows
+
+
+def eval_chart(rows: list[tuple[int, float, float | None]], best: int | None, width: int = 720,
+               height: int = 240) -> str:
+    """The fixed-batch loss (left axis) and, if measured, the likeness share (right axis, 0-100%), with the best
+    step marked."""
+    rows = [r for r in rows if math.isfinite(r[1])]
+    if len(rows) < 2:
+        return "<p class='muted'>Not enough evaluations for a curve yet.</p>"
+    left, right, top, bottom = 56, 48, 12, 32
+    steps = [r[0] for r in rows]
+    losses = [r[1] for r in rows]
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+
+    def x(step: float) -> float:
+        return left + (step - steps[0]) / ((steps[-1] - steps[0]) or 1) * (width - left - right)
+
+    def y_loss(value: float) -> float:
+        return top + (high - value) / span * (height - top - bottom)
+
+    def y_share(value: float) -> float:
+        return top + (1 - value) * (height - top - bottom)
+
+    parts = ["<polyline fill='none' stroke='#08519c' stroke-width='2' points='"
+             + " ".join(f"{x(s):.1f},{y_loss(v):.1f}" for s, v in zip(steps, losses, strict=True)) + "'/>"]
+    shares = [(s, like) for s, _, like in rows if like is not None]
+    if len(shares) >= 2:
+        parts.append("<polyline fill='none' stroke='#d94801' stroke-width='2' stroke-dasharray='5,3' points='"
+                     + " ".join(f"{x(s):.1f},{y_share(v):.1f}" for s, v in shares) + "'/>")
+        parts.append(f"<text x='{width - right + 4}' y='{y_share(1) + 4:.1f}'>100%</text>"
+                     f"<text x='{width - right + 4}' y='{y_share(0) + 4:.1f}'>0%</text>")
+    if best is not None:
+        parts.append(f"<line x1='{x(best):.1f}' x2='{x(best):.1f}' y1='{top}' y2='{height - bottom}' stroke='#2ca02c' "
+                     f"stroke-width='2'/><text x='{x(best) + 4:.1f}' y='{top + 12}' fill='#2ca02c'>best: step {best}"
+                     "</text>")
+    ticks = "".join(f"<text x='{left - 6}' y='{y_loss(v) + 4:.1f}' text-anchor='end'>{v:.4f}</text>"
+                    for v in (low, high))
+    labels = (f"<text x='{left}' y='{height - 10}'>step {steps[0]}</text>"
+              f"<text x='{width - right}' y='{height - 10}' text-anchor='end'>step {steps[-1]}</text>")
+    return (f"<svg viewBox='0 0 {width} {height}' width='100%' role='img' aria-label='evaluation curves' "
+            f"style='max-width:{width}px;font:11px sans-serif'>{ticks}{''.join(parts)}{labels}</svg>")
+
+
 def preview_grid(run_dir: Path, name: str) -> str:
     previews = []
     for path in (run_dir / "previews").glob(f"{name}-*.png"):
@@ -89,11 +144,40 @@ td{padding:2px 10px 2px 0;vertical-align:top}
 """
 
 
+def best_step(run_dir: Path, name: str) -> int | None:
+    """The step kept as the embedding when it is not the last (from the run's final file)."""
+    final = run_dir / f"{name}.safetensors"
+    if not final.is_file():
+        return None
+    from .embedding import read_embedding
+    from .errors import TistudioError
+
+    try:
+        meta = read_embedding(final).meta
+    except TistudioError:  # the report marks nothing rather than fail on a damaged file
+        return None
+    return int(meta["best_step"]) if meta.get("best_step", "").isdigit() else None
+
+
+def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None) -> str:
+    if not rows:
+        return ""
+    measured = any(like is not None for _, _, like in rows)
+    text = ("The loss on a fixed batch (the same images, noise, timesteps and prompts every time; solid) "
+            + ("and the share of pictures from unseen prompts that show the subject (dashed, right axis); "
+               if measured else "; ")
+            + ("the best step - the first on the loss curve's floor - is marked and kept as the embedding."
+               if best is not None else "the last step was the first on the loss curve's floor."))
+    return f"<h2>Evaluation</h2>{eval_chart(rows, best)}<p class='muted'>{text}</p>"
+
+
 def write_run_report(run_dir: Path, name: str, *, title: str | None = None, banner: str = "",
                      extra_sections: str = "") -> Path:
     """Write run_dir/report.html from the run's files."""
     run_dir = Path(run_dir)
     rows = read_loss_log(run_dir / "loss.csv")
+    evaluations = read_eval_log(run_dir / "eval.csv")
+    best = best_step(run_dir, name)
     options_file = run_dir / "options.json"
     summary = ""
     if options_file.is_file():
@@ -115,5 +199,6 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             f"<h2>Loss</h2>{loss_chart(rows)}<p class='muted'>Per-step training loss (light) and its moving "
             f"average (dark). The loss of diffusion training is noisy by nature: it mostly measures which noise "
             f"level each step drew.</p>"
+            f"{evaluation_section(evaluations, best)}"
             f"<h2>Previews over training</h2>{preview_grid(run_dir, name)}{extra_sections}</body></html>")
     return write_text(run_dir / "report.html", page)

@@ -87,7 +87,7 @@ class RunFolder:
         append_line(self.loss_log, "\n".join(lines))
 
     def save_state(self, step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any,
-                   extra: dict[str, Any]) -> None:
+                   extra: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
         from safetensors.torch import save_file
 
         from . import __version__
@@ -96,6 +96,8 @@ class RunFolder:
         tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()
                    if isinstance(value, torch.Tensor)}
         tensors["vectors"] = vectors.detach().to("cpu", torch.float32).contiguous()
+        for key, value in (extra_tensors or {}).items():
+            tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
         meta = {"step": step, "vectors_sha256": vectors_digest(vectors), "tistudio_version": __version__,
                 "scalars": {k: v for k, v in state.items() if isinstance(v, (int, float))}, **extra}
         if scaler is not None:
@@ -141,6 +143,7 @@ class RunFolder:
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], param: torch.Tensor) -> None:
-    state = {k: v.to(param.device) for k, v in saved["tensors"].items() if k != "vectors"}
+    known = ("vectors", "kept_vectors", "init_vectors")
+    state = {k: v.to(param.device) for k, v in saved["tensors"].items() if k not in known}
     state.update(saved["meta"].get("scalars", {}))
     optimizer.load_state_dict({"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]})

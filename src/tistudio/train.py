@@ -22,7 +22,6 @@ Run folder (``runs/NAME`` by default)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
@@ -42,6 +41,13 @@ from .embedding import Embedding, find_embedding_file, read_embedding, write_emb
 from .errors import EmbeddingError, TistudioError
 from .generate import Renderer, check_fits, infotext, save_png
 from .models import SDModel, load_model
+from .objective import (
+    Evaluator,
+    diffusion_loss,
+    evaluation_batch,
+    noise_schedule,
+    seed_for,
+)
 from .runfolder import RunFolder, restore_optimizer
 from .samplers import check_sampler
 from .schedule import parse_schedule
@@ -50,6 +56,7 @@ from .templates import fill_template, load_template, preview_prompt
 
 log = logging.getLogger(__name__)
 
+EVAL_SIZE = 16  # samples in the fixed evaluation batch
 LOSS_FLUSH_STEPS = 25  # on GPUs the loss is read (a host-device sync) every this many steps
 
 
@@ -85,19 +92,16 @@ class TrainResult:
     copies: list[Path] = field(default_factory=list)
     skipped_images: list[tuple[Path, str]] = field(default_factory=list)
     message: str = ""
+    best_step: int | None = None  # the step kept as NAME.safetensors, when it is not the last
+    converged_at: int | None = None  # where --stop auto ended the run
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Deterministic randomness: everything drawn at step k comes from (seed, k)
 
 
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
-    return torch.randperm(count, generator=torch.Generator().manual_seed(_seed_for(seed, 1, epoch))).tolist()
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed_for(seed, 1, epoch))).tolist()
 
 
 def sample_indices(seed: int, first_sample: int, batch: int, count: int) -> list[int]:
@@ -130,70 +134,6 @@ def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> t
             latents.append(latent[0])  # kept in float32: the loss target should not be rounded to bf16
             captions.append(item.caption)
     return torch.stack(latents), captions
-
-
-def noise_schedule(model: SDModel) -> tuple[torch.Tensor, int]:
-    """alphas_cumprod of the model's training noise schedule, and its number of timesteps."""
-    from diffusers import DDPMScheduler
-
-    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    scheduler = DDPMScheduler.from_config(config)
-    return scheduler.alphas_cumprod.to(torch.float32), int(scheduler.config.num_train_timesteps)
-
-
-def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
-                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t."""
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
-    if model.prediction_type == "v_prediction":
-        objective = a.sqrt() * noise.float() - (1 - a).sqrt() * clean.float()
-    else:
-        objective = noise.float()
-    hidden = encoder.encode(prompts).to(model.dtype)
-    prediction = model.unet(noisy, t, encoder_hidden_states=hidden).sample
-    return torch.nn.functional.mse_loss(prediction.float(), objective)
-
-
-@dataclass(frozen=True)
-class EvalBatch:
-    """A fixed evaluation batch: latents, timesteps, noise and prompts that never change during a run."""
-
-    indices: list[int]
-    timesteps: torch.Tensor
-    noise: torch.Tensor
-    prompts: list[str]
-
-
-def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
-                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32) -> EvalBatch:
-    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts."""
-    generator = torch.Generator().manual_seed(_seed_for(seed, 4))
-    rng = random.Random(_seed_for(seed, 5))
-    indices = [i % count for i in range(size)]
-    prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
-               for i, index in enumerate(indices)]
-    return EvalBatch(indices=indices, timesteps=torch.randint(0, timesteps, (size,), generator=generator),
-                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts)
-
-
-@torch.no_grad()
-def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                    batch: EvalBatch, chunk: int = 16) -> float:
-    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk)."""
-    total = 0.0
-    for start in range(0, len(batch.indices), chunk):
-        part = slice(start, start + chunk)
-        clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
-        noise = batch.noise[part].to(latents.device)
-        loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
-                              batch.prompts[part])
-        total += float(loss) * clean.shape[0]
-    return total / len(batch.indices)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,8 +174,13 @@ class NonFiniteGuard:
 
 
 def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
-          on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None) -> TrainResult:
-    """Train (or resume) an embedding; returns where everything was written."""
+          on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
+          likeness: Callable[[SDModel, PromptEncoder], float] | None = None) -> TrainResult:
+    """Train (or resume) an embedding; returns where everything was written.
+
+    `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
+    them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv.
+    """
     started = time.monotonic()
     report = on_progress or (lambda progress: None)
     stop = stop or threading.Event()
@@ -251,13 +196,26 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     name = embedding.name
     run = RunFolder(Path(options.run_dir or Path("runs") / name), name)
     target = embedding_path.with_suffix(".safetensors")  # where the trained embedding goes
-    start_step = embedding.step
-    if start_step >= options.max_steps:
-        message = (f"{name} is already trained to step {start_step}, which is not below max_steps="
+    last_step = int(embedding.meta.get("last_step", "0") or 0)
+    trained_to = max(embedding.step, last_step)
+    if trained_to >= options.max_steps:
+        message = (f"{name} is already trained to step {trained_to}, which is not below max_steps="
                    f"{options.max_steps}; raise --max-steps to train further")
+        if last_step > embedding.step:
+            message += f" (it keeps step {embedding.step}, the best)"
         log.info("%s", message)
-        return TrainResult(embedding_path=embedding_path, run_dir=run.path, start_step=start_step,
-                           step=start_step, stopped=False, last_loss=None, message=message)
+        return TrainResult(embedding_path=embedding_path, run_dir=run.path, start_step=trained_to,
+                           step=trained_to, stopped=False, last_loss=None, message=message)
+    if last_step > embedding.step:
+        # A finished run kept its best step as the embedding; training further continues from its last step.
+        last_file = run.path / f"{name}-last.safetensors"
+        if last_file.is_file():
+            log.info("%s holds the best step %d; continuing from the last step %d", embedding_path.name,
+                     embedding.step, last_step)
+            embedding = replace(read_embedding(last_file), name=name)
+        else:
+            log.warning("%s is missing; continuing from the kept best step %d", last_file, embedding.step)
+    start_step = embedding.step
     schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
     dataset = load_dataset(options.dataset)
     log.info("%s", dataset.summary())
@@ -308,6 +266,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16 if fp16 else 1.0,
                                       growth_interval=2000 if fp16 else 2**30)
     guard = NonFiniteGuard()
+    saved = None
     if start_step > 0:
         saved = run.load_state(start_step, embedding.tensor)
         if saved is not None:
@@ -319,6 +278,20 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             log.info("resuming %s from step %d with its optimizer state", name, start_step)
         else:
             log.info("resuming %s from step %d", name, start_step)
+
+    # Where the vectors started (for --init-pull), and how long a typical word's vector is (for --max-norm).
+    initial = (saved["tensors"]["init_vectors"].to(device) if saved and "init_vectors" in saved["tensors"]
+               else vectors.detach().clone())
+    norm_limit = None
+    if options.max_norm:
+        table = model.text_encoder.get_input_embeddings().weight.detach().float()
+        norm_limit = options.max_norm * float(table.norm(dim=1).median())
+    evaluator = None
+    if options.eval_every:
+        batch_eval = evaluation_batch(count, captions, template, name, options.seed, tuple(latents.shape[1:]),
+                                      timesteps, size=EVAL_SIZE)
+        evaluator = Evaluator(model, encoder, alphas, latents, batch_eval, run.path / "eval.csv", likeness)
+        evaluator.open(start_step, saved)
 
     renderer = Renderer(model, encoder) if options.preview_every else None
     prompt_for_preview = options.preview_prompt or preview_prompt(template, name)
@@ -360,7 +333,9 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             if path not in result.copies:
                 result.copies.append(path)
             report(Progress("save", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
-        run.save_state(step, vectors, optimizer, scaler, guard.state())
+        extra_meta, extra_tensors = evaluator.state() if evaluator is not None else ({}, {})
+        run.save_state(step, vectors, optimizer, scaler, {**guard.state(), **extra_meta},
+                       {**extra_tensors, "init_vectors": initial})
         write_embedding(snapshot, target)
         run.prune_states(keep=step)
         if final:
@@ -379,6 +354,14 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         result.previews.append(path)
         report(Progress("preview", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))
 
+    def evaluate(step: int) -> None:
+        loss, like = evaluator.evaluate(step, vectors, candidate=step > 0)
+        shown = f"fixed-batch loss {loss:.5f}" + ("" if like is None else f", likeness {like:.2f}")
+        report(Progress("eval", step, schedule.end_step, loss=loss, elapsed_s=time.monotonic() - started,
+                        message=shown))
+
+    if evaluator is not None and start_step == 0:
+        evaluate(0)  # the untrained start, for the curve (a resume keeps the history it had)
     if options.preview_every:
         make_preview(start_step)
     report(Progress("start", start_step, schedule.end_step, lr=schedule.rate_at(start_step) * guard.lr_factor,
@@ -390,58 +373,89 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     loop_started = time.monotonic()
     flush_every = LOSS_FLUSH_STEPS if cuda else 1  # reading the loss syncs a GPU: batch it there
     step = start_step
-    while step < schedule.end_step and not stop.is_set():
-        lr = schedule.rate_at(step) * guard.lr_factor
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accumulation):
-            first = step * per_step + micro * batch
-            indices = sample_indices(options.seed, first, batch, count)
-            rng = random.Random(_seed_for(options.seed, 2, step, micro))
-            prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
-                                     options.tag_dropout) for i in indices]
-            generator = torch.Generator().manual_seed(_seed_for(options.seed, 3, step, micro))
-            t = torch.randint(0, timesteps, (batch,), generator=generator)
-            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
-            clean = latents[torch.tensor(indices, device=device)]
-            loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
-            if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_loss += loss.detach()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
-        finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
-        if options.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped on the device when the gradient is not finite
-            scaler.update()
-        elif bool(finite):
-            optimizer.step()
-            guard.good()
-        else:
-            guard.bad(step + 1, saved_step)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        result.step = step
-        epoch = (step * per_step - 1) // count
-        pending.append((step, epoch, step_loss, lr, finite))
-        if len(pending) >= flush_every:
-            flush()
-        elapsed = time.monotonic() - loop_started
-        report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
-                        elapsed_s=time.monotonic() - started,
-                        eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
-        if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
-            save(step, copy=True, final=False)
-        if options.preview_every and step % options.preview_every == 0:
-            make_preview(step)
+    checkpointing = options.gradient_checkpointing and not model.unet.is_gradient_checkpointing
+    if checkpointing:  # only where gradients are on: the evaluation and previews are unaffected
+        model.unet.enable_gradient_checkpointing()
+    try:
+        while step < schedule.end_step and not stop.is_set():
+            lr = schedule.rate_at(step) * guard.lr_factor
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                first = step * per_step + micro * batch
+                indices = sample_indices(options.seed, first, batch, count)
+                rng = random.Random(seed_for(options.seed, 2, step, micro))
+                prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
+                                         options.tag_dropout) for i in indices]
+                generator = torch.Generator().manual_seed(seed_for(options.seed, 3, step, micro))
+                t = torch.randint(0, timesteps, (batch,), generator=generator)
+                noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
+                clean = latents[torch.tensor(indices, device=device)]
+                loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
+                if options.init_pull and micro == 0:
+                    loss = loss + options.init_pull * (vectors - initial).pow(2).mean()
+                if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
+            if options.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped on the device when the gradient is not finite
+                scaler.update()
+            elif bool(finite):
+                optimizer.step()
+                guard.good()
+            else:
+                guard.bad(step + 1, saved_step)
+            optimizer.zero_grad(set_to_none=True)
+            if norm_limit is not None:
+                with torch.no_grad():
+                    vectors.mul_((norm_limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+            step += 1
+            result.step = step
+            epoch = (step * per_step - 1) // count
+            pending.append((step, epoch, step_loss, lr, finite))
+            if len(pending) >= flush_every:
+                flush()
+            elapsed = time.monotonic() - loop_started
+            report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
+                            elapsed_s=time.monotonic() - started,
+                            eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
+            if evaluator is not None and step % options.eval_every == 0:
+                evaluate(step)
+                if options.stop == "auto" and evaluator.converged():
+                    result.converged_at = step
+                    log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
+                    break
+            if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
+                save(step, copy=True, final=False)
+            if options.preview_every and step % options.preview_every == 0:
+                make_preview(step)
+    finally:
+        if checkpointing:
+            model.unet.disable_gradient_checkpointing()
 
-    # 7. Save where we are: finished, or stopped by the caller (Ctrl-C).
-    result.stopped = step < schedule.end_step
+    # 7. Save where we are: finished, converged, or stopped by the caller (Ctrl-C).
+    result.stopped = step < schedule.end_step and result.converged_at is None
+    if evaluator is not None and not result.stopped and step % options.eval_every:
+        evaluate(step)  # the last step is always a candidate for the best
     save(step, copy=bool(options.save_every) and not result.stopped, final=True)
+    best = evaluator.best if evaluator is not None else None
+    if not result.stopped and options.final == "best" and best is not None and best.step != step:
+        # Keep the best step as NAME.safetensors, and the last as NAME-last.safetensors beside it.
+        last = current(step)
+        chosen = replace(last, vectors={"clip": best.vectors.clone()}, step=best.step,
+                         meta={**last.meta, "best_step": str(best.step), "last_step": str(step),
+                               "best_by": "fixed-batch loss floor"})
+        write_embedding(chosen, target)
+        write_embedding(chosen, run.path / f"{name}.safetensors")
+        write_embedding(replace(last, name=f"{name}-last"), run.path / f"{name}-last.safetensors")
+        result.best_step = best.step
     if options.preview_every and not result.stopped and step % options.preview_every:
         make_preview(step)
     from .report import write_run_report
@@ -449,8 +463,14 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     write_run_report(run.path, name)
     if result.stopped:
         result.message = f"stopped at step {step} of {schedule.end_step}; saved. Run the same train command to continue"
+    elif result.converged_at is not None:
+        result.message = f"trained {name} to step {step}, where its fixed-batch loss had converged (--stop auto)"
     else:
         result.message = f"trained {name} to step {step}"
+    if result.best_step is not None:
+        result.message += (f"; kept step {result.best_step} (where the fixed-batch loss reached its floor) as "
+                           f"{target.name}, the last "
+                           f"is {run.path / (name + '-last.safetensors')}")
     if guard.discarded:
         result.message += f" ({guard.discarded} non-finite steps discarded)"
     report(Progress("stopped" if result.stopped else "done", step, schedule.end_step, loss=result.last_loss,

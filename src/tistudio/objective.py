@@ -1,0 +1,215 @@
+"""What training minimises, and how a run is judged without looking at a single image.
+
+``diffusion_loss`` is the textual-inversion objective: the MSE of the UNet's noise (or v) prediction. The rest
+measures progress on a *fixed* batch - the same latents, noise, timesteps and prompts at every evaluation - so
+that changes in the number come from the vectors alone (DVAR, Voronov et al., NeurIPS 2023: "Is This Loss
+Informative?"). When the loss has stopped moving - the variance of its last W values is a small fraction of the
+variance of all of them - training has converged. The best step is where the loss curve reaches its floor: the
+first evaluation within PLATEAU of the whole drop above the lowest loss. Later steps fit the training photos a
+little more closely (the fixed batch is drawn from them) without showing the subject any better, and every extra
+step drifts the vectors further from the vocabulary, so the earliest step on the floor is the one to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .conditioning import PromptEncoder
+from .models import SDModel
+from .storage import append_line, write_text
+from .templates import fill_template
+
+log = logging.getLogger(__name__)
+
+EVAL_HEADER = "step,eval_loss,likeness"
+DVAR_WINDOW = 5  # evaluations
+DVAR_THRESHOLD = 0.15
+PLATEAU = 0.025  # the best step: the first loss within this share of the whole drop above the lowest loss
+
+
+def seed_for(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def noise_schedule(model: SDModel) -> tuple[torch.Tensor, int]:
+    """alphas_cumprod of the model's training noise schedule, and its number of timesteps."""
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    scheduler = DDPMScheduler.from_config(config)
+    return scheduler.alphas_cumprod.to(torch.float32), int(scheduler.config.num_train_timesteps)
+
+
+def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
+    if model.prediction_type == "v_prediction":
+        objective = a.sqrt() * noise.float() - (1 - a).sqrt() * clean.float()
+    else:
+        objective = noise.float()
+    hidden = encoder.encode(prompts).to(model.dtype)
+    prediction = model.unet(noisy, t, encoder_hidden_states=hidden).sample
+    return torch.nn.functional.mse_loss(prediction.float(), objective)
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """A fixed evaluation batch: latents, timesteps, noise and prompts that never change during a run."""
+
+    indices: list[int]
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    prompts: list[str]
+
+
+def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
+                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32) -> EvalBatch:
+    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts."""
+    generator = torch.Generator().manual_seed(seed_for(seed, 4))
+    rng = random.Random(seed_for(seed, 5))
+    indices = [i % count for i in range(size)]
+    prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
+               for i, index in enumerate(indices)]
+    return EvalBatch(indices=indices, timesteps=torch.randint(0, timesteps, (size,), generator=generator),
+                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts)
+
+
+@torch.no_grad()
+def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
+                    batch: EvalBatch, chunk: int = 16) -> float:
+    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk)."""
+    total = 0.0
+    for start in range(0, len(batch.indices), chunk):
+        part = slice(start, start + chunk)
+        clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
+        noise = batch.noise[part].to(latents.device)
+        loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
+                              batch.prompts[part])
+        total += float(loss) * clean.shape[0]
+    return total / len(batch.indices)
+
+
+def converged(losses: list[float], window: int = DVAR_WINDOW, threshold: float = DVAR_THRESHOLD,
+              flat: float = 0.05) -> bool:
+    """DVAR's rule - the last `window` losses vary less than `threshold` times as much as all of them - plus a
+    check that they have stopped falling: over the last window the mean fell by less than `flat` of the whole
+    range. (The variance ratio alone also fires on a steady, noise-free decline once enough values are in.)"""
+    if len(losses) < 2 * window:
+        return False
+    import statistics
+
+    total = statistics.pvariance(losses)
+    if total <= 0:
+        return True
+    recent, before = losses[-window:], losses[-2 * window:-window]
+    falling = (statistics.fmean(before) - statistics.fmean(recent)) / (max(losses) - min(losses))
+    return statistics.pvariance(recent) / total < threshold and falling < flat
+
+
+@dataclass
+class Best:
+    step: int
+    loss: float
+    vectors: torch.Tensor  # float32, CPU
+
+
+def floor_step(losses: list[tuple[int, float]], start: float, plateau: float = PLATEAU) -> int | None:
+    """The first step whose loss is within `plateau` of the whole drop (start - lowest) above the lowest loss."""
+    if not losses:
+        return None
+    lowest = min(loss for _, loss in losses)
+    limit = lowest + plateau * max(start - lowest, 0.0)
+    return next(step for step, loss in losses if loss <= limit)
+
+
+class Evaluator:
+    """Evaluates the fixed batch every few steps, logs it to eval.csv, and keeps the vectors of the steps that may
+    still turn out to be the best (those within the floor limit, which only ever falls).
+
+    An optional `likeness(model, encoder) -> float` (e.g. the demo world's trait reader scoring generated
+    pictures) is logged beside the loss; the best step is chosen by the loss alone, which needs no images.
+    """
+
+    def __init__(self, model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
+                 batch: EvalBatch, log_path: Path,
+                 likeness: Callable[[SDModel, PromptEncoder], float] | None = None) -> None:
+        self.model, self.encoder, self.alphas, self.latents, self.batch = model, encoder, alphas, latents, batch
+        self.path = log_path
+        self.likeness = likeness
+        self.history: list[tuple[int, float, float | None]] = []
+        self.kept: dict[int, torch.Tensor] = {}  # step -> vectors, for the steps that can still be the best
+
+    def open(self, start_step: int, saved: dict[str, Any] | None) -> None:
+        """Read the history up to start_step (a resume), or start a new log; restore the kept vectors."""
+        rows: list[tuple[int, float, float | None]] = []
+        if start_step > 0 and self.path.is_file():
+            for line in self.path.read_text("utf-8", errors="replace").splitlines()[1:]:
+                parts = line.split(",")
+                try:
+                    step, loss = int(parts[0]), float(parts[1])
+                    like = float(parts[2]) if len(parts) > 2 and parts[2] else None
+                except (ValueError, IndexError):
+                    continue
+                if step <= start_step:
+                    rows.append((step, loss, like))
+        self.history = rows
+        write_text(self.path, EVAL_HEADER + "\n" + "".join(
+            f"{s},{loss:.6f},{'' if like is None else f'{like:.4f}'}\n" for s, loss, like in rows))
+        if saved and "kept_vectors" in saved.get("tensors", {}):
+            steps = [int(s) for s in saved["meta"].get("kept_steps", [])]
+            stacked = saved["tensors"]["kept_vectors"].to(torch.float32)
+            if len(steps) == stacked.shape[0]:
+                self.kept = {step: stacked[i].clone() for i, step in enumerate(steps)}
+
+    def _candidates(self) -> list[tuple[int, float]]:
+        return [(step, loss) for step, loss, _ in self.history if step > 0]
+
+    def _start_loss(self) -> float:
+        start = [loss for step, loss, _ in self.history if step == 0]
+        return start[0] if start else max(loss for _, loss, _ in self.history)
+
+    def evaluate(self, step: int, vectors: torch.Tensor, candidate: bool = True) -> tuple[float, float | None]:
+        """Evaluate and log; a `candidate` step may become the best (the untrained start is not one)."""
+        loss = evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch)
+        like = None
+        if self.likeness is not None:
+            with torch.no_grad():
+                like = float(self.likeness(self.model, self.encoder))
+        self.history.append((step, loss, like))
+        append_line(self.path, f"{step},{loss:.6f},{'' if like is None else f'{like:.4f}'}")
+        if candidate:
+            self.kept[step] = vectors.detach().to("cpu", torch.float32).clone()
+            candidates = self._candidates()
+            lowest = min(value for _, value in candidates)
+            limit = lowest + PLATEAU * max(self._start_loss() - lowest, 0.0)
+            losses = dict(candidates)
+            self.kept = {s: v for s, v in self.kept.items() if losses.get(s, float("inf")) <= limit}
+        return loss, like
+
+    @property
+    def best(self) -> Best | None:
+        candidates = self._candidates()
+        step = floor_step(candidates, self._start_loss()) if candidates else None
+        if step is None or step not in self.kept:
+            return None
+        return Best(step=step, loss=dict(candidates)[step], vectors=self.kept[step])
+
+    def converged(self) -> bool:
+        return converged([loss for _, loss, _ in self.history])
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if not self.kept:
+            return {}, {}
+        steps = sorted(self.kept)
+        return {"kept_steps": steps}, {"kept_vectors": torch.stack([self.kept[s] for s in steps])}

@@ -1,0 +1,137 @@
+"""Evaluation on a fixed batch, the automatic best step, --stop auto, norm control and the person-like start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tistudio.config import CreateOptions, TrainOptions
+from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
+from tistudio.embedding import read_embedding
+from tistudio.objective import converged, floor_step
+from tistudio.report import read_eval_log
+from tistudio.train import train
+
+
+def options(photos: Path, folder: Path, **changes) -> TrainOptions:
+    base = dict(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder / "emb"),
+                run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=12, preview_every=0, save_every=0,
+                eval_every=3, learning_rate="0.02")
+    base.update(changes)
+    return TrainOptions(**base)
+
+
+def fresh(model, folder: Path, init: str = "toy") -> Path:
+    return create_embedding(CreateOptions(model="x", name="tomtut", init_text=init, vectors=2, overwrite=True,
+                                          embeddings_dir=str(folder / "emb")), cache_dir=folder, model=model)
+
+
+def test_the_dvar_rule() -> None:
+    falling = [1.0 / (1 + i) for i in range(30)]
+    assert not converged(falling[:9])  # too few evaluations to say (two windows are needed)
+    assert converged([1.0, 0.5, 0.3, 0.2] + [0.1 + 0.0001 * (i % 2) for i in range(20)])
+    assert not converged([1.0 - 0.03 * i for i in range(30)])  # still going down steadily
+
+
+def test_the_best_step_is_the_first_on_the_loss_floor() -> None:
+    curve = [(25, 0.60), (50, 0.31), (75, 0.215), (100, 0.205), (125, 0.20), (150, 0.21)]
+    assert floor_step(curve, start=1.0) == 75  # within 2.5% of the drop (0.8) above the lowest (0.20): <= 0.22
+    assert floor_step(curve, start=1.0, plateau=0.0) == 125  # the lowest itself
+    assert floor_step(curve, start=1.0, plateau=0.2) == 50  # <= 0.36
+    assert floor_step([(10, 0.5), (20, 0.6)], start=0.4) == 10  # no drop at all: the first candidate
+    assert floor_step([], start=1.0) is None
+
+
+def test_evaluations_are_logged_and_the_best_step_is_kept(sd1_model, photos, tmp_path) -> None:
+    fresh(sd1_model, tmp_path)
+    result = train(options(photos, tmp_path), cache_dir=tmp_path, model=sd1_model)
+    rows = read_eval_log(tmp_path / "run" / "eval.csv")
+    assert [r[0] for r in rows] == [0, 3, 6, 9, 12] and all(r[2] is None for r in rows)
+    best = floor_step([(step, loss) for step, loss, _ in rows[1:]], rows[0][1])
+    kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    last = read_embedding(tmp_path / "run" / "tomtut-last.safetensors") if best != 12 else kept
+    assert kept.step == best and last.step == 12
+    if best != 12:
+        assert result.best_step == best and "kept step" in result.message
+        assert kept.meta["best_step"] == str(best) and kept.meta["last_step"] == "12"
+        # Training further continues from the last step, not from the kept best one.
+        again = train(options(photos, tmp_path, max_steps=15), cache_dir=tmp_path, model=sd1_model)
+        assert again.start_step == 12
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Evaluation" in report and "fixed batch" in report
+
+
+def test_final_last_keeps_the_last_step(sd1_model, photos, tmp_path) -> None:
+    fresh(sd1_model, tmp_path)
+    train(options(photos, tmp_path, final="last"), cache_dir=tmp_path, model=sd1_model)
+    assert read_embedding(tmp_path / "emb" / "tomtut.safetensors").step == 12
+    assert not (tmp_path / "run" / "tomtut-last.safetensors").exists()
+
+
+def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, tmp_path, monkeypatch) -> None:
+    from tistudio import objective
+
+    fresh(sd1_model, tmp_path)
+    calls = {"n": 0}
+
+    def after_five(losses, window=objective.DVAR_WINDOW, threshold=objective.DVAR_THRESHOLD):
+        calls["n"] += 1
+        return len(losses) >= 5
+
+    monkeypatch.setattr(objective, "converged", after_five)
+    result = train(options(photos, tmp_path, max_steps=300, stop="auto"), cache_dir=tmp_path, model=sd1_model)
+    assert result.converged_at == 12 and result.step == 12 and not result.stopped
+    assert "converged" in result.message
+
+
+def test_max_norm_keeps_vectors_near_a_words_length(sd1_model, photos, tmp_path) -> None:
+    table = sd1_model.text_encoder.get_input_embeddings().weight.detach().float()
+    typical = float(table.norm(dim=1).median())
+    fresh(sd1_model, tmp_path / "free")
+    fresh(sd1_model, tmp_path / "capped")
+    train(options(photos, tmp_path / "free", learning_rate="0.5", final="last"), cache_dir=tmp_path,
+          model=sd1_model)
+    train(options(photos, tmp_path / "capped", learning_rate="0.5", final="last", max_norm=1.5),
+          cache_dir=tmp_path, model=sd1_model)
+    free = read_embedding(tmp_path / "free" / "emb" / "tomtut.safetensors").tensor.norm(dim=1)
+    capped = read_embedding(tmp_path / "capped" / "emb" / "tomtut.safetensors").tensor.norm(dim=1)
+    assert free.max() > 2 * typical  # a big learning rate blows the norm up ...
+    assert capped.max() <= 1.5 * typical * 1.0001  # ... unless it is limited
+
+
+def test_init_pull_keeps_vectors_closer_to_their_start(sd1_model, photos, tmp_path) -> None:
+    start = fresh(sd1_model, tmp_path / "free")
+    fresh(sd1_model, tmp_path / "pulled")
+    initial = read_embedding(start).tensor
+    train(options(photos, tmp_path / "free", learning_rate="0.05", final="last"), cache_dir=tmp_path,
+          model=sd1_model)
+    train(options(photos, tmp_path / "pulled", learning_rate="0.05", final="last", init_pull=50.0),
+          cache_dir=tmp_path, model=sd1_model)
+    free = read_embedding(tmp_path / "free" / "emb" / "tomtut.safetensors").tensor
+    pulled = read_embedding(tmp_path / "pulled" / "emb" / "tomtut.safetensors").tensor
+    assert (pulled - initial).norm() < (free - initial).norm()
+
+
+def test_the_person_like_start_is_the_mean_of_first_names(sd1_model, tmp_path) -> None:
+    vectors = person_vectors(sd1_model, 3)
+    table = sd1_model.text_encoder.get_input_embeddings().weight.detach().float()
+    ids = [sd1_model.tokenizer(n, add_special_tokens=False).input_ids for n in PERSON_NAMES]
+    rows = torch.stack([table[i[0]] for i in ids if len(i) == 1])
+    assert torch.allclose(vectors.mean(dim=0) * 3, torch.stack([rows[k::3].mean(0) for k in range(3)]).sum(0))
+    assert torch.allclose(vectors[0], rows[0::3].mean(0))
+    path = fresh(sd1_model, tmp_path, init="")
+    assert torch.allclose(read_embedding(path).tensor, person_vectors(sd1_model, 2))  # fresh() makes 2
+    assert "first names" in read_embedding(path).meta["init_text"]
+    auto = fresh(sd1_model, tmp_path / "auto", init="auto")  # --init auto says the same
+    assert torch.equal(read_embedding(auto).tensor, read_embedding(path).tensor)
+
+
+@pytest.mark.parametrize("bad", [{"stop": "soon"}, {"final": "middle"}, {"eval_every": -1}, {"max_norm": -1.0}])
+def test_bad_evaluation_options_are_refused(sd1_model, photos, tmp_path, bad) -> None:
+    from tistudio.errors import OptionError
+
+    fresh(sd1_model, tmp_path)
+    with pytest.raises(OptionError, match=next(iter(bad))):
+        train(options(photos, tmp_path, **bad), cache_dir=tmp_path, model=sd1_model)
