@@ -57,7 +57,7 @@ def sd1_model(tiny_sd1: Path, cache_dir: Path):
 
 
 def make_photos(folder: Path, count: int = 6, seed: int = 0) -> Path:
-    from tistudio.demo import make_photos as draw
+    from corpus import make_photos as draw
 
     return draw(folder, count=count, seed=seed)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def exif_rotated(path: Path) -> None:
@@ -52,3 +53,32 @@ def odd_but_good_files(folder: Path, base: Image.Image) -> set[str]:
     Image.fromarray(grey).save(folder / "sixteen-bit.png")
     base.convert("P").save(folder / "palette-alpha.png", transparency=0)
     return {"exif-rotated.jpg", "cmyk.jpg", "sixteen-bit.png", "palette-alpha.png"}
+
+
+def draw_toy(rng: random.Random, size: int = 96) -> Image.Image:
+    """Test helper: a toy figure (round head, eyes, red cap) in a random pose, place, light and background."""
+    background = tuple(rng.randrange(40, 220) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    cx, cy = rng.randrange(36, size - 36), rng.randrange(40, size - 30)
+    radius = rng.randrange(18, 26)
+    draw.rectangle([cx - radius // 2, cy + radius - 4, cx + radius // 2, cy + 2 * radius], fill=(40, 90, 200))
+    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(240, 200, 160))
+    for side in (-1, 1):
+        ex = cx + side * radius // 3
+        draw.ellipse([ex - 3, cy - 5, ex + 3, cy + 1], fill=(20, 20, 20))
+    draw.chord([cx - radius, cy - radius - 6, cx + radius, cy + radius // 2], 180, 360, fill=(210, 30, 40))
+    image = image.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=background)
+    light = rng.uniform(0.7, 1.25)
+    image = image.point(lambda v: max(0, min(255, int(v * light))))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def make_photos(folder: Path, count: int = 10, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        draw_toy(rng).save(folder / f"{index:02d}-toy figure.png")
+    (folder / "00-toy figure.txt").write_text("toy figure, red cap, blue shirt", "utf-8")
+    return folder
+

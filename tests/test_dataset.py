@@ -104,10 +104,10 @@ def test_square_crops_the_centre(tmp_path: Path) -> None:
 
 
 def test_the_bad_image_corpus_goes_through_train(sd1_model, tmp_path: Path, monkeypatch) -> None:
+    from corpus import draw_toy
     from tistudio import dataset as dataset_module
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
-    from tistudio.demo import draw_toy
     from tistudio.train import train
 
     folder = tmp_path / "mixed"

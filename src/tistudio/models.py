@@ -416,17 +416,21 @@ def scheduler_config(prediction_type: str) -> dict[str, Any]:
     }
 
 
+def pipeline_index() -> dict[str, Any]:
+    """model_index.json of a Stable Diffusion 1.x/2.x diffusers folder without a safety checker."""
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}
+
+
 def write_config_folder(folder: Path, family: str, unet: dict[str, Any], vae: dict[str, Any],
                         text: dict[str, Any], scheduler: dict[str, Any]) -> None:
     """A weights-free diffusers folder: the configs from_single_file needs, written locally."""
     from .tokenizer import write_tokenizer
 
-    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    write_json(folder / "model_index.json", index)
+    write_json(folder / "model_index.json", pipeline_index())
     write_json(folder / "unet" / "config.json", unet)
     write_json(folder / "vae" / "config.json", vae)
     write_json(folder / "text_encoder" / "config.json", {"architectures": ["CLIPTextModel"], "model_type":

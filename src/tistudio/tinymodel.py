@@ -8,6 +8,8 @@ real checkpoint. Their pictures are noise: they prove that the software works, n
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -67,9 +69,6 @@ def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_si
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models import scheduler_config
-    from .storage import write_json
-    from .tokenizer import load_tokenizer, write_tokenizer
 
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be sd1 or sd2, not {family!r}")
@@ -86,34 +85,77 @@ def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_si
                 parameter.mul_(text_gain**0.5)
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**vae_config(native_size))
+    return save_model_folder(folder, family, text_encoder, unet, vae, prediction,
+                             "A tiny Stable Diffusion model with seeded random weights, built by tistudio for its "
+                             "demo and tests.\nIt proves that the software works; its pictures are noise and mean "
+                             "nothing.\n")
+
+
+def save_model_folder(folder: Path, family: str, text_encoder: Any, unet: Any, vae: Any, prediction: str,
+                      note: str) -> Path:
+    """Write modules, tokenizer, scheduler and model_index.json as a complete diffusers folder."""
+    from .models import pipeline_index, scheduler_config
+    from .storage import write_json
+    from .tokenizer import load_tokenizer, write_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     text_encoder.save_pretrained(folder / "text_encoder")
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     load_tokenizer(family).save_pretrained(folder / "tokenizer")
     write_tokenizer(folder / "tokenizer", family)
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(prediction))
-    write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]})
-    (folder / "TINY-MODEL.txt").write_text(
-        "A tiny Stable Diffusion model with seeded random weights, built by tistudio for its demo and tests.\n"
-        "It proves that the software works; its pictures are noise and mean nothing.\n", "utf-8")
+    write_json(folder / "model_index.json", pipeline_index())
+    (folder / "TINY-MODEL.txt").write_text(note, "utf-8")
     return folder
 
 
-def demo_model_dir(cache_dir: Path) -> Path:
-    """The built-in demo model, built once into the cache (atomically: a half-built folder is never used)."""
-    target = Path(cache_dir) / "models" / f"tiny-sd1-v{DEMO_VERSION}"
+def sd15_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Text encoder, UNet and VAE configs of full-size Stable Diffusion 1.5 (for benchmarks with random weights)."""
+    text = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+            "hidden_act": "quick_gelu", "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
+    unet = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32}
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 512,
+           "scaling_factor": 0.18215}
+    return text, unet, vae
+
+
+def full_size_model_dir(cache_dir: Path, seed: int = 0) -> Path:
+    """Full-size SD1.5 architecture with seeded random weights (about 4.3 GB), built once: honest for speed and
+    memory, meaningless for pictures."""
+    def build(folder: Path) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_config_, unet_config_, vae_config_ = sd15_configs()
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_))
+        unet = UNet2DConditionModel(**unet_config_)
+        vae = AutoencoderKL(**vae_config_)
+        save_model_folder(folder, "sd1", text_encoder, unet, vae, "epsilon",
+                          "Stable Diffusion 1.5's architecture with seeded random weights, built by tistudio's "
+                          "benchmarks. Honest for speed and memory; its pictures are noise.\n")
+
+    return _build_once(Path(cache_dir) / "models" / f"sd15-random-{seed}", build)
+
+
+def _build_once(target: Path, build: Any) -> Path:
+    """Run build(staging_folder) once and move the result into place atomically."""
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the tiny demo model in %s (once)", target)
+    log.info("building %s (once)", target)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_tiny_model(staging, family="sd1", seed=0)
+        build(staging)
         try:
             os.replace(staging, target)
         except OSError:
@@ -123,3 +165,64 @@ def demo_model_dir(cache_dir: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def random_model_dir(cache_dir: Path) -> Path:
+    """The tiny model with random weights (what the tests use), built once into the cache."""
+    return _build_once(Path(cache_dir) / "models" / f"tiny-sd1-v{DEMO_VERSION}",
+                       lambda folder: build_tiny_model(folder, family="sd1", seed=0))
+
+
+def world_files() -> tuple[Path, Path]:
+    from importlib import resources
+
+    base = resources.files("tistudio").joinpath("data", "world")
+    return Path(str(base.joinpath("world-model.safetensors"))), Path(str(base.joinpath("world-model.json")))
+
+
+def demo_model_dir(cache_dir: Path) -> Path:
+    """The demo model: the small world model shipped with tistudio, expanded once into a diffusers folder."""
+    weights, _ = world_files()
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
+    return _build_once(Path(cache_dir) / "models" / f"world-{digest}", lambda folder: expand_world_model(folder))
+
+
+def expand_world_model(folder: Path) -> Path:
+    """Write the shipped world model (float16, used token rows only) as a complete diffusers folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .safeload import load_safetensors
+    from .storage import write_json
+
+    weights, meta_file = world_files()
+    meta = json.loads(meta_file.read_text("utf-8"))
+    tensors, _ = load_safetensors(weights, 64 * 1024 * 1024, 10_000, 50_000_000)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+
+    text = CLIPTextModel(CLIPTextConfig(**meta["text"]))
+    state = part("text.")
+    table_meta = meta["token_table"]
+    table = torch.randn((meta["text"]["vocab_size"], meta["text"]["hidden_size"]),
+                        generator=torch.Generator().manual_seed(table_meta["seed"])) * table_meta["std"]
+    table[tensors["text_token_ids"].long()] = tensors["text_token_rows"].float()
+    key = next(k for k in text.state_dict() if k.endswith("token_embedding.weight"))
+    state[key] = table
+    result = text.load_state_dict(state, strict=False)
+    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith("position_ids")]:
+        raise ValueError(f"the world model's text encoder does not fit its config: {result}")
+    unet = UNet2DConditionModel(**meta["unet"])
+    unet.load_state_dict(part("unet."))
+    vae = AutoencoderKL(**meta["vae"])
+    vae.load_state_dict(part("vae."))
+    save_model_folder(folder, "sd1", text, unet, vae, "epsilon",
+                      "tistudio's demo world model: a small Stable-Diffusion-architecture model trained on a synthetic "
+                      "world of cartoon people (see tistudio/world.py and scripts/build_world_model.py). Text "
+                      "controls its pictures; they are 64x64 cartoons, not photographs.\n")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in part("reader.").items()}, str(folder / "trait-reader.safetensors"))
+    write_json(folder / "world.json", meta)
+    return folder

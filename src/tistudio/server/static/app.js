@@ -76,7 +76,8 @@ function humanize(name) { return name.replace(/_/g, " ").replace(/^./, (c) => c.
 
 const ADVANCED = new Set(["clip_skip", "shuffle_tags", "tag_dropout", "weight_decay", "clip_grad_norm",
   "preview_negative_prompt", "preview_seed", "preview_steps", "preview_sampler", "preview_cfg", "split",
-  "max_upscale", "overwrite", "seed"]);
+  "max_upscale", "overwrite", "seed", "eval_every", "final", "max_norm", "init_pull",
+  "gradient_checkpointing"]);
 const WIDE = new Set(["prompt", "negative_prompt", "preview_prompt", "learning_rate"]);
 
 function renderForm(form, fields, overrides = {}) {

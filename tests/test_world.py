@@ -1,0 +1,99 @@
+"""The demo world: pictures and captions, the shipped world model (text controls its pictures), the trait reader,
+and learning measured by it - the demo's person appears as training goes on."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tistudio import world
+from tistudio.config import ModelOptions
+
+
+@pytest.fixture(scope="module")
+def world_model(cache_dir):
+    from tistudio.models import load_model
+    from tistudio.tinymodel import demo_model_dir
+
+    return load_model(ModelOptions(model="demo"), cache_dir), demo_model_dir(cache_dir)
+
+
+def test_the_held_out_person_never_appears_in_the_worlds_samples() -> None:
+    rng = random.Random(5)
+    people = [world.sample(rng)[2] for _ in range(3000)]
+    assert world.HELD_OUT not in people
+    assert {p.hair for p in people} == set(world.HAIR) and any(p.glasses and p.beard for p in people)
+    assert world.caption(world.HELD_OUT, world.Scene(style="painting", scene="night"), "tomtut") == \
+        "a painting of tomtut, a person with long red hair, dark skin, glasses and a beard, serious, at night"
+
+
+def test_the_world_model_loads_like_any_checkpoint(world_model, cache_dir) -> None:
+    model, folder = world_model
+    assert model.family == "sd1" and model.native_size == 64 and model.width == 128
+    meta = json.loads((folder / "world.json").read_text())
+    assert meta["held_out"] == world.HELD_OUT.traits()
+    # The diffusers folder it expands to is an ordinary model folder.
+    from tistudio.models import load_model
+
+    again = load_model(ModelOptions(model=str(folder)), cache_dir)
+    assert again.unet.config.block_out_channels == model.unet.config.block_out_channels
+
+
+def test_the_trait_reader_reads_renders(world_model) -> None:
+    _, folder = world_model
+    reader = world.load_trait_reader(folder)
+    rng = random.Random(9)
+    people = [world.random_person(rng, allow_held_out=True) for _ in range(120)] + [world.HELD_OUT] * 10
+    images = [world.render(p, world.random_scene(rng)) for p in people]
+    read = world.read_people(reader, images)
+    accuracy = sum(a == b for a, b in zip(read, people, strict=True)) / len(people)
+    assert accuracy >= 0.9, accuracy  # chance is 1 in 120
+
+
+def test_text_controls_the_world_models_pictures(world_model) -> None:
+    """Pictures drawn for described people show those people far more often than chance (1 in 120)."""
+    from tistudio.conditioning import PromptEncoder
+    from tistudio.generate import Renderer
+
+    model, folder = world_model
+    reader = world.load_trait_reader(folder)
+    rng = random.Random(3)
+    people = [world.random_person(rng) for _ in range(16)]
+    renderer = Renderer(model, PromptEncoder(model.tokenizer, model.text_encoder))
+    images = []
+    for index, person in enumerate(people):
+        prompt = world.caption(person, world.Scene(scene="plain"))
+        images += renderer.render(prompt, "", [index], 20, "DDIM", 4.0, 64, 64)
+    share = sum(a == b for a, b in zip(world.read_people(reader, images), people, strict=True)) / len(people)
+    assert share >= 0.5, share
+
+
+def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
+    """The demo's recipe: before training few pictures from unseen prompts show the person; after, most do."""
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.demo import NAME, TEMPLATE, person_photos
+    from tistudio.report import read_eval_log
+    from tistudio.train import train
+
+    model, folder = world_model
+    photos = person_photos(tmp_path / "photos")
+    (tmp_path / "template.txt").write_text(TEMPLATE)
+    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(tmp_path / "emb")),
+                     cache_dir=tmp_path, model=model)
+    scorer = world.likeness_scorer(folder, world.HELD_OUT, NAME)
+    result = train(TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(tmp_path / "emb"),
+                                run_dir=str(tmp_path / "run"), template=str(tmp_path / "template.txt"), batch_size=4,
+                                max_steps=STEPS, eval_every=STEPS // 4, preview_every=0, save_every=0),
+                   cache_dir=tmp_path, model=model, likeness=scorer)
+    rows = read_eval_log(tmp_path / "run" / "eval.csv")
+    before = rows[0][2]
+    kept = next(like for step, _, like in rows if step == (result.best_step or result.step))
+    print(f"share showing the person: before {before:.0%}, kept step {result.best_step or result.step}: {kept:.0%}")
+    assert before <= 0.10
+    assert kept >= 0.80
+
+
+STEPS = 200
