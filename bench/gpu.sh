@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole GPU speed measurement in one run, offline: full-size SD1.5 architecture (random weights) at 512 px,
+# bf16, batch 1/4/8, tistudio against diffusers' textual-inversion example, plus generation. Results go to
+# ${OUT:-.}/speed-gpu.json and the printed table.
+#
+#   bench/gpu.sh PEER_SCRIPT [WHEELS_DIR]
+#
+# PEER_SCRIPT: diffusers' examples/textual_inversion/textual_inversion.py (supplied by you, never committed).
+# WHEELS_DIR: a folder of wheels for what the GPU machine lacks (typically diffusers and its small
+# dependencies), made beforehand on a connected machine with
+#   pip download diffusers==0.42.1 -d WHEELS_DIR --only-binary=:all: --no-deps
+# Nothing is fetched from the network.
+set -euo pipefail
+peer=${1:?usage: bench/gpu.sh PEER_SCRIPT [WHEELS_DIR]}
+wheels=${2:-wheels}
+out=${OUT:-.}
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+for module in diffusers transformers accelerate safetensors; do
+    if ! "$python" -c "import $module" 2>/dev/null; then
+        "$python" -m pip install --no-index --find-links "$wheels" "$module"
+    fi
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sd15 --size 512 \
+    --batch 1,4,8 --device cuda --precision bf16 --steps 10 --warmup 3 --peer "$peer" --generate \
+    --gen-steps 20 --gen-images 4 --json "$out/speed-gpu.json"
