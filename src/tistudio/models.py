@@ -1,7 +1,7 @@
 """Loading Stable Diffusion 1.x/2.x models, fully offline, from every form people keep them in.
 
 ``--model`` may be:
-  * ``demo``: the built-in tiny model (seeded random weights, real tokenizer), built once and cached;
+  * ``demo``: the built-in demo world model (64-px cartoon people; see world.py), expanded once into the cache;
   * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...);
   * a single ``.safetensors``/``.ckpt`` checkpoint as A1111 and ComfyUI use. Its format is read from its
     content; ``.ckpt`` goes through PyTorch's restricted unpickler (nothing in it runs). The architecture is

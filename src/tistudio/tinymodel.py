@@ -1,9 +1,11 @@
-"""Tiny Stable Diffusion models with seeded random weights, for the demo and the tests.
+"""Small Stable Diffusion models built locally: the tests' tiny random model, the demo's world model, and the
+full-size SD1.5 architecture with random weights for benchmarks.
 
-They have exactly Stable Diffusion's architecture and file layout - a CLIP text encoder with the real
-49,408-token vocabulary, a 4-level UNet2DConditionModel with cross-attention, a 4-level (/8) AutoencoderKL and
-the SD noise schedule - only narrower, so every code path (single-file conversion included) treats them like a
-real checkpoint. Their pictures are noise: they prove that the software works, not that it makes good images.
+All have exactly Stable Diffusion's architecture and file layout - a CLIP text encoder with the real 49,408-token
+vocabulary, a UNet2DConditionModel with cross-attention, an AutoencoderKL and the SD noise schedule - so every
+code path (single-file conversion included) treats them like a real checkpoint. The random ones' pictures are
+noise: they prove that the software works. The world model (shipped weights, see world.py and
+scripts/build_world_model.py) was trained so that text controls its 64-pixel cartoons.
 """
 
 from __future__ import annotations
