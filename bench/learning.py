@@ -32,7 +32,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     from tistudio.create import create_embedding
     from tistudio.demo import NAME, TEMPLATE, person_photos
     from tistudio.objective import converged
-    from tistudio.report import read_eval_log
+    from tistudio.runfolder import read_eval_log
     from tistudio.train import train
 
     photos = person_photos(work / "photos")
@@ -54,14 +54,13 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     top = max(like for _, like in shares)
     # The reader's best step: the first whose share is within one picture of the highest share it saw.
     reader_best = next(s for s, like in shares if like >= top - 1 / PICTURES)
-    loss_best = result.best_step or result.step  # the kept step: the first on the fixed-batch loss floor
+    kept = result.best_step or result.step  # the kept step: the first on the fixed-batch loss floor
     stop_at = next((rows[i][0] for i in range(len(rows)) if converged([r[1] for r in rows[: i + 1]])), None)
     reached = next((s for s, like in shares if like >= 0.8), None)
-    kept = result.best_step or result.step
     return {"init": init, "seed": seed, "share_before": shares[0][1], "share_best": top,
             "share_kept": next(like for s, like in shares if s == kept), "first_step_80": reached,
-            "kept_step": loss_best, "reader_best_step": reader_best, "auto_stop_step": stop_at,
-            "agreement": round(abs(loss_best - reader_best) / max(reader_best, 1), 3),
+            "kept_step": kept, "reader_best_step": reader_best, "auto_stop_step": stop_at,
+            "agreement": round(abs(kept - reader_best) / max(reader_best, 1), 3),
             "train_seconds": round(seconds, 1), "shares": shares,
             "losses": [(s, round(loss, 6)) for s, loss, _ in rows]}
 

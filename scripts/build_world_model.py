@@ -53,6 +53,16 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, what: str) -> int:
+    """One optimizer step on `loss`; logs every 200 steps; returns the new step count."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if (step + 1) % 200 == 0:
+        log(f"{what} step {step + 1}: loss {loss.item():.4f}")
+    return step + 1
+
+
 def make_data(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[world.Person]]:
     rng = random.Random(seed)
     images, captions, people = [], [], []
@@ -77,12 +87,7 @@ def train_vae(pixels: torch.Tensor, seconds: float, seed: int):
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(reconstruction, batch) + 0.5 * F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 200 == 0:
-            log(f"vae step {step}: loss {loss.item():.4f}")
+        step = update(optimizer, loss, step, "vae")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         sample = pixels[:256]
@@ -209,12 +214,7 @@ def train_reader(vae, seconds: float, seed: int, unet=None, text=None, scaling: 
         targets = world.trait_targets(people)
         logits = reader(pixels)
         loss = sum(F.cross_entropy(logits[name], targets[name]) for name in world.TRAIT_NAMES)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 200 == 0:
-            log(f"reader step {step}: loss {loss.item():.4f}")
+        step = update(optimizer, loss, step, "reader")
     return reader.eval().requires_grad_(False), step
 
 

@@ -11,7 +11,7 @@ from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
 from tistudio.embedding import read_embedding
 from tistudio.objective import converged, floor_step
-from tistudio.report import read_eval_log
+from tistudio.runfolder import read_eval_log
 from tistudio.train import train
 
 

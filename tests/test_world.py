@@ -75,7 +75,7 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
     from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.report import read_eval_log
+    from tistudio.runfolder import read_eval_log
     from tistudio.train import train
 
     model, folder = world_model

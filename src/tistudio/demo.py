@@ -28,7 +28,8 @@ from .config import CreateOptions, GenerateOptions, TrainOptions
 from .create import create_embedding
 from .generate import generate
 from .models import load_model
-from .report import data_uri, read_eval_log, write_run_report
+from .report import data_uri, write_run_report
+from .runfolder import read_eval_log
 from .storage import write_bytes, write_text
 from .tinymodel import demo_model_dir
 from .train import train

@@ -24,12 +24,12 @@ import torch
 
 from .conditioning import PromptEncoder
 from .models import SDModel
+from .runfolder import EVAL_HEADER, eval_row, read_eval_log
 from .storage import append_line, write_text
 from .templates import fill_template
 
 log = logging.getLogger(__name__)
 
-EVAL_HEADER = "step,eval_loss,likeness"
 DVAR_WINDOW = 5  # evaluations
 DVAR_THRESHOLD = 0.15
 PLATEAU = 0.025  # the best step: the first loss within this share of the whole drop above the lowest loss
@@ -124,12 +124,17 @@ class Best:
     vectors: torch.Tensor  # float32, CPU
 
 
+def floor_limit(losses: list[float], start: float, plateau: float = PLATEAU) -> float:
+    """The upper edge of the loss curve's floor: `plateau` of the whole drop (start - lowest) above the lowest."""
+    lowest = min(losses)
+    return lowest + plateau * max(start - lowest, 0.0)
+
+
 def floor_step(losses: list[tuple[int, float]], start: float, plateau: float = PLATEAU) -> int | None:
-    """The first step whose loss is within `plateau` of the whole drop (start - lowest) above the lowest loss."""
+    """The first step whose loss is on the floor (see floor_limit)."""
     if not losses:
         return None
-    lowest = min(loss for _, loss in losses)
-    limit = lowest + plateau * max(start - lowest, 0.0)
+    limit = floor_limit([loss for _, loss in losses], start, plateau)
     return next(step for step, loss in losses if loss <= limit)
 
 
@@ -152,32 +157,22 @@ class Evaluator:
 
     def open(self, start_step: int, saved: dict[str, Any] | None) -> None:
         """Read the history up to start_step (a resume), or start a new log; restore the kept vectors."""
-        rows: list[tuple[int, float, float | None]] = []
-        if start_step > 0 and self.path.is_file():
-            for line in self.path.read_text("utf-8", errors="replace").splitlines()[1:]:
-                parts = line.split(",")
-                try:
-                    step, loss = int(parts[0]), float(parts[1])
-                    like = float(parts[2]) if len(parts) > 2 and parts[2] else None
-                except (ValueError, IndexError):
-                    continue
-                if step <= start_step:
-                    rows.append((step, loss, like))
+        rows = [row for row in read_eval_log(self.path) if row[0] <= start_step] if start_step > 0 else []
         self.history = rows
-        write_text(self.path, EVAL_HEADER + "\n" + "".join(
-            f"{s},{loss:.6f},{'' if like is None else f'{like:.4f}'}\n" for s, loss, like in rows))
+        write_text(self.path, "".join(line + "\n" for line in [EVAL_HEADER, *(eval_row(*row) for row in rows)]))
         if saved and "kept_vectors" in saved.get("tensors", {}):
             steps = [int(s) for s in saved["meta"].get("kept_steps", [])]
             stacked = saved["tensors"]["kept_vectors"].to(torch.float32)
             if len(steps) == stacked.shape[0]:
                 self.kept = {step: stacked[i].clone() for i, step in enumerate(steps)}
 
-    def _candidates(self) -> list[tuple[int, float]]:
-        return [(step, loss) for step, loss, _ in self.history if step > 0]
+    def _candidates(self) -> dict[int, float]:
+        """step -> loss of the evaluations that may be the best (not the untrained start)."""
+        return {step: loss for step, loss, _ in self.history if step > 0}
 
-    def _start_loss(self) -> float:
-        start = [loss for step, loss, _ in self.history if step == 0]
-        return start[0] if start else max(loss for _, loss, _ in self.history)
+    def _start(self, candidates: dict[int, float]) -> float:
+        """The untrained start's loss (or, if the log lacks it, the highest seen)."""
+        return next((loss for step, loss, _ in self.history if step == 0), max(candidates.values()))
 
     def evaluate(self, step: int, vectors: torch.Tensor, candidate: bool = True) -> tuple[float, float | None]:
         """Evaluate and log; a `candidate` step may become the best (the untrained start is not one)."""
@@ -187,23 +182,22 @@ class Evaluator:
             with torch.no_grad():
                 like = float(self.likeness(self.model, self.encoder))
         self.history.append((step, loss, like))
-        append_line(self.path, f"{step},{loss:.6f},{'' if like is None else f'{like:.4f}'}")
+        append_line(self.path, eval_row(step, loss, like))
         if candidate:
             self.kept[step] = vectors.detach().to("cpu", torch.float32).clone()
             candidates = self._candidates()
-            lowest = min(value for _, value in candidates)
-            limit = lowest + PLATEAU * max(self._start_loss() - lowest, 0.0)
-            losses = dict(candidates)
-            self.kept = {s: v for s, v in self.kept.items() if losses.get(s, float("inf")) <= limit}
+            limit = floor_limit(list(candidates.values()), self._start(candidates))
+            self.kept = {s: v for s, v in self.kept.items() if candidates.get(s, float("inf")) <= limit}
         return loss, like
 
     @property
     def best(self) -> Best | None:
+        """The first step on the floor; its vectors are always kept (the floor's edge only falls)."""
         candidates = self._candidates()
-        step = floor_step(candidates, self._start_loss()) if candidates else None
-        if step is None or step not in self.kept:
+        step = floor_step(list(candidates.items()), self._start(candidates)) if candidates else None
+        if step is None or step not in self.kept:  # a resume state from before vectors were kept
             return None
-        return Best(step=step, loss=dict(candidates)[step], vectors=self.kept[step])
+        return Best(step=step, loss=candidates[step], vectors=self.kept[step])
 
     def converged(self) -> bool:
         return converged([loss for _, loss, _ in self.history])

@@ -13,7 +13,7 @@ import math
 import re
 from pathlib import Path
 
-from .runfolder import read_loss_log
+from .runfolder import read_eval_log, read_loss_log
 from .storage import write_text
 
 
@@ -62,19 +62,6 @@ def loss_chart(rows: list[dict[str, float]], width: int = 720, height: int = 240
     return (f"<svg viewBox='0 0 {width} {height}' width='100%' role='img' aria-label='loss curve' "
             f"style='max-width:{width}px;font:11px sans-serif'>{ticks}{line(losses, '#9ecae1', 1)}"
             f"{line(smooth, '#08519c', 2)}{labels}</svg>")
-
-
-def read_eval_log(path: Path) -> list[tuple[int, float, float | None]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text("utf-8", errors="replace").splitlines()[1:]:
-            parts = line.split(",")
-            try:
-                rows.append((int(parts[0]), float(parts[1]),
-                             float(parts[2]) if len(parts) > 2 and parts[2] else None))
-            except (ValueError, IndexError):
-                continue
-    return rows
 
 
 def eval_chart(rows: list[tuple[int, float, float | None]], best: int | None, width: int = 720,

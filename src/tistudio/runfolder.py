@@ -47,6 +47,28 @@ def read_loss_log(path: Path) -> list[dict[str, float]]:
     return out
 
 
+EVAL_HEADER = "step,eval_loss,likeness"
+
+
+def eval_row(step: int, loss: float, like: float | None) -> str:
+    """One line of an eval.csv (the likeness column is empty where nothing measured it)."""
+    return f"{step},{loss:.6f},{'' if like is None else f'{like:.4f}'}"
+
+
+def read_eval_log(path: Path) -> list[tuple[int, float, float | None]]:
+    """Rows (step, fixed-batch loss, likeness or None) of an eval.csv; damaged lines are ignored."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text("utf-8", errors="replace").splitlines()[1:]:
+            parts = line.split(",")
+            try:
+                rows.append((int(parts[0]), float(parts[1]),
+                             float(parts[2]) if len(parts) > 2 and parts[2] else None))
+            except (ValueError, IndexError):
+                continue
+    return rows
+
+
 class RunFolder:
     def __init__(self, path: Path, name: str) -> None:
         self.path = Path(path)
