@@ -97,7 +97,7 @@ def test_user_errors_are_one_line_and_exit_2(tiny_sd1: Path, photos: Path, tmp_p
     one_line_error(capsys, [*train, "--dataset", str(tmp_path / "nowhere")], "does not exist")
     one_line_error(capsys, [*train, "--dataset", str(photos), "--lr", "0.005:100, 1e-3:abc"],
                    "item 2 '1e-3:abc'")
-    one_line_error(capsys, [*train, "--dataset", str(photos), "--batch-size", "0"], "batch_size=0")
+    one_line_error(capsys, [*train, "--dataset", str(photos), "--batch-size", "-1"], "batch_size=-1")
     write_embedding(Embedding(name="wide", vectors={"clip": torch.zeros(1, 768)}), Path("embeddings/wide.safetensors"))
     one_line_error(capsys, [*base, "train", "wide", *model, "--dataset", str(photos)], "768 wide")
     one_line_error(capsys, [*base, "generate", "a photo", "--model", str(tmp_path / "missing.ckpt")],

@@ -102,6 +102,69 @@ def test_gradient_checkpointing_gives_the_same_embedding(sd1_model, photos, tmp_
     assert torch.allclose(results[0], results[1], atol=1e-6), (results[0] - results[1]).abs().max()
 
 
+def test_automatic_batch_size_tries_halving_sizes() -> None:
+    from tistudio.train import largest_fitting
+
+    tried = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= 3
+
+    assert largest_fitting(fits, 8) == 2 and tried == [8, 4, 2]
+    assert largest_fitting(lambda b: False, 8) == 1  # batch 1 is the floor; it is not probed
+    assert largest_fitting(lambda b: True, 6) == 6
+
+
+def test_automatic_batch_size_is_resolved_saved_and_kept_on_resume(sd1_model, photos, tmp_path) -> None:
+    """--batch-size 0 is 1 on a CPU; a run resumed with 0 keeps the batch size it began with, exactly."""
+    import json
+
+    folder = tmp_path / "auto" / "emb"
+    new_embedding(sd1_model, folder)
+    run(sd1_model, photos, folder, batch_size=0, max_steps=2)
+    resolved = json.loads((folder.parent / "run" / "options.json").read_text())["resolved"]
+    assert resolved["batch_size"] == 1
+    template = new_embedding(sd1_model, tmp_path / "template")
+    straight, resumed = tmp_path / "straight" / "emb", tmp_path / "resumed" / "emb"
+    for where in (straight, resumed):
+        where.mkdir(parents=True)
+        shutil.copy(template, where / "tomtut.safetensors")
+    run(sd1_model, photos, straight, batch_size=2, max_steps=4)
+    run(sd1_model, photos, resumed, stop_at=2, batch_size=2, max_steps=4)
+    second = run(sd1_model, photos, resumed, batch_size=0, max_steps=4)
+    assert second.start_step == 2
+    assert json.loads((resumed.parent / "run" / "options.json").read_text())["resolved"]["batch_size"] == 2
+    assert torch.equal(read_embedding(straight / "tomtut.safetensors").tensor,
+                       read_embedding(resumed / "tomtut.safetensors").tensor)
+
+
+def test_compiled_unet_is_used_for_the_training_steps_only(sd1_model, photos, tmp_path, monkeypatch) -> None:
+    """--compile-unet hands the UNet to torch.compile (stood in for here: compiling takes minutes on a CPU) and
+    trains with what it returns; the model's own UNet is left as it was."""
+    compiled, calls = [], []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.inner(*args, **kwargs)
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return Recording(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    folder = tmp_path / "emb"
+    new_embedding(sd1_model, folder)
+    run(sd1_model, photos, folder, compile_unet=True, max_steps=3, eval_every=0)
+    assert compiled == [sd1_model.unet] and len(calls) == 3
+    assert not isinstance(sd1_model.unet, Recording)
+
+
 def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
     result = train(options(photos, tmp_path / "emb", max_steps=4, save_every=2, preview_every=2, preview_steps=2),
@@ -162,7 +225,7 @@ def test_bad_options_and_missing_inputs_fail_before_any_compute(sd1_model, photo
         train(options(photos, tmp_path / "emb", learning_rate="0.005:3, fast"), cache_dir=tmp_path,
               model=sd1_model)
     with pytest.raises(OptionError, match="batch_size"):
-        train(options(photos, tmp_path / "emb", batch_size=0), cache_dir=tmp_path, model=sd1_model)
+        train(options(photos, tmp_path / "emb", batch_size=-1), cache_dir=tmp_path, model=sd1_model)
     with pytest.raises(DatasetError, match="does not exist"):
         train(options(tmp_path / "nope", tmp_path / "emb"), cache_dir=tmp_path, model=sd1_model)
     with pytest.raises(EmbeddingError, match="create it first"):

@@ -50,8 +50,9 @@ def noise_schedule(model: SDModel) -> tuple[torch.Tensor, int]:
 
 
 def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
-                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t."""
+                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str], unet: Any = None) -> torch.Tensor:
+    """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t (with
+    `unet` in place of the model's own, e.g. a compiled one, if given)."""
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
     if model.prediction_type == "v_prediction":
@@ -59,7 +60,7 @@ def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     else:
         objective = noise.float()
     hidden = encoder.encode(prompts).to(model.dtype)
-    prediction = model.unet(noisy, t, encoder_hidden_states=hidden).sample
+    prediction = (unet or model.unet)(noisy, t, encoder_hidden_states=hidden).sample
     return torch.nn.functional.mse_loss(prediction.float(), objective)
 
 

@@ -82,6 +82,14 @@ class RunFolder:
     def preview_path(self, step: int) -> Path:
         return self.path / "previews" / f"{self.name}-{step}.png"
 
+    def resolved_batch(self) -> int | None:
+        """The batch size an earlier sitting of this run trained with (from its options.json), if it says."""
+        try:
+            batch = json.loads((self.path / "options.json").read_text("utf-8"))["resolved"]["batch_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return batch if isinstance(batch, int) and batch > 0 else None
+
     def open(self, start_step: int) -> None:
         """Prepare the folder: a fresh start (step 0) moves an earlier run aside; a resume trims the loss log."""
         if start_step == 0 and any((self.path / p).exists() for p in ("loss.csv", "state", "previews", "embeddings")):

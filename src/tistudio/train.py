@@ -26,7 +26,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,65 @@ def sample_indices(seed: int, first_sample: int, batch: int, count: int) -> list
         epoch, position = divmod(sample, count)
         out.append(epoch_order(seed, epoch, count)[position])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch size and fast math
+
+AUTO_BATCH_LIMIT = 8  # --batch-size 0 tries 8, 4, 2, 1 (a common textual-inversion range)
+AUTO_BATCH_HEADROOM = 0.9  # ... and takes the largest whose step peaks below this share of the GPU's memory
+
+
+def largest_fitting(fits: Callable[[int], bool], largest: int) -> int:
+    """The first of largest, largest // 2, ... for which fits(batch) holds; 1 if none does."""
+    batch = max(1, largest)
+    while batch > 1 and not fits(batch):
+        batch //= 2
+    return batch
+
+
+def cuda_step_fits(model: SDModel, unet: Any, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
+                   prompt: str, timesteps: int, vectors: torch.Tensor) -> Callable[[int], bool]:
+    """fits(batch): whether one training forward and backward pass at this batch peaks below the headroom.
+
+    It draws from its own generator and throws its gradient away, so the run itself is unchanged."""
+    device = model.device
+
+    def fits(batch: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            generator = torch.Generator().manual_seed(0)
+            t = torch.randint(0, timesteps, (batch,), generator=generator)
+            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
+            clean = latents[torch.arange(batch, device=device) % latents.shape[0]]
+            diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, [prompt] * batch, unet=unet).backward()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            vectors.grad = None
+            torch.cuda.empty_cache()
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        log.info("batch %d: a training step peaks at %.1f of %.1f GiB", batch, peak / 2**30, total / 2**30)
+        return peak <= AUTO_BATCH_HEADROOM * total
+
+    return fits
+
+
+@contextmanager
+def fast_fp32_math(device: torch.device) -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA (Ampere and newer) while training; the flags are restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,16 +293,11 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     if not encoder.token_ids(name):
         raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
 
-    # 3. The run folder and the resolved options.
+    # 3. The run folder.
+    earlier_batch = run.resolved_batch() if start_step > 0 else None  # a resumed run keeps its batch size
     run.open(start_step)
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         stale.unlink(missing_ok=True)  # left by a run killed while writing the embedding
-    write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
-        "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
-        "schedule": [list(pair) for pair in schedule.pairs], "size": size, "device": str(device),
-        "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(), "model_hash": model.hash,
-        "family": model.family, "prediction_type": model.prediction_type, "images": len(dataset.images),
-        "skipped_images": [[str(p), r] for p, r in dataset.skipped], "tistudio_version": __version__}})
     if target != embedding_path:
         log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
 
@@ -368,74 +423,98 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
                     elapsed_s=time.monotonic() - started, message=dataset.summary()))
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
-    batch, accumulation = min(options.batch_size, count), options.gradient_accumulation
-    per_step = batch * accumulation
-    loop_started = time.monotonic()
+    accumulation = options.gradient_accumulation
     flush_every = LOSS_FLUSH_STEPS if cuda else 1  # reading the loss syncs a GPU: batch it there
     step = start_step
     checkpointing = options.gradient_checkpointing and not model.unet.is_gradient_checkpointing
     if checkpointing:  # only where gradients are on: the evaluation and previews are unaffected
         model.unet.enable_gradient_checkpointing()
+    # The training steps may use a compiled UNet; evaluation and previews use the model's own.
+    unet = torch.compile(model.unet) if options.compile_unet else model.unet
     try:
-        while step < schedule.end_step and not stop.is_set():
-            lr = schedule.rate_at(step) * guard.lr_factor
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                first = step * per_step + micro * batch
-                indices = sample_indices(options.seed, first, batch, count)
-                rng = random.Random(seed_for(options.seed, 2, step, micro))
-                prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
-                                         options.tag_dropout) for i in indices]
-                generator = torch.Generator().manual_seed(seed_for(options.seed, 3, step, micro))
-                t = torch.randint(0, timesteps, (batch,), generator=generator)
-                noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
-                clean = latents[torch.tensor(indices, device=device)]
-                loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts) / accumulation
-                if options.init_pull and micro == 0:
-                    loss = loss + options.init_pull * (vectors - initial).pow(2).mean()
-                if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
-            finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
-            if options.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped on the device when the gradient is not finite
-                scaler.update()
-            elif bool(finite):
-                optimizer.step()
-                guard.good()
+        with fast_fp32_math(device):
+            if options.batch_size:
+                batch = min(options.batch_size, count)
+            elif earlier_batch:
+                batch = earlier_batch
+            elif cuda:
+                longest = max((fill_template(line, name, caption, random.Random(0)) for line in template
+                               for caption in captions), key=len)
+                fits = cuda_step_fits(model, unet, encoder, alphas, latents, longest, timesteps, vectors)
+                batch = largest_fitting(fits, min(AUTO_BATCH_LIMIT, count))
             else:
-                guard.bad(step + 1, saved_step)
-            optimizer.zero_grad(set_to_none=True)
-            if norm_limit is not None:
-                with torch.no_grad():
-                    vectors.mul_((norm_limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-            step += 1
-            result.step = step
-            epoch = (step * per_step - 1) // count
-            pending.append((step, epoch, step_loss, lr, finite))
-            if len(pending) >= flush_every:
-                flush()
-            elapsed = time.monotonic() - loop_started
-            report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
-                            elapsed_s=time.monotonic() - started,
-                            eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
-            if evaluator is not None and step % options.eval_every == 0:
-                evaluate(step)
-                if options.stop == "auto" and evaluator.converged():
-                    result.converged_at = step
-                    log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
-                    break
-            if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
-                save(step, copy=True, final=False)
-            if options.preview_every and step % options.preview_every == 0:
-                make_preview(step)
+                batch = 1  # CPU and Mac: a bigger batch is no faster per image
+            if not options.batch_size:
+                log.info("batch size %d (automatic%s)", batch, ", as this run began" if earlier_batch else "")
+            per_step = batch * accumulation
+            write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
+                "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
+                "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
+                "device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
+                "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
+                "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
+                "compiled_unet": options.compile_unet, "tistudio_version": __version__}})
+            loop_started = time.monotonic()
+            while step < schedule.end_step and not stop.is_set():
+                lr = schedule.rate_at(step) * guard.lr_factor
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=device)
+                for micro in range(accumulation):
+                    first = step * per_step + micro * batch
+                    indices = sample_indices(options.seed, first, batch, count)
+                    rng = random.Random(seed_for(options.seed, 2, step, micro))
+                    prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
+                                             options.tag_dropout) for i in indices]
+                    generator = torch.Generator().manual_seed(seed_for(options.seed, 3, step, micro))
+                    t = torch.randint(0, timesteps, (batch,), generator=generator)
+                    noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
+                    clean = latents[torch.tensor(indices, device=device)]
+                    loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts,
+                                          unet=unet) / accumulation
+                    if options.init_pull and micro == 0:
+                        loss = loss + options.init_pull * (vectors - initial).pow(2).mean()
+                    if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_loss += loss.detach()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
+                finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
+                if options.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)  # skipped on the device when the gradient is not finite
+                    scaler.update()
+                elif bool(finite):
+                    optimizer.step()
+                    guard.good()
+                else:
+                    guard.bad(step + 1, saved_step)
+                optimizer.zero_grad(set_to_none=True)
+                if norm_limit is not None:
+                    with torch.no_grad():
+                        vectors.mul_((norm_limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+                step += 1
+                result.step = step
+                epoch = (step * per_step - 1) // count
+                pending.append((step, epoch, step_loss, lr, finite))
+                if len(pending) >= flush_every:
+                    flush()
+                elapsed = time.monotonic() - loop_started
+                report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
+                                elapsed_s=time.monotonic() - started,
+                                eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
+                if evaluator is not None and step % options.eval_every == 0:
+                    evaluate(step)
+                    if options.stop == "auto" and evaluator.converged():
+                        result.converged_at = step
+                        log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
+                        break
+                if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
+                    save(step, copy=True, final=False)
+                if options.preview_every and step % options.preview_every == 0:
+                    make_preview(step)
     finally:
         if checkpointing:
             model.unet.disable_gradient_checkpointing()
@@ -469,8 +548,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         result.message = f"trained {name} to step {step}"
     if result.best_step is not None:
         result.message += (f"; kept step {result.best_step} (where the fixed-batch loss reached its floor) as "
-                           f"{target.name}, the last "
-                           f"is {run.path / (name + '-last.safetensors')}")
+                           f"{target.name}, the last is {run.path / (name + '-last.safetensors')}")
     if guard.discarded:
         result.message += f" ({guard.discarded} non-finite steps discarded)"
     report(Progress("stopped" if result.stopped else "done", step, schedule.end_step, loss=result.last_loss,
