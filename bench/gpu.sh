@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU speed measurement in one run, offline: full-size SD1.5 architecture (random weights) at 512 px,
 # bf16, batch 1/4/8, tistudio against diffusers' textual-inversion example, plus generation. Results go to
-# ${OUT:-.}/speed-gpu.json and the printed table.
+# ${OUT:-.}/speed-gpu.json and the printed table. COMPILE=1 adds a run of tistudio alone with its UNet compiled
+# (--compile-unet, batch 8; a few more minutes) to speed-gpu-compiled.json.
 #
 #   bench/gpu.sh PEER_SCRIPT [WHEELS_DIR]
 #
@@ -26,3 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sd15 --size 512 \
     --batch 1,4,8 --device cuda --precision bf16 --steps 10 --warmup 3 --peer "$peer" --generate \
     --gen-steps 20 --gen-images 4 --json "$out/speed-gpu.json"
+if [ "${COMPILE:-0}" = 1 ]; then
+    TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sd15 --size 512 \
+        --batch 8 --device cuda --precision bf16 --steps 10 --warmup 5 --compile --json "$out/speed-gpu-compiled.json"
+fi

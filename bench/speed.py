@@ -97,12 +97,26 @@ def child_ours(spec: dict) -> dict:
     common = {"model": spec["model"], "device": spec["device"], "precision": spec["precision"]}
     create_embedding(CreateOptions(**common, name="benchword", init_text="person", vectors=spec["vectors"],
                                    overwrite=True, embeddings_dir=str(work / "embeddings")), cache_dir=work)
+    events: list[tuple[str, float]] = []
     started = time.perf_counter()
     train(TrainOptions(**common, embedding="benchword", dataset=spec["data"], embeddings_dir=str(work / "embeddings"),
                        run_dir=str(work / "run"), template="subject", size=spec["size"], batch_size=spec["batch"],
-                       max_steps=spec["warmup"] + spec["steps"], preview_every=0, save_every=0,
-                       eval_every=spec["eval_every"], learning_rate="0.005", seed=0), cache_dir=work)
+                       max_steps=spec["warmup"] + spec["steps"], preview_every=spec.get("preview_every", 0),
+                       preview_steps=20, preview_sampler="DPM++ 2M Karras", save_every=0,
+                       eval_every=spec["eval_every"], learning_rate="0.005", seed=0,
+                       compile_unet=spec.get("compile", False)), cache_dir=work,
+          on_progress=lambda p: events.append((p.event, time.perf_counter())))
     result = {**summarise(stamps, spec), "wall_s": time.perf_counter() - started}
+    # A preview is drawn right after its step: its time is from that step's report to the preview's.
+    previews = [t - events[i - 1][1] for i, (event, t) in enumerate(events)
+                if event == "preview" and i and events[i - 1][0] == "step"]
+    if previews:
+        # ... and a step's own time from the steps that directly follow another step (no preview between).
+        plain = sorted(t - events[i - 1][1] for i, (event, t) in enumerate(events)
+                       if event == "step" and i and events[i - 1][0] == "step")
+        result["preview_s"] = sum(previews) / len(previews)
+        if plain:
+            result["preview_in_steps"] = result["preview_s"] / plain[len(plain) // 2]
     if cuda:
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -276,6 +290,11 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--eval-every", type=int, default=0,
                         help="tistudio's fixed-batch evaluation every N steps (default 0: off, like the peer)")
+    parser.add_argument("--preview-every", type=int, default=0,
+                        help="tistudio draws a 20-step DPM++ 2M Karras preview every N steps (default 0: off); the "
+                             "table then gives a preview's cost in training steps (steps/s then include previews)")
+    parser.add_argument("--compile", action="store_true",
+                        help="tistudio compiles its UNet (--compile-unet); raise --warmup to cover compiling")
     parser.add_argument("--peer", type=Path, help="path of diffusers' examples/textual_inversion/textual_inversion.py")
     parser.add_argument("--generate", action="store_true", help="also measure generation (tistudio and diffusers)")
     parser.add_argument("--gen-steps", type=int, default=20)
@@ -295,7 +314,8 @@ def main() -> int:
         data = make_photos(work / "photos", size)
         base = {"model": str(folder), "data": str(data), "size": size, "steps": args.steps, "warmup": args.warmup,
                 "vectors": args.vectors, "device": args.device, "precision": args.precision,
-                "eval_every": args.eval_every, "peer": str(args.peer) if args.peer else None,
+                "eval_every": args.eval_every, "peer": str(args.peer) if args.peer else None, "compile": args.compile,
+                "preview_every": args.preview_every,
                 "gen_steps": args.gen_steps, "gen_images": args.gen_images}
         kinds = ["ours"] + (["peer"] if args.peer else [])
         for batch in (int(b) for b in args.batch.split(",")):
@@ -315,7 +335,9 @@ def main() -> int:
 
     settings = {"model": args.model, "size": size, "steps": args.steps, "warmup": args.warmup,
                 "vectors": args.vectors, "device": args.device, "precision": args.precision,
-                "eval_every": args.eval_every, "gen_steps": args.gen_steps, "sampler": "DDIM", "cfg": 7.5}
+                "eval_every": args.eval_every, "compile": args.compile, "preview_every": args.preview_every,
+                "gen_steps": args.gen_steps,
+                "sampler": "DDIM", "cfg": 7.5}
     print(f"\n{args.model} at {size}px, {args.device} {args.precision}, {args.steps} steps after {args.warmup} "
           f"warm-up; {machine()}")
     print(f"{'what':9} {'who':10} {'batch':>5} {'steps/s':>8} {'samples/s':>9} {'images/s':>8} {'peak RSS MB':>11} "
@@ -340,6 +362,11 @@ def main() -> int:
     gen = {r["who"]: r for r in rows if r["what"] == "generate"}
     if len(gen) == 2:
         ratios["generation"] = {"speed": gen["ours"]["images_per_s"] / gen["diffusers"]["images_per_s"]}
+    for row in rows:
+        if "preview_in_steps" in row:
+            print(f"tistudio, batch {row['batch']}: a preview takes {row['preview_s']:.1f} s = "
+                  f"{row['preview_in_steps']:.1f} training steps; every {args.preview_every} steps that is "
+                  f"{row['preview_in_steps'] / (args.preview_every + row['preview_in_steps']):.0%} of the run")
     for label, values in ratios.items():
         print(f"tistudio / peer, {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
     report = {"machine": machine(), "settings": settings, "rows": rows, "ratios": ratios}

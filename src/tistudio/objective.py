@@ -60,7 +60,7 @@ def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     else:
         objective = noise.float()
     hidden = encoder.encode(prompts).to(model.dtype)
-    prediction = (unet or model.unet)(noisy, t, encoder_hidden_states=hidden).sample
+    prediction = (model.unet if unet is None else unet)(noisy, t, encoder_hidden_states=hidden).sample
     return torch.nn.functional.mse_loss(prediction.float(), objective)
 
 
