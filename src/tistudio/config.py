@@ -141,7 +141,7 @@ class TrainOptions(ModelOptions):
     # large sizes and batches, about a third more compute per step. Results are the same.
     gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)")
     # Compile the UNet with torch.compile for the training steps: on GPUs it fuses kernels after a few minutes of
-    # compiling. On CPUs it is slower (measured: 7.7 s against 5.0 s per full-size step, after 4 minutes).
+    # compiling. On CPUs it is slower (measured on 2 cores: 9.7 s against 5.5 s a full-size step at 256 px).
     compile_unet: bool = option(False, "compile the UNet with torch.compile (GPUs; minutes to compile first)")
 
 
