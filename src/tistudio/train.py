@@ -443,7 +443,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
                 fits = cuda_step_fits(model, unet, encoder, alphas, latents, longest, timesteps, vectors)
                 batch = largest_fitting(fits, min(AUTO_BATCH_LIMIT, count))
             else:
-                batch = 1  # CPU and Mac: a bigger batch is no faster per image
+                batch = 1  # CPU and Mac: nothing is probed there; A1111's default
             if not options.batch_size:
                 log.info("batch size %d (automatic%s)", batch, ", as this run began" if earlier_batch else "")
             per_step = batch * accumulation
