@@ -107,13 +107,15 @@ def child_ours(spec: dict) -> dict:
                        compile_unet=spec.get("compile", False)), cache_dir=work,
           on_progress=lambda p: events.append((p.event, time.perf_counter())))
     result = {**summarise(stamps, spec), "wall_s": time.perf_counter() - started}
-    # A preview is drawn right after its step: its time is from that step's report to the preview's.
-    previews = [t - events[i - 1][1] for i, (event, t) in enumerate(events)
-                if event == "preview" and i and events[i - 1][0] == "step"]
+    def after_a_step(kind: str) -> list[float]:
+        """Seconds from a step's report to the next event, where that event is of this kind."""
+        return sorted(t - events[i - 1][1] for i, (event, t) in enumerate(events)
+                      if event == kind and i and events[i - 1][0] == "step")
+
+    # A preview is drawn right after its step; a plain step's time is that of a step right after another step.
+    previews = after_a_step("preview")
     if previews:
-        # ... and a step's own time from the steps that directly follow another step (no preview between).
-        plain = sorted(t - events[i - 1][1] for i, (event, t) in enumerate(events)
-                       if event == "step" and i and events[i - 1][0] == "step")
+        plain = after_a_step("step")
         result["preview_s"] = sum(previews) / len(previews)
         if plain:
             result["preview_in_steps"] = result["preview_s"] / plain[len(plain) // 2]

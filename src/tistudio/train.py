@@ -160,17 +160,39 @@ def cuda_step_fits(model: SDModel, unet: Any, encoder: PromptEncoder, alphas: to
 
 
 @contextmanager
-def fast_fp32_math(device: torch.device) -> Iterator[None]:
-    """TF32 matmuls and convolutions on CUDA (Ampere and newer) while training; the flags are restored after."""
-    if device.type != "cuda":
-        yield
-        return
+def training_mode(model: SDModel, checkpointing: bool) -> Iterator[None]:
+    """While training: gradient checkpointing if asked (only where gradients are on, so evaluation and previews are
+    unaffected), and TF32 matmuls and convolutions on CUDA (Ampere and newer). Everything is restored after."""
+    checkpointing = checkpointing and not model.unet.is_gradient_checkpointing
+    cuda = model.device.type == "cuda"
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if checkpointing:
+            model.unet.disable_gradient_checkpointing()
+
+
+def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: Callable[[], Callable[[int], bool]]
+                 | None) -> int:
+    """The micro-batch: as asked; or (0, automatic) what the run began with, else the largest that `probe()`'s
+    test lets fit (GPUs), else 1 (CPU and Mac: nothing is probed there; A1111's default)."""
+    if options.batch_size:
+        return min(options.batch_size, count)
+    if earlier:
+        batch = earlier
+    elif probe is not None:
+        batch = largest_fitting(probe(), min(AUTO_BATCH_LIMIT, count))
+    else:
+        batch = 1
+    log.info("batch size %d (automatic%s)", batch, ", as this run began" if earlier else "")
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,98 +448,85 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     accumulation = options.gradient_accumulation
     flush_every = LOSS_FLUSH_STEPS if cuda else 1  # reading the loss syncs a GPU: batch it there
     step = start_step
-    checkpointing = options.gradient_checkpointing and not model.unet.is_gradient_checkpointing
-    if checkpointing:  # only where gradients are on: the evaluation and previews are unaffected
-        model.unet.enable_gradient_checkpointing()
     # The training steps may use a compiled UNet; evaluation and previews use the model's own.
     unet = torch.compile(model.unet) if options.compile_unet else model.unet
-    try:
-        with fast_fp32_math(device):
-            if options.batch_size:
-                batch = min(options.batch_size, count)
-            elif earlier_batch:
-                batch = earlier_batch
-            elif cuda:
-                longest = max((fill_template(line, name, caption, random.Random(0)) for line in template
-                               for caption in captions), key=len)
-                fits = cuda_step_fits(model, unet, encoder, alphas, latents, longest, timesteps, vectors)
-                batch = largest_fitting(fits, min(AUTO_BATCH_LIMIT, count))
+
+    def probe() -> Callable[[int], bool]:
+        longest = max((fill_template(line, name, caption, random.Random(0)) for line in template
+                       for caption in captions), key=len)
+        return cuda_step_fits(model, unet, encoder, alphas, latents, longest, timesteps, vectors)
+
+    with training_mode(model, options.gradient_checkpointing):
+        batch = choose_batch(options, earlier_batch, count, probe if cuda else None)
+        per_step = batch * accumulation
+        write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
+            "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
+            "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
+            "device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
+            "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
+            "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
+            "compiled_unet": options.compile_unet, "tistudio_version": __version__}})
+        loop_started = time.monotonic()
+        while step < schedule.end_step and not stop.is_set():
+            lr = schedule.rate_at(step) * guard.lr_factor
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                first = step * per_step + micro * batch
+                indices = sample_indices(options.seed, first, batch, count)
+                rng = random.Random(seed_for(options.seed, 2, step, micro))
+                prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
+                                         options.tag_dropout) for i in indices]
+                generator = torch.Generator().manual_seed(seed_for(options.seed, 3, step, micro))
+                t = torch.randint(0, timesteps, (batch,), generator=generator)
+                noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
+                clean = latents[torch.tensor(indices, device=device)]
+                loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts,
+                                      unet=unet) / accumulation
+                if options.init_pull and micro == 0:
+                    loss = loss + options.init_pull * (vectors - initial).pow(2).mean()
+                if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
+            if options.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped on the device when the gradient is not finite
+                scaler.update()
+            elif bool(finite):
+                optimizer.step()
+                guard.good()
             else:
-                batch = 1  # CPU and Mac: nothing is probed there; A1111's default
-            if not options.batch_size:
-                log.info("batch size %d (automatic%s)", batch, ", as this run began" if earlier_batch else "")
-            per_step = batch * accumulation
-            write_json(run.path / "options.json", {"options": to_dict(options), "resolved": {
-                "embedding_file": str(embedding_path), "start_step": start_step, "end_step": schedule.end_step,
-                "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
-                "device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
-                "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
-                "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
-                "compiled_unet": options.compile_unet, "tistudio_version": __version__}})
-            loop_started = time.monotonic()
-            while step < schedule.end_step and not stop.is_set():
-                lr = schedule.rate_at(step) * guard.lr_factor
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = torch.zeros((), device=device)
-                for micro in range(accumulation):
-                    first = step * per_step + micro * batch
-                    indices = sample_indices(options.seed, first, batch, count)
-                    rng = random.Random(seed_for(options.seed, 2, step, micro))
-                    prompts = [fill_template(rng.choice(template), name, captions[i], rng, options.shuffle_tags,
-                                             options.tag_dropout) for i in indices]
-                    generator = torch.Generator().manual_seed(seed_for(options.seed, 3, step, micro))
-                    t = torch.randint(0, timesteps, (batch,), generator=generator)
-                    noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
-                    clean = latents[torch.tensor(indices, device=device)]
-                    loss = diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, prompts,
-                                          unet=unet) / accumulation
-                    if options.init_pull and micro == 0:
-                        loss = loss + options.init_pull * (vectors - initial).pow(2).mean()
-                    if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    step_loss += loss.detach()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad = vectors.grad if vectors.grad is not None else torch.zeros_like(vectors)
-                finite = torch.isfinite(step_loss) & torch.isfinite(grad).all()
-                if options.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(vectors, options.clip_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)  # skipped on the device when the gradient is not finite
-                    scaler.update()
-                elif bool(finite):
-                    optimizer.step()
-                    guard.good()
-                else:
-                    guard.bad(step + 1, saved_step)
-                optimizer.zero_grad(set_to_none=True)
-                if norm_limit is not None:
-                    with torch.no_grad():
-                        vectors.mul_((norm_limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-                step += 1
-                result.step = step
-                epoch = (step * per_step - 1) // count
-                pending.append((step, epoch, step_loss, lr, finite))
-                if len(pending) >= flush_every:
-                    flush()
-                elapsed = time.monotonic() - loop_started
-                report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
-                                elapsed_s=time.monotonic() - started,
-                                eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
-                if evaluator is not None and step % options.eval_every == 0:
-                    evaluate(step)
-                    if options.stop == "auto" and evaluator.converged():
-                        result.converged_at = step
-                        log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
-                        break
-                if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
-                    save(step, copy=True, final=False)
-                if options.preview_every and step % options.preview_every == 0:
-                    make_preview(step)
-    finally:
-        if checkpointing:
-            model.unet.disable_gradient_checkpointing()
+                guard.bad(step + 1, saved_step)
+            optimizer.zero_grad(set_to_none=True)
+            if norm_limit is not None:
+                with torch.no_grad():
+                    vectors.mul_((norm_limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+            step += 1
+            result.step = step
+            epoch = (step * per_step - 1) // count
+            pending.append((step, epoch, step_loss, lr, finite))
+            if len(pending) >= flush_every:
+                flush()
+            elapsed = time.monotonic() - loop_started
+            report(Progress("step", step, schedule.end_step, epoch=epoch, loss=result.last_loss, lr=lr,
+                            elapsed_s=time.monotonic() - started,
+                            eta_s=elapsed / (step - start_step) * (schedule.end_step - step)))
+            if evaluator is not None and step % options.eval_every == 0:
+                evaluate(step)
+                if options.stop == "auto" and evaluator.converged():
+                    result.converged_at = step
+                    log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
+                    break
+            if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
+                save(step, copy=True, final=False)
+            if options.preview_every and step % options.preview_every == 0:
+                make_preview(step)
 
     # 7. Save where we are: finished, converged, or stopped by the caller (Ctrl-C).
     result.stopped = step < schedule.end_step and result.converged_at is None
