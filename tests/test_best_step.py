@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,45 @@ def test_the_best_step_is_the_first_on_the_loss_floor() -> None:
     assert floor_step([], start=1.0) is None
 
 
+def test_losses_above_the_neutral_start_do_not_count_towards_convergence() -> None:
+    # A start far from the subject: a steep fall while its meaning is unlearned, then the slow learning of the
+    # subject. Measured against the steep fall the slow part looks flat; measured from the neutral start it is not.
+    curve = [3.0, 1.2, 0.60] + [0.5 - 0.01 * i for i in range(10)]
+    assert converged(curve)
+    assert not converged(curve, ceiling=0.52)
+    assert converged(curve[:3] + [0.40 + 0.0001 * (i % 2) for i in range(10)], ceiling=0.52)  # truly flat
+
+
+def test_a_far_start_measures_the_floor_from_the_person_like_start(sd1_model, photos, tmp_path) -> None:
+    fresh(sd1_model, tmp_path / "word")  # starts from the word 'toy'
+    fresh(sd1_model, tmp_path / "person", init="")
+    train(options(photos, tmp_path / "word", max_steps=6), cache_dir=tmp_path, model=sd1_model)
+    train(options(photos, tmp_path / "person", max_steps=6), cache_dir=tmp_path, model=sd1_model)
+    word = json.loads((tmp_path / "word" / "run" / "options.json").read_text())["resolved"]
+    person = json.loads((tmp_path / "person" / "run" / "options.json").read_text())["resolved"]
+    # The neutral start's loss is exactly the person-like start's: the same fixed batch, the person-like vectors.
+    assert word["neutral_loss"] == pytest.approx(read_eval_log(tmp_path / "person" / "run" / "eval.csv")[0][1],
+                                                 rel=1e-5)
+    assert person["neutral_loss"] is None  # the person-like start is the neutral start: nothing more to measure
+    # A resumed run keeps it (from its resume state) and chooses as an uninterrupted run does.
+    straight = read_embedding(tmp_path / "word" / "emb" / "tomtut.safetensors")
+    fresh(sd1_model, tmp_path / "again")
+    train(options(photos, tmp_path / "again", max_steps=3), cache_dir=tmp_path, model=sd1_model)
+    train(options(photos, tmp_path / "again", max_steps=6), cache_dir=tmp_path, model=sd1_model)
+    again = json.loads((tmp_path / "again" / "run" / "options.json").read_text())["resolved"]
+    assert again["neutral_loss"] == word["neutral_loss"]
+    resumed = read_embedding(tmp_path / "again" / "emb" / "tomtut.safetensors")
+    assert resumed.step == straight.step and torch.equal(resumed.tensor, straight.tensor)
+
+
 def test_evaluations_are_logged_and_the_best_step_is_kept(sd1_model, photos, tmp_path) -> None:
     fresh(sd1_model, tmp_path)
     result = train(options(photos, tmp_path), cache_dir=tmp_path, model=sd1_model)
     rows = read_eval_log(tmp_path / "run" / "eval.csv")
     assert [r[0] for r in rows] == [0, 3, 6, 9, 12] and all(r[2] is None for r in rows)
-    best = floor_step([(step, loss) for step, loss, _ in rows[1:]], rows[0][1])
+    neutral = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
+    assert neutral is not None  # this run started from a word, not from the person-like start
+    best = floor_step([(step, loss) for step, loss, _ in rows[1:]], min(rows[0][1], neutral))
     kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     last = read_embedding(tmp_path / "run" / "tomtut-last.safetensors") if best != 12 else kept
     assert kept.step == best and last.step == 12
@@ -76,14 +110,18 @@ def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, 
     fresh(sd1_model, tmp_path)
     calls = {"n": 0}
 
-    def after_five(losses, window=objective.DVAR_WINDOW, threshold=objective.DVAR_THRESHOLD):
+    def after_five(losses, window=objective.DVAR_WINDOW, threshold=objective.DVAR_THRESHOLD, ceiling=None):
         calls["n"] += 1
         return len(losses) >= 5
 
     monkeypatch.setattr(objective, "converged", after_five)
     result = train(options(photos, tmp_path, max_steps=300, stop="auto"), cache_dir=tmp_path, model=sd1_model)
-    assert result.converged_at == 12 and result.step == 12 and not result.stopped
+    assert result.converged_at is not None and result.step == result.converged_at < 300 and not result.stopped
     assert "converged" in result.message
+    # ... and only once the best step had stayed put for five evaluations (every 3 steps).
+    rows = read_eval_log(tmp_path / "run" / "eval.csv")
+    best = result.best_step or result.step
+    assert sum(1 for step, _, _ in rows if step > best) == objective.DVAR_WINDOW
 
 
 def test_max_norm_keeps_vectors_near_a_words_length(sd1_model, photos, tmp_path) -> None:
@@ -135,3 +173,12 @@ def test_bad_evaluation_options_are_refused(sd1_model, photos, tmp_path, bad) ->
     fresh(sd1_model, tmp_path)
     with pytest.raises(OptionError, match=next(iter(bad))):
         train(options(photos, tmp_path, **bad), cache_dir=tmp_path, model=sd1_model)
+
+
+def test_the_report_says_when_the_floor_is_measured_from_the_person_like_start() -> None:
+    from tistudio.report import evaluation_section
+
+    rows = [(0, 0.9, None), (25, 0.5, None), (50, 0.4, None)]
+    assert "measured from the latter" in evaluation_section(rows, 25, neutral=0.6)
+    assert "measured from the latter" not in evaluation_section(rows, 25, neutral=None)
+    assert "measured from the latter" not in evaluation_section(rows, 25, neutral=0.95)  # its own start was nearer

@@ -4,10 +4,17 @@
 measures progress on a *fixed* batch - the same latents, noise, timesteps and prompts at every evaluation - so
 that changes in the number come from the vectors alone (DVAR, Voronov et al., NeurIPS 2023: "Is This Loss
 Informative?"). When the loss has stopped moving - the variance of its last W values is a small fraction of the
-variance of all of them - training has converged. The best step is where the loss curve reaches its floor: the
-first evaluation within PLATEAU of the whole drop above the lowest loss. Later steps fit the training photos a
-little more closely (the fixed batch is drawn from them) without showing the subject any better, and every extra
-step drifts the vectors further from the vocabulary, so the earliest step on the floor is the one to keep.
+variance of all of them - and the best step has stayed where it is for W evaluations, training has converged.
+The best step is where the loss curve reaches its floor: the first evaluation within PLATEAU of the whole drop
+above the lowest loss. Later steps fit the training photos a little more closely (the fixed batch is drawn from
+them) without showing the subject any better, and every extra step drifts the vectors further from the
+vocabulary, so the earliest step on the floor is the one to keep.
+
+The drop is counted from the *neutral start* - the loss of the person-like start (the default) - or from the run's
+own start where that was lower. A start far from the subject (a word with a strong unrelated meaning) first falls
+steeply while its meaning is unlearned; counted from there, that fall would widen the floor and both decisions
+would come too early, before the subject has been learned. Losses above the neutral start are likewise clipped
+to it for the convergence rule.
 """
 
 from __future__ import annotations
@@ -102,14 +109,17 @@ def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor
 
 
 def converged(losses: list[float], window: int = DVAR_WINDOW, threshold: float = DVAR_THRESHOLD,
-              flat: float = 0.05) -> bool:
+              flat: float = 0.05, ceiling: float | None = None) -> bool:
     """DVAR's rule - the last `window` losses vary less than `threshold` times as much as all of them - plus a
     check that they have stopped falling: over the last window the mean fell by less than `flat` of the whole
-    range. (The variance ratio alone also fires on a steady, noise-free decline once enough values are in.)"""
+    range. (The variance ratio alone also fires on a steady, noise-free decline once enough values are in.)
+    Losses above `ceiling` (the neutral start's) count as the ceiling."""
     if len(losses) < 2 * window:
         return False
     import statistics
 
+    if ceiling is not None:
+        losses = [min(loss, ceiling) for loss in losses]
     total = statistics.pvariance(losses)
     if total <= 0:
         return True
@@ -139,6 +149,23 @@ def floor_step(losses: list[tuple[int, float]], start: float, plateau: float = P
     return next(step for step, loss in losses if loss <= limit)
 
 
+def drop_start(losses: list[tuple[int, float]], neutral: float | None) -> float:
+    """Where the drop is counted from: the untrained start's loss (step 0; if the log lacks it, the highest seen),
+    or the neutral start's where that is lower."""
+    own = next((loss for step, loss in losses if step == 0), max((loss for _, loss in losses), default=0.0))
+    return own if neutral is None else min(own, neutral)
+
+
+def should_stop(losses: list[tuple[int, float]], neutral: float | None, window: int = DVAR_WINDOW) -> bool:
+    """--stop auto: the fixed-batch loss has converged (DVAR; losses above the neutral start count as it) and the
+    best step has not moved for `window` evaluations (a slow fall that still lowers the floor is not the end)."""
+    start = drop_start(losses, neutral)
+    if not converged([loss for _, loss in losses], window=window, ceiling=None if neutral is None else start):
+        return False
+    best = floor_step([(step, loss) for step, loss in losses if step > 0], start)
+    return best is not None and sum(1 for step, _ in losses if step > best) >= window
+
+
 class Evaluator:
     """Evaluates the fixed batch every few steps, logs it to eval.csv, and keeps the vectors of the steps that may
     still turn out to be the best (those within the floor limit, which only ever falls).
@@ -155,12 +182,23 @@ class Evaluator:
         self.likeness = likeness
         self.history: list[tuple[int, float, float | None]] = []
         self.kept: dict[int, torch.Tensor] = {}  # step -> vectors, for the steps that can still be the best
+        self.neutral: float | None = None  # the neutral start's loss, if it differs from this run's start
+
+    def loss_of(self, swap: Callable[[], Any], restore: Callable[[], Any]) -> float:
+        """The fixed-batch loss of other vectors (`swap` puts them in place, `restore` puts the run's back)."""
+        swap()
+        try:
+            return evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch)
+        finally:
+            restore()
 
     def open(self, start_step: int, saved: dict[str, Any] | None) -> None:
         """Read the history up to start_step (a resume), or start a new log; restore the kept vectors."""
         rows = [row for row in read_eval_log(self.path) if row[0] <= start_step] if start_step > 0 else []
         self.history = rows
         write_text(self.path, "".join(line + "\n" for line in [EVAL_HEADER, *(eval_row(*row) for row in rows)]))
+        if saved and saved["meta"].get("neutral_loss") is not None:
+            self.neutral = float(saved["meta"]["neutral_loss"])
         if saved and "kept_vectors" in saved.get("tensors", {}):
             steps = [int(s) for s in saved["meta"].get("kept_steps", [])]
             stacked = saved["tensors"]["kept_vectors"].to(torch.float32)
@@ -171,9 +209,8 @@ class Evaluator:
         """step -> loss of the evaluations that may be the best (not the untrained start)."""
         return {step: loss for step, loss, _ in self.history if step > 0}
 
-    def _start(self, candidates: dict[int, float]) -> float:
-        """The untrained start's loss (or, if the log lacks it, the highest seen)."""
-        return next((loss for step, loss, _ in self.history if step == 0), max(candidates.values()))
+    def _start(self) -> float:
+        return drop_start([(step, loss) for step, loss, _ in self.history], self.neutral)
 
     def evaluate(self, step: int, vectors: torch.Tensor, candidate: bool = True) -> tuple[float, float | None]:
         """Evaluate and log; a `candidate` step may become the best (the untrained start is not one)."""
@@ -187,7 +224,7 @@ class Evaluator:
         if candidate:
             self.kept[step] = vectors.detach().to("cpu", torch.float32).clone()
             candidates = self._candidates()
-            limit = floor_limit(list(candidates.values()), self._start(candidates))
+            limit = floor_limit(list(candidates.values()), self._start())
             self.kept = {s: v for s, v in self.kept.items() if candidates.get(s, float("inf")) <= limit}
         return loss, like
 
@@ -195,16 +232,17 @@ class Evaluator:
     def best(self) -> Best | None:
         """The first step on the floor; its vectors are always kept (the floor's edge only falls)."""
         candidates = self._candidates()
-        step = floor_step(list(candidates.items()), self._start(candidates)) if candidates else None
+        step = floor_step(list(candidates.items()), self._start()) if candidates else None
         if step is None or step not in self.kept:  # a resume state from before vectors were kept
             return None
         return Best(step=step, loss=candidates[step], vectors=self.kept[step])
 
     def converged(self) -> bool:
-        return converged([loss for _, loss, _ in self.history])
+        return should_stop([(step, loss) for step, loss, _ in self.history], self.neutral)
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta = {} if self.neutral is None else {"neutral_loss": self.neutral}
         if not self.kept:
-            return {}, {}
+            return meta, {}
         steps = sorted(self.kept)
-        return {"kept_steps": steps}, {"kept_vectors": torch.stack([self.kept[s] for s in steps])}
+        return {**meta, "kept_steps": steps}, {"kept_vectors": torch.stack([self.kept[s] for s in steps])}

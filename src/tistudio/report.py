@@ -146,7 +146,8 @@ def best_step(run_dir: Path, name: str) -> int | None:
     return int(meta["best_step"]) if meta.get("best_step", "").isdigit() else None
 
 
-def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None) -> str:
+def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None,
+                       neutral: float | None = None) -> str:
     if not rows:
         return ""
     measured = any(like is not None for _, _, like in rows)
@@ -155,6 +156,11 @@ def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | 
                if measured else "; ")
             + ("the best step - the first on the loss curve's floor - is marked and kept as the embedding."
                if best is not None else "the last step was the first on the loss curve's floor."))
+    start = next((loss for step, loss, _ in rows if step == 0), None)
+    if neutral is not None and start is not None and neutral < start:
+        text += (f" This run started farther from the subject ({start:.4f}) than the person-like start would have "
+                 f"({neutral:.4f}), so the floor is measured from the latter: the fall while the start's own meaning "
+                 "is unlearned does not count.")
     return f"<h2>Evaluation</h2>{eval_chart(rows, best)}<p class='muted'>{text}</p>"
 
 
@@ -167,6 +173,7 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
     best = best_step(run_dir, name)
     options_file = run_dir / "options.json"
     summary = ""
+    resolved: dict = {}
     if options_file.is_file():
         data = json.loads(options_file.read_text("utf-8"))
         resolved, options = data.get("resolved", {}), data.get("options", {})
@@ -186,6 +193,6 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             f"<h2>Loss</h2>{loss_chart(rows)}<p class='muted'>Per-step training loss (light) and its moving "
             f"average (dark). The loss of diffusion training is noisy by nature: it mostly measures which noise "
             f"level each step drew.</p>"
-            f"{evaluation_section(evaluations, best)}"
+            f"{evaluation_section(evaluations, best, resolved.get('neutral_loss'))}"
             f"<h2>Previews over training</h2>{preview_grid(run_dir, name)}{extra_sections}</body></html>")
     return write_text(run_dir / "report.html", page)

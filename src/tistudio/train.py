@@ -37,6 +37,7 @@ import torch
 from . import __version__
 from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
+from .create import person_vectors
 from .dataset import Dataset, load_dataset, square
 from .embedding import Embedding, find_embedding_file, read_embedding, write_embedding
 from .errors import EmbeddingError, TistudioError
@@ -369,6 +370,14 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
                                       timesteps, size=EVAL_SIZE)
         evaluator = Evaluator(model, encoder, alphas, latents, batch_eval, run.path / "eval.csv", likeness)
         evaluator.open(start_step, saved)
+        if evaluator.neutral is None:
+            # The floor is measured from the person-like start; a run that started elsewhere measures it once.
+            neutral = person_vectors(model, vectors.shape[0]).to(device)
+            if not torch.equal(neutral, initial.to(torch.float32)):
+                evaluator.neutral = evaluator.loss_of(lambda: encoder.set_embeddings({name: neutral}),
+                                                      lambda: encoder.set_embeddings({name: vectors}))
+                log.info("fixed-batch loss of the person-like start: %.5f (the loss floor is measured from it "
+                         "where it is below this run's start)", evaluator.neutral)
 
     renderer = Renderer(model, encoder) if options.preview_every else None
     prompt_for_preview = options.preview_prompt or preview_prompt(template, name)
@@ -465,7 +474,8 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             "device": str(device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
             "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
             "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
-            "compiled_unet": options.compile_unet, "tistudio_version": __version__}})
+            "compiled_unet": options.compile_unet,
+            "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
         loop_started = time.monotonic()
         while step < schedule.end_step and not stop.is_set():
             lr = schedule.rate_at(step) * guard.lr_factor
