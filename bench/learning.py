@@ -8,10 +8,11 @@ For each initialization and training seed it trains the demo's embedding (15 pho
 4 vectors, lr 0.005, batch 4). At every evaluation each judge - the trait reader looking at 32 pictures from four
 unseen prompts and its own eight unseen seeds - gives the share of pictures that show the person. It prints: the
 share before training, the best share, the first step that reached 80 %, the kept step (tistudio's choice: the
-first on the fixed-batch loss floor) and whether its share is on the reader's plateau (within the one-sided 95%
-binomial margin of the best share), the step the reader likes best (all judges' pictures pooled: the first within
-one picture of its highest share), the step each judge alone likes best (how far apart those are is how finely the
-best step can be told at all), and where --stop auto's rule would have stopped.
+first on the fixed-batch loss floor) and whether its share is on the reader's plateau (not told apart from the
+best share by a one-sided two-proportion test at 95%), the step the reader likes best (all judges' pictures
+pooled: the first within one picture of its highest share), the step each judge alone likes best (how far apart
+those are is how finely the best step can be told at all), and where --stop auto's rule would have stopped and
+what it would have kept.
 
 It also tries an alternative that tistudio does not use: choosing by the likeness of preview pictures to the
 training photos (16 pictures from photo-like prompts; the person is read from the photos themselves, trait by
@@ -66,10 +67,11 @@ def first_best(curve: list[tuple[int, float]], tolerance: float) -> int:
     return next(step for step, value in curve if value >= top - tolerance)
 
 
-def plateau_margin(top: float, pictures: int) -> float:
-    """How far below the highest share a step's share may be and still not be told apart from it: the one-sided
-    95% binomial margin (1.64 standard errors of a share of `pictures` pictures at the highest share)."""
-    return 1.64 * math.sqrt(max(top * (1 - top), 1 / pictures) / pictures)
+def on_plateau(share: float, top: float, pictures: int) -> bool:
+    """Whether a step's share cannot be told apart from the highest share: a one-sided two-proportion test at 95%
+    (the difference is under 1.64 standard errors of the difference of two shares of `pictures` pictures each)."""
+    spread = math.sqrt((share * (1 - share) + top * (1 - top)) / pictures)
+    return top - share <= 1.64 * max(spread, 1 / pictures)
 
 
 def off_by(step: int, reference: int) -> float:
@@ -131,8 +133,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     reached = next((s for s, like in shares if like >= 0.8), None)
     return {"init": init, "seed": seed, "share_before": shares[0][1], "share_best": top,
             "share_kept": next(like for s, like in shares if s == kept), "first_step_80": reached,
-            "kept_on_plateau": next(like for s, like in shares if s == kept) >= top - plateau_margin(
-                top, PICTURES * judges),
+            "kept_on_plateau": on_plateau(next(like for s, like in shares if s == kept), top, PICTURES * judges),
             "kept_step": kept, "reader_best_step": reader_best, "auto_stop_step": stop_at, "auto_stop_kept": stop_kept,
             "share_auto_stop_kept": next((like for s, like in shares if s == stop_kept), None),
             "agreement": off_by(kept, reader_best), "best_by_judge": by_judge,
