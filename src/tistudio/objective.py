@@ -184,14 +184,6 @@ class Evaluator:
         self.kept: dict[int, torch.Tensor] = {}  # step -> vectors, for the steps that can still be the best
         self.neutral: float | None = None  # the neutral start's loss, if it differs from this run's start
 
-    def loss_of(self, swap: Callable[[], Any], restore: Callable[[], Any]) -> float:
-        """The fixed-batch loss of other vectors (`swap` puts them in place, `restore` puts the run's back)."""
-        swap()
-        try:
-            return evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch)
-        finally:
-            restore()
-
     def open(self, start_step: int, saved: dict[str, Any] | None) -> None:
         """Read the history up to start_step (a resume), or start a new log; restore the kept vectors."""
         rows = [row for row in read_eval_log(self.path) if row[0] <= start_step] if start_step > 0 else []

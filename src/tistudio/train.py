@@ -47,6 +47,7 @@ from .objective import (
     Evaluator,
     diffusion_loss,
     evaluation_batch,
+    evaluation_loss,
     noise_schedule,
     seed_for,
 )
@@ -374,8 +375,11 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             # The floor is measured from the person-like start; a run that started elsewhere measures it once.
             neutral = person_vectors(model, vectors.shape[0]).to(device)
             if not torch.equal(neutral, initial.to(torch.float32)):
-                evaluator.neutral = evaluator.loss_of(lambda: encoder.set_embeddings({name: neutral}),
-                                                      lambda: encoder.set_embeddings({name: vectors}))
+                encoder.set_embeddings({name: neutral})
+                try:
+                    evaluator.neutral = evaluation_loss(model, encoder, alphas, latents, batch_eval)
+                finally:
+                    encoder.set_embeddings({name: vectors})
                 log.info("fixed-batch loss of the person-like start: %.5f (the loss floor is measured from it "
                          "where it is below this run's start)", evaluator.neutral)
 
