@@ -8,7 +8,7 @@ For each initialization and training seed it trains the demo's embedding (15 pho
 4 vectors, lr 0.005, batch 4). At every evaluation each judge - the trait reader looking at 32 pictures from four
 unseen prompts and its own eight unseen seeds - gives the share of pictures that show the person. It prints: the
 share before training, the best share, the first step that reached 80 %, the kept step (tistudio's choice: the
-first on the fixed-batch loss floor) and whether its share is on the reader's plateau (not told apart from the
+lowest fixed-batch loss) and whether its share is on the reader's plateau (not told apart from the
 best share by a one-sided two-proportion test at 95%), the step the reader likes best (all judges' pictures
 pooled: the first within one picture of its highest share), the step each judge alone likes best (how far apart
 those are is how finely the best step can be told at all), and where --stop auto's rule would have stopped and
@@ -84,7 +84,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
     from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.objective import drop_start, floor_step, should_stop
+    from tistudio.objective import best_step, should_stop
     from tistudio.runfolder import read_eval_log
     from tistudio.train import train
 
@@ -121,15 +121,14 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     reader_best = first_best(shares, 1 / (PICTURES * judges))
     by_judge = [first_best([(row[0], v[j]) for row, v in zip(rows, verdicts, strict=True)], 1 / PICTURES)
                 for j in range(judges)]
-    kept = result.best_step or result.step  # the kept step: the first on the fixed-batch loss floor
+    kept = result.best_step or result.step  # the kept step: the lowest fixed-batch loss
     scores = [(row[0], score) for row, score in zip(rows, previews, strict=False) if row[0] > 0]
     by_previews = first_best(scores, PREVIEW_TOLERANCE) if scores else None
     neutral = json.loads((work / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
     losses = [(s, loss) for s, loss, _ in rows]
     stop_at = next((losses[i][0] for i in range(len(losses)) if should_stop(losses[: i + 1], neutral)), None)
-    # What --stop auto would have kept: the floor step of the evaluations up to where it stops.
-    upto = [(s, loss) for s, loss in losses if stop_at is not None and 0 < s <= stop_at]
-    stop_kept = floor_step(upto, drop_start(losses, neutral)) if upto else None
+    # What --stop auto would have kept: the best step of the evaluations up to where it stops.
+    stop_kept = best_step([(s, loss) for s, loss in losses if s <= stop_at], neutral) if stop_at is not None else None
     reached = next((s for s, like in shares if like >= 0.8), None)
     return {"init": init, "seed": seed, "share_before": shares[0][1], "share_best": top,
             "share_kept": next(like for s, like in shares if s == kept), "first_step_80": reached,
@@ -138,6 +137,9 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
             "share_auto_stop_kept": next((like for s, like in shares if s == stop_kept), None),
             "agreement": off_by(kept, reader_best), "best_by_judge": by_judge,
             "judges_apart": off_by(by_judge[-1], by_judge[0]) if judges > 1 else None,
+            # How many judges alone land within 20% of the pooled best: how often the reader agrees with itself.
+            "judges_within_20": sum(off_by(step, reader_best) <= 0.2 for step in by_judge),
+            "reader_plateau": [s for s, like in shares if on_plateau(like, top, PICTURES * judges)],
             "preview_likeness_step": by_previews,
             "share_at_preview_likeness_step": next((like for s, like in shares if s == by_previews), None),
             "agreement_preview_likeness": off_by(by_previews, reader_best) if scores else None,
@@ -178,11 +180,12 @@ def main() -> int:
                 results.append(run_one(init, seed, args.steps, args.eval_every, cache, model, folder, Path(work),
                                        args.cfg, args.lr, args.vectors, args.judges, not args.no_previews))
             r = results[-1]
-            judges = (f" (each judge alone: {', '.join(map(str, r['best_by_judge']))}; {r['judges_apart']:.0%} "
-                      f"apart)") if args.judges > 1 else ""
+            judges = (f" (each judge alone: {', '.join(map(str, r['best_by_judge']))}; {r['judges_within_20']} of "
+                      f"{args.judges} within 20%)") if args.judges > 1 else ""
             previews = (f"by preview likeness {r['preview_likeness_step']} ({r['share_at_preview_likeness_step']:.0%}, "
                         f"off by {r['agreement_preview_likeness']:.0%}); ") if r["preview_likeness"] else ""
-            plateau = "" if r["kept_on_plateau"] else ", below the plateau"
+            plateau = (f", on the reader's plateau {r['reader_plateau']}" if r["kept_on_plateau"] else
+                       f", below the reader's plateau {r['reader_plateau']}")
             stop = (f" keeping {r['auto_stop_kept']} ({r['share_auto_stop_kept']:.0%})"
                     if r["auto_stop_kept"] is not None else "")
             print(f"init {init!r:10} seed {seed}: share {r['share_before']:.0%} -> best {r['share_best']:.0%} "

@@ -11,7 +11,7 @@ import torch
 from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
 from tistudio.embedding import read_embedding
-from tistudio.objective import converged, floor_step
+from tistudio.objective import best_step, converged, floor_step
 from tistudio.runfolder import read_eval_log
 from tistudio.train import train
 
@@ -43,6 +43,16 @@ def test_the_best_step_is_the_first_on_the_loss_floor() -> None:
     assert floor_step(curve, start=1.0, plateau=0.2) == 50  # <= 0.36
     assert floor_step([(10, 0.5), (20, 0.6)], start=0.4) == 10  # no drop at all: the first candidate
     assert floor_step([], start=1.0) is None
+
+
+def test_the_best_step_is_the_lowest_loss_with_near_ties_going_to_the_earlier_step() -> None:
+    curve = [(0, 1.0), (25, 0.60), (50, 0.31), (75, 0.215), (100, 0.205), (125, 0.20), (150, 0.21)]
+    assert best_step(curve, neutral=None) == 125  # within 0.5% of the drop (0.8) above the lowest: <= 0.204
+    near_tie = [(0, 1.0), (25, 0.60), (50, 0.203), (75, 0.20), (100, 0.22)]
+    assert best_step(near_tie, neutral=None) == 50
+    assert best_step([(0, 1.0)], neutral=None) is None  # the untrained start is never the best step
+    # A far start (1.0) counts the drop from the person-like start's loss (0.4): the band narrows with it.
+    assert best_step(near_tie, neutral=0.4) == 75
 
 
 def test_losses_above_the_neutral_start_do_not_count_towards_convergence() -> None:
@@ -83,7 +93,8 @@ def test_evaluations_are_logged_and_the_best_step_is_kept(sd1_model, photos, tmp
     assert [r[0] for r in rows] == [0, 3, 6, 9, 12] and all(r[2] is None for r in rows)
     neutral = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
     assert neutral is not None  # this run started from a word, not from the person-like start
-    best = floor_step([(step, loss) for step, loss, _ in rows[1:]], min(rows[0][1], neutral))
+    best = floor_step([(step, loss) for step, loss, _ in rows[1:]], min(rows[0][1], neutral), plateau=0.005)
+    assert best == best_step([(step, loss) for step, loss, _ in rows], neutral)
     kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     last = read_embedding(tmp_path / "run" / "tomtut-last.safetensors") if best != 12 else kept
     assert kept.step == best and last.step == 12
@@ -118,10 +129,13 @@ def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, 
     result = train(options(photos, tmp_path, max_steps=300, stop="auto"), cache_dir=tmp_path, model=sd1_model)
     assert result.converged_at is not None and result.step == result.converged_at < 300 and not result.stopped
     assert "converged" in result.message
-    # ... and only once the best step had stayed put for five evaluations (every 3 steps).
+    # ... and only once the curve's first step on its floor had stayed put for five evaluations (every 3 steps).
     rows = read_eval_log(tmp_path / "run" / "eval.csv")
-    best = result.best_step or result.step
-    assert sum(1 for step, _, _ in rows if step > best) == objective.DVAR_WINDOW
+    losses = [(step, loss) for step, loss, _ in rows]
+    reached = floor_step(losses[1:], objective.drop_start(losses, None))
+    assert sum(1 for step, _ in losses if step > reached) == objective.DVAR_WINDOW
+    # The step kept is the lowest loss up to there.
+    assert (result.best_step or result.step) == objective.best_step(losses, None)
 
 
 def test_max_norm_keeps_vectors_near_a_words_length(sd1_model, photos, tmp_path) -> None:
@@ -175,10 +189,10 @@ def test_bad_evaluation_options_are_refused(sd1_model, photos, tmp_path, bad) ->
         train(options(photos, tmp_path, **bad), cache_dir=tmp_path, model=sd1_model)
 
 
-def test_the_report_says_when_the_floor_is_measured_from_the_person_like_start() -> None:
+def test_the_report_says_when_the_drop_is_counted_from_the_person_like_start() -> None:
     from tistudio.report import evaluation_section
 
     rows = [(0, 0.9, None), (25, 0.5, None), (50, 0.4, None)]
-    assert "measured from the latter" in evaluation_section(rows, 25, neutral=0.6)
-    assert "measured from the latter" not in evaluation_section(rows, 25, neutral=None)
-    assert "measured from the latter" not in evaluation_section(rows, 25, neutral=0.95)  # its own start was nearer
+    assert "counted from the latter" in evaluation_section(rows, 25, neutral=0.6)
+    assert "counted from the latter" not in evaluation_section(rows, 25, neutral=None)
+    assert "counted from the latter" not in evaluation_section(rows, 25, neutral=0.95)  # its own start was nearer

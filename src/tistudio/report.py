@@ -154,12 +154,12 @@ def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | 
     text = ("The loss on a fixed batch (the same images, noise, timesteps and prompts every time; solid) "
             + ("and the share of pictures from unseen prompts that show the subject (dashed, right axis); "
                if measured else "; ")
-            + ("the best step - the first on the loss curve's floor - is marked and kept as the embedding."
-               if best is not None else "the last step was the first on the loss curve's floor."))
+            + ("the best step - the lowest loss (within 0.5% of the curve's drop) - is marked and kept as the "
+               "embedding." if best is not None else "the last step had the lowest loss."))
     start = next((loss for step, loss, _ in rows if step == 0), None)
     if neutral is not None and start is not None and neutral < start:
         text += (f" This run started farther from the subject ({start:.4f}) than the person-like start would have "
-                 f"({neutral:.4f}), so the floor is measured from the latter: the fall while the start's own meaning "
+                 f"({neutral:.4f}), so the drop is counted from the latter: the fall while the start's own meaning "
                  "is unlearned does not count.")
     return f"<h2>Evaluation</h2>{eval_chart(rows, best)}<p class='muted'>{text}</p>"
 

@@ -372,7 +372,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         evaluator = Evaluator(model, encoder, alphas, latents, batch_eval, run.path / "eval.csv", likeness)
         evaluator.open(start_step, saved)
         if evaluator.neutral is None:
-            # The floor is measured from the person-like start; a run that started elsewhere measures it once.
+            # The loss's drop is counted from the person-like start; a run that started elsewhere measures it once.
             neutral = person_vectors(model, vectors.shape[0]).to(device)
             if not torch.equal(neutral, initial.to(torch.float32)):
                 encoder.set_embeddings({name: neutral})
@@ -380,7 +380,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
                     evaluator.neutral = evaluation_loss(model, encoder, alphas, latents, batch_eval)
                 finally:
                     encoder.set_embeddings({name: vectors})
-                log.info("fixed-batch loss of the person-like start: %.5f (the loss floor is measured from it "
+                log.info("fixed-batch loss of the person-like start: %.5f (the loss's drop is counted from it "
                          "where it is below this run's start)", evaluator.neutral)
 
     renderer = Renderer(model, encoder) if options.preview_every else None
@@ -553,7 +553,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         last = current(step)
         chosen = replace(last, vectors={"clip": best.vectors.clone()}, step=best.step,
                          meta={**last.meta, "best_step": str(best.step), "last_step": str(step),
-                               "best_by": "fixed-batch loss floor"})
+                               "best_by": "lowest fixed-batch loss"})
         write_embedding(chosen, target)
         write_embedding(chosen, run.path / f"{name}.safetensors")
         write_embedding(replace(last, name=f"{name}-last"), run.path / f"{name}-last.safetensors")
@@ -570,7 +570,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     else:
         result.message = f"trained {name} to step {step}"
     if result.best_step is not None:
-        result.message += (f"; kept step {result.best_step} (where the fixed-batch loss reached its floor) as "
+        result.message += (f"; kept step {result.best_step} (the lowest fixed-batch loss) as "
                            f"{target.name}, the last is {run.path / (name + '-last.safetensors')}")
     if guard.discarded:
         result.message += f" ({guard.discarded} non-finite steps discarded)"
