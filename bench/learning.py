@@ -136,7 +136,6 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
             "kept_step": kept, "reader_best_step": reader_best, "auto_stop_step": stop_at, "auto_stop_kept": stop_kept,
             "share_auto_stop_kept": next((like for s, like in shares if s == stop_kept), None),
             "agreement": off_by(kept, reader_best), "best_by_judge": by_judge,
-            "judges_apart": off_by(by_judge[-1], by_judge[0]) if judges > 1 else None,
             # How many judges alone land within 20% of the pooled best: how often the reader agrees with itself.
             "judges_within_20": sum(off_by(step, reader_best) <= 0.2 for step in by_judge),
             "reader_plateau": [s for s, like in shares if on_plateau(like, top, PICTURES * judges)],

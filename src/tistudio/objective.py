@@ -158,9 +158,17 @@ def drop_start(losses: list[tuple[int, float]], neutral: float | None) -> float:
     return own if neutral is None else min(own, neutral)
 
 
+def best_limit(losses: list[tuple[int, float]], neutral: float | None) -> float | None:
+    """The upper edge of the best step's band: BEST_BAND of the drop above the lowest loss after the start (None
+    before any). It only ever falls, so a step above it can never become the best."""
+    after = [loss for step, loss in losses if step > 0]
+    return floor_limit(after, drop_start(losses, neutral), BEST_BAND) if after else None
+
+
 def best_step(losses: list[tuple[int, float]], neutral: float | None) -> int | None:
     """The step to keep: the lowest loss after the start (the first within BEST_BAND of the drop above it)."""
-    return floor_step([(step, loss) for step, loss in losses if step > 0], drop_start(losses, neutral), BEST_BAND)
+    limit = best_limit(losses, neutral)
+    return None if limit is None else next(step for step, loss in losses if step > 0 and loss <= limit)
 
 
 def should_stop(losses: list[tuple[int, float]], neutral: float | None, window: int = DVAR_WINDOW) -> bool:
@@ -209,9 +217,6 @@ class Evaluator:
         """step -> loss of the evaluations that may be the best (not the untrained start)."""
         return {step: loss for step, loss, _ in self.history if step > 0}
 
-    def _start(self) -> float:
-        return drop_start([(step, loss) for step, loss, _ in self.history], self.neutral)
-
     def evaluate(self, step: int, vectors: torch.Tensor, candidate: bool = True) -> tuple[float, float | None]:
         """Evaluate and log; a `candidate` step may become the best (the untrained start is not one)."""
         loss = evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch)
@@ -224,7 +229,7 @@ class Evaluator:
         if candidate:
             self.kept[step] = vectors.detach().to("cpu", torch.float32).clone()
             candidates = self._candidates()
-            limit = floor_limit(list(candidates.values()), self._start(), BEST_BAND)
+            limit = best_limit([(s, loss) for s, loss, _ in self.history], self.neutral)
             self.kept = {s: v for s, v in self.kept.items() if candidates.get(s, float("inf")) <= limit}
         return loss, like
 
