@@ -11,7 +11,7 @@ import torch
 from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
 from tistudio.embedding import read_embedding
-from tistudio.objective import best_step, converged, floor_step
+from tistudio.objective import best_likeness_step, best_step, converged, floor_step
 from tistudio.runfolder import read_eval_log
 from tistudio.train import train
 
@@ -53,6 +53,69 @@ def test_the_best_step_is_the_lowest_loss_with_near_ties_going_to_the_earlier_st
     assert best_step([(0, 1.0)], neutral=None) is None  # the untrained start is never the best step
     # A far start (1.0) counts the drop from the person-like start's loss (0.4): the band narrows with it.
     assert best_step(near_tie, neutral=0.4) == 75
+
+
+def test_where_a_likeness_is_measured_the_best_step_is_its_highest_with_near_ties_going_earlier() -> None:
+    assert best_likeness_step([(0, 0.0), (25, 0.5), (50, 0.9), (75, 0.95), (100, 0.93)]) == 75
+    assert best_likeness_step([(0, 0.0), (25, 0.5), (50, 0.945), (75, 0.95), (100, 0.93)]) == 50  # within 0.01
+    assert best_likeness_step([(0, 0.99), (25, 0.5)]) == 25  # the untrained start is never the best step
+    assert best_likeness_step([(0, 0.0)]) is None
+
+
+def scripted_likeness(values: dict[int, float | None]):
+    """A likeness that says what it is told, evaluation after evaluation (0, 3, 6, ...)."""
+    calls = iter(sorted(values))
+
+    def likeness(model, encoder) -> float | None:
+        return values[next(calls)]
+
+    return likeness
+
+
+def test_the_likeness_chooses_the_kept_step_where_it_was_measured(sd1_model, photos, tmp_path) -> None:
+    """With a likeness at every evaluation the trainer keeps its highest step - the vectors of that very step - even
+    where the loss would keep another; a likeness that measures nothing (None) leaves the choice to the loss."""
+    fresh(sd1_model, tmp_path)
+    like = {0: 0.0, 3: 0.2, 6: 0.9, 9: 0.5, 12: 0.6}
+    result = train(options(photos, tmp_path, save_every=3), cache_dir=tmp_path, model=sd1_model,
+                   likeness=scripted_likeness(like))
+    rows = read_eval_log(tmp_path / "run" / "eval.csv")
+    assert [(step, round(value, 6)) for step, _, value in rows] == sorted(like.items())
+    kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    copy = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-6.safetensors")
+    assert result.best_step == 6 and kept.step == 6 and torch.equal(kept.tensor, copy.tensor)
+    assert kept.meta["best_by"] == "the highest likeness" and "highest likeness" in result.message
+    assert "the highest likeness" in (tmp_path / "run" / "report.html").read_text()
+    neutral = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
+    by_loss = best_step([(step, loss) for step, loss, _ in rows], neutral)
+    assert by_loss != 6  # the loss alone would have kept another step
+
+    fresh(sd1_model, tmp_path / "none")
+    train(options(photos, tmp_path / "none"), cache_dir=tmp_path, model=sd1_model,
+          likeness=scripted_likeness(dict.fromkeys(like)))
+    rows_none = read_eval_log(tmp_path / "none" / "run" / "eval.csv")
+    assert all(value is None for _, _, value in rows_none)
+    assert [loss for _, loss, _ in rows_none] == [loss for _, loss, _ in rows]  # the likeness never steers training
+    assert read_embedding(tmp_path / "none" / "emb" / "tomtut.safetensors").step == by_loss
+
+
+def test_a_resumed_run_keeps_the_likeness_choice_of_its_first_sitting(sd1_model, photos, tmp_path) -> None:
+    """The highest likeness came in the first sitting; the second keeps exactly that step's vectors."""
+    like = {0: 0.0, 3: 0.95, 6: 0.5, 9: 0.6, 12: 0.7}
+    fresh(sd1_model, tmp_path / "straight")
+    train(options(photos, tmp_path / "straight"), cache_dir=tmp_path, model=sd1_model,
+          likeness=scripted_likeness(like))
+    fresh(sd1_model, tmp_path / "resumed")
+    first = {step: value for step, value in like.items() if step <= 6}
+    train(options(photos, tmp_path / "resumed", max_steps=6), cache_dir=tmp_path, model=sd1_model,
+          likeness=scripted_likeness(first))
+    rest = {step: value for step, value in like.items() if step > 6}
+    result = train(options(photos, tmp_path / "resumed"), cache_dir=tmp_path, model=sd1_model,
+                   likeness=scripted_likeness(rest))
+    straight = read_embedding(tmp_path / "straight" / "emb" / "tomtut.safetensors")
+    resumed = read_embedding(tmp_path / "resumed" / "emb" / "tomtut.safetensors")
+    assert result.best_step == 3 and straight.step == resumed.step == 3
+    assert torch.equal(straight.tensor, resumed.tensor)
 
 
 def test_losses_above_the_neutral_start_do_not_count_towards_convergence() -> None:

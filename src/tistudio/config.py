@@ -129,7 +129,8 @@ class TrainOptions(ModelOptions):
     stop: str = option("max-steps", "when to stop: at max_steps, or auto once the loss has converged",
                        choices=("max-steps", "auto"))
     # What NAME.safetensors holds when training ends: the best step (the lowest fixed-batch loss: the first
-    # evaluation within 0.5% of the loss's whole drop above the lowest), or the last.
+    # evaluation within 0.5% of the loss's whole drop above the lowest; where the caller of train() measures a
+    # likeness at every evaluation, as the demo does, its highest), or the last.
     final: str = option("best", "the embedding to keep at the end: the best step (the last is kept too) or the "
                         "last", choices=("best", "last"))
     # Keep each vector's norm at most this many times the vocabulary's median token norm (0: no limit).

@@ -42,6 +42,7 @@ DVAR_WINDOW = 5  # evaluations
 DVAR_THRESHOLD = 0.15
 PLATEAU = 0.025  # the floor, for --stop auto: losses within this share of the whole drop above the lowest loss
 BEST_BAND = 0.005  # the best step: the first loss within this share of the whole drop above the lowest loss
+LIKENESS_BAND = 0.01  # where a likeness is measured, the best step: the first within this of the highest likeness
 
 
 def seed_for(*parts: int) -> int:
@@ -135,6 +136,7 @@ class Best:
     step: int
     loss: float
     vectors: torch.Tensor  # float32, CPU
+    by: str = "the lowest fixed-batch loss"  # what chose it
 
 
 def floor_limit(losses: list[float], start: float, plateau: float = PLATEAU) -> float:
@@ -171,6 +173,16 @@ def best_step(losses: list[tuple[int, float]], neutral: float | None) -> int | N
     return None if limit is None else next(step for step, loss in losses if step > 0 and loss <= limit)
 
 
+def best_likeness_step(likeness: list[tuple[int, float]]) -> int | None:
+    """The step to keep where a likeness measure exists: the highest likeness after the start (the first within
+    LIKENESS_BAND of it, so that a near-tie goes to the earlier step)."""
+    after = [(step, like) for step, like in likeness if step > 0]
+    if not after:
+        return None
+    top = max(like for _, like in after)
+    return next(step for step, like in after if like >= top - LIKENESS_BAND)
+
+
 def should_stop(losses: list[tuple[int, float]], neutral: float | None, window: int = DVAR_WINDOW) -> bool:
     """--stop auto: the fixed-batch loss has converged (DVAR; losses above the neutral start count as it) and the
     curve's first step on its floor (PLATEAU) has not moved for `window` evaluations (a slow fall that still lowers
@@ -184,15 +196,18 @@ def should_stop(losses: list[tuple[int, float]], neutral: float | None, window: 
 
 class Evaluator:
     """Evaluates the fixed batch every few steps, logs it to eval.csv, and keeps the vectors of the steps that may
-    still turn out to be the best (those within BEST_BAND of the lowest loss; that edge only ever falls).
+    still turn out to be the best.
 
-    An optional `likeness(model, encoder) -> float` (e.g. the demo world's trait reader scoring generated
-    pictures) is logged beside the loss; the best step is chosen by the loss alone, which needs no images.
+    An optional `likeness(model, encoder) -> float | None` (higher is better, None: not measured; e.g. the demo
+    world's trait reader looking at pictures drawn with the vectors) is logged beside the loss. Where it was
+    measured at every evaluation after the start, the best step is the highest likeness (best_likeness_step): on
+    the demo world the step whose pictures are best is often not the lowest loss. Otherwise the loss chooses
+    (best_step), which needs no images.
     """
 
     def __init__(self, model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
                  batch: EvalBatch, log_path: Path,
-                 likeness: Callable[[SDModel, PromptEncoder], float] | None = None) -> None:
+                 likeness: Callable[[SDModel, PromptEncoder], float | None] | None = None) -> None:
         self.model, self.encoder, self.alphas, self.latents, self.batch = model, encoder, alphas, latents, batch
         self.path = log_path
         self.likeness = likeness
@@ -223,25 +238,45 @@ class Evaluator:
         like = None
         if self.likeness is not None:
             with torch.no_grad():
-                like = float(self.likeness(self.model, self.encoder))
+                value = self.likeness(self.model, self.encoder)
+            like = None if value is None else float(value)
         self.history.append((step, loss, like))
         append_line(self.path, eval_row(step, loss, like))
         if candidate:
             self.kept[step] = vectors.detach().to("cpu", torch.float32).clone()
-            candidates = self._candidates()
-            limit = best_limit([(s, loss) for s, loss, _ in self.history], self.neutral)
-            self.kept = {s: v for s, v in self.kept.items() if candidates.get(s, float("inf")) <= limit}
+            self.kept = {s: v for s, v in self.kept.items() if s in self._contenders()}
         return loss, like
+
+    def _contenders(self) -> set[int]:
+        """The steps that can still become the best, by the loss or by the likeness: both edges only tighten."""
+        limit = best_limit([(s, loss) for s, loss, _ in self.history], self.neutral)
+        steps = {step for step, loss, _ in self.history if step > 0 and limit is not None and loss <= limit}
+        likes = [(step, like) for step, _, like in self.history if step > 0 and like is not None]
+        if likes:
+            top = max(like for _, like in likes)
+            steps |= {step for step, like in likes if like >= top - LIKENESS_BAND}
+        return steps
+
+    @property
+    def by_likeness(self) -> bool:
+        """Whether the likeness chooses the best step: it was measured at every evaluation after the start."""
+        after = [like for step, _, like in self.history if step > 0]
+        return bool(after) and all(like is not None for like in after)
 
     @property
     def best(self) -> Best | None:
-        """The best step (the lowest loss, see best_step); its vectors are always kept (the band's edge only
-        falls)."""
+        """The best step (the highest likeness where measured, else the lowest loss); its vectors are always kept
+        (the bands' edges only tighten)."""
         candidates = self._candidates()
-        step = best_step([(step, loss) for step, loss, _ in self.history], self.neutral)
+        if self.by_likeness:
+            step = best_likeness_step([(step, like) for step, _, like in self.history if like is not None])
+            by = "the highest likeness"
+        else:
+            step = best_step([(step, loss) for step, loss, _ in self.history], self.neutral)
+            by = "the lowest fixed-batch loss"
         if step is None or step not in self.kept:  # a resume state from before vectors were kept
             return None
-        return Best(step=step, loss=candidates[step], vectors=self.kept[step])
+        return Best(step=step, loss=candidates[step], vectors=self.kept[step], by=by)
 
     def converged(self) -> bool:
         return should_stop([(step, loss) for step, loss, _ in self.history], self.neutral)

@@ -131,31 +131,39 @@ td{padding:2px 10px 2px 0;vertical-align:top}
 """
 
 
-def best_step(run_dir: Path, name: str) -> int | None:
-    """The step kept as the embedding when it is not the last (from the run's final file)."""
+def best_step(run_dir: Path, name: str) -> tuple[int | None, str]:
+    """The step kept as the embedding when it is not the last, and what chose it (from the run's final file)."""
     final = run_dir / f"{name}.safetensors"
     if not final.is_file():
-        return None
+        return None, ""
     from .embedding import read_embedding
     from .errors import TistudioError
 
     try:
         meta = read_embedding(final).meta
     except TistudioError:  # the report marks nothing rather than fail on a damaged file
-        return None
-    return int(meta["best_step"]) if meta.get("best_step", "").isdigit() else None
+        return None, ""
+    step = int(meta["best_step"]) if meta.get("best_step", "").isdigit() else None
+    return step, meta.get("best_by", "")
 
 
 def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None,
-                       neutral: float | None = None) -> str:
+                       neutral: float | None = None, by: str = "") -> str:
     if not rows:
         return ""
     measured = any(like is not None for _, _, like in rows)
+    # The trainer chooses by the likeness where it was measured at every evaluation (the kept file says so; when
+    # the last step was the best, nothing else was written)
+    if "likeness" in by or (not by and measured and all(like is not None for step, _, like in rows if step > 0)):
+        chosen = ("the best step - the highest likeness (within one point of it, so a near-tie goes to the earlier "
+                  "step) - is marked and kept as the embedding." if best is not None
+                  else "the last step had the highest likeness.")
+    else:
+        chosen = ("the best step - the lowest loss (within 0.5% of the curve's drop) - is marked and kept as the "
+                  "embedding." if best is not None else "the last step had the lowest loss.")
     text = ("The loss on a fixed batch (the same images, noise, timesteps and prompts every time; solid) "
-            + ("and the share of pictures from unseen prompts that show the subject (dashed, right axis); "
-               if measured else "; ")
-            + ("the best step - the lowest loss (within 0.5% of the curve's drop) - is marked and kept as the "
-               "embedding." if best is not None else "the last step had the lowest loss."))
+            + ("and the likeness of pictures from unseen prompts and seeds to the subject (dashed, right axis, "
+               "0-100%); " if measured else "; ") + chosen)
     start = next((loss for step, loss, _ in rows if step == 0), None)
     if neutral is not None and start is not None and neutral < start:
         text += (f" This run started farther from the subject ({start:.4f}) than the person-like start would have "
@@ -170,7 +178,7 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
     run_dir = Path(run_dir)
     rows = read_loss_log(run_dir / "loss.csv")
     evaluations = read_eval_log(run_dir / "eval.csv")
-    best = best_step(run_dir, name)
+    best, by = best_step(run_dir, name)
     options_file = run_dir / "options.json"
     summary = ""
     resolved: dict = {}
@@ -193,6 +201,6 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             f"<h2>Loss</h2>{loss_chart(rows)}<p class='muted'>Per-step training loss (light) and its moving "
             f"average (dark). The loss of diffusion training is noisy by nature: it mostly measures which noise "
             f"level each step drew.</p>"
-            f"{evaluation_section(evaluations, best, resolved.get('neutral_loss'))}"
+            f"{evaluation_section(evaluations, best, resolved.get('neutral_loss'), by)}"
             f"<h2>Previews over training</h2>{preview_grid(run_dir, name)}{extra_sections}</body></html>")
     return write_text(run_dir / "report.html", page)

@@ -259,11 +259,12 @@ class NonFiniteGuard:
 
 def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
           on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
-          likeness: Callable[[SDModel, PromptEncoder], float] | None = None) -> TrainResult:
+          likeness: Callable[[SDModel, PromptEncoder], float | None] | None = None) -> TrainResult:
     """Train (or resume) an embedding; returns where everything was written.
 
     `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
-    them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv.
+    them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv, and where it measured every
+    evaluation it chooses the step to keep (the highest likeness) instead of the loss.
     """
     started = time.monotonic()
     report = on_progress or (lambda progress: None)
@@ -553,7 +554,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         last = current(step)
         chosen = replace(last, vectors={"clip": best.vectors.clone()}, step=best.step,
                          meta={**last.meta, "best_step": str(best.step), "last_step": str(step),
-                               "best_by": "lowest fixed-batch loss"})
+                               "best_by": best.by})
         write_embedding(chosen, target)
         write_embedding(chosen, run.path / f"{name}.safetensors")
         write_embedding(replace(last, name=f"{name}-last"), run.path / f"{name}-last.safetensors")
@@ -570,7 +571,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     else:
         result.message = f"trained {name} to step {step}"
     if result.best_step is not None:
-        result.message += (f"; kept step {result.best_step} (the lowest fixed-batch loss) as "
+        result.message += (f"; kept step {result.best_step} ({best.by}) as "
                            f"{target.name}, the last is {run.path / (name + '-last.safetensors')}")
     if guard.discarded:
         result.message += f" ({guard.discarded} non-finite steps discarded)"

@@ -236,6 +236,9 @@ def to_tensor(images: list[Image.Image]) -> Any:
 
 GUIDANCE = 3.0  # classifier-free guidance of the demo's pictures and of the likeness measure
 
+# The seeds of the demo's likeness: 16 x 4 prompts = 64 pictures per evaluation; none of them is a benchmark judge's.
+LIKENESS_SEEDS = tuple(range(500, 516))
+
 # Prompts the demo's person is never trained with (the photos show no night and no painting).
 EVAL_PROMPTS = ("a painting of {name}, smiling", "a photo of {name}, serious, at night",
                 "a painting of {name}, serious, in a forest", "a photo of {name}, smiling, at night")
@@ -260,13 +263,51 @@ def read_people(reader: Any, images: list[Image.Image]) -> list[Person]:
     return [decode_traits(logits, i) for i in range(len(images))]
 
 
+def person_chances(reader: Any, images: list[Image.Image], person: Person) -> list[float]:
+    """The reader's probability that each picture shows `person`: the product over the traits of the probability
+    its head gives the person's value. A finer reading than the yes/no of :func:`read_people` (which is the
+    most probable value of each trait): a picture at the edge of a trait moves it a little, not all the way."""
+    import torch
+
+    with torch.no_grad():
+        logits = reader(to_tensor(images))
+    wanted = trait_targets([person] * len(images))
+    chance = torch.ones(len(images))
+    for trait in TRAIT_NAMES:
+        chance *= logits[trait].softmax(-1).gather(1, wanted[trait][:, None])[:, 0]
+    return chance.tolist()
+
+
+def read_person(reader: Any, photos: list[Image.Image]) -> Person:
+    """Who the photos show, as the reader reads them: each trait's most common value."""
+    seen = read_people(reader, photos)
+
+    def majority(trait: str) -> Any:
+        values = [getattr(p, trait) for p in seen]
+        return max(dict.fromkeys(values), key=values.count)
+
+    return Person(**{trait: majority(trait) for trait in TRAIT_NAMES})
+
+
+def photo_likeness(folder: Any, photos: list[Image.Image], name: str, on_pictures: Any = None,
+                   cfg: float = GUIDANCE) -> Any:
+    """The likeness a trainer can measure on this world: the person read from the training photos, 64 pictures
+    (EVAL_PROMPTS x LIKENESS_SEEDS) read as the reader's average probability that they show that person."""
+    person = read_person(load_trait_reader(folder), photos)
+    return likeness_scorer(folder, person, name, seeds=LIKENESS_SEEDS, cfg=cfg, on_pictures=on_pictures,
+                           chances=True)
+
+
 def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, ...] = EVAL_PROMPTS,
-                    seeds: tuple[int, ...] = tuple(range(1000, 1008)), steps: int = 20, cfg: float = GUIDANCE) -> Any:
-    """score(model, encoder) -> the share of pictures, from unseen prompts and seeds, that show `person`.
+                    seeds: tuple[int, ...] = tuple(range(1000, 1008)), steps: int = 20, cfg: float = GUIDANCE,
+                    on_pictures: Any = None, chances: bool = False) -> Any:
+    """score(model, encoder) -> the share of pictures, from unseen prompts and seeds, that show `person` (with
+    `chances`: the reader's probability that a picture does, averaged - the same pictures read more finely).
 
     The pictures are drawn the way the demo draws its images, with classifier-free guidance 3: the small model's
     unguided samples (cfg 1) are loose - even prompts that describe a person in words show all five traits in
-    only about half of them - and guidance brings out what the prompt says.
+    only about half of them - and guidance brings out what the prompt says. `on_pictures(shown, chances)`, if
+    given, receives each picture's verdict and the reader's probability (:func:`person_chances`), in order.
     """
     reader = load_trait_reader(folder)
 
@@ -277,7 +318,10 @@ def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, 
         images = []
         for prompt in prompts:
             images += renderer.render(prompt.format(name=name), "", list(seeds), steps, "DDIM", cfg, SIZE, SIZE)
-        people = read_people(reader, images)
-        return sum(p == person for p in people) / len(people)
+        shown = [p == person for p in read_people(reader, images)]
+        probabilities = person_chances(reader, images, person)
+        if on_pictures is not None:
+            on_pictures(shown, probabilities)
+        return sum(probabilities if chances else shown) / len(shown)
 
     return score
