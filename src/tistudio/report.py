@@ -131,7 +131,7 @@ td{padding:2px 10px 2px 0;vertical-align:top}
 """
 
 
-def best_step(run_dir: Path, name: str) -> tuple[int | None, str]:
+def kept_choice(run_dir: Path, name: str) -> tuple[int | None, str]:
     """The step kept as the embedding when it is not the last, and what chose it (from the run's final file)."""
     final = run_dir / f"{name}.safetensors"
     if not final.is_file():
@@ -178,7 +178,7 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
     run_dir = Path(run_dir)
     rows = read_loss_log(run_dir / "loss.csv")
     evaluations = read_eval_log(run_dir / "eval.csv")
-    best, by = best_step(run_dir, name)
+    best, by = kept_choice(run_dir, name)
     options_file = run_dir / "options.json"
     summary = ""
     resolved: dict = {}
