@@ -59,12 +59,6 @@ def judge_seeds(judge: int) -> tuple[int, ...]:
     return tuple(range(1000 * (judge + 1), 1000 * (judge + 1) + 8))
 
 
-def first_best(curve: list[tuple[int, float]], tolerance: float) -> int:
-    """The first step within `tolerance` of the curve's highest value."""
-    top = max(value for _, value in curve)
-    return next(step for step, value in curve if value >= top - tolerance)
-
-
 def on_plateau(share: float, top: float, pictures: int) -> bool:
     """Whether a step's share cannot be told apart from the highest share: a one-sided two-proportion test at 95%
     (the difference is under 1.64 standard errors of the difference of two shares of `pictures` pictures each)."""
@@ -139,16 +133,13 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
         measured.append(trainers(model, encoder))  # its pictures are never a judge's
         return measured[-1]
 
-    def judges_only(model, encoder) -> None:
-        judge_all(model, encoder)
-
     started = time.monotonic()
     options = TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
                            run_dir=str(work / "run"), template=str(template), batch_size=4, max_steps=steps,
                            learning_rate=lr, eval_every=eval_every, preview_every=0, save_every=0, seed=seed)
     # Without --no-likeness the trainer chooses by its likeness (as the demo does); with it, by the loss, the judges
     # looking on through a likeness that measures nothing for the trainer.
-    result = train(options, cache_dir=cache, model=model, likeness=likeness if likeness_too else judges_only)
+    result = train(options, cache_dir=cache, model=model, likeness=likeness if likeness_too else judge_all)
     seconds = time.monotonic() - started
     rows = read_eval_log(work / "run" / "eval.csv")
     steps_read = [row[0] for row in rows]
@@ -159,21 +150,20 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     # The reader's best step: the first whose share (all judges' pictures pooled) is within one picture of the
     # highest share it saw. Each judge alone says the same from its own pictures: how far two judges' best steps
     # lie apart is how finely "the best step" can be told at all.
-    reader_best = first_best(shares, 1 / (PICTURES * judges))
-    by_judge = [first_best([(step, v[j]) for step, v in zip(steps_read, verdicts, strict=True)], 1 / PICTURES)
+    reader_best = best_likeness_step(shares, 1 / (PICTURES * judges))
+    by_judge = [best_likeness_step([(step, v[j]) for step, v in zip(steps_read, verdicts, strict=True)], 1 / PICTURES)
                 for j in range(judges)]
     neutral = json.loads((work / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
     losses = [(s, loss) for s, loss, _ in rows]
     kept = result.best_step or result.step  # the kept step: the trainer's choice
     by_loss = best_step(losses, neutral)  # what the loss alone would keep (real photos: no likeness measure)
-    by_likeness = best_likeness_step(list(zip(steps_read, measured, strict=True))) if measured else None
     # The same pictures read more finely: the reader's probability that each shows the person, averaged.
     chance_curve = [(step, sum(c) / len(c)) for step, (_, c) in zip(steps_read, per_picture, strict=True)]
-    chance_best = first_best(chance_curve, 1 / (PICTURES * judges))
+    chance_best = best_likeness_step(chance_curve, 1 / (PICTURES * judges))
     firmness = {"shown": resampled_best(steps_read, [[float(y) for y in shown] for shown, _ in per_picture], kept),
                 "chance": resampled_best(steps_read, [c for _, c in per_picture], kept)}
     scores = [(step, score) for step, score in zip(steps_read, previews, strict=False) if step > 0]
-    by_previews = first_best(scores, PREVIEW_TOLERANCE) if scores else None
+    by_previews = best_likeness_step(scores, PREVIEW_TOLERANCE) if scores else None
     stop_at = next((losses[i][0] for i in range(len(losses)) if should_stop(losses[: i + 1], neutral)), None)
     # What --stop auto would have kept: the best step of the evaluations up to where it stops.
     stop_kept = None
@@ -190,7 +180,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
             "kept_on_plateau": plateau_mark(kept), "kept_step": kept, "reader_best_step": reader_best,
             "agreement": off_by(kept, reader_best),
             "loss_kept_step": by_loss, "share_loss_kept": share_at[by_loss], "loss_kept_on_plateau":
-            plateau_mark(by_loss), "agreement_loss": off_by(by_loss, reader_best), "likeness_kept_step": by_likeness,
+            plateau_mark(by_loss), "agreement_loss": off_by(by_loss, reader_best),
             "auto_stop_step": stop_at, "auto_stop_kept": stop_kept, "share_auto_stop_kept": share_at.get(stop_kept),
             "best_by_judge": by_judge,
             # How many judges alone land within 20% of the pooled best: how often the reader agrees with itself.
@@ -204,7 +194,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
             "train_seconds": round(seconds, 1), "shares": shares, "preview_likeness": scores,
             "verdicts": [(step, v) for step, v in zip(steps_read, verdicts, strict=True)],
             "losses": [(s, round(loss, 6)) for s, loss in losses],
-            "likeness": [(s, round(m, 4)) for s, m in zip(steps_read, measured, strict=True)],
+            "likeness": [(s, round(m, 4)) for s, m in zip(steps_read, measured, strict=True)] if measured else [],
             "chance_shares": [(s, round(c, 4)) for s, c in chance_curve],
             "pictures": [(s, [int(y) for y in shown], [round(c, 4) for c in chances])
                          for s, (shown, chances) in zip(steps_read, per_picture, strict=True)]}

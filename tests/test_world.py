@@ -62,7 +62,7 @@ def test_the_readers_chances_agree_with_its_verdicts(world_model) -> None:
     others = [p for p in (world.random_person(rng) for _ in range(40)) if p != world.HELD_OUT]
     people = [world.HELD_OUT] * 20 + others
     images = [world.render(p, world.random_scene(rng)) for p in people]
-    chances = world.person_chances(reader, images, world.HELD_OUT)
+    chances = world.person_chances(world.read_logits(reader, images), world.HELD_OUT)
     shown = [p == world.HELD_OUT for p in world.read_people(reader, images)]
     assert all(0.0 <= c <= 1.0 for c in chances)
     print(f"held out {sum(chances[:20]) / 20:.2f}, others {sum(chances[20:]) / len(others):.3f}")

@@ -173,14 +173,14 @@ def best_step(losses: list[tuple[int, float]], neutral: float | None) -> int | N
     return None if limit is None else next(step for step, loss in losses if step > 0 and loss <= limit)
 
 
-def best_likeness_step(likeness: list[tuple[int, float]]) -> int | None:
+def best_likeness_step(likeness: list[tuple[int, float]], band: float = LIKENESS_BAND) -> int | None:
     """The step to keep where a likeness measure exists: the highest likeness after the start (the first within
-    LIKENESS_BAND of it, so that a near-tie goes to the earlier step)."""
+    `band` of it, so that a near-tie goes to the earlier step)."""
     after = [(step, like) for step, like in likeness if step > 0]
     if not after:
         return None
     top = max(like for _, like in after)
-    return next(step for step, like in after if like >= top - LIKENESS_BAND)
+    return next(step for step, like in after if like >= top - band)
 
 
 def should_stop(losses: list[tuple[int, float]], neutral: float | None, window: int = DVAR_WINDOW) -> bool:

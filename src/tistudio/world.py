@@ -255,24 +255,29 @@ def load_trait_reader(folder: Any) -> Any:
     return reader.eval().requires_grad_(False)
 
 
-def read_people(reader: Any, images: list[Image.Image]) -> list[Person]:
+def read_logits(reader: Any, images: list[Image.Image]) -> dict[str, Any]:
+    """The reader's logits, trait by trait, for a list of pictures."""
     import torch
 
     with torch.no_grad():
-        logits = reader(to_tensor(images))
+        return reader(to_tensor(images))
+
+
+def read_people(reader: Any, images: list[Image.Image]) -> list[Person]:
+    logits = read_logits(reader, images)
     return [decode_traits(logits, i) for i in range(len(images))]
 
 
-def person_chances(reader: Any, images: list[Image.Image], person: Person) -> list[float]:
+def person_chances(logits: dict[str, Any], person: Person) -> list[float]:
     """The reader's probability that each picture shows `person`: the product over the traits of the probability
     its head gives the person's value. A finer reading than the yes/no of :func:`read_people` (which is the
-    most probable value of each trait): a picture at the edge of a trait moves it a little, not all the way."""
+    most probable value of each trait): a picture at the edge of a trait moves it a little, not all the way.
+    `logits`: :func:`read_logits` of the pictures."""
     import torch
 
-    with torch.no_grad():
-        logits = reader(to_tensor(images))
-    wanted = trait_targets([person] * len(images))
-    chance = torch.ones(len(images))
+    count = len(logits["hair"])
+    wanted = trait_targets([person] * count)
+    chance = torch.ones(count)
     for trait in TRAIT_NAMES:
         chance *= logits[trait].softmax(-1).gather(1, wanted[trait][:, None])[:, 0]
     return chance.tolist()
@@ -318,8 +323,9 @@ def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, 
         images = []
         for prompt in prompts:
             images += renderer.render(prompt.format(name=name), "", list(seeds), steps, "DDIM", cfg, SIZE, SIZE)
-        shown = [p == person for p in read_people(reader, images)]
-        probabilities = person_chances(reader, images, person)
+        logits = read_logits(reader, images)
+        shown = [decode_traits(logits, i) == person for i in range(len(images))]
+        probabilities = person_chances(logits, person)
         if on_pictures is not None:
             on_pictures(shown, probabilities)
         return sum(probabilities if chances else shown) / len(shown)
