@@ -47,6 +47,23 @@ def test_only_the_new_vectors_change(sd1_model, photos, tmp_path) -> None:
             assert not parameter.requires_grad and parameter.grad is None, f"{part}.{name} has a gradient"
 
 
+def test_the_vectors_gradient_is_the_same_every_time(sd1_model) -> None:
+    # A name that appears many times in a batch of prompts: its gradient sums many contributions, which must be
+    # added in the same order every time for a step (and so a resumed run) to come out the same to the last bit.
+    from tistudio.conditioning import PromptEncoder
+
+    encoder = PromptEncoder(sd1_model.tokenizer, sd1_model.text_encoder)
+    vectors = torch.nn.Parameter(torch.randn((4, 64), generator=torch.Generator().manual_seed(0)) * 0.01)
+    encoder.set_embeddings({"tomtut": vectors})
+    gradients = []
+    for _ in range(5):
+        encoder.encode(["a photo of tomtut, smiling, tomtut"] * 16).pow(2).sum().backward()
+        gradients.append(vectors.grad)
+        vectors.grad = None
+    encoder.set_embeddings({})
+    assert all(torch.equal(gradient, gradients[0]) for gradient in gradients[1:])
+
+
 def run(model, photos, folder: Path, stop_at: int | None = None, **changes):
     stop = threading.Event()
 

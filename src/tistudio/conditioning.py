@@ -55,8 +55,12 @@ class SplicedTokenEmbedding(nn.Embedding):
         if extra is None:
             return out
         extra = extra.to(device=out.device, dtype=out.dtype)
-        rows = extra[(ids - self.num_embeddings).clamp(0, extra.shape[0] - 1)]
-        return torch.where((ids >= self.num_embeddings).unsqueeze(-1), rows, out)
+        # Slot rows by a one-hot matrix product rather than by indexing: selecting is exact either way, but the
+        # backward of indexing adds the gradients of repeated ids in whatever order the threads finish (so the same
+        # step gave different vectors in the last bits), and a matrix product's does not.
+        slots = ids - self.num_embeddings
+        one_hot = (slots.unsqueeze(-1) == torch.arange(extra.shape[0], device=ids.device)).to(out.dtype)
+        return torch.where((ids >= self.num_embeddings).unsqueeze(-1), one_hot @ extra, out)
 
 
 def splice(text_encoder: nn.Module) -> SplicedTokenEmbedding:
