@@ -40,6 +40,30 @@ def test_roundtrip_keeps_vectors_and_metadata(tmp_path: Path) -> None:
         assert handle.metadata()["step"] == "1200"
 
 
+def test_the_same_content_gives_the_same_file_which_the_safetensors_library_reads(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tistudio.storage import write_safetensors
+
+    tensors = {"b": vectors(2, 5), "a": torch.arange(6, dtype=torch.int64).reshape(2, 3), "s": torch.tensor(3.5),
+               "h": vectors(1, 3).to(torch.bfloat16)}
+    meta = {"name": "tomtut", "step": "12", "init_text": "Été, \"toy\"\n"}
+    first = write_safetensors(tmp_path / "one.safetensors", tensors, meta)
+    shuffled = write_safetensors(tmp_path / "two.safetensors", dict(reversed(tensors.items())),
+                                 dict(reversed(meta.items())))
+    assert first.read_bytes() == shuffled.read_bytes()  # so the A1111 TI hash of an embedding is its content's
+    loaded = load_file(first)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(first), "pt") as handle:
+        assert handle.metadata() == meta
+    # Two writes of one embedding are one file.
+    embedding = Embedding(name="tomtut", vectors={"clip": vectors()}, step=3, meta={"init_text": "toy", "z": "1"})
+    one = write_embedding(embedding, tmp_path / "x" / "tomtut.safetensors").read_bytes()
+    again = Embedding(name="tomtut", vectors={"clip": vectors()}, step=3, meta={"z": "1", "init_text": "toy"})
+    assert write_embedding(again, tmp_path / "y" / "tomtut.safetensors").read_bytes() == one
+
+
 def test_our_file_loads_in_diffusers_with_the_same_rows(tiny_sd1: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 

@@ -27,7 +27,7 @@ import torch
 
 from . import safeload
 from .errors import EmbeddingError, UnsafeFileError
-from .storage import atomic_write, file_sha256
+from .storage import atomic_write, file_sha256, write_safetensors
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_VECTORS = 75
@@ -252,15 +252,12 @@ def _finite(embedding: Embedding) -> None:
 
 def write_embedding(embedding: Embedding, path: str | Path, **extra_meta: str) -> Path:
     """Write the default format: safetensors with ``emb_params`` (or clip_l/clip_g) and metadata, atomically."""
-    from safetensors.torch import save_file
-
     _finite(embedding)
     if embedding.is_sdxl:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.vectors.items()}
     else:
         tensors = {"emb_params": embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
-    meta = metadata(embedding, **extra_meta)
-    return atomic_write(Path(path), lambda temp: save_file(tensors, str(temp), metadata=meta))
+    return write_safetensors(Path(path), tensors, metadata(embedding, **extra_meta))
 
 
 def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
@@ -279,11 +276,9 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
 
 def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = None) -> Path:
     """diffusers' learned_embeds layout ``{token: [n, width]}``; loads with ``load_textual_inversion(path)``."""
-    from safetensors.torch import save_file
-
     _finite(embedding)
     tensors = {token or embedding.name: embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
-    return atomic_write(Path(path), lambda temp: save_file(tensors, str(temp), metadata={"format": "pt"}))
+    return write_safetensors(Path(path), tensors, {"format": "pt"})
 
 
 def short_hash(path: Path) -> str:

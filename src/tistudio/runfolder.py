@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import UnsafeFileError
-from .storage import append_line, atomic_write, write_json, write_text
+from .storage import append_line, write_json, write_safetensors, write_text
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,6 @@ class RunFolder:
 
     def save_state(self, step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any,
                    extra: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        from safetensors.torch import save_file
-
         from . import __version__
 
         state = optimizer.state_dict()["state"].get(0, {})
@@ -132,7 +130,7 @@ class RunFolder:
                 "scalars": {k: v for k, v in state.items() if isinstance(v, (int, float))}, **extra}
         if scaler is not None:
             meta["grad_scaler"] = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float))}
-        atomic_write(self.states / f"state-{step}.safetensors", lambda temp: save_file(tensors, str(temp)))
+        write_safetensors(self.states / f"state-{step}.safetensors", tensors)
         write_json(self.states / f"state-{step}.json", meta)
 
     def load_state(self, step: int, vectors: torch.Tensor) -> dict[str, Any] | None:

@@ -66,6 +66,35 @@ def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file whose bytes depend only on its content: the header's keys sorted, the tensors in name
+    order (the safetensors library writes its metadata in a random order, so the same embedding got a different
+    file, and A1111 TI hash, every time)."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        dtype = _SAFETENSORS_DTYPES[str(tensor.dtype).replace("torch.", "")]
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors (and string metadata) as a safetensors file, atomically (see safetensors_bytes)."""
+    return write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line to a log file (a partial last line is tolerated by its readers)."""
     try:
