@@ -165,15 +165,16 @@ def child_generate(spec: dict, ours: bool) -> dict:
     if ours:
         from tistudio.conditioning import PromptEncoder
         from tistudio.config import ModelOptions
-        from tistudio.generate import Renderer
+        from tistudio.generate import Renderer, SamplingParams
         from tistudio.models import load_model
 
         model = load_model(ModelOptions(model=spec["model"], device=spec["device"], precision=spec["precision"]),
                            Path(spec["work"]))
-        renderer = Renderer(model, PromptEncoder(model.tokenizer, model.text_encoder))
+        renderer = Renderer(model, PromptEncoder.for_model(model))
 
         def make(seed: int, count: int) -> None:
-            renderer.render(prompt, "", [seed], count, "DDIM", cfg, size, size)
+            renderer.render(SamplingParams(prompt=prompt, steps=count, sampler="DDIM", cfg=cfg, width=size,
+                                           height=size, seeds=(seed,)))
     else:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -230,14 +230,14 @@ def test_init_pull_keeps_vectors_closer_to_their_start(sd1_model, photos, tmp_pa
 
 
 def test_the_person_like_start_is_the_mean_of_first_names(sd1_model, tmp_path) -> None:
-    vectors = person_vectors(sd1_model, 3)
+    vectors = person_vectors(sd1_model, 3)["clip"]  # one set per text encoder; SD1 has one
     table = sd1_model.text_encoder.get_input_embeddings().weight.detach().float()
     ids = [sd1_model.tokenizer(n, add_special_tokens=False).input_ids for n in PERSON_NAMES]
     rows = torch.stack([table[i[0]] for i in ids if len(i) == 1])
     assert torch.allclose(vectors.mean(dim=0) * 3, torch.stack([rows[k::3].mean(0) for k in range(3)]).sum(0))
     assert torch.allclose(vectors[0], rows[0::3].mean(0))
     path = fresh(sd1_model, tmp_path, init="")
-    assert torch.allclose(read_embedding(path).tensor, person_vectors(sd1_model, 2))  # fresh() makes 2
+    assert torch.allclose(read_embedding(path).tensor, person_vectors(sd1_model, 2)["clip"])  # fresh() makes 2
     assert "first names" in read_embedding(path).meta["init_text"]
     auto = fresh(sd1_model, tmp_path / "auto", init="auto")  # --init auto says the same
     assert torch.equal(read_embedding(auto).tensor, read_embedding(path).tensor)

@@ -34,7 +34,7 @@ def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot
                              latent_shape=tuple(latents.shape[1:]), timesteps=timesteps, size=64)
 
     def fixed_batch_loss(vectors: torch.Tensor) -> float:
-        encoder = PromptEncoder(sd1_model.tokenizer, sd1_model.text_encoder)
+        encoder = PromptEncoder.for_model(sd1_model)
         encoder.set_embeddings({"tomtut": vectors})
         return evaluation_loss(sd1_model, encoder, alphas, latents, batch)
 

@@ -52,12 +52,12 @@ def test_the_vectors_gradient_is_the_same_every_time(sd1_model) -> None:
     # added in the same order every time for a step (and so a resumed run) to come out the same to the last bit.
     from tistudio.conditioning import PromptEncoder
 
-    encoder = PromptEncoder(sd1_model.tokenizer, sd1_model.text_encoder)
+    encoder = PromptEncoder.for_model(sd1_model)
     vectors = torch.nn.Parameter(torch.randn((4, 64), generator=torch.Generator().manual_seed(0)) * 0.01)
     encoder.set_embeddings({"tomtut": vectors})
     gradients = []
     for _ in range(5):
-        encoder.encode(["a photo of tomtut, smiling, tomtut"] * 16).pow(2).sum().backward()
+        encoder.encode(["a photo of tomtut, smiling, tomtut"] * 16).hidden.pow(2).sum().backward()
         gradients.append(vectors.grad)
         vectors.grad = None
     encoder.set_embeddings({})

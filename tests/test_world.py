@@ -84,17 +84,18 @@ def test_the_reader_knows_the_demos_person_from_the_training_photos(world_model,
 def test_text_controls_the_world_models_pictures(world_model) -> None:
     """Pictures drawn for described people show those people far more often than chance (1 in 120)."""
     from tistudio.conditioning import PromptEncoder
-    from tistudio.generate import Renderer
+    from tistudio.generate import Renderer, SamplingParams
 
     model, folder = world_model
     reader = world.load_trait_reader(folder)
     rng = random.Random(3)
     people = [world.random_person(rng) for _ in range(16)]
-    renderer = Renderer(model, PromptEncoder(model.tokenizer, model.text_encoder))
+    renderer = Renderer(model, PromptEncoder.for_model(model))
     images = []
     for index, person in enumerate(people):
         prompt = world.caption(person, world.Scene(scene="plain"))
-        images += renderer.render(prompt, "", [index], 20, "DDIM", 4.0, 64, 64)
+        images += renderer.render(SamplingParams(prompt=prompt, steps=20, sampler="DDIM", cfg=4.0, width=64, height=64,
+                                                 seeds=(index,)))
     share = sum(a == b for a, b in zip(world.read_people(reader, images), people, strict=True)) / len(people)
     assert share >= 0.5, share
 

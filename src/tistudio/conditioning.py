@@ -1,20 +1,72 @@
-"""Turning prompts into the text encoder's output, with embeddings spliced in.
+"""Turning prompts into what the UNet is conditioned on, with embeddings spliced into every text encoder.
 
-The tokenizer and the vocabulary are never changed. Instead the text encoder's token-embedding layer is wrapped:
-ids below the vocabulary size look up the (frozen, untouched) table, and ids from the vocabulary size upwards
-are "slots" that read the embedding vectors. Training puts its trainable float32 vectors in the slots, so the
-gradient reaches them and nothing else; generation puts every embedding the prompt names there. Training and
+The tokenizers and the vocabulary are never changed. Instead each text encoder's token-embedding layer is wrapped:
+ids below the vocabulary size look up the (frozen, untouched) table, and ids from the vocabulary size upwards are
+"slots" that read the embedding's vectors for that encoder. Training puts its trainable float32 vectors in the slots,
+so the gradient reaches them and nothing else; generation puts every embedding the prompt names there. Training and
 generation use this same path, so a name means the same thing in both.
+
+A model has one text encoder (SD1, SD2) or several (SDXL), each kept by the key its vectors have in an embedding
+file (families.py). They share CLIP's vocabulary, so a prompt is parsed and tokenized once; each encoder reads the
+same ids (with its own start, end and padding tokens) and the hidden states are concatenated in the family's order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import EmbeddingError
+from .families import EncoderSlot
 from .prompt import CHUNK, Chunk, NameMatcher, chunk_prompt, names_in
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts."""
+
+    hidden: torch.Tensor  # [batch, 77 * chunks, width]: the cross-attention context
+    pooled: torch.Tensor | None = None  # [batch, width]: a pooled text vector (SDXL's text_embeds), if any
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # further UNet inputs (SDXL's time_ids)
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        return replace(self, hidden=self.hidden.to(dtype),
+                       pooled=None if self.pooled is None else self.pooled.to(dtype),
+                       extra={key: value.to(dtype) for key, value in self.extra.items()})
+
+    def unet_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of a diffusers UNet2DConditionModel call."""
+        inputs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        added = {**({} if self.pooled is None else {"text_embeds": self.pooled}), **self.extra}
+        if added:
+            inputs["added_cond_kwargs"] = added
+        return inputs
+
+
+@dataclass
+class TextEncoder:
+    """One text encoder of a loaded model and its tokenizer, in the slot its family gives it."""
+
+    slot: EncoderSlot
+    tokenizer: Any
+    module: Any  # a transformers CLIPTextModel
+
+    @property
+    def key(self) -> str:
+        return self.slot.key
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The token-embedding table, [vocabulary, width]."""
+        return self.module.get_input_embeddings().weight
+
+    @property
+    def width(self) -> int:
+        return int(self.table.shape[1])
 
 
 class SplicedTokenEmbedding(nn.Embedding):
@@ -80,20 +132,55 @@ def _final_layer_norm(text_encoder: nn.Module) -> nn.Module:
     return norm
 
 
-class PromptEncoder:
-    """Encodes prompts (A1111 syntax, any length, embedding names) to [batch, 77 * chunks, width]."""
+class _Stream:
+    """One text encoder as the prompt encoder drives it: its spliced layer and its special tokens."""
 
-    def __init__(self, tokenizer, text_encoder: nn.Module, clip_skip: int = 1) -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.layer = splice(text_encoder)
+    def __init__(self, part: TextEncoder) -> None:
+        self.part = part
+        self.layer = splice(part.module)
+        tokenizer = part.tokenizer
+        self.bos = int(tokenizer.bos_token_id)
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
+
+    def hidden(self, rows: list[list[int]], clip_skip: int) -> torch.Tensor:
+        """The hidden states this encoder conditions the UNet with (A1111's "Clip skip" = clip_skip)."""
+        module = self.part.module
+        ids = torch.tensor(rows, dtype=torch.long, device=self.layer.weight.device)
+        if self.part.slot.penultimate:
+            return module(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        if clip_skip > 1:
+            out = module(ids, output_hidden_states=True)
+            return _final_layer_norm(module)(out.hidden_states[-clip_skip])
+        return module(ids).last_hidden_state
+
+
+class PromptEncoder:
+    """Encodes prompts (A1111 syntax, any length, embedding names) to a :class:`Conditioning`."""
+
+    def __init__(self, text: Mapping[str, TextEncoder], clip_skip: int = 1) -> None:
+        if not text:
+            raise ValueError("a prompt encoder needs at least one text encoder")
+        self.streams = {key: _Stream(part) for key, part in text.items()}
+        first = next(iter(self.streams.values()))
+        if len({s.layer.vocab_size for s in self.streams.values()}) != 1:
+            raise EmbeddingError("the model's text encoders have different vocabularies; tistudio cannot splice "
+                                 "an embedding into them")
+        self.tokenizer = first.part.tokenizer  # the encoders share CLIP's vocabulary: prompts are tokenized once
+        self.vocab_size = first.layer.vocab_size
         self.clip_skip = clip_skip
         self.matcher: NameMatcher | None = None
         self.name_ids: dict[str, tuple[int, ...]] = {}
         self._token_cache: dict[str, list[int]] = {}
-        self.bos = int(tokenizer.bos_token_id)
-        self.eos = int(tokenizer.eos_token_id)
-        self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
+
+    @classmethod
+    def for_model(cls, model: Any, clip_skip: int = 1) -> PromptEncoder:
+        """The prompt encoder of a loaded model (anything with a ``text`` mapping of TextEncoders)."""
+        return cls(model.text, clip_skip)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.streams)
 
     def tokenize(self, text: str) -> list[int]:
         ids = self._token_cache.get(text)
@@ -106,22 +193,41 @@ class PromptEncoder:
     def token_ids(self, name: str) -> tuple[int, ...]:
         return tuple(self.tokenize(name))
 
-    def set_embeddings(self, vectors: Mapping[str, torch.Tensor]) -> None:
-        """Use these embeddings ({name: [n, width]}); a single tensor keeps its autograd link (training)."""
+    def _by_key(self, name: str, vectors: torch.Tensor | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if isinstance(vectors, torch.Tensor):
+            if len(self.streams) != 1:
+                raise EmbeddingError(f"embedding {name!r}: this model has {len(self.streams)} text encoders "
+                                     f"({', '.join(self.streams)}); give its vectors for each")
+            return {self.keys[0]: vectors}
+        if set(vectors) != set(self.streams):
+            raise EmbeddingError(f"embedding {name!r} has vectors for {', '.join(vectors)}, but this model's text "
+                                 f"encoders are {', '.join(self.streams)}")
+        return vectors
+
+    def set_embeddings(self, vectors: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]) -> None:
+        """Use these embeddings: {name: {encoder key: [n, width]}} (a bare [n, width] tensor where the model has one
+        text encoder). The tensors are used as they are, so trainable ones keep their autograd link."""
         names: dict[tuple[int, ...], tuple[int, int]] = {}
-        parts = []
-        slot = self.layer.vocab_size
+        parts: dict[str, list[torch.Tensor]] = {key: [] for key in self.streams}
+        slot = self.vocab_size
         self.name_ids = {}
-        for name, tensor in vectors.items():
+        for name, value in vectors.items():
+            by_key = self._by_key(name, value)
             sequence = self.token_ids(name)
             if not sequence or sequence in names:
                 continue
-            names[sequence] = (slot, int(tensor.shape[0]))
+            count = int(next(iter(by_key.values())).shape[0])
+            if any(int(tensor.shape[0]) != count for tensor in by_key.values()):
+                raise EmbeddingError(f"embedding {name!r} has different vector counts for its text encoders")
+            names[sequence] = (slot, count)
             self.name_ids[name] = sequence
-            slot += int(tensor.shape[0])
-            parts.append(tensor)
+            slot += count
+            for key in self.streams:
+                parts[key].append(by_key[key])
         self.matcher = NameMatcher(names) if names else None
-        self.layer.set_extra(None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts))
+        for key, stream in self.streams.items():
+            tensors = parts[key]
+            stream.layer.set_extra(None if not tensors else tensors[0] if len(tensors) == 1 else torch.cat(tensors))
 
     def names_in(self, text: str, candidates: Mapping[str, tuple[int, ...]]) -> list[str]:
         return names_in(text, self.tokenize, dict(candidates))
@@ -129,27 +235,27 @@ class PromptEncoder:
     def chunks(self, text: str) -> list[Chunk]:
         return chunk_prompt(text, self.tokenize, self.matcher)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Hidden states for the prompts; prompts of fewer chunks are padded with empty chunks."""
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of the prompts; prompts of fewer chunks are padded with empty chunks."""
         per_prompt = [self.chunks(p) for p in prompts]
         count = max(len(c) for c in per_prompt)
-        rows, weights = [], []
-        for chunks in per_prompt:
-            for chunk in chunks + [Chunk()] * (count - len(chunks)):
-                ids = [self.bos, *chunk.ids, self.eos] + [self.pad] * (CHUNK - len(chunk.ids))
-                rows.append(ids)
-                weights.append([1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK - len(chunk.ids)))
-        device = self.layer.weight.device
-        ids = torch.tensor(rows, dtype=torch.long, device=device)
-        if self.clip_skip > 1:
-            out = self.text_encoder(ids, output_hidden_states=True)
-            hidden = _final_layer_norm(self.text_encoder)(out.hidden_states[-self.clip_skip])
-        else:
-            hidden = self.text_encoder(ids).last_hidden_state
-        if any(w != 1.0 for row in weights for w in row):
-            # A1111's "Original" emphasis: scale token outputs by their weights, then restore the mean.
-            scale = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device).unsqueeze(-1)
-            before = hidden.mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * scale
-            hidden = hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))
-        return hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1])
+        chunks = [chunk for row in per_prompt for chunk in row + [Chunk()] * (count - len(row))]
+        weights = [[1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK - len(chunk.ids)) for chunk in chunks]
+        weighted = any(w != 1.0 for row in weights for w in row)
+        states = []
+        for stream in self.streams.values():
+            rows = [[stream.bos, *chunk.ids, stream.eos] + [stream.pad] * (CHUNK - len(chunk.ids)) for chunk in chunks]
+            hidden = stream.hidden(rows, self.clip_skip)
+            if weighted:
+                hidden = _emphasis(hidden, weights)
+            states.append(hidden)
+        hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        return Conditioning(hidden=hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1]))
+
+
+def _emphasis(hidden: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    """A1111's "Original" emphasis: scale token outputs by their weights, then restore the mean."""
+    scale = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device).unsqueeze(-1)
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    hidden = hidden * scale
+    return hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import TextEncoder
 from .config import CreateOptions, validate_create
 from .embedding import SUFFIXES, Embedding, list_embedding_files, write_embedding
 from .errors import OptionError
@@ -32,12 +33,17 @@ PERSON_NAMES = ("james", "mary", "john", "linda", "robert", "susan", "michael", 
                 "maria", "adam", "jessica", "ryan", "rachel")
 
 
-def person_vectors(model: SDModel, count: int) -> torch.Tensor:
-    """A person-like start: vector i is the mean token embedding of the i-th group of common first names."""
-    table = model.text_encoder.get_input_embeddings().weight
+def person_vectors(model: SDModel, count: int) -> dict[str, torch.Tensor]:
+    """A person-like start, for each text encoder: vector i is the mean token embedding of the i-th group of
+    common first names."""
+    return {key: _person_rows(part, count) for key, part in model.text.items()}
+
+
+def _person_rows(part: TextEncoder, count: int) -> torch.Tensor:
+    table = part.table
     ids = []
     for name in PERSON_NAMES:
-        tokens = model.tokenizer(name, add_special_tokens=False, verbose=False).input_ids
+        tokens = part.tokenizer(name, add_special_tokens=False, verbose=False).input_ids
         if len(tokens) == 1:
             ids.append(tokens[0])
     rows = table[torch.tensor(ids, device=table.device)].detach().to("cpu", torch.float32)
@@ -50,13 +56,17 @@ def person_start(text: str) -> bool:
     return not text.strip() or text.strip().lower() == "auto"
 
 
-def init_vectors(model: SDModel, text: str, count: int) -> torch.Tensor:
-    """A1111's initialization: evenly spaced token embeddings of `text`, as float32 [count, width]; no text (or
-    'auto') gives the person-like start."""
+def init_vectors(model: SDModel, text: str, count: int) -> dict[str, torch.Tensor]:
+    """A1111's initialization, for each text encoder: evenly spaced token embeddings of `text`, as float32
+    [count, width]; no text (or 'auto') gives the person-like start."""
     if person_start(text):
         return person_vectors(model, count)
-    table = model.text_encoder.get_input_embeddings().weight
-    ids = list(model.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+    return {key: _text_rows(part, text, count) for key, part in model.text.items()}
+
+
+def _text_rows(part: TextEncoder, text: str, count: int) -> torch.Tensor:
+    table = part.table
+    ids = list(part.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
     if not ids:
         return torch.zeros((count, table.shape[1]), dtype=torch.float32)
     rows = [ids[i * len(ids) // count] for i in range(count)]
@@ -87,7 +97,7 @@ def create_embedding(options: CreateOptions, *, cache_dir: Path, model: SDModel 
     vectors = init_vectors(model, options.init_text, options.vectors)
     person = person_start(options.init_text)
     start = "(person-like: the mean of first names)" if person else options.init_text
-    embedding = Embedding(name=options.name, vectors={"clip": vectors}, step=0, model_hash=model.hash,
+    embedding = Embedding(name=options.name, vectors=vectors, step=0, model_hash=model.hash,
                           model_name=model.name, meta={"init_text": start, "model_family": model.family})
     path = write_embedding(embedding, folder / f"{options.name}.safetensors")
     if options.overwrite:
@@ -95,6 +105,6 @@ def create_embedding(options: CreateOptions, *, cache_dir: Path, model: SDModel 
             other = folder / f"{options.name}{suffix}"
             if other != path and other.is_file():
                 log.warning("%s also exists; it has the same name, so A1111 may load either", other)
-    log.info("created %s: %d vectors of width %d from %s", path, options.vectors, vectors.shape[1],
+    log.info("created %s: %d vectors of width %d from %s", path, options.vectors, embedding.width,
              "the person-like start" if person else repr(options.init_text))
     return path

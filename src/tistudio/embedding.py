@@ -251,12 +251,11 @@ def _finite(embedding: Embedding) -> None:
 
 
 def write_embedding(embedding: Embedding, path: str | Path, **extra_meta: str) -> Path:
-    """Write the default format: safetensors with ``emb_params`` (or clip_l/clip_g) and metadata, atomically."""
+    """Write the default format, atomically: safetensors with ``emb_params`` (one text encoder) or a tensor per
+    encoder key (SDXL: clip_l, clip_g), and metadata."""
     _finite(embedding)
-    if embedding.is_sdxl:
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.vectors.items()}
-    else:
-        tensors = {"emb_params": embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
+    keys = {SINGLE: "emb_params"} if set(embedding.vectors) == {SINGLE} else {}  # one encoder: A1111's name
+    tensors = {keys.get(k, k): v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.vectors.items()}
     return write_safetensors(Path(path), tensors, metadata(embedding, **extra_meta))
 
 

@@ -5,16 +5,19 @@ Every embedding in the embeddings folder whose name appears in the prompt or the
 Image i of a batch uses seed + i and its starting noise is drawn on the CPU from that seed alone, so the same
 seed gives the same image on any device and in any batch. Each PNG carries A1111's ``parameters`` text
 (prompt, Negative prompt, Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, TI hashes, Version).
+
+Pictures are drawn by the diffusers pipeline the model's family names (families.py), fed with tistudio's own
+prompt encodings, so that A1111's prompt syntax and the embeddings work the same in every family.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import random
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +27,30 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .conditioning import PromptEncoder
+from .conditioning import Conditioning, PromptEncoder
 from .config import GenerateOptions, parse_size, validate_generate
 from .embedding import Embedding, list_embedding_files, read_embedding, short_hash
 from .errors import EmbeddingError, OptionError
 from .models import SDModel, load_model
+from .progress import Event, Progress, Reporter
 from .samplers import check_sampler, make_scheduler
 from .storage import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one txt2img call draws: the same for generation, previews and the demo's pictures."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "DPM++ 2M Karras"  # an A1111 name (check_sampler gives the canonical one)
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    seeds: tuple[int, ...] = (0,)  # one image per seed
 
 
 @dataclass(frozen=True)
@@ -43,13 +61,6 @@ class GeneratedImage:
     image: Image.Image
 
 
-@dataclass(frozen=True)
-class GenerateProgress:
-    step: int
-    total: int
-    elapsed_s: float
-
-
 def _quote(value: str) -> str:
     """A1111's infotext quoting: values with ',', ':' or newlines become JSON strings."""
     if not any(c in value for c in ",:\n"):
@@ -57,14 +68,13 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, seed: int, width: int, height: int,
-             model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1) -> str:
-    """A1111's `parameters` text, which its PNG Info tab, Civitai and prompt readers parse."""
+def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1) -> str:
+    """A1111's `parameters` text of one image, which its PNG Info tab, Civitai and prompt readers parse."""
     from . import __version__
 
     fields: list[tuple[str, str]] = [
-        ("Steps", str(steps)), ("Sampler", sampler), ("CFG scale", f"{cfg:g}"), ("Seed", str(seed)),
-        ("Size", f"{width}x{height}"),
+        ("Steps", str(params.steps)), ("Sampler", params.sampler), ("CFG scale", f"{params.cfg:g}"),
+        ("Seed", str(seed)), ("Size", f"{params.width}x{params.height}"),
     ]
     if model.hash:
         fields.append(("Model hash", model.hash))
@@ -74,9 +84,9 @@ def infotext(prompt: str, negative: str, steps: int, sampler: str, cfg: float, s
     if ti_hashes:
         fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in ti_hashes.items())))
     fields.append(("Version", f"tistudio {__version__}"))
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
 
@@ -87,33 +97,42 @@ def initial_noise(seeds: list[int], height: int, width: int, scale: int, channel
                                     generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds])
 
 
+def build_pipeline(model: SDModel, scheduler: Any) -> Any:
+    """The model family's diffusers pipeline around the loaded parts (the components it takes, by the names the
+    family's slots give them; it is only ever fed prompt encodings, never prompts)."""
+    import diffusers
+
+    spec = model.spec
+    cls = getattr(diffusers, spec.pipeline)
+    accepted = inspect.signature(cls.__init__).parameters
+    parts: dict[str, Any] = {}
+    for slot in spec.encoders:
+        text = model.text[slot.key]
+        parts[slot.text_encoder], parts[slot.tokenizer] = text.module, text.tokenizer
+    parts = {name: part for name, part in parts.items() if name in accepted}
+    return cls(vae=model.vae, unet=model.unet, scheduler=scheduler, **parts, **dict(spec.pipeline_extras))
+
+
 class Renderer:
-    """A diffusers StableDiffusionPipeline around a loaded model, fed with our own prompt encodings."""
+    """Draws pictures through the family's pipeline, fed with our own prompt encodings."""
 
     def __init__(self, model: SDModel, encoder: PromptEncoder) -> None:
-        from diffusers import StableDiffusionPipeline
-
         self.model = model
         self.encoder = encoder
-        self.pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-            scheduler=make_scheduler("DDIM", model.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        self.pipe = build_pipeline(model, make_scheduler("DDIM", model.scheduler_config))
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def render(self, prompt: str, negative: str, seeds: list[int], steps: int, sampler: str, cfg: float,
-               width: int, height: int, on_step: Callable[[int], None] | None = None,
+    def render(self, params: SamplingParams, on_step: Callable[[int], None] | None = None,
                stop: threading.Event | None = None) -> list[Image.Image]:
-        model = self.model
-        self.pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
-        embeds = self.encoder.encode([prompt] * len(seeds)).to(model.dtype)
-        negative_embeds = self.encoder.encode([negative] * len(seeds)).to(model.dtype)
-        if negative_embeds.shape[1] != embeds.shape[1]:  # pad the shorter with empty chunks to the same length
-            longest = max(embeds.shape[1], negative_embeds.shape[1])
-            embeds = self._pad(embeds, longest, len(seeds))
-            negative_embeds = self._pad(negative_embeds, longest, len(seeds))
-        latents = initial_noise(seeds, height, width, model.vae_scale).to(model.device, model.dtype)
+        model, seeds = self.model, list(params.seeds)
+        self.pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config)
+        positive = self.encoder.encode([params.prompt] * len(seeds)).to(model.dtype)
+        negative = self.encoder.encode([params.negative_prompt] * len(seeds)).to(model.dtype)
+        if negative.hidden.shape[1] != positive.hidden.shape[1]:  # pad the shorter with empty chunks
+            longest = max(positive.hidden.shape[1], negative.hidden.shape[1])
+            positive, negative = self._pad(positive, longest, len(seeds)), self._pad(negative, longest, len(seeds))
+        latents = initial_noise(seeds, params.height, params.width, model.vae_scale).to(model.device, model.dtype)
         generators = [torch.Generator("cpu").manual_seed(seed + 1_000_003) for seed in seeds]
 
         def callback(pipe: Any, index: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -123,17 +142,27 @@ class Renderer:
                 pipe._interrupt = True
             return kwargs
 
-        result = self.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, latents=latents,
-                           generator=generators, num_inference_steps=steps, guidance_scale=cfg, height=height,
-                           width=width, output_type="pil", callback_on_step_end=callback)
+        result = self.pipe(**pipeline_inputs(positive, negative), latents=latents, generator=generators,
+                           num_inference_steps=params.steps, guidance_scale=params.cfg, height=params.height,
+                           width=params.width, output_type="pil", callback_on_step_end=callback)
         return list(result.images)
 
-    def _pad(self, embeds: torch.Tensor, length: int, batch: int) -> torch.Tensor:
-        if embeds.shape[1] == length:
-            return embeds
-        empty = self.encoder.encode([""] * batch).to(embeds.dtype)
-        repeats = (length - embeds.shape[1]) // empty.shape[1]
-        return torch.cat([embeds, *([empty] * repeats)], dim=1)
+    def _pad(self, conditioning: Conditioning, length: int, batch: int) -> Conditioning:
+        hidden = conditioning.hidden
+        if hidden.shape[1] == length:
+            return conditioning
+        empty = self.encoder.encode([""] * batch).hidden.to(hidden.dtype)
+        repeats = (length - hidden.shape[1]) // empty.shape[1]
+        return Conditioning(hidden=torch.cat([hidden, *([empty] * repeats)], dim=1), pooled=conditioning.pooled,
+                            extra=conditioning.extra)
+
+
+def pipeline_inputs(positive: Conditioning, negative: Conditioning) -> dict[str, Any]:
+    """A diffusers pipeline's prompt-encoding arguments (the pooled ones too, where the family has them)."""
+    inputs = {"prompt_embeds": positive.hidden, "negative_prompt_embeds": negative.hidden}
+    if positive.pooled is not None:
+        inputs.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    return inputs
 
 
 def find_embeddings(encoder: PromptEncoder, folder: Path, texts: list[str],
@@ -158,13 +187,22 @@ def find_embeddings(encoder: PromptEncoder, folder: Path, texts: list[str],
 
 
 def check_fits(embedding: Embedding, model: SDModel) -> None:
-    if embedding.is_sdxl:
-        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); SDXL is not "
-                             f"supported yet and it does not fit {model.name}")
-    if embedding.width != model.width:
-        raise EmbeddingError(f"embedding {embedding.name!r} is {embedding.width} wide ({embedding.fits()}) but the "
-                             f"model {model.name} has a {model.width}-wide text encoder; use the embedding with a "
-                             "model of its family")
+    """That the embedding has vectors for each of the model's text encoders, each as wide as that encoder."""
+    widths = model.widths
+    if set(embedding.vectors) != set(widths):
+        if embedding.is_sdxl:
+            raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); SDXL is not "
+                                 f"supported yet and it does not fit {model.name}")
+        raise EmbeddingError(f"embedding {embedding.name!r} ({embedding.fits()}) has vectors for "
+                             f"{', '.join(embedding.vectors)}, but the model {model.name} "
+                             f"({model.spec.label}) needs them for {', '.join(widths)}; use it with a model of its "
+                             "family")
+    for key, width in widths.items():
+        if embedding.vectors[key].shape[1] != width:
+            size = f"{embedding.width} wide" if len(widths) == 1 else f"{embedding.vectors[key].shape[1]} wide in {key}"
+            own = f"a {width}-wide text encoder" if len(widths) == 1 else f"a {width}-wide {key} text encoder"
+            raise EmbeddingError(f"embedding {embedding.name!r} is {size} ({embedding.fits()}) but the model "
+                                 f"{model.name} has {own}; use the embedding with a model of its family")
 
 
 def next_index(folder: Path) -> int:
@@ -185,46 +223,41 @@ def save_png(image: Image.Image, path: Path, text: str) -> Path:
 
 
 def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None = None,
-             on_progress: Callable[[GenerateProgress], None] | None = None,
+             on_progress: Callable[[Progress], None] | None = None,
              stop: threading.Event | None = None, save: bool = True) -> list[GeneratedImage]:
     """Generate options.batch images and (with save) write them as PNGs with their parameters."""
     validate_generate(options)
     sampler = check_sampler(options.sampler)
     if model is None:
         model = load_model(options, cache_dir)
-    size = parse_size(options.size) or (model.native_size, model.native_size)
-    width, height = size
-    if width % (model.vae_scale) or height % (model.vae_scale):
+    width, height = parse_size(options.size) or (model.native_size, model.native_size)
+    if width % model.vae_scale or height % model.vae_scale:
         raise OptionError("size", options.size, f"each side must be a multiple of {model.vae_scale}")
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder, options.clip_skip)
+    encoder = PromptEncoder.for_model(model, options.clip_skip)
     used = find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt])
     for embedding, _ in used.values():
         check_fits(embedding, model)
-    encoder.set_embeddings({name: emb.tensor.to(model.device) for name, (emb, _) in used.items()})
+    encoder.set_embeddings({name: {key: tensor.to(model.device) for key, tensor in emb.vectors.items()}
+                            for name, (emb, _) in used.items()})
     if used:
         log.info("using embeddings: %s", ", ".join(f"{n} ({e.count} vectors, step {e.step})"
                                                     for n, (e, _) in used.items()))
     hashes = {name: short_hash(path) for name, (_, path) in used.items() if path is not None}
     seed = options.seed if options.seed >= 0 else random.SystemRandom().randrange(2**32 - options.batch)
-    seeds = [seed + i for i in range(options.batch)]
-    renderer = Renderer(model, encoder)
-    started = time.monotonic()
-
-    def on_step(step: int) -> None:
-        if on_progress is not None:
-            on_progress(GenerateProgress(step=step, total=options.steps, elapsed_s=time.monotonic() - started))
-
-    images = renderer.render(options.prompt, options.negative_prompt, seeds, options.steps, sampler, options.cfg,
-                             width, height, on_step=on_step, stop=stop)
+    params = SamplingParams(prompt=options.prompt, negative_prompt=options.negative_prompt, steps=options.steps,
+                            sampler=sampler, cfg=options.cfg, width=width, height=height,
+                            seeds=tuple(seed + i for i in range(options.batch)))
+    report = Reporter(on_progress)
+    images = Renderer(model, encoder).render(params, on_step=lambda step: report(Event.STEP, step, options.steps),
+                                             stop=stop)
     if stop is not None and stop.is_set():
         log.info("stopped before the images were finished; nothing was saved")
         return []
     results = []
     out_dir = Path(options.out_dir)
     index = next_index(out_dir) if save else 0
-    for offset, (image, image_seed) in enumerate(zip(images, seeds, strict=True)):
-        text = infotext(options.prompt, options.negative_prompt, options.steps, sampler, options.cfg, image_seed,
-                        width, height, model, hashes, options.clip_skip)
+    for offset, (image, image_seed) in enumerate(zip(images, params.seeds, strict=True)):
+        text = infotext(params, image_seed, model, hashes, options.clip_skip)
         path = save_png(image, out_dir / f"{index + offset:05d}-{image_seed}.png", text) if save else None
         results.append(GeneratedImage(path=path, seed=image_seed, infotext=text, image=image))
     return results

@@ -27,8 +27,11 @@ from typing import Any
 import torch
 
 from . import safeload
+from .conditioning import TextEncoder
 from .config import ModelOptions
 from .errors import ModelError, UnsafeFileError
+from .families import CLIP, Family
+from .families import family as family_entry
 from .storage import file_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -47,12 +50,11 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 class SDModel:
     """The parts of a loaded model, and what we know about it."""
 
-    tokenizer: Any
-    text_encoder: Any
+    text: dict[str, TextEncoder]  # the text encoders with their tokenizers, by the family's keys, in its order
     vae: Any
     unet: Any
     scheduler_config: dict[str, Any]
-    family: str
+    family: str  # a key of families.FAMILIES
     prediction_type: str
     native_size: int
     device: torch.device
@@ -61,11 +63,31 @@ class SDModel:
     name: str
     hash: str | None = None
     notes: list[str] = field(default_factory=list)
+    spec: Family | None = None  # the family's table entry; looked up from `family` unless given
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = family_entry(self.family)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The first text encoder's tokenizer (a family's encoders all read CLIP's vocabulary)."""
+        return next(iter(self.text.values())).tokenizer
+
+    @property
+    def text_encoder(self) -> Any:
+        """The first text encoder (the only one of SD1 and SD2)."""
+        return next(iter(self.text.values())).module
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The width of each text encoder's token vectors, by key."""
+        return {key: part.width for key, part in self.text.items()}
 
     @property
     def width(self) -> int:
-        """Width of the text encoder's token vectors (768 for SD1, 1024 for SD2)."""
-        return int(self.text_encoder.get_input_embeddings().weight.shape[1])
+        """The width of an embedding for this model: its encoders' widths together (768 SD1, 1024 SD2)."""
+        return sum(self.widths.values())
 
     @property
     def vae_scale(self) -> int:
@@ -76,8 +98,7 @@ class SDModel:
         return float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR) or SD_SCALING_FACTOR)
 
     def describe(self) -> str:
-        family = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x"}.get(self.family, self.family)
-        return (f"{self.name} ({family}, {self.prediction_type}, native {self.native_size}px, text width "
+        return (f"{self.name} ({self.spec.label}, {self.prediction_type}, native {self.native_size}px, text width "
                 f"{self.width}, {self.device.type} {str(self.dtype).replace('torch.', '')})")
 
 
@@ -513,8 +534,8 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         vae = _freeze(vae, device, dtype)
     del state
     return SDModel(
-        tokenizer=load_tokenizer(family), text_encoder=_freeze(text_encoder, device, dtype), vae=vae, unet=unet,
-        scheduler_config=scheduler_config(prediction), family=family, prediction_type=prediction,
+        text={CLIP.key: TextEncoder(CLIP, load_tokenizer(family), _freeze(text_encoder, device, dtype))}, vae=vae,
+        unet=unet, scheduler_config=scheduler_config(prediction), family=family, prediction_type=prediction,
         native_size=native, device=device, dtype=dtype, source=str(path), name=path.stem,
         notes=[f"prediction type {prediction}: {why}"])
 
@@ -554,8 +575,8 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     if missing:
         raise ModelError(f"model {folder}: the diffusers folder lacks {', '.join(missing)}/")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=local_only)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=local_only,
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=CLIP.tokenizer, local_files_only=local_only)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder=CLIP.text_encoder, local_files_only=local_only,
                                                      torch_dtype=dtype)
         family = _folder_family(text_encoder)
         unet = vae = None
@@ -583,7 +604,7 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     else:
         native = 768 if (family == SD2 and prediction == "v_prediction") else 512
     return SDModel(
-        tokenizer=tokenizer, text_encoder=_freeze(text_encoder, device, dtype),
+        text={CLIP.key: TextEncoder(CLIP, tokenizer, _freeze(text_encoder, device, dtype))},
         vae=_freeze(vae, device, dtype) if vae is not None else None,
         unet=_freeze(unet, device, dtype) if unet is not None else None, scheduler_config=config, family=family,
         prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(folder), name=name,

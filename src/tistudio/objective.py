@@ -69,8 +69,8 @@ def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
         objective = a.sqrt() * noise.float() - (1 - a).sqrt() * clean.float()
     else:
         objective = noise.float()
-    hidden = encoder.encode(prompts).to(model.dtype)
-    prediction = (model.unet if unet is None else unet)(noisy, t, encoder_hidden_states=hidden).sample
+    conditioning = encoder.encode(prompts).to(model.dtype)
+    prediction = (model.unet if unet is None else unet)(noisy, t, **conditioning.unet_inputs()).sample
     return torch.nn.functional.mse_loss(prediction.float(), objective)
 
 

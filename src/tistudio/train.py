@@ -41,7 +41,7 @@ from .create import person_vectors
 from .dataset import Dataset, load_dataset, square
 from .embedding import Embedding, find_embedding_file, read_embedding, write_embedding
 from .errors import EmbeddingError, TistudioError
-from .generate import Renderer, check_fits, infotext, save_png
+from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
 from .models import SDModel, load_model
 from .objective import (
     Evaluator,
@@ -314,7 +314,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         log.warning("%s was made with model %s (hash %s) and is now trained with %s (hash %s)", name,
                     embedding.model_name or "?", embedding.model_hash, model.name, model.hash)
     device = model.device
-    encoder = PromptEncoder(model.tokenizer, model.text_encoder, options.clip_skip)
+    encoder = PromptEncoder.for_model(model, options.clip_skip)
     if not encoder.token_ids(name):
         raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
 
@@ -374,7 +374,7 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         evaluator.open(start_step, saved)
         if evaluator.neutral is None:
             # The loss's drop is counted from the person-like start; a run that started elsewhere measures it once.
-            neutral = person_vectors(model, vectors.shape[0]).to(device)
+            neutral = person_vectors(model, vectors.shape[0])["clip"].to(device)
             if not torch.equal(neutral, initial.to(torch.float32)):
                 encoder.set_embeddings({name: neutral})
                 try:
@@ -437,10 +437,11 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         path = run.preview_path(step)
         if renderer is None or (path.exists() and step == start_step):
             return
-        image = renderer.render(prompt_for_preview, options.preview_negative_prompt, [options.preview_seed],
-                                options.preview_steps, preview_sampler, options.preview_cfg, size, size)[0]
-        text = infotext(prompt_for_preview, options.preview_negative_prompt, options.preview_steps, preview_sampler,
-                        options.preview_cfg, options.preview_seed, size, size, model, {}, options.clip_skip)
+        params = SamplingParams(prompt=prompt_for_preview, negative_prompt=options.preview_negative_prompt,
+                                steps=options.preview_steps, sampler=preview_sampler, cfg=options.preview_cfg,
+                                width=size, height=size, seeds=(options.preview_seed,))
+        image = renderer.render(params)[0]
+        text = infotext(params, options.preview_seed, model, {}, options.clip_skip)
         save_png(image, path, text + f"\nEmbedding: {name}, Step: {step}")
         result.previews.append(path)
         report(Progress("preview", step, schedule.end_step, path=str(path), elapsed_s=time.monotonic() - started))

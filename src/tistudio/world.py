@@ -317,12 +317,13 @@ def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, 
     reader = load_trait_reader(folder)
 
     def score(model: Any, encoder: Any) -> float:
-        from .generate import Renderer
+        from .generate import Renderer, SamplingParams
 
         renderer = Renderer(model, encoder)
         images = []
         for prompt in prompts:
-            images += renderer.render(prompt.format(name=name), "", list(seeds), steps, "DDIM", cfg, SIZE, SIZE)
+            images += renderer.render(SamplingParams(prompt=prompt.format(name=name), steps=steps, sampler="DDIM",
+                                                     cfg=cfg, width=SIZE, height=SIZE, seeds=tuple(seeds)))
         logits = read_logits(reader, images)
         shown = [decode_traits(logits, i) == person for i in range(len(images))]
         probabilities = person_chances(logits, person)
