@@ -98,7 +98,7 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
     from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.objective import best_likeness_step, best_step, should_stop
+    from tistudio.evaluation import best_likeness_step, best_step, should_stop
     from tistudio.runfolder import read_eval_log
     from tistudio.train import train
 

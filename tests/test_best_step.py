@@ -11,7 +11,7 @@ import torch
 from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
 from tistudio.embedding import read_embedding
-from tistudio.objective import best_likeness_step, best_step, converged, floor_step
+from tistudio.evaluation import best_likeness_step, best_step, converged, floor_step
 from tistudio.runfolder import read_eval_log
 from tistudio.train import train
 
@@ -179,26 +179,26 @@ def test_final_last_keeps_the_last_step(sd1_model, photos, tmp_path) -> None:
 
 
 def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, tmp_path, monkeypatch) -> None:
-    from tistudio import objective
+    from tistudio import evaluation
 
     fresh(sd1_model, tmp_path)
     calls = {"n": 0}
 
-    def after_five(losses, window=objective.DVAR_WINDOW, threshold=objective.DVAR_THRESHOLD, ceiling=None):
+    def after_five(losses, window=evaluation.DVAR_WINDOW, threshold=evaluation.DVAR_THRESHOLD, ceiling=None):
         calls["n"] += 1
         return len(losses) >= 5
 
-    monkeypatch.setattr(objective, "converged", after_five)
+    monkeypatch.setattr(evaluation, "converged", after_five)
     result = train(options(photos, tmp_path, max_steps=300, stop="auto"), cache_dir=tmp_path, model=sd1_model)
     assert result.converged_at is not None and result.step == result.converged_at < 300 and not result.stopped
     assert "converged" in result.message
     # ... and only once the curve's first step on its floor had stayed put for five evaluations (every 3 steps).
     rows = read_eval_log(tmp_path / "run" / "eval.csv")
     losses = [(step, loss) for step, loss, _ in rows]
-    reached = floor_step(losses[1:], objective.drop_start(losses, None))
-    assert sum(1 for step, _ in losses if step > reached) == objective.DVAR_WINDOW
+    reached = floor_step(losses[1:], evaluation.drop_start(losses, None))
+    assert sum(1 for step, _ in losses if step > reached) == evaluation.DVAR_WINDOW
     # The step kept is the lowest loss up to there.
-    assert (result.best_step or result.step) == objective.best_step(losses, None)
+    assert (result.best_step or result.step) == evaluation.best_step(losses, None)
 
 
 def test_max_norm_keeps_vectors_near_a_words_length(sd1_model, photos, tmp_path) -> None:

@@ -15,7 +15,8 @@ from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import create_embedding
 from tistudio.dataset import load_dataset
 from tistudio.embedding import read_embedding
-from tistudio.objective import evaluation_batch, evaluation_loss, noise_schedule
+from tistudio.evaluation import evaluation_batch, evaluation_loss
+from tistudio.objective import noise_schedule
 from tistudio.templates import load_template
 from tistudio.train import encode_latents, train
 

@@ -105,6 +105,34 @@ def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> N
     assert len(rows) == 9
 
 
+def test_a_resume_state_of_the_earlier_layout_still_resumes_exactly(sd1_model, photos, tmp_path) -> None:
+    """Runs left by the release before states were kept by encoder key (one trained tensor under unkeyed names)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    settings = dict(max_steps=6, gradient_accumulation=2, save_every=3, init_pull=0.1, eval_every=2)
+    template = new_embedding(sd1_model, tmp_path / "template")
+    straight, resumed = tmp_path / "straight" / "emb", tmp_path / "resumed" / "emb"
+    for folder in (straight, resumed):
+        folder.mkdir(parents=True)
+        shutil.copy(template, folder / "tomtut.safetensors")
+    run(sd1_model, photos, straight, **settings)
+    run(sd1_model, photos, resumed, stop_at=3, **settings)
+    states = resumed.parent / "run" / "state"
+    keyed = load_file(states / "state-3.safetensors")
+    old_names = {"vectors.clip": "vectors", "init.clip": "init_vectors", "kept.clip": "kept_vectors"}
+    unkeyed = {old_names.get(k, k.removeprefix("optimizer.clip.")): v for k, v in keyed.items()}
+    assert set(unkeyed) == {"vectors", "init_vectors", "kept_vectors", "exp_avg", "exp_avg_sq", "step"}
+    save_file(unkeyed, states / "state-3.safetensors")
+    meta = json.loads((states / "state-3.json").read_text())
+    (states / "state-3.json").write_text(json.dumps({**meta, "scalars": {}}))
+    second = run(sd1_model, photos, resumed, **settings)
+    assert second.start_step == 3 and second.step == 6
+    a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")
+    assert a.step == b.step and torch.equal(a.tensor, b.tensor)
+
+
 def test_gradient_checkpointing_gives_the_same_embedding(sd1_model, photos, tmp_path) -> None:
     """The low-memory option recomputes activations; the trained vectors are the same, and it is switched off after."""
     results, seen = [], []

@@ -136,7 +136,7 @@ def train_progress() -> Callable[[Any], None]:
     def on_progress(progress: Any) -> None:
         bar = state.get("bar")
         if progress.event == "start":
-            state["bar"] = tqdm(total=progress.max_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+            state["bar"] = tqdm(total=progress.total, initial=progress.step, unit="step", dynamic_ncols=True,
                                 desc="training", file=sys.stderr)
         elif progress.event == "step" and bar is not None:
             bar.update(progress.step - bar.n)

@@ -1,10 +1,21 @@
 """A training run's folder, and the resume state in it, written so that no crash or kill loses more than the
 steps since the last save.
 
-Resume state is safetensors + JSON, never a pickle: ``state/state-STEP.safetensors`` (the optimizer's tensors and
-the vectors) and ``state/state-STEP.json`` (the step, a digest of the vectors it belongs to, optimizer scalars,
-the learning-rate factor). A state is only deleted after a newer embedding file is safely on disk, so whatever
-moment a run is killed at, the embedding on disk has the state of its own step beside it.
+    options.json                       the resolved options, the model and the dataset
+    loss.csv                           step, epoch, loss, lr
+    eval.csv                           step, fixed-batch loss, likeness
+    embeddings/NAME-STEP.safetensors   a copy every save_every steps
+    previews/NAME-STEP.png             a preview every preview_every steps (A1111 infotext inside)
+    state/state-STEP.safetensors|json  the resume state of the embedding's step
+    NAME.safetensors                   the final embedding (also written to the embeddings folder)
+    NAME-last.safetensors              the last step, where the best step was kept as NAME.safetensors
+    report.html                        loss curve and previews
+
+Resume state is safetensors + JSON, never a pickle: ``state/state-STEP.safetensors`` (the trained tensors by key,
+``vectors.KEY``, and the optimizer's, ``optimizer.KEY.NAME``, plus what the trainer and evaluator keep) and
+``state/state-STEP.json`` (the step, a digest of the tensors it belongs to, optimizer scalars, the learning-rate
+factor). A checkpoint writes the copy, then the state, then the embedding, and only then deletes older states, so
+whatever moment a run is killed at, the embedding on disk has the state of its own step beside it.
 """
 
 from __future__ import annotations
@@ -15,22 +26,30 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UnsafeFileError
+from .errors import OptionError, UnsafeFileError
 from .storage import append_line, write_json, write_safetensors, write_text
 
 log = logging.getLogger(__name__)
 
 LOSS_HEADER = "step,epoch,loss,lr"
+EVAL_HEADER = "step,eval_loss,likeness"
 MAX_STATE_BYTES = 64 * 1024 * 1024
 
 
-def vectors_digest(vectors: torch.Tensor) -> str:
-    return hashlib.sha256(vectors.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+def vectors_digest(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
+    """sha256 of the tensors' float32 bytes, in key order (one tensor: its bytes alone, as earlier releases had)."""
+    values = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors.values())
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_loss_log(path: Path) -> list[dict[str, float]]:
@@ -45,9 +64,6 @@ def read_loss_log(path: Path) -> list[dict[str, float]]:
         except (TypeError, ValueError, KeyError):
             continue
     return out
-
-
-EVAL_HEADER = "step,eval_loss,likeness"
 
 
 def eval_row(step: int, loss: float, like: float | None) -> str:
@@ -69,12 +85,26 @@ def read_eval_log(path: Path) -> list[tuple[int, float, float | None]]:
     return rows
 
 
+@dataclass
+class ResumeState:
+    """What a checkpoint keeps beside the embedding so that training continues exactly."""
+
+    parameters: Mapping[str, torch.Tensor]  # the trained tensors, by key (the optimizer's order)
+    optimizer: torch.optim.Optimizer
+    scaler: Any = None  # a CUDA GradScaler, or None
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able scalars (learning-rate factor, ...)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # further tensors (where training started, ...)
+
+
 class RunFolder:
     def __init__(self, path: Path, name: str) -> None:
         self.path = Path(path)
         self.name = name
         self.loss_log = self.path / "loss.csv"
+        self.eval_log = self.path / "eval.csv"
         self.states = self.path / "state"
+
+    # -- where things go ---------------------------------------------------------------------------------------
 
     def copy_path(self, step: int) -> Path:
         return self.path / "embeddings" / f"{self.name}-{step}.safetensors"
@@ -82,13 +112,48 @@ class RunFolder:
     def preview_path(self, step: int) -> Path:
         return self.path / "previews" / f"{self.name}-{step}.png"
 
+    @property
+    def final_path(self) -> Path:
+        return self.path / f"{self.name}.safetensors"
+
+    @property
+    def last_path(self) -> Path:
+        return self.path / f"{self.name}-last.safetensors"
+
+    def _steps(self, folder: Path, suffix: str) -> list[int]:
+        prefix = f"{self.name}-"
+        steps = []
+        if folder.is_dir():
+            for path in folder.iterdir():
+                tail = path.name[len(prefix):-len(suffix)] if path.name.startswith(prefix) and \
+                    path.name.endswith(suffix) else ""
+                if tail.isdigit():
+                    steps.append(int(tail))
+        return sorted(steps)
+
+    def preview_steps(self) -> list[int]:
+        """The steps that have a preview image, in order."""
+        return self._steps(self.path / "previews", ".png")
+
+    def copy_steps(self) -> list[int]:
+        """The steps that have a saved copy of the embedding, in order."""
+        return self._steps(self.path / "embeddings", ".safetensors")
+
+    def options(self) -> dict[str, Any]:
+        """options.json as it was written ({"options": ..., "resolved": ...}), or {} if it is missing or damaged."""
+        try:
+            data = json.loads((self.path / "options.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def resolved_batch(self) -> int | None:
         """The batch size an earlier sitting of this run trained with (from its options.json), if it says."""
-        try:
-            batch = json.loads((self.path / "options.json").read_text("utf-8"))["resolved"]["batch_size"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return batch if isinstance(batch, int) and batch > 0 else None
+        resolved = self.options().get("resolved")
+        batch = resolved.get("batch_size") if isinstance(resolved, dict) else None
+        return batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else None
+
+    # -- opening, logging --------------------------------------------------------------------------------------
 
     def open(self, start_step: int) -> None:
         """Prepare the folder: a fresh start (step 0) moves an earlier run aside; a resume trims the loss log."""
@@ -116,25 +181,46 @@ class RunFolder:
     def append_losses(self, lines: list[str]) -> None:
         append_line(self.loss_log, "\n".join(lines))
 
-    def save_state(self, step: int, vectors: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any,
-                   extra: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    # -- checkpoints and resume state --------------------------------------------------------------------------
+
+    def checkpoint(self, step: int, write: Callable[[Path, str], Path], state: ResumeState, target: Path, *,
+                   copy: bool, final: bool) -> Path | None:
+        """Save step `step`: a copy (if asked), the resume state, the embedding at `target` (and, if `final`, in the
+        run folder), then delete older states - in that order, so a kill never leaves an embedding without its state.
+        `write(path, name)` writes the embedding named `name` to `path`. Returns the copy's path."""
+        copied = write(self.copy_path(step), f"{self.name}-{step}") if copy else None
+        self.save_state(step, state)
+        write(target, self.name)
+        self.prune_states(keep=step)
+        if final:
+            write(self.final_path, self.name)
+        return copied
+
+    def save_state(self, step: int, state: ResumeState) -> None:
         from . import __version__
 
-        state = optimizer.state_dict()["state"].get(0, {})
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()
-                   if isinstance(value, torch.Tensor)}
-        tensors["vectors"] = vectors.detach().to("cpu", torch.float32).contiguous()
-        for key, value in (extra_tensors or {}).items():
+        optimizer_state = state.optimizer.state_dict()["state"]
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, (key, parameter) in enumerate(state.parameters.items()):
+            tensors[f"vectors.{key}"] = parameter.detach().to("cpu", torch.float32).contiguous()
+            for name, value in optimizer_state.get(index, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{key}.{name}"] = value.detach().to("cpu").contiguous()
+                elif isinstance(value, (int, float)):
+                    scalars.setdefault(key, {})[name] = value
+        for key, value in state.tensors.items():
             tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-        meta = {"step": step, "vectors_sha256": vectors_digest(vectors), "tistudio_version": __version__,
-                "scalars": {k: v for k, v in state.items() if isinstance(v, (int, float))}, **extra}
-        if scaler is not None:
-            meta["grad_scaler"] = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float))}
+        meta = {"step": step, "vectors_sha256": vectors_digest(state.parameters), "tistudio_version": __version__,
+                "scalars": scalars, **state.meta}
+        if state.scaler is not None:
+            meta["grad_scaler"] = {k: v for k, v in state.scaler.state_dict().items() if isinstance(v, (int, float))}
         write_safetensors(self.states / f"state-{step}.safetensors", tensors)
         write_json(self.states / f"state-{step}.json", meta)
 
-    def load_state(self, step: int, vectors: torch.Tensor) -> dict[str, Any] | None:
-        """The saved state of this embedding at this step, or None (then a fresh optimizer is used)."""
+    def load_state(self, step: int, parameters: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        """The saved state of these parameters at this step ({"meta": ..., "tensors": ...}), or None (then a fresh
+        optimizer is used)."""
         from safetensors.torch import load_file
 
         from .safeload import check_size
@@ -154,11 +240,11 @@ class RunFolder:
         except (OSError, ValueError, UnsafeFileError) as exc:
             log.warning("ignoring unreadable optimizer state %s (%s)", tensor_file, exc)
             return None
-        if not isinstance(meta, dict) or meta.get("vectors_sha256") != vectors_digest(vectors):
+        if not isinstance(meta, dict) or meta.get("vectors_sha256") != vectors_digest(parameters):
             log.warning("the optimizer state %s belongs to other vectors than this embedding's; starting a fresh "
                         "optimizer", meta_file)
             return None
-        return {"meta": meta, "tensors": tensors}
+        return upgrade_state({"meta": meta, "tensors": tensors}, tuple(parameters))
 
     def prune_states(self, keep: int) -> None:
         """Delete the states of other steps (called once the embedding of step `keep` is on disk)."""
@@ -169,9 +255,54 @@ class RunFolder:
             if stem != f"state-{keep}":
                 path.unlink(missing_ok=True)
 
+    # -- using a saved step ------------------------------------------------------------------------------------
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], param: torch.Tensor) -> None:
-    known = ("vectors", "kept_vectors", "init_vectors")
-    state = {k: v.to(param.device) for k, v in saved["tensors"].items() if k not in known}
-    state.update(saved["meta"].get("scalars", {}))
-    optimizer.load_state_dict({"state": {0: state}, "param_groups": optimizer.state_dict()["param_groups"]})
+    def use_step(self, step: int, target: Path) -> Path:
+        """Make the copy saved at `step` the embedding at `target`; the embedding it replaces is kept as the copy of
+        its own step first (if there is none), so nothing is lost."""
+        from .embedding import read_embedding, write_embedding
+
+        copy = self.copy_path(step)
+        if not copy.is_file():
+            saved = ", ".join(map(str, self.copy_steps())) or "none"
+            raise OptionError("step", step, f"there is no saved copy of {self.name} at step {step} in {self.path} "
+                              f"(saved steps: {saved})")
+        if target.is_file():
+            current = read_embedding(target)
+            backup = self.copy_path(current.step)
+            if not backup.exists():
+                write_embedding(replace(current, name=f"{self.name}-{current.step}"), backup)
+        chosen = read_embedding(copy)
+        return write_embedding(replace(chosen, name=self.name, step=step), target)
+
+
+# Resume states written before tensors were kept by key (one trained tensor): their names, and the new ones.
+_UNKEYED = {"vectors": "vectors.{}", "kept_vectors": "kept.{}", "init_vectors": "init.{}"}
+
+
+def upgrade_state(saved: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A resume state in the current layout: an earlier release's (unkeyed tensor names, one trained tensor) is
+    renamed to it."""
+    tensors = saved["tensors"]
+    if "vectors" not in tensors or len(keys) != 1:
+        return saved
+    key = keys[0]
+    renamed = {(_UNKEYED[name].format(key) if name in _UNKEYED else f"optimizer.{key}.{name}"): value
+               for name, value in tensors.items()}
+    scalars = saved["meta"].get("scalars", {})
+    return {"meta": {**saved["meta"], "scalars": {key: scalars} if scalars else {}}, "tensors": renamed}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                      parameters: Mapping[str, torch.Tensor]) -> None:
+    """Load the optimizer state of a resume state (see RunFolder.load_state) for these parameters."""
+    scalars = saved["meta"].get("scalars", {})
+    state: dict[int, dict[str, Any]] = {}
+    for index, (key, parameter) in enumerate(parameters.items()):
+        prefix = f"optimizer.{key}."
+        entry = {name[len(prefix):]: value.to(parameter.device) for name, value in saved["tensors"].items()
+                 if name.startswith(prefix)}
+        entry.update(scalars.get(key, {}))
+        if entry:
+            state[index] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -672,7 +672,7 @@ def make_handlers(workspace: Workspace, config: ServerConfig) -> dict[str, Any]:
 
         def progress(p: Any) -> None:
             if p.event == "step":
-                worker.store.event(job, "progress", step=p.step, total=p.max_steps, loss=p.loss, lr=p.lr,
+                worker.store.event(job, "progress", step=p.step, total=p.total, loss=p.loss, lr=p.lr,
                                    epoch=p.epoch, eta_s=p.eta_s, elapsed_s=p.elapsed_s)
             elif p.event == "preview" and p.path:
                 file = Path(p.path).name
