@@ -19,6 +19,7 @@ from tistudio.cli import main
 from tistudio.config import ModelOptions
 from tistudio.server import ServerConfig, create_app
 from tistudio.server.workspace import Limits
+from tistudio.templates import SHIPPED
 
 BASE = "http://127.0.0.1:7860"
 
@@ -221,6 +222,22 @@ def test_clients_never_name_server_paths(client, photos, tmp_path) -> None:
         assert answer.status_code == 400 and answer.json()["field"] == field
     answer = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "template": "/etc/passwd"})
     assert answer.status_code == 400
+
+
+def test_every_field_is_checked_before_a_job_is_queued(client, photos) -> None:
+    upload(client, "tomtut", photos)
+    for url, body, field in (("/api/train", {"set": "tomtut", "embedding": "tomtut", "preview_sampler": "Eulr"},
+                              "preview_sampler"),
+                             ("/api/generate", {"prompt": "x", "sampler": "Eulr"}, "sampler")):
+        answer = client.post(url, json=body)
+        assert answer.status_code == 400 and answer.json()["field"] == field, answer.json()
+        assert "unknown sampler" in answer.json()["error"]
+    assert client.get("/api/jobs").json() == []
+    schema = client.get("/api/schema").json()
+    train = {f["name"]: f for f in schema["train"]}
+    assert train["preview_sampler"]["advanced"] and "Euler" in train["preview_sampler"]["choices"]
+    assert train["template"]["choices"] == list(SHIPPED)
+    assert not train["max_steps"]["advanced"]
 
 
 def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) -> None:

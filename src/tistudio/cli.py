@@ -67,8 +67,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] 
             continue
         kind = type(f.default)
         shown = "" if default in ("", None) else f" (default: {default})"
+        # a field with its own check (samplers match regardless of case) gets its one-line error from validate()
+        choices = None if meta.get("check") else meta.get("choices")
         parser.add_argument(*flags, dest=f.name, type=kind, default=default, metavar=f.name.upper(),
-                            choices=meta.get("choices"), help=help_text + shown)
+                            choices=choices, help=help_text + shown)
 
 
 def options_from(args: argparse.Namespace, cls: type) -> Any:

@@ -2,18 +2,22 @@
 
 The CLI flags, the HTTP API's JSON and the web UI's forms are all generated from these fields, so each field
 carries its type, its default and a one-line help text (``metadata["help"]``), plus its allowed range or
-choices. ``validate()`` checks a whole options object before any model is loaded; the resolved options are
-saved as ``options.json`` in every run folder. This module does not import torch.
+choices, and how a form shows it (``advanced``, ``widget``). ``validate()`` checks a whole options object
+before any model is loaded; the resolved options are saved as ``options.json`` in every run folder. This
+module does not import torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import OptionError
+from .samplers import SAMPLERS, check_sampler
+from .templates import SHIPPED
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -26,15 +30,31 @@ def option(
     help: str,
     *,
     choices: tuple[str, ...] | None = None,
+    check: Callable[[Any, str], Any] | None = None,
+    suggestions: tuple[str, ...] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
     required: bool = False,
     positional: bool = False,
+    advanced: bool = False,
+    widget: str = "",
 ) -> Any:
-    """A dataclass field with the metadata the CLI, API and UI are generated from."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "required": required, "positional": positional}
+    """A dataclass field with the metadata the CLI, API and UI are generated from.
+
+    choices: the allowed values; with `check` (value, field name) -> canonical value, they are the canonical
+    spellings and `check` decides (samplers match without regard to case). suggestions: well-known values of a
+    field that also takes others (a template name or a file); a server, which never takes paths, allows only these.
+    advanced: shown under "More options" in forms. widget: "textarea" (a long text) or "wide" (a wide field).
+    """
+    meta = {"help": help, "choices": choices, "check": check, "suggestions": suggestions, "minimum": minimum,
+            "maximum": maximum, "required": required, "positional": positional, "advanced": advanced,
+            "widget": widget}
     return field(default=default, metadata=meta)
+
+
+SAMPLER_NAMES = tuple(SAMPLERS)
+MAX_SAMPLING_STEPS = 150  # generation's and previews' sampling steps
+CFG_RANGE = {"minimum": 1.0, "maximum": 30.0}
 
 
 @dataclass(frozen=True)
@@ -51,7 +71,7 @@ class ModelOptions:
     # Override the checkpoint's prediction type when its file does not say (SD2 768-v models use v_prediction).
     prediction_type: str = option("auto", "noise prediction type of the model", choices=PREDICTION_TYPES)
     # Use the output of the N-th last text-encoder layer (A1111's "Clip skip"; 2 for many anime models).
-    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12)
+    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12, advanced=True)
 
 
 @dataclass(frozen=True)
@@ -68,7 +88,7 @@ class CreateOptions(ModelOptions):
     # How many vectors the name stands for (A1111's "Number of vectors per token"); 3-4 suit a face.
     vectors: int = option(4, "number of vectors per token", minimum=1, maximum=75)
     # Replace an existing embedding of the same name.
-    overwrite: bool = option(False, "overwrite an existing embedding with this name")
+    overwrite: bool = option(False, "overwrite an existing embedding with this name", advanced=True)
     # Where embeddings live (A1111's --embeddings-dir).
     embeddings_dir: str = option("embeddings", "folder of embeddings")
 
@@ -85,7 +105,8 @@ class TrainOptions(ModelOptions):
     # Run folder for copies, previews, loss.csv and resume state; default runs/NAME.
     run_dir: str = option("", "run folder (default: runs/NAME)")
     # A1111's schedule grammar: "0.005" or "0.005:100, 1e-3:1000, 1e-5" (rate until step, ...).
-    learning_rate: str = option("0.005", "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'")
+    learning_rate: str = option("0.005", "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'",
+                                widget="wide")
     # Images per micro-batch. 0: automatic - on a GPU the largest of 8, 4, 2, 1 (at most the number of images)
     # whose forward and backward pass fit in 90% of its memory, found by trying; 1 on a CPU or Mac. A resumed
     # run keeps the batch size it started with.
@@ -94,7 +115,7 @@ class TrainOptions(ModelOptions):
     # Micro-batches accumulated per optimizer step; one step = batch_size * gradient_accumulation images.
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1, maximum=1024)
     # subject, subject_filewords, style, style_filewords, none, or a path to a template file.
-    template: str = option("subject", "prompt template: a shipped name or a .txt file")
+    template: str = option("subject", "prompt template: a shipped name or a .txt file", suggestions=SHIPPED)
     # Training resolution in pixels (square); 0 means the model's native size (512 SD1, 768 SD2-v).
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
@@ -104,27 +125,31 @@ class TrainOptions(ModelOptions):
     # Save a copy of the embedding every N steps (0: never); resume state is saved with it.
     save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
     # Preview prompt; empty means the template's first line with the name.
-    preview_prompt: str = option("", "preview prompt (default: the template's first line)")
-    preview_negative_prompt: str = option("", "preview negative prompt")
+    # The preview_* fields are a preview's SamplingParams (generate.py), as flags of their own.
+    preview_prompt: str = option("", "preview prompt (default: the template's first line)", widget="wide")
+    preview_negative_prompt: str = option("", "preview negative prompt", advanced=True)
     # A fixed seed makes previews comparable across steps.
-    preview_seed: int = option(1234, "preview seed", minimum=0, maximum=2**32 - 1)
-    preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=150)
-    preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)")
-    preview_cfg: float = option(7.0, "preview CFG scale", minimum=1.0, maximum=30.0)
+    preview_seed: int = option(1234, "preview seed", minimum=0, maximum=2**32 - 1, advanced=True)
+    preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS, advanced=True)
+    preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES,
+                                  check=check_sampler, advanced=True)
+    preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True)
     # Also train on mirrored images (their latents are cached too).
     flip: bool = option(False, "add horizontally flipped copies of every image")
     # Shuffle the comma-separated tags of [filewords] for each sample (A1111 option).
-    shuffle_tags: bool = option(False, "shuffle caption tags for each sample")
+    shuffle_tags: bool = option(False, "shuffle caption tags for each sample", advanced=True)
     # Drop each caption tag with this probability (A1111 option).
-    tag_dropout: float = option(0.0, "probability of dropping each caption tag", minimum=0.0, maximum=1.0)
+    tag_dropout: float = option(0.0, "probability of dropping each caption tag", minimum=0.0, maximum=1.0,
+                                advanced=True)
     # AdamW weight decay on the vectors (A1111 uses 0).
-    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0, maximum=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0, maximum=1.0, advanced=True)
     # Clip the gradient norm of the vectors (0: off).
-    clip_grad_norm: float = option(0.0, "clip gradient norm (0: off)", minimum=0.0)
+    clip_grad_norm: float = option(0.0, "clip gradient norm (0: off)", minimum=0.0, advanced=True)
     # Seeds data order, timesteps and noise; the same seed and options give the same embedding.
-    seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1)
+    seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1, advanced=True)
     # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
-    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (0: off)", minimum=0)
+    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (0: off)", minimum=0,
+                             advanced=True)
     # max-steps: train to max_steps; auto: stop once the fixed-batch loss has stopped changing (DVAR).
     stop: str = option("max-steps", "when to stop: at max_steps, or auto once the loss has converged",
                        choices=("max-steps", "auto"))
@@ -132,15 +157,17 @@ class TrainOptions(ModelOptions):
     # evaluation within 0.5% of the loss's whole drop above the lowest; where the caller of train() measures a
     # likeness at every evaluation, as the demo does, its highest), or the last.
     final: str = option("best", "the embedding to keep at the end: the best step (the last is kept too) or the "
-                        "last", choices=("best", "last"))
+                        "last", choices=("best", "last"), advanced=True)
     # Keep each vector's norm at most this many times the vocabulary's median token norm (0: no limit).
     max_norm: float = option(0.0, "limit vector norms to this many times a typical word's (0: off)", minimum=0.0,
-                             maximum=1000.0)
+                             maximum=1000.0, advanced=True)
     # Pull the vectors toward where they started (weight of a mean squared distance added to the loss).
-    init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0)
+    init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0,
+                              advanced=True)
     # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for
     # large sizes and batches, about a third more compute per step. Results are the same.
-    gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)")
+    gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)",
+                                          advanced=True)
     # Compile the UNet with torch.compile for the training steps: on GPUs it fuses kernels after a few minutes of
     # compiling. On CPUs it is slower (measured on 2 cores: 9.7 s against 5.5 s a full-size step at 256 px).
     compile_unet: bool = option(False, "compile the UNet with torch.compile (GPUs; minutes to compile first)")
@@ -150,13 +177,14 @@ class TrainOptions(ModelOptions):
 class GenerateOptions(ModelOptions):
     """Generate images (A1111's txt2img), using every embedding whose name appears in the prompts."""
 
-    prompt: str = option("", "prompt; embedding names in it are used", required=True, positional=True)
-    negative_prompt: str = option("", "negative prompt")
-    steps: int = option(20, "sampling steps", minimum=1, maximum=150)
-    sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name")
-    cfg: float = option(7.0, "CFG scale", minimum=1.0, maximum=30.0)
+    prompt: str = option("", "prompt; embedding names in it are used", required=True, positional=True,
+                         widget="textarea")
+    negative_prompt: str = option("", "negative prompt", widget="textarea")
+    steps: int = option(20, "sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS)
+    sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name", choices=SAMPLER_NAMES, check=check_sampler)
+    cfg: float = option(7.0, "CFG scale", **CFG_RANGE)
     # -1 picks a random seed; image i of a batch uses seed + i, as in A1111.
-    seed: int = option(-1, "seed (-1: random)", minimum=-1, maximum=2**32 - 1)
+    seed: int = option(-1, "seed (-1: random)", minimum=-1, maximum=2**32 - 1, advanced=True)
     # WIDTHxHEIGHT or one number for a square; empty means the model's native size.
     size: str = option("", "image size, WIDTHxHEIGHT (default: the model's native size)")
     batch: int = option(1, "images to generate", minimum=1, maximum=64)
@@ -182,10 +210,10 @@ class PrepareOptions:
     caption_action: str = option("ignore", "existing IMAGE.txt captions: ignore, copy, prepend or append",
                                  choices=("ignore", "copy", "prepend", "append"))
     # Cut very wide or tall photos without a face into overlapping squares instead of one centre square.
-    split: bool = option(False, "split very wide or tall photos without a face into several squares")
+    split: bool = option(False, "split very wide or tall photos without a face into several squares", advanced=True)
     # Photos that would need more enlargement than this are left out as too small.
     max_upscale: float = option(2.0, "largest enlargement allowed before a photo counts as too small",
-                                minimum=1.0, maximum=8.0)
+                                minimum=1.0, maximum=8.0, advanced=True)
 
 
 T = TypeVar("T")
@@ -242,7 +270,9 @@ def check_fields(options: Any) -> None:
         meta = f.metadata
         if meta.get("required") and value in ("", None):
             raise OptionError(f.name, value, "is required")
-        if meta.get("choices") and value not in meta["choices"]:
+        if meta.get("check"):
+            meta["check"](value, f.name)
+        elif meta.get("choices") and value not in meta["choices"]:
             raise OptionError(f.name, value, f"choose one of {', '.join(meta['choices'])}")
         low, high = meta.get("minimum"), meta.get("maximum")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -255,7 +285,8 @@ def check_fields(options: Any) -> None:
 
 
 def check_name(name: str, field_name: str = "name") -> str:
-    """An embedding name is one word of letters, digits, '_' and '-' (it is typed in prompts and is a file stem)."""
+    """A name is one word of letters, digits, '_' and '-': an embedding's (it is typed in prompts and is a file
+    stem), and the server's photo sets and prepared sets."""
     if not NAME_PATTERN.match(name or ""):
         raise OptionError(field_name, name, "use one word of letters, digits, '_' or '-' (at most 64 "
                           "characters, starting with a letter or digit), e.g. 'tomtut'")
@@ -301,10 +332,7 @@ def validate_train(options: TrainOptions) -> None:
 
 
 def validate_generate(options: GenerateOptions) -> None:
-    from .samplers import check_sampler
-
     check_fields(options)
     if not options.prompt.strip():
         raise OptionError("prompt", options.prompt, "write a prompt, e.g. 'portrait of NAME as a lego figure'")
     parse_size(options.size)
-    check_sampler(options.sampler, "sampler")

@@ -37,7 +37,6 @@ from ..config import (
 )
 from ..errors import OptionError, TistudioError
 from ..samplers import SAMPLERS, check_sampler
-from ..templates import SHIPPED
 from .jobs import FINISHED, Job, JobStore, Worker
 from .security import SecurityMiddleware
 from .workspace import Limits, Workspace, check_set_name, clean_file_name
@@ -67,14 +66,13 @@ def schema(cls: type, hidden: set[str]) -> list[dict[str, Any]]:
         if f.name in hidden:
             continue
         kind = {bool: "bool", int: "int", float: "float"}.get(type(f.default), "str")
-        choices = f.metadata.get("choices")
-        if f.name in ("sampler", "preview_sampler"):
-            choices = tuple(SAMPLERS)
-        if f.name == "template":
-            choices = SHIPPED
-        out.append({"name": f.name, "type": kind, "default": f.default, "help": f.metadata.get("help", ""),
-                    "choices": list(choices) if choices else None, "minimum": f.metadata.get("minimum"),
-                    "maximum": f.metadata.get("maximum"), "required": bool(f.metadata.get("required"))})
+        meta = f.metadata
+        # a server takes no paths, so a field's suggestions are its only choices here
+        choices = meta.get("choices") or meta.get("suggestions")
+        out.append({"name": f.name, "type": kind, "default": f.default, "help": meta.get("help", ""),
+                    "choices": list(choices) if choices else None, "minimum": meta.get("minimum"),
+                    "maximum": meta.get("maximum"), "required": bool(meta.get("required")),
+                    "advanced": bool(meta.get("advanced")), "widget": meta.get("widget", "")})
     return out
 
 
@@ -87,8 +85,10 @@ def _options(cls: type, body: dict[str, Any], **server: Any) -> Any:
         raise OptionError(named[0], body[named[0]], "is decided by the server and cannot be sent")
     options = from_dict(cls, {**body, **server})
     check_fields(options)
-    if getattr(options, "template", None) not in (None, *SHIPPED):
-        raise OptionError("template", options.template, f"choose one of the shipped templates: {', '.join(SHIPPED)}")
+    for f in dataclasses.fields(cls):
+        suggested = f.metadata.get("suggestions")
+        if suggested and getattr(options, f.name) not in suggested:
+            raise OptionError(f.name, getattr(options, f.name), f"choose one of: {', '.join(suggested)}")
     return options
 
 

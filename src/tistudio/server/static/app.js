@@ -74,12 +74,6 @@ function setProgress(id, fraction) {
 
 function humanize(name) { return name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
 
-const ADVANCED = new Set(["clip_skip", "shuffle_tags", "tag_dropout", "weight_decay", "clip_grad_norm",
-  "preview_negative_prompt", "preview_seed", "preview_steps", "preview_sampler", "preview_cfg", "split",
-  "max_upscale", "overwrite", "seed", "eval_every", "final", "max_norm", "init_pull",
-  "gradient_checkpointing"]);
-const WIDE = new Set(["prompt", "negative_prompt", "preview_prompt", "learning_rate"]);
-
 function renderForm(form, fields, overrides = {}) {
   form.innerHTML = "";
   const inputs = {};
@@ -88,7 +82,7 @@ function renderForm(form, fields, overrides = {}) {
   for (const field of fields) {
     if (overrides[field.name] === null) continue;
     const wrapper = document.createElement("div");
-    wrapper.className = "field" + (WIDE.has(field.name) ? " wide" : "");
+    wrapper.className = "field" + (field.widget ? " wide" : "");
     wrapper.dataset.field = field.name;
     const id = `${form.id}-${field.name}`;
     let input;
@@ -101,7 +95,7 @@ function renderForm(form, fields, overrides = {}) {
       }
     } else if (field.type === "bool") {
       input = document.createElement("input"); input.type = "checkbox";
-    } else if (field.name === "prompt" || field.name === "negative_prompt") {
+    } else if (field.widget === "textarea") {
       input = document.createElement("textarea");
     } else {
       input = document.createElement("input");
@@ -121,7 +115,7 @@ function renderForm(form, fields, overrides = {}) {
     const hint = document.createElement("span");
     hint.className = "hint"; hint.textContent = field.help;
     wrapper.append(label, input, hint);
-    (ADVANCED.has(field.name) ? advanced.querySelector(".inner") : form).append(wrapper);
+    (field.advanced ? advanced.querySelector(".inner") : form).append(wrapper);
     inputs[field.name] = { input, field };
   }
   if (advanced.querySelector(".inner").children.length) form.append(advanced);
