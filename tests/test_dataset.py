@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from corpus import exif_rotated, png_bomb
-from tistudio.dataset import caption_for, load_dataset, read_image, square
+from tistudio.dataset import caption_for, filename_words, load_dataset, read_image, square
 from tistudio.errors import DatasetError
 
 
@@ -78,6 +78,15 @@ def test_captions_from_txt_or_file_name(tmp_path: Path) -> None:
     (tmp_path / "x.png").touch()
     (tmp_path / "x.txt").write_text("red hat, smiling\n")
     assert caption_for(tmp_path / "x.png") == "red hat, smiling"
+
+
+def test_training_reads_captions_by_the_same_rule_as_preparing(tmp_path: Path) -> None:
+    # a camera's file name is no caption; underscores are spaces; a sidecar wins, even an empty one
+    for stem, caption in (("IMG_1234", ""), ("PXL_20230101_0001", ""), ("tom_at_the_beach", "tom at the beach")):
+        (tmp_path / f"{stem}.png").touch()
+        assert caption_for(tmp_path / f"{stem}.png") == caption == filename_words(stem)
+    (tmp_path / "tom_at_the_beach.caption").write_text("")
+    assert caption_for(tmp_path / "tom_at_the_beach.png") == ""
 
 
 def test_folder_errors(tmp_path: Path, photos: Path) -> None:

@@ -56,8 +56,13 @@ class Dataset:
         return text
 
 
-def caption_for(path: Path) -> str:
-    """The caption of an image: IMAGE.txt beside it, else its file name (minus leading digits and dashes)."""
+CAMERA_NAME = re.compile(r"^(img|dsc|dscn|dscf|dcim|pxl|mvimg|photo|image|screenshot|screen shot|whatsapp image|"
+                         r"signal|vid|p)[\s_-]*\d", re.IGNORECASE)
+
+
+def sidecar_caption(path: Path) -> str | None:
+    """The text of IMAGE.txt (or IMAGE.caption) beside an image, at most MAX_CAPTION_BYTES; None if there is none
+    or it cannot be read."""
     for suffix in (".txt", ".caption"):
         sidecar = path.with_suffix(suffix)
         if sidecar.is_file():
@@ -69,8 +74,26 @@ def caption_for(path: Path) -> str:
                 return raw.decode("utf-8", errors="replace").strip()
             except OSError as exc:
                 log.warning("%s: cannot read the caption (%s); using the file name", sidecar, exc)
-            break
-    return re.sub(r"^[-\d]+\s*", "", path.stem).strip()
+            return None
+    return None
+
+
+def filename_words(stem: str) -> str:
+    """Caption words from a file name, A1111-style (leading digits and dashes dropped, '_' as spaces); camera
+    names such as IMG_1234 and hex ids give none."""
+    text = re.sub(r"^[-\d]+\s*", "", stem)
+    if not text or CAMERA_NAME.match(stem) or re.fullmatch(r"[0-9a-fA-F-]{16,}", stem):
+        return ""
+    text = re.sub(r"[_]+", " ", text)
+    text = re.sub(r"\s+", " ", text).strip(" -")
+    return "" if re.fullmatch(r"[\d\s-]*", text) else text
+
+
+def caption_for(path: Path) -> str:
+    """The caption of an image, the one rule for training and preparing: its sidecar text if it has one, else
+    the words of its file name."""
+    text = sidecar_caption(path)
+    return filename_words(path.stem) if text is None else text
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

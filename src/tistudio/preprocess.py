@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .config import PrepareOptions, validate_prepare
-from .dataset import CAPTION_SUFFIXES, read_image
+from .dataset import CAPTION_SUFFIXES, filename_words, read_image, sidecar_caption
 from .errors import DatasetError, OptionError
 from .storage import atomic_write, file_sha256, write_json, write_text
 
@@ -46,8 +46,6 @@ BLUR_ABSOLUTE = 60.0  # variance of the Laplacian on a 512 px grey image
 BLUR_RELATIVE = 0.35  # ... or this fraction of the set's median
 DUPLICATE_BITS = 6  # perceptual-hash bits (of 64) that may differ between "the same photo"
 WARN_UPSCALE = 1.25
-CAMERA_NAME = re.compile(r"^(img|dsc|dscn|dscf|dcim|pxl|mvimg|photo|image|screenshot|screen shot|whatsapp image|"
-                         r"signal|vid|p)[\s_-]*\d", re.IGNORECASE)
 
 
 @dataclass
@@ -198,26 +196,10 @@ def split_squares(width: int, height: int, overlap: float = 0.2) -> list[tuple[i
     return boxes
 
 
-def filename_words(stem: str) -> str:
-    """Caption words from a file name, A1111-style; camera names such as IMG_1234 give none."""
-    text = re.sub(r"^[-\d]+\s*", "", stem)
-    if not text or CAMERA_NAME.match(stem) or re.fullmatch(r"[0-9a-fA-F-]{16,}", stem):
-        return ""
-    text = re.sub(r"[_]+", " ", text)
-    text = re.sub(r"\s+", " ", text).strip(" -")
-    return "" if re.fullmatch(r"[\d\s-]*", text) else text
-
-
 def make_caption(source: Path, action: str) -> str:
-    existing = ""
-    for suffix in (".txt", ".caption"):
-        sidecar = source.with_suffix(suffix)
-        if sidecar.is_file():
-            try:
-                existing = sidecar.read_bytes()[:16384].decode("utf-8", errors="replace").strip()
-            except OSError as exc:
-                log.warning("%s: cannot read the caption (%s)", sidecar, exc)
-            break
+    """A prepared photo's caption: the source's own caption (dataset.caption_for's sidecar) and the words of
+    its file name, combined as caption_action says."""
+    existing = sidecar_caption(source) or ""
     generated = filename_words(source.stem)
     if action == "copy":
         return existing or generated
