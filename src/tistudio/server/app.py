@@ -32,6 +32,7 @@ from ..config import (
     PrepareOptions,
     TrainOptions,
     check_fields,
+    check_name,
     from_dict,
     parse_size,
 )
@@ -39,7 +40,7 @@ from ..errors import OptionError, TistudioError
 from ..samplers import SAMPLERS, check_sampler
 from .jobs import FINISHED, Job, JobStore, Worker
 from .security import SecurityMiddleware
-from .workspace import Limits, Workspace, check_set_name, clean_file_name
+from .workspace import Limits, Workspace, clean_file_name
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         from ..storage import write_bytes
 
         stem = Path(clean_file_name(file.filename or "")).stem
-        name = check_set_name(name or stem)
+        name = check_name(name or stem)
         target = workspace.embeddings / f"{name}.safetensors"
         if target.exists():
             raise OptionError("name", name, "an embedding with this name exists; delete it first or pick another name")
@@ -331,13 +332,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/api/train")
     def start_training(body: dict[str, Any]) -> dict[str, Any]:
         body = dict(body or {})
-        set_name = check_set_name(str(body.pop("set", "")), "set")
+        set_name = check_name(str(body.pop("set", "")), "set")
         folder = workspace.dataset(set_name)
         if not (folder / "manifest.json").is_file():
             folder = workspace.photo_set(set_name)
             if not folder.is_dir():
                 raise OptionError("set", set_name, "no photo set or prepared set of this name")
-        name = check_set_name(str(body.get("embedding", "")), "embedding")
+        name = check_name(str(body.get("embedding", "")), "embedding")
         options = _options(TrainOptions, body, model=model_options.model, dataset=str(folder),
                            embeddings_dir=str(workspace.embeddings), run_dir=str(workspace.run(name)))
         if options.max_steps > limits.train_steps:
@@ -545,7 +546,7 @@ def _job(store: JobStore, job_id: str) -> Job:
 
 
 def _embedding_path(workspace: Workspace, name: str) -> Path:
-    path = workspace.embeddings / f"{check_set_name(name, 'embedding')}.safetensors"
+    path = workspace.embeddings / f"{check_name(name, 'embedding')}.safetensors"
     if not path.is_file():
         raise _not_found(f"embedding {name}")
     return path

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import NAME_PATTERN
+from ..config import NAME_PATTERN, check_name
 from ..errors import OptionError
 
 FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
@@ -34,12 +34,6 @@ class Limits:
     generate_batch: int = 8
     generate_steps: int = 150
     generate_side: int = 1536
-
-
-def check_set_name(name: str, field: str = "name") -> str:
-    if not NAME_PATTERN.match(name or ""):
-        raise OptionError(field, name, "use one word of letters, digits, '_' or '-' (at most 64 characters)")
-    return name
 
 
 def clean_file_name(name: str) -> str:
@@ -72,13 +66,13 @@ class Workspace:
         return resolved
 
     def photo_set(self, name: str) -> Path:
-        return self.photos / check_set_name(name, "set")
+        return self.photos / check_name(name, "set")
 
     def dataset(self, name: str) -> Path:
-        return self.datasets / check_set_name(name, "dataset")
+        return self.datasets / check_name(name, "dataset")
 
     def run(self, name: str) -> Path:
-        return self.runs / check_set_name(name, "embedding")
+        return self.runs / check_name(name, "embedding")
 
     def file_in(self, folder: Path, name: str) -> Path:
         """A file directly inside `folder`, by a client-given name."""
