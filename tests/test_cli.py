@@ -107,6 +107,27 @@ def test_user_errors_are_one_line_and_exit_2(tiny_sd1: Path, photos: Path, tmp_p
     assert not Path("runs").exists()
 
 
+def test_use_step_makes_a_saved_step_the_embedding_and_training_still_continues_the_run(
+        tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path, capsys) -> None:
+    base, model = ["--cache-dir", str(cache_dir)], ["--model", str(tiny_sd1)]
+    train = [*base, "train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--batch-size", "2",
+             "--preview-every", "0", "--save-every", "3", "--eval-every", "0"]
+    assert main([*base, "create", "tomtut", *model, "--init-text", "toy"]) == 0
+    assert main([*train, "--steps", "6"]) == 0
+    copies = tmp_path / "runs" / "tomtut" / "embeddings"
+    one_line_error(capsys, [*base, "use-step", "tomtut", "4"], "no saved copy of tomtut at step 4 (saved steps: 3, 6)")
+
+    assert main([*base, "use-step", "tomtut", "3"]) == 0
+    chosen = read_embedding(tmp_path / "embeddings" / "tomtut.safetensors")
+    assert chosen.step == 3 and torch.equal(chosen.tensor, read_embedding(copies / "tomtut-3.safetensors").tensor)
+    assert read_embedding(copies / "tomtut-6.safetensors").step == 6  # the step it replaced is still there
+    capsys.readouterr()
+    assert main([*train, "--steps", "9"]) == 0
+    assert "continuing from the last step 6" in capsys.readouterr().err
+    log = (tmp_path / "runs" / "tomtut" / "loss.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in log] == list(range(1, 10))
+
+
 def test_help_lists_the_options_from_the_dataclasses(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])

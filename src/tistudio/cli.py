@@ -1,4 +1,4 @@
-"""The ``tistudio`` command: demo, create, train, generate, inspect, convert.
+"""The ``tistudio`` command: demo, prepare, create, train, use-step, generate, serve, inspect, convert.
 
 Flags are generated from the options dataclasses in config.py, so the CLI, the API and the web UI offer the
 same options with the same defaults. Errors the user can fix are one line on stderr and exit code 2. During
@@ -16,13 +16,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+from .config import CreateOptions, GenerateOptions, ModelOptions, PrepareOptions, TrainOptions
 from .errors import TistudioError
+from .progress import Event, Progress
 
 log = logging.getLogger("tistudio")
 
@@ -45,14 +46,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "tistudio"
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One flag per dataclass field (positional where the field says so)."""
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per dataclass field (positional where the field says so); defaults overrides the fields'."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         meta = f.metadata
         help_text = meta.get("help", "")
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         if f.name in ENV_DEFAULTS and os.environ.get(ENV_DEFAULTS[f.name]):
             default = os.environ[ENV_DEFAULTS[f.name]]
             help_text += f" (default from ${ENV_DEFAULTS[f.name]})"
@@ -130,47 +132,48 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def train_progress() -> Callable[[Any], None]:
-    from tqdm import tqdm
+class ProgressBar:
+    """A job's Progress (progress.py) as one tqdm bar on stderr: opened at START or the first STEP (so errors before
+    it print on a clean line), updated at each STEP with the loss and learning rate where there are any, closed at
+    DONE, STOPPED or the last unit. ENCODE's words are logged; previews and copies at debug level."""
 
-    state: dict[str, Any] = {}
+    def __init__(self, desc: str, unit: str, *, leave: bool = True) -> None:
+        self.desc, self.unit, self.leave = desc, unit, leave
+        self.bar: Any = None
 
-    def on_progress(progress: Any) -> None:
-        bar = state.get("bar")
-        if progress.event == "start":
-            state["bar"] = tqdm(total=progress.total, initial=progress.step, unit="step", dynamic_ncols=True,
-                                desc="training", file=sys.stderr)
-        elif progress.event == "step" and bar is not None:
-            bar.update(progress.step - bar.n)
-            postfix = {"lr": f"{progress.lr:.2g}", "epoch": progress.epoch}
-            if progress.loss is not None:
-                postfix["loss"] = f"{progress.loss:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-        elif progress.event in ("preview", "save") and progress.path:
-            log.debug("%s: %s", progress.event, progress.path)
-        elif progress.event in ("done", "stopped") and bar is not None:
-            bar.close()
-        elif progress.event == "encode":
+    def open(self, total: int, initial: int = 0) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, initial=initial, unit=self.unit, desc=self.desc, dynamic_ncols=True,
+                        file=sys.stderr, leave=self.leave)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, progress: Progress) -> None:
+        event = progress.event
+        if event == Event.START:
+            self.open(progress.total, progress.step)
+        elif event == Event.STEP:
+            if self.bar is None:
+                self.open(progress.total)
+            self.bar.update(progress.step - self.bar.n)
+            if progress.lr or progress.loss is not None:
+                postfix = {"lr": f"{progress.lr:.2g}", "epoch": progress.epoch}
+                if progress.loss is not None:
+                    postfix["loss"] = f"{progress.loss:.4f}"
+                self.bar.set_postfix(postfix, refresh=False)
+            if progress.step >= progress.total:
+                self.close()
+        elif event in (Event.PREVIEW, Event.SAVE) and progress.path:
+            log.debug("%s: %s", event, progress.path)
+        elif event in (Event.DONE, Event.STOPPED):
+            self.close()
+        elif event == Event.ENCODE:
             log.info("%s", progress.message)
-
-    return on_progress
-
-
-def generate_progress(total: int) -> Callable[[Any], None]:
-    from tqdm import tqdm
-
-    state: dict[str, Any] = {}
-
-    def on_progress(progress: Any) -> None:
-        if "bar" not in state:  # created on the first step, so errors before it print on a clean line
-            state["bar"] = tqdm(total=total, unit="step", desc="generating", dynamic_ncols=True, file=sys.stderr,
-                                leave=False)
-        bar = state["bar"]
-        bar.update(progress.step - bar.n)
-        if progress.step >= progress.total:
-            bar.close()
-
-    return on_progress
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with stop_on_signals() as stop:
         result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps,
-                          on_progress=train_progress(), stop=stop)
+                          on_progress=ProgressBar("training", "step"), stop=stop)
     print(result.summary())
     return 0
 
@@ -200,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     options = options_from(args, TrainOptions)
     with stop_on_signals() as stop:
-        result = train(options, cache_dir=args.cache_dir, on_progress=train_progress(), stop=stop)
+        result = train(options, cache_dir=args.cache_dir, on_progress=ProgressBar("training", "step"), stop=stop)
     for path, reason in result.skipped_images:
         log.warning("skipped %s: %s", path, reason)
     print(f"{result.message}: {result.embedding_path} (run folder {result.run_dir})")
@@ -212,7 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     options = options_from(args, GenerateOptions)
     with stop_on_signals() as stop:
-        images = generate(options, cache_dir=args.cache_dir, on_progress=generate_progress(options.steps),
+        images = generate(options, cache_dir=args.cache_dir, on_progress=ProgressBar("generating", "step", leave=False),
                           stop=stop)
     for image in images:
         print(image.path)
@@ -220,27 +223,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .preprocess import prepare, summary_lines
 
-    state: dict[str, Any] = {}
-
-    def on_progress(progress: Any) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=progress.total, unit="photo", desc="preparing", file=sys.stderr, leave=False)
-        state["bar"].update(progress.done - state["bar"].n)
-
+    bar = ProgressBar("preparing", "photo", leave=False)
     with stop_on_signals() as stop:
-        result = prepare(options_from(args, PrepareOptions), on_progress=on_progress, stop=stop)
-    if "bar" in state:
-        state["bar"].close()
+        result = prepare(options_from(args, PrepareOptions), on_progress=bar, stop=stop)
+    bar.close()
     print("\n".join(summary_lines(result)))
     return 0
 
 
+def cmd_use_step(args: argparse.Namespace) -> int:
+    from .config import check_name
+    from .runfolder import run_folder
+
+    name = check_name(args.name)
+    target = Path(args.embeddings_dir) / f"{name}.safetensors"
+    path = run_folder(name, args.run_dir).use_step(args.step, target)
+    print(f"{path} is now step {args.step} of {name}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ModelOptions, check_fields
+    from .config import check_fields
     from .server import ServerConfig, read_auth, serve
     from .server.security import LOOPBACK_HOSTS
 
@@ -252,8 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raise OptionError("listen", host, "--listen makes tistudio answer other computers, so it needs a password: "
                           "add --auth USER:PASS or --auth-file FILE")
-    model = ModelOptions(model=args.model, device=args.device, precision=args.precision,
-                         prediction_type=args.prediction_type)
+    model = options_from(args, ModelOptions)
     check_fields(model)
     from .server.workspace import Limits
 
@@ -345,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(generate, GenerateOptions)
     generate.set_defaults(run=cmd_generate)
 
+    use_step = command("use-step", help="make a saved step of a training run the embedding (nothing is lost)",
+                       description="Make the copy a run saved at STEP the embedding NAME (pick the step whose "
+                       "previews look best). The replaced embedding is kept as its step's copy, and training further "
+                       "still continues from the run's last step.")
+    use_step.add_argument("name", help="the embedding's name")
+    use_step.add_argument("step", type=int, help="a step with a saved copy (runs/NAME/embeddings/NAME-STEP)")
+    use_step.add_argument("--embeddings-dir", "--embeddings", default="embeddings",
+                          help="folder of embeddings (default: %(default)s)")
+    use_step.add_argument("--run-dir", default="", help="run folder (default: runs/NAME)")
+    use_step.set_defaults(run=cmd_use_step)
+
     server = command("serve", help="the web page and HTTP API (http://localhost:7860)")
     server.add_argument("--host", default="", help="address to listen on (default 127.0.0.1; 0.0.0.0 with --listen)")
     server.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
@@ -353,11 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--auth-file", default="", help="a file of USER:PASS lines")
     server.add_argument("--workspace", default="tistudio-workspace", help="folder for everything the server keeps "
                         "(default: %(default)s)")
-    model_default = os.environ.get("TISTUDIO_MODEL", "demo")
-    server.add_argument("--model", default=model_default, help="model for all jobs (default: %(default)s)")
-    server.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    server.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    server.add_argument("--prediction-type", default="auto", choices=("auto", "epsilon", "v_prediction"))
+    # the model for all of the server's jobs; clip skip is chosen per job
+    add_options(server, ModelOptions, skip=("clip_skip",), defaults={"model": "demo"})
     server.add_argument("--max-upload-mb", type=float, default=50, help="largest uploaded file (default: %(default)s)")
     server.set_defaults(run=cmd_serve)
 

@@ -36,6 +36,7 @@ from PIL import Image, ImageFilter, ImageOps
 from .config import PrepareOptions, validate_prepare
 from .dataset import CAPTION_SUFFIXES, filename_words, read_image, sidecar_caption
 from .errors import DatasetError, OptionError
+from .progress import Event, Progress, Reporter
 from .storage import atomic_write, file_sha256, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,6 @@ class PrepareResult:
     @property
     def usable(self) -> list[Item]:
         return [i for i in self.items if i.status == "ok"]
-
-
-@dataclass(frozen=True)
-class PrepareProgress:
-    done: int
-    total: int
-    source: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,10 +307,11 @@ def _load_manifest(path: Path, options: PrepareOptions) -> dict[str, Any]:
     return data
 
 
-def prepare(options: PrepareOptions, *, on_progress: Callable[[PrepareProgress], None] | None = None,
+def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] | None = None,
             stop: threading.Event | None = None, detector: Any = None) -> PrepareResult:
-    """Prepare (or update) a training set from a folder of photos."""
+    """Prepare (or update) a training set from a folder of photos; on_progress hears an Event.STEP per photo."""
     validate_prepare(options)
+    report = Reporter(on_progress)
     photos, out = Path(options.photos).expanduser(), Path(options.out).expanduser()
     if not photos.is_dir():
         raise DatasetError(f"photos folder {photos} does not exist" if not photos.exists() else
@@ -371,8 +366,7 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[PrepareProgress],
             processed += 1
         keep_outputs.update(item.outputs)
         items.append(item)
-        if on_progress is not None:
-            on_progress(PrepareProgress(done=index + 1, total=len(sources), source=source.name))
+        report(Event.STEP, index + 1, len(sources), message=source.name)
     removed = 0
     for name, old in {**previous.get("stale", {}), **old_files}.items():
         for output in old.get("outputs", []):

@@ -258,22 +258,37 @@ class RunFolder:
     # -- using a saved step ------------------------------------------------------------------------------------
 
     def use_step(self, step: int, target: Path) -> Path:
-        """Make the copy saved at `step` the embedding at `target`; the embedding it replaces is kept as the copy of
-        its own step first (if there is none), so nothing is lost."""
+        """Make the copy saved at `step` the embedding at `target` (A1111's way: pick the step whose previews
+        look best). Nothing is lost: the embedding it replaces is kept as the copy of its own step, and the run's
+        last step stays where training resumes from (NAME-last.safetensors, named in the embedding's
+        last_step), so training further continues the run rather than restarting at `step`."""
         from .embedding import read_embedding, write_embedding
 
         copy = self.copy_path(step)
         if not copy.is_file():
             saved = ", ".join(map(str, self.copy_steps())) or "none"
-            raise OptionError("step", step, f"there is no saved copy of {self.name} at step {step} in {self.path} "
+            raise OptionError("step", step, f"there is no saved copy of {self.name} at step {step} "
                               f"(saved steps: {saved})")
+        last = step
         if target.is_file():
             current = read_embedding(target)
             backup = self.copy_path(current.step)
             if not backup.exists():
                 write_embedding(replace(current, name=f"{self.name}-{current.step}"), backup)
+            last = max(step, int(current.meta.get("last_step", "0") or 0))
+            if current.step > last:  # the embedding is the run's last step: resume from it
+                last = current.step
+                write_embedding(replace(current, name=f"{self.name}-last"), self.last_path)
         chosen = read_embedding(copy)
-        return write_embedding(replace(chosen, name=self.name, step=step), target)
+        meta = {k: v for k, v in chosen.meta.items() if k not in ("best_step", "best_by", "last_step")}
+        if last > step:
+            meta.update(best_step=str(step), best_by="chosen", last_step=str(last))
+        return write_embedding(replace(chosen, name=self.name, step=step, meta=meta), target)
+
+
+def run_folder(name: str, run_dir: str | Path = "") -> RunFolder:
+    """The run folder of an embedding: run_dir if given, else runs/NAME."""
+    return RunFolder(Path(run_dir or Path("runs") / name), name)
 
 
 # Resume states written before tensors were kept by key (one trained tensor): their names, and the new ones.

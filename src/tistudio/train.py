@@ -40,7 +40,7 @@ from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
 from .models import SDModel, load_model
 from .objective import diffusion_loss, noise_schedule, seed_for
 from .progress import Event, Progress, Reporter
-from .runfolder import ResumeState, RunFolder, restore_optimizer
+from .runfolder import ResumeState, RunFolder, restore_optimizer, run_folder
 from .samplers import check_sampler
 from .schedule import Schedule, parse_schedule
 from .storage import write_json
@@ -220,7 +220,7 @@ def resume_point(options: TrainOptions) -> ResumePoint:
     embedding_path = find_embedding_file(options.embedding, options.embeddings_dir)
     embedding = read_embedding(embedding_path)
     name = embedding.name
-    run = RunFolder(Path(options.run_dir or Path("runs") / name), name)
+    run = run_folder(name, options.run_dir)
     point = ResumePoint(name=name, embedding_path=embedding_path, embedding=embedding,
                         target=embedding_path.with_suffix(".safetensors"), run=run, step=embedding.step)
     last_step = int(embedding.meta.get("last_step", "0") or 0)

@@ -372,7 +372,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/api/runs/{name}/use-step")
     def use_step(name: str, body: dict[str, Any]) -> dict[str, Any]:
-        from ..embedding import read_embedding, write_embedding
+        from ..runfolder import RunFolder
 
         step = body.get("step") if isinstance(body, dict) else None
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -380,17 +380,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         busy = worker.current
         if busy is not None and busy.kind == "train" and busy.request.get("embedding") == name:
             raise OptionError("step", step, f"{name} is training now; stop it first")
-        copy = workspace.run(name) / "embeddings" / f"{name}-{step}.safetensors"
-        if not copy.is_file():
-            raise OptionError("step", step, f"there is no saved copy of {name} at step {step}")
-        target = workspace.embeddings / f"{name}.safetensors"
-        current = read_embedding(target) if target.is_file() else None
-        if current is not None:  # keep the embedding being replaced as a copy, so nothing is lost
-            backup = workspace.run(name) / "embeddings" / f"{name}-{current.step}.safetensors"
-            if not backup.exists():
-                write_embedding(dataclasses.replace(current, name=f"{name}-{current.step}"), backup)
-        chosen = read_embedding(copy)
-        write_embedding(dataclasses.replace(chosen, name=name, step=step), target)
+        RunFolder(workspace.run(name), name).use_step(step, workspace.embeddings / f"{name}.safetensors")
         return {"embedding": name, "step": step}
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -646,7 +636,7 @@ def make_handlers(workspace: Workspace, config: ServerConfig) -> dict[str, Any]:
             worker.detector = FaceDetector()  # type: ignore[attr-defined]
 
         def progress(p: Any) -> None:
-            worker.store.event(job, "progress", step=p.done, total=p.total, source=p.source)
+            worker.store.event(job, "progress", step=p.step, total=p.total, source=p.message)
 
         result = prepare(options, on_progress=progress, stop=job.stop, detector=worker.detector)
         return {"set": name, "usable": len(result.usable), "total": len(result.items), "verdict": result.verdict,
