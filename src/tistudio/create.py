@@ -17,7 +17,7 @@ import torch
 
 from .conditioning import TextEncoder
 from .config import CreateOptions, validate_create
-from .embedding import SUFFIXES, Embedding, list_embedding_files, write_embedding
+from .embedding import SUFFIXES, Embedding, taken_name, write_embedding
 from .errors import OptionError
 from .models import SDModel, load_model
 
@@ -81,10 +81,10 @@ def check_new_name(name: str, model: SDModel, folder: Path, overwrite: bool) -> 
                           "could not tell it from the embedding; pick a made-up word such as 'tomtut' or 'sks1'")
     if overwrite:
         return
-    lowered = {stem.lower(): path for stem, path in list_embedding_files(folder).items()}
-    if name.lower() in lowered:
-        raise OptionError("name", name, f"an embedding with this name exists ({lowered[name.lower()]}); pick "
-                          "another name or pass --overwrite")
+    existing = taken_name(folder, name)
+    if existing is not None:
+        raise OptionError("name", name, f"an embedding with this name exists ({existing}); pick another name or "
+                          "pass --overwrite")
 
 
 def create_embedding(options: CreateOptions, *, cache_dir: Path, model: SDModel | None = None) -> Path:

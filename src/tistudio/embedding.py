@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import safeload
-from .errors import EmbeddingError, UnsafeFileError
+from .errors import EmbeddingError, OptionError, UnsafeFileError
 from .storage import atomic_write, file_sha256, write_safetensors
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -259,6 +259,15 @@ def write_embedding(embedding: Embedding, path: str | Path, **extra_meta: str) -
     return write_safetensors(Path(path), tensors, metadata(embedding, **extra_meta))
 
 
+def import_embedding(source: str | Path, folder: str | Path, name: str) -> Path:
+    """Bring in an embedding from any tool as folder/NAME.safetensors: read by content (a pickle only through the
+    restricted reader), renamed, written in tistudio's format. An existing embedding is never replaced."""
+    if taken_name(folder, name) is not None:
+        raise OptionError("name", name, "an embedding with this name exists; delete it first or pick another name")
+    embedding = read_embedding(source)
+    return write_embedding(replace(embedding, name=name), Path(folder) / f"{name}.safetensors")
+
+
 def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
     """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
     _finite(embedding)
@@ -314,6 +323,13 @@ def list_embedding_files(folder: str | Path) -> dict[str, Path]:
             continue
         found.setdefault(path.stem, path)
     return found
+
+
+def taken_name(folder: str | Path, name: str) -> Path | None:
+    """The embedding file in `folder` named `name`, compared without regard to case (prompts are lowercased, so
+    'Tom' and 'tom' are one word), or None."""
+    lowered = {stem.lower(): path for stem, path in list_embedding_files(folder).items()}
+    return lowered.get(name.lower())
 
 
 def describe(embedding: Embedding, path: Path | None = None) -> dict[str, Any]:

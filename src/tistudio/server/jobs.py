@@ -8,6 +8,8 @@ training run continues from its last save).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -15,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ class JobStore:
         self.lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self._saved_at: dict[str, float] = {}
+        self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         for path in sorted(folder.glob("*.json")):
             try:
                 data = json.loads(path.read_text("utf-8"))
@@ -105,6 +108,7 @@ class JobStore:
                 job.progress = data
             if time.monotonic() - self._saved_at.get(job.id, 0.0) > 2.0:
                 self._write(job)
+        self._notify()
 
     def update(self, job: Job, **changes: Any) -> None:
         with self.lock:
@@ -113,10 +117,40 @@ class JobStore:
             self._write(job)
         if job.status in FINISHED:
             job.done.set()
+        self._notify()
+
+    async def changes(self, timeout: float) -> AsyncIterator[None]:
+        """For async code: yields at once, then after each change to any job (an event, a status) or after
+        `timeout` seconds without one. Watching begins before each yield, so no change is missed between a look
+        and the wait. Use it under contextlib.aclosing."""
+        loop = asyncio.get_running_loop()
+        while True:
+            entry = (loop, loop.create_future())
+            with self.lock:
+                self._watchers.append(entry)
+            try:
+                yield
+                with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from Python 3.11
+                    await asyncio.wait_for(entry[1], timeout)
+            finally:
+                with self.lock:
+                    self._watchers.remove(entry)
+
+    def _notify(self) -> None:
+        with self.lock:
+            watchers = list(self._watchers)
+        for loop, future in watchers:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, future)
 
     def events_after(self, job: Job, sequence: int) -> list[dict[str, Any]]:
         with self.lock:
             return [e for e in job.events if e["seq"] > sequence]
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Worker(threading.Thread):

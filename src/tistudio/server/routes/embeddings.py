@@ -1,0 +1,78 @@
+"""Embeddings in the workspace: list, create (a job), read, download, delete, upload from another tool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import FileResponse
+
+from ...config import CreateOptions, check_name, validate_create
+from ...embedding import describe, import_embedding, list_embedding_files, read_embedding
+from ...errors import TistudioError
+from ..context import ServerDep, embedding_path, options_from_body, public, read_capped
+from ..workspace import clean_file_name
+
+router = APIRouter()
+
+
+def shown(path: Path) -> dict[str, Any]:
+    """What a client sees of an embedding file: describe() without the server's path."""
+    info = describe(read_embedding(path), path)
+    info.pop("file", None)
+    return info
+
+
+@router.get("/api/embeddings")
+def embeddings(server: ServerDep) -> list[dict[str, Any]]:
+    out = []
+    for name, path in sorted(list_embedding_files(server.workspace.embeddings).items()):
+        try:
+            info = shown(path)
+        except TistudioError as exc:
+            info = {"name": name, "error": str(exc)}
+        info["run"] = (server.workspace.runs / name / "loss.csv").is_file()
+        out.append(info)
+    return out
+
+
+@router.post("/api/embeddings")
+def create(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    options = options_from_body(CreateOptions, body, model=server.config.model.model,
+                                embeddings_dir=str(server.workspace.embeddings))
+    validate_create(options)
+    return server.worker.submit("create", public(options)).public()
+
+
+@router.get("/api/embeddings/{name}")
+def embedding(name: str, server: ServerDep) -> dict[str, Any]:
+    return shown(embedding_path(server.workspace, name))
+
+
+@router.get("/api/embeddings/{name}/file")
+def download(name: str, server: ServerDep) -> FileResponse:
+    path = embedding_path(server.workspace, name)
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
+@router.delete("/api/embeddings/{name}")
+def delete_embedding(name: str, server: ServerDep) -> dict[str, Any]:
+    embedding_path(server.workspace, name).unlink()
+    return {"deleted": name}
+
+
+@router.post("/api/embeddings/upload")
+async def upload_embedding(file: Annotated[UploadFile, File()], server: ServerDep,
+                           name: Annotated[str, Form()] = "") -> dict[str, Any]:
+    from ...storage import write_bytes
+
+    folder = server.workspace.embeddings
+    name = check_name(name or Path(clean_file_name(file.filename or "")).stem)
+    staging = folder / f".upload-{name}.tmp"
+    write_bytes(staging, await read_capped(file, server.limits.embedding_bytes))
+    try:
+        saved = import_embedding(staging, folder, name)
+    finally:
+        staging.unlink(missing_ok=True)
+    return shown(saved)

@@ -1,0 +1,56 @@
+"""Generation (a job) and the pictures it made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from ...config import GenerateOptions, parse_size, validate_generate
+from ...errors import OptionError
+from ..context import Server, ServerDep, image_response, options_from_body, public
+
+router = APIRouter()
+
+
+def generate_options(body: Any, server: Server) -> GenerateOptions:
+    """A client's generation request as options, within the server's limits."""
+    workspace, limits = server.workspace, server.limits
+    options = options_from_body(GenerateOptions, body, model=server.config.model.model,
+                                embeddings_dir=str(workspace.embeddings), out_dir=str(workspace.outputs))
+    validate_generate(options)
+    if options.batch > limits.generate_batch:
+        raise OptionError("batch", options.batch, f"this server allows at most {limits.generate_batch}")
+    if options.steps > limits.generate_steps:
+        raise OptionError("steps", options.steps, f"this server allows at most {limits.generate_steps}")
+    size = parse_size(options.size)
+    if size and max(size) > limits.generate_side:
+        raise OptionError("size", options.size, f"this server allows at most {limits.generate_side} px a side")
+    return options
+
+
+@router.post("/api/generate")
+def start_generation(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    return server.worker.submit("generate", public(generate_options(body, server))).public()
+
+
+@router.get("/api/outputs")
+def outputs(server: ServerDep, limit: int = 100) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    files = sorted(server.workspace.outputs.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+    out = []
+    for path in files[: max(1, min(limit, 500))]:
+        try:
+            with Image.open(path) as image:
+                text = image.text.get("parameters", "") if hasattr(image, "text") else ""
+        except OSError:
+            text = ""
+        out.append({"file": path.name, "url": f"/api/outputs/{path.name}", "infotext": text})
+    return out
+
+
+@router.get("/api/outputs/{file}")
+def output(file: str, server: ServerDep) -> Response:
+    return image_response(server.workspace.file_in(server.workspace.outputs, file))

@@ -1,0 +1,69 @@
+"""The job list: status, stop, resume, and a job's progress as Server-Sent Events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ...errors import OptionError
+from ..context import ServerDep, job_or_404
+from ..jobs import FINISHED
+
+router = APIRouter()
+QUIET_S = 1.0  # with no change for this long, an event stream checks whether its client is still there
+
+
+@router.get("/api/jobs")
+def jobs(server: ServerDep) -> list[dict[str, Any]]:
+    return [job.public() for job in server.store.all()[:100]]
+
+
+@router.get("/api/jobs/{job_id}")
+def job(job_id: str, server: ServerDep) -> dict[str, Any]:
+    return job_or_404(server.store, job_id).public()
+
+
+@router.post("/api/jobs/{job_id}/stop")
+def stop(job_id: str, server: ServerDep) -> dict[str, Any]:
+    found = job_or_404(server.store, job_id)
+    found.stop.set()
+    if found.status == "queued":
+        server.store.update(found, status="stopped", finished=time.time())
+    return found.public()
+
+
+@router.post("/api/jobs/{job_id}/resume")
+def resume(job_id: str, server: ServerDep) -> dict[str, Any]:
+    found = job_or_404(server.store, job_id)
+    if found.status not in ("stopped", "interrupted", "failed"):
+        raise OptionError("job", job_id, f"is {found.status}; only a stopped, interrupted or failed job resumes")
+    return server.worker.submit(found.kind, dict(found.request)).public()
+
+
+@router.get("/api/jobs/{job_id}/events")
+async def events(job_id: str, request: Request, server: ServerDep, after: int = 0) -> StreamingResponse:
+    store = server.store
+    found = job_or_404(store, job_id)
+    last = int(request.headers.get("last-event-id", after) or 0)
+
+    async def stream():
+        nonlocal last
+        yield "retry: 1000\n\n"
+        async with contextlib.aclosing(store.changes(QUIET_S)) as changes:
+            async for _ in changes:
+                for event in store.events_after(found, last):
+                    last = event["seq"]
+                    yield f"id: {last}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                if found.status in FINISHED:
+                    yield f"event: end\ndata: {json.dumps(found.public())}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,67 @@
+"""Training (a job) and its run folders: the loss, the previews, the saved copies, and promoting a saved step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from ...config import TrainOptions, check_name, validate_train
+from ...errors import OptionError
+from ...runfolder import RunFolder, read_loss_log
+from ..context import ServerDep, embedding_path, image_response, not_found, options_from_body, public
+
+router = APIRouter()
+
+
+@router.post("/api/train")
+def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    workspace, limits = server.workspace, server.limits
+    body = dict(body or {})
+    set_name = check_name(str(body.pop("set", "")), "set")
+    folder = workspace.dataset(set_name)
+    if not (folder / "manifest.json").is_file():
+        folder = workspace.photo_set(set_name)
+        if not folder.is_dir():
+            raise OptionError("set", set_name, "no photo set or prepared set of this name")
+    name = check_name(str(body.get("embedding", "")), "embedding")
+    options = options_from_body(TrainOptions, body, model=server.config.model.model, dataset=str(folder),
+                                embeddings_dir=str(workspace.embeddings), run_dir=str(workspace.run(name)))
+    if options.max_steps > limits.train_steps:
+        raise OptionError("max_steps", options.max_steps, f"this server allows at most {limits.train_steps}")
+    if options.batch_size > limits.train_batch:
+        raise OptionError("batch_size", options.batch_size, f"this server allows at most {limits.train_batch}")
+    validate_train(options)
+    embedding_path(workspace, name)
+    return server.worker.submit("train", {"set": set_name, **public(options)}).public()
+
+
+@router.get("/api/runs/{name}")
+def run(name: str, server: ServerDep) -> dict[str, Any]:
+    folder = RunFolder(server.workspace.run(name), name)
+    if not folder.path.is_dir():
+        raise not_found(f"training run {name}")
+    options = folder.options()
+    return {"name": name, "loss": read_loss_log(folder.loss_log),
+            "previews": [{"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
+                         for s in folder.preview_steps()],
+            "copies": folder.copy_steps(), "options": options.get("options", {}),
+            "resolved": options.get("resolved", {})}
+
+
+@router.get("/api/runs/{name}/previews/{file}")
+def preview(name: str, file: str, server: ServerDep) -> Response:
+    return image_response(server.workspace.file_in(server.workspace.run(name) / "previews", file))
+
+
+@router.post("/api/runs/{name}/use-step")
+def use_step(name: str, body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    step = body.get("step") if isinstance(body, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise OptionError("step", step, "send the step of a saved copy, e.g. {\"step\": 500}")
+    busy = server.worker.current
+    if busy is not None and busy.kind == "train" and busy.request.get("embedding") == name:
+        raise OptionError("step", step, f"{name} is training now; stop it first")
+    RunFolder(server.workspace.run(name), name).use_step(step, server.workspace.embeddings / f"{name}.safetensors")
+    return {"embedding": name, "step": step}

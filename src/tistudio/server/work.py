@@ -1,0 +1,102 @@
+"""The jobs' work, run on the worker thread: each turns a job's request (names, never paths) into the library's
+options for the workspace, calls the library, and turns its progress into the job's events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+from ..progress import Event, Progress
+from .context import ServerConfig
+from .jobs import Job, Worker
+from .workspace import Workspace
+
+
+class Work:
+    """One method per job kind: (job, worker) -> the job's result."""
+
+    def __init__(self, workspace: Workspace, config: ServerConfig) -> None:
+        self.workspace, self.config = workspace, config
+
+    def handlers(self) -> dict[str, Callable[[Job, Worker], dict[str, Any]]]:
+        return {"prepare": self.prepare, "create": self.create, "train": self.train, "generate": self.generate}
+
+    def model_for(self, worker: Worker, job: Job) -> Any:
+        """The worker's model, loaded on the first job that needs it."""
+        if worker.model is None:
+            from ..models import load_model
+
+            worker.store.event(job, "message", text=f"loading the model {self.config.model.model}")
+            worker.model = load_model(self.config.model, self.config.cache_dir)
+        return worker.model
+
+    def prepare(self, job: Job, worker: Worker) -> dict[str, Any]:
+        from ..preprocess import prepare
+
+        name = job.request["set"]
+        options = PrepareOptions(**{k: v for k, v in job.request.items() if k != "set"},
+                                 photos=str(self.workspace.photo_set(name)), out=str(self.workspace.dataset(name)))
+        if not hasattr(worker, "detector"):
+            from ..faces import FaceDetector
+
+            worker.detector = FaceDetector()  # type: ignore[attr-defined]
+
+        def progress(p: Progress) -> None:
+            worker.store.event(job, "progress", step=p.step, total=p.total, source=p.message)
+
+        result = prepare(options, on_progress=progress, stop=job.stop, detector=worker.detector)
+        return {"set": name, "usable": len(result.usable), "total": len(result.items), "verdict": result.verdict,
+                "processed": result.processed, "reused": result.reused}
+
+    def create(self, job: Job, worker: Worker) -> dict[str, Any]:
+        from ..create import create_embedding
+
+        options = CreateOptions(**{**job.request, "model": self.config.model.model,
+                                   "embeddings_dir": str(self.workspace.embeddings)})
+        path = create_embedding(options, cache_dir=self.config.cache_dir, model=self.model_for(worker, job))
+        return {"embedding": options.name, "file": path.name}
+
+    def train(self, job: Job, worker: Worker) -> dict[str, Any]:
+        from ..train import train
+
+        request = {k: v for k, v in job.request.items() if k != "set"}
+        name = request["embedding"]
+        dataset = self.workspace.dataset(job.request["set"])
+        if not (dataset / "manifest.json").is_file():
+            dataset = self.workspace.photo_set(job.request["set"])
+        options = TrainOptions(**request, model=self.config.model.model, dataset=str(dataset),
+                               embeddings_dir=str(self.workspace.embeddings), run_dir=str(self.workspace.run(name)))
+
+        def progress(p: Progress) -> None:
+            if p.event == Event.STEP:
+                worker.store.event(job, "progress", step=p.step, total=p.total, loss=p.loss, lr=p.lr,
+                                   epoch=p.epoch, eta_s=p.eta_s, elapsed_s=p.elapsed_s)
+            elif p.event == Event.PREVIEW and p.path:
+                file = Path(p.path).name
+                worker.store.event(job, "preview", step=p.step, url=f"/api/runs/{name}/previews/{file}")
+            elif p.event in (Event.SAVE, Event.START, Event.ENCODE):
+                worker.store.event(job, str(p.event), step=p.step, text=p.message)
+
+        result = train(options, cache_dir=self.config.cache_dir, model=self.model_for(worker, job),
+                       on_progress=progress, stop=job.stop)
+        return {"embedding": name, "step": result.step, "stopped": result.stopped, "message": result.message,
+                "last_loss": result.last_loss}
+
+    def generate(self, job: Job, worker: Worker) -> dict[str, Any]:
+        from ..generate import generate
+
+        options = GenerateOptions(**{**job.request, "model": self.config.model.model,
+                                     "embeddings_dir": str(self.workspace.embeddings),
+                                     "out_dir": str(self.workspace.outputs)})
+
+        def progress(p: Progress) -> None:
+            worker.store.event(job, "progress", step=p.step, total=p.total, elapsed_s=p.elapsed_s)
+
+        model = self.model_for(worker, job)
+        images = generate(options, cache_dir=self.config.cache_dir, model=model, on_progress=progress, stop=job.stop)
+        width, height = images[0].image.size if images else (0, 0)
+        return {"images": [{"file": i.path.name, "url": f"/api/outputs/{i.path.name}", "seed": i.seed,
+                            "infotext": i.infotext} for i in images if i.path],
+                "width": width, "height": height, "model_hash": model.hash}
