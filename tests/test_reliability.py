@@ -3,6 +3,7 @@ never leave a broken file; resume after any of them continues exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -159,6 +160,59 @@ def test_sigterm_finishes_the_step_and_saves(tiny_sd1, photos, tmp_path, cache_d
     assert process.returncode == 0, err
     saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     assert saved.step >= 1 and saved.step == logged_steps(tmp_path / "runs" / "tomtut")
+
+
+def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is_saved(
+        tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    import shutil
+    import socket
+    import urllib.request
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(photos, workspace / "photos" / "tomtut")
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" /
+                    "tomtut.safetensors")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    process = driver(cache_dir, "serve", "--model", str(tiny_sd1), "--workspace", str(workspace), "--port",
+                     str(port), slow_step=0.2)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        request = urllib.request.Request(f"{base}/api/train", method="POST", headers={
+            "Content-Type": "application/json"}, data=json.dumps({
+                "set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64, "preview_every": 0,
+                "save_every": 0}).encode())
+        job = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        seen: list[str] = []
+
+        def watch() -> None:  # a page's EventSource
+            url = f"{base}/api/jobs/{job['id']}/events"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=120) as stream:
+                for line in stream:
+                    seen.append(line.decode())
+
+        threading.Thread(target=watch, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while sum("event: progress" in line for line in seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum("event: progress" in line for line in seen) >= 3
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)  # before the fix it waited for the watching stream for ever
+    finally:
+        if process.poll() is None:
+            process.kill()
+    saved = read_embedding(workspace / "embeddings" / "tomtut.safetensors")
+    assert saved.step >= 3 and saved.step == logged_steps(workspace / "runs" / "tomtut")
+    assert json.loads((workspace / "jobs" / f"{job['id']}.json").read_text())["status"] == "stopped"
 
 
 def test_a_second_ctrl_c_stops_at_once(tiny_sd1, photos, tmp_path, cache_dir) -> None:

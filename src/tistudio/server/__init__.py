@@ -34,7 +34,11 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
     """Run the server until Ctrl-C. --listen (a non-loopback host) needs auth: checked by the caller."""
     import uvicorn
 
+    from .serving import ShuttingDownServer
+
     if host not in LOOPBACK_HOSTS and not config.auth:
         raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
                           "--auth-file FILE")
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    app = create_app(config)
+    ShuttingDownServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False),
+                       on_exit=app.state.server.close).run()

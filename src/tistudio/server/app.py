@@ -9,6 +9,7 @@ Safe by default: see security.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -25,6 +26,7 @@ from .work import Work
 from .workspace import Workspace
 
 __all__ = ["ServerConfig", "create_app"]
+WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to stop and save
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -37,7 +39,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         if not worker.is_alive():
             worker.start()
         yield
-        worker.shutdown()
+        app.state.server.close()
+        # the running job finishes its step and saves before the process ends (the worker is a daemon thread)
+        await asyncio.to_thread(worker.join, WORKER_STOP_S)
 
     app = FastAPI(title="tistudio", version=__version__, description="Textual-inversion training and generation.",
                   lifespan=lifespan)

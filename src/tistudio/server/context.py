@@ -46,6 +46,12 @@ class Server:
     def limits(self) -> Limits:
         return self.config.limits
 
+    def close(self) -> None:
+        """Begin shutting down: the running job stops at its next step (training saves), and event streams and
+        waiting requests end, so that no watching page holds the server open."""
+        self.worker.shutdown()
+        self.store.close()
+
 
 def get_server(request: Request) -> Server:
     return request.app.state.server

@@ -63,6 +63,7 @@ class JobStore:
         self.jobs: dict[str, Job] = {}
         self._saved_at: dict[str, float] = {}
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.closed = False  # the server is shutting down: changes() ends
         for path in sorted(folder.glob("*.json")):
             try:
                 data = json.loads(path.read_text("utf-8"))
@@ -122,9 +123,10 @@ class JobStore:
     async def changes(self, timeout: float) -> AsyncIterator[None]:
         """For async code: yields at once, then after each change to any job (an event, a status) or after
         `timeout` seconds without one. Watching begins before each yield, so no change is missed between a look
-        and the wait. Use it under contextlib.aclosing."""
+        and the wait. It ends when the store is closed (the server is shutting down). Use it under
+        contextlib.aclosing."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closed:
             entry = (loop, loop.create_future())
             with self.lock:
                 self._watchers.append(entry)
@@ -135,6 +137,11 @@ class JobStore:
             finally:
                 with self.lock:
                     self._watchers.remove(entry)
+
+    def close(self) -> None:
+        """End every changes() watch, so event streams and waiting requests let a shutdown finish."""
+        self.closed = True
+        self._notify()
 
     def _notify(self) -> None:
         with self.lock:
