@@ -48,6 +48,22 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tistudio.tinymodel import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tiny_sdxl: Path, cache_dir: Path):
+    """The tiny SDXL model, loaded once. Tests that change it must restore it."""
+    from tistudio.config import ModelOptions
+    from tistudio.models import load_model
+
+    return load_model(ModelOptions(model=str(tiny_sdxl)), cache_dir)
+
+
+@pytest.fixture(scope="session")
 def sd1_model(tiny_sd1: Path, cache_dir: Path):
     """The tiny SD1 model, loaded once. Tests that change it must restore it."""
     from tistudio.config import ModelOptions

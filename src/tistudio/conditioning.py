@@ -38,6 +38,12 @@ class Conditioning:
                        pooled=None if self.pooled is None else self.pooled.to(dtype),
                        extra={key: value.to(dtype) for key, value in self.extra.items()})
 
+    def with_sizes(self, time_ids: torch.Tensor | None) -> Conditioning:
+        """With SDXL's size and crop conditioning: [batch, 6] (original h, w; crop top, left; target h, w)."""
+        if time_ids is None:
+            return self
+        return replace(self, extra={**self.extra, "time_ids": time_ids.to(self.hidden.device, self.hidden.dtype)})
+
     def unet_inputs(self) -> dict[str, Any]:
         """Keyword arguments of a diffusers UNet2DConditionModel call."""
         inputs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
@@ -143,16 +149,30 @@ class _Stream:
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
 
-    def hidden(self, rows: list[list[int]], clip_skip: int) -> torch.Tensor:
-        """The hidden states this encoder conditions the UNet with (A1111's "Clip skip" = clip_skip)."""
+    def hidden(self, rows: list[list[int]], clip_skip: int, ends: list[int]) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor | None]:
+        """The hidden states this encoder conditions the UNet with (A1111's "Clip skip" = clip_skip), and, for the
+        pooled slot, each row's pooled vector: the projection of the final hidden state at its end-of-text
+        position `ends[i]`. (CLIP's own pooler takes the position of the highest token id, which is an embedding's
+        slot rather than the end once one is in the prompt.)"""
         module = self.part.module
+        slot = self.part.slot
         ids = torch.tensor(rows, dtype=torch.long, device=self.layer.weight.device)
-        if self.part.slot.penultimate:
-            return module(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        if clip_skip > 1:
-            out = module(ids, output_hidden_states=True)
-            return _final_layer_norm(module)(out.hidden_states[-clip_skip])
-        return module(ids).last_hidden_state
+        if not (slot.penultimate or slot.pooled or clip_skip > 1):
+            return module(ids).last_hidden_state, None
+        out = module(ids, output_hidden_states=True)
+        if slot.penultimate:
+            hidden = out.hidden_states[-(clip_skip + 1)]
+        elif clip_skip > 1:
+            hidden = _final_layer_norm(module)(out.hidden_states[-clip_skip])
+        else:
+            hidden = out.last_hidden_state
+        pooled = None
+        if slot.pooled:
+            at_end = out.last_hidden_state[torch.arange(len(rows), device=ids.device), torch.tensor(ends)]
+            projection = getattr(module, "text_projection", None)
+            pooled = at_end if projection is None else projection(at_end)
+        return hidden, pooled
 
 
 class PromptEncoder:
@@ -242,15 +262,19 @@ class PromptEncoder:
         chunks = [chunk for row in per_prompt for chunk in row + [Chunk()] * (count - len(row))]
         weights = [[1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK - len(chunk.ids)) for chunk in chunks]
         weighted = any(w != 1.0 for row in weights for w in row)
-        states = []
+        ends = [1 + len(chunk.ids) for chunk in chunks]
+        states, pooled = [], None
         for stream in self.streams.values():
             rows = [[stream.bos, *chunk.ids, stream.eos] + [stream.pad] * (CHUNK - len(chunk.ids)) for chunk in chunks]
-            hidden = stream.hidden(rows, self.clip_skip)
+            hidden, pooled_rows = stream.hidden(rows, self.clip_skip, ends)
             if weighted:
                 hidden = _emphasis(hidden, weights)
             states.append(hidden)
+            if pooled_rows is not None:  # a prompt's pooled vector is its first chunk's (as A1111's)
+                pooled = pooled_rows[::count]
         hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
-        return Conditioning(hidden=hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1]))
+        return Conditioning(hidden=hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1]),
+                            pooled=pooled)
 
 
 def _emphasis(hidden: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:

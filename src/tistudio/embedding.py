@@ -66,8 +66,8 @@ class Embedding:
     def tensor(self) -> torch.Tensor:
         """The [n, width] vectors of an SD1/SD2 embedding."""
         if self.is_sdxl:
-            raise EmbeddingError(f"embedding {self.name!r} is an SDXL embedding (clip_l + clip_g); SDXL models are "
-                                 "not supported yet, so it cannot be used with an SD 1.x/2.x model")
+            raise EmbeddingError(f"embedding {self.name!r} is an SDXL embedding (clip_l + clip_g), with a vector set "
+                                 "per text encoder; it has no single SD 1.x/2.x tensor")
         return self.vectors[SINGLE]
 
     def fits(self) -> str:
@@ -203,7 +203,32 @@ def read_embedding(path: str | Path) -> Embedding:
                                  "file nor a PNG, whatever its extension says")
     except UnsafeFileError as exc:
         raise EmbeddingError(str(exc)) from None
-    return _from_dict(path, data, meta, kind)
+    embedding = _from_dict(path, data, meta, kind)
+    partner = diffusers_partner(path)
+    if embedding.source_format.startswith("diffusers") and partner.is_file():
+        return _with_partner(embedding, path, partner)
+    return embedding
+
+
+def diffusers_partner(path: Path) -> Path:
+    """Where diffusers' SDXL layout keeps the second encoder's vectors: learned_embeds_2.safetensors beside
+    learned_embeds.safetensors."""
+    return path.with_name(f"{path.stem}_2{path.suffix}")
+
+
+def _with_partner(first: Embedding, path: Path, partner: Path) -> Embedding:
+    """An SDXL embedding from diffusers' two files ({token: [n, 768]} and {token: [n, 1280]})."""
+    second = read_embedding(partner)
+    l_vectors, g_vectors = first.vectors[SINGLE], second.vectors.get(SINGLE)
+    # a pair names the same token at two widths; anything else beside the file is an embedding of its own
+    if (not second.source_format.startswith("diffusers") or second.meta.get("token") != first.meta.get("token")
+            or g_vectors is None or g_vectors.shape[1] == l_vectors.shape[1]):
+        return first
+    if l_vectors.shape[0] != g_vectors.shape[0]:
+        raise EmbeddingError(f"{path} and {partner.name}: diffusers' SDXL pair holds different vector counts "
+                             f"({l_vectors.shape[0]} and {g_vectors.shape[0]})")
+    return replace(first, vectors={"clip_l": l_vectors, "clip_g": g_vectors},
+                   source_format=f"diffusers sdxl pair ({first.source_format.split('(')[-1]}")
 
 
 def header_info(path: Path) -> tuple[int, int] | None:
@@ -271,6 +296,10 @@ def import_embedding(source: str | Path, folder: str | Path, name: str) -> Path:
 def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
     """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
     _finite(embedding)
+    if embedding.is_sdxl:
+        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding: A1111 reads those from a "
+                             ".safetensors file with clip_l and clip_g, which is tistudio's own file (convert --to "
+                             "safetensors); its .pt format holds one tensor")
     data = {
         "string_to_token": {"*": 265},
         "string_to_param": {"*": embedding.tensor.detach().to("cpu", torch.float32).clone().requires_grad_(False)},
@@ -283,10 +312,18 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
 
 
 def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = None) -> Path:
-    """diffusers' learned_embeds layout ``{token: [n, width]}``; loads with ``load_textual_inversion(path)``."""
+    """diffusers' learned_embeds layout ``{token: [n, width]}``; loads with ``load_textual_inversion(path)``. An
+    SDXL embedding is two such files, as diffusers' SDXL example writes them: `path` (clip_l) and PATH_2 (clip_g,
+    loaded with ``text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2``)."""
     _finite(embedding)
-    tensors = {token or embedding.name: embedding.tensor.detach().to("cpu", torch.float32).contiguous()}
-    return write_safetensors(Path(path), tensors, {"format": "pt"})
+    path = Path(path)
+    parts = [(path, embedding.vectors[key]) for key in (SDXL_KEYS if embedding.is_sdxl else (SINGLE,))]
+    if embedding.is_sdxl:
+        parts[1] = (diffusers_partner(path), parts[1][1])
+    for target, vectors in parts:
+        write_safetensors(target, {token or embedding.name: vectors.detach().to("cpu", torch.float32).contiguous()},
+                          {"format": "pt"})
+    return path
 
 
 def short_hash(path: Path) -> str:

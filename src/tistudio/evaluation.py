@@ -64,10 +64,12 @@ class EvalBatch:
     timesteps: torch.Tensor
     noise: torch.Tensor
     prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
 
 
 def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
-                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32) -> EvalBatch:
+                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32,
+                     sizes: torch.Tensor | None = None) -> EvalBatch:
     """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts."""
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
@@ -75,7 +77,8 @@ def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...],
     prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
                for i, index in enumerate(indices)]
     return EvalBatch(indices=indices, timesteps=torch.randint(0, timesteps, (size,), generator=generator),
-                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts)
+                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts,
+                     time_ids=None if sizes is None else sizes[torch.tensor(indices)])
 
 
 @torch.no_grad()
@@ -88,7 +91,7 @@ def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor
         clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
         noise = batch.noise[part].to(latents.device)
         loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
-                              batch.prompts[part])
+                              batch.prompts[part], time_ids=None if batch.time_ids is None else batch.time_ids[part])
         total += float(loss) * clean.shape[0]
     return total / len(batch.indices)
 

@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x and 2.x (and, later, SDXL), one table entry each.
+"""Model families: what differs between Stable Diffusion 1.x, 2.x and SDXL, one table entry each.
 
 A family names its text encoders by the key an embedding file keeps that encoder's vectors under (``clip`` for SD1
 and SD2; SDXL's files use ``clip_l`` and ``clip_g``), says where a diffusers folder keeps each encoder and its
@@ -26,6 +26,8 @@ class EncoderSlot:
     # Condition on the layer before the last, without the final layer norm (SDXL). SD1 and SD2 use the last layer
     # as loaded (an SD2 checkpoint's last layer is dropped when it is read, as its UNet was trained on the one before).
     penultimate: bool = False
+    # This encoder's projection of its end-of-text position is the pooled text vector (SDXL's clip_g: text_embeds).
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Family:
     # Further keyword arguments that pipeline is built with (besides the UNet, VAE, scheduler and text encoders).
     pipeline_extras: tuple[tuple[str, Any], ...] = (("safety_checker", None), ("feature_extractor", None),
                                                     ("requires_safety_checker", False))
+    # The UNet is also conditioned on each image's original size, crop and target size (SDXL's time_ids).
+    size_conditioning: bool = False
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -47,9 +51,13 @@ class Family:
 
 
 CLIP = EncoderSlot("clip")
+CLIP_L = EncoderSlot("clip_l", penultimate=True)  # CLIP ViT-L/14, 768 wide
+CLIP_G = EncoderSlot("clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True)  # OpenCLIP bigG, 1280
 FAMILIES: dict[str, Family] = {
     "sd1": Family("sd1", "Stable Diffusion 1.x", (CLIP,)),
     "sd2": Family("sd2", "Stable Diffusion 2.x", (CLIP,)),
+    "sdxl": Family("sdxl", "SDXL", (CLIP_L, CLIP_G), pipeline="StableDiffusionXLPipeline",
+                   pipeline_extras=(("add_watermarker", False),), size_conditioning=True),
 }
 
 

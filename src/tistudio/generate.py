@@ -186,13 +186,28 @@ def find_embeddings(encoder: PromptEncoder, folder: Path, texts: list[str],
     return used
 
 
+def fitting(used: dict[str, tuple[Embedding, Path | None]], model: SDModel) -> dict[str, tuple[Embedding,
+                                                                                            Path | None]]:
+    """The embeddings a prompt names that fit the model; one that does not (an SD 1.5 embedding with an SDXL model,
+    say) is skipped with a warning and its name stays plain words, as A1111 does, rather than failing the picture."""
+    kept = {}
+    for name, (embedding, path) in used.items():
+        try:
+            check_fits(embedding, model)
+        except EmbeddingError as exc:
+            log.warning("skipped the embedding %s: %s", name, exc)
+            continue
+        kept[name] = (embedding, path)
+    return kept
+
+
 def check_fits(embedding: Embedding, model: SDModel) -> None:
     """That the embedding has vectors for each of the model's text encoders, each as wide as that encoder."""
     widths = model.widths
     if set(embedding.vectors) != set(widths):
         if embedding.is_sdxl:
-            raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); SDXL is not "
-                                 f"supported yet and it does not fit {model.name}")
+            raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); it does not "
+                                 f"fit {model.name} ({model.spec.label}): use it with an SDXL model")
         raise EmbeddingError(f"embedding {embedding.name!r} ({embedding.fits()}) has vectors for "
                              f"{', '.join(embedding.vectors)}, but the model {model.name} "
                              f"({model.spec.label}) needs them for {', '.join(widths)}; use it with a model of its "
@@ -234,9 +249,8 @@ def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None
     if width % model.vae_scale or height % model.vae_scale:
         raise OptionError("size", options.size, f"each side must be a multiple of {model.vae_scale}")
     encoder = PromptEncoder.for_model(model, options.clip_skip)
-    used = find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt])
-    for embedding, _ in used.values():
-        check_fits(embedding, model)
+    used = fitting(find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt]),
+                   model)
     encoder.set_embeddings({name: {key: tensor.to(model.device) for key, tensor in emb.vectors.items()}
                             for name, (emb, _) in used.items()})
     if used:

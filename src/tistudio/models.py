@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_CHECKPOINT_BYTES = 40 * 1024**3
 DEMO = "demo"
 SD_SCALING_FACTOR = 0.18215
-SD1, SD2 = "sd1", "sd2"
+SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -233,8 +233,9 @@ def classify_checkpoint(keys: set[str], path: Any) -> str:
         return any(k.startswith(prefix) for k in keys)
 
     if has("conditioner.embedders."):
-        raise ModelError(f"model {path}: this is an SDXL checkpoint; SDXL is not supported yet (it comes in a later "
-                         "release). Use a Stable Diffusion 1.x or 2.x model")
+        raise ModelError(f"model {path}: this is a single-file SDXL checkpoint, which tistudio cannot read yet; "
+                         "SDXL works from a diffusers folder or a Hub id (diffusers' StableDiffusionXLPipeline."
+                         "from_single_file(...).save_pretrained(FOLDER) makes one)")
     if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
         raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x and 2.x are supported")
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
@@ -540,23 +541,32 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         notes=[f"prediction type {prediction}: {why}"])
 
 
-def _check_pipeline_class(folder: Path) -> None:
-    """Refuse SDXL and other pipelines from model_index.json, before loading anything."""
+def _pipeline_class(folder: Path) -> str:
+    """The pipeline model_index.json names ('' without one); SDXL's refiner, inpainting and other pipelines are
+    refused, with what they are, before anything is loaded."""
     index = folder / "model_index.json"
     if not index.is_file():
-        return
+        return ""
     try:
         data = json.loads(index.read_text("utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"model {folder}: model_index.json is not valid JSON ({exc})") from None
-    name = str(data.get("_class_name", "")) if isinstance(data, dict) else ""
-    if "XL" in name or (isinstance(data, dict) and "text_encoder_2" in data):
-        raise ModelError(f"model {folder}: this is an SDXL model ({name}); SDXL is not supported yet, use a "
-                         "Stable Diffusion 1.x or 2.x model")
+    data = data if isinstance(data, dict) else {}
+    name = str(data.get("_class_name", ""))
+    if "XL" in name or "text_encoder_2" in data:
+        if "Img2Img" in name or "Inpaint" in name or data.get("text_encoder", [None])[0] is None:
+            raise ModelError(f"model {folder}: an SDXL refiner or inpainting model ({name}); textual inversion "
+                             "needs a plain text-to-image SDXL base model (or one of its fine-tunes)")
+        if name and name != "StableDiffusionXLPipeline":
+            raise ModelError(f"model {folder}: a {name}; only the text-to-image StableDiffusionXLPipeline is "
+                             "supported among SDXL pipelines")
+        return "StableDiffusionXLPipeline"
     if name and "StableDiffusion" not in name:
-        raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x pipelines are supported")
-    if "Inpaint" in name or "InstructPix2Pix" in name or "Upscale" in name:
-        raise ModelError(f"model {folder}: a {name}; textual inversion needs a plain text-to-image SD 1.x/2.x model")
+        raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported")
+    if "Inpaint" in name or "InstructPix2Pix" in name or "Upscale" in name or "StableDiffusion3" in name:
+        raise ModelError(f"model {folder}: a {name}; textual inversion needs a plain text-to-image SD 1.x/2.x or "
+                         "SDXL model")
+    return name
 
 
 def _folder_family(text_encoder: Any) -> str:
@@ -567,18 +577,23 @@ def _folder_family(text_encoder: Any) -> str:
 def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
                  text_only: bool, local_only: bool, name: str) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    _check_pipeline_class(folder)
-    missing = [part for part in ("text_encoder", "tokenizer") + (() if text_only else ("unet", "vae"))
-               if not (folder / part).is_dir()]
+    xl = _pipeline_class(folder) == "StableDiffusionXLPipeline"
+    slots = family_entry(SDXL).encoders if xl else (CLIP,)
+    parts = [name for slot in slots for name in (slot.text_encoder, slot.tokenizer)]
+    missing = [part for part in parts + ([] if text_only else ["unet", "vae"]) if not (folder / part).is_dir()]
     if missing:
         raise ModelError(f"model {folder}: the diffusers folder lacks {', '.join(missing)}/")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=CLIP.tokenizer, local_files_only=local_only)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder=CLIP.text_encoder, local_files_only=local_only,
-                                                     torch_dtype=dtype)
-        family = _folder_family(text_encoder)
+        text: dict[str, TextEncoder] = {}
+        for slot in slots:
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=slot.tokenizer, local_files_only=local_only)
+            kind = CLIPTextModelWithProjection if slot.pooled else CLIPTextModel
+            module = kind.from_pretrained(folder, subfolder=slot.text_encoder, local_files_only=local_only,
+                                          torch_dtype=dtype)
+            text[slot.key] = TextEncoder(slot, tokenizer, _freeze(module, device, dtype))
+        family = SDXL if xl else _folder_family(text[CLIP.key].module)
         unet = vae = None
         if not text_only:
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=local_only,
@@ -602,9 +617,9 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     if unet is not None and vae is not None:
         native = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     else:
-        native = 768 if (family == SD2 and prediction == "v_prediction") else 512
+        native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
     return SDModel(
-        text={CLIP.key: TextEncoder(CLIP, tokenizer, _freeze(text_encoder, device, dtype))},
+        text=text,
         vae=_freeze(vae, device, dtype) if vae is not None else None,
         unet=_freeze(unet, device, dtype) if unet is not None else None, scheduler_config=config, family=family,
         prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(folder), name=name,
@@ -616,8 +631,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "unet/*.safetensors",
-                "vae/*.safetensors", "text_encoder/*.safetensors"]
+    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
+                "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
+                "text_encoder_2/*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:

@@ -31,10 +31,17 @@ def noise_schedule(model: SDModel) -> tuple[torch.Tensor, int]:
     return scheduler.alphas_cumprod.to(torch.float32), int(scheduler.config.num_train_timesteps)
 
 
+def size_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """SDXL's size and crop conditioning of one image: original (h, w), crop top-left (top, left), target (h, w)."""
+    return [float(v) for v in (*original, *crop, *target)]
+
+
 def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
-                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str], unet: Any = None) -> torch.Tensor:
+                   t: torch.Tensor, noise: torch.Tensor, prompts: list[str], unet: Any = None,
+                   time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t (with
-    `unet` in place of the model's own, e.g. a compiled one, if given)."""
+    `unet` in place of the model's own, e.g. a compiled one, if given). A family with size conditioning (SDXL)
+    takes each image's time_ids [batch, 6]; without them, each is taken as uncropped at the latents' size."""
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
     if model.prediction_type == "v_prediction":
@@ -42,5 +49,10 @@ def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     else:
         objective = noise.float()
     conditioning = encoder.encode(prompts).to(model.dtype)
+    if model.spec.size_conditioning:
+        if time_ids is None:
+            side = (clean.shape[-2] * model.vae_scale, clean.shape[-1] * model.vae_scale)
+            time_ids = torch.tensor([size_ids(side, (0, 0), side)] * clean.shape[0])
+        conditioning = conditioning.with_sizes(time_ids)
     prediction = (model.unet if unet is None else unet)(noisy, t, **conditioning.unet_inputs()).sample
     return torch.nn.functional.mse_loss(prediction.float(), objective)

@@ -61,6 +61,82 @@ def text_config(family: str) -> dict[str, Any]:
     }
 
 
+# The tiny SDXL's two text encoders (clip_l, clip_g), of different widths as SDXL's 768 and 1280 are, and its
+# size-conditioning embedding width.
+SDXL_WIDTHS = (32, 64)
+SDXL_TIME_WIDTH = 8
+
+
+def sdxl_unet_config(native_size: int) -> dict[str, Any]:
+    """SDXL's UNet layout, tiny: the context is both encoders' hidden states side by side; the added embedding
+    takes the pooled vector and the six size numbers ("text_time")."""
+    widths = [32, 32, 64, 64]
+    return {
+        "sample_size": native_size // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": widths, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+        "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"], "cross_attention_dim": sum(SDXL_WIDTHS),
+        "norm_num_groups": 32, "attention_head_dim": [max(1, w // 16) for w in widths], "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_WIDTH,
+        "projection_class_embeddings_input_dim": 6 * SDXL_TIME_WIDTH + SDXL_WIDTHS[1],
+    }
+
+
+def sdxl_text_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """clip_l (CLIP ViT-L's kind: quick_gelu) and clip_g (OpenCLIP's: gelu, with a projection), tiny."""
+    def config(width: int, act: str) -> dict[str, Any]:
+        return {**text_config("sd1"), "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 1,
+                "projection_dim": width, "hidden_act": act}
+
+    return config(SDXL_WIDTHS[0], "quick_gelu"), config(SDXL_WIDTHS[1], "gelu")
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0, native_size: int = 64, text_gain: float = TEXT_GAIN) -> Path:
+    """Write a tiny SDXL-architecture diffusers folder with seeded random weights: two text encoders (the second
+    with a projection, for the pooled vector), a "text_time" UNet and an SDXL-style VAE config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import scheduler_config
+    from .storage import write_json
+    from .tokenizer import write_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first, second = sdxl_text_configs()
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(**first)).save_pretrained(folder / "text_encoder")
+    torch.manual_seed(seed + 3)
+    CLIPTextModelWithProjection(CLIPTextConfig(**second)).save_pretrained(folder / "text_encoder_2")
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**sdxl_unet_config(native_size))
+    _gain(unet, text_gain)
+    unet.save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 2)
+    AutoencoderKL(**{**vae_config(native_size), "scaling_factor": 0.13025, "force_upcast": True}).save_pretrained(
+        folder / "vae")
+    write_tokenizer(folder / "tokenizer", "sd1")
+    write_tokenizer(folder / "tokenizer_2", "sdxl2")
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config("epsilon"))
+    write_json(folder / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": False, "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers",
+                                                                            "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None]})
+    (folder / "TINY-MODEL.txt").write_text("A tiny SDXL-architecture model with seeded random weights, built by "
+                                           "tistudio for its tests. Its pictures are noise.\n", "utf-8")
+    return folder
+
+
+def _gain(unet: Any, text_gain: float) -> None:
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name:
+                parameter.mul_(text_gain**0.5)
+
+
 def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_size: int = 64,
                      prediction_type: str | None = None, text_gain: float = TEXT_GAIN) -> Path:
     """Write a tiny SD-architecture diffusers folder with seeded random weights.
@@ -81,10 +157,7 @@ def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_si
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(family)))
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**unet_config(family, native_size))
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if ".attn2.to_v." in name or ".attn2.to_out.0.weight" in name:
-                parameter.mul_(text_gain**0.5)
+    _gain(unet, text_gain)
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**vae_config(native_size))
     return save_model_folder(folder, family, text_encoder, unet, vae, prediction,

@@ -38,7 +38,7 @@ from .errors import EmbeddingError, TistudioError
 from .evaluation import Evaluator, Likeness, evaluation_batch
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
 from .models import SDModel, load_model
-from .objective import diffusion_loss, noise_schedule, seed_for
+from .objective import diffusion_loss, noise_schedule, seed_for, size_ids
 from .progress import Event, Progress, Reporter
 from .runfolder import ResumeState, RunFolder, restore_optimizer, run_folder
 from .samplers import check_sampler
@@ -276,17 +276,43 @@ def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> t
     import numpy as np
     from PIL import ImageOps
 
+    vae = model.vae
+    # a VAE that overflows in fp16 (SDXL's says force_upcast) encodes in fp32; it runs once per image
+    upcast = model.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.float()
     latents, captions = [], []
-    for item in dataset.images:
-        picture = square(item.image, size)
-        variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
-        for variant in variants:
-            array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-            pixels = array.unsqueeze(0).to(model.device, model.dtype)
-            latent = model.vae.encode(pixels).latent_dist.mean.float() * model.scaling_factor
-            latents.append(latent[0])  # kept in float32: the loss target should not be rounded to bf16
-            captions.append(item.caption)
+    try:
+        for item in dataset.images:
+            picture = square(item.image, size)
+            variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
+            for variant in variants:
+                array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+                pixels = array.unsqueeze(0).to(model.device, torch.float32 if upcast else model.dtype)
+                latent = vae.encode(pixels).latent_dist.mean.float() * model.scaling_factor
+                latents.append(latent[0])  # kept in float32: the loss target should not be rounded to bf16
+                captions.append(item.caption)
+    finally:
+        if upcast:
+            vae.to(model.dtype)
     return torch.stack(latents), captions
+
+
+def latent_sizes(model: SDModel, dataset: Dataset, size: int, flip: bool) -> torch.Tensor | None:
+    """For a family with size conditioning (SDXL), each latent's time_ids (encode_latents' order), else None."""
+    if not model.spec.size_conditioning:
+        return None
+    return torch.tensor([crop_sizes(item.original_size, size) for item in dataset.images
+                         for _ in range(2 if flip else 1)])
+
+
+def crop_sizes(original: tuple[int, int], size: int) -> list[float]:
+    """SDXL's time_ids of a (width, height) image centre-cropped to a size x size square: its original size, the
+    crop's top-left corner in the resized image, the target size."""
+    width, height = original
+    scale = size / min(width, height)
+    top, left = round((height * scale - size) / 2), round((width * scale - size) / 2)
+    return size_ids((height, width), (top, left), (size, size))
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
@@ -310,6 +336,7 @@ class Batch:
     timesteps: torch.Tensor
     noise: torch.Tensor
     prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
 
 
 @dataclass
@@ -325,6 +352,7 @@ class Samples:
     seed: int
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
+    sizes: torch.Tensor | None = None  # [count, 6]: SDXL's size and crop conditioning of each latent
 
     @property
     def count(self) -> int:
@@ -345,15 +373,16 @@ class Samples:
         device = self.latents.device
         noise = torch.randn((batch, *self.latents.shape[1:]), generator=generator).to(device)
         return Batch(clean=self.latents[torch.tensor(indices, device=device)], timesteps=t.to(device), noise=noise,
-                     prompts=prompts)
+                     prompts=prompts, time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)])
 
 
 def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[str, ...], name: str,
                    options: TrainOptions) -> Samples:
     latents, captions = encode_latents(model, dataset, size, options.flip)
+    sizes = latent_sizes(model, dataset, size, options.flip)
     return Samples(latents=latents, captions=captions, template=template, name=name,
                    timesteps=noise_schedule(model)[1], seed=options.seed, shuffle_tags=options.shuffle_tags,
-                   tag_dropout=options.tag_dropout)
+                   tag_dropout=options.tag_dropout, sizes=sizes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +471,7 @@ def make_evaluator(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     if not options.eval_every:
         return None
     batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
-                             tuple(samples.latents.shape[1:]), samples.timesteps, size=EVAL_SIZE)
+                             tuple(samples.latents.shape[1:]), samples.timesteps, size=EVAL_SIZE, sizes=samples.sizes)
     evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness)
     evaluator.open(start_step, saved)
     if evaluator.neutral is None:
@@ -678,7 +707,7 @@ def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, une
     step_loss = torch.zeros((), device=model.device)
     for micro, batch in enumerate(micro_batches):
         loss = diffusion_loss(model, encoder, alphas, batch.clean, batch.timesteps, batch.noise, batch.prompts,
-                              unet=unet) / accumulation
+                              unet=unet, time_ids=batch.time_ids) / accumulation
         penalty = trainable.penalty() if micro == 0 else None
         if penalty is not None:
             loss = loss + penalty

@@ -1,0 +1,139 @@
+"""SDXL on a tiny SDXL-architecture model (two text encoders, the second with a projection for the pooled vector,
+a "text_time" UNet): the conditioning is what SDXL expects, both vector sets learn, and create -> train -> resume
+-> generate works through the CLI, writing files that diffusers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tistudio.cli import main
+from tistudio.conditioning import PromptEncoder
+from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.errors import EmbeddingError
+from tistudio.generate import check_fits
+from tistudio.objective import diffusion_loss, noise_schedule
+
+
+def test_the_context_is_both_penultimate_layers_and_the_pool_is_at_the_end_of_text(sdxl_model) -> None:
+    encoder = PromptEncoder.for_model(sdxl_model)
+    vectors = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}
+    encoder.set_embeddings({"tomtut": vectors})
+    prompt = "a photo of tomtut"
+    conditioning = encoder.encode([prompt])
+    tokenizer = sdxl_model.text["clip_g"].tokenizer
+    ids = [tokenizer.bos_token_id, *encoder.chunks(prompt)[0].ids, tokenizer.eos_token_id]
+    assert max(ids) >= encoder.vocab_size  # the embedding's slots are in the row
+    end = len(ids) - 1
+    first, second = sdxl_model.text["clip_l"].module, sdxl_model.text["clip_g"].module
+    with torch.no_grad():
+        l_rows = torch.tensor([ids + [tokenizer.eos_token_id] * (77 - len(ids))])  # clip_l pads with end-of-text
+        g_rows = torch.tensor([ids + [tokenizer.pad_token_id] * (77 - len(ids))])  # clip_g with "!"
+        l_out = first(l_rows, output_hidden_states=True)
+        g_out = second(g_rows, output_hidden_states=True)
+    expected = torch.cat([l_out.hidden_states[-2], g_out.hidden_states[-2]], dim=-1)
+    assert torch.allclose(conditioning.hidden, expected, atol=1e-6)
+    at_end = second.text_projection(g_out.last_hidden_state[0, end])
+    assert torch.allclose(conditioning.pooled[0], at_end, atol=1e-6)
+    # CLIP's own pooler picks the highest id - the embedding's slot - which is the trap this avoids
+    assert not torch.allclose(g_out.text_embeds[0], at_end, atol=1e-3)
+
+
+def test_a_gradient_reaches_both_vector_sets(sdxl_model) -> None:
+    encoder = PromptEncoder.for_model(sdxl_model)
+    vectors = {"clip_l": torch.randn(2, 32, requires_grad=True), "clip_g": torch.randn(2, 64, requires_grad=True)}
+    encoder.set_embeddings({"tomtut": vectors})
+    alphas, _ = noise_schedule(sdxl_model)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 4, 8, 8, generator=generator)
+    loss = diffusion_loss(sdxl_model, encoder, alphas, clean, torch.tensor([100, 700]),
+                          torch.randn(2, 4, 8, 8, generator=generator), ["a photo of tomtut"] * 2)
+    loss.backward()
+    for key, tensor in vectors.items():
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, key
+    encoder.set_embeddings({})
+
+
+def test_sd_embeddings_and_sdxl_models_do_not_mix(sdxl_model, sd1_model) -> None:
+    xl = Embedding(name="xl", vectors={"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 64)})
+    check_fits(xl, sdxl_model)
+    with pytest.raises(EmbeddingError, match=r"SDXL embedding .* use it with an SDXL model"):
+        check_fits(xl, sd1_model)
+    with pytest.raises(EmbeddingError, match="needs them for clip_l, clip_g"):
+        check_fits(Embedding(name="one", vectors={"clip": torch.zeros(1, 64)}), sdxl_model)
+    with pytest.raises(EmbeddingError, match="48 wide in clip_g"):
+        check_fits(Embedding(name="thin", vectors={"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}),
+                   sdxl_model)
+
+
+def test_create_train_resume_generate_through_the_cli(tiny_sdxl, photos, tmp_path, cache_dir) -> None:
+    base = ["--cache-dir", str(cache_dir)]
+    model = ["--model", str(tiny_sdxl)]
+    train = [*base, "train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--batch-size", "2",
+             "--preview-every", "2", "--preview-steps", "2", "--save-every", "2", "--final", "last"]
+    for folder in ("once", "twice"):
+        assert main([*base, "create", "tomtut", *model, "--init-text", "toy figure", "--vectors", "2",
+                     "--embeddings-dir", folder]) == 0
+    assert main([*train, "--embeddings-dir", "once", "--run-dir", "runs/once", "--steps", "4"]) == 0
+    assert main([*train, "--embeddings-dir", "twice", "--run-dir", "runs/twice", "--steps", "2"]) == 0
+    assert main([*train, "--embeddings-dir", "twice", "--run-dir", "runs/twice", "--steps", "4"]) == 0
+    once, twice = read_embedding(Path("once/tomtut.safetensors")), read_embedding(Path("twice/tomtut.safetensors"))
+    assert {k: tuple(v.shape) for k, v in once.vectors.items()} == {"clip_l": (2, 32), "clip_g": (2, 64)}
+    assert once.step == twice.step == 4 and once.meta["model_family"] == "sdxl"
+    for key in ("clip_l", "clip_g"):
+        assert torch.equal(once.vectors[key], twice.vectors[key]), f"{key} did not resume exactly"
+    with Image.open("runs/once/previews/tomtut-4.png") as preview:
+        assert "Embedding: tomtut, Step: 4" in preview.text["parameters"]
+
+    assert main([*base, "generate", "a photo of (tomtut:1.1), BREAK on a beach", *model, "--embeddings", "once",
+                 "--steps", "3", "--size", "64x64", "--seed", "7", "--sampler", "Euler a", "--out-dir", "out"]) == 0
+    with Image.open("out/00000-7.png") as image:
+        assert image.size == (64, 64) and 'TI hashes: "tomtut: ' in image.text["parameters"]
+
+
+def test_our_file_loads_in_diffusers_with_two_calls_and_encodes_the_same(tiny_sdxl, sdxl_model, tmp_path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    vectors = {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
+               "clip_g": torch.randn(2, 64, generator=torch.Generator().manual_seed(2))}
+    path = write_embedding(Embedding(name="tomtut", vectors=vectors), tmp_path / "tomtut.safetensors")
+    state = load_file(path)
+    assert set(state) == {"clip_l", "clip_g"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True, add_watermarker=False)
+    pipe.load_textual_inversion(state["clip_l"], token="tomtut", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="tomtut", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompt = "a photo of tomtut on a beach"
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+        encoder = PromptEncoder.for_model(sdxl_model)
+        encoder.set_embeddings({"tomtut": vectors})
+        ours = encoder.encode([prompt]).hidden
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_convert_writes_and_reads_diffusers_two_file_layout(tmp_path, capsys) -> None:
+    vectors = {"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)}
+    source = write_embedding(Embedding(name="tomtut", vectors=vectors), tmp_path / "tomtut.safetensors")
+    assert main(["convert", str(source), "--to", "diffusers", "--out-dir", str(tmp_path / "df")]) == 0
+    first, second = tmp_path / "df" / "tomtut.safetensors", tmp_path / "df" / "tomtut_2.safetensors"
+    from safetensors.torch import load_file
+
+    assert load_file(first)["tomtut"].shape == (3, 768) and load_file(second)["tomtut"].shape == (3, 1280)
+    back = read_embedding(first)  # diffusers' pair is read as one SDXL embedding
+    assert back.is_sdxl and all(torch.equal(back.vectors[k], vectors[k]) for k in vectors)
+    capsys.readouterr()
+    assert main(["convert", str(source), "--to", "a1111", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "clip_l and clip_g" in capsys.readouterr().err
+    # an unrelated NAME_2 file beside an SD 1.x diffusers file is not taken for a pair
+    from tistudio.embedding import write_diffusers
+
+    write_diffusers(Embedding(name="a", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a.safetensors")
+    write_diffusers(Embedding(name="a_2", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a_2.safetensors")
+    assert not read_embedding(tmp_path / "sd" / "a.safetensors").is_sdxl
