@@ -31,6 +31,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     attention_up = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     out: dict[str, torch.Tensor] = {}
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for key, value in state.items():
         parts = key.split(".")
@@ -106,18 +107,25 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
 def text_to_ldm(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     if family == "sd1":
         return {"cond_stage_model.transformer.text_model." + k: v for k, v in state.items()}
-    prefix = "cond_stage_model.model."
+    return openclip_to_ldm(state, "cond_stage_model.model.", extra_layer=True)
+
+
+def openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str, extra_layer: bool) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model in OpenCLIP's layout. SD2's checkpoints have one more layer than SD2 uses
+    (extra_layer, random here); SDXL's clip_g has all its layers and a real text projection."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
     width = state["embeddings.token_embedding.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    projection = state["text_projection.weight"].T if "text_projection.weight" in state else torch.eye(width)
     out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
            prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
            prefix + "ln_final.weight": state["final_layer_norm.weight"],
            prefix + "ln_final.bias": state["final_layer_norm.bias"],
-           prefix + "text_projection": torch.eye(width), prefix + "logit_scale": torch.tensor(4.6)}
+           prefix + "text_projection": projection.contiguous(), prefix + "logit_scale": torch.tensor(4.6)}
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
     generator = torch.Generator().manual_seed(123)
-    for i in range(layers + 1):  # OpenCLIP has one more layer than SD2 uses (it conditions on the penultimate)
+    for i in range(layers + 1 if extra_layer else layers):
         src = f"encoder.layers.{min(i, layers - 1)}."
         dst = f"{prefix}transformer.resblocks.{i}."
         for old, new in names.items():
@@ -133,11 +141,20 @@ def text_to_ldm(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.
 
 
 def export_single_file(folder: Path, family: str) -> dict[str, torch.Tensor]:
+    """The folder's weights in the LDM layout (SDXL's as A1111 and ComfyUI keep them: conditioner.embedders.0 is
+    CLIP-L in transformers' layout, conditioner.embedders.1 OpenCLIP-bigG's)."""
     folder = Path(folder)
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     text = load_file(folder / "text_encoder" / "model.safetensors")
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    state = {**unet_to_ldm(unet, unet_config), **vae_to_ldm(vae, vae_config), **text_to_ldm(text, family)}
+    if family == "sdxl":
+        second = load_file(folder / "text_encoder_2" / "model.safetensors")
+        words = {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+                 for k, v in text.items()}
+        words.update(openclip_to_ldm(second, "conditioner.embedders.1.model.", extra_layer=False))
+    else:
+        words = text_to_ldm(text, family)
+    state = {**unet_to_ldm(unet, unet_config), **vae_to_ldm(vae, vae_config), **words}
     return {k: v.contiguous() for k, v in state.items()}

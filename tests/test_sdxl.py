@@ -13,7 +13,7 @@ from PIL import Image
 from tistudio.cli import main
 from tistudio.conditioning import PromptEncoder
 from tistudio.embedding import Embedding, read_embedding, write_embedding
-from tistudio.errors import EmbeddingError
+from tistudio.errors import EmbeddingError, ModelError
 from tistudio.generate import check_fits
 from tistudio.objective import diffusion_loss, noise_schedule
 
@@ -137,3 +137,55 @@ def test_convert_writes_and_reads_diffusers_two_file_layout(tmp_path, capsys) ->
     write_diffusers(Embedding(name="a", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a.safetensors")
     write_diffusers(Embedding(name="a_2", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a_2.safetensors")
     assert not read_embedding(tmp_path / "sd" / "a.safetensors").is_sdxl
+
+
+def test_a_single_file_sdxl_checkpoint_in_a1111s_layout_loads_like_the_folder(tiny_sdxl, sdxl_model, tmp_path,
+                                                                              cache_dir) -> None:
+    from safetensors.torch import save_file
+
+    from ldm_export import export_single_file
+    from tistudio.config import ModelOptions
+    from tistudio.models import load_model
+
+    path = tmp_path / "ponyish.safetensors"
+    state = export_single_file(tiny_sdxl, "sdxl")
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.") for k in state)
+    save_file(state, path)
+    loaded = load_model(ModelOptions(model=str(path)), cache_dir)
+    assert loaded.family == "sdxl" and loaded.native_size == 1024 and loaded.prediction_type == "epsilon"
+    assert loaded.unet.config.addition_embed_type == "text_time" and loaded.vae.config.force_upcast
+    for part in ("unet", "vae"):
+        left, right = getattr(sdxl_model, part).state_dict(), getattr(loaded, part).state_dict()
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), part
+    for key in ("clip_l", "clip_g"):
+        left, right = sdxl_model.text[key].module.state_dict(), loaded.text[key].module.state_dict()
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), key
+    assert loaded.text["clip_g"].tokenizer.pad_token == "!" and loaded.text["clip_l"].tokenizer.pad_token != "!"
+    prompt = ["a photo of a toy, (smiling:1.3)"]
+    ours, theirs = PromptEncoder.for_model(loaded).encode(prompt), PromptEncoder.for_model(sdxl_model).encode(prompt)
+    assert torch.equal(ours.hidden, theirs.hidden) and torch.equal(ours.pooled, theirs.pooled)
+
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in state.items()
+               if not k.startswith("conditioner.embedders.0.")}  # a refiner's one encoder is OpenCLIP-bigG
+    save_file(refiner, tmp_path / "refiner.safetensors")
+    with pytest.raises(ModelError, match="refiner"):
+        load_model(ModelOptions(model=str(tmp_path / "refiner.safetensors")), cache_dir)
+
+
+def test_the_api_creates_trains_and_generates_with_an_sdxl_model(tiny_sdxl, photos, tmp_path, cache_dir) -> None:
+    from test_server import client_for, upload, wait
+
+    with client_for(tmp_path / "ws", tiny_sdxl, cache_dir) as client:
+        assert len(upload(client, "tomtut", photos).json()["saved"]) == 6
+        created = wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
+        assert created["status"] == "done", created
+        trained = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "size": 64,
+                                                               "max_steps": 3, "preview_every": 0}).json())
+        assert trained["status"] == "done" and trained["result"]["step"] == 3, trained
+        made = wait(client, client.post("/api/generate", json={"prompt": "a photo of tomtut", "steps": 2,
+                                                               "size": "64x64", "seed": 1}).json())
+        assert made["status"] == "done" and 'TI hashes: "tomtut: ' in made["result"]["images"][0]["infotext"]
+        listed = client.get("/sdapi/v1/embeddings").json()
+        assert listed["loaded"]["tomtut"]["vectors"] == 2
+    saved = read_embedding(tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
+    assert set(saved.vectors) == {"clip_l", "clip_g"} and saved.step == 3

@@ -44,6 +44,9 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L, in transformers' layout
+XL_CLIP_G = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG, in OpenCLIP's
+SDXL_SCALING_FACTOR = 0.13025
 
 
 @dataclass
@@ -233,9 +236,13 @@ def classify_checkpoint(keys: set[str], path: Any) -> str:
         return any(k.startswith(prefix) for k in keys)
 
     if has("conditioner.embedders."):
-        raise ModelError(f"model {path}: this is a single-file SDXL checkpoint, which tistudio cannot read yet; "
-                         "SDXL works from a diffusers folder or a Hub id (diffusers' StableDiffusionXLPipeline."
-                         "from_single_file(...).save_pretrained(FOLDER) makes one)")
+        if has(XL_CLIP_L) and has(XL_CLIP_G):
+            return SDXL
+        if has("conditioner.embedders.0.model."):
+            raise ModelError(f"model {path}: an SDXL refiner (its only text encoder is OpenCLIP-bigG); textual "
+                             "inversion needs an SDXL base model or one of its fine-tunes")
+        raise ModelError(f"model {path}: an SDXL checkpoint without both of its text encoders "
+                         "(conditioner.embedders.0, CLIP-L, and .1, OpenCLIP-bigG); use a full checkpoint")
     if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
         raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x and 2.x are supported")
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
@@ -285,24 +292,33 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
     block_out = [level[0][0] for level in levels]
     attention = [level[0][1] for level in levels]
     cross_dim = None
-    depth = 1
     linear = False
     for key, value in state.items():
         if key.startswith(UNET) and key.endswith("attn2.to_k.weight"):
             cross_dim = int(value.shape[1])
         if key.startswith(UNET) and key.endswith("proj_in.weight"):
             linear = value.dim() == 2
-    first_attention = next((i for i, level in enumerate(levels) if level[0][1]), None)
-    if first_attention is not None:
-        index = blocks[1 + first_attention * (len(levels[0]) + 1)]
-        depth = len(_levels(state, UNET + f"input_blocks.{index}.1.transformer_blocks.", r"(\d+)\."))
+    depths = []  # transformer blocks per level (SDXL: 2 and 10 on its attention levels)
+    for i, level in enumerate(levels):
+        index = blocks[1 + i * (len(levels[0]) + 1)]
+        found = len(_levels(state, UNET + f"input_blocks.{index}.1.transformer_blocks.", r"(\d+)\."))
+        depths.append(found if level[0][1] else 1)
+    attention_depths = {d for d, level in zip(depths, levels, strict=True) if level[0][1]}
+    depth = depths if len(attention_depths) > 1 or family == SDXL else (attention_depths or {1}).pop()
     if cross_dim is None:
         raise ModelError("the checkpoint's UNet has no cross-attention; it is not a text-to-image model")
     groups = 32
     if any(c % groups for c in block_out):
         raise ModelError(f"the checkpoint's UNet widths {block_out} are not multiples of 32; unsupported layout")
     heads: Any = 8 if family == SD1 else [max(1, c // 64) for c in block_out]
+    added: dict[str, Any] = {}
+    if UNET + "label_emb.0.0.weight" in state:  # SDXL: the pooled text vector and six size numbers, "text_time"
+        pooled = int(state[XL_CLIP_G + "text_projection"].shape[1])
+        inputs = int(state[UNET + "label_emb.0.0.weight"].shape[1])
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": (inputs - pooled) // 6,
+                 "projection_class_embeddings_input_dim": inputs}
     return {
+        **added,
         "_class_name": "UNet2DConditionModel",
         "act_fn": "silu",
         "attention_head_dim": heads,
@@ -327,7 +343,7 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
     }
 
 
-def infer_vae_config(state: dict[str, torch.Tensor], native_size: int) -> dict[str, Any]:
+def infer_vae_config(state: dict[str, torch.Tensor], native_size: int, family: str = SD1) -> dict[str, Any]:
     levels = _levels(state, VAE + "encoder.down.", r"(\d+)\.")
     if not levels:
         raise ModelError("the checkpoint's VAE has no encoder blocks; unsupported layout")
@@ -345,62 +361,83 @@ def infer_vae_config(state: dict[str, torch.Tensor], native_size: int) -> dict[s
         "norm_num_groups": 32,
         "out_channels": 3,
         "sample_size": native_size,
-        "scaling_factor": SD_SCALING_FACTOR,
+        "scaling_factor": SDXL_SCALING_FACTOR if family == SDXL else SD_SCALING_FACTOR,
         "up_block_types": ["UpDecoderBlock2D"] * len(block_out),
+        **({"force_upcast": True} if family == SDXL else {}),  # SDXL's VAE overflows in fp16
     }
 
 
 def convert_text_encoder(state: dict[str, torch.Tensor], family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) from the checkpoint's text encoder."""
     if family == SD1:
-        prefix = CLIP_PREFIX
-        raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        out = {k.removeprefix("text_model."): v for k, v in raw.items()}
-        out.pop("embeddings.position_ids", None)
-        width = int(out["embeddings.token_embedding.weight"].shape[1])
-        layers = len({int(m.group(1)) for k in out if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
-        inter = int(out["encoder.layers.0.mlp.fc1.weight"].shape[0])
-        act = "quick_gelu"
-        vocab, positions = out["embeddings.token_embedding.weight"].shape[0], out[
-            "embeddings.position_embedding.weight"].shape[0]
-    else:
-        prefix = OPENCLIP_PREFIX
-        raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        width = int(raw["token_embedding.weight"].shape[1])
-        total = len({int(m.group(1)) for k in raw if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
-        layers = total - 1  # SD2 conditions on the penultimate layer, then the final layer norm
-        if layers < 1:
-            raise ModelError("the checkpoint's OpenCLIP text encoder has too few layers")
-        inter = int(raw["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
-        act = "gelu"
-        vocab, positions = raw["token_embedding.weight"].shape[0], raw["positional_embedding"].shape[0]
-        out = {
-            "embeddings.token_embedding.weight": raw["token_embedding.weight"],
-            "embeddings.position_embedding.weight": raw["positional_embedding"],
-            "final_layer_norm.weight": raw["ln_final.weight"],
-            "final_layer_norm.bias": raw["ln_final.bias"],
-        }
-        names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                 "attn.out_proj": "self_attn.out_proj"}
-        for i in range(layers):
-            block = f"transformer.resblocks.{i}."
-            target = f"encoder.layers.{i}."
-            for old, new in names.items():
-                for leaf in ("weight", "bias"):
-                    out[f"{target}{new}.{leaf}"] = raw[f"{block}{old}.{leaf}"]
+        return _convert_clip(state, CLIP_PREFIX)
+    return _convert_openclip(state, OPENCLIP_PREFIX, drop_last=True)
+
+
+def convert_sdxl_text(state: dict[str, torch.Tensor]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """SDXL's two text encoders: CLIP ViT-L (as transformers keeps it) and OpenCLIP bigG with its projection."""
+    return [_convert_clip(state, XL_CLIP_L), _convert_openclip(state, XL_CLIP_G, drop_last=False)]
+
+
+def _convert_clip(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {k.removeprefix("text_model."): v for k, v in raw.items()}
+    out.pop("embeddings.position_ids", None)
+    width = int(out["embeddings.token_embedding.weight"].shape[1])
+    layers = len({int(m.group(1)) for k in out if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    inter = int(out["encoder.layers.0.mlp.fc1.weight"].shape[0])
+    vocab, positions = out["embeddings.token_embedding.weight"].shape[0], out[
+        "embeddings.position_embedding.weight"].shape[0]
+    return _text_config(vocab, positions, width, inter, layers, "quick_gelu"), out
+
+
+def _convert_openclip(state: dict[str, torch.Tensor], prefix: str,
+                      drop_last: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """OpenCLIP's text tower as a transformers CLIP text model. SD2 conditions on the penultimate layer, then the
+    final layer norm, so its last layer is dropped (drop_last); SDXL's clip_g keeps every layer (the penultimate is
+    taken at run time) and its text projection."""
+    raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    width = int(raw["token_embedding.weight"].shape[1])
+    total = len({int(m.group(1)) for k in raw if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+    layers = total - 1 if drop_last else total
+    if layers < 1:
+        raise ModelError("the checkpoint's OpenCLIP text encoder has too few layers")
+    inter = int(raw["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    vocab, positions = raw["token_embedding.weight"].shape[0], raw["positional_embedding"].shape[0]
+    out = {
+        "embeddings.token_embedding.weight": raw["token_embedding.weight"],
+        "embeddings.position_embedding.weight": raw["positional_embedding"],
+        "final_layer_norm.weight": raw["ln_final.weight"],
+        "final_layer_norm.bias": raw["ln_final.bias"],
+    }
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        target = f"encoder.layers.{i}."
+        for old, new in names.items():
             for leaf in ("weight", "bias"):
-                qkv = raw[f"{block}attn.in_proj_{leaf}"]
-                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), qkv.chunk(3, dim=0), strict=True):
-                    out[f"{target}self_attn.{part}.{leaf}"] = chunk.contiguous()
-    if width % 64:
+                out[f"{target}{new}.{leaf}"] = raw[f"{block}{old}.{leaf}"]
+        for leaf in ("weight", "bias"):
+            qkv = raw[f"{block}attn.in_proj_{leaf}"]
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), qkv.chunk(3, dim=0), strict=True):
+                out[f"{target}self_attn.{part}.{leaf}"] = chunk.contiguous()
+    config = _text_config(vocab, positions, width, inter, layers, "gelu")
+    if not drop_last and "text_projection" in raw:  # x @ text_projection in OpenCLIP: a Linear's weight transposed
+        out["text_projection.weight"] = raw["text_projection"].T.contiguous()
+        config["projection_dim"] = int(raw["text_projection"].shape[1])
+    return config, out
+
+
+def _text_config(vocab: int, positions: int, width: int, inter: int, layers: int, act: str) -> dict[str, Any]:
+    if width % 64 and width >= 64:
         raise ModelError(f"the checkpoint's text encoder is {width} wide, not a multiple of 64; unsupported")
-    config = {
+    return {
         "vocab_size": int(vocab), "hidden_size": width, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": width // 64, "max_position_embeddings": int(positions), "hidden_act": act,
+        "num_attention_heads": max(1, width // 64), "max_position_embeddings": int(positions), "hidden_act": act,
         "layer_norm_eps": 1e-05, "projection_dim": width, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
         "torch_dtype": "float32",
     }
-    return config, out
 
 
 def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], path: Path,
@@ -424,6 +461,8 @@ def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], pa
                 return kind, f"{sidecar.name} says parameterization: {found.group(1)}"
     if family == SD1:
         return "epsilon", "SD 1.x models predict noise"
+    if family == SDXL:
+        return "epsilon", "SDXL models predict noise unless the file says v (a v_pred key or modelspec metadata)"
     if meta.get("global_step") == "875000":
         return "epsilon", "SD 2.x base (global_step 875000)"
     return "v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"
@@ -483,11 +522,6 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 
 def _load_single_file(path: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
                       text_only: bool, work_dir: Path) -> SDModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tokenizer import load_tokenizer
-
     try:
         safeload.check_size(path, MAX_CHECKPOINT_BYTES, "a checkpoint")
     except UnsafeFileError as exc:
@@ -505,40 +539,65 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         keys = set(state)
         family = classify_checkpoint(keys, path)
     prediction, why = detect_prediction_type(family, meta, keys, path, options.prediction_type)
-    native = 768 if (family == SD2 and prediction == "v_prediction") else 512
-    text_config, text_state = convert_text_encoder(state, family)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    result = text_encoder.load_state_dict(text_state, strict=False)
-    if result.missing_keys:
-        raise ModelError(f"model {path}: the text encoder lacks weights such as {result.missing_keys[0]}")
+    native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
+    text = _single_file_text(state, family, path, device, dtype)
     unet = vae = None
     if not text_only:
-        unet_config = infer_unet_config(state, family, native, prediction == "v_prediction")
-        vae_config = infer_vae_config(state, native)
-        digest = hashlib.sha256(json.dumps([unet_config, vae_config, text_config, family, prediction],
-                                           sort_keys=True).encode()).hexdigest()[:16]
-        folder = work_dir / "configs" / f"{family}-{digest}"
-        if not (folder / "model_index.json").is_file():
-            write_config_folder(folder, family, unet_config, vae_config, text_config, scheduler_config(prediction))
-        try:
-            cast = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-            unet = UNet2DConditionModel.from_single_file(state, config=str(folder), subfolder="unet",
-                                                         local_files_only=True, **cast)
-            vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True,
-                                                 **cast)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise ModelError(f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: "
-                             f"{str(exc)[:300]})") from None
-        _check_loaded(unet, "UNet", str(path))
-        _check_loaded(vae, "VAE", str(path))
-        unet = _freeze(unet, device, dtype)
-        vae = _freeze(vae, device, dtype)
+        unet, vae = _single_file_unet_vae(state, family, native, prediction, path, work_dir, device, dtype)
     del state
-    return SDModel(
-        text={CLIP.key: TextEncoder(CLIP, load_tokenizer(family), _freeze(text_encoder, device, dtype))}, vae=vae,
-        unet=unet, scheduler_config=scheduler_config(prediction), family=family, prediction_type=prediction,
-        native_size=native, device=device, dtype=dtype, source=str(path), name=path.stem,
-        notes=[f"prediction type {prediction}: {why}"])
+    return SDModel(text=text, vae=vae, unet=unet, scheduler_config=scheduler_config(prediction), family=family,
+                   prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(path),
+                   name=path.stem, notes=[f"prediction type {prediction}: {why}"])
+
+
+def _single_file_text(state: dict[str, torch.Tensor], family: str, path: Path, device: torch.device,
+                      dtype: torch.dtype) -> dict[str, TextEncoder]:
+    """The family's text encoders, converted from the checkpoint, with the shipped tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizer import load_tokenizer
+
+    slots = family_entry(family).encoders
+    converted = convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)]
+    text = {}
+    for slot, (config, weights) in zip(slots, converted, strict=True):
+        module = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel)(CLIPTextConfig(**config))
+        result = module.load_state_dict(weights if not slot.pooled else
+                                        {("" if k.startswith("text_projection") else "text_model.") + k: v
+                                         for k, v in weights.items()}, strict=False)
+        if result.missing_keys:
+            raise ModelError(f"model {path}: the text encoder lacks weights such as {result.missing_keys[0]}")
+        tokenizer = load_tokenizer("sdxl2" if slot.tokenizer == "tokenizer_2" else family)
+        text[slot.key] = TextEncoder(slot, tokenizer, _freeze(module, device, dtype))
+    return text
+
+
+def _single_file_unet_vae(state: dict[str, torch.Tensor], family: str, native: int, prediction: str, path: Path,
+                          work_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The UNet and VAE through diffusers' single-file conversion, with configs read off the tensor shapes and
+    written locally (nothing is downloaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_config = infer_unet_config(state, family, native, prediction == "v_prediction")
+    vae_config = infer_vae_config(state, native, family)
+    text_config = (convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)])[0][0]
+    digest = hashlib.sha256(json.dumps([unet_config, vae_config, text_config, family, prediction],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    folder = work_dir / "configs" / f"{family}-{digest}"
+    if not (folder / "model_index.json").is_file():
+        write_config_folder(folder, family, unet_config, vae_config, text_config, scheduler_config(prediction))
+    try:
+        cast = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        unet = UNet2DConditionModel.from_single_file(state, config=str(folder), subfolder="unet",
+                                                     local_files_only=True, **cast)
+        vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True,
+                                             **cast)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ModelError(f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: "
+                         f"{str(exc)[:300]})") from None
+    _check_loaded(unet, "UNet", str(path))
+    _check_loaded(vae, "VAE", str(path))
+    return _freeze(unet, device, dtype), _freeze(vae, device, dtype)
 
 
 def _pipeline_class(folder: Path) -> str:

@@ -75,7 +75,7 @@ def sdxl_unet_config(native_size: int) -> dict[str, Any]:
         "sample_size": native_size // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
         "block_out_channels": widths, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
         "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"], "cross_attention_dim": sum(SDXL_WIDTHS),
-        "norm_num_groups": 32, "attention_head_dim": [max(1, w // 16) for w in widths], "use_linear_projection": True,
+        "norm_num_groups": 32, "attention_head_dim": [max(1, w // 64) for w in widths], "use_linear_projection": True,
         "addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_WIDTH,
         "projection_class_embeddings_input_dim": 6 * SDXL_TIME_WIDTH + SDXL_WIDTHS[1],
     }
