@@ -189,3 +189,51 @@ def test_the_api_creates_trains_and_generates_with_an_sdxl_model(tiny_sdxl, phot
         assert listed["loaded"]["tomtut"]["vectors"] == 2
     saved = read_embedding(tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
     assert set(saved.vectors) == {"clip_l", "clip_g"} and saved.step == 3
+
+
+def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same_size(sdxl_model, photos,
+                                                                                     tmp_path) -> None:
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.dataset import load_dataset
+    from tistudio.evaluation import evaluation_batch, evaluation_loss
+    from tistudio.templates import load_template
+    from tistudio.train import encode_latents, latent_sizes, train
+
+    folder = tmp_path / "emb"
+    create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder)),
+                     cache_dir=tmp_path, model=sdxl_model)
+    start = read_embedding(folder / "tomtut.safetensors").vectors
+    dataset = load_dataset(photos)
+    latents, captions = encode_latents(sdxl_model, dataset, 64, flip=False)
+    alphas, timesteps = noise_schedule(sdxl_model)
+    batch = evaluation_batch(latents.shape[0], captions, load_template("subject"), "tomtut", seed=7,
+                             latent_shape=tuple(latents.shape[1:]), timesteps=timesteps, size=64,
+                             sizes=latent_sizes(sdxl_model, dataset, 64, flip=False))
+
+    def fixed_batch_loss(vectors: dict[str, torch.Tensor]) -> float:
+        encoder = PromptEncoder.for_model(sdxl_model)
+        encoder.set_embeddings({"tomtut": vectors})
+        return evaluation_loss(sdxl_model, encoder, alphas, latents, batch)
+
+    train(TrainOptions(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
+                       run_dir=str(tmp_path / "run"), size=64, batch_size=4, max_steps=60, preview_every=0,
+                       save_every=0, eval_every=0, learning_rate="0.005", seed=3), cache_dir=tmp_path,
+                 model=sdxl_model)
+    learned = read_embedding(folder / "tomtut.safetensors").vectors
+    before = fixed_batch_loss(start)
+    gain = before - fixed_batch_loss(learned)
+    moved = {key: learned[key] - start[key] for key in start}
+    distance = torch.cat([m.flatten() for m in moved.values()]).norm()
+    gains_random = []
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        direction = {key: torch.randn(v.shape, generator=generator) for key, v in start.items()}
+        norm = torch.cat([d.flatten() for d in direction.values()]).norm()
+        gains_random.append(before - fixed_batch_loss({k: start[k] + direction[k] / norm * distance for k in start}))
+    print(f"SDXL fixed-batch loss {before:.5f}; gain trained {gain:.5f}, random moves "
+          f"{', '.join(f'{g:.5f}' for g in gains_random)}; moved clip_l {moved['clip_l'].norm():.3f}, "
+          f"clip_g {moved['clip_g'].norm():.3f}")
+    assert all(m.norm() > 0 for m in moved.values())  # both vector sets trained
+    # measured here: 1.14304; gain 0.00439 (0.38%), random moves at most 0.00062 (a broken trainer gains 0)
+    assert gain > 0.002 * before and gain > 4 * max(abs(g) for g in gains_random)
