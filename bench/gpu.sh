@@ -2,7 +2,9 @@
 # The whole GPU speed measurement in one run, offline: full-size SD1.5 architecture (random weights) at 512 px,
 # bf16, batch 1/4/8, tistudio against diffusers' textual-inversion example, plus generation. Results go to
 # ${OUT:-.}/speed-gpu.json and the printed table. COMPILE=1 adds a run of tistudio alone with its UNet compiled
-# (--compile-unet, batch 8; a few more minutes) to speed-gpu-compiled.json.
+# (--compile-unet, batch 8; a few more minutes) to speed-gpu-compiled.json. SDXL=1 adds tistudio alone on SDXL's
+# full architecture (random weights, ~14 GB built once) at 1024 px, bf16, batch 1, with and without gradient
+# checkpointing, to speed-gpu-sdxl*.json (the CUDA peak column is what a 12 GB card must hold).
 #
 #   bench/gpu.sh PEER_SCRIPT [WHEELS_DIR]
 #
@@ -30,4 +32,11 @@ TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py -
 if [ "${COMPILE:-0}" = 1 ]; then
     TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sd15 --size 512 \
         --batch 8 --device cuda --precision bf16 --steps 10 --warmup 5 --compile --json "$out/speed-gpu-compiled.json"
+fi
+if [ "${SDXL:-0}" = 1 ]; then
+    TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sdxl --size 1024 \
+        --batch 1 --device cuda --precision bf16 --steps 10 --warmup 3 --checkpointing \
+        --json "$out/speed-gpu-sdxl-checkpointing.json"
+    TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sdxl --size 1024 \
+        --batch 1 --device cuda --precision bf16 --steps 10 --warmup 3 --json "$out/speed-gpu-sdxl.json"
 fi

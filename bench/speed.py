@@ -5,13 +5,16 @@ inversion example on the same model folder and settings.
     python bench/speed.py --model sd15 --size 256 --steps 4              # full-size SD1.5 architecture, random
     python bench/speed.py --model sd15 --size 256 --peer PATH/textual_inversion.py --generate
     python bench/speed.py --model sd15 --size 512 --batch 1,4,8 --device cuda --precision bf16 --peer ...
+    python bench/speed.py --model sdxl --size 512 --steps 2 --warmup 1 --checkpointing   # SDXL, on a CPU
 
 --model is `tiny` (the tests' random tiny model), `sd15` (Stable Diffusion 1.5's full architecture with seeded random
-weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), or a diffusers
-folder. --peer is the path of diffusers' examples/textual_inversion/textual_inversion.py, supplied by whoever runs
-the benchmark (never part of tistudio); it runs on the same folder with the same resolution, batch, precision,
-vectors and steps, no validation images, gradient accumulation 1. If torchvision is not installed (tistudio keeps
-it out), a stand-in for the one class the example uses (transforms.RandomHorizontalFlip) is put on its path.
+weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), `sdxl` (SDXL
+base's full architecture, the same way: about 13.9 GB), or a diffusers folder. --peer is the path of diffusers'
+examples/textual_inversion/textual_inversion.py (the SD 1.x script), supplied by whoever runs the benchmark (never
+part of tistudio); it runs on the same folder with the same resolution, batch, precision, vectors and steps, no
+validation images, gradient accumulation 1. If torchvision is not installed (tistudio keeps it out), a stand-in for
+the one class the example uses (transforms.RandomHorizontalFlip) is put on its path. --generate's diffusers side is
+a plain StableDiffusionPipeline (SD 1.x/2.x folders).
 
 Every contender runs in a fresh process, so its peak memory (max RSS; CUDA max allocated on a GPU) is its own.
 Speed comes from the optimizer's steps, seen by a global optimizer step hook: steps/s = N / (time from the end of
@@ -104,7 +107,8 @@ def child_ours(spec: dict) -> dict:
                        max_steps=spec["warmup"] + spec["steps"], preview_every=spec.get("preview_every", 0),
                        preview_steps=20, preview_sampler="DPM++ 2M Karras", save_every=0,
                        eval_every=spec["eval_every"], learning_rate="0.005", seed=0,
-                       compile_unet=spec.get("compile", False)), cache_dir=work,
+                       compile_unet=spec.get("compile", False),
+                       gradient_checkpointing=spec.get("checkpointing", False)), cache_dir=work,
           on_progress=lambda p: events.append((p.event, time.perf_counter())))
     result = {**summarise(stamps, spec), "wall_s": time.perf_counter() - started}
     def after_a_step(kind: str) -> list[float]:
@@ -224,12 +228,14 @@ def child(kind: str, spec: dict) -> int:
 
 def model_folder(spec: str, cache: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
-    from tistudio.tinymodel import full_size_model_dir, random_model_dir
+    from tistudio.tinymodel import full_size_model_dir, full_size_sdxl_dir, random_model_dir
 
     if spec == "tiny":
         return random_model_dir(cache)
     if spec == "sd15":
         return full_size_model_dir(cache)
+    if spec == "sdxl":
+        return full_size_sdxl_dir(cache)
     return Path(spec)
 
 
@@ -283,7 +289,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="tiny", help="tiny, sd15 or a diffusers folder (default: %(default)s)")
+    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl or a diffusers folder (default: "
+                        "%(default)s)")
+    parser.add_argument("--checkpointing", action="store_true", help="train with gradient checkpointing")
     parser.add_argument("--size", type=int, default=0, help="training resolution (default: the model's own)")
     parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps (default: %(default)s)")
@@ -318,6 +326,7 @@ def main() -> int:
         base = {"model": str(folder), "data": str(data), "size": size, "steps": args.steps, "warmup": args.warmup,
                 "vectors": args.vectors, "device": args.device, "precision": args.precision,
                 "eval_every": args.eval_every, "peer": str(args.peer) if args.peer else None, "compile": args.compile,
+                "checkpointing": args.checkpointing,
                 "preview_every": args.preview_every,
                 "gen_steps": args.gen_steps, "gen_images": args.gen_images}
         kinds = ["ours"] + (["peer"] if args.peer else [])
@@ -339,6 +348,7 @@ def main() -> int:
     settings = {"model": args.model, "size": size, "steps": args.steps, "warmup": args.warmup,
                 "vectors": args.vectors, "device": args.device, "precision": args.precision,
                 "eval_every": args.eval_every, "compile": args.compile, "preview_every": args.preview_every,
+                "checkpointing": args.checkpointing,
                 "gen_steps": args.gen_steps,
                 "sampler": "DDIM", "cfg": 7.5}
     print(f"\n{args.model} at {size}px, {args.device} {args.precision}, {args.steps} steps after {args.warmup} "

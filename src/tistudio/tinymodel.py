@@ -93,6 +93,47 @@ def sdxl_text_configs() -> tuple[dict[str, Any], dict[str, Any]]:
 def build_tiny_sdxl(folder: Path, seed: int = 0, native_size: int = 64, text_gain: float = TEXT_GAIN) -> Path:
     """Write a tiny SDXL-architecture diffusers folder with seeded random weights: two text encoders (the second
     with a projection, for the pooled vector), a "text_time" UNet and an SDXL-style VAE config."""
+    first, second = sdxl_text_configs()
+    vae = {**vae_config(native_size), "scaling_factor": 0.13025, "force_upcast": True}
+    return save_sdxl_folder(folder, seed, first, second, sdxl_unet_config(native_size), vae, text_gain,
+                            "A tiny SDXL-architecture model with seeded random weights, built by tistudio for its "
+                            "tests. Its pictures are noise.\n")
+
+
+def sdxl_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """CLIP-L, OpenCLIP-bigG, UNet and VAE configs of full-size SDXL base 1.0 (for benchmarks, random weights)."""
+    base = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "pad_token_id": 1,
+            "eos_token_id": 2}
+    first = {**base, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"}
+    second = {**base, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+              "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}
+    unet = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280], "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+            "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+            "norm_num_groups": 32, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816}
+    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 1024,
+           "scaling_factor": 0.13025, "force_upcast": True}
+    return first, second, unet, vae
+
+
+def full_size_sdxl_dir(cache_dir: Path, seed: int = 0) -> Path:
+    """Full-size SDXL architecture with seeded random weights (about 13.9 GB in float32), built once: honest for
+    speed and memory, meaningless for pictures."""
+    first, second, unet, vae = sdxl_configs()
+    return _build_once(Path(cache_dir) / "models" / f"sdxl-random-{seed}", lambda folder: save_sdxl_folder(
+        folder, seed, first, second, unet, vae, 1.0, "SDXL's architecture with seeded random weights, built by "
+        "tistudio's benchmarks. Honest for speed and memory; its pictures are noise.\n"))
+
+
+def save_sdxl_folder(folder: Path, seed: int, first: dict[str, Any], second: dict[str, Any], unet_config_: dict,
+                     vae_config_: dict, text_gain: float, note: str) -> Path:
+    """Build and write an SDXL-architecture diffusers folder (StableDiffusionXLPipeline's layout) with seeded random
+    weights: each module is written as soon as it is made, so only one is in memory at a time."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -102,18 +143,18 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, native_size: int = 64, text_gai
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    first, second = sdxl_text_configs()
     torch.manual_seed(seed)
     CLIPTextModel(CLIPTextConfig(**first)).save_pretrained(folder / "text_encoder")
     torch.manual_seed(seed + 3)
     CLIPTextModelWithProjection(CLIPTextConfig(**second)).save_pretrained(folder / "text_encoder_2")
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**sdxl_unet_config(native_size))
-    _gain(unet, text_gain)
+    unet = UNet2DConditionModel(**unet_config_)
+    if text_gain != 1.0:
+        _gain(unet, text_gain)
     unet.save_pretrained(folder / "unet")
+    del unet
     torch.manual_seed(seed + 2)
-    AutoencoderKL(**{**vae_config(native_size), "scaling_factor": 0.13025, "force_upcast": True}).save_pretrained(
-        folder / "vae")
+    AutoencoderKL(**vae_config_).save_pretrained(folder / "vae")
     write_tokenizer(folder / "tokenizer", "sd1")
     write_tokenizer(folder / "tokenizer_2", "sdxl2")
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config("epsilon"))
@@ -125,8 +166,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, native_size: int = 64, text_gai
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "image_encoder": [None, None], "feature_extractor": [None, None]})
-    (folder / "TINY-MODEL.txt").write_text("A tiny SDXL-architecture model with seeded random weights, built by "
-                                           "tistudio for its tests. Its pictures are noise.\n", "utf-8")
+    (folder / "TINY-MODEL.txt").write_text(note, "utf-8")
     return folder
 
 
