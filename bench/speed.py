@@ -10,11 +10,11 @@ inversion example on the same model folder and settings.
 --model is `tiny` (the tests' random tiny model), `sd15` (Stable Diffusion 1.5's full architecture with seeded random
 weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), `sdxl` (SDXL
 base's full architecture, the same way: about 13.9 GB), or a diffusers folder. --peer is the path of diffusers'
-examples/textual_inversion/textual_inversion.py (the SD 1.x script), supplied by whoever runs the benchmark (never
-part of tistudio); it runs on the same folder with the same resolution, batch, precision, vectors and steps, no
-validation images, gradient accumulation 1. If torchvision is not installed (tistudio keeps it out), a stand-in for
-the one class the example uses (transforms.RandomHorizontalFlip) is put on its path. --generate's diffusers side is
-a plain StableDiffusionPipeline (SD 1.x/2.x folders).
+examples/textual_inversion/textual_inversion.py (textual_inversion_sdxl.py with --model sdxl), supplied by whoever
+runs the benchmark (never part of tistudio); it runs on the same folder with the same resolution, batch, precision,
+vectors and steps, no validation images, gradient accumulation 1. If torchvision is not installed (tistudio keeps
+it out), stand-ins for the few transforms the examples use are put on its path. --generate's diffusers side is a
+plain StableDiffusionPipeline (SD 1.x/2.x folders).
 
 Every contender runs in a fresh process, so its peak memory (max RSS; CUDA max allocated on a GPU) is its own.
 Speed comes from the optimizer's steps, seen by a global optimizer step hook: steps/s = N / (time from the end of
@@ -38,10 +38,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "BENCH-RESULT "
-SHIM = '''"""Stand-in for torchvision.transforms.RandomHorizontalFlip (written by tistudio's bench/speed.py)."""
+SHIM = '''"""Stand-ins for the torchvision.transforms the diffusers examples use (by tistudio's bench/speed.py)."""
 import random
 
 from PIL import Image
+
+from . import functional  # noqa: F401
 
 
 class RandomHorizontalFlip:
@@ -50,6 +52,33 @@ class RandomHorizontalFlip:
 
     def __call__(self, image):
         return image.transpose(Image.FLIP_LEFT_RIGHT) if random.random() < self.p else image
+
+
+class CenterCrop:
+    def __init__(self, size):
+        self.size = size if isinstance(size, (tuple, list)) else (size, size)
+
+    def __call__(self, image):
+        h, w = self.size
+        top, left = max(0, round((image.height - h) / 2)), max(0, round((image.width - w) / 2))
+        return image.crop((left, top, left + w, top + h))
+
+
+class RandomCrop:
+    def __init__(self, size):
+        self.size = size if isinstance(size, (tuple, list)) else (size, size)
+
+    @staticmethod
+    def get_params(image, size):
+        h, w = size
+        return random.randint(0, image.height - h), random.randint(0, image.width - w), h, w
+
+    def __call__(self, image):
+        top, left, h, w = self.get_params(image, self.size)
+        return image.crop((left, top, left + w, top + h))
+'''
+FUNCTIONAL = '''def crop(image, top, left, height, width):
+    return image.crop((left, top, left + width, top + height))
 '''
 
 
@@ -139,7 +168,9 @@ def child_peer(spec: dict) -> dict:
         shim = Path(spec["work"]) / "shim" / "torchvision"
         shim.mkdir(parents=True, exist_ok=True)
         (shim / "__init__.py").write_text("from . import transforms  # noqa: F401\n")
-        (shim / "transforms.py").write_text(SHIM)
+        (shim / "transforms").mkdir(exist_ok=True)
+        (shim / "transforms" / "__init__.py").write_text(SHIM)
+        (shim / "transforms" / "functional.py").write_text(FUNCTIONAL)
         sys.path.insert(0, str(shim.parent))
     cuda = spec["device"] == "cuda"
     stamps = step_clock(spec["warmup"], spec["warmup"] + spec["steps"], cuda)
@@ -153,6 +184,8 @@ def child_peer(spec: dict) -> dict:
                 "--output_dir", str(Path(spec["work"]) / "peer"),
                 "--mixed_precision", mixed, "--dataloader_num_workers", "0", "--save_steps", "1000000",
                 "--checkpointing_steps", "1000000", "--report_to", "all", "--seed", "0"]
+    if spec.get("checkpointing"):  # the SD 1.x script checkpoints its UNet too; the SDXL one only its text encoders
+        sys.argv.append("--gradient_checkpointing")
     started = time.perf_counter()
     runpy.run_path(spec["peer"], run_name="__main__")
     result = {**summarise(stamps, spec), "wall_s": time.perf_counter() - started}
