@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -101,6 +102,59 @@ def test_old_a1111_pt_with_a_parameter_dict_loads(tmp_path: Path) -> None:
                tmp_path / "old.pt")
     loaded = read_embedding(tmp_path / "old.pt")
     assert torch.equal(loaded.tensor, rows) and loaded.step == 7
+
+
+class A1111Unpickler(pickle.Unpickler):
+    """A1111's modules/safe.py rules as a strict oracle (written from its documented behaviour): only these globals,
+    and storages only as persistent ids."""
+
+    ALLOWED = frozenset({("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+               ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+               *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                                        "ByteStorage", "float32", "BFloat16Storage")),
+               ("torch.nn.modules.container", "ParameterDict"), ("_codecs", "encode"), ("__builtin__", "set")})
+
+    def persistent_load(self, saved_id):
+        if saved_id[0] != "storage":
+            raise pickle.UnpicklingError(f"persistent id {saved_id[0]!r}")
+        return torch.storage.TypedStorage(_internal=True)  # an empty stand-in, as A1111's check uses
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+
+def a1111_check_pt(path: Path) -> None:
+    """A1111's check_pt: a zip may hold only data.pkl, version and data/N (v1.10 adds byteorder and
+    .data/serialization_id; the stricter older rule is used here), its data.pkl must unpickle; a legacy file's
+    five pickles must."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not re.match(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$", name):
+                    raise AssertionError(f"bad file inside {path}: {name}")
+            with archive.open(next(n for n in archive.namelist() if n.endswith("/data.pkl"))) as handle:
+                A1111Unpickler(handle).load()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as handle:
+            unpickler = A1111Unpickler(handle)
+            for _ in range(5):
+                unpickler.load()
+
+
+def test_a1111s_restricted_loader_accepts_our_pt(tmp_path: Path) -> None:
+    path = write_a1111_pt(Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42, model_hash="0123456789"),
+                          tmp_path / "tomtut.pt")
+    a1111_check_pt(path)
+    data = torch.load(path, weights_only=True)  # A1111 then loads it with torch.load
+    assert data["name"] == "tomtut" and data["step"] == 42 and data["sd_checkpoint"] == "0123456789"
+    # the oracle is strict: a file torch writes by default today is refused, as A1111 refuses it
+    torch.save(data, tmp_path / "zipped.pt")
+    with pytest.raises(AssertionError, match="bad file inside"):
+        a1111_check_pt(tmp_path / "zipped.pt")
 
 
 def test_convert_to_a1111_pt_writes_the_six_plain_keys(tmp_path: Path) -> None:

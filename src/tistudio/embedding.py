@@ -308,7 +308,9 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
         "sd_checkpoint": embedding.model_hash,
         "sd_checkpoint_name": embedding.model_name,
     }
-    return atomic_write(Path(path), lambda temp: torch.save(data, temp))
+    # PyTorch's legacy (non-zip) format: A1111's restricted loader refuses zip members it does not list, and
+    # torch >= 2 adds .format_version and .storage_alignment to every zip it writes
+    return atomic_write(Path(path), lambda temp: torch.save(data, temp, _use_new_zipfile_serialization=False))
 
 
 def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = None) -> Path:
