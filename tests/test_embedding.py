@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import pickle
-import re
 import struct
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
+from a1111_rules import a1111_check_pt
 from tistudio.embedding import Embedding, describe, read_embedding, write_a1111_pt, write_diffusers, write_embedding
 from tistudio.errors import EmbeddingError
 
@@ -104,45 +104,16 @@ def test_old_a1111_pt_with_a_parameter_dict_loads(tmp_path: Path) -> None:
     assert torch.equal(loaded.tensor, rows) and loaded.step == 7
 
 
-class A1111Unpickler(pickle.Unpickler):
-    """A1111's modules/safe.py rules as a strict oracle (written from its documented behaviour): only these globals,
-    and storages only as persistent ids."""
-
-    ALLOWED = frozenset({("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
-               ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-               *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
-                                        "ByteStorage", "float32", "BFloat16Storage")),
-               ("torch.nn.modules.container", "ParameterDict"), ("_codecs", "encode"), ("__builtin__", "set")})
-
-    def persistent_load(self, saved_id):
-        if saved_id[0] != "storage":
-            raise pickle.UnpicklingError(f"persistent id {saved_id[0]!r}")
-        return torch.storage.TypedStorage(_internal=True)  # an empty stand-in, as A1111's check uses
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
-        return super().find_class(module, name)
-
-
-def a1111_check_pt(path: Path) -> None:
-    """A1111's check_pt: a zip may hold only data.pkl, version and data/N (v1.10 adds byteorder and
-    .data/serialization_id; the stricter older rule is used here), its data.pkl must unpickle; a legacy file's
-    five pickles must."""
-    import zipfile
-
+def test_shared_files_are_readable_by_other_users_as_the_umask_allows(tmp_path: Path) -> None:
+    # a web UI running as another user (or in a container) must be able to read what tistudio writes
+    old = os.umask(0o022)
     try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if not re.match(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$", name):
-                    raise AssertionError(f"bad file inside {path}: {name}")
-            with archive.open(next(n for n in archive.namelist() if n.endswith("/data.pkl"))) as handle:
-                A1111Unpickler(handle).load()
-    except zipfile.BadZipFile:
-        with open(path, "rb") as handle:
-            unpickler = A1111Unpickler(handle)
-            for _ in range(5):
-                unpickler.load()
+        embedding = Embedding(name="tomtut", vectors={"clip": vectors(1)})
+        for path in (write_embedding(embedding, tmp_path / "a.safetensors"),
+                     write_a1111_pt(embedding, tmp_path / "a.pt"), write_diffusers(embedding, tmp_path / "d.bin")):
+            assert path.stat().st_mode & 0o777 == 0o644, path
+    finally:
+        os.umask(old)
 
 
 def test_a1111s_restricted_loader_accepts_our_pt(tmp_path: Path) -> None:

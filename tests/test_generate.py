@@ -71,6 +71,19 @@ def test_png_carries_a1111_parameters(sd1_model, embeddings) -> None:
     assert hashes, lines[2]
 
 
+def test_a1111s_png_info_reads_every_field_of_ours(sd1_model, embeddings) -> None:
+    from a1111_rules import parse_generation_parameters
+
+    result = run(sd1_model, embeddings, negative_prompt="badhands, blurry", cfg=6.5, sampler="euler a")[0]
+    with Image.open(result.path) as image:
+        read = parse_generation_parameters(image.text["parameters"])
+    assert read["Prompt"] == "portrait of tomtut as a lego figure" and read["Negative prompt"] == "badhands, blurry"
+    assert (read["Steps"], read["Sampler"], read["CFG scale"], read["Seed"], read["Size"]) == \
+        ("4", "Euler a", "6.5", "42", "64x64")
+    assert read["Model hash"] == sd1_model.hash and read["RNG"] == "CPU"  # the noise is drawn on the CPU
+    assert re.fullmatch(r"tomtut: [0-9a-f]{12}, badhands: [0-9a-f]{12}", read["TI hashes"])
+
+
 def test_embeddings_change_the_picture_only_when_named(sd1_model, embeddings) -> None:
     named = run(sd1_model, embeddings)[0]
     plain = run(sd1_model, embeddings, prompt="portrait of a person as a lego figure")[0]

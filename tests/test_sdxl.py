@@ -86,7 +86,7 @@ def test_create_train_resume_generate_through_the_cli(tiny_sdxl, photos, tmp_pat
     for key in ("clip_l", "clip_g"):
         assert torch.equal(once.vectors[key], twice.vectors[key]), f"{key} did not resume exactly"
     with Image.open("runs/once/previews/tomtut-4.png") as preview:
-        assert "Embedding: tomtut, Step: 4" in preview.text["parameters"]
+        assert "Embedding: tomtut, Embedding step: 4" in preview.text["parameters"]
 
     assert main([*base, "generate", "a photo of (tomtut:1.1), BREAK on a beach", *model, "--embeddings", "once",
                  "--steps", "3", "--size", "64x64", "--seed", "7", "--sampler", "Euler a", "--out-dir", "out"]) == 0

@@ -228,6 +228,22 @@ def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos
     assert "<svg" in (run_dir / "report.html").read_text()
 
 
+def test_a_previews_parameters_read_in_a1111_with_its_embedding_and_step(sd1_model, photos, tmp_path) -> None:
+    from PIL import Image
+
+    from a1111_rules import parse_generation_parameters
+
+    new_embedding(sd1_model, tmp_path / "emb")
+    train(options(photos, tmp_path / "emb", max_steps=2, preview_every=2, preview_steps=2,
+                  preview_prompt="a photo of tomtut", preview_negative_prompt="blurry"),
+          cache_dir=tmp_path, model=sd1_model)
+    with Image.open(tmp_path / "run" / "previews" / "tomtut-2.png") as image:
+        read = parse_generation_parameters(image.text["parameters"])
+    assert read["Prompt"] == "a photo of tomtut" and read["Negative prompt"] == "blurry"
+    assert (read["Steps"], read["Sampler"], read["Seed"], read["RNG"]) == ("2", "DPM++ 2M Karras", "1234", "CPU")
+    assert (read["Embedding"], read["Embedding step"]) == ("tomtut", "2")
+
+
 def test_the_schedule_decides_where_training_stops(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
     result = train(options(photos, tmp_path / "emb", max_steps=50, learning_rate="0.005:3"), cache_dir=tmp_path,

@@ -18,7 +18,7 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,12 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1) -> str:
-    """A1111's `parameters` text of one image, which its PNG Info tab, Civitai and prompt readers parse."""
+def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1,
+             extra: Sequence[tuple[str, str]] = ()) -> str:
+    """A1111's `parameters` text of one image, which its PNG Info tab, Civitai and prompt readers parse: the prompt,
+    the negative prompt, then one line of settings (A1111 reads only the last line as settings, so anything else,
+    such as a preview's embedding and step, is a field of that line: `extra`). `RNG: CPU`: tistudio draws its
+    starting noise on the CPU, which A1111 reproduces only when told."""
     from . import __version__
 
     fields: list[tuple[str, str]] = [
@@ -83,6 +87,8 @@ def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[
         fields.append(("Clip skip", str(clip_skip)))
     if ti_hashes:
         fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in ti_hashes.items())))
+    fields.append(("RNG", "CPU"))
+    fields.extend(extra)
     fields.append(("Version", f"tistudio {__version__}"))
     lines = [params.prompt]
     if params.negative_prompt:

@@ -506,8 +506,9 @@ class Previewer:
     def render(self, step: int) -> Path:
         path = self.run.preview_path(step)
         image = self.renderer.render(self.params)[0]
-        text = infotext(self.params, self.params.seeds[0], self.model, {}, self.clip_skip)
-        return save_png(image, path, text + f"\nEmbedding: {self.run.name}, Step: {step}")
+        text = infotext(self.params, self.params.seeds[0], self.model, {}, self.clip_skip,
+                        extra=(("Embedding", self.run.name), ("Embedding step", str(step))))
+        return save_png(image, path, text)
 
 
 def preview(previewer: Previewer, step: int, total: int, result: TrainResult, report: Reporter,

@@ -1,0 +1,78 @@
+"""Test oracles: AUTOMATIC1111's rules for the files and texts it reads, written for the tests from its documented
+behaviour and its code's rules (modules/safe.py, modules/infotext_utils.py), never copied from it."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class A1111Unpickler(pickle.Unpickler):
+    """A1111's modules/safe.py rules as a strict oracle (written from its documented behaviour): only these globals,
+    and storages only as persistent ids."""
+
+    ALLOWED = frozenset({("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+               ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+               *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                                        "ByteStorage", "float32", "BFloat16Storage")),
+               ("torch.nn.modules.container", "ParameterDict"), ("_codecs", "encode"), ("__builtin__", "set")})
+
+    def persistent_load(self, saved_id):
+        if saved_id[0] != "storage":
+            raise pickle.UnpicklingError(f"persistent id {saved_id[0]!r}")
+        return torch.storage.TypedStorage(_internal=True)  # an empty stand-in, as A1111's check uses
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+
+def a1111_check_pt(path: Path) -> None:
+    """A1111's check_pt: a zip may hold only data.pkl, version and data/N (v1.10 adds byteorder and
+    .data/serialization_id; the stricter older rule is used here), its data.pkl must unpickle; a legacy file's
+    five pickles must."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not re.match(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$", name):
+                    raise AssertionError(f"bad file inside {path}: {name}")
+            with archive.open(next(n for n in archive.namelist() if n.endswith("/data.pkl"))) as handle:
+                A1111Unpickler(handle).load()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as handle:
+            unpickler = A1111Unpickler(handle)
+            for _ in range(5):
+                unpickler.load()
+
+
+# A1111's settings-line field: `Key: value,` with an optional JSON-quoted value
+PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_generation_parameters(text: str) -> dict[str, Any]:
+    """What A1111's PNG Info reads from a `parameters` text: only the last line is settings, and only if it holds at
+    least three fields; the lines before are the prompt, up to a line starting "Negative prompt:"."""
+    *lines, last = text.strip().split("\n")
+    if len(PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in PARAM.findall(last):
+        if len(value) > 1 and value[0] == '"' and value[-1] == '"':
+            value = json.loads(value)
+        result[key.strip()] = value
+    return result
