@@ -4,6 +4,7 @@ a "text_time" UNet): the conditioning is what SDXL expects, both vector sets lea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,26 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
     assert all(m.norm() > 0 for m in moved.values())  # both vector sets trained
     # measured here: 1.14304; gain 0.00439 (0.38%), random moves at most 0.00062 (a broken trainer gains 0)
     assert gain > 0.002 * before and gain > 4 * max(abs(g) for g in gains_random)
+
+
+def test_size_conditioning_comes_from_what_prepare_cut_from_each_photo(sdxl_model, tmp_path, caplog) -> None:
+    from PIL import Image as PILImage
+
+    from tistudio.config import PrepareOptions
+    from tistudio.dataset import load_dataset
+    from tistudio.preprocess import prepare
+    from tistudio.train import latent_sizes
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    PILImage.new("RGB", (300, 200), (200, 120, 40)).save(photos / "wide.png")  # centre crop: x 50..250
+    prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "prepared"), size=64, crop="center", flip=True))
+    with caplog.at_level(logging.WARNING, logger="tistudio"):
+        dataset = load_dataset(tmp_path / "prepared")
+    assert "manifest.json" not in caplog.text and "report.html" not in caplog.text  # not photos to skip
+    sizes = {item.path.name: item for item in dataset.images}
+    assert sizes["wide.png"].source_size == (300, 200) and sizes["wide.png"].source_crop == (50, 0, 250, 200)
+    assert sizes["wide-flip.png"].source_crop == (50, 0, 250, 200)  # a centred square mirrors onto itself
+    ids = latent_sizes(sdxl_model, dataset, 64, flip=False)
+    # original (h, w) of the photo, the crop's corner scaled so the square is 64 wide (50 * 64 / 200 = 16), 64x64
+    assert ids.tolist() == [[200.0, 300.0, 0.0, 16.0, 64.0, 64.0]] * 2

@@ -12,6 +12,7 @@ Captions: ``IMAGE.txt`` beside the image if present, else the file name without 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -39,6 +40,10 @@ class TrainImage:
     caption: str
     image: Image.Image  # RGB, short side at most KEEP_SIDE
     original_size: tuple[int, int]
+    # From a prepared set's manifest: the source photo's (width, height) and the square prepare cut from it
+    # (left, top, right, bottom in the photo's pixels, mirrored for a -flip output); SDXL is conditioned on them.
+    source_size: tuple[int, int] | None = None
+    source_crop: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -181,9 +186,12 @@ def load_dataset(folder: str | Path) -> Dataset:
         raise DatasetError(f"cannot list the dataset folder {folder}: {exc.strerror}") from None
     images: list[TrainImage] = []
     skipped: list[tuple[Path, str]] = []
+    sources = prepared_sources(folder)
     for name in names:
         path = folder / name
         if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
+            continue
+        if sources and name in PREPARED_FILES:  # a prepared set's own manifest and report are not photos
             continue
         try:
             if path.is_dir():
@@ -194,7 +202,9 @@ def load_dataset(folder: str | Path) -> Dataset:
         except DatasetError as exc:
             skipped.append((path, str(exc)))
             continue
-        images.append(TrainImage(path=path, caption=caption_for(path), image=image, original_size=size))
+        source_size, source_crop = sources.get(name, (None, None))
+        images.append(TrainImage(path=path, caption=caption_for(path), image=image, original_size=size,
+                                 source_size=source_size, source_crop=source_crop))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path.name, reason)
     if not images:
@@ -203,6 +213,32 @@ def load_dataset(folder: str | Path) -> Dataset:
         reasons = "; ".join(f"{p.name}: {r}" for p, r in skipped[:3])
         raise DatasetError(f"dataset folder {folder} has no usable image ({len(skipped)} files skipped: {reasons})")
     return Dataset(folder=folder, images=images, skipped=skipped)
+
+
+PREPARED_FILES = {"manifest.json", "report.html"}
+
+
+def prepared_sources(folder: Path) -> dict[str, tuple[tuple[int, int], tuple[int, int, int, int]]]:
+    """For a folder `prepare` wrote: each output picture's source photo size and the square cut from it, from
+    manifest.json (only for photos prepare cut one square from); {} for any other folder or a damaged manifest."""
+    try:
+        data = json.loads((folder / "manifest.json").read_text("utf-8"))
+        files = data.get("files", {}) if isinstance(data, dict) else {}
+        found = {}
+        for item in files.values() if isinstance(files, dict) else ():
+            pictures = [o for o in item.get("outputs", []) if str(o).endswith(".png")]
+            crop, size = item.get("crop"), item.get("original_size")
+            if item.get("status") != "ok" or not crop or not size or item.get("framing") == "split":
+                continue  # a split photo's squares are several; the manifest keeps the first
+            width, height = int(size[0]), int(size[1])
+            left, top, right, bottom = (int(v) for v in crop)
+            for picture in pictures:
+                mirrored = (width - right, top, width - left, bottom)
+                found[picture] = ((width, height), mirrored if picture.endswith("-flip.png") else
+                                  (left, top, right, bottom))
+        return found
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def square(image: Image.Image, size: int) -> Image.Image:

@@ -32,7 +32,7 @@ from . import __version__
 from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
 from .create import person_vectors
-from .dataset import Dataset, load_dataset, square
+from .dataset import Dataset, TrainImage, load_dataset, square
 from .embedding import Embedding, find_embedding_file, read_embedding
 from .errors import EmbeddingError, TistudioError
 from .evaluation import Evaluator, Likeness, evaluation_batch
@@ -302,14 +302,18 @@ def latent_sizes(model: SDModel, dataset: Dataset, size: int, flip: bool) -> tor
     """For a family with size conditioning (SDXL), each latent's time_ids (encode_latents' order), else None."""
     if not model.spec.size_conditioning:
         return None
-    return torch.tensor([crop_sizes(item.original_size, size) for item in dataset.images
-                         for _ in range(2 if flip else 1)])
+    return torch.tensor([crop_sizes(item, size) for item in dataset.images for _ in range(2 if flip else 1)])
 
 
-def crop_sizes(original: tuple[int, int], size: int) -> list[float]:
-    """SDXL's time_ids of a (width, height) image centre-cropped to a size x size square: its original size, the
-    crop's top-left corner in the resized image, the target size."""
-    width, height = original
+def crop_sizes(item: TrainImage, size: int) -> list[float]:
+    """SDXL's time_ids of a training image made size x size: the original photo's size, the crop's top-left
+    corner in the picture resized so that the crop is `size` wide, the target size. For a prepared set these are the
+    source photo and the square prepare cut from it (its manifest); otherwise the image and its centre crop."""
+    if item.source_size and item.source_crop:
+        (width, height), (left, top, right, _) = item.source_size, item.source_crop
+        scale = size / max(1, right - left)
+        return size_ids((height, width), (round(top * scale), round(left * scale)), (size, size))
+    width, height = item.original_size
     scale = size / min(width, height)
     top, left = round((height * scale - size) / 2), round((width * scale - size) / 2)
     return size_ids((height, width), (top, left), (size, size))
