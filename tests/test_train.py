@@ -75,15 +75,21 @@ def run(model, photos, folder: Path, stop_at: int | None = None, **changes):
                  stop=stop)
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> None:
-    settings = dict(max_steps=8, gradient_accumulation=2, flip=True, learning_rate="0.01:4, 0.003",
-                    save_every=3, shuffle_tags=True)
-    template = new_embedding(sd1_model, tmp_path / "template")
+def twin_folders(model, tmp_path: Path) -> tuple[Path, Path]:
+    """Two embeddings folders holding the same new embedding: one to train straight, one to stop and resume."""
+    template = new_embedding(model, tmp_path / "template")
     straight, resumed = tmp_path / "straight" / "emb", tmp_path / "resumed" / "emb"
     for folder in (straight, resumed):
         folder.mkdir(parents=True)
         shutil.copy(template, folder / "tomtut.safetensors")
+    return straight, resumed
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> None:
+    settings = dict(max_steps=8, gradient_accumulation=2, flip=True, learning_rate="0.01:4, 0.003",
+                    save_every=3, shuffle_tags=True)
+    straight, resumed = twin_folders(sd1_model, tmp_path)
     run(sd1_model, photos, straight, **settings)
     first = run(sd1_model, photos, resumed, stop_at=k, **settings)
     assert first.stopped and first.step == k
@@ -112,11 +118,7 @@ def test_a_resume_state_of_the_earlier_layout_still_resumes_exactly(sd1_model, p
     from safetensors.torch import load_file, save_file
 
     settings = dict(max_steps=6, gradient_accumulation=2, save_every=3, init_pull=0.1, eval_every=2)
-    template = new_embedding(sd1_model, tmp_path / "template")
-    straight, resumed = tmp_path / "straight" / "emb", tmp_path / "resumed" / "emb"
-    for folder in (straight, resumed):
-        folder.mkdir(parents=True)
-        shutil.copy(template, folder / "tomtut.safetensors")
+    straight, resumed = twin_folders(sd1_model, tmp_path)
     run(sd1_model, photos, straight, **settings)
     run(sd1_model, photos, resumed, stop_at=3, **settings)
     states = resumed.parent / "run" / "state"

@@ -319,12 +319,10 @@ def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = 
     loaded with ``text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2``)."""
     _finite(embedding)
     path = Path(path)
-    parts = [(path, embedding.vectors[key]) for key in (SDXL_KEYS if embedding.is_sdxl else (SINGLE,))]
-    if embedding.is_sdxl:
-        parts[1] = (diffusers_partner(path), parts[1][1])
-    for target, vectors in parts:
-        write_safetensors(target, {token or embedding.name: vectors.detach().to("cpu", torch.float32).contiguous()},
-                          {"format": "pt"})
+    parts = [(path, "clip_l"), (diffusers_partner(path), "clip_g")] if embedding.is_sdxl else [(path, SINGLE)]
+    for target, key in parts:
+        tensor = embedding.vectors[key].detach().to("cpu", torch.float32).contiguous()
+        write_safetensors(target, {token or embedding.name: tensor}, {"format": "pt"})
     return path
 
 

@@ -540,25 +540,26 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         family = classify_checkpoint(keys, path)
     prediction, why = detect_prediction_type(family, meta, keys, path, options.prediction_type)
     native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
-    text = _single_file_text(state, family, path, device, dtype)
+    converted = convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)]
+    text = _single_file_text(converted, family, path, device, dtype)
     unet = vae = None
     if not text_only:
-        unet, vae = _single_file_unet_vae(state, family, native, prediction, path, work_dir, device, dtype)
+        unet, vae = _single_file_unet_vae(state, family, converted[0][0], native, prediction, path, work_dir,
+                                          device, dtype)
     del state
     return SDModel(text=text, vae=vae, unet=unet, scheduler_config=scheduler_config(prediction), family=family,
                    prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(path),
                    name=path.stem, notes=[f"prediction type {prediction}: {why}"])
 
 
-def _single_file_text(state: dict[str, torch.Tensor], family: str, path: Path, device: torch.device,
-                      dtype: torch.dtype) -> dict[str, TextEncoder]:
-    """The family's text encoders, converted from the checkpoint, with the shipped tokenizer."""
+def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], family: str, path: Path,
+                      device: torch.device, dtype: torch.dtype) -> dict[str, TextEncoder]:
+    """The family's text encoders from their converted (config, weights), with the shipped tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenizer import load_tokenizer
 
     slots = family_entry(family).encoders
-    converted = convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)]
     text = {}
     for slot, (config, weights) in zip(slots, converted, strict=True):
         module = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel)(CLIPTextConfig(**config))
@@ -572,15 +573,15 @@ def _single_file_text(state: dict[str, torch.Tensor], family: str, path: Path, d
     return text
 
 
-def _single_file_unet_vae(state: dict[str, torch.Tensor], family: str, native: int, prediction: str, path: Path,
-                          work_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def _single_file_unet_vae(state: dict[str, torch.Tensor], family: str, text_config: dict[str, Any], native: int,
+                          prediction: str, path: Path, work_dir: Path, device: torch.device,
+                          dtype: torch.dtype) -> tuple[Any, Any]:
     """The UNet and VAE through diffusers' single-file conversion, with configs read off the tensor shapes and
     written locally (nothing is downloaded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet_config = infer_unet_config(state, family, native, prediction == "v_prediction")
     vae_config = infer_vae_config(state, native, family)
-    text_config = (convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)])[0][0]
     digest = hashlib.sha256(json.dumps([unet_config, vae_config, text_config, family, prediction],
                                        sort_keys=True).encode()).hexdigest()[:16]
     folder = work_dir / "configs" / f"{family}-{digest}"
