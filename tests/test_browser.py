@@ -156,6 +156,44 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         server.wait(timeout=30)
 
 
+def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tmp_path, cache_dir, tiny_sd1,
+                                                                     photos) -> None:
+    """A person with a set open creates another and drops photos at once: they belong to the new set, even when
+    the server is slow to create it (CI's browser test once found the photos dropped on the floor)."""
+    from playwright.sync_api import expect
+
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1)
+    try:
+        page = browser.new_page()
+        page.goto(base)
+        page.fill("#new-set", "other")
+        page.click("#new-set-button")
+        expect(page.locator("#photos-empty")).to_be_visible()
+        held = []
+
+        def hold_creation(route) -> None:
+            if route.request.method == "POST":
+                held.append(route)
+            else:
+                route.continue_()
+
+        page.route("**/api/photosets/tomtut", hold_creation)
+        page.fill("#new-set", "tomtut")
+        page.click("#new-set-button")
+        while not held:
+            page.wait_for_timeout(20)
+        page.set_input_files("#file-input", sorted(str(p) for p in photos.glob("*.png")))
+        page.wait_for_timeout(300)  # the upload must wait for the set, not go to "other"
+        held[0].continue_()
+        expect(page.locator("#set-select")).to_have_value("tomtut")
+        expect(page.locator("#photo-grid figure")).to_have_count(6)
+        sets = {s["name"]: s["photos"] for s in page.request.get(f"{base}/api/photosets").json()}
+        assert sets == {"other": 0, "tomtut": 6}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_a_listening_server_asks_for_a_password(browser, tmp_path, cache_dir, tiny_sd1) -> None:
     server, base = start_server(tmp_path, cache_dir, tiny_sd1, "--listen", "--host", "127.0.0.1", "--auth",
                                 "ann:s3cret")

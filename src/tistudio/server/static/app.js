@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { schema: null, sets: [], embeddings: [], set: "", trainJob: null, lastTrainJob: null };
+const state = { schema: null, sets: [], embeddings: [], set: "", creatingSet: null, trainJob: null, lastTrainJob: null };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Talking to the server
@@ -216,7 +216,12 @@ async function loadSet() {
 
 async function upload(files) {
   showError("#upload-error", null);
-  if (!state.set) return;
+  // Photos chosen while a new set is still being created belong to that set, not to the one shown before it.
+  if (state.creatingSet) await state.creatingSet;
+  if (!state.set) {
+    showError("#upload-error", new Error("Create a photo set first: give your subject a name above."));
+    return;
+  }
   const data = new FormData();
   for (const file of files) data.append("files", file, file.name);
   try {
@@ -274,14 +279,19 @@ async function runPrepare() {
 function setupPhotos() {
   prepareForm = renderForm($("#prepare-form"), state.schema.prepare);
   $("#set-select").onchange = (e) => { state.set = e.target.value; loadSet(); };
-  $("#new-set-button").onclick = async () => {
+  $("#new-set-button").onclick = () => {
     showError("#set-error", null);
     const name = $("#new-set").value.trim();
-    try {
-      await api("POST", `/api/photosets/${encodeURIComponent(name)}`);
-      $("#new-set").value = "";
-      await loadSets(name);
-    } catch (e) { showError("#set-error", e); }
+    const creating = (async () => {
+      try {
+        await api("POST", `/api/photosets/${encodeURIComponent(name)}`);
+        $("#new-set").value = "";
+        await loadSets(name);
+      } catch (e) { showError("#set-error", e); }
+    })();
+    state.creatingSet = creating;
+    creating.finally(() => { if (state.creatingSet === creating) state.creatingSet = null; });
+    return creating;
   };
   const zone = $("#dropzone");
   zone.ondragover = (e) => { e.preventDefault(); zone.classList.add("over"); };
