@@ -13,12 +13,14 @@ from tistudio import world
 from tistudio.config import ModelOptions
 
 
-@pytest.fixture(scope="module")
-def world_model(cache_dir):
-    from tistudio.models import load_model
+@pytest.fixture(scope="module", params=["demo", "demo-sdxl"])
+def world_model(request, cache_dir):
+    """The SD1 world model, and its SDXL-architecture variant (two text encoders, pooled vector, size conditioning;
+    scripts/build_world_sdxl.py), as loaded from the names a user types."""
+    from tistudio.models import DEMOS, load_model
     from tistudio.tinymodel import demo_model_dir
 
-    return load_model(ModelOptions(model="demo"), cache_dir), demo_model_dir(cache_dir)
+    return load_model(ModelOptions(model=request.param), cache_dir), demo_model_dir(cache_dir, DEMOS[request.param])
 
 
 def test_the_held_out_person_never_appears_in_the_worlds_samples() -> None:
@@ -32,7 +34,9 @@ def test_the_held_out_person_never_appears_in_the_worlds_samples() -> None:
 
 def test_the_world_model_loads_like_any_checkpoint(world_model, cache_dir) -> None:
     model, folder = world_model
-    assert model.family == "sd1" and model.native_size == 64 and model.width == 128
+    widths = {key: encoder.width for key, encoder in model.text.items()}
+    assert model.native_size == 64
+    assert widths == ({"clip": 128} if model.family == "sd1" else {"clip_l": 128, "clip_g": 192}), widths
     meta = json.loads((folder / "world.json").read_text())
     assert meta["held_out"] == world.HELD_OUT.traits()
     # The diffusers folder it expands to is an ordinary model folder.
@@ -112,7 +116,9 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
     model, folder = world_model
     photos = person_photos(tmp_path / "photos")
     (tmp_path / "template.txt").write_text(TEMPLATE)
-    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(tmp_path / "emb")),
+    spec = "demo" if model.family == "sd1" else "demo-sdxl"
+    steps = STEPS if model.family == "sd1" else STEPS // 2  # SDXL's world learns the person sooner (and costs more)
+    create_embedding(CreateOptions(model=spec, name=NAME, vectors=4, embeddings_dir=str(tmp_path / "emb")),
                      cache_dir=tmp_path, model=model)
     judge = world.likeness_scorer(folder, world.HELD_OUT, NAME)  # seeds 1000-1007: never the trainer's
     trainers = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME)
@@ -122,9 +128,9 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
         shares.append(judge(model, encoder))
         return trainers(model, encoder)
 
-    result = train(TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(tmp_path / "emb"),
+    result = train(TrainOptions(model=spec, embedding=NAME, dataset=str(photos), embeddings_dir=str(tmp_path / "emb"),
                                 run_dir=str(tmp_path / "run"), template=str(tmp_path / "template.txt"), batch_size=4,
-                                max_steps=STEPS, eval_every=STEPS // 4, preview_every=0, save_every=0),
+                                max_steps=steps, eval_every=steps // 4, preview_every=0, save_every=0),
                    cache_dir=tmp_path, model=model, likeness=likeness)
     steps = [step for step, _, _ in read_eval_log(tmp_path / "run" / "eval.csv")]
     kept_step = result.best_step or result.step

@@ -184,7 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     with stop_on_signals() as stop:
-        result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps,
+        result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps, family=args.family,
                           on_progress=ProgressBar("training", "step"), stop=stop)
     print(result.summary())
     return 0
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", help="the whole story on the built-in world model (about a minute)")
     demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
     demo.add_argument("--demo-steps", type=int, default=200, help="training steps (default: %(default)s)")
+    demo.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                      help="the world model's architecture: Stable Diffusion 1.x, or SDXL's two text encoders and "
+                           "size conditioning (default: %(default)s)")
     demo.set_defaults(run=cmd_demo)
 
     prepare = command("prepare", help="turn a folder of photos into a training set, with a quality report",

@@ -62,7 +62,7 @@ class ModelOptions:
     """Which model to load and how. Shared by every job that needs a model."""
 
     # A diffusers folder, a single .safetensors/.ckpt checkpoint, a Hugging Face Hub id, or "demo".
-    model: str = option("", "model: a diffusers folder, a .safetensors/.ckpt file, a Hub id, or 'demo'",
+    model: str = option("", "model: a diffusers folder, a .safetensors/.ckpt file, a Hub id, 'demo' or 'demo-sdxl'",
                         required=True)
     # "auto" picks CUDA, then Apple MPS, then the CPU.
     device: str = option("auto", "device to run on", choices=DEVICES)

@@ -44,6 +44,7 @@ PROMPTS = ["a photo of tomtut, smiling, on a beach", "a painting of tomtut, smil
            "a painting of tomtut, serious, in a forest"]
 TEMPLATE = "a photo of [name], [filewords]\na photo of [name]\n"
 STEPS = 200
+DEMO_MODELS = {"sd1": "demo", "sdxl": "demo-sdxl"}  # models.DEMOS the other way round
 BANNER = ("The demo runs on tistudio's <b>small world model</b>: the architecture of Stable Diffusion, trained on a "
           "synthetic world of cartoon people, so that text controls its 64-pixel pictures. The person in the photos "
           "below was never in its training. Repeat the story with a real checkpoint and your own photos using the "
@@ -94,14 +95,14 @@ def person_photos(folder: Path, count: int = 15, seed: int = 0) -> Path:
     return folder
 
 
-def _commands(out: Path, steps: int) -> str:
+def _commands(out: Path, steps: int, spec: str = "demo") -> str:
     q = shlex.quote
     demo = [
-        f"tistudio create {NAME} --model demo --vectors 4 --overwrite --embeddings-dir {q(str(out / 'embeddings'))}",
-        f"tistudio train {NAME} --model demo --dataset {q(str(out / 'photos'))} --embeddings-dir "
+        f"tistudio create {NAME} --model {spec} --vectors 4 --overwrite --embeddings-dir {q(str(out / 'embeddings'))}",
+        f"tistudio train {NAME} --model {spec} --dataset {q(str(out / 'photos'))} --embeddings-dir "
         f"{q(str(out / 'embeddings'))} --run-dir {q(str(out / 'run'))} --template {q(str(out / 'template.txt'))} "
         f"--lr 0.005 --batch-size 4 --steps {steps} --eval-every 25 --preview-every 50 --save-every 50",
-        f"tistudio generate {q(PROMPTS[0])} --model demo --embeddings {q(str(out / 'embeddings'))} "
+        f"tistudio generate {q(PROMPTS[0])} --model {spec} --embeddings {q(str(out / 'embeddings'))} "
         f"--out-dir {q(str(out / 'images'))} --seed 42 --cfg {world.GUIDANCE:g} --sampler DDIM",
     ]
     real = [
@@ -122,23 +123,25 @@ def _commands(out: Path, steps: int) -> str:
             "the word there too.</p>")
 
 
-def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS,
+def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS, family: str = "sd1",
              on_progress: Callable[[Any], None] | None = None, stop: threading.Event | None = None) -> DemoResult:
+    """The demo on the world model of `family` ("sd1", or "sdxl" for its SDXL-architecture variant)."""
     started = time.monotonic()
+    spec = DEMO_MODELS[family]
     out = Path(out)
     photos = person_photos(out / "photos")
     template = write_text(out / "template.txt", TEMPLATE)
-    model = load_model(CreateOptions(model="demo"), cache_dir)
-    folder = demo_model_dir(cache_dir)
+    model = load_model(CreateOptions(model=spec), cache_dir)
+    folder = demo_model_dir(cache_dir, family)
     embeddings = out / "embeddings"
-    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, overwrite=True,
+    create_embedding(CreateOptions(model=spec, name=NAME, vectors=4, overwrite=True,
                                    embeddings_dir=str(embeddings)), cache_dir=cache_dir, model=model)
     # The likeness: the reader knows the person only from the training photos, and looks at pictures from prompts
     # (paintings, night) and seeds that training never uses. It also counts the pictures that show the person.
     counted: list[float] = []
     scorer = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME,
                                   on_pictures=lambda shown, _: counted.append(sum(shown) / len(shown)))
-    common = dict(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
+    common = dict(model=spec, embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
                   run_dir=str(out / "run"), template=str(template), batch_size=4, eval_every=25, preview_every=50,
                   save_every=50, preview_steps=20, preview_cfg=world.GUIDANCE, preview_seed=7)
     first = train(TrainOptions(**common, max_steps=max(1, steps // 2)), cache_dir=cache_dir, model=model,
@@ -151,7 +154,7 @@ def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS,
     for index, prompt in enumerate(PROMPTS):
         if stop is not None and stop.is_set():
             break
-        images += generate(GenerateOptions(model="demo", prompt=prompt, seed=42 + index, steps=25,
+        images += generate(GenerateOptions(model=spec, prompt=prompt, seed=42 + index, steps=25,
                                            cfg=world.GUIDANCE, sampler="DDIM", batch=2, embeddings_dir=str(embeddings),
                                            out_dir=str(out / "images")),
                            cache_dir=cache_dir, model=model)
@@ -173,7 +176,7 @@ def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS,
                     f"(the same pictures chose it; tistudio's benchmark checks the choice on pictures of its own).</p>")
     extra = (f"<h2>Training photos</h2><p>The person: {html.escape(world.HELD_OUT.describe())} - a combination the "
              f"model never saw.</p><div class='grid'>{photo_cells}</div>{measured}"
-             f"<h2>Generated with the embedding</h2><div class='grid'>{cells}</div>{_commands(out, steps)}")
+             f"<h2>Generated with the embedding</h2><div class='grid'>{cells}</div>{_commands(out, steps, spec)}")
     report = write_run_report(out / "run", NAME, title="tistudio demo", banner=BANNER, extra_sections=extra)
     final_report = out / "report.html"
     write_bytes(final_report, report.read_bytes())

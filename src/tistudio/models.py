@@ -40,6 +40,8 @@ MAX_CHECKPOINT_BYTES = 40 * 1024**3
 DEMO = "demo"
 SD_SCALING_FACTOR = 0.18215
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+# The built-in demo models by name: the world model and its SDXL variant (see tinymodel.py).
+DEMOS = {DEMO: SD1, "demo-sdxl": SDXL}
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -146,7 +148,7 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 def source_kind(spec: str) -> str:
     """'demo', 'folder', 'file' or 'hub'; refuses what is none of them."""
-    if spec == DEMO:
+    if spec in DEMOS:
         return "demo"
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -160,7 +162,7 @@ def source_kind(spec: str) -> str:
         raise ModelError(f"model {spec!r}: no such file or folder")
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
         return "hub"
-    raise ModelError(f"model {spec!r}: not a folder, a file, a Hub id (owner/name) or 'demo'")
+    raise ModelError(f"model {spec!r}: not a folder, a file, a Hub id (owner/name), 'demo' or 'demo-sdxl'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,8 +715,8 @@ def load_model(options: ModelOptions, cache_dir: Path, text_only: bool = False) 
     if kind == "demo":
         from .tinymodel import demo_model_dir
 
-        folder = demo_model_dir(cache_dir)
-        model = _load_folder(folder, options, device, dtype, text_only, True, "tistudio-demo")
+        folder = demo_model_dir(cache_dir, DEMOS[spec])
+        model = _load_folder(folder, options, device, dtype, text_only, True, f"tistudio-{spec}")
         path, hash_kind = folder, "folder"
     elif kind == "folder":
         path = Path(spec).expanduser()

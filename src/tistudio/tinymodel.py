@@ -137,10 +137,6 @@ def save_sdxl_folder(folder: Path, seed: int, first: dict[str, Any], second: dic
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .models import scheduler_config
-    from .storage import write_json
-    from .tokenizer import write_tokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -155,6 +151,21 @@ def save_sdxl_folder(folder: Path, seed: int, first: dict[str, Any], second: dic
     del unet
     torch.manual_seed(seed + 2)
     AutoencoderKL(**vae_config_).save_pretrained(folder / "vae")
+    return write_sdxl_folder(folder, None, None, None, None, note)
+
+
+def write_sdxl_folder(folder: Path, first: Any, second: Any, unet: Any, vae: Any, note: str) -> Path:
+    """Write an SDXL diffusers folder: the given modules (None: already written), both tokenizers, the scheduler
+    and model_index.json."""
+    from .models import scheduler_config
+    from .storage import write_json
+    from .tokenizer import write_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for module, sub in ((first, "text_encoder"), (second, "text_encoder_2"), (unet, "unet"), (vae, "vae")):
+        if module is not None:
+            module.save_pretrained(folder / sub)
     write_tokenizer(folder / "tokenizer", "sd1")
     write_tokenizer(folder / "tokenizer_2", "sdxl2")
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config("epsilon"))
@@ -288,56 +299,80 @@ def random_model_dir(cache_dir: Path) -> Path:
                        lambda folder: build_tiny_model(folder, family="sd1", seed=0))
 
 
-def world_files() -> tuple[Path, Path]:
+# The shipped world models by family: the SD1 one (scripts/build_world_model.py) and its SDXL variant
+# (scripts/build_world_sdxl.py), which shares its VAE and trait reader.
+WORLD_FOLDERS = {"sd1": "world", "sdxl": "world-sdxl"}
+
+
+def world_files(family: str = "sd1") -> tuple[Path, Path]:
     from importlib import resources
 
-    base = resources.files("tistudio").joinpath("data", "world")
+    base = resources.files("tistudio").joinpath("data", WORLD_FOLDERS[family])
     return Path(str(base.joinpath("world-model.safetensors"))), Path(str(base.joinpath("world-model.json")))
 
 
-def demo_model_dir(cache_dir: Path) -> Path:
-    """The demo model: the small world model shipped with tistudio, expanded once into a diffusers folder."""
-    weights, _ = world_files()
+def demo_model_dir(cache_dir: Path, family: str = "sd1") -> Path:
+    """A demo model: a small world model shipped with tistudio, expanded once into a diffusers folder."""
+    weights, _ = world_files(family)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
-    return _build_once(Path(cache_dir) / "models" / f"world-{digest}", lambda folder: expand_world_model(folder))
+    name = "world" if family == "sd1" else f"world-{family}"
+    return _build_once(Path(cache_dir) / "models" / f"{name}-{digest}",
+                       lambda folder: expand_world_model(folder, family))
 
 
-def expand_world_model(folder: Path) -> Path:
-    """Write the shipped world model (float16, used token rows only) as a complete diffusers folder."""
+WORLD_NOTE = ("tistudio's demo world model: a small {arch}-architecture model trained on a synthetic world of cartoon "
+              "people (see tistudio/world.py and scripts/{script}). Text controls its pictures; they are 64x64 "
+              "cartoons, not photographs.\n")
+
+
+def expand_world_model(folder: Path, family: str = "sd1") -> Path:
+    """Write a shipped world model (float16, used token rows only) as a complete diffusers folder, with its trait
+    reader (trait-reader.safetensors) and build record (world.json) beside it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .safeload import load_safetensors
     from .storage import write_json
 
-    weights, meta_file = world_files()
+    weights, meta_file = world_files(family)
     meta = json.loads(meta_file.read_text("utf-8"))
     tensors, _ = load_safetensors(weights, 64 * 1024 * 1024, 10_000, 50_000_000)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
-    text = CLIPTextModel(CLIPTextConfig(**meta["text"]))
-    state = part("text.")
-    table_meta = meta["token_table"]
-    table = torch.randn((meta["text"]["vocab_size"], meta["text"]["hidden_size"]),
-                        generator=torch.Generator().manual_seed(table_meta["seed"])) * table_meta["std"]
-    table[tensors["text_token_ids"].long()] = tensors["text_token_rows"].float()
-    key = next(k for k in text.state_dict() if k.endswith("token_embedding.weight"))
-    state[key] = table
-    result = text.load_state_dict(state, strict=False)
-    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith("position_ids")]:
-        raise ValueError(f"the world model's text encoder does not fit its config: {result}")
     unet = UNet2DConditionModel(**meta["unet"])
     unet.load_state_dict(part("unet."))
     vae = AutoencoderKL(**meta["vae"])
     vae.load_state_dict(part("vae."))
-    save_model_folder(folder, "sd1", text, unet, vae, "epsilon",
-                      "tistudio's demo world model: a small Stable-Diffusion-architecture model trained on a synthetic "
-                      "world of cartoon people (see tistudio/world.py and scripts/build_world_model.py). Text "
-                      "controls its pictures; they are 64x64 cartoons, not photographs.\n")
+    if family == "sdxl":
+        first = _world_text(meta["text_l"], meta["token_tables"]["l"], part("text_l."), tensors, "text_l_", False)
+        second = _world_text(meta["text_g"], meta["token_tables"]["g"], part("text_g."), tensors, "text_g_", True)
+        write_sdxl_folder(folder, first, second, unet, vae, WORLD_NOTE.format(arch="SDXL",
+                                                                              script="build_world_sdxl.py"))
+    else:
+        text = _world_text(meta["text"], meta["token_table"], part("text."), tensors, "text_", False)
+        save_model_folder(folder, "sd1", text, unet, vae, "epsilon",
+                          WORLD_NOTE.format(arch="Stable-Diffusion", script="build_world_model.py"))
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in part("reader.").items()}, str(folder / "trait-reader.safetensors"))
     write_json(folder / "world.json", meta)
     return folder
+
+
+def _world_text(config: dict[str, Any], table_meta: dict[str, Any], state: dict[str, torch.Tensor],
+                tensors: dict[str, torch.Tensor], prefix: str, projection: bool) -> Any:
+    """A world model's text encoder: its weights, and its token table rebuilt (the seeded rows the captions never
+    use, the stored rows the captions do)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+    table = torch.randn((config["vocab_size"], config["hidden_size"]),
+                        generator=torch.Generator().manual_seed(table_meta["seed"])) * table_meta["std"]
+    table[tensors[prefix + "token_ids"].long()] = tensors[prefix + "token_rows"].float()
+    key = next(k for k in text.state_dict() if k.endswith("token_embedding.weight"))
+    state[key] = table
+    result = text.load_state_dict(state, strict=False)
+    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith("position_ids")]:
+        raise ValueError(f"the world model's text encoder does not fit its config: {result}")
+    return text

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from ... import __version__
 from ...config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+from ...models import DEMOS
 from ...samplers import SAMPLERS
 from ..context import ServerDep, not_found, schema
 
@@ -40,7 +41,7 @@ def static_file(name: str) -> Response:
 def status(server: ServerDep) -> dict[str, Any]:
     worker, model = server.worker, server.config.model
     current = worker.current
-    return {"version": __version__, "model": model.model, "demo": model.model == "demo",
+    return {"version": __version__, "model": model.model, "demo": model.model in DEMOS,
             "model_loaded": worker.model.describe() if worker.model is not None else None,
             "busy": current.public() if current else None, "queued": worker.waiting(),
             "limits": dataclasses.asdict(server.limits)}
