@@ -5,8 +5,10 @@ a "text_time" UNet): the conditioning is what SDXL expects, both vector sets lea
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +19,7 @@ from tistudio.embedding import Embedding, read_embedding, write_embedding
 from tistudio.errors import EmbeddingError, ModelError
 from tistudio.generate import check_fits
 from tistudio.objective import diffusion_loss, noise_schedule
+from tistudio.runfolder import read_eval_log
 
 
 def test_the_context_is_both_penultimate_layers_and_the_pool_is_at_the_end_of_text(sdxl_model) -> None:
@@ -261,3 +264,47 @@ def test_size_conditioning_comes_from_what_prepare_cut_from_each_photo(sdxl_mode
     ids = latent_sizes(sdxl_model, dataset, 64, flip=False)
     # original (h, w) of the photo, the crop's corner scaled so the square is 64 wide (50 * 64 / 200 = 16), 64x64
     assert ids.tolist() == [[200.0, 300.0, 0.0, 16.0, 64.0, 64.0]] * 2
+
+
+def test_a_vpred_zero_snr_sdxl_file_trains_and_samples_on_its_own_schedule(tiny_sdxl, photos, tmp_path,
+                                                                           cache_dir) -> None:
+    """NoobAI-XL V-Pred's kind of file (v_pred and ztsnr keys): v-prediction on the zero-terminal-SNR schedule, for
+    the training noise and for sampling; Playground's and CosXL's EDM files are refused by name."""
+    from safetensors.torch import save_file
+
+    from ldm_export import export_single_file
+    from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.generate import generate
+    from tistudio.models import load_model
+    from tistudio.train import train
+
+    state = export_single_file(tiny_sdxl, "sdxl")
+    path = tmp_path / "noobai-vpred.safetensors"
+    save_file({**state, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, path)
+    model = load_model(ModelOptions(model=str(path)), cache_dir)
+    assert model.prediction_type == "v_prediction" and any("ztsnr" in note for note in model.notes)
+    alphas, _ = noise_schedule(model)
+    assert alphas[-1] == 0 and alphas[0] > 0.99  # the last timestep is pure noise
+    ordinary = load_model(ModelOptions(model=str(tiny_sdxl)), cache_dir)
+    assert noise_schedule(ordinary)[0][-1] > 0.004
+
+    spec = dict(model=str(path), embeddings_dir=str(tmp_path / "emb"))
+    create_embedding(CreateOptions(**spec, name="tomtut", init_text="toy", vectors=2), cache_dir=cache_dir,
+                     model=model)
+    result = train(TrainOptions(**spec, embedding="tomtut", dataset=str(photos), run_dir=str(tmp_path / "run"),
+                                max_steps=4, batch_size=2, size=64, eval_every=2, preview_every=0, save_every=0),
+                   cache_dir=cache_dir, model=model)
+    assert result.step == 4 and all(math.isfinite(loss) for _, loss, _ in read_eval_log(tmp_path / "run" / "eval.csv"))
+    for sampler in ("Euler", "DDIM"):
+        images = generate(GenerateOptions(**spec, prompt="a photo of tomtut", steps=3, size="64x64", seed=1,
+                                          sampler=sampler, out_dir=str(tmp_path / "out")), cache_dir=cache_dir,
+                          model=model)
+        pixels = np.asarray(Image.open(images[0].path))
+        assert np.isfinite(pixels).all() and pixels.std() > 0, sampler
+
+    for key in ("edm_mean", "edm_vpred.sigma_max"):
+        edm = tmp_path / f"{key}.safetensors"
+        save_file({**state, key: torch.zeros(1)}, edm)
+        with pytest.raises(ModelError, match="EDM"):
+            load_model(ModelOptions(model=str(edm)), cache_dir)

@@ -470,13 +470,35 @@ def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], pa
     return "v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"
 
 
-def scheduler_config(prediction_type: str) -> dict[str, Any]:
+def scheduler_config(prediction_type: str, zero_snr: bool = False) -> dict[str, Any]:
+    """Stable Diffusion's noise schedule; with zero_snr, rescaled to zero terminal SNR (the last timestep is pure
+    noise, as some v-prediction anime models were trained) and sampled from that last timestep ("trailing")."""
     return {
         "_class_name": "DDIMScheduler",
         "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
         "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
-        "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+        "steps_offset": 0 if zero_snr else 1, "timestep_spacing": "trailing" if zero_snr else "leading",
+        "trained_betas": None, **({"rescale_betas_zero_snr": True} if zero_snr else {}),
     }
+
+
+def detect_zero_snr(keys: set[str], prediction: str) -> tuple[bool, str]:
+    """(zero terminal SNR?, why) for a single-file checkpoint: a v-prediction file with a ztsnr key (ComfyUI's
+    rule; NoobAI-XL V-Pred and its merges carry both keys)."""
+    if "ztsnr" in keys and prediction == "v_prediction":
+        return True, "the checkpoint has a ztsnr key: zero terminal SNR"
+    if "ztsnr" in keys:
+        return False, "the checkpoint has a ztsnr key but predicts noise: the ordinary schedule"
+    return False, ""
+
+
+def refuse_edm(keys: set[str], path: Path) -> None:
+    """SDXL-architecture models trained as EDM (continuous sigmas) use another noise schedule than textual
+    inversion's; refuse them by name instead of training them wrongly."""
+    if "edm_mean" in keys or "edm_vpred.sigma_max" in keys:
+        kind = "Playground v2.5's EDM" if "edm_mean" in keys else "EDM v-prediction (CosXL-style)"
+        raise ModelError(f"model {path}: an SDXL-architecture model trained with {kind} noise schedule (an edm_* "
+                         "key); tistudio trains embeddings for the DDPM schedule of SDXL and its fine-tunes only")
 
 
 def pipeline_index() -> dict[str, Any]:
@@ -540,7 +562,9 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         state, meta = read_checkpoint(path)
         keys = set(state)
         family = classify_checkpoint(keys, path)
+    refuse_edm(keys, path)
     prediction, why = detect_prediction_type(family, meta, keys, path, options.prediction_type)
+    zero_snr, zero_why = detect_zero_snr(keys, prediction)
     native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
     converted = convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)]
     text = _single_file_text(converted, family, path, device, dtype)
@@ -549,9 +573,10 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
         unet, vae = _single_file_unet_vae(state, family, converted[0][0], native, prediction, path, work_dir,
                                           device, dtype)
     del state
-    return SDModel(text=text, vae=vae, unet=unet, scheduler_config=scheduler_config(prediction), family=family,
-                   prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(path),
-                   name=path.stem, notes=[f"prediction type {prediction}: {why}"])
+    return SDModel(text=text, vae=vae, unet=unet, scheduler_config=scheduler_config(prediction, zero_snr),
+                   family=family, prediction_type=prediction, native_size=native, device=device, dtype=dtype,
+                   source=str(path), name=path.stem,
+                   notes=[f"prediction type {prediction}: {why}", *([zero_why] if zero_why else [])])
 
 
 def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], family: str, path: Path,
