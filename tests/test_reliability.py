@@ -321,3 +321,44 @@ def test_a_real_read_only_folder(sd1_model, tmp_path) -> None:
     finally:
         folder.chmod(0o755)
     assert torch.equal(read_embedding(folder / "a.safetensors").tensor, torch.zeros(1, 64))
+
+
+def test_the_server_worker_survives_a_full_disk_and_the_job_file_catches_up(tmp_path, monkeypatch) -> None:
+    """A job that fails while the disk is full (so its end cannot be written either) ends as failed with its
+    reason; the worker keeps serving the next jobs; once space is back, the failed job's file says so."""
+    import errno
+    import json
+
+    from tistudio import storage
+    from tistudio.server import jobs as jobs_module
+
+    real_write = storage.write_json
+    full = {"on": False}
+
+    def write_json(path, data):
+        if full["on"]:
+            return storage.atomic_write(path, lambda temp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+        return real_write(path, data)
+
+    monkeypatch.setattr(jobs_module, "write_json", write_json)
+
+    def fill_the_disk(job, worker):
+        full["on"] = True
+        raise storage.StorageError("cannot write embeddings/x.safetensors: no space left on the device")
+
+    store = jobs_module.JobStore(tmp_path)
+    worker = jobs_module.Worker(store, {"fill": fill_the_disk, "ok": lambda job, worker: {"fine": True}})
+    worker.start()
+    try:
+        failed = worker.submit("fill", {})
+        assert failed.done.wait(10) and failed.status == "failed" and "no space" in failed.error
+        assert json.loads((tmp_path / f"{failed.id}.json").read_text())["status"] == "running"  # not written yet
+        full["on"] = False  # space is freed
+        later = worker.submit("ok", {})
+        assert later.done.wait(10) and later.status == "done"
+        on_disk = json.loads((tmp_path / f"{failed.id}.json").read_text())
+        assert on_disk["status"] == "failed" and "no space" in on_disk["error"]
+    finally:
+        worker.shutdown()
+        worker.join(10)
+    assert not worker.is_alive()

@@ -62,6 +62,7 @@ class JobStore:
         self.lock = threading.Lock()
         self.jobs: dict[str, Job] = {}
         self._saved_at: dict[str, float] = {}
+        self._unsaved: set[str] = set()  # jobs whose last change could not be written (a full disk)
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self.closed = False  # the server is shutting down: changes() ends
         for path in sorted(folder.glob("*.json")):
@@ -83,8 +84,19 @@ class JobStore:
             self.jobs[job.id] = job
 
     def _write(self, job: Job) -> None:
-        write_json(self.folder / f"{job.id}.json", job.public())
-        self._saved_at[job.id] = time.monotonic()
+        """Save a job's file. A full or read-only disk never fails the caller (a job's progress, or the worker
+        ending a job): the job stays right in memory and is saved again at the next write that succeeds."""
+        for pending in [job, *(self.jobs[i] for i in sorted(self._unsaved - {job.id}) if i in self.jobs)]:
+            try:
+                write_json(self.folder / f"{pending.id}.json", pending.public())
+            except TistudioError as exc:
+                if pending.id not in self._unsaved:
+                    log.error("cannot save job %s (%s); it is kept in memory and saved once the disk allows",
+                              pending.id, exc)
+                self._unsaved.add(pending.id)
+                return
+            self._unsaved.discard(pending.id)
+            self._saved_at[pending.id] = time.monotonic()
 
     def create(self, kind: str, request: dict[str, Any]) -> Job:
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3), kind=kind, request=request)
@@ -196,16 +208,21 @@ class Worker(threading.Thread):
                 self.store.update(job, status="stopped", finished=time.time())
                 continue
             self.current = job
-            self.store.update(job, status="running", started=time.time())
             try:
-                result = self.handlers[job.kind](job, self)
-                status = "stopped" if job.stop.is_set() else "done"
-                self.store.update(job, status=status, result=result, finished=time.time())
-            except TistudioError as exc:
-                self.store.update(job, status="failed", error=str(exc), finished=time.time())
-            except Exception as exc:  # a bug: keep serving, show it on the job, keep the traceback in the log
-                log.exception("job %s failed", job.id)
-                self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
-                                  finished=time.time())
+                self._run(job)
             finally:
                 self.current = None
+
+    def _run(self, job: Job) -> None:
+        """One job, ended as done, stopped or failed with its reason whatever its work raises."""
+        self.store.update(job, status="running", started=time.time())
+        try:
+            result = self.handlers[job.kind](job, self)
+            status = "stopped" if job.stop.is_set() else "done"
+            self.store.update(job, status=status, result=result, finished=time.time())
+        except TistudioError as exc:
+            self.store.update(job, status="failed", error=str(exc), finished=time.time())
+        except Exception as exc:  # a bug: keep serving, show it on the job, keep the traceback in the log
+            log.exception("job %s failed", job.id)
+            self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
+                              finished=time.time())
