@@ -3,6 +3,7 @@ them runs; property-based fuzzing of every reader finds only results or our own 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -128,8 +129,29 @@ def hostile_corpus(marker: Path) -> dict[str, bytes]:
         "two-terms.pt": _torch({"string_to_param": {"*": torch.ones(1, 8), "+": torch.ones(1, 8)}}),
         "not-an-embedding.safetensors": _safetensors({"a": torch.ones(2), "b": torch.ones(2)}),
         "list-not-dict.pt": _torch([torch.ones(1, 8)]),
+        "400-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 400 + ']]}}}'),
+        "5000-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 5000 + ']]}}}'),
+        "deep-png.png": png_embedding('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+        "deep-header.safetensors": struct.pack("<Q", 400_002) + b"[" * 200_001 + b"]" * 200_001,
+        "deep-metadata.safetensors": raw_safetensors(b'{"__metadata__": {"step": ' + b"[" * 100_000 + b"]" * 100_000
+                                                     + b"}}"),
     }
     return corpus
+
+
+def png_embedding(text: str) -> bytes:
+    """A PNG carrying `text` as A1111's embedding chunk (base64 JSON)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(text.encode()).decode())
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def raw_safetensors(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
 
 
 def _safetensors(tensors: dict) -> bytes:
@@ -160,6 +182,31 @@ def test_hostile_embedding_files_are_refused_and_nothing_runs(tmp_path, sentinel
     print(f"hostile files refused: {len(refused)} of {len(corpus)}")
     assert "refused" in refused["os-system.pt"] and "zip bomb" in refused["zip-bomb.pt"]
     assert "exactly one data.pkl" in refused["two-pickles.pt"]
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "-3", "9" * 5000, "\u00b2", " ", "1e400", "NaN"])
+def test_nonsense_step_numbers_in_a_files_metadata_are_no_steps(value, tmp_path, tiny_sd1, cache_dir) -> None:
+    """step, last_step and best_step as text of any kind: the file reads as step 0 with no last or best step; the
+    CLI inspects it, and the server lists it (beside a hostile PNG, which the list names as unreadable)."""
+    from test_server import client_for
+    from tistudio.cli import main
+
+    folder = tmp_path / "ws" / "embeddings"
+    folder.mkdir(parents=True)
+    path = folder / "odd.safetensors"
+    save_file({"emb_params": torch.ones(2, 32)}, path, metadata={"step": value, "last_step": value,
+                                                                "best_step": value})
+    embedding = read_embedding(path)
+    assert embedding.step == 0 and embedding.meta_count("last_step") is None
+    assert embedding.meta_count("best_step") is None
+    assert main(["inspect", str(path)]) == 0
+    (folder / "bad.png").write_bytes(hostile_corpus(tmp_path / "never")["400-digit-vector.png"])
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir) as client:
+        listed = {item["name"]: item for item in client.get("/api/embeddings").json()}
+        a1111 = client.get("/sdapi/v1/embeddings")
+    assert listed["odd"].get("error") is None and listed["odd"]["step"] == 0
+    assert "malformed" in listed["bad"]["error"]
+    assert a1111.status_code == 200 and "odd" in json.dumps(a1111.json())
 
 
 def test_hostile_checkpoints_are_refused_and_nothing_runs(tmp_path, sentinel, cache_dir) -> None:

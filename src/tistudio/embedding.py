@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ class Embedding:
     @property
     def is_sdxl(self) -> bool:
         return set(self.vectors) == set(SDXL_KEYS)
+
+    def meta_count(self, key: str) -> int | None:
+        """A step count from the file's metadata (last_step, best_step), or None where it is absent or not a
+        plain whole number (a file's metadata is untrusted: "abc", "1.5" or 5,000 digits are not steps)."""
+        return whole_number(self.meta.get(key))
 
     @property
     def count(self) -> int:
@@ -101,14 +107,24 @@ def _check_tensor(path: Path, key: str, value: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _int_or_zero(value: Any) -> int:
+MAX_STEP = 10**12  # no training runs this long; a larger "step" in a file is noise, not a count
+
+
+def whole_number(value: Any) -> int | None:
+    """A non-negative whole number up to MAX_STEP from untrusted file data (an int, or a string of ASCII digits),
+    else None."""
     if isinstance(value, bool):
-        return 0
+        return None
     if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return 0
+        return value if 0 <= value <= MAX_STEP else None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,13}", value.strip()):
+        number = int(value.strip())
+        return number if number <= MAX_STEP else None
+    return None
+
+
+def _int_or_zero(value: Any) -> int:
+    return whole_number(value) or 0
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -172,14 +188,15 @@ def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         if "TORCHTENSOR" in obj:
             try:
                 return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float32)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise EmbeddingError(f"{path}: malformed tensor in the PNG embedding ({exc})") from None
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise EmbeddingError(f"{path}: malformed tensor in the PNG embedding ({str(exc)[:200]})") from None
         return obj
 
     try:
         data = json.loads(base64.b64decode(text, validate=False), object_hook=tensors)
     except (ValueError, RecursionError) as exc:
-        raise EmbeddingError(f"{path}: the PNG's embedding chunk is not valid ({exc})") from None
+        raise EmbeddingError(f"{path}: the PNG's embedding chunk is not valid ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
     return data, {}
 
 

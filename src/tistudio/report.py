@@ -140,11 +140,10 @@ def kept_choice(run_dir: Path, name: str) -> tuple[int | None, str]:
     from .errors import TistudioError
 
     try:
-        meta = read_embedding(final).meta
+        embedding = read_embedding(final)
     except TistudioError:  # the report marks nothing rather than fail on a damaged file
         return None, ""
-    step = int(meta["best_step"]) if meta.get("best_step", "").isdigit() else None
-    return step, meta.get("best_by", "")
+    return embedding.meta_count("best_step"), embedding.meta.get("best_by", "")
 
 
 def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None,

@@ -275,7 +275,7 @@ class RunFolder:
             backup = self.copy_path(current.step)
             if not backup.exists():
                 write_embedding(replace(current, name=f"{self.name}-{current.step}"), backup)
-            last = max(step, int(current.meta.get("last_step", "0") or 0))
+            last = max(step, current.meta_count("last_step") or 0)
             if current.step > last:  # the embedding is the run's last step: resume from it
                 last = current.step
                 write_embedding(replace(current, name=f"{self.name}-last"), self.last_path)

@@ -104,8 +104,9 @@ def safetensors_header(path: Path, max_tensors: int, max_elements: int) -> tuple
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsafeFileError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UnsafeFileError(f"{path}: the safetensors header is not valid JSON ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise UnsafeFileError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

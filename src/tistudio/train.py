@@ -223,7 +223,7 @@ def resume_point(options: TrainOptions) -> ResumePoint:
     run = run_folder(name, options.run_dir)
     point = ResumePoint(name=name, embedding_path=embedding_path, embedding=embedding,
                         target=embedding_path.with_suffix(".safetensors"), run=run, step=embedding.step)
-    last_step = int(embedding.meta.get("last_step", "0") or 0)
+    last_step = embedding.meta_count("last_step") or 0
     trained_to = max(embedding.step, last_step)
     if trained_to >= options.max_steps:
         point.finished = (f"{name} is already trained to step {trained_to}, which is not below max_steps="
