@@ -252,3 +252,59 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
     with client_for(tmp_path / "ws2", tiny_sd1, cache_dir, limits=Limits(request_bytes=1000)) as client:
         answer = client.post("/api/photosets/a/photos", files=[("files", ("x.png", b"y" * 3000, "image/png"))])
         assert answer.status_code == 413
+
+
+def test_no_other_site_may_frame_the_page_and_case_does_not_hide_a_cross_site_request(client) -> None:
+    page = client.get("/")
+    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
+        "content-security-policy"]
+    assert client.get("/api/status").headers["x-content-type-options"] == "nosniff"
+    assert client.post("/api/photosets/x", headers={"Sec-Fetch-Site": "Cross-Site"}).status_code == 403
+
+
+def test_names_with_a_final_newline_are_refused(client) -> None:
+    """'$' matches before a final newline: 's2\\n' once made a folder."""
+    answer = client.post("/api/photosets/s2%0A")
+    assert answer.status_code == 400 and answer.json()["field"] == "set"
+    assert client.post("/api/embeddings", json={"name": "zqxnl\n", "init_text": "toy"}).status_code == 400
+    assert not any("\n" in p.name for p in (client.app.state.server.workspace.root).rglob("*"))
+
+
+def test_a_malformed_request_is_answered_briefly_naming_the_field(client) -> None:
+    """FastAPI's 422 repeats the whole input: a 150 MB body came back as 900 MB. Ours names the field only."""
+    blob = "x" * 2_000_000
+    answer = client.post("/sdapi/v1/txt2img", content=json.dumps({"prompt": "a", "steps": blob}),
+                         headers={"content-type": "application/json"})
+    assert answer.status_code in (400, 422) and len(answer.content) < 1000
+    assert "steps" in answer.text
+    broken = client.post("/api/train", content=b"{" + b"x" * 1_000_000, headers={"content-type": "application/json"})
+    assert broken.status_code in (400, 422) and len(broken.content) < 1000
+
+
+def test_a_chunked_body_past_the_cap_is_refused_as_it_arrives(tmp_path, tiny_sd1, cache_dir) -> None:
+    """A request without a length (chunked) is counted as it arrives, and refused once past the cap, not spooled
+    whole first."""
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, limits=Limits(request_bytes=1024 * 1024)) as capped:
+        sent = {"bytes": 0}
+
+        def chunks():
+            for _ in range(64):
+                sent["bytes"] += 256 * 1024
+                yield b"x" * (256 * 1024)
+
+        answer = capped.post("/api/photosets/x/photos", content=chunks(),
+                             headers={"content-type": "multipart/form-data; boundary=b"})
+        assert answer.status_code == 413 and "larger than" in answer.json()["error"]
+        assert capped.post("/api/photosets/y").status_code == 200  # and it keeps serving
+
+
+@pytest.mark.parametrize("field", ["steps", "cfg_scale", "seed", "width", "height", "batch_size", "n_iter"])
+@pytest.mark.parametrize("value", ["abc", "NaN", "Infinity", "1e400", [1], {"a": 1}, True, 1.5])
+def test_txt2img_answers_a_bad_number_with_a_400_naming_the_field(client, field, value) -> None:
+    if value == 1.5 and field == "cfg_scale":
+        return  # a fine guidance scale
+    raw = json.dumps({"prompt": "a toy", field: value}) if not isinstance(value, str) or value == "abc" else \
+        '{"prompt": "a toy", "%s": %s}' % (field, value)
+    answer = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code in (400, 422), (field, value, answer.text)
+    assert field in answer.json()["error"] or answer.json().get("field") == field

@@ -8,7 +8,10 @@
   drive the local server (CSRF). There is no CORS header at all, wildcard or otherwise.
 * **Auth** - with ``--auth`` or ``--auth-file``, every request needs HTTP Basic credentials (compared in constant
   time). ``--listen`` refuses to start without them (see cli.py).
-* **Size** - a request body larger than the server's cap is refused before it is read.
+* **Size** - a request body larger than the server's cap is refused: before it is read where it states its
+  length, and as soon as it passes the cap where it does not (chunked).
+* **Framing** - no other site may show the page in a frame (X-Frame-Options, CSP frame-ancestors) to trick clicks;
+  responses are never sniffed as another type and send no Referer.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+RESPONSE_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
 def _host_name(host: str) -> str:
@@ -49,7 +54,7 @@ class SecurityMiddleware:
         method = scope.get("method", "GET")
         if method in UNSAFE_METHODS:
             origin = headers.get("origin")
-            if headers.get("sec-fetch-site") == "cross-site" or (
+            if headers.get("sec-fetch-site", "").lower() == "cross-site" or (
                     origin is not None and origin != "null" and origin.split("://", 1)[-1] != host):
                 await self._refuse(send, 403, "cross-site request refused: only tistudio's own page may change "
                                               "things on this server")
@@ -61,12 +66,42 @@ class SecurityMiddleware:
             await self._refuse(send, 401, "sign in: this server needs a user name and password",
                                [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')])
             return
+        send = _with_headers(send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._refuse(send, 413, f"the request is larger than {self.max_body // (1024 * 1024)} MB, the "
-                                          "most this server accepts")
+            await self._refuse(send, 413, self._too_large())
             return
-        await self.app(scope, receive, send)
+        await self.app(scope, *self._capped(receive, send))
+
+    def _too_large(self) -> str:
+        return f"the request is larger than {self.max_body // (1024 * 1024)} MB, the most this server accepts"
+
+    def _capped(self, receive: Any, send: Any) -> tuple[Any, Any]:
+        """receive and send for the app that count the body as it arrives (a chunked request states no length):
+        past the cap the client gets a 413, the app sees the client gone, and what it would answer is dropped."""
+        state = {"read": 0, "refused": False, "started": False}
+
+        async def capped_receive() -> dict[str, Any]:
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > self.max_body:
+                    state["refused"] = True
+                    if not state["started"]:
+                        await self._refuse(send, 413, self._too_large())
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if state["refused"]:
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        return capped_receive, guarded_send
 
     def _authorised(self, header: str) -> bool:
         if not header.lower().startswith("basic "):
@@ -89,3 +124,12 @@ class SecurityMiddleware:
                    *(extra or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _with_headers(send: Any) -> Any:
+    async def send_with_headers(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *RESPONSE_HEADERS]}
+        await send(message)
+
+    return send_with_headers

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import NAME_PATTERN, check_name
 from ..errors import OptionError
 
-FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
+FILE_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._ -]{0,119}\Z")
 
 
 @dataclass(frozen=True)

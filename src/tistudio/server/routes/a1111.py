@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import time
 from typing import Any
 
@@ -89,7 +90,7 @@ def interrupt(server: ServerDep) -> dict[str, Any]:
 
 
 def from_a1111(body: Any) -> dict[str, Any]:
-    """A1111's txt2img request as our generation options."""
+    """A1111's txt2img request as our generation options; a field of the wrong kind is a 400 naming it."""
     if not isinstance(body, dict):
         raise OptionError("body", type(body).__name__, "send a JSON object")
     sampler = body.get("sampler_name") or body.get("sampler_index") or "Euler"
@@ -97,8 +98,47 @@ def from_a1111(body: Any) -> dict[str, Any]:
     if scheduler.lower() == "karras" and not str(sampler).endswith("Karras"):
         sampler = f"{sampler} Karras"
     check_sampler(str(sampler), "sampler_name")
-    count = int(body.get("batch_size", 1) or 1) * int(body.get("n_iter", 1) or 1)
-    return {"prompt": str(body.get("prompt", "")), "negative_prompt": str(body.get("negative_prompt", "") or ""),
-            "steps": int(body.get("steps", 50) or 50), "sampler": str(sampler),
-            "cfg": float(body.get("cfg_scale", 7.0) or 7.0), "seed": int(body.get("seed", -1)),
-            "size": f"{int(body.get('width', 512) or 512)}x{int(body.get('height', 512) or 512)}", "batch": count}
+    count = _whole(body, "batch_size", 1) * _whole(body, "n_iter", 1)
+    return {"prompt": _text(body, "prompt"), "negative_prompt": _text(body, "negative_prompt"),
+            "steps": _whole(body, "steps", 50), "sampler": str(sampler),
+            "cfg": _number(body, "cfg_scale", 7.0), "seed": _whole(body, "seed", -1, allow_zero=True),
+            "size": f"{_whole(body, 'width', 512)}x{_whole(body, 'height', 512)}", "batch": count}
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise OptionError(key, type(value).__name__, "send text")
+    return value
+
+
+def _finite(key: str, value: Any) -> float:
+    """A finite number from JSON's number, or a numeric string as some clients send."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OptionError(key, type(value).__name__, "send a number")
+    try:
+        number = float(value) if not isinstance(value, str) or len(value) <= 40 else math.nan
+    except (ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise OptionError(key, str(value)[:40], "send a finite number")
+    return number
+
+
+def _number(body: dict[str, Any], key: str, default: float) -> float:
+    """A finite number; null, absent or 0 -> default (A1111's clients send 0 for "the default")."""
+    value = body.get(key)
+    return default if value is None or (value == 0 and not isinstance(value, bool)) else _finite(key, value)
+
+
+def _whole(body: dict[str, Any], key: str, default: int, allow_zero: bool = False) -> int:
+    """A whole number (1.0 is one; 1.5 is not); null or absent -> default, and 0 too unless allow_zero."""
+    value = body.get(key)
+    if value is None or (value == 0 and not allow_zero and not isinstance(value, bool)):
+        return default
+    number = _finite(key, value)
+    if number != int(number) or abs(number) > 2**53:
+        raise OptionError(key, str(value)[:40], "send a whole number")
+    return int(number)
