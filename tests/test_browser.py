@@ -166,6 +166,8 @@ def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tm
     try:
         page = browser.new_page()
         page.goto(base)
+        page.click("#new-set-button")  # no name yet: said at the field, not "Method Not Allowed"
+        expect(page.locator("#set-error")).to_contain_text("Give the set a name")
         page.fill("#new-set", "other")
         page.click("#new-set-button")
         expect(page.locator("#photos-empty")).to_be_visible()
@@ -189,6 +191,11 @@ def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tm
         expect(page.locator("#photo-grid figure")).to_have_count(6)
         sets = {s["name"]: s["photos"] for s in page.request.get(f"{base}/api/photosets").json()}
         assert sets == {"other": 0, "tomtut": 6}
+        notes = tmp_path / "notes.png"
+        notes.write_bytes(b"not a photo at all")
+        page.set_input_files("#file-input", [str(notes), str(sorted(photos.glob("*.png"))[0])])
+        expect(page.locator("#upload-error")).to_contain_text("notes.png: ")
+        expect(page.locator("#upload-error")).to_contain_text("not a photo")
     finally:
         server.terminate()
         server.wait(timeout=30)

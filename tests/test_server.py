@@ -304,7 +304,25 @@ def test_txt2img_answers_a_bad_number_with_a_400_naming_the_field(client, field,
     if value == 1.5 and field == "cfg_scale":
         return  # a fine guidance scale
     raw = json.dumps({"prompt": "a toy", field: value}) if not isinstance(value, str) or value == "abc" else \
-        '{"prompt": "a toy", "%s": %s}' % (field, value)
+        f'{{"prompt": "a toy", "{field}": {value}}}'
     answer = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
     assert answer.status_code in (400, 422), (field, value, answer.text)
     assert field in answer.json()["error"] or answer.json().get("field") == field
+
+
+def test_uploads_keep_every_photo_with_an_odd_name_and_say_which_files_they_refuse(client, photos) -> None:
+    """Accented and camera names are made safe, not refused; a caption sidecar is kept as a caption (not a photo);
+    a text file posing as a photo is refused by name while the rest of the batch is kept."""
+    png = (photos / "01-toy figure.png").read_bytes()
+    files = [("files", ("Été photo (1).jpg", png, "image/jpeg")), ("files", ("_DSC0001.JPG", png, "image/jpeg")),
+             ("files", ("DSC0001.txt", b"smiling, on a beach", "text/plain")),
+             ("files", ("notes.png", b"just some notes", "image/png")),
+             ("files", ("Ete photo _1_.jpg", png[:-1] + b"\0", "image/jpeg"))]
+    answer = client.post("/api/photosets/trip/photos", files=files).json()
+    assert answer["saved"] == ["Ete photo _1_.jpg", "DSC0001.JPG", "DSC0001.txt", "Ete photo _1_-2.jpg"]
+    assert [r["file"] for r in answer["refused"]] == ["notes.png"] and "not a photo" in answer["refused"][0]["reason"]
+    listed = client.get("/api/photosets/trip").json()["photos"]
+    assert sorted(p["file"] for p in listed) == ["DSC0001.JPG", "Ete photo _1_-2.jpg", "Ete photo _1_.jpg"]
+    assert {s["name"]: s["photos"] for s in client.get("/api/photosets").json()}["trip"] == 3
+    only_bad = client.post("/api/photosets/trip/photos", files=[("files", ("a.png", b"nope", "image/png"))])
+    assert only_bad.status_code == 400 and "not a photo" in only_bad.json()["error"]

@@ -30,6 +30,26 @@ MAX_PIXELS = 64_000_000
 MIN_SIDE = 16
 KEEP_SIDE = 2048
 CAPTION_SUFFIXES = {".txt", ".caption"}
+
+
+def image_format(head: bytes) -> str | None:
+    """A photo's format from its first bytes (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF/AVIF), else None: what a
+    photo set takes, whatever the file's name says."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc", b"avif"):
+        return "HEIC"
+    return None
 MAX_CAPTION_BYTES = 16_384
 NEUTRAL = (128, 128, 128)
 

@@ -12,6 +12,7 @@ name things (a photo set, an embedding, a file inside a set), never paths.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,12 @@ class Limits:
 
 
 def clean_file_name(name: str) -> str:
-    """A safe file name from a client's: the last path component, odd characters replaced, no leading dot."""
+    """A safe file name from a client's: the last path component, accents dropped ("Été" -> "Ete"), other odd
+    characters replaced, starting with a letter or digit ("_DSC0001.JPG" -> "DSC0001.JPG")."""
     base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[^A-Za-z0-9._ -]+", "_", base).strip(" .")
-    base = re.sub(r"\.{2,}", ".", base)
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    base = re.sub(r"[^A-Za-z0-9._ -]+", "_", base)
+    base = re.sub(r"\.{2,}", ".", base).lstrip(" ._-").rstrip(" .")[:120]
     if not base or not FILE_PATTERN.match(base):
         raise OptionError("file", name, "use a plain file name such as photo-1.jpg")
     return base

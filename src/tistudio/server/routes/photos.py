@@ -11,12 +11,18 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import Response
 
 from ...config import PrepareOptions, validate_prepare
-from ...errors import OptionError
+from ...dataset import CAPTION_SUFFIXES, image_format
+from ...errors import OptionError, TistudioError
 from ..context import ServerDep, image_response, not_found, options_from_body, public, read_capped
 
 router = APIRouter()
 REPORTED = ("source", "status", "reason", "caption", "faces", "yaw", "face_fraction", "sharpness", "upscale",
             "notes", "framing")
+
+
+def is_photo(path: Path) -> bool:
+    """A set's photos are its files other than caption sidecars (photo.txt beside photo.jpg)."""
+    return path.is_file() and path.suffix.lower() not in CAPTION_SUFFIXES
 
 
 @router.get("/api/photosets")
@@ -25,7 +31,7 @@ def photo_sets(server: ServerDep) -> list[dict[str, Any]]:
     out = []
     for name in workspace.sets():
         folder = workspace.photo_set(name)
-        out.append({"name": name, "photos": sum(1 for p in folder.iterdir() if p.is_file()),
+        out.append({"name": name, "photos": sum(1 for p in folder.iterdir() if is_photo(p)),
                     "prepared": (workspace.dataset(name) / "manifest.json").is_file()})
     return out
 
@@ -41,27 +47,55 @@ def photo_set(name: str, server: ServerDep) -> dict[str, Any]:
     folder = server.workspace.photo_set(name)
     if not folder.is_dir():
         raise not_found(f"photo set {name}")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = sorted(p for p in folder.iterdir() if is_photo(p))
     return {"name": name, "photos": [{"file": p.name, "bytes": p.stat().st_size,
                                       "url": f"/api/photosets/{name}/photos/{p.name}"} for p in files]}
 
 
 @router.post("/api/photosets/{name}/photos")
 async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], server: ServerDep) -> dict[str, Any]:
-    from ...storage import write_bytes
-
+    """Each file is kept or refused on its own: photos by content (any name, accents and all, made safe), caption
+    sidecars (.txt) as text; refused files are named with the reason. Nothing kept: the refusal is the answer."""
     workspace, limits = server.workspace, server.limits
     folder = workspace.photo_set(name)
     folder.mkdir(exist_ok=True)
-    existing = sum(1 for p in folder.iterdir() if p.is_file())
+    existing = sum(1 for p in folder.iterdir() if is_photo(p))
     if existing + len(files) > limits.photos_per_set:
         raise OptionError("files", len(files), f"a photo set holds at most {limits.photos_per_set} photos")
-    saved = []
+    saved, refused, first_error = [], [], None
     for upload in files:
-        target = workspace.file_in(folder, upload.filename or "")
-        write_bytes(target, await read_capped(upload, limits.upload_bytes))
-        saved.append(target.name)
-    return {"saved": saved}
+        try:
+            saved.append(await _keep_upload(workspace, folder, upload, limits.upload_bytes))
+        except TistudioError as exc:
+            first_error = first_error or exc
+            refused.append({"file": upload.filename or "", "reason": " ".join(str(exc).split())})
+    if not saved and first_error is not None:
+        if len(refused) > 1:
+            raise OptionError("files", len(refused), "; ".join(f"{r['file']}: {r['reason']}" for r in refused)[:900])
+        raise first_error
+    return {"saved": saved, "refused": refused}
+
+
+async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limit: int) -> str:
+    from ...storage import write_bytes
+
+    target = workspace.file_in(folder, upload.filename or "")
+    data = await read_capped(upload, limit)
+    if target.suffix.lower() in CAPTION_SUFFIXES:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise OptionError("files", upload.filename, "a caption file must be UTF-8 text") from None
+    elif image_format(data[:32]) is None:
+        raise OptionError("files", upload.filename, "not a photo: its content is not JPEG, PNG, WebP, GIF, BMP, "
+                                                    "TIFF or HEIC")
+    if target.exists() and target.read_bytes() != data:  # another photo that cleans to the same name
+        stem, suffix, number = target.stem, target.suffix, 2
+        while target.exists():
+            target = target.with_name(f"{stem}-{number}{suffix}")
+            number += 1
+    write_bytes(target, data)
+    return target.name
 
 
 @router.get("/api/photosets/{name}/photos/{file}")

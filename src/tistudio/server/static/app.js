@@ -225,7 +225,11 @@ async function upload(files) {
   const data = new FormData();
   for (const file of files) data.append("files", file, file.name);
   try {
-    await api("POST", `/api/photosets/${state.set}/photos`, data);
+    const answer = await api("POST", `/api/photosets/${state.set}/photos`, data);
+    if (answer.refused && answer.refused.length) {
+      const which = answer.refused.map((r) => `${r.file}: ${r.reason}`).join("; ");
+      showError("#upload-error", new Error(`Added ${answer.saved.length}; not added: ${which}`));
+    }
   } catch (e) {
     showError("#upload-error", e);
   }
@@ -282,6 +286,10 @@ function setupPhotos() {
   $("#new-set-button").onclick = () => {
     showError("#set-error", null);
     const name = $("#new-set").value.trim();
+    if (!name) {
+      showError("#set-error", new Error("Give the set a name first, e.g. tomtut."));
+      return null;
+    }
     const creating = (async () => {
       try {
         await api("POST", `/api/photosets/${encodeURIComponent(name)}`);
