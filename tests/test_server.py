@@ -326,3 +326,21 @@ def test_uploads_keep_every_photo_with_an_odd_name_and_say_which_files_they_refu
     assert {s["name"]: s["photos"] for s in client.get("/api/photosets").json()}["trip"] == 3
     only_bad = client.post("/api/photosets/trip/photos", files=[("files", ("a.png", b"nope", "image/png"))])
     assert only_bad.status_code == 400 and "not a photo" in only_bad.json()["error"]
+
+
+def test_the_demo_servers_photos_prepare_with_the_default_settings(tmp_path, cache_dir) -> None:
+    """The demo's first experience: its 64 px photos prepared with the form's defaults (the demo model's size),
+    not refused as too small for 512."""
+    from tistudio.demo import person_photos
+
+    photos = person_photos(tmp_path / "demo-photos")
+    with client_for(tmp_path / "ws", "demo", cache_dir) as demo:
+        prepare = {f["name"]: f for f in demo.get("/api/schema").json()["prepare"]}
+        assert prepare["size"]["default"] == 64
+        files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(photos.iterdir())]
+        answer = demo.post("/api/photosets/tomtut/photos", files=files).json()
+        assert len(answer["saved"]) == 30 and not answer["refused"]  # 15 photos and their 15 captions
+        done = wait(demo, demo.post("/api/photosets/tomtut/prepare", json={}).json())
+        assert done["status"] == "done", done
+        report = demo.get("/api/datasets/tomtut").json()
+        assert sum(item["status"] == "ok" for item in report["items"]) == 15, report["verdict"]

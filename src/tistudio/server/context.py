@@ -46,6 +46,16 @@ class Server:
     def limits(self) -> Limits:
         return self.config.limits
 
+    def native_size(self) -> int | None:
+        """The served model's native picture size where it is known without loading a checkpoint: the loaded
+        model's, or a built-in demo's (64 px). Preparing photos defaults to it (the demo's photos are 64 px, and
+        preparing them at 512 refused all of them as too small)."""
+        if self.worker.model is not None:
+            return int(self.worker.model.native_size)
+        from ..models import DEMOS
+
+        return 64 if self.config.model.model in DEMOS else None
+
     def close(self) -> None:
         """Begin shutting down: the running job stops at its next step (training saves), and event streams and
         waiting requests end, so that no watching page holds the server open."""

@@ -48,6 +48,10 @@ def status(server: ServerDep) -> dict[str, Any]:
 
 
 @router.get("/api/schema")
-def forms() -> dict[str, Any]:
-    return {"prepare": schema(PrepareOptions), "create": schema(CreateOptions), "train": schema(TrainOptions),
+def forms(server: ServerDep) -> dict[str, Any]:
+    prepare, native = schema(PrepareOptions), server.native_size()
+    for field in prepare:
+        if field["name"] == "size" and native:
+            field["default"] = native  # prepare at the served model's size
+    return {"prepare": prepare, "create": schema(CreateOptions), "train": schema(TrainOptions),
             "generate": schema(GenerateOptions), "samplers": list(SAMPLERS)}
