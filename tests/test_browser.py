@@ -196,6 +196,16 @@ def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tm
         page.set_input_files("#file-input", [str(notes), str(sorted(photos.glob("*.png"))[0])])
         expect(page.locator("#upload-error")).to_contain_text("notes.png: ")
         expect(page.locator("#upload-error")).to_contain_text("not a photo")
+
+        # A number field that holds no number is an error at the field, never silently the default.
+        for typed, said in (("", "enter a number"), ("abc", "Size: "), ("70000", "at most")):
+            page.fill("#prepare-form-size", "")
+            if typed:
+                page.locator("#prepare-form-size").press_sequentially(typed)
+            page.click("#prepare-button")
+            expect(page.locator("#prepare-error")).to_contain_text(said)
+            expect(page.locator("#prepare-form [data-field=size]")).to_have_class("field invalid")
+        assert page.request.get(f"{base}/api/jobs").json() == []  # nothing was queued
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -74,6 +74,28 @@ function setProgress(id, fraction) {
 
 function humanize(name) { return name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
 
+function fieldError(field, message) {
+  const error = new Error(`${humanize(field.name)}: ${message}`);
+  error.field = field.name;
+  return error;
+}
+
+function number(input, field) {
+  const text = input.value.trim();
+  if (input.validity && input.validity.badInput) throw fieldError(field, "that is not a number");
+  if (text === "") throw fieldError(field, `enter a number (the default is ${field.default})`);
+  const value = Number(text);
+  if (!Number.isFinite(value)) throw fieldError(field, "that is not a number");
+  if (field.type === "int" && !Number.isInteger(value)) throw fieldError(field, "enter a whole number");
+  if (field.minimum !== null && field.minimum !== undefined && value < field.minimum) {
+    throw fieldError(field, `at least ${field.minimum}`);
+  }
+  if (field.maximum !== null && field.maximum !== undefined && value > field.maximum) {
+    throw fieldError(field, `at most ${field.maximum}`);
+  }
+  return value;
+}
+
 function renderForm(form, fields, overrides = {}) {
   form.innerHTML = "";
   const inputs = {};
@@ -121,12 +143,13 @@ function renderForm(form, fields, overrides = {}) {
   if (advanced.querySelector(".inner").children.length) form.append(advanced);
   form.addEventListener("submit", (event) => event.preventDefault());
   return {
-    values() {
+    values(strict = true) {
+      // strict (what is sent): a number field that holds no number is an error at that field, never the default.
+      // Not strict (reading the form to redraw it): number fields as typed.
       const out = {};
       for (const [name, { input, field }] of Object.entries(inputs)) {
         if (field.type === "bool") out[name] = input.checked;
-        else if (field.type === "int") out[name] = input.value === "" ? field.default : parseInt(input.value, 10);
-        else if (field.type === "float") out[name] = input.value === "" ? field.default : parseFloat(input.value);
+        else if (field.type === "int" || field.type === "float") out[name] = strict ? number(input, field) : input.value;
         else out[name] = input.value;
       }
       return out;
@@ -388,7 +411,7 @@ async function refreshTrainChoices() {
   state.embeddings = embeddings; state.sets = sets;
   const names = embeddings.filter((e) => !e.error).map((e) => e.name);
   const setNames = sets.map((s) => s.name);
-  const keep = trainForm ? trainForm.values() : {};
+  const keep = trainForm ? trainForm.values(false) : {};
   trainForm = renderForm($("#train-form"), [{ name: "set", type: "str", default: "", required: true,
     help: "the photo set to train on (prepared if you prepared it)", choices: setNames.length ? setNames : [""] },
   ...state.schema.train], {
@@ -396,7 +419,7 @@ async function refreshTrainChoices() {
   });
   for (const [key, value] of Object.entries(keep)) if (key !== "embedding") trainForm.set(key, value);
   if (state.trainEmbedding && setNames.includes(state.trainEmbedding)) trainForm.set("set", state.trainEmbedding);
-  trainForm.inputs.embedding.input.onchange = () => loadRun(trainForm.values().embedding);
+  trainForm.inputs.embedding.input.onchange = () => loadRun(trainForm.values(false).embedding);
   $("#train-button").disabled = !names.length || !setNames.length;
   if (!names.length || !setNames.length) {
     showError("#train-error", new Error(!names.length ? "Create an embedding first (2 · Embeddings)."
@@ -410,7 +433,7 @@ async function refreshTrainChoices() {
   $("#resume-button").hidden = !(state.lastTrainJob && ["stopped", "interrupted", "failed"]
     .includes(state.lastTrainJob.status));
   if (running && (!state.trainJob || state.trainJob.id !== running.id)) follow(running);
-  const current = trainForm.values().embedding;
+  const current = trainForm.values(false).embedding;
   if (current) loadRun(current);
 }
 
