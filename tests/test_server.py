@@ -344,3 +344,18 @@ def test_the_demo_servers_photos_prepare_with_the_default_settings(tmp_path, cac
         assert done["status"] == "done", done
         report = demo.get("/api/datasets/tomtut").json()
         assert sum(item["status"] == "ok" for item in report["items"]) == 15, report["verdict"]
+
+
+def test_the_api_docs_load_nothing_from_elsewhere(client) -> None:
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/api/photosets/{name}/photos" in docs.text and "/openapi.json" in docs.text
+    assert "cdn" not in docs.text.lower() and "src='http" not in docs.text and 'src="http' not in docs.text
+    assert client.get("/redoc").status_code == 404
+    assert "/api/status" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_serve_refuses_a_nonsense_upload_cap_in_one_line(value, capsys, tmp_path) -> None:
+    assert main(["serve", "--workspace", str(tmp_path / "ws"), "--max-upload-mb", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_upload_mb" in err and "positive" in err and len(err.splitlines()) == 1

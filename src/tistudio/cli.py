@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -261,10 +262,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_fields(model)
     from .server.workspace import Limits
 
-    if args.max_upload_mb <= 0:
+    if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
         from .errors import OptionError
 
-        raise OptionError("max_upload_mb", args.max_upload_mb, "must be positive")
+        raise OptionError("max_upload_mb", args.max_upload_mb, "must be a positive number of megabytes, e.g. 50")
     limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     config = ServerConfig(workspace=Path(args.workspace), model=model, cache_dir=args.cache_dir, auth=auth,
                           listening=listening, limits=limits)

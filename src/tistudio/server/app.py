@@ -44,8 +44,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         # the running job finishes its step and saves before the process ends (the worker is a daemon thread)
         await asyncio.to_thread(worker.join, WORKER_STOP_S)
 
+    # FastAPI's /docs and /redoc load their scripts from a public CDN; tistudio fetches nothing at run time, so
+    # /docs is its own page (routes/page.py) listing the API from /openapi.json.
     app = FastAPI(title="tistudio", version=__version__, description="Textual-inversion training and generation.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(SecurityMiddleware, auth=config.auth, listening=config.listening,
                        max_body=config.limits.request_bytes)
     app.state.server = Server(config=config, workspace=workspace, store=store, worker=worker)

@@ -6,7 +6,7 @@ import dataclasses
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from ... import __version__
@@ -55,3 +55,21 @@ def forms(server: ServerDep) -> dict[str, Any]:
             field["default"] = native  # prepare at the served model's size
     return {"prepare": prepare, "create": schema(CreateOptions), "train": schema(TrainOptions),
             "generate": schema(GenerateOptions), "samplers": list(SAMPLERS)}
+
+
+@router.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+def api_docs(request: Request) -> HTMLResponse:
+    """The API at a glance, from the OpenAPI schema, without any script from elsewhere."""
+    import html
+
+    spec = request.app.openapi()
+    rows = []
+    for path, methods in sorted(spec.get("paths", {}).items()):
+        for method, operation in methods.items():
+            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}"
+                        f"</code></td><td>{html.escape(operation.get('summary', ''))}</td></tr>")
+    body = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>tistudio API</title>"
+            f"<link rel='stylesheet' href='/static/app.css'></head><body><main><h1>tistudio API "
+            f"{html.escape(__version__)}</h1><p>The full schema: <a href='/openapi.json'>/openapi.json</a> (load it "
+            f"into any OpenAPI viewer).</p><table>{''.join(rows)}</table></main></body></html>")
+    return HTMLResponse(body, headers={"Cache-Control": "no-cache"})
