@@ -359,3 +359,24 @@ def test_serve_refuses_a_nonsense_upload_cap_in_one_line(value, capsys, tmp_path
     assert main(["serve", "--workspace", str(tmp_path / "ws"), "--max-upload-mb", value]) == 2
     err = capsys.readouterr().err.strip()
     assert "max_upload_mb" in err and "positive" in err and len(err.splitlines()) == 1
+
+
+def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> None:
+    """A link in the workspace that points out of it (someone with shell access, a synced folder) is refused by
+    every route, and the refusal names no server folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n secret")
+    from tistudio.embedding import Embedding, write_embedding
+
+    write_embedding(Embedding(name="stolen", vectors={"clip": torch.ones(1, 32)}), outside / "stolen.safetensors")
+    workspace = tmp_path / "ws"
+    (workspace / "photos" / "linked").symlink_to(outside, target_is_directory=True)
+    (workspace / "embeddings" / "stolen.safetensors").symlink_to(outside / "stolen.safetensors")
+    for url in ("/api/photosets/linked", "/api/embeddings/stolen/file", "/api/photosets/linked/photos/secret.png"):
+        answer = client.get(url)
+        assert answer.status_code in (400, 404), (url, answer.status_code)
+        assert str(tmp_path) not in answer.text and "secret" not in answer.text.replace("secret.png", "")
+    listed = client.get("/api/photosets")
+    assert listed.status_code == 200 and "linked" not in listed.text  # the list still works, without the link
+    assert client.get("/api/embeddings").status_code == 200

@@ -137,6 +137,7 @@ async def read_capped(upload: UploadFile, limit: int) -> bytes:
 
 def embedding_path(workspace: Workspace, name: str) -> Path:
     path = workspace.embeddings / f"{check_name(name, 'embedding')}.safetensors"
+    workspace.inside(path)
     if not path.is_file():
         raise not_found(f"embedding {name}")
     return path

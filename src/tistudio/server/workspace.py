@@ -62,20 +62,26 @@ class Workspace:
             folder.mkdir(parents=True, exist_ok=True)
 
     def inside(self, path: Path) -> Path:
-        """`path`, resolved, if it is inside the workspace; an error otherwise."""
+        """`path`, resolved, if it is inside the workspace (a symlink planted in it that leads out is not); an
+        error otherwise, naming the file but not the server's folders."""
         resolved = path.resolve()
         if self.root not in resolved.parents and resolved != self.root:
-            raise OptionError("path", str(path), "is outside the workspace")
+            raise OptionError("path", path.name, "leads outside the workspace")
         return resolved
 
+    def _named(self, folder: Path, name: str, field: str) -> Path:
+        path = folder / check_name(name, field)
+        self.inside(path)
+        return path
+
     def photo_set(self, name: str) -> Path:
-        return self.photos / check_name(name, "set")
+        return self._named(self.photos, name, "set")
 
     def dataset(self, name: str) -> Path:
-        return self.datasets / check_name(name, "dataset")
+        return self._named(self.datasets, name, "dataset")
 
     def run(self, name: str) -> Path:
-        return self.runs / check_name(name, "embedding")
+        return self._named(self.runs, name, "embedding")
 
     def file_in(self, folder: Path, name: str) -> Path:
         """A file directly inside `folder`, by a client-given name."""
@@ -86,8 +92,10 @@ class Workspace:
         return path
 
     def sets(self) -> list[str]:
-        return sorted(p.name for p in self.photos.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name))
+        return sorted(p.name for p in self.photos.iterdir()
+                      if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name))
 
     def prepared(self) -> list[str]:
         return sorted(p.name for p in self.datasets.iterdir()
-                      if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "manifest.json").is_file())
+                      if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name)
+                      and (p / "manifest.json").is_file())
