@@ -380,3 +380,17 @@ def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> Non
     listed = client.get("/api/photosets")
     assert listed.status_code == 200 and "linked" not in listed.text  # the list still works, without the link
     assert client.get("/api/embeddings").status_code == 200
+
+
+def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_path) -> None:
+    from tistudio.embedding import Embedding, write_embedding
+
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.ones(1, 32)}),
+                    tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
+    store = client.app.state.server.store
+    job = store.create("train", {"set": "tomtut", "embedding": "tomtut"})
+    answer = client.delete("/api/embeddings/tomtut")
+    assert answer.status_code == 400 and "stop that training first" in answer.json()["error"]
+    assert (tmp_path / "ws" / "embeddings" / "tomtut.safetensors").is_file()
+    store.update(job, status="stopped")
+    assert client.delete("/api/embeddings/tomtut").json() == {"deleted": "tomtut"}

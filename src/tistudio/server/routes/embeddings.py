@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 
 from ...config import CreateOptions, check_name, validate_create
 from ...embedding import describe, import_embedding, list_embedding_files, read_embedding
-from ...errors import TistudioError
+from ...errors import OptionError, TistudioError
 from ..context import ServerDep, embedding_path, options_from_body, public, read_capped
 from ..workspace import clean_file_name
 
@@ -58,7 +58,13 @@ def download(name: str, server: ServerDep) -> FileResponse:
 
 @router.delete("/api/embeddings/{name}")
 def delete_embedding(name: str, server: ServerDep) -> dict[str, Any]:
-    embedding_path(server.workspace, name).unlink()
+    path = embedding_path(server.workspace, name)
+    training = [job for job in server.store.all() if job.kind == "train" and job.status in ("queued", "running")
+                and str(job.request.get("embedding", "")).lower() == name.lower()]
+    if training:
+        raise OptionError("name", name, f"is being trained ({training[0].status}); stop that training first, "
+                                        "or its next save would bring the file back")
+    path.unlink()
     return {"deleted": name}
 
 
