@@ -171,15 +171,56 @@ def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedd
                          "string_to_param, emb_params, clip_l/clip_g or a single {token: vectors} entry")
 
 
+PNG_TEXT_BYTES = 64 * 1024 * 1024  # the most a text chunk may hold, unpacked
+
+
+def png_text_chunk(path: Path, key: str) -> str | None:
+    """The text of a PNG's tEXt, zTXt or iTXt chunk named `key`, read chunk by chunk without decoding the pixels
+    (PIL's Image.text decodes the whole image first: a 13000x13000 PNG of 646 KB took 805 MB to read)."""
+    import struct
+    import zlib
+
+    def unpack(data: bytes) -> bytes:
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(data, PNG_TEXT_BYTES)
+        if inflater.unconsumed_tail:
+            raise EmbeddingError(f"{path}: a PNG text chunk unpacks to more than {PNG_TEXT_BYTES // 2**20} MB")
+        return out
+
+    wanted = key.encode("latin-1")
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise EmbeddingError(f"{path}: not a PNG")
+            while True:
+                head = handle.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"IEND":
+                    return None
+                if kind not in (b"tEXt", b"zTXt", b"iTXt") or length > PNG_TEXT_BYTES:
+                    handle.seek(length + 4, 1)
+                    continue
+                data = handle.read(length)
+                handle.seek(4, 1)  # the CRC
+                name, _, rest = data.partition(b"\0")
+                if name != wanted:
+                    continue
+                if kind == b"tEXt":
+                    return rest.decode("latin-1")
+                if kind == b"zTXt":
+                    return unpack(rest[1:]).decode("latin-1")
+                compressed, rest = rest[:1] == b"\1", rest[2:]
+                rest = rest.split(b"\0", 2)[-1]  # after the language tag and the translated keyword
+                return (unpack(rest) if compressed else rest).decode("utf-8", errors="replace")
+    except (OSError, zlib.error, struct.error) as exc:
+        raise EmbeddingError(f"{path}: cannot read this PNG ({exc})") from None
+
+
 def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """A1111's embedding hidden in a PNG text chunk (base64 JSON, tensors as nested lists)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            text = image.text.get("sd-ti-embedding") if hasattr(image, "text") else None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise EmbeddingError(f"{path}: cannot read this PNG ({exc})") from None
+    text = png_text_chunk(path, "sd-ti-embedding")
     if not text:
         raise EmbeddingError(f"{path}: a PNG without an 'sd-ti-embedding' text chunk; embeddings hidden in the "
                              "pixels are not read, re-save the embedding as .safetensors in A1111")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,9 +77,10 @@ async def upload_embedding(file: Annotated[UploadFile, File()], server: ServerDe
     folder = server.workspace.embeddings
     name = check_name(name or Path(clean_file_name(file.filename or "")).stem)
     staging = folder / f".upload-{name}.tmp"
-    write_bytes(staging, await read_capped(file, server.limits.embedding_bytes))
-    try:
-        saved = import_embedding(staging, folder, name)
+    data = await read_capped(file, server.limits.embedding_bytes)
+    await asyncio.to_thread(write_bytes, staging, data)
+    try:  # reading and checking the file is blocking work: off the event loop, so other requests go on
+        saved = await asyncio.to_thread(import_embedding, staging, folder, name)
     finally:
         staging.unlink(missing_ok=True)
-    return shown(saved)
+    return await asyncio.to_thread(shown, saved)
