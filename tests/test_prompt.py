@@ -129,3 +129,17 @@ def test_tokenizer_is_the_real_clip_vocabulary() -> None:
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert load_tokenizer("sd2").pad_token == "!"
+
+
+def test_a_prompt_past_the_cap_is_refused_before_any_work(tmp_path) -> None:
+    """The attention parser is quadratic in the worst case (as A1111's is): "(a" * 16000 took 6 s and held the
+    server's worker, so prompts are capped where the worst case stays short."""
+    from tistudio.config import MAX_PROMPT_CHARS, GenerateOptions, TrainOptions, check_fields, validate_generate
+    for field in ("prompt", "negative_prompt"):
+        options = GenerateOptions(**{"model": "demo", "prompt": "a", field: "(a" * 16000})
+        with pytest.raises(OptionError, match="at most 8,000 characters") as error:
+            validate_generate(options)
+        assert error.value.field == field
+    with pytest.raises(OptionError):
+        check_fields(TrainOptions(model="demo", embedding="x", dataset="d", preview_prompt="x" * 9000))
+    validate_generate(GenerateOptions(model="demo", prompt="(a" * (MAX_PROMPT_CHARS // 2)))  # at the cap: taken

@@ -57,6 +57,20 @@ MAX_SAMPLING_STEPS = 150  # generation's and previews' sampling steps
 CFG_RANGE = {"minimum": 1.0, "maximum": 30.0}
 
 
+# The longest prompt taken: far past what a model reads usefully (about 2,000 tokens, 27 chunks of 75), short
+# enough that the attention parser's worst case (brackets opened and closed all at the end, quadratic as A1111's
+# is) stays well under a second; "(a" * 16000 took 6 s and held the server's only worker.
+MAX_PROMPT_CHARS = 8000
+
+
+def check_prompt(text: str, field_name: str = "prompt") -> str:
+    if len(text or "") > MAX_PROMPT_CHARS:
+        raise OptionError(field_name, f"{len(text)} characters", f"a prompt may have at most {MAX_PROMPT_CHARS:,} "
+                          "characters")
+    return text
+
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Which model to load and how. Shared by every job that needs a model."""
@@ -126,8 +140,9 @@ class TrainOptions(ModelOptions):
     save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
     # Preview prompt; empty means the template's first line with the name.
     # The preview_* fields are a preview's SamplingParams (generate.py), as flags of their own.
-    preview_prompt: str = option("", "preview prompt (default: the template's first line)", widget="wide")
-    preview_negative_prompt: str = option("", "preview negative prompt", advanced=True)
+    preview_prompt: str = option("", "preview prompt (default: the template's first line)", widget="wide",
+                                 check=check_prompt)
+    preview_negative_prompt: str = option("", "preview negative prompt", advanced=True, check=check_prompt)
     # A fixed seed makes previews comparable across steps.
     preview_seed: int = option(1234, "preview seed", minimum=0, maximum=2**32 - 1, advanced=True)
     preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS, advanced=True)
@@ -178,8 +193,8 @@ class GenerateOptions(ModelOptions):
     """Generate images (A1111's txt2img), using every embedding whose name appears in the prompts."""
 
     prompt: str = option("", "prompt; embedding names in it are used", required=True, positional=True,
-                         widget="textarea")
-    negative_prompt: str = option("", "negative prompt", widget="textarea")
+                         widget="textarea", check=check_prompt)
+    negative_prompt: str = option("", "negative prompt", widget="textarea", check=check_prompt)
     steps: int = option(20, "sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS)
     sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name", choices=SAMPLER_NAMES, check=check_sampler)
     cfg: float = option(7.0, "CFG scale", **CFG_RANGE)
