@@ -290,7 +290,7 @@ def load_built(folder: Path):
     import tistudio.tinymodel as tiny
 
     original = tiny.world_files
-    tiny.world_files = lambda: (folder / "world-model.safetensors", folder / "world-model.json")
+    tiny.world_files = lambda family="sd1": (folder / "world-model.safetensors", folder / "world-model.json")
     try:
         with tempfile.TemporaryDirectory() as work:
             expanded = tiny.expand_world_model(Path(work) / "model")
