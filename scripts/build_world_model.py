@@ -63,6 +63,22 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, what
     return step + 1
 
 
+def ema_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int,
+             named: list[tuple[str, torch.nn.Parameter]], ema: dict[str, torch.Tensor]) -> int:
+    """One optimizer step on `loss` (gradients clipped to norm 1), then the EMA of the `named` weights moved
+    towards them; returns the new step count."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+    optimizer.step()
+    step += 1
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, p in named:
+            ema[name].lerp_(p.detach(), 1 - decay)
+    return step
+
+
 def make_data(count: int, seed: int) -> tuple[torch.Tensor, list[str], list[world.Person]]:
     rng = random.Random(seed)
     images, captions, people = [], [], []
@@ -123,8 +139,8 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, s
                   {"params": [p for n, p in text.named_parameters() if "token_embedding" not in n], "lr": 4e-4},
                   {"params": [text.get_input_embeddings().weight], "lr": 2e-3}]
     optimizer = torch.optim.AdamW(parameters, weight_decay=0.0)
-    ema = {name: p.detach().clone() for name, p in list(unet.named_parameters()) +
-           [("text." + n, p) for n, p in text.named_parameters()]}
+    named = list(unet.named_parameters()) + [("text." + n, p) for n, p in text.named_parameters()]
+    ema = {name: p.detach().clone() for name, p in named}
     alphas = DDPMScheduler.from_config(scheduler_config("epsilon")).alphas_cumprod
     generator = torch.Generator().manual_seed(seed + 1)
     started, step, batch = time.monotonic(), 0, 24
@@ -146,15 +162,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, s
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         hidden = text(token_ids).last_hidden_state
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in parameters for p in g["params"]], 1.0)
-        optimizer.step()
-        step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, p in list(unet.named_parameters()) + [("text." + n, p) for n, p in text.named_parameters()]:
-                ema[name].lerp_(p.detach(), 1 - decay)
+        step = ema_step(optimizer, loss, step, named, ema)
         losses.append(loss.item())
         if step % 200 == 0:
             log(f"denoiser step {step}: loss {sum(losses[-200:]) / 200:.4f}")

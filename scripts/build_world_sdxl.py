@@ -149,15 +149,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], unet, texts: Text
         predicted = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context,
                          added_cond_kwargs=added(pooled)).sample
         loss = F.mse_loss(predicted, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimizer.step()
-        step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, p in named:
-                ema[name].lerp_(p.detach(), 1 - decay)
+        step = sd1.ema_step(optimizer, loss, step, named, ema)
         losses.append(loss.item())
         if step % 200 == 0:
             sd1.log(f"denoiser step {step}: loss {sum(losses[-200:]) / 200:.4f}")

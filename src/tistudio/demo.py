@@ -30,7 +30,7 @@ from . import world
 from .config import CreateOptions, GenerateOptions, TrainOptions
 from .create import create_embedding
 from .generate import generate
-from .models import load_model
+from .models import DEMOS, load_model
 from .report import data_uri, write_run_report
 from .runfolder import read_eval_log
 from .storage import write_bytes, write_text
@@ -44,7 +44,7 @@ PROMPTS = ["a photo of tomtut, smiling, on a beach", "a painting of tomtut, smil
            "a painting of tomtut, serious, in a forest"]
 TEMPLATE = "a photo of [name], [filewords]\na photo of [name]\n"
 STEPS = 200
-DEMO_MODELS = {"sd1": "demo", "sdxl": "demo-sdxl"}  # models.DEMOS the other way round
+DEMO_MODELS = {family: spec for spec, family in DEMOS.items()}  # the demo model of each family
 BANNER = ("The demo runs on tistudio's <b>small world model</b>: the architecture of Stable Diffusion, trained on a "
           "synthetic world of cartoon people, so that text controls its 64-pixel pictures. The person in the photos "
           "below was never in its training. Repeat the story with a real checkpoint and your own photos using the "

@@ -124,9 +124,9 @@ def prepare_set(name: str, server: ServerDep, body: dict[str, Any] | None = None
     folder = workspace.photo_set(name)
     if not folder.is_dir():
         raise not_found(f"photo set {name}")
-    body = dict(body or {})
-    if "size" not in body and server.native_size():
-        body["size"] = server.native_size()  # the served model's size, as the page's form says
+    body, native = dict(body or {}), server.native_size()
+    if "size" not in body and native:
+        body["size"] = native  # the served model's size, as the page's form says
     options = options_from_body(PrepareOptions, body, photos=str(folder), out=str(workspace.dataset(name)))
     validate_prepare(options)
     return server.worker.submit("prepare", {"set": name, **public(options)}).public()
