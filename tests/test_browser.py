@@ -86,7 +86,7 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         big = tmp_path / "huge.png"
         big.write_bytes(b"\x89PNG" + os.urandom(700_000))
         page.set_input_files("#file-input", str(big))
-        expect(page.locator("#upload-error")).to_contain_text("larger than")
+        expect(page.locator("#upload-error")).to_contain_text("larger than 512 KB")  # --max-upload-mb 0.5
         page.fill("#prepare-form-size", "64")
         page.check("#prepare-form-flip")
         page.click("#prepare-button")

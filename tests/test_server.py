@@ -244,7 +244,7 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
     limits = Limits(upload_bytes=2000, photos_per_set=3, generate_batch=2, train_steps=50)
     with client_for(tmp_path / "ws", tiny_sd1, cache_dir, limits=limits) as client:
         big = client.post("/api/photosets/a/photos", files=[("files", ("big.png", b"x" * 5000, "image/png"))])
-        assert big.status_code == 413 and "larger than" in big.json()["error"]
+        assert big.status_code == 413 and "larger than 1.95 KB" in big.json()["error"]  # 2000 bytes, not "0 MB"
         many = [("files", (f"{i}.png", b"x", "image/png")) for i in range(4)]
         assert client.post("/api/photosets/a/photos", files=many).status_code == 400
         assert client.post("/api/generate", json={"prompt": "x", "batch": 3}).json()["field"] == "batch"

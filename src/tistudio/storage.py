@@ -54,6 +54,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def size_text(count: int) -> str:
+    """A byte count for people: "50 MB", "512 KB", "0.5 MB" (never "0 MB" for a cap under a megabyte)."""
+    if count >= 1024 * 1024:
+        return f"{count / (1024 * 1024):.3g} MB"
+    return f"{count / 1024:.3g} KB"
+
+
 def write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda temp: temp.write_bytes(data))
 

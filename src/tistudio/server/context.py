@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse
 
 from ..config import ModelOptions, check_fields, check_name, from_dict
 from ..errors import OptionError, TistudioError
+from ..storage import size_text
 from .jobs import Job, JobStore, Worker
 from .workspace import Limits, Workspace
 
@@ -131,7 +132,7 @@ def image_response(path: Path) -> FileResponse:
 async def read_capped(upload: UploadFile, limit: int) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise TooLarge(f"{upload.filename}: larger than {limit // (1024 * 1024)} MB, the most this server accepts")
+        raise TooLarge(f"{upload.filename}: larger than {size_text(limit)}, the most this server accepts")
     return data
 
 

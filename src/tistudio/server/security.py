@@ -22,6 +22,8 @@ import hmac
 import json
 from typing import Any
 
+from ..storage import size_text
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 RESPONSE_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
@@ -74,7 +76,7 @@ class SecurityMiddleware:
         await self.app(scope, *self._capped(receive, send))
 
     def _too_large(self) -> str:
-        return f"the request is larger than {self.max_body // (1024 * 1024)} MB, the most this server accepts"
+        return f"the request is larger than {size_text(self.max_body)}, the most this server accepts"
 
     def _capped(self, receive: Any, send: Any) -> tuple[Any, Any]:
         """receive and send for the app that count the body as it arrives (a chunked request states no length):
