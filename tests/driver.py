@@ -2,6 +2,8 @@
 can land inside a save or inside a step.
 
     python driver.py [--slow-replace SECONDS] [--slow-step SECONDS] -- CLI ARGS...
+
+(``--cli`` in place of ``--`` where a launcher would take the ``--`` itself, as torchrun does.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 def main() -> int:
     args = sys.argv[1:]
-    split = args.index("--")
+    split = args.index("--") if "--" in args else args.index("--cli")
     options, cli = args[:split], args[split + 1:]
     settings = dict(zip(options[::2], options[1::2], strict=True))
     os.environ["HF_HUB_OFFLINE"] = "1"

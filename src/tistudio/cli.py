@@ -109,15 +109,21 @@ def setup_logging(verbosity: int) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """First Ctrl-C/SIGTERM: finish the step, save, exit 0. Second Ctrl-C: abort now. Handlers restored after."""
+def stop_on_signals(announce: bool = True) -> Iterator[threading.Event]:
+    """First Ctrl-C/SIGTERM: finish the step, save, exit 0. Second Ctrl-C: abort now. Handlers restored after.
+    A SIGTERM after the first signal changes nothing: torchrun's agent sends one to every process right after a
+    Ctrl-C reaches them all, and they should still save."""
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGTERM:
+            return
         if stop.is_set():
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         stop.set()
+        if not announce:
+            return
         from tqdm import tqdm
 
         tqdm.write("tistudio: stopping after this step and saving (press Ctrl-C again to abort now)",
@@ -200,14 +206,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train; under torchrun or accelerate launch, one of the run's processes (process 0 alone shows progress)."""
+    from .parallel import Parallel
     from .train import train
 
     options = options_from(args, TrainOptions)
-    with stop_on_signals() as stop:
-        result = train(options, cache_dir=args.cache_dir, on_progress=ProgressBar("training", "step"), stop=stop)
-    for path, reason in result.skipped_images:
-        log.warning("skipped %s: %s", path, reason)
-    print(f"{result.message}: {result.embedding_path} (run folder {result.run_dir})")
+    parallel = Parallel.from_environment()
+    if not parallel.main:
+        logging.getLogger("tistudio").setLevel(logging.WARNING)
+    with stop_on_signals(announce=parallel.main) as stop:
+        result = train(options, cache_dir=args.cache_dir, stop=stop, parallel=parallel,
+                       on_progress=ProgressBar("training", "step") if parallel.main else None)
+    if parallel.main:
+        for path, reason in result.skipped_images:
+            log.warning("skipped %s: %s", path, reason)
+        print(f"{result.message}: {result.embedding_path} (run folder {result.run_dir})")
     return 0
 
 

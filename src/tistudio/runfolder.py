@@ -147,11 +147,22 @@ class RunFolder:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def resolved_batch(self) -> int | None:
-        """The batch size an earlier sitting of this run trained with (from its options.json), if it says."""
+    def resolved_batch(self, processes: int = 1) -> int | None:
+        """The batch size per process an earlier sitting of this run trained with (from its options.json), if it
+        says: for `processes` processes, the one that keeps the sitting's micro-batch over all processes where it
+        divides evenly (so the run continues exactly), else the sitting's own."""
         resolved = self.options().get("resolved")
-        batch = resolved.get("batch_size") if isinstance(resolved, dict) else None
-        return batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else None
+        if not isinstance(resolved, dict):
+            return None
+
+        def count(key: str, default: int | None) -> int | None:
+            value = resolved.get(key, default)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+        batch, earlier = count("batch_size", None), count("processes", 1) or 1
+        if batch is not None and (batch * earlier) % processes == 0:
+            return batch * earlier // processes
+        return batch
 
     # -- opening, logging --------------------------------------------------------------------------------------
 

@@ -37,8 +37,9 @@ from .embedding import Embedding, find_embedding_file, read_embedding
 from .errors import EmbeddingError, TistudioError
 from .evaluation import Evaluator, Likeness, evaluation_batch
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
-from .models import SDModel, load_model
+from .models import SDModel, load_model, resolve_device
 from .objective import diffusion_loss, noise_schedule, seed_for, size_ids
+from .parallel import Parallel, PeerLost, process_group
 from .progress import Event, Progress, Reporter
 from .runfolder import ResumeState, RunFolder, restore_optimizer, run_folder
 from .samplers import check_sampler
@@ -79,18 +80,33 @@ class TrainResult:
 
 def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
           on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
-          likeness: Likeness | None = None) -> TrainResult:
+          likeness: Likeness | None = None, parallel: Parallel | None = None) -> TrainResult:
     """Train (or resume) an embedding; returns where everything was written.
 
     `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
     them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv, and where it measured every
     evaluation it chooses the step to keep (the highest likeness) instead of the loss.
+
+    `parallel` makes this process one of a data-parallel run (parallel.py; torchrun and accelerate launch set
+    it up through the environment): it computes its share of every batch, and only process 0 writes and reports.
     """
-    report = Reporter(on_progress)
+    parallel = parallel or Parallel()
+    validate_train(options)
+    device = model.device if model is not None else resolve_device(parallel.device_choice(options.device))
+    with process_group(parallel, device):
+        return run_training(options, cache_dir=cache_dir, model=model, on_progress=on_progress, stop=stop,
+                            likeness=likeness, parallel=parallel)
+
+
+def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | None,
+                 on_progress: Callable[[Progress], None] | None, stop: threading.Event | None,
+                 likeness: Likeness | None, parallel: Parallel) -> TrainResult:
+    """train()'s stages, in the process group of a data-parallel run where there is one."""
+    main = parallel.main
+    report = Reporter(on_progress if main else None)
     stop = stop or threading.Event()
 
     # 1. Check the inputs: nothing here needs the model.
-    validate_train(options)
     template = load_template(options.template)
     point = resume_point(options)
     if point.finished:
@@ -103,20 +119,23 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     log.info("%s", dataset.summary())
 
     # 2. The model, and what only it can tell.
-    model = model or load_model(options, cache_dir)
+    model = model or load_model(replace(options, device=parallel.device_choice(options.device)), cache_dir)
     encoder = check_model(point, model, options)
     size = options.size or model.native_size
 
     # 3. Open the run folder; encode the images once.
-    earlier_batch = point.run.resolved_batch() if start_step > 0 else None  # a resumed run keeps its batch size
-    point.run.open(start_step)
-    remove_stale_temporaries(point.target, point.embedding_path)
+    # a resumed run keeps its (global) batch size
+    earlier_batch = point.run.resolved_batch(parallel.world) if start_step > 0 else None
+    saved = point.run.load_state(start_step, point.embedding.vectors) if start_step > 0 else None
+    parallel.barrier(model.device)  # every process has read the run folder before process 0 changes it
+    if main:
+        point.run.open(start_step)
+        remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
-    samples = encode_samples(model, dataset, size, template, name, options)
+    samples = encode_samples(model, dataset, size, template, name, options, parallel)
     alphas = noise_schedule(model)[0].to(model.device)
 
     # 4. What trains, its optimizer, and where the last sitting left them.
-    saved = point.run.load_state(start_step, point.embedding.vectors) if start_step > 0 else None
     trainable = embedding_trainable(point.embedding, model, options, saved)
     trainable.install(encoder)
     optimizer, scaler = make_optimizer(trainable, model, options, schedule.rate_at(start_step))
@@ -124,14 +143,14 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
 
     # 5. Evaluation, previews and checkpoints.
     evaluator = make_evaluator(model, encoder, alphas, samples, point.run, options, likeness, start_step, saved,
-                               trainable)
+                               trainable) if main else None
     previewer = (Previewer(model, encoder, preview_params(options, template, name, size), point.run, options.clip_skip)
-                 if options.preview_every else None)
+                 if options.preview_every and main else None)
     result = TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
                          step=start_step, stopped=False, last_loss=None, skipped_images=dataset.skipped)
-    losses = LossLog(point.run, guard, deferred=scaler is not None)
+    losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main)
     checkpoints = Checkpointer(point.run, trainable, point.target, ResumeState(trainable.parameters(), optimizer,
-                               scaler), guard, evaluator, losses, start_step)
+                               scaler), guard, evaluator, losses, start_step, writes=main)
     if evaluator is not None and start_step == 0:
         evaluate(evaluator, trainable, 0, schedule.end_step, report)  # the untrained start, for the curve
     if previewer is not None:
@@ -145,16 +164,23 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     unet = torch.compile(model.unet) if options.compile_unet else model.unet
     with training_mode(model, options.gradient_checkpointing):
         probe = partial(cuda_step_fits, model, unet, encoder, alphas, samples, trainable) if scaler else None
-        batch = choose_batch(options, earlier_batch, samples.count, probe)
-        per_step = batch * options.gradient_accumulation
-        write_run_options(point, options, model, schedule, dataset, size, batch, evaluator)
+        batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
+        per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
+        if main:
+            write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel)
         loop_started = time.monotonic()
-        while step < schedule.end_step and not stop.is_set():
+        agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
+        while step < schedule.end_step and not (agreed_stop if parallel.active else stop.is_set()):
             lr = schedule.rate_at(step) * guard.lr_factor
             accumulation = options.gradient_accumulation
-            micro_batches = (samples.draw(step, micro, batch, per_step) for micro in range(accumulation))
-            loss, finite = train_step(model, encoder, alphas, unet, trainable, optimizer, scaler, micro_batches,
-                                      accumulation, lr, options.clip_grad_norm)
+            micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step), parallel, batch)
+                             for micro in range(accumulation))
+            try:
+                loss, finite, agreed_stop = train_step(model, encoder, alphas, unet, trainable, optimizer, scaler,
+                                                       micro_batches, accumulation, lr, options.clip_grad_norm,
+                                                       parallel, stop.is_set())
+            except PeerLost as lost:
+                raise peer_lost(lost, checkpoints, step, result, report, schedule.end_step) from lost
             if scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
                 guard.good() if bool(finite) else guard.bad(step + 1, checkpoints.saved_step)
             step += 1
@@ -164,9 +190,12 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
             elapsed = time.monotonic() - loop_started
             report(Event.STEP, step, schedule.end_step, epoch=epoch, loss=losses.last_loss, lr=lr,
                    eta_s=elapsed / (step - start_step) * (schedule.end_step - step))
-            if evaluator is not None and step % options.eval_every == 0:
-                evaluate(evaluator, trainable, step, schedule.end_step, report)
-                if options.stop == "auto" and evaluator.converged():
+            if options.eval_every and step % options.eval_every == 0:
+                converged = False
+                if evaluator is not None:
+                    evaluate(evaluator, trainable, step, schedule.end_step, report)
+                    converged = options.stop == "auto" and evaluator.converged()
+                if options.stop == "auto" and parallel.agree(converged, model.device):
                     result.converged_at = step
                     log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
                     break
@@ -189,7 +218,8 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
         preview(previewer, step, schedule.end_step, result, report)
     from .report import write_run_report
 
-    write_run_report(point.run.path, name)
+    if main:
+        write_run_report(point.run.path, name)
     result.last_loss = losses.last_loss
     result.message = final_message(result, name, schedule.end_step, best, point, guard.discarded)
     report(Event.STOPPED if result.stopped else Event.DONE, step, schedule.end_step, loss=result.last_loss,
@@ -271,8 +301,10 @@ def remove_stale_temporaries(target: Path, embedding_path: Path) -> None:
 
 
 @torch.no_grad()
-def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> tuple[torch.Tensor, list[str]]:
-    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor."""
+def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool,
+                   only: range | None = None) -> tuple[torch.Tensor, list[str]]:
+    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor. `only`: the
+    indices of the images to encode (a data-parallel process's share), all by default."""
     import numpy as np
     from PIL import ImageOps
 
@@ -283,7 +315,7 @@ def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool) -> t
         vae.float()
     latents, captions = [], []
     try:
-        for item in dataset.images:
+        for item in (dataset.images if only is None else [dataset.images[i] for i in only]):
             picture = square(item.image, size)
             variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
             for variant in variants:
@@ -342,6 +374,10 @@ class Batch:
     prompts: list[str]
     time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
 
+    def part(self, where: slice) -> Batch:
+        return Batch(clean=self.clean[where], timesteps=self.timesteps[where], noise=self.noise[where],
+                     prompts=self.prompts[where], time_ids=None if self.time_ids is None else self.time_ids[where])
+
 
 @dataclass
 class Samples:
@@ -380,9 +416,23 @@ class Samples:
                      prompts=prompts, time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)])
 
 
+def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
+    """This process's `size` samples of a micro-batch drawn for all of them (the whole batch for one process)."""
+    return batch.part(parallel.part(size)) if parallel.active else batch
+
+
 def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[str, ...], name: str,
-                   options: TrainOptions) -> Samples:
-    latents, captions = encode_latents(model, dataset, size, options.flip)
+                   options: TrainOptions, parallel: Parallel | None = None) -> Samples:
+    """The cached training samples. Several processes each encode their share of the images and exchange them."""
+    parallel = parallel or Parallel()
+    if parallel.active:
+        count, variants = len(dataset.images), 2 if options.flip else 1
+        mine, _ = encode_latents(model, dataset, size, options.flip, only=parallel.share(count))
+        mine = mine.reshape(-1, variants, *mine.shape[1:])
+        latents = parallel.gather_shares(mine, count).flatten(0, 1)
+        captions = [item.caption for item in dataset.images for _ in range(variants)]
+    else:
+        latents, captions = encode_latents(model, dataset, size, options.flip)
     sizes = latent_sizes(model, dataset, size, options.flip)
     return Samples(latents=latents, captions=captions, template=template, name=name,
                    timesteps=noise_schedule(model)[1], seed=options.seed, shuffle_tags=options.shuffle_tags,
@@ -540,8 +590,8 @@ class LossLog:
     """loss.csv, written in batches: on a GPU the loss is read (a host-device sync) only every LOSS_FLUSH_STEPS
     steps, and the steps the GradScaler skipped as non-finite are accounted for then (`deferred`)."""
 
-    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool) -> None:
-        self.run, self.guard, self.deferred = run, guard, deferred
+    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True) -> None:
+        self.run, self.guard, self.deferred, self.writes = run, guard, deferred, writes
         self.pending: list[LossRow] = []
         self.last_loss: float | None = None
 
@@ -556,8 +606,9 @@ class LossLog:
             return
         rows, self.pending = self.pending, []
         values = torch.stack([torch.stack([row.loss, row.finite.float()]) for row in rows]).tolist()
-        self.run.append_losses([f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}"
-                                for row, (loss, _) in zip(rows, values, strict=True)])
+        if self.writes:
+            self.run.append_losses([f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}"
+                                    for row, (loss, _) in zip(rows, values, strict=True)])
         for loss, finite in values:
             if finite and loss == loss:
                 self.last_loss = loss
@@ -571,16 +622,20 @@ class LossLog:
 
 class Checkpointer:
     """Saves the run at a step - copy, resume state, embedding, in the run folder's order - and keeps the best step
-    at the end."""
+    at the end. In the other processes of a data-parallel run (`writes` False) it only keeps count."""
 
     def __init__(self, run: RunFolder, trainable: EmbeddingTrainable, target: Path, state: ResumeState,
-                 guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int) -> None:
+                 guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int,
+                 writes: bool = True) -> None:
         self.run, self.trainable, self.target, self.state = run, trainable, target, state
-        self.guard, self.evaluator, self.losses = guard, evaluator, losses
+        self.guard, self.evaluator, self.losses, self.writes = guard, evaluator, losses, writes
         self.saved_step = start_step
 
     def save(self, step: int, *, copy: bool, final: bool, result: TrainResult, report: Reporter, total: int) -> None:
         self.losses.flush(self.saved_step)
+        if not self.writes:
+            self.saved_step = step
+            return
         values = self.trainable.snapshot()
         meta, tensors = self.evaluator.state() if self.evaluator is not None else ({}, {})
         self.state.meta = {**self.guard.state(), **meta}
@@ -689,11 +744,13 @@ def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: 
 
 
 def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel, schedule: Schedule,
-                      dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None) -> None:
+                      dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None,
+                      parallel: Parallel) -> None:
     """options.json: the options as given and as resolved (what a later sitting and the report read)."""
     write_json(point.run.path / "options.json", {"options": to_dict(options), "resolved": {
         "embedding_file": str(point.embedding_path), "start_step": point.step, "end_step": schedule.end_step,
         "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
+        "processes": parallel.world, "global_batch": batch * parallel.world * options.gradient_accumulation,
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
         "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
         "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
@@ -703,9 +760,11 @@ def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel,
 
 def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, unet: Any, trainable: Trainable,
                optimizer: torch.optim.Optimizer, scaler: Any, micro_batches: Iterator[Batch], accumulation: int,
-               lr: float, clip_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+               lr: float, clip_grad_norm: float, parallel: Parallel | None = None,
+               stop_asked: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over the micro-batches; returns the step's loss and whether it (and its gradient) were
-    finite, both still on the device. A non-finite step is not applied (the GradScaler skips it on a GPU)."""
+    finite, both still on the device, and whether any process was asked to stop. A non-finite step is not applied
+    (the GradScaler skips it on a GPU). Several processes average their gradients and losses first."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parameters = list(trainable.parameters().values())
@@ -719,6 +778,7 @@ def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, une
         if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.detach()
+    agreed_stop = (parallel or Parallel()).average_step(parameters, step_loss, stop_asked)
     if scaler is not None:
         scaler.unscale_(optimizer)
     finite = torch.isfinite(step_loss)
@@ -734,7 +794,17 @@ def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, une
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     trainable.constrain()
-    return step_loss, finite
+    return step_loss, finite, agreed_stop
+
+
+def peer_lost(lost: PeerLost, checkpoints: Checkpointer, step: int, result: TrainResult, report: Reporter,
+              total: int) -> PeerLost:
+    """Another process failed during step `step` + 1: the vectors and optimizer are still those of `step`, so
+    process 0 saves them; the error says what is on disk."""
+    if checkpoints.writes and step > checkpoints.saved_step:
+        checkpoints.save(step, copy=False, final=False, result=result, report=report, total=total)
+    where = f"saved at step {checkpoints.saved_step}" if checkpoints.writes else "process 0 saves the run"
+    return PeerLost(f"{lost}; the embedding is {where}; run the same command again to continue")
 
 
 # ----------------------------------------------------------------------------------------------------------------
