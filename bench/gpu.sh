@@ -4,7 +4,10 @@
 # ${OUT:-.}/speed-gpu.json and the printed table. COMPILE=1 adds a run of tistudio alone with its UNet compiled
 # (--compile-unet, batch 8; a few more minutes) to speed-gpu-compiled.json. SDXL=1 adds tistudio alone on SDXL's
 # full architecture (random weights, ~14 GB built once) at 1024 px, bf16, batch 1, with and without gradient
-# checkpointing, to speed-gpu-sdxl*.json (the CUDA peak column is what a 12 GB card must hold).
+# checkpointing, to speed-gpu-sdxl*.json (the CUDA peak column is what a 12 GB card must hold). With more than one
+# GPU it also measures data-parallel scaling (torchrun, one process per GPU, NCCL): samples/s at 1, 2 and all GPUs,
+# SD1.5 at 512 px batch 4 per GPU to speed-gpu-scaling.json and (SDXL=1) SDXL at 1024 px batch 1 per GPU to
+# speed-gpu-sdxl-scaling.json; the "scaling" figure is samples/s at N / (N x one GPU's), target >= 0.9.
 #
 #   bench/gpu.sh PEER_SCRIPT [WHEELS_DIR]
 #
@@ -39,4 +42,17 @@ if [ "${SDXL:-0}" = 1 ]; then
         --json "$out/speed-gpu-sdxl-checkpointing.json"
     TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sdxl --size 1024 \
         --batch 1 --device cuda --precision bf16 --steps 10 --warmup 3 --json "$out/speed-gpu-sdxl.json"
+fi
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${gpus:-0}" -gt 1 ]; then
+    counts=1,2
+    if [ "$gpus" -gt 2 ]; then counts="1,2,$gpus"; fi
+    TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sd15 --size 512 \
+        --batch 4 --device cuda --precision bf16 --steps 10 --warmup 3 --processes "$counts" \
+        --json "$out/speed-gpu-scaling.json"
+    if [ "${SDXL:-0}" = 1 ]; then
+        TISTUDIO_CACHE=${TISTUDIO_CACHE:-/tmp/tistudio-cache} "$python" bench/speed.py --model sdxl --size 1024 \
+            --batch 1 --device cuda --precision bf16 --steps 10 --warmup 3 --processes "$counts" \
+            --json "$out/speed-gpu-sdxl-scaling.json"
+    fi
 fi

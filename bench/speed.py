@@ -6,6 +6,7 @@ inversion example on the same model folder and settings.
     python bench/speed.py --model sd15 --size 256 --peer PATH/textual_inversion.py --generate
     python bench/speed.py --model sd15 --size 512 --batch 1,4,8 --device cuda --precision bf16 --peer ...
     python bench/speed.py --model sdxl --size 512 --steps 2 --warmup 1 --checkpointing   # SDXL, on a CPU
+    python bench/speed.py --model sdxl --size 1024 --device cuda --precision bf16 --processes 1,2,8   # scaling
 
 --model is `tiny` (the tests' random tiny model), `sd15` (Stable Diffusion 1.5's full architecture with seeded random
 weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), `sdxl` (SDXL
@@ -20,6 +21,9 @@ Every contender runs in a fresh process, so its peak memory (max RSS; CUDA max a
 Speed comes from the optimizer's steps, seen by a global optimizer step hook: steps/s = N / (time from the end of
 warm-up step W to the end of step W+N); loading, latent caching and start-up are outside it. Generation: images/s
 after one warm-up image, same sampler (DDIM), steps and guidance for tistudio and a plain StableDiffusionPipeline.
+--processes 1,2,N runs tistudio data-parallel under torchrun (one process per GPU; gloo on a CPU) with --batch per
+process: samples/s counts every process's samples, and the table gives each count's scaling against one process
+(samples/s at N / (N x samples/s at 1)).
 Prints a table, then JSON (also written to --json).
 """
 
@@ -107,12 +111,12 @@ def step_clock(warmup: int, total: int, cuda: bool) -> list[float]:
     return stamps
 
 
-def summarise(stamps: list[float], spec: dict) -> dict:
+def summarise(stamps: list[float], spec: dict, processes: int = 1) -> dict:
     warmup, steps = spec["warmup"], spec["steps"]
     if len(stamps) < warmup + steps:
         raise RuntimeError(f"only {len(stamps)} optimizer steps were seen; expected {warmup + steps}")
     seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
-    return {"steps_per_s": steps / seconds, "samples_per_s": steps * spec["batch"] / seconds,
+    return {"steps_per_s": steps / seconds, "samples_per_s": steps * spec["batch"] * processes / seconds,
             "s_per_step": seconds / steps}
 
 
@@ -121,14 +125,20 @@ def child_ours(spec: dict) -> dict:
 
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
+    from tistudio.parallel import Parallel
     from tistudio.train import train
 
     cuda = spec["device"] == "cuda"
     stamps = step_clock(spec["warmup"], spec["warmup"] + spec["steps"], cuda)
     work = Path(spec["work"])
     common = {"model": spec["model"], "device": spec["device"], "precision": spec["precision"]}
-    create_embedding(CreateOptions(**common, name="benchword", init_text="person", vectors=spec["vectors"],
-                                   overwrite=True, embeddings_dir=str(work / "embeddings")), cache_dir=work)
+    parallel = Parallel.from_environment()  # under torchrun with --processes
+    if parallel.main:
+        create_embedding(CreateOptions(**common, name="benchword", init_text="person", vectors=spec["vectors"],
+                                       overwrite=True, embeddings_dir=str(work / "embeddings")), cache_dir=work)
+    else:
+        while not (work / "embeddings" / "benchword.safetensors").exists():
+            time.sleep(0.2)
     events: list[tuple[str, float]] = []
     started = time.perf_counter()
     train(TrainOptions(**common, embedding="benchword", dataset=spec["data"], embeddings_dir=str(work / "embeddings"),
@@ -138,8 +148,11 @@ def child_ours(spec: dict) -> dict:
                        eval_every=spec["eval_every"], learning_rate="0.005", seed=0,
                        compile_unet=spec.get("compile", False),
                        gradient_checkpointing=spec.get("checkpointing", False)), cache_dir=work,
-          on_progress=lambda p: events.append((p.event, time.perf_counter())))
-    result = {**summarise(stamps, spec), "wall_s": time.perf_counter() - started}
+          on_progress=lambda p: events.append((p.event, time.perf_counter())), parallel=parallel)
+    result = {**summarise(stamps, spec, parallel.world), "wall_s": time.perf_counter() - started,
+              "processes": parallel.world}
+    if not parallel.main:
+        return {}
     def after_a_step(kind: str) -> list[float]:
         """Seconds from a step's report to the next event, where that event is of this kind."""
         return sorted(t - events[i - 1][1] for i, (event, t) in enumerate(events)
@@ -250,8 +263,9 @@ def child(kind: str, spec: dict) -> int:
         result = child_peer(spec)
     else:
         result = child_generate(spec, ours=kind == "generate-ours")
-    result["peak_rss_mb"] = peak_memory_mb()
-    print(RESULT + json.dumps(result), flush=True)
+    if result:  # the other processes of a data-parallel run say nothing
+        result["peak_rss_mb"] = peak_memory_mb()
+        print(RESULT + json.dumps(result), flush=True)
     return 0
 
 
@@ -290,8 +304,10 @@ def make_photos(folder: Path, size: int, count: int = 8) -> Path:
     return folder
 
 
-def run_child(kind: str, spec: dict, log: Path) -> dict:
+def run_child(kind: str, spec: dict, log: Path, processes: int = 1) -> dict:
     command = [sys.executable, __file__, "--child", kind, "--spec", json.dumps(spec)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     with log.open("w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
     lines = log.read_text(errors="replace").splitlines()
@@ -343,6 +359,8 @@ def main() -> int:
     parser.add_argument("--generate", action="store_true", help="also measure generation (tistudio and diffusers)")
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-images", type=int, default=2)
+    parser.add_argument("--processes", default="1", help="tistudio's data-parallel process counts, comma-separated "
+                        "(default: %(default)s; e.g. 1,2,8 on an 8-GPU machine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.child:
@@ -362,14 +380,15 @@ def main() -> int:
                 "checkpointing": args.checkpointing,
                 "preview_every": args.preview_every,
                 "gen_steps": args.gen_steps, "gen_images": args.gen_images}
-        kinds = ["ours"] + (["peer"] if args.peer else [])
+        contenders = [("ours", int(p)) for p in args.processes.split(",")] + ([("peer", 1)] if args.peer else [])
         for batch in (int(b) for b in args.batch.split(",")):
-            for kind in kinds:
-                spec = {**base, "batch": batch, "work": str(work / f"{kind}-{batch}")}
+            for kind, processes in contenders:
+                label = f"{kind}-{batch}" + (f"-x{processes}" if processes > 1 else "")
+                spec = {**base, "batch": batch, "work": str(work / label)}
                 Path(spec["work"]).mkdir()
-                print(f"... {kind}, batch {batch}", file=sys.stderr, flush=True)
-                rows.append({"what": "train", "who": kind, "batch": batch,
-                             **run_child(kind, spec, work / f"{kind}-{batch}.log")})
+                print(f"... {kind}, batch {batch}, {processes} process(es)", file=sys.stderr, flush=True)
+                rows.append({"what": "train", "who": kind if processes == 1 else f"ours x{processes}",
+                             "batch": batch, **run_child(kind, spec, work / f"{label}.log", processes)})
         if args.generate:
             for kind in ("generate-ours", "generate-diffusers"):
                 spec = {**base, "batch": 1, "work": str(work / kind)}
@@ -415,6 +434,12 @@ def main() -> int:
                   f"{row['preview_in_steps'] / (args.preview_every + row['preview_in_steps']):.0%} of the run")
     for label, values in ratios.items():
         print(f"tistudio / peer, {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
+    for row in rows:
+        single = next((r for r in rows if r["who"] == "ours" and r["batch"] == row["batch"]), None)
+        if row.get("processes", 1) > 1 and single:
+            row["scaling"] = row["samples_per_s"] / (row["processes"] * single["samples_per_s"])
+            print(f"tistudio, batch {row['batch']} per process, {row['processes']} processes: {row['scaling']:.2f} x "
+                  f"{row['processes']} of one process's samples/s")
     report = {"machine": machine(), "settings": settings, "rows": rows, "ratios": ratios}
     print(json.dumps(report, indent=2))
     if args.json:
