@@ -23,7 +23,10 @@ from tistudio.runfolder import read_loss_log
 from tistudio.train import train
 
 DRIVER = Path(__file__).parent / "driver.py"
-TOLERANCE = 1e-5  # the vectors of N processes and of one: float rounding of a mean taken in two halves
+# The vectors of N processes and of one differ by float rounding (a mean taken in halves, the UNet at another batch
+# size): 9e-7 here after 6 steps. Adam's normalised steps can turn such last bits into a few percent of one step
+# (lr 0.005) where a gradient component is near zero, so the bound is a tenth of a step.
+TOLERANCE = 0.1 * 0.005
 SETTINGS = ["--size", "64", "--gradient-accumulation", "2", "--flip", "--save-every", "3", "--eval-every", "2",
             "--preview-every", "0", "--learning-rate", "0.005"]
 

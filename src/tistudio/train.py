@@ -162,7 +162,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     step = start_step
     # The training steps may use a compiled UNet; evaluation and previews use the model's own.
     unet = torch.compile(model.unet) if options.compile_unet else model.unet
-    with training_mode(model, options.gradient_checkpointing):
+    with training_mode(model, options.gradient_checkpointing, options.channels_last):
         probe = partial(cuda_step_fits, model, unet, encoder, alphas, samples, trainable) if scaler else None
         batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
         per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
@@ -460,12 +460,14 @@ def make_optimizer(trainable: Trainable, model: SDModel, options: TrainOptions,
     cuda = model.device.type == "cuda"
     optimizer = torch.optim.AdamW(list(trainable.parameters().values()), lr=lr, weight_decay=options.weight_decay,
                                   fused=True if cuda else None)
-    scaler = None
-    if cuda:
-        fp16 = model.dtype == torch.float16
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16 if fp16 else 1.0,
-                                      growth_interval=2000 if fp16 else 2**30)
-    return optimizer, scaler
+    return optimizer, grad_scaler("cuda", model.dtype == torch.float16) if cuda else None
+
+
+def grad_scaler(device_type: str, fp16: bool) -> torch.amp.GradScaler:
+    """The GradScaler of a GPU run: it scales fp16 losses (from 2^16, growing every 2000 good steps), and for bf16
+    and fp32 (scale 1, never growing) only skips non-finite steps. `device_type` "cpu" is for the tests."""
+    return torch.amp.GradScaler(device_type, init_scale=2.0**16 if fp16 else 1.0,
+                                growth_interval=2000 if fp16 else 2**30)
 
 
 class NonFiniteGuard:
@@ -669,14 +671,17 @@ AUTO_BATCH_HEADROOM = 0.9  # ... and takes the largest whose step peaks below th
 
 
 @contextmanager
-def training_mode(model: SDModel, checkpointing: bool) -> Iterator[None]:
+def training_mode(model: SDModel, checkpointing: bool, channels_last: bool = False) -> Iterator[None]:
     """While training: gradient checkpointing if asked (only where gradients are on, so evaluation and previews are
-    unaffected), and TF32 matmuls and convolutions on CUDA (Ampere and newer). Everything is restored after."""
+    unaffected), the UNet channels-last if asked, and TF32 matmuls and convolutions on CUDA (Ampere and newer).
+    Everything is restored after."""
     checkpointing = checkpointing and not model.unet.is_gradient_checkpointing
     cuda = model.device.type == "cuda"
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if checkpointing:
         model.unet.enable_gradient_checkpointing()
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
@@ -684,6 +689,8 @@ def training_mode(model: SDModel, checkpointing: bool) -> Iterator[None]:
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if channels_last:
+            model.unet.to(memory_format=torch.contiguous_format)
         if checkpointing:
             model.unet.disable_gradient_checkpointing()
 
