@@ -56,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] 
         meta = f.metadata
         help_text = meta.get("help", "")
         default = (defaults or {}).get(f.name, f.default)
-        if f.name in ENV_DEFAULTS and os.environ.get(ENV_DEFAULTS[f.name]):
+        if f.name in ENV_DEFAULTS and os.environ.get(ENV_DEFAULTS[f.name]) and default is not argparse.SUPPRESS:
             default = os.environ[ENV_DEFAULTS[f.name]]
             help_text += f" (default from ${ENV_DEFAULTS[f.name]})"
         if meta.get("positional"):
@@ -224,6 +224,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_many(args: argparse.Namespace) -> int:
+    """A plan of embeddings: all of it here one after another, or (--index) one job of it, e.g. a Slurm array's."""
+    from .batch import load_plan, plan_from_folder, run_plan, select
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
+    given.update({key: getattr(args, key) for key in ("vectors", "init_text") if getattr(args, key, None)
+                  is not None})
+    plan_path = Path(args.plan)
+    if plan_path.is_dir():
+        if "model" not in given and os.environ.get(ENV_DEFAULTS["model"]):
+            given["model"] = os.environ[ENV_DEFAULTS["model"]]
+        plan = plan_from_folder(plan_path, given)
+    else:
+        plan = load_plan(plan_path, overrides=given)
+    if args.count:
+        print(len(plan))
+        return 0
+    jobs = select(plan, args.index, tuple(args.only or ()))
+    if args.list:
+        for job in jobs:
+            print(f"{job.index}\t{job.name}\t{job.train.dataset}\t{job.train.max_steps} steps\t{job.train.model}")
+        return 0
+    bars: dict[str, ProgressBar] = {}
+
+    def progress(job: Any, p: Any) -> None:
+        bars.setdefault(job.name, ProgressBar(job.name, "step"))(p)
+
+    def outcome(done: Any) -> None:
+        bar = bars.pop(done.job.name, None)
+        if bar is not None:
+            bar.close()
+        print(f"{done.job.name}: {done.status}: {done.message}", flush=True)
+
+    with stop_on_signals() as stop:
+        outcomes = run_plan(jobs, cache_dir=args.cache_dir, stop=stop, on_progress=progress, on_outcome=outcome)
+    counts: dict[str, int] = {}
+    for done in outcomes:
+        counts[done.status] = counts.get(done.status, 0) + 1
+    left = len(jobs) - len(outcomes)
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items()) + (f", {left} not started" if left else "")
+    print(f"{len(jobs)} jobs: {summary}", flush=True)
+    return 1 if counts.get("failed") else 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
 
@@ -360,6 +404,29 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", help="train (or resume) an embedding", description=TrainOptions.__doc__)
     add_options(train, TrainOptions)
     train.set_defaults(run=cmd_train)
+
+    many = command("train-many", help="train many embeddings: a jobs .toml plan or a folder of prepared sets",
+                   description="Train one embedding per job of PLAN, one after another (each model loaded once), "
+                   "or one job with --index (a cluster's array task). PLAN is a .toml file ([defaults] and [[job]] "
+                   "tables of train options, plus init_text and vectors for embeddings that do not exist yet; paths "
+                   "relative to the file) or a folder with one prepared set per embedding, named after it. The "
+                   "options below apply to every job; in a .toml plan they replace its [defaults], and a job's own "
+                   "keys win. Run it again to continue: finished jobs are skipped, stopped ones resume. Exits 1 if "
+                   "any job failed.",
+                   epilog="A Slurm array over a plan: sbatch --array=0-$(($(tistudio train-many jobs.toml --count) "
+                   "- 1)) --wrap 'tistudio train-many jobs.toml --index $SLURM_ARRAY_TASK_ID'")
+    many.add_argument("plan", help="a jobs .toml file, or a folder of prepared sets (one per embedding)")
+    many.add_argument("--index", type=int, default=None, help="run only the job at this 0-based place in the plan "
+                      "(e.g. $SLURM_ARRAY_TASK_ID)")
+    many.add_argument("--only", nargs="+", metavar="NAME", help="run only the jobs of these embeddings")
+    many.add_argument("--list", action="store_true", help="list the jobs (index, name, dataset, steps, model) and stop")
+    many.add_argument("--count", action="store_true", help="print the number of jobs and stop (to size an array job)")
+    many.add_argument("--vectors", type=int, default=None, help="vectors per token of embeddings created here")
+    many.add_argument("--init-text", default=None, help="initialization text of embeddings created here (default: "
+                      "a person-like start)")
+    add_options(many, TrainOptions, skip=("embedding", "dataset"),
+                defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainOptions)})
+    many.set_defaults(run=cmd_train_many)
 
     generate = command("generate", help="generate images with embeddings",
                                    description=GenerateOptions.__doc__)
