@@ -394,3 +394,72 @@ def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_pa
     assert (tmp_path / "ws" / "embeddings" / "tomtut.safetensors").is_file()
     store.update(job, status="stopped")
     assert client.delete("/api/embeddings/tomtut").json() == {"deleted": "tomtut"}
+
+
+def test_two_workers_train_two_embeddings_at_once_but_never_one_twice(tmp_path, tiny_sd1, cache_dir, photos) -> None:
+    """serve --devices with two workers (here both on the CPU): a second training of the same embedding waits for
+    the first, and a training of another embedding queued behind it goes ahead on the free worker."""
+    from tistudio.models import parse_devices
+
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, devices=parse_devices("cpu,cpu")) as client:
+        assert [d["device"] for d in client.get("/api/status").json()["devices"]] == ["cpu", "cpu"]
+        for name in ("zaax", "zbbx"):
+            upload(client, name, photos)
+        made = [client.post("/api/embeddings", json={"name": n, "vectors": 1}).json() for n in ("zaax", "zbbx")]
+        assert all(wait(client, job)["status"] == "done" for job in made)
+
+        def train(name: str) -> dict:
+            return client.post("/api/train", json={"set": name, "embedding": name, "max_steps": 100000, "size": 64,
+                                                   "preview_every": 0, "eval_every": 0}).json()
+
+        first, again, other = train("zaax"), train("zaax"), train("zbbx")
+
+        def status_of(job: dict) -> dict:
+            return client.get(f"/api/jobs/{job['id']}").json()
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and {status_of(j)["status"] for j in (first, other)} != {"running"}:
+            time.sleep(0.05)
+        assert status_of(first)["status"] == status_of(other)["status"] == "running"
+        assert status_of(again)["status"] == "queued"  # the same embedding: it waits
+        status = client.get("/api/status").json()
+        assert {d["job"] for d in status["devices"]} == {first["id"], other["id"]}
+        assert {j["id"] for j in status["running"]} == {first["id"], other["id"]}
+        assert status_of(first)["device"] == "cpu" and status["queued"] == 1
+        client.post(f"/api/jobs/{first['id']}/stop")
+        stopped = wait(client, first)
+        while time.monotonic() < deadline and status_of(again)["status"] == "queued":
+            time.sleep(0.05)
+        resumed = status_of(again)
+        assert resumed["status"] == "running" and resumed["started"] >= stopped["finished"]
+        while time.monotonic() < deadline and status_of(again)["progress"].get("step", 0) <= stopped["result"]["step"]:
+            time.sleep(0.05)
+        for job in (again, other):
+            client.post(f"/api/jobs/{job['id']}/stop")
+            assert wait(client, job)["status"] == "stopped"
+        assert client.get("/api/embeddings/zaax").json()["step"] > stopped["result"]["step"]
+
+
+@pytest.mark.parametrize(("devices", "message"), [
+    ("cuda:0", "PyTorch sees no CUDA GPU, so there is no cuda:0"),
+    ("gpu1", "'gpu1' is not a device"),
+])
+def test_serve_refuses_devices_it_does_not_have_in_one_line(devices, message, capsys, tmp_path) -> None:
+    assert main(["serve", "--workspace", str(tmp_path / "ws"), "--devices", devices]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tistudio: error: devices=") and message in err and err.count("\n") == 1
+
+
+def test_devices_all_is_every_gpu_and_each_gpu_once(monkeypatch) -> None:
+    from tistudio.errors import ModelError
+    from tistudio.models import parse_devices
+
+    assert parse_devices("all") == ("",)  # no GPU: one worker, as without --devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert parse_devices("all") == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    assert parse_devices("cuda, cuda:3") == ("cuda:0", "cuda:3")
+    with pytest.raises(ModelError, match="cuda:0 is named twice"):
+        parse_devices("cuda,cuda:0")
+    with pytest.raises(ModelError, match="sees 4 CUDA GPUs, so there is no cuda:4"):
+        parse_devices("cuda:4")

@@ -324,12 +324,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raise OptionError("max_upload_mb", args.max_upload_mb, "must be a positive number of megabytes, e.g. 50")
     limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    from .models import parse_devices
+
+    devices = parse_devices(args.devices)
     config = ServerConfig(workspace=Path(args.workspace), model=model, cache_dir=args.cache_dir, auth=auth,
-                          listening=listening, limits=limits)
+                          listening=listening, limits=limits, devices=devices)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"tistudio {__version__}: open http://{shown}:{args.port}/ (API docs at /docs); workspace "
-          f"{Path(args.workspace).resolve()}; model {args.model}" + ("; password required" if auth else ""),
-          flush=True)
+          f"{Path(args.workspace).resolve()}; model {args.model}" + ("; password required" if auth else "")
+          + (f"; workers on {', '.join(devices)}" if len(devices) > 1 else ""), flush=True)
     serve(config, host, args.port)
     return 0
 
@@ -455,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     # the model for all of the server's jobs; clip skip is chosen per job
     add_options(server, ModelOptions, skip=("clip_skip",), defaults={"model": "demo"})
     server.add_argument("--max-upload-mb", type=float, default=50, help="largest uploaded file (default: %(default)s)")
+    server.add_argument("--devices", default="", help="one worker per device, each with its own model: 'all' (every "
+                        "CUDA GPU) or e.g. 'cuda:0,cuda:1'; jobs go to the next free one (default: one worker on "
+                        "--device)")
     server.set_defaults(run=cmd_serve)
 
     inspect = command("inspect", help="show what an embedding file holds")

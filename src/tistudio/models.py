@@ -125,6 +125,36 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def parse_devices(text: str) -> tuple[str, ...]:
+    """`serve --devices`: the devices that get a worker each. '' is one worker on --device; 'all' is every CUDA GPU
+    (one worker on --device where there is none); 'cuda:0,cuda:1' those. 'cpu' may be given more than once (two
+    jobs at a time on the CPU, each with its own copy of the model); a GPU only once."""
+    import re
+
+    text = (text or "").strip().lower()
+    if not text:
+        return ("",)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if text == "all":
+        return tuple(f"cuda:{index}" for index in range(count)) or ("",)
+    devices = tuple("cuda:0" if part.strip() == "cuda" else part.strip() for part in text.split(","))
+    for device in devices:
+        match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d{1,3}))?", device)
+        if not match or (match.group(1) != "cuda" and match.group(2)):
+            raise ModelError(f"devices={text!r}: {device!r} is not a device; write e.g. 'cuda:0,cuda:1', 'all' or "
+                             "'cpu'")
+        if match.group(1) == "cuda" and int(match.group(2) or 0) >= count:
+            seen = f"PyTorch sees {count} CUDA GPU{'s' if count != 1 else ''}" if count else "PyTorch sees no CUDA GPU"
+            raise ModelError(f"devices={text!r}: {seen}, so there is no {device}; use --devices all or leave it out")
+        if match.group(1) == "mps":
+            resolve_device("mps")
+    gpus = [d for d in devices if d != "cpu"]
+    repeated = sorted({d for d in gpus if gpus.count(d) > 1})
+    if repeated:
+        raise ModelError(f"devices={text!r}: {repeated[0]} is named twice; give each GPU once (one worker each)")
+    return devices
+
+
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     """Precision of the frozen parts. The trainable vectors always stay float32."""
     if choice == "fp32":

@@ -1,9 +1,10 @@
 """The HTTP API and the web page (FastAPI). Create it with :func:`create_app`; `tistudio serve` runs it.
 
-Everything long (preparing, training, generating, creating) is a job on one worker thread that owns the model
-(jobs.py; the work itself in work.py); the calls return at once with the job, and ``GET /api/jobs/ID/events``
-streams its progress (Server-Sent Events). The routes live in routes/, one router per resource, and reach the
-server's state through context.Server. An A1111-compatible subset (routes/a1111.py) lets existing clients work.
+Everything long (preparing, training, generating, creating) is a job for the worker threads, one per device, each
+owning its model (jobs.py; the work itself in work.py); the calls return at once with the job, and
+``GET /api/jobs/ID/events`` streams its progress (Server-Sent Events). The routes live in routes/, one router per
+resource, and reach the server's state through context.Server. An A1111-compatible subset (routes/a1111.py) lets
+existing clients work.
 Safe by default: see security.py.
 """
 
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..errors import OptionError, TistudioError
 from .context import NotFound, Server, ServerConfig, TooLarge
-from .jobs import JobStore, Worker
+from .jobs import JobStore, Workers
 from .routes import ROUTERS
 from .security import SecurityMiddleware
 from .work import Work
@@ -33,16 +34,15 @@ WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to sto
 def create_app(config: ServerConfig) -> FastAPI:
     workspace = Workspace(config.workspace)
     store = JobStore(workspace.jobs)
-    worker = Worker(store, Work(workspace, config).handlers())
+    workers = Workers(store, Work(workspace, config).handlers(), config.devices)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not worker.is_alive():
-            worker.start()
+        workers.start()
         yield
         app.state.server.close()
-        # the running job finishes its step and saves before the process ends (the worker is a daemon thread)
-        await asyncio.to_thread(worker.join, WORKER_STOP_S)
+        # the running jobs finish their step and save before the process ends (the workers are daemon threads)
+        await asyncio.to_thread(workers.join, WORKER_STOP_S)
 
     # FastAPI's /docs and /redoc load their scripts from a public CDN; tistudio fetches nothing at run time, so
     # /docs is its own page (routes/page.py) listing the API from /openapi.json.
@@ -50,7 +50,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(SecurityMiddleware, auth=config.auth, listening=config.listening,
                        max_body=config.limits.request_bytes)
-    app.state.server = Server(config=config, workspace=workspace, store=store, worker=worker)
+    app.state.server = Server(config=config, workspace=workspace, store=store, workers=workers)
     app.add_exception_handler(TistudioError, user_error)
     app.add_exception_handler(RequestValidationError, malformed_request)
     for router in ROUTERS:

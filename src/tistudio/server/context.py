@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from ..config import ModelOptions, check_fields, check_name, from_dict
 from ..errors import OptionError, TistudioError
 from ..storage import size_text
-from .jobs import Job, JobStore, Worker
+from .jobs import Job, JobStore, Workers
 from .workspace import Limits, Workspace
 
 # Fields the server decides; clients never send paths or pick the model.
@@ -32,16 +32,18 @@ class ServerConfig:
     auth: list[tuple[str, str]] = field(default_factory=list)
     listening: bool = False
     limits: Limits = field(default_factory=Limits)
+    devices: tuple[str, ...] = ("",)  # one worker per device; "" is the model options' own device
 
 
 @dataclass
 class Server:
-    """One running server: its configuration, workspace, job store and the worker that owns the model."""
+    """One running server: its configuration, workspace, job store and the workers (one per device, each owning
+    its model)."""
 
     config: ServerConfig
     workspace: Workspace
     store: JobStore
-    worker: Worker
+    workers: Workers
 
     @property
     def limits(self) -> Limits:
@@ -51,8 +53,8 @@ class Server:
         """The served model's native picture size where it is known without loading a checkpoint: the loaded
         model's, or a built-in demo's (64 px). Preparing photos defaults to it (the demo's photos are 64 px, and
         preparing them at 512 refused all of them as too small)."""
-        if self.worker.model is not None:
-            return int(self.worker.model.native_size)
+        if self.workers.model is not None:
+            return int(self.workers.model.native_size)
         from ..models import DEMOS
 
         return 64 if self.config.model.model in DEMOS else None
@@ -60,7 +62,7 @@ class Server:
     def close(self) -> None:
         """Begin shutting down: the running job stops at its next step (training saves), and event streams and
         waiting requests end, so that no watching page holds the server open."""
-        self.worker.shutdown()
+        self.workers.shutdown()
         self.store.close()
 
 

@@ -1,4 +1,7 @@
-"""Jobs: training, generation, preparation and creation run one at a time on a worker thread that owns the model.
+"""Jobs: training, generation, preparation and creation run on worker threads, one per device, each owning its
+model. With one device (every CPU-only machine) jobs run one at a time in order; with several (``serve --devices
+cuda:0,cuda:1`` or ``all``) each job goes to the next free device, except that two jobs on the same embedding or
+photo set never run at once (the later waits; jobs behind it that touch neither go ahead).
 
 HTTP calls return at once with a job id. Each job keeps its status, its last progress and a bounded list of
 events (steps, previews, messages) that the server streams to browsers. Jobs are saved as JSON in the
@@ -12,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -45,13 +47,24 @@ class Job:
     error: str | None = None
     events: deque = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     sequence: int = 0
+    device: str = ""  # where it runs or ran
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "request": self.request, "status": self.status,
                 "created": self.created, "started": self.started, "finished": self.finished,
-                "progress": self.progress, "result": self.result, "error": self.error}
+                "progress": self.progress, "result": self.result, "error": self.error, "device": self.device}
+
+    def resources(self) -> set[str]:
+        """What the job writes or reads while it runs, which no other job may change meanwhile."""
+        found = set()
+        name = self.request.get("embedding") if self.kind == "train" else self.request.get("name")
+        if self.kind in ("train", "create") and isinstance(name, str):
+            found.add(f"embedding:{name}")
+        if self.kind in ("train", "prepare") and isinstance(self.request.get("set"), str):
+            found.add(f"set:{self.request['set']}")
+        return found
 
 
 class JobStore:
@@ -71,7 +84,8 @@ class JobStore:
                 job = Job(id=data["id"], kind=data["kind"], request=data.get("request", {}),
                           status=data.get("status", "failed"), created=data.get("created", 0.0),
                           started=data.get("started"), finished=data.get("finished"),
-                          progress=data.get("progress", {}), result=data.get("result"), error=data.get("error"))
+                          progress=data.get("progress", {}), result=data.get("result"), error=data.get("error"),
+                          device=str(data.get("device") or ""))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable job file %s (%s)", path, exc)
                 continue
@@ -172,52 +186,38 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-class Worker(threading.Thread):
-    """Runs queued jobs one by one; `handlers[kind](job, worker)` does the work and returns the result dict."""
+Handler = Callable[["Job", "Worker"], dict[str, Any]]
 
-    def __init__(self, store: JobStore, handlers: dict[str, Callable[[Job, Worker], dict[str, Any]]]) -> None:
-        super().__init__(name="tistudio-worker", daemon=True)
-        self.store = store
-        self.handlers = handlers
-        self.queue: queue.Queue[str | None] = queue.Queue()
+
+class Worker(threading.Thread):
+    """One device's thread: runs the jobs the pool gives it; `handlers[kind](job, worker)` does the work and returns
+    the result dict. It owns the model loaded on its device."""
+
+    def __init__(self, pool: Workers, device: str) -> None:
+        super().__init__(name=f"tistudio-worker-{device or 'default'}", daemon=True)
+        self.pool, self.device = pool, device
         self.current: Job | None = None
         self.model: Any = None  # loaded on the first job that needs it, then kept
 
-    def submit(self, kind: str, request: dict[str, Any]) -> Job:
-        job = self.store.create(kind, request)
-        self.queue.put(job.id)
-        return job
-
-    def waiting(self) -> int:
-        return self.queue.qsize()
-
-    def shutdown(self) -> None:
-        if self.current is not None:
-            self.current.stop.set()
-        self.queue.put(None)
+    @property
+    def store(self) -> JobStore:
+        return self.pool.store
 
     def run(self) -> None:
         while True:
-            job_id = self.queue.get()
-            if job_id is None:
+            job = self.pool.take(self)
+            if job is None:
                 return
-            job = self.store.get(job_id)
-            if job is None or job.status != "queued":
-                continue
-            if job.stop.is_set():
-                self.store.update(job, status="stopped", finished=time.time())
-                continue
-            self.current = job
             try:
                 self._run(job)
             finally:
-                self.current = None
+                self.pool.finished(self, job)
 
     def _run(self, job: Job) -> None:
         """One job, ended as done, stopped or failed with its reason whatever its work raises."""
-        self.store.update(job, status="running", started=time.time())
+        self.store.update(job, status="running", started=time.time(), device=self.device)
         try:
-            result = self.handlers[job.kind](job, self)
+            result = self.pool.handlers[job.kind](job, self)
             status = "stopped" if job.stop.is_set() else "done"
             self.store.update(job, status=status, result=result, finished=time.time())
         except TistudioError as exc:
@@ -226,3 +226,103 @@ class Worker(threading.Thread):
             log.exception("job %s failed", job.id)
             self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
                               finished=time.time())
+
+
+class Workers:
+    """The server's workers, one per device, and the queue they share."""
+
+    def __init__(self, store: JobStore, handlers: dict[str, Handler], devices: tuple[str, ...] = ("",)) -> None:
+        self.store, self.handlers = store, handlers
+        self.queue: list[str] = []
+        self.busy: set[str] = set()  # resources of the running jobs
+        self.closing = False
+        self.condition = threading.Condition()
+        # diffusers and transformers build models under process-wide patches of torch (empty "meta" weights): two
+        # threads loading at once break each other, so workers load one at a time
+        self.loading = threading.Lock()
+        self.workers = [Worker(self, device) for device in devices]
+
+    # -- what routes use ---------------------------------------------------------------------------------------
+
+    def submit(self, kind: str, request: dict[str, Any]) -> Job:
+        job = self.store.create(kind, request)
+        with self.condition:
+            self.queue.append(job.id)
+            self.condition.notify_all()
+        return job
+
+    def waiting(self) -> int:
+        with self.condition:
+            return len(self.queue)
+
+    @property
+    def running(self) -> list[Job]:
+        return [job for job in (w.current for w in self.workers) if job is not None]
+
+    @property
+    def current(self) -> Job | None:
+        """The running job that started first (the only one with one device)."""
+        running = self.running
+        return min(running, key=lambda job: job.started or 0.0) if running else None
+
+    @property
+    def model(self) -> Any:
+        """A loaded model (the first device's that has one), or None."""
+        return next((w.model for w in self.workers if w.model is not None), None)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return [{"device": w.device or "default", "job": w.current.id if w.current else None,
+                 "model_loaded": w.model is not None} for w in self.workers]
+
+    def running_on(self, resource: str) -> Job | None:
+        return next((job for job in self.running if resource in job.resources()), None)
+
+    # -- the threads -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for worker in self.workers:
+            if not worker.is_alive():
+                worker.start()
+
+    def shutdown(self) -> None:
+        """Stop the running jobs at their next step (training saves) and start no more."""
+        for job in self.running:
+            job.stop.set()
+        with self.condition:
+            self.closing = True
+            self.condition.notify_all()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.join(max(0.0, deadline - time.monotonic()))
+
+    def take(self, worker: Worker) -> Job | None:
+        """The next queued job that touches nothing a running job does, for `worker` (waits for one); None when
+        the server is shutting down. Jobs stopped while queued end here without running."""
+        with self.condition:
+            while not self.closing:
+                for job_id in list(self.queue):
+                    job = self.store.get(job_id)
+                    if job is None or job.status != "queued":
+                        self.queue.remove(job_id)
+                        continue
+                    if job.stop.is_set():
+                        self.queue.remove(job_id)
+                        self.store.update(job, status="stopped", finished=time.time())
+                        continue
+                    if job.resources() & self.busy:
+                        continue
+                    self.queue.remove(job_id)
+                    self.busy |= job.resources()
+                    worker.current = job
+                    return job
+                self.condition.wait()
+            return None
+
+    def finished(self, worker: Worker, job: Job) -> None:
+        with self.condition:
+            self.busy -= job.resources()
+            worker.current = None
+            self.condition.notify_all()

@@ -4,6 +4,7 @@ options for the workspace, calls the library, and turns its progress into the jo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,11 @@ class Work:
         if worker.model is None:
             from ..models import load_model
 
-            worker.store.event(job, "message", text=f"loading the model {self.config.model.model}")
-            worker.model = load_model(self.config.model, self.config.cache_dir)
+            options = replace(self.config.model, device=worker.device) if worker.device else self.config.model
+            where = f" on {worker.device}" if worker.device else ""
+            worker.store.event(job, "message", text=f"loading the model {self.config.model.model}{where}")
+            with worker.pool.loading:
+                worker.model = load_model(options, self.config.cache_dir)
         return worker.model
 
     def prepare(self, job: Job, worker: Worker) -> dict[str, Any]:

@@ -23,7 +23,7 @@ router = APIRouter()
 
 @router.get("/sdapi/v1/embeddings")
 def embeddings(server: ServerDep) -> dict[str, Any]:
-    model = server.worker.model
+    model = server.workers.model
     width = model.width if model is not None else None
     loaded, skipped = {}, {}
     for name, path in sorted(list_embedding_files(server.workspace.embeddings).items()):
@@ -45,7 +45,7 @@ def samplers() -> list[dict[str, Any]]:
 @router.post("/sdapi/v1/txt2img")
 async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
     options = generate_options(from_a1111(body), server)
-    job = server.worker.submit("generate", public(options))
+    job = server.workers.submit("generate", public(options))
     async with contextlib.aclosing(server.store.changes(timeout=5.0)) as changes:
         async for _ in changes:
             if job.done.is_set():
@@ -66,10 +66,10 @@ async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
 
 @router.get("/sdapi/v1/progress")
 def progress(server: ServerDep) -> dict[str, Any]:
-    worker = server.worker
-    current = worker.current
+    workers = server.workers
+    current = workers.current
     state = {"skipped": False, "interrupted": bool(current and current.stop.is_set()), "job": "",
-             "job_count": worker.waiting() + (1 if current else 0), "job_timestamp": "0", "job_no": 0,
+             "job_count": workers.waiting() + len(workers.running), "job_timestamp": "0", "job_no": 0,
              "sampling_step": 0, "sampling_steps": 0}
     fraction, eta = 0.0, 0.0
     if current is not None:
@@ -83,9 +83,8 @@ def progress(server: ServerDep) -> dict[str, Any]:
 
 @router.post("/sdapi/v1/interrupt")
 def interrupt(server: ServerDep) -> dict[str, Any]:
-    current = server.worker.current
-    if current is not None:
-        current.stop.set()
+    for running in server.workers.running:  # A1111 has one job at a time; here every running one stops
+        running.stop.set()
     return {}
 
 

@@ -43,7 +43,7 @@ def create(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
     options = options_from_body(CreateOptions, body, model=server.config.model.model,
                                 embeddings_dir=str(server.workspace.embeddings))
     validate_create(options)
-    return server.worker.submit("create", public(options)).public()
+    return server.workers.submit("create", public(options)).public()
 
 
 @router.get("/api/embeddings/{name}")

@@ -32,7 +32,7 @@ def generate_options(body: Any, server: Server) -> GenerateOptions:
 
 @router.post("/api/generate")
 def start_generation(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
-    return server.worker.submit("generate", public(generate_options(body, server))).public()
+    return server.workers.submit("generate", public(generate_options(body, server))).public()
 
 
 @router.get("/api/outputs")

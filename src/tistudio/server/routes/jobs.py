@@ -42,7 +42,7 @@ def resume(job_id: str, server: ServerDep) -> dict[str, Any]:
     found = job_or_404(server.store, job_id)
     if found.status not in ("stopped", "interrupted", "failed"):
         raise OptionError("job", job_id, f"is {found.status}; only a stopped, interrupted or failed job resumes")
-    return server.worker.submit(found.kind, dict(found.request)).public()
+    return server.workers.submit(found.kind, dict(found.request)).public()
 
 
 @router.get("/api/jobs/{job_id}/events")

@@ -39,11 +39,12 @@ def static_file(name: str) -> Response:
 
 @router.get("/api/status")
 def status(server: ServerDep) -> dict[str, Any]:
-    worker, model = server.worker, server.config.model
-    current = worker.current
+    workers, model = server.workers, server.config.model
+    current = workers.current
     return {"version": __version__, "model": model.model, "demo": model.model in DEMOS,
-            "model_loaded": worker.model.describe() if worker.model is not None else None,
-            "busy": current.public() if current else None, "queued": worker.waiting(),
+            "model_loaded": workers.model.describe() if workers.model is not None else None,
+            "busy": current.public() if current else None, "queued": workers.waiting(),
+            "running": [job.public() for job in workers.running], "devices": workers.devices(),
             "limits": dataclasses.asdict(server.limits)}
 
 

@@ -129,7 +129,7 @@ def prepare_set(name: str, server: ServerDep, body: dict[str, Any] | None = None
         body["size"] = native  # the served model's size, as the page's form says
     options = options_from_body(PrepareOptions, body, photos=str(folder), out=str(workspace.dataset(name)))
     validate_prepare(options)
-    return server.worker.submit("prepare", {"set": name, **public(options)}).public()
+    return server.workers.submit("prepare", {"set": name, **public(options)}).public()
 
 
 @router.get("/api/datasets")

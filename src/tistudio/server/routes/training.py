@@ -34,7 +34,7 @@ def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
         raise OptionError("batch_size", options.batch_size, f"this server allows at most {limits.train_batch}")
     validate_train(options)
     embedding_path(workspace, name)
-    return server.worker.submit("train", {"set": set_name, **public(options)}).public()
+    return server.workers.submit("train", {"set": set_name, **public(options)}).public()
 
 
 @router.get("/api/runs/{name}")
@@ -60,8 +60,8 @@ def use_step(name: str, body: dict[str, Any], server: ServerDep) -> dict[str, An
     step = body.get("step") if isinstance(body, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise OptionError("step", step, "send the step of a saved copy, e.g. {\"step\": 500}")
-    busy = server.worker.current
-    if busy is not None and busy.kind == "train" and busy.request.get("embedding") == name:
+    busy = server.workers.running_on(f"embedding:{name}")
+    if busy is not None and busy.kind == "train":
         raise OptionError("step", step, f"{name} is training now; stop it first")
     RunFolder(server.workspace.run(name), name).use_step(step, server.workspace.embeddings / f"{name}.safetensors")
     return {"embedding": name, "step": step}

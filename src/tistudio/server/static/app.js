@@ -187,8 +187,11 @@ async function refreshStatus() {
     const status = await api("GET", "/api/status");
     $("#model").textContent = `model: ${status.model.split(/[\\/]/).filter(Boolean).pop() || status.model}`;
     $("#demo-banner").hidden = !status.demo;
-    $("#busy").textContent = status.busy ? `working: ${status.busy.kind} (${status.busy.status})` +
-      (status.queued ? `, ${status.queued} waiting` : "") : "idle";
+    const running = status.running || (status.busy ? [status.busy] : []);
+    const where = (job) => (status.devices || []).length > 1 && job.device ? ` on ${job.device}` : "";
+    $("#busy").textContent = running.length ? "working: " + running.map((job) =>
+      `${job.kind} ${job.request.embedding || job.request.name || job.request.set || ""}`.trim() + where(job))
+      .join(", ") + (status.queued ? `; ${status.queued} waiting` : "") : "idle";
   } catch (e) {
     $("#busy").textContent = `server unreachable: ${e.message}`;
   }
