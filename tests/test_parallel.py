@@ -196,3 +196,33 @@ def test_killing_one_process_leaves_loadable_files_and_a_clear_message(tiny_sd1,
                                            str(saved.step + 2)))
     assert again.returncode == 0, again.stderr[-3000:]
     assert vectors(folder).step == saved.step + 2
+
+
+def test_ctrl_c_stops_every_process_at_one_step_saved(tiny_sd1, sd1_model, photos, tmp_path, cache_dir) -> None:
+    """Ctrl-C in the terminal reaches torchrun and both processes (one process group); torchrun then sends them
+    SIGTERM too. They agree on the step to stop at, process 0 saves it and says so, and the run continues after."""
+    folder = tmp_path / "interrupted"
+    copies(new_embedding(sd1_model, tmp_path / "template"), folder)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(DRIVER),
+               "--slow-step", "0.1", "--cli", "--cache-dir", str(cache_dir),
+               *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", "400", "--save-every", "50")]
+    launcher = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = folder / "run" / "loss.csv"
+        while time.monotonic() < deadline and len(read_loss_log(log) if log.exists() else []) < 3:
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    saved = vectors(folder)
+    assert f"stopped at step {saved.step} of 400; saved" in out, err[-3000:]
+    assert out.count("stopped at step") == 1  # process 0 alone
+    assert [row["step"] for row in read_loss_log(log)] == list(range(1, saved.step + 1))
+    again = torchrun(cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps",
+                                           str(saved.step + 2)))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert vectors(folder).step == saved.step + 2

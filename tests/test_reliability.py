@@ -347,18 +347,18 @@ def test_the_server_worker_survives_a_full_disk_and_the_job_file_catches_up(tmp_
         raise storage.StorageError("cannot write embeddings/x.safetensors: no space left on the device")
 
     store = jobs_module.JobStore(tmp_path)
-    worker = jobs_module.Worker(store, {"fill": fill_the_disk, "ok": lambda job, worker: {"fine": True}})
-    worker.start()
+    workers = jobs_module.Workers(store, {"fill": fill_the_disk, "ok": lambda job, worker: {"fine": True}})
+    workers.start()
     try:
-        failed = worker.submit("fill", {})
+        failed = workers.submit("fill", {})
         assert failed.done.wait(10) and failed.status == "failed" and "no space" in failed.error
         assert json.loads((tmp_path / f"{failed.id}.json").read_text())["status"] == "running"  # not written yet
         full["on"] = False  # space is freed
-        later = worker.submit("ok", {})
+        later = workers.submit("ok", {})
         assert later.done.wait(10) and later.status == "done"
         on_disk = json.loads((tmp_path / f"{failed.id}.json").read_text())
         assert on_disk["status"] == "failed" and "no space" in on_disk["error"]
     finally:
-        worker.shutdown()
-        worker.join(10)
-    assert not worker.is_alive()
+        workers.shutdown()
+        workers.join(10)
+    assert not any(worker.is_alive() for worker in workers.workers)
