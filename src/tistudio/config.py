@@ -235,6 +235,11 @@ class PrepareOptions:
     # Photos that would need more enlargement than this are left out as too small.
     max_upscale: float = option(2.0, "largest enlargement allowed before a photo counts as too small",
                                 minimum=1.0, maximum=8.0, advanced=True)
+    # Tell the people in the photos apart (a face descriptor per photo, identity.py): which photos show someone
+    # else than the rest, how many people the set holds. auto: where the optional extra tistudio[faces] is
+    # installed; on: required; off: never.
+    identity: str = option("auto", "check that the photos show one person (auto: if tistudio[faces] is installed)",
+                           choices=("auto", "on", "off"))
 
 
 T = TypeVar("T")

@@ -71,6 +71,9 @@ class Item:
     phash: str = ""
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     notes: list[str] = field(default_factory=list)
+    identity: list[float] | None = None  # the face's descriptor (identity.py), where it was described
+    person_distance: float | None = None  # its average distance to the set's main person's other faces
+    other_person: bool = False  # the face is not the set's main person's
 
 
 @dataclass
@@ -221,8 +224,10 @@ def _save(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda temp: image.save(temp, format="PNG"))
 
 
-def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, detector: Any) -> Item:
-    """Crop, resize and measure one photo; writes its outputs (and captions) into `out`."""
+def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, detector: Any,
+                  identity: Any = None) -> Item:
+    """Crop, resize and measure one photo; writes its outputs (and captions) into `out`. With an `identity`
+    (identity.FaceIdentity), the largest face is described, if it is large enough to tell who it is."""
     item = Item(source=source.name)
     image, original = read_image(source)
     item.original_size = original
@@ -246,6 +251,8 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
             item.face_fraction = round(face.height / (squares[0][2] - squares[0][0]), 3)
             if len(faces) > 1:
                 item.notes.append(f"{len(faces)} faces: used the largest")
+            if identity is not None:
+                describe_face(item, identity, image, face.box)
     if not squares:
         side = min(width, height)
         if options.split and side / max(width, height) <= 0.5:
@@ -287,6 +294,51 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     return item
 
 
+def describe_face(item: Item, identity: Any, image: Image.Image, box: tuple[float, float, float, float]) -> None:
+    from .identity import MIN_FACE_PX
+
+    width = box[2] - box[0]
+    if width < MIN_FACE_PX:
+        item.notes.append(f"the face is too small to tell who it is ({width:.0f} px wide; at least {MIN_FACE_PX})")
+        return
+    item.identity = [round(float(v), 5) for v in identity.describe(image, box)]
+
+
+def undescribed(old: dict[str, Any], identity: Any) -> bool:
+    """A photo prepared before face identity was there (installed later): its face must be described now."""
+    too_small = any("too small to tell who" in note for note in old.get("notes", []))
+    return identity is not None and bool(old.get("face_box")) and old.get("identity") is None and not too_small
+
+
+def tell_people_apart(items: list[Item]) -> list[list[Item]]:
+    """Group the described faces by person (largest group first) and set each item's distance to the main
+    person's faces and whether it is someone else; returns the groups."""
+    from .identity import group_people
+
+    described = [i for i in items if i.status == "ok" and i.identity]
+    for item in items:
+        item.person_distance, item.other_person = None, False
+    if len(described) < 2:
+        return [described] if described else []
+    people = group_people([i.identity for i in described])
+    for item, gap in zip(described, people.to_main, strict=True):
+        item.person_distance = gap
+    for index in people.others:
+        described[index].other_person = True
+    return [[described[i] for i in group] for group in people.groups]
+
+
+def load_identity(choice: str) -> Any:
+    """The face-identity model for prepare's --identity: None for off, or for auto without the extra."""
+    from .identity import FaceIdentity, available
+
+    if choice == "off" or (choice == "auto" and not available()):
+        if choice == "auto":
+            log.info("not checking who the photos show: pip install 'tistudio[faces]' to have it")
+        return None
+    return FaceIdentity()
+
+
 def _settings(options: PrepareOptions) -> dict[str, Any]:
     return {k: v for k, v in asdict(options).items() if k not in ("photos", "out")}
 
@@ -308,7 +360,7 @@ def _load_manifest(path: Path, options: PrepareOptions) -> dict[str, Any]:
 
 
 def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] | None = None,
-            stop: threading.Event | None = None, detector: Any = None) -> PrepareResult:
+            stop: threading.Event | None = None, detector: Any = None, identity: Any = None) -> PrepareResult:
     """Prepare (or update) a training set from a folder of photos; on_progress hears an Event.STEP per photo."""
     validate_prepare(options)
     report = Reporter(on_progress)
@@ -322,6 +374,8 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
                      and p.suffix.lower() not in CAPTION_SUFFIXES and not p.is_dir())
     if not sources:
         raise DatasetError(f"photos folder {photos} is empty; put 10-30 photos of your subject in it")
+    if identity is None and options.crop != "center":
+        identity = load_identity(options.identity)  # before anything is written: --identity on may be refused
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     previous = _load_manifest(manifest_path, options)
@@ -344,7 +398,8 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
             log.debug("cannot hash %s: %s", source, exc)
         old = old_files.get(source.name)
         if (old and digest and old.get("sha256") == digest and old.get("status") == "ok"
-                and all((out / name).is_file() for name in old.get("outputs", []))):
+                and all((out / name).is_file() for name in old.get("outputs", []))
+                and not undescribed(old, identity)):
             item = Item(**{k: tuple(v) if k in ("original_size", "face_box", "crop", "background") and v else v
                            for k, v in old.items()})
             reused += 1
@@ -359,7 +414,7 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
                 if not source.is_file():
                     raise DatasetError("not a regular file" if source.exists() else
                                        "a broken or looping symbolic link")
-                item = process_photo(source, out, stem, options, detector)
+                item = process_photo(source, out, stem, options, detector, identity)
             except DatasetError as exc:
                 item = Item(source=source.name, status="skipped", reason=str(exc))
             item.sha256 = digest
@@ -414,7 +469,8 @@ def duplicate_groups(items: list[Item]) -> list[list[Item]]:
 
 
 def assess(items: list[Item]) -> list[str]:
-    """The set's verdict, in plain sentences; the first says whether the set is ready."""
+    """The set's verdict, in plain sentences; the first says whether the set is ready. Where faces were described
+    it tells the people apart first (tell_people_apart, which marks each item)."""
     usable = [i for i in items if i.status == "ok"]
     skipped = [i for i in items if i.status != "ok"]
     findings: list[str] = []
@@ -430,6 +486,7 @@ def assess(items: list[Item]) -> list[str]:
                         + "; ".join(f"{i.source} ({i.reason})" for i in skipped[:5])
                         + ("; ..." if len(skipped) > 5 else "") + ".")
     if usable:
+        findings += identity_findings(items)
         median = float(np.median([i.sharpness for i in usable]))
         blurry = [i for i in usable if i.sharpness < max(BLUR_ABSOLUTE, BLUR_RELATIVE * median)
                   and i.sharpness < median]
@@ -475,6 +532,30 @@ def assess(items: list[Item]) -> list[str]:
     return [head, *findings]
 
 
+def identity_findings(items: list[Item]) -> list[str]:
+    """Who the photos show: someone else in a few of them, several people with no clear one, faces too small."""
+    from .identity import SAME_PERSON
+
+    findings = []
+    groups = tell_people_apart(items)
+    described = sum(len(group) for group in groups)
+    if len(groups) > 1 and 2 * len(groups[0]) <= described:
+        findings.append(f"The photos show {len(groups)} different people ("
+                        + "; ".join(_names(group, 3) for group in groups[:4]) + "): an embedding learns one person; "
+                        "keep only the photos of the one you mean.")
+    elif len(groups) > 1:
+        others = [item for group in groups[1:] for item in group]
+        findings.append(f"{_count(len(others), 'photo shows', 'photos show')} someone else than the rest: "
+                        + ", ".join(f"{i.source} ({i.person_distance:.2f} from the other faces; the same person is "
+                                    f"under {SAME_PERSON})" for i in others[:6])
+                        + f"; remove {'it' if len(others) == 1 else 'them'}, or the word learns a blend of people.")
+    small = [i for i in items if i.status == "ok" and any("too small to tell who" in n for n in i.notes)]
+    if small and described:
+        findings.append(f"The face in {_names(small)} is too small to tell who it is; closer photos let tistudio "
+                        "check that they show the same person.")
+    return findings
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The report
 
@@ -490,7 +571,7 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
             continue
         picture = out / next(o for o in item.outputs if o.endswith(".png"))
         face = (f"{item.faces} found, {item.face_fraction:.0%} of the frame, {item.yaw}" if item.face_box
-                else "none" if options.crop != "center" else "not looked for")
+                else "none" if options.crop != "center" else "not looked for") + who(item)
         rows.append(
             f"<tr><td><img src='{data_uri(picture)}' alt='' width=96 height=96></td>"
             f"<td>{html.escape(item.source)}<br><span class='muted'>{item.original_size[0]}x{item.original_size[1]}"
@@ -510,6 +591,12 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
     return write_text(out / "report.html", page)
 
 
+def who(item: Item) -> str:
+    if item.person_distance is None:
+        return ""
+    return f", {'SOMEONE ELSE' if item.other_person else 'the same person'} ({item.person_distance:.2f})"
+
+
 def summary_lines(result: PrepareResult) -> list[str]:
     """The report for the terminal."""
     lines = [f"prepared {len(result.usable)} of {len(result.items)} files into {result.out} "
@@ -518,7 +605,7 @@ def summary_lines(result: PrepareResult) -> list[str]:
         if item.status != "ok":
             lines.append(f"  left out  {item.source}: {item.reason}")
             continue
-        face = f"face {item.face_fraction:.0%} {item.yaw}" if item.face_box else item.framing
+        face = (f"face {item.face_fraction:.0%} {item.yaw}" if item.face_box else item.framing) + who(item)
         notes = f"  ({'; '.join(item.notes)})" if item.notes else ""
         lines.append(f"  ok        {item.source}: {face}, sharpness {item.sharpness:.0f}, x{item.upscale:.2f}{notes}")
     lines += ["", *result.verdict, "", f"report: {result.report}"]

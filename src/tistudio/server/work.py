@@ -50,7 +50,14 @@ class Work:
         def progress(p: Progress) -> None:
             worker.store.event(job, "progress", step=p.step, total=p.total, source=p.message)
 
-        result = prepare(options, on_progress=progress, stop=job.stop, detector=worker.detector)
+        identity = None
+        if options.identity != "off" and options.crop != "center":
+            if getattr(worker, "face_identity", None) is None:
+                from ..preprocess import load_identity
+
+                worker.face_identity = load_identity(options.identity)  # type: ignore[attr-defined]
+            identity = worker.face_identity  # type: ignore[attr-defined]
+        result = prepare(options, on_progress=progress, stop=job.stop, detector=worker.detector, identity=identity)
         return {"set": name, "usable": len(result.usable), "total": len(result.items), "verdict": result.verdict,
                 "processed": result.processed, "reused": result.reused}
 
