@@ -119,3 +119,89 @@ def test_without_the_extra_auto_skips_and_on_refuses_before_any_work(tmp_path, m
     err = capsys.readouterr().err
     assert "pip install 'tistudio[faces]'" in err and err.count("\n") == 1
     assert not (tmp_path / "on").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Face likeness while training
+
+
+def portrait(person: str, size: int) -> Image.Image:
+    from tistudio.dataset import square
+
+    source = Image.open(DATA / ("astronaut.jpg" if person == "collins" else "grace_hopper.jpg")).convert("RGB")
+    face = {"collins": (140, 30, 320, 230), "hopper": (120, 40, 400, 360)}[person]
+    return square(source.crop(face), size)
+
+
+@needs_extra
+def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny_sd1, sd1_model, tmp_path, caplog,
+                                                                           monkeypatch) -> None:
+    """The training photos are Eileen Collins; the pictures the (tiny, random) model would draw are replaced by
+    real ones, in turn: no face, Grace Hopper, Collins, Hopper. The face likeness ranks them, and the step whose
+    picture was Collins is the one kept - among the steps it was measured at (every 4 steps here)."""
+    import logging
+
+    from tistudio import generate
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.embedding import read_embedding
+    from tistudio.runfolder import read_eval_log
+    from tistudio.train import train
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, picture in enumerate(variants(portrait("collins", 128)).values()):
+        picture.resize((128, 128)).save(photos / f"collins{index}.png")
+    drawn = [Image.new("RGB", (128, 128), (90, 90, 90)), portrait("hopper", 128), portrait("collins", 128),
+             portrait("hopper", 128)]
+    calls = []
+
+    def render(self, params, on_step=None, stop=None):
+        calls.append(params.prompt)
+        return [drawn[min(len(calls) - 1, len(drawn) - 1)]]
+
+    monkeypatch.setattr(generate.Renderer, "render", render)
+    create_embedding(CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
+                     cache_dir=tmp_path, model=sd1_model)
+    caplog.set_level(logging.INFO, logger="tistudio")
+    result = train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos),
+                                embeddings_dir=str(tmp_path / "emb"), run_dir=str(tmp_path / "run"), size=128,
+                                batch_size=1, max_steps=10, eval_every=2, likeness_every=4, likeness_pictures=1,
+                                likeness_steps=2, preview_every=0, save_every=0), cache_dir=tmp_path, model=sd1_model)
+    assert "face likeness every 4 steps: 1 pictures of 2 sampler steps" in caplog.text
+    rows = {step: like for step, _, like in read_eval_log(tmp_path / "run" / "eval.csv")}
+    measured = {step: like for step, like in rows.items() if like is not None}
+    assert sorted(measured) == [0, 4, 8, 10] and sorted(rows) == [0, 2, 4, 6, 8, 10]  # every 4 steps, and the last
+    assert measured[0] == 0.0  # no face in the picture
+    assert measured[8] > 0.7 > 0.5 > measured[4] > 0.2 and measured[10] == measured[4]
+    assert calls[0] == "a painting of tomtut"
+    kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    assert result.best_step == 8 and kept.step == 8 and kept.meta.get("best_by") == "the highest likeness"
+
+
+@needs_extra
+def test_without_faces_in_the_photos_the_loss_chooses_and_says_so(sd1_model, photos, tmp_path, caplog) -> None:
+    import logging
+
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.train import train
+
+    create_embedding(CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
+                     cache_dir=tmp_path, model=sd1_model)
+    caplog.set_level(logging.INFO, logger="tistudio")
+    result = train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos), size=64, max_steps=4,
+                                embeddings_dir=str(tmp_path / "emb"), run_dir=str(tmp_path / "run"), eval_every=2,
+                                preview_every=0, save_every=0), cache_dir=tmp_path, model=sd1_model)
+    assert "no face likeness: 0 of 6 training images show a face" in caplog.text
+    assert "the fixed-batch loss chooses the step to keep" in caplog.text
+    assert result.best_step in (None, 2)
+
+
+def test_likeness_on_without_the_extra_is_refused_before_any_work(monkeypatch) -> None:
+    from tistudio.config import TrainOptions, validate_train
+    from tistudio.errors import OptionError
+
+    monkeypatch.setattr(identity, "_models_folder", lambda: None)
+    with pytest.raises(OptionError, match=r"likeness='on'.*pip install 'tistudio\[faces\]'"):
+        validate_train(TrainOptions(model="m", embedding="e", dataset="d", likeness="on"))

@@ -165,6 +165,18 @@ class TrainOptions(ModelOptions):
     # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
     eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (0: off)", minimum=0,
                              advanced=True)
+    # Judge steps by the faces in pictures from prompts the templates never use (likeness.py): at the first
+    # evaluation of every likeness_every steps (and at the last step), likeness_pictures pictures of
+    # likeness_steps sampler steps, compared with the training photos' faces; the highest likeness is the step kept.
+    # auto: where tistudio[faces] is installed and the photos show faces; on: the extra is required; off: the loss.
+    likeness: str = option("auto", "keep the step whose pictures look most like the face in the photos (auto: with "
+                           "tistudio[faces] and faces in the photos)", choices=("auto", "on", "off"), advanced=True)
+    likeness_every: int = option(250, "measure the face likeness every N steps (at an evaluation)", minimum=1,
+                                 advanced=True)
+    likeness_pictures: int = option(4, "pictures per face-likeness measurement", minimum=1, maximum=32,
+                                    advanced=True)
+    likeness_steps: int = option(12, "sampler steps of each face-likeness picture", minimum=1, maximum=150,
+                                 advanced=True)
     # max-steps: train to max_steps; auto: stop once the fixed-batch loss has stopped changing (DVAR).
     stop: str = option("max-steps", "when to stop: at max_steps, or auto once the loss has converged",
                        choices=("max-steps", "auto"))
@@ -355,6 +367,12 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     load_template(options.template)
+    if options.likeness == "on":
+        from .identity import INSTALL, available
+
+        if not available():
+            raise OptionError("likeness", "on", f"judging pictures by face needs the optional extra: {INSTALL} (or "
+                              "--likeness auto)")
 
 
 def validate_generate(options: GenerateOptions) -> None:

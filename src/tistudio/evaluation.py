@@ -195,10 +195,11 @@ class Evaluator:
     """
 
     def __init__(self, model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                 batch: EvalBatch, log_path: Path, likeness: Likeness | None = None) -> None:
+                 batch: EvalBatch, log_path: Path, likeness: Likeness | None = None, likeness_every: int = 0) -> None:
         self.model, self.encoder, self.alphas, self.latents, self.batch = model, encoder, alphas, latents, batch
         self.path = log_path
         self.likeness = likeness
+        self.likeness_every = likeness_every  # 0: at every evaluation; else at steps that are multiples of it
         self.history: list[tuple[int, float, float | None]] = []
         self.kept: dict[int, Tensors] = {}  # step -> snapshot, for the steps that can still be the best
         self.neutral: float | None = None  # the neutral start's loss, if it differs from this run's start
@@ -233,11 +234,15 @@ class Evaluator:
         log.info("fixed-batch loss of the person-like start: %.5f (the loss's drop is counted from it where it is "
                  "below this run's start)", self.neutral)
 
-    def evaluate(self, step: int, trainable: Trainable, candidate: bool = True) -> tuple[float, float | None]:
-        """Evaluate and log; a `candidate` step may become the best (the untrained start is not one)."""
+    def evaluate(self, step: int, trainable: Trainable, candidate: bool = True,
+                 last: bool = False) -> tuple[float, float | None]:
+        """Evaluate and log; a `candidate` step may become the best (the untrained start is not one). The likeness
+        is measured where it is due (and at the `last` step)."""
         loss = self.loss()
         like = None
-        if self.likeness is not None:
+        due = not self.likeness_every or last or step // self.likeness_every > self._last_likeness_step() // \
+            self.likeness_every
+        if self.likeness is not None and due:
             with torch.no_grad():
                 value = self.likeness(self.model, self.encoder)
             like = None if value is None else float(value)
@@ -247,6 +252,10 @@ class Evaluator:
             self.kept[step] = trainable.snapshot()
             self.kept = {s: v for s, v in self.kept.items() if s in self._contenders()}
         return loss, like
+
+    def _last_likeness_step(self) -> int:
+        """The last step the likeness was measured at (-1: never): it is due again in the next interval."""
+        return max((step for step, _, like in self.history if like is not None), default=-1)
 
     def _contenders(self) -> set[int]:
         """The steps that can still become the best, by the loss or by the likeness: both edges only tighten."""
@@ -260,8 +269,11 @@ class Evaluator:
 
     @property
     def by_likeness(self) -> bool:
-        """Whether the likeness chooses the best step: it was measured at every evaluation after the start."""
+        """Whether the likeness chooses the best step: it was measured at every evaluation after the start, or,
+        where it has its own interval, at least once after the start (the best is then one of those steps)."""
         after = [like for step, _, like in self.history if step > 0]
+        if self.likeness_every:
+            return any(like is not None for like in after)
         return bool(after) and all(like is not None for like in after)
 
     @property

@@ -142,6 +142,8 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     guard = restore(optimizer, scaler, trainable, saved, name, start_step)
 
     # 5. Evaluation, previews and checkpoints.
+    if main and likeness is None and options.likeness != "off" and options.eval_every:
+        likeness = face_likeness_of(dataset, name, size, options)
     evaluator = make_evaluator(model, encoder, alphas, samples, point.run, options, likeness, start_step, saved,
                                trainable) if main else None
     previewer = (Previewer(model, encoder, preview_params(options, template, name, size), point.run, options.clip_skip)
@@ -193,7 +195,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
             if options.eval_every and step % options.eval_every == 0:
                 converged = False
                 if evaluator is not None:
-                    evaluate(evaluator, trainable, step, schedule.end_step, report)
+                    evaluate(evaluator, trainable, step, schedule.end_step, report, last=step >= schedule.end_step)
                     converged = options.stop == "auto" and evaluator.converged()
                 if options.stop == "auto" and parallel.agree(converged, model.device):
                     result.converged_at = step
@@ -207,7 +209,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
     result.stopped = step < schedule.end_step and result.converged_at is None
     if evaluator is not None and not result.stopped and step % options.eval_every:
-        evaluate(evaluator, trainable, step, schedule.end_step, report)  # the last step is always a candidate
+        evaluate(evaluator, trainable, step, schedule.end_step, report, last=True)  # always a candidate
     checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
                      report=report, total=schedule.end_step)
     best = evaluator.best if evaluator is not None else None
@@ -528,7 +530,8 @@ def make_evaluator(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
         return None
     batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
                              tuple(samples.latents.shape[1:]), samples.timesteps, size=EVAL_SIZE, sizes=samples.sizes)
-    evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness)
+    every = getattr(likeness, "every", 0)  # a face likeness has its own interval
+    evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness, every)
     evaluator.open(start_step, saved)
     if evaluator.neutral is None:
         count = next(iter(trainable.vectors.values())).shape[0]
@@ -537,8 +540,18 @@ def make_evaluator(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     return evaluator
 
 
-def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, report: Reporter) -> None:
-    loss, like = evaluator.evaluate(step, trainable, candidate=step > 0)
+def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
+    """The run's face likeness (likeness.py), or None where the extra is missing or the photos show no face."""
+    from .likeness import face_likeness
+
+    return face_likeness([square(item.image, size) for item in dataset.images], name, size,
+                         pictures=options.likeness_pictures, steps=options.likeness_steps,
+                         every=options.likeness_every)
+
+
+def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, report: Reporter,
+             last: bool = False) -> None:
+    loss, like = evaluator.evaluate(step, trainable, candidate=step > 0, last=last)
     shown = f"fixed-batch loss {loss:.5f}" + ("" if like is None else f", likeness {like:.2f}")
     report(Event.EVAL, step, total, loss=loss, message=shown)
 
