@@ -129,6 +129,11 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         assert any("step" in t and "of 40" in t and "loss" in t for t in seen), seen
         expect(page.locator("#loss-chart svg")).to_be_visible()
         expect(page.locator("#preview-timeline figure")).to_have_count(5)  # steps 0, 10, 20, 30, 40
+        # the fixed-batch loss on the chart (every 25 steps and the last), the kept step said, the run's report
+        expect(page.locator("#loss-chart polyline[stroke='#e6550d']")).to_have_count(1)
+        expect(page.locator("#kept-step")).to_contain_text("step")
+        report = page.locator("#kept-step a")
+        expect(report).to_have_attribute("href", "/api/runs/tomtut/report")
         shot(page, "3-train")
         page.click("#preview-timeline figure[data-step='20'] button")
         expect(page.locator("#train-status")).to_contain_text("saved at step 20")

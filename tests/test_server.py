@@ -463,3 +463,21 @@ def test_devices_all_is_every_gpu_and_each_gpu_once(monkeypatch) -> None:
         parse_devices("cuda,cuda:0")
     with pytest.raises(ModelError, match="sees 4 CUDA GPUs, so there is no cuda:4"):
         parse_devices("cuda:4")
+
+
+def test_a_runs_evaluations_kept_step_and_report_are_served(client, photos) -> None:
+    upload(client, "tomtut", photos)
+    wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
+    trained = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 6,
+                                                           "size": 64, "preview_every": 0, "eval_every": 2}).json())
+    assert trained["status"] == "done"
+    run = client.get("/api/runs/tomtut").json()
+    assert [row["step"] for row in run["eval"]] == [0, 2, 4, 6] and all(row["loss"] > 0 for row in run["eval"])
+    kept = run["kept"]
+    assert kept["last_step"] == 6 and kept["step"] in (2, 4, 6)
+    assert kept["by"] == ("the last step trained" if kept["step"] == 6 else "the lowest fixed-batch loss")
+    report = client.get(run["report"])
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in report.headers["content-security-policy"]
+    assert "tomtut" in report.text and "<script" not in report.text
+    assert client.get("/api/runs/nobody/report").status_code == 404

@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from ...config import TrainOptions, check_name, validate_train
-from ...errors import OptionError
-from ...runfolder import RunFolder, read_loss_log
-from ..context import ServerDep, embedding_path, image_response, not_found, options_from_body, public
+from ...embedding import read_embedding
+from ...errors import OptionError, TistudioError
+from ...runfolder import RunFolder, read_eval_log, read_loss_log
+from ..context import Server, ServerDep, embedding_path, image_response, not_found, options_from_body, public
 
 router = APIRouter()
 
@@ -44,10 +45,39 @@ def run(name: str, server: ServerDep) -> dict[str, Any]:
         raise not_found(f"training run {name}")
     options = folder.options()
     return {"name": name, "loss": read_loss_log(folder.loss_log),
+            "eval": [{"step": step, "loss": loss, "likeness": like} for step, loss, like in
+                     read_eval_log(folder.eval_log)],
+            "kept": kept_step(server, name),
+            "report": f"/api/runs/{name}/report" if (folder.path / "report.html").is_file() else None,
             "previews": [{"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
                          for s in folder.preview_steps()],
             "copies": folder.copy_steps(), "options": options.get("options", {}),
             "resolved": options.get("resolved", {})}
+
+
+def kept_step(server: Server, name: str) -> dict[str, Any] | None:
+    """The step the embedding holds and why: the best of a finished run (and its last step), else its own step."""
+    path = server.workspace.embeddings / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        embedding = read_embedding(path)
+    except TistudioError:
+        return None
+    best_by = embedding.meta.get("best_by")
+    return {"step": embedding.step, "by": best_by or "the last step trained",
+            "last_step": embedding.meta_count("last_step") or embedding.step}
+
+
+@router.get("/api/runs/{name}/report")
+def report(name: str, server: ServerDep) -> Response:
+    """The run's report.html (self-contained: its pictures are inside it)."""
+    path = server.workspace.file_in(server.workspace.run(name), "report.html")
+    if not path.is_file():
+        raise not_found(f"the report of {name}")
+    return Response(path.read_bytes(), media_type="text/html; charset=utf-8",
+                    headers={"Cache-Control": "no-cache", "Content-Security-Policy":
+                             "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"})
 
 
 @router.get("/api/runs/{name}/previews/{file}")

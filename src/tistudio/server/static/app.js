@@ -408,6 +408,7 @@ function setupEmbeddings() {
 
 let trainForm = null;
 const losses = [];
+const evaluations = { rows: [], kept: null, report: null };  // the run's fixed-batch losses, likeness, kept step
 
 async function refreshTrainChoices() {
   const [embeddings, sets] = await Promise.all([api("GET", "/api/embeddings"), api("GET", "/api/photosets")]);
@@ -442,10 +443,12 @@ async function refreshTrainChoices() {
 
 async function loadRun(name) {
   losses.length = 0;
+  Object.assign(evaluations, { rows: [], kept: null, report: null });
   $("#preview-timeline").innerHTML = "";
   try {
     const run = await api("GET", `/api/runs/${name}`);
     for (const row of run.loss) losses.push([row.step, row.loss]);
+    Object.assign(evaluations, { rows: run.eval || [], kept: run.kept, report: run.report });
     drawLoss();
     for (const preview of run.previews) addPreview(name, preview.step, preview.url, run.copies.includes(preview.step));
     state.copies = run.copies;
@@ -475,8 +478,51 @@ function drawLoss() {
     <text x="4" y="16" font-size="11">${v1.toFixed(3)}</text><text x="4" y="${height - 30}" font-size="11">${v0.toFixed(3)}</text>
     <text x="${pad}" y="${height - 8}" font-size="11">step ${s0}</text>
     <text x="${width - 10}" y="${height - 8}" font-size="11" text-anchor="end">step ${s1}</text>
-    ${line(values, "#9ecae1", 1)}${line(smooth, "#08519c", 2)}</svg>
-    <p class="muted">${points.length} steps, last loss ${values[values.length - 1].toFixed(4)}</p>`;
+    ${line(values, "#9ecae1", 1)}${line(smooth, "#08519c", 2)}${evaluationMarks(x, y, s0, s1, v0, v1, height)}</svg>
+    <p class="muted">${points.length} steps, last loss ${values[values.length - 1].toFixed(4)}${
+      evaluations.rows.length ? "; orange: the fixed-batch loss" : ""}${
+      evaluations.rows.some((r) => r.likeness !== null) ? "; green, right axis: the likeness (0–100%)" : ""}</p>`;
+  drawKept();
+}
+
+// The evaluations on the loss chart: the fixed-batch loss (same axis, clipped to it), the likeness (right axis)
+// and the kept step.
+function evaluationMarks(x, y, s0, s1, v0, v1, height) {
+  const rows = evaluations.rows.filter((r) => r.step >= s0 && r.step <= s1);
+  const clip = (v) => Math.min(v1, Math.max(v0, v));
+  const evalLine = rows.length > 1 ? `<polyline fill="none" stroke="#e6550d" stroke-width="2" points="${
+    rows.map((r) => `${x(r.step).toFixed(1)},${y(clip(r.loss)).toFixed(1)}`).join(" ")}"/>` : "";
+  const liked = rows.filter((r) => r.likeness !== null);
+  const ly = (v) => 10 + (1 - v) * (height - 40);
+  const likeLine = liked.length ? `<polyline fill="none" stroke="#31a354" stroke-width="2" stroke-dasharray="5 3"
+    points="${liked.map((r) => `${x(r.step).toFixed(1)},${ly(r.likeness).toFixed(1)}`).join(" ")}"/>` +
+    liked.map((r) => `<circle cx="${x(r.step).toFixed(1)}" cy="${ly(r.likeness).toFixed(1)}" r="3"
+      fill="#31a354"><title>step ${r.step}: likeness ${(100 * r.likeness).toFixed(0)}%</title></circle>`).join("")
+    : "";
+  const kept = evaluations.kept;
+  const keptMark = kept && kept.step >= s0 && kept.step <= s1 && kept.step !== kept.last_step
+    ? `<line x1="${x(kept.step)}" x2="${x(kept.step)}" y1="10" y2="${height - 30}" stroke="#756bb1"
+        stroke-dasharray="3 3"/><text x="${x(kept.step) + 4}" y="22" font-size="11" fill="#756bb1">kept</text>` : "";
+  return evalLine + likeLine + keptMark;
+}
+
+function drawKept() {
+  const kept = evaluations.kept, note = $("#kept-step");
+  if (!kept || !losses.length) { note.hidden = true; return; }
+  const best = kept.step !== kept.last_step;
+  const liked = evaluations.rows.find((r) => r.step === kept.step && r.likeness !== null);
+  note.hidden = false;
+  note.textContent = (best ? `The embedding keeps step ${kept.step}, chosen by ${kept.by}` +
+    (liked ? ` (likeness ${(100 * liked.likeness).toFixed(0)}%)` : "") + `; the last step, ${kept.last_step}, is ` +
+    "kept beside it." : `The embedding holds step ${kept.step}, the last step trained.`);
+  if (evaluations.report) {
+    const link = document.createElement("a");
+    link.href = evaluations.report;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = " Open the run's report";
+    note.append(link);
+  }
 }
 
 function addPreview(name, step, url, hasCopy) {
