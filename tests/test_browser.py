@@ -137,6 +137,7 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         shot(page, "3-train")
         page.click("#preview-timeline figure[data-step='20'] button")
         expect(page.locator("#train-status")).to_contain_text("saved at step 20")
+        expect(page.locator("#kept-step")).to_contain_text("keeps step 20")
         page.click("nav a[data-tab=embeddings]")
         expect(page.locator("#embedding-table tbody tr td").nth(2)).to_have_text("20")
 

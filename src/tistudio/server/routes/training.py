@@ -65,6 +65,8 @@ def kept_step(server: Server, name: str) -> dict[str, Any] | None:
     except TistudioError:
         return None
     best_by = embedding.meta.get("best_by")
+    if best_by == "chosen":  # use-step
+        best_by = "you (Use this step)"
     return {"step": embedding.step, "by": best_by or "the last step trained",
             "last_step": embedding.meta_count("last_step") or embedding.step}
 

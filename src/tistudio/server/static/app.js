@@ -541,6 +541,9 @@ function addPreview(name, step, url, hasCopy) {
       try {
         await api("POST", `/api/runs/${name}/use-step`, { step });
         $("#train-status").textContent = `${name} is now the embedding saved at step ${step}.`;
+        const run = await api("GET", `/api/runs/${name}`);
+        evaluations.kept = run.kept;
+        drawLoss();
       } catch (e) { showError("#use-step-error", e); }
     };
     figure.append(button);
