@@ -128,6 +128,18 @@ def test_use_step_makes_a_saved_step_the_embedding_and_training_still_continues_
     assert [int(line.split(",")[0]) for line in log] == list(range(1, 10))
 
 
+def test_the_command_leaves_the_library_logger_as_it_found_it(tmp_path: Path, capsys) -> None:
+    """main() used in-process (a notebook, a test) must not keep printing the library's log lines after it."""
+    import logging
+
+    logger = logging.getLogger("tistudio")
+    before = (logger.handlers[:], logger.propagate, logger.level)
+    assert main(["inspect", str(tmp_path / "missing.pt")]) == 2
+    assert (logger.handlers[:], logger.propagate, logger.level) == before
+    logger.warning("after the command")
+    assert "after the command" not in capsys.readouterr().err
+
+
 def test_help_lists_the_options_from_the_dataclasses(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])

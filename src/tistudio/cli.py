@@ -99,13 +99,21 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_logging(verbosity: int) -> None:
+@contextlib.contextmanager
+def cli_logging(verbosity: int) -> Iterator[None]:
+    """The library's log lines on stderr (through tqdm) while the command runs; the logger as it was after."""
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("tistudio")
+    before = (root.handlers[:], root.propagate, root.level)
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+    try:
+        yield
+    finally:
+        root.handlers[:], root.propagate = before[0], before[1]
+        root.setLevel(before[2])
 
 
 @contextlib.contextmanager
@@ -480,11 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(-1 if args.quiet else args.verbose)
     try:
-        if args.command not in ("inspect", "convert"):
-            quiet_third_party()
-        return int(args.run(args) or 0)
+        with cli_logging(-1 if args.quiet else args.verbose):
+            if args.command not in ("inspect", "convert"):
+                quiet_third_party()
+            return int(args.run(args) or 0)
     except TistudioError as exc:
         message = " ".join(str(exc).split())
         print(f"tistudio: error: {message}", file=sys.stderr)
