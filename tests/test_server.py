@@ -40,7 +40,7 @@ def wait(client: TestClient, job: dict, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/api/jobs/{job['id']}").json()
-        if job["status"] in ("done", "failed", "stopped", "interrupted"):
+        if job["status"] in ("done", "failed", "stopped", "interrupted", "cancelled"):
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job['id']} did not finish")

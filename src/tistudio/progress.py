@@ -37,6 +37,7 @@ class Progress:
     total: int  # units in all (training: the last step of the run)
     epoch: int = 0
     loss: float | None = None
+    likeness: float | None = None  # training's EVAL: the face or trait likeness measured there, if any
     lr: float = 0.0
     elapsed_s: float = 0.0
     eta_s: float | None = None

@@ -553,7 +553,7 @@ def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, 
              last: bool = False) -> None:
     loss, like = evaluator.evaluate(step, trainable, candidate=step > 0, last=last)
     shown = f"fixed-batch loss {loss:.5f}" + ("" if like is None else f", likeness {like:.2f}")
-    report(Event.EVAL, step, total, loss=loss, message=shown)
+    report(Event.EVAL, step, total, loss=loss, likeness=like, message=shown)
 
 
 def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> SamplingParams:

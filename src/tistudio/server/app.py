@@ -24,6 +24,7 @@ from .context import NotFound, Server, ServerConfig, TooLarge
 from .jobs import JobStore, Workers
 from .routes import ROUTERS
 from .security import SecurityMiddleware
+from .wording import for_page
 from .work import Work
 from .workspace import Workspace
 
@@ -34,7 +35,8 @@ WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to sto
 def create_app(config: ServerConfig) -> FastAPI:
     workspace = Workspace(config.workspace)
     store = JobStore(workspace.jobs)
-    workers = Workers(store, Work(workspace, config).handlers(), config.devices)
+    workers = Workers(store, Work(workspace, config).handlers(), config.devices,
+                      words=lambda text: for_page(text, workspace.root))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,7 +63,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 async def user_error(request: Request, exc: Exception) -> JSONResponse:
     """A user's error as JSON: 404 for what does not exist, 413 for what is too large, else 400 (with the field)."""
     status = 404 if isinstance(exc, NotFound) else 413 if isinstance(exc, TooLarge) else 400
-    body: dict[str, Any] = {"error": " ".join(str(exc).split())}
+    root = request.app.state.server.workspace.root
+    body: dict[str, Any] = {"error": for_page(" ".join(str(exc).split()), root)}
     if isinstance(exc, OptionError):
         body["field"] = exc.field
     return JSONResponse(body, status_code=status)

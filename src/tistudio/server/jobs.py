@@ -29,7 +29,7 @@ from ..storage import write_json
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("done", "failed", "stopped", "interrupted")
+FINISHED = ("done", "failed", "stopped", "interrupted", "cancelled")  # cancelled: stopped while it waited
 MAX_EVENTS = 2000
 
 
@@ -221,7 +221,7 @@ class Worker(threading.Thread):
             status = "stopped" if job.stop.is_set() else "done"
             self.store.update(job, status=status, result=result, finished=time.time())
         except TistudioError as exc:
-            self.store.update(job, status="failed", error=str(exc), finished=time.time())
+            self.store.update(job, status="failed", error=self.pool.words(str(exc)), finished=time.time())
         except Exception as exc:  # a bug: keep serving, show it on the job, keep the traceback in the log
             log.exception("job %s failed", job.id)
             self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
@@ -231,8 +231,10 @@ class Worker(threading.Thread):
 class Workers:
     """The server's workers, one per device, and the queue they share."""
 
-    def __init__(self, store: JobStore, handlers: dict[str, Handler], devices: tuple[str, ...] = ("",)) -> None:
+    def __init__(self, store: JobStore, handlers: dict[str, Handler], devices: tuple[str, ...] = ("",),
+                 words: Callable[[str], str] = str) -> None:
         self.store, self.handlers = store, handlers
+        self.words = words  # a job's error in the page's words (wording.for_page)
         self.queue: list[str] = []
         self.busy: set[str] = set()  # resources of the running jobs
         self.closing = False
@@ -310,7 +312,7 @@ class Workers:
                         continue
                     if job.stop.is_set():
                         self.queue.remove(job_id)
-                        self.store.update(job, status="stopped", finished=time.time())
+                        self.store.update(job, status="cancelled", finished=time.time())
                         continue
                     if job.resources() & self.busy:
                         continue

@@ -12,6 +12,7 @@ from ..config import CreateOptions, GenerateOptions, PrepareOptions, TrainOption
 from ..progress import Event, Progress
 from .context import ServerConfig
 from .jobs import Job, Worker
+from .wording import for_page
 from .workspace import Workspace
 
 
@@ -87,13 +88,15 @@ class Work:
             elif p.event == Event.PREVIEW and p.path:
                 file = Path(p.path).name
                 worker.store.event(job, "preview", step=p.step, url=f"/api/runs/{name}/previews/{file}")
+            elif p.event == Event.EVAL:
+                worker.store.event(job, "eval", step=p.step, loss=p.loss, likeness=p.likeness)
             elif p.event in (Event.SAVE, Event.START, Event.ENCODE):
                 worker.store.event(job, str(p.event), step=p.step, text=p.message)
 
         result = train(options, cache_dir=self.config.cache_dir, model=self.model_for(worker, job),
                        on_progress=progress, stop=job.stop)
-        return {"embedding": name, "step": result.step, "stopped": result.stopped, "message": result.message,
-                "last_loss": result.last_loss}
+        return {"embedding": name, "step": result.step, "stopped": result.stopped,
+                "message": for_page(result.message, self.workspace.root), "last_loss": result.last_loss}
 
     def generate(self, job: Job, worker: Worker) -> dict[str, Any]:
         from ..generate import generate

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from ...errors import OptionError
 from ..context import ServerDep, job_or_404
 from ..jobs import FINISHED
+from .training import kept_step
 
 router = APIRouter()
 QUIET_S = 1.0  # with no change for this long, an event stream checks whether its client is still there
@@ -30,18 +31,33 @@ def job(job_id: str, server: ServerDep) -> dict[str, Any]:
 
 @router.post("/api/jobs/{job_id}/stop")
 def stop(job_id: str, server: ServerDep) -> dict[str, Any]:
+    """A running job stops at its next step (training saves it); a queued one is cancelled and never runs."""
     found = job_or_404(server.store, job_id)
     found.stop.set()
     if found.status == "queued":
-        server.store.update(found, status="stopped", finished=time.time())
+        server.store.update(found, status="cancelled", finished=time.time())
     return found.public()
 
 
 @router.post("/api/jobs/{job_id}/resume")
 def resume(job_id: str, server: ServerDep) -> dict[str, Any]:
+    """Run a stopped, interrupted or failed job's request again (training continues from its last save). Refused
+    where it would not be what the person means: a later job on the same embedding is waiting or running, or the
+    run has already reached the job's last step."""
     found = job_or_404(server.store, job_id)
     if found.status not in ("stopped", "interrupted", "failed"):
         raise OptionError("job", job_id, f"is {found.status}; only a stopped, interrupted or failed job resumes")
+    if found.kind == "train":
+        name = str(found.request.get("embedding", ""))
+        busy = next((j for j in server.store.all() if j.kind == "train" and j.status in ("queued", "running")
+                     and j.request.get("embedding") == name), None)
+        if busy is not None:
+            raise OptionError("job", job_id, f"{name} is {busy.status} in another job already ({busy.id})")
+        kept = kept_step(server, name)
+        last = int(found.request.get("max_steps") or 0)
+        if kept is not None and last and kept["last_step"] >= last:
+            raise OptionError("max_steps", last, f"{name} is already trained to step {kept['last_step']}; raise "
+                              "Max steps and start training to go further")
     return server.workers.submit(found.kind, dict(found.request)).public()
 
 
