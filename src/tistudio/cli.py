@@ -325,7 +325,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "add --auth USER:PASS or --auth-file FILE")
     model = options_from(args, ModelOptions)
     check_fields(model)
+    from .models import check_model_source
     from .server.workspace import Limits
+
+    check_model_source(model)  # a missing model is said now, not at the first job
 
     if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
         from .errors import OptionError

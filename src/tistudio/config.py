@@ -38,6 +38,8 @@ def option(
     positional: bool = False,
     advanced: bool = False,
     widget: str = "",
+    label: str = "",
+    page_help: str = "",
 ) -> Any:
     """A dataclass field with the metadata the CLI, API and UI are generated from.
 
@@ -45,10 +47,12 @@ def option(
     spellings and `check` decides (samplers match without regard to case). suggestions: well-known values of a
     field that also takes others (a template name or a file); a server, which never takes paths, allows only these.
     advanced: shown under "More options" in forms. widget: "textarea" (a long text) or "wide" (a wide field).
+    label: a form's label where the field's name does not read well ("CFG scale" for cfg). page_help: the help a
+    form shows where the CLI's does not fit it (a server takes no files).
     """
     meta = {"help": help, "choices": choices, "check": check, "suggestions": suggestions, "minimum": minimum,
             "maximum": maximum, "required": required, "positional": positional, "advanced": advanced,
-            "widget": widget}
+            "widget": widget, "label": label, "page_help": page_help}
     return field(default=default, metadata=meta)
 
 
@@ -85,7 +89,8 @@ class ModelOptions:
     # Override the checkpoint's prediction type when its file does not say (SD2 768-v models use v_prediction).
     prediction_type: str = option("auto", "noise prediction type of the model", choices=PREDICTION_TYPES)
     # Use the output of the N-th last text-encoder layer (A1111's "Clip skip"; 2 for many anime models).
-    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12, advanced=True)
+    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12, advanced=True,
+                           label="CLIP skip")
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ class CreateOptions(ModelOptions):
     # Empty or 'auto': a person-like start for faces (Cross Initialization's idea: the mean of common first names,
     # a different group of names per vector). A text ('dog', 'oil painting', A1111's '*') starts from its tokens.
     init_text: str = option("", "initialization text (empty or 'auto': a person-like start for faces; e.g. "
-                            "'dog', 'oil painting')")
+                            "'dog', 'oil painting')", label="Initialization text")
     # How many vectors the name stands for (A1111's "Number of vectors per token"); 3-4 suit a face.
     vectors: int = option(4, "number of vectors per token", minimum=1, maximum=75)
     # Replace an existing embedding of the same name.
@@ -129,7 +134,9 @@ class TrainOptions(ModelOptions):
     # Micro-batches accumulated per optimizer step; one step = batch_size * gradient_accumulation images.
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1, maximum=1024)
     # subject, subject_filewords, style, style_filewords, none, or a path to a template file.
-    template: str = option("subject", "prompt template: a shipped name or a .txt file", suggestions=SHIPPED)
+    template: str = option("subject", "prompt template: a shipped name or a .txt file", suggestions=SHIPPED,
+                           page_help="prompt template: subject for a person or thing, style for a style; _filewords "
+                           "adds each photo's caption")
     # Training resolution in pixels (square); 0 means the model's native size (512 SD1, 768 SD2-v).
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
@@ -148,7 +155,7 @@ class TrainOptions(ModelOptions):
     preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS, advanced=True)
     preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES,
                                   check=check_sampler, advanced=True)
-    preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True)
+    preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True, label="Preview CFG scale")
     # Also train on mirrored images (their latents are cached too).
     flip: bool = option(False, "add horizontally flipped copies of every image")
     # Shuffle the comma-separated tags of [filewords] for each sample (A1111 option).
@@ -198,12 +205,12 @@ class TrainOptions(ModelOptions):
     # Compile the UNet with torch.compile for the training steps: on GPUs it fuses kernels after a few minutes of
     # compiling. On CPUs it is slower (measured on 2 cores: 9.7 s against 5.5 s a full-size step at 256 px).
     compile_unet: bool = option(False, "compile the UNet with torch.compile (GPUs; minutes to compile first)",
-                                advanced=True)
+                                advanced=True, label="Compile the UNet")
     # Keep the UNet's weights channels-last (NHWC) during the training steps: the layout NVIDIA's tensor cores
     # convolve fastest in bf16/fp16. On CPUs it was slower (5.2 s against 4.2 s a full-size step). Results agree
     # with the default layout within float rounding; evaluation and previews use the default layout.
     channels_last: bool = option(False, "channels-last memory layout for the UNet while training (GPUs)",
-                                 advanced=True)
+                                 advanced=True, label="Channels-last layout")
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class GenerateOptions(ModelOptions):
     negative_prompt: str = option("", "negative prompt", widget="textarea", check=check_prompt)
     steps: int = option(20, "sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS)
     sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name", choices=SAMPLER_NAMES, check=check_sampler)
-    cfg: float = option(7.0, "CFG scale", **CFG_RANGE)
+    cfg: float = option(7.0, "CFG scale", **CFG_RANGE, label="CFG scale")
     # -1 picks a random seed; image i of a batch uses seed + i, as in A1111.
     seed: int = option(-1, "seed (-1: random)", minimum=-1, maximum=2**32 - 1, advanced=True)
     # WIDTHxHEIGHT or one number for a square; empty means the model's native size.
@@ -241,6 +248,7 @@ class PrepareOptions:
     flip: bool = option(False, "also write a horizontally flipped copy of every image")
     # What to do with an existing IMAGE.txt caption next to a photo (A1111's "Existing Caption txt Action").
     caption_action: str = option("ignore", "existing IMAGE.txt captions: ignore, copy, prepend or append",
+                                 label="Existing captions",
                                  choices=("ignore", "copy", "prepend", "append"))
     # Cut very wide or tall photos without a face into overlapping squares instead of one centre square.
     split: bool = option(False, "split very wide or tall photos without a face into several squares", advanced=True)

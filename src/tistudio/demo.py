@@ -44,6 +44,13 @@ PROMPTS = ["a photo of tomtut, smiling, on a beach", "a painting of tomtut, smil
            "a painting of tomtut, serious, in a forest"]
 TEMPLATE = "a photo of [name], [filewords]\na photo of [name]\n"
 STEPS = 200
+# What suits the demo's 64-pixel world: its story's steps and previews (A1111's 3000 steps with a preview every 500
+# would take 25 minutes for six previews), few sampler steps at its guidance. `serve --model demo` fills its forms
+# with these.
+TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": STEPS, "batch_size": 4, "eval_every": 25, "preview_every": 50,
+                                  "save_every": 50, "preview_steps": 20, "preview_cfg": world.GUIDANCE,
+                                  "preview_seed": 7}
+GENERATE_DEFAULTS: dict[str, Any] = {"steps": 25, "cfg": world.GUIDANCE, "sampler": "DDIM"}
 DEMO_MODELS = {family: spec for spec, family in DEMOS.items()}  # the demo model of each family
 BANNER = ("The demo runs on tistudio's <b>small world model</b>: the architecture of Stable Diffusion, trained on a "
           "synthetic world of cartoon people, so that text controls its 64-pixel pictures. The person in the photos "
@@ -142,8 +149,8 @@ def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS, family: str = "s
     scorer = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME,
                                   on_pictures=lambda shown, _: counted.append(sum(shown) / len(shown)))
     common = dict(model=spec, embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
-                  run_dir=str(out / "run"), template=str(template), batch_size=4, eval_every=25, preview_every=50,
-                  save_every=50, preview_steps=20, preview_cfg=world.GUIDANCE, preview_seed=7)
+                  run_dir=str(out / "run"), template=str(template),
+                  **{k: v for k, v in TRAIN_DEFAULTS.items() if k != "max_steps"})
     first = train(TrainOptions(**common, max_steps=max(1, steps // 2)), cache_dir=cache_dir, model=model,
                   on_progress=on_progress, stop=stop, likeness=scorer)
     result = first

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -759,6 +760,21 @@ def _hub_snapshot(repo_id: str) -> Path:
                          "folder or checkpoint file") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelError(f"model {repo_id!r}: cannot download it from the Hugging Face Hub ({exc})") from None
+
+
+def check_model_source(options: ModelOptions) -> str:
+    """What can be known about a model without loading it - its source exists, its device is there, a Hub id is
+    in the local cache when the Hub cannot be reached - so that a server refuses a bad --model when it starts,
+    not at its first job. Returns the source kind."""
+    kind = source_kind(options.model)
+    resolve_device(options.device)
+    if kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(options.model, "model_index.json"), str):
+            raise ModelError(f"model {options.model!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                             "set; download it once or pass a local folder or checkpoint file")
+    return kind
 
 
 def load_model(options: ModelOptions, cache_dir: Path, text_only: bool = False) -> SDModel:

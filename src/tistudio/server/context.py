@@ -95,7 +95,9 @@ def schema(cls: type, hidden: set[str] = SERVER_FIELDS) -> list[dict[str, Any]]:
         meta = f.metadata
         # a server takes no paths, so a field's suggestions are its only choices here
         choices = meta.get("choices") or meta.get("suggestions")
-        out.append({"name": f.name, "type": kind, "default": f.default, "help": meta.get("help", ""),
+        out.append({"name": f.name, "type": kind, "default": f.default,
+                    "label": meta.get("label") or f.name.replace("_", " ").capitalize(),
+                    "help": meta.get("page_help") or meta.get("help", ""),
                     "choices": list(choices) if choices else None, "minimum": meta.get("minimum"),
                     "maximum": meta.get("maximum"), "required": bool(meta.get("required")),
                     "advanced": bool(meta.get("advanced")), "widget": meta.get("widget", "")})

@@ -50,12 +50,21 @@ def status(server: ServerDep) -> dict[str, Any]:
 
 @router.get("/api/schema")
 def forms(server: ServerDep) -> dict[str, Any]:
-    prepare, native = schema(PrepareOptions), server.native_size()
-    for field in prepare:
-        if field["name"] == "size" and native:
-            field["default"] = native  # prepare at the served model's size
-    return {"prepare": prepare, "create": schema(CreateOptions), "train": schema(TrainOptions),
-            "generate": schema(GenerateOptions), "samplers": list(SAMPLERS)}
+    """The forms: the options' fields, with defaults that suit the served model (its size for preparing photos;
+    the demo's own steps and previews when it serves a demo)."""
+    forms = {"prepare": schema(PrepareOptions), "create": schema(CreateOptions), "train": schema(TrainOptions),
+             "generate": schema(GenerateOptions)}
+    native = server.native_size()
+    defaults: dict[str, dict[str, Any]] = {"prepare": {"size": native} if native else {}}
+    if server.config.model.model in DEMOS:
+        from ...demo import GENERATE_DEFAULTS, TRAIN_DEFAULTS
+
+        defaults |= {"train": TRAIN_DEFAULTS, "generate": GENERATE_DEFAULTS}
+    for form, changed in defaults.items():
+        for field in forms[form]:
+            if field["name"] in changed:
+                field["default"] = changed[field["name"]]
+    return {**forms, "samplers": list(SAMPLERS)}
 
 
 @router.get("/docs", response_class=HTMLResponse, include_in_schema=False)
