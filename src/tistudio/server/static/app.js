@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { schema: null, sets: [], embeddings: [], set: "", creatingSet: null, trainJob: null, lastTrainJob: null };
+const state = { schema: null, sets: [], embeddings: [], jobs: [], set: "", creatingSet: null, live: null, bound: null,
+  resumeJob: null, trainReady: false, tab: "photos", offline: false };
+const FINISHED = ["done", "failed", "stopped", "interrupted", "cancelled"];
 
 // ---------------------------------------------------------------------------------------------------------------
 // Talking to the server
@@ -38,28 +40,46 @@ function showError(id, error) {
 }
 
 function watchJob(job, handlers) {
-  // Live events of a job (Server-Sent Events); resolves with the finished job.
+  // Live events of a job (Server-Sent Events); resolves with the finished job. When the stream breaks (the server
+  // restarts, the network drops) the browser reconnects by itself and the server sends what was missed
+  // (Last-Event-ID); where it cannot, the page asks for the job until the server answers, then watches again.
   return new Promise((resolve) => {
-    const source = new EventSource(`/api/jobs/${job.id}/events`);
-    for (const kind of ["progress", "preview", "message", "save", "start", "encode"]) {
-      source.addEventListener(kind, (event) => handlers[kind] && handlers[kind](JSON.parse(event.data)));
-    }
-    source.addEventListener("end", (event) => {
-      source.close(); refreshStatus(); resolve(JSON.parse(event.data));
-    });
-    source.onerror = async () => {
-      // The stream broke (server restart): fall back to asking for the job.
-      source.close();
-      try { resolve(await waitJob(job.id)); } catch (e) { resolve({ ...job, status: "failed", error: e.message }); }
+    let seen = 0;
+    const open = () => {
+      const source = new EventSource(`/api/jobs/${job.id}/events?after=${seen}`);
+      for (const kind of ["progress", "preview", "message", "save", "start", "encode", "eval"]) {
+        source.addEventListener(kind, (event) => {
+          const data = JSON.parse(event.data);
+          seen = Math.max(seen, data.seq || 0);
+          if (handlers[kind]) handlers[kind](data);
+        });
+      }
+      source.addEventListener("end", (event) => {
+        source.close(); refreshStatus(); resolve(JSON.parse(event.data));
+      });
+      source.onopen = () => handlers.offline && handlers.offline(false);
+      source.onerror = async () => {
+        if (handlers.offline) handlers.offline(true);
+        if (source.readyState !== EventSource.CLOSED) return;  // the browser is reconnecting
+        const now = await waitJob(job.id, true);
+        if (FINISHED.includes(now.status)) resolve(now); else open();
+      };
     };
+    open();
   });
 }
 
-async function waitJob(id) {
-  for (;;) {
-    const job = await api("GET", `/api/jobs/${id}`);
-    if (["done", "failed", "stopped", "interrupted"].includes(job.status)) return job;
-    await new Promise((r) => setTimeout(r, 500));
+async function waitJob(id, once = false) {
+  // The job once it has finished (or, with once, as soon as the server answers); a server that does not answer
+  // is asked again, less and less often, for as long as it takes.
+  for (let pause = 500; ; pause = Math.min(5000, pause * 1.5)) {
+    try {
+      const job = await api("GET", `/api/jobs/${id}`);
+      if (once || FINISHED.includes(job.status)) return job;
+    } catch (e) {
+      if (/does not exist/.test(e.message)) return { id, status: "failed", error: e.message };
+    }
+    await new Promise((r) => setTimeout(r, pause));
   }
 }
 
@@ -75,7 +95,7 @@ function setProgress(id, fraction) {
 function humanize(name) { return name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase()); }
 
 function fieldError(field, message) {
-  const error = new Error(`${humanize(field.name)}: ${message}`);
+  const error = new Error(`${field.label || humanize(field.name)}: ${message}`);
   error.field = field.name;
   return error;
 }
@@ -133,7 +153,7 @@ function renderForm(form, fields, overrides = {}) {
     else if (choices && !choices.includes(value)) input.value = choices[0];
     else input.value = value;
     const label = document.createElement("label");
-    label.htmlFor = id; label.textContent = humanize(field.name) + (field.required ? " *" : "");
+    label.htmlFor = id; label.textContent = (field.label || humanize(field.name)) + (field.required ? " *" : "");
     const hint = document.createElement("span");
     hint.className = "hint"; hint.textContent = field.help;
     wrapper.append(label, input, hint);
@@ -174,26 +194,67 @@ function renderForm(form, fields, overrides = {}) {
 // Tabs and status
 
 function showTab(name) {
+  state.tab = name;
   for (const section of document.querySelectorAll("main section")) section.hidden = section.id !== name;
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.tab === name);
-  if (name === "photos") loadSets();
-  if (name === "embeddings") loadEmbeddings();
-  if (name === "train") refreshTrainChoices();
-  if (name === "generate") loadGallery();
+  const load = { photos: loadSets, embeddings: loadEmbeddings, train: refreshTrainChoices, generate: loadGenerate }[name];
+  if (load) load().catch((e) => { $("#busy").textContent = `server unreachable: ${e.message}`; });
 }
 
 async function refreshStatus() {
+  let status;
   try {
-    const status = await api("GET", "/api/status");
-    $("#model").textContent = `model: ${status.model.split(/[\\/]/).filter(Boolean).pop() || status.model}`;
-    $("#demo-banner").hidden = !status.demo;
-    const running = status.running || (status.busy ? [status.busy] : []);
-    const where = (job) => (status.devices || []).length > 1 && job.device ? ` on ${job.device}` : "";
-    $("#busy").textContent = running.length ? "working: " + running.map((job) =>
-      `${job.kind} ${job.request.embedding || job.request.name || job.request.set || ""}`.trim() + where(job))
-      .join(", ") + (status.queued ? `; ${status.queued} waiting` : "") : "idle";
+    status = await api("GET", "/api/status");
   } catch (e) {
-    $("#busy").textContent = `server unreachable: ${e.message}`;
+    state.offline = true;
+    $("#busy").textContent = "the server does not answer; waiting for it to come back…";
+    return;
+  }
+  if (state.offline) {  // it is back (perhaps restarted): show every tab as it is now
+    state.offline = false;
+    showTab(state.tab);
+  }
+  $("#model").textContent = `model: ${status.model.split(/[\\/]/).filter(Boolean).pop() || status.model}`;
+  $("#demo-banner").hidden = !status.demo;
+  const running = status.running || (status.busy ? [status.busy] : []);
+  $("#busy").textContent = running.length ? `working${status.queued ? `, ${status.queued} waiting` : ""}` : "idle";
+  await showQueue(running.length > 0 || status.queued > 0, (status.devices || []).length > 1);
+}
+
+function jobTitle(job) {
+  const what = { train: "training", generate: "generating", prepare: "preparing", create: "creating" }[job.kind];
+  const subject = job.kind === "generate" ? `“${(job.request.prompt || "").slice(0, 40)}”`
+    : job.request.embedding || job.request.name || job.request.set || "";
+  return `${what || job.kind} ${subject}`.trim();
+}
+
+async function showQueue(busy, manyDevices) {
+  // The jobs running and waiting, each with its Stop or Cancel: nothing waits out of sight.
+  const list = $("#queue");
+  if (!busy) { list.hidden = true; list.innerHTML = ""; return; }
+  let jobs;
+  try { jobs = await loadJobs(); } catch (e) { return; }
+  const open = jobs.filter((j) => TRAINING.includes(j.status)).sort((a, b) => a.created - b.created);
+  list.hidden = open.length === 0;
+  list.innerHTML = "";
+  let place = 0;
+  for (const job of open) {
+    const item = document.createElement("li");
+    const progress = job.progress && job.progress.total ? ` — step ${job.progress.step} of ${job.progress.total}` : "";
+    const where = manyDevices && job.device ? ` on ${job.device}` : "";
+    item.textContent = job.status === "running" ? `Running: ${jobTitle(job)}${where}${progress}`
+      : `Waiting (${++place}): ${jobTitle(job)}`;
+    const button = document.createElement("button");
+    button.className = "secondary";
+    button.textContent = job.status === "running" ? "Stop" : "Cancel";
+    button.onclick = async () => {
+      button.disabled = true;
+      try { await api("POST", `/api/jobs/${job.id}/stop`); } catch (e) { item.append(` (${e.message})`); }
+      refreshStatus();
+      if (state.tab === "train" && fileRun.name) { await loadJobs(); bindTrain(fileRun.name); }
+    };
+    item.append(" ", button);
+    list.append(item);
   }
 }
 
@@ -375,7 +436,18 @@ async function inspect(name) {
   const info = await api("GET", `/api/embeddings/${name}`);
   const details = $("#embedding-details");
   details.hidden = false;
-  details.textContent = JSON.stringify(info, null, 2);
+  details.innerHTML = "<h3></h3><table><tbody></tbody></table>";
+  details.querySelector("h3").textContent = `About ${name}`;
+  const body = details.querySelector("tbody");
+  for (const [key, value] of Object.entries(info)) {
+    if (value === null || value === "" || (typeof value === "object" && !Object.keys(value).length)) continue;
+    const row = document.createElement("tr");
+    row.innerHTML = "<th></th><td></td>";
+    row.firstChild.textContent = humanize(key);
+    row.lastChild.textContent = typeof value === "object" ? Object.entries(value).map(([k, v]) =>
+      `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join("; ") : String(value);
+    body.append(row);
+  }
 }
 
 function setupEmbeddings() {
@@ -405,62 +477,163 @@ function setupEmbeddings() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // 3. Train
+//
+// The tab shows one embedding's run: what its files say (loss, fixed-batch evaluations, previews, saved copies:
+// /api/runs/NAME), merged with what the job training it streams now (state.live), and the job bound to it - the
+// running or queued one (Stop, Cancel), else the latest (its end in words, and Resume where it can go on). All of
+// it comes from the server, so a reload, a second tab or a restarted server show the same.
 
 let trainForm = null;
-const losses = [];
-const evaluations = { rows: [], kept: null, report: null };  // the run's fixed-batch losses, likeness, kept step
+const TRAINING = ["running", "queued"];
+const fileRun = { name: "", loss: [], eval: [], previews: [], copies: [], kept: null, report: null };
+
+function trainJobs(name) {
+  return state.jobs.filter((j) => j.kind === "train" && (name === undefined || j.request.embedding === name));
+}
+
+async function loadJobs() {
+  state.jobs = await api("GET", "/api/jobs");
+  return state.jobs;
+}
 
 async function refreshTrainChoices() {
-  const [embeddings, sets] = await Promise.all([api("GET", "/api/embeddings"), api("GET", "/api/photosets")]);
+  const [embeddings, sets] = await Promise.all([api("GET", "/api/embeddings"), api("GET", "/api/photosets"),
+    loadJobs()]);
   state.embeddings = embeddings; state.sets = sets;
   const names = embeddings.filter((e) => !e.error).map((e) => e.name);
   const setNames = sets.map((s) => s.name);
-  const keep = trainForm ? trainForm.values(false) : {};
-  trainForm = renderForm($("#train-form"), [{ name: "set", type: "str", default: "", required: true,
-    help: "the photo set to train on (prepared if you prepared it)", choices: setNames.length ? setNames : [""] },
-  ...state.schema.train], {
-    embedding: { choices: names.length ? names : [""], value: state.trainEmbedding || keep.embedding || names[0] || "" },
+  const trains = trainJobs();
+  const active = trains.find((j) => j.status === "running") || trains.find((j) => j.status === "queued");
+  const keep = trainForm ? trainForm.values(false) : null;
+  // an embedding's Train button, else what this page showed, else what trains now, else the last trained
+  const chosen = [state.trainEmbedding, keep && keep.embedding, active && active.request.embedding,
+    trains[0] && trains[0].request.embedding, names[0]].find((n) => n && names.includes(n)) || "";
+  state.trainEmbedding = null;
+  trainForm = renderForm($("#train-form"), [{ name: "set", label: "Photo set", type: "str", default: "",
+    required: true, help: "the photo set to train on (prepared if you prepared it)",
+    choices: setNames.length ? setNames : [""] }, ...state.schema.train], {
+    embedding: { choices: names.length ? names : [""], value: chosen },
   });
-  for (const [key, value] of Object.entries(keep)) if (key !== "embedding") trainForm.set(key, value);
-  if (state.trainEmbedding && setNames.includes(state.trainEmbedding)) trainForm.set("set", state.trainEmbedding);
-  trainForm.inputs.embedding.input.onchange = () => loadRun(trainForm.values(false).embedding);
-  $("#train-button").disabled = !names.length || !setNames.length;
-  if (!names.length || !setNames.length) {
-    showError("#train-error", new Error(!names.length ? "Create an embedding first (2 · Embeddings)."
-      : "Add a photo set first (1 · Photos)."));
+  if (keep && keep.embedding === chosen) {
+    for (const [key, value] of Object.entries(keep)) if (key !== "embedding") trainForm.set(key, value);
   } else {
-    showError("#train-error", null);
+    fillFromLastRun(chosen);
   }
-  const jobs = await api("GET", "/api/jobs");
-  const running = jobs.find((j) => j.kind === "train" && ["running", "queued"].includes(j.status));
-  state.lastTrainJob = jobs.find((j) => j.kind === "train");
-  $("#resume-button").hidden = !(state.lastTrainJob && ["stopped", "interrupted", "failed"]
-    .includes(state.lastTrainJob.status));
-  if (running && (!state.trainJob || state.trainJob.id !== running.id)) follow(running);
-  const current = trainForm.values(false).embedding;
-  if (current) loadRun(current);
+  trainForm.inputs.embedding.input.onchange = () => {
+    const name = trainForm.values(false).embedding;
+    fillFromLastRun(name);
+    showRun(name);
+  };
+  state.trainReady = names.length > 0 && setNames.length > 0;
+  showError("#train-error", state.trainReady ? null : new Error(!names.length
+    ? "Create an embedding first (2 · Embeddings)." : "Add a photo set first (1 · Photos)."));
+  await showRun(chosen);
+}
+
+function fillFromLastRun(name) {
+  // The form shows what the embedding's latest training used (its set, steps and options), so that Start and
+  // Resume go on with the same; an embedding never trained gets the set of its name, if there is one.
+  const job = trainJobs(name)[0];
+  if (job) {
+    for (const [key, value] of Object.entries(job.request)) if (key !== "embedding") trainForm.set(key, value);
+  } else if (state.sets.some((s) => s.name === name)) {
+    trainForm.set("set", name);
+  }
+}
+
+async function showRun(name) {
+  await loadRun(name);
+  const active = trainJobs(name).find((j) => TRAINING.includes(j.status));
+  if (active && (!state.live || state.live.job.id !== active.id)) follow(active);
+  bindTrain(name);
 }
 
 async function loadRun(name) {
-  losses.length = 0;
-  Object.assign(evaluations, { rows: [], kept: null, report: null });
-  $("#preview-timeline").innerHTML = "";
-  try {
-    const run = await api("GET", `/api/runs/${name}`);
-    for (const row of run.loss) losses.push([row.step, row.loss]);
-    Object.assign(evaluations, { rows: run.eval || [], kept: run.kept, report: run.report });
-    drawLoss();
-    for (const preview of run.previews) addPreview(name, preview.step, preview.url, run.copies.includes(preview.step));
-    state.copies = run.copies;
-  } catch (e) {
-    drawLoss();
+  Object.assign(fileRun, { name, loss: [], eval: [], previews: [], copies: [], kept: null, report: null });
+  if (name) {
+    try {
+      const run = await api("GET", `/api/runs/${name}`);
+      Object.assign(fileRun, { loss: run.loss.map((r) => [r.step, r.loss]), eval: run.eval || [],
+        previews: run.previews, copies: run.copies, kept: run.kept, report: run.report });
+    } catch (e) {
+      if (!/does not exist/.test(e.message)) showError("#train-error", e);
+    }
+  }
+  drawLoss();
+  drawTimeline();
+}
+
+function shownRun() {
+  // The files' run with the live job's steps over it: a job's stream starts at the step it continues from, and
+  // what the files hold past that step belongs to an earlier sitting.
+  const live = state.live && state.live.name === fileRun.name ? state.live : null;
+  if (!live) return { ...fileRun, training: false };
+  const upTo = (step) => live.from === null || step <= live.from;
+  const loss = new Map(fileRun.loss.filter(([s]) => upTo(s)));
+  for (const [step, value] of live.loss) loss.set(step, value);
+  const evals = new Map(fileRun.eval.filter((r) => upTo(r.step)).map((r) => [r.step, r]));
+  for (const [step, row] of live.eval) evals.set(step, row);
+  const previews = new Map(fileRun.previews.filter((p) => upTo(p.step)).map((p) => [p.step, p.url]));
+  for (const [step, url] of live.previews) previews.set(step, url);
+  const byStep = (a, b) => a[0] - b[0];
+  return { ...fileRun, training: true, loss: [...loss].sort(byStep),
+    eval: [...evals.values()].sort((a, b) => a.step - b.step),
+    previews: [...previews].sort(byStep).map(([step, url]) => ({ step, url })) };
+}
+
+function bindTrain(name) {
+  // The buttons and the status line belong to this embedding's job: the one training it now, else its latest.
+  const jobs = trainJobs(name);
+  const active = jobs.find((j) => TRAINING.includes(j.status));
+  const latest = jobs[0];
+  const other = trainJobs().find((j) => TRAINING.includes(j.status) && j.request.embedding !== name);
+  state.bound = active || null;
+  $("#train-button").disabled = Boolean(active) || !state.trainReady;
+  $("#train-button").textContent = other ? "Queue training" : "Start training";
+  $("#stop-button").hidden = !active;
+  $("#stop-button").textContent = active && active.status === "queued" ? "Cancel" : "Stop and save";
+  const trained = fileRun.kept ? fileRun.kept.last_step : 0;
+  const last = latest ? Number(latest.request.max_steps) || 0 : 0;
+  state.resumeJob = !active && latest && ["stopped", "interrupted", "failed"].includes(latest.status) &&
+    trained < last ? latest : null;
+  $("#resume-button").hidden = !state.resumeJob;
+  if (state.resumeJob) $("#resume-button").textContent = `Resume from step ${trained} of ${last}`;
+  if (active && active.status === "queued") {
+    $("#train-status").textContent = `${name} waits for its turn` + (other && other.status === "running"
+      ? ` (${other.request.embedding} is training now)` : "") + "; Cancel takes it out of the queue.";
+  } else if (!active) {
+    $("#train-status").textContent = jobSummary(latest, trained) +
+      (other ? ` ${other.request.embedding} is training now; a start here waits for it.` : "");
+  }
+  if (!active) setProgress("#train-progress", null);
+  drawTimeline();
+}
+
+function jobSummary(job, trained) {
+  if (!job) return "";
+  const name = job.request.embedding, last = job.request.max_steps;
+  const at = (job.result && job.result.step) || (job.progress && job.progress.step) || trained;
+  const more = trained < last ? ` Resume continues from step ${trained}, the last save.` : "";
+  switch (job.status) {
+    case "done": return (job.result && job.result.message) || `Trained ${name} to step ${at}.`;
+    case "stopped": return `Stopped at step ${at} of ${last}; everything up to it is saved.${more}`;
+    case "interrupted": return `The training of ${name} was interrupted at step ${at} of ${last}: ${job.error}.${more}`;
+    case "failed": return `The training of ${name} failed: ${job.error}`;
+    case "cancelled": return `The training of ${name} was cancelled while it waited; it never started.`;
+    default: return "";
   }
 }
 
 function drawLoss() {
+  const run = shownRun();
   const chart = $("#loss-chart");
-  const points = losses.filter(([, loss]) => Number.isFinite(loss));
-  if (points.length < 2) { chart.innerHTML = "<p class='empty'>No training yet for this embedding.</p>"; return; }
+  const points = run.loss.filter(([, loss]) => Number.isFinite(loss));
+  if (points.length < 2) {
+    chart.innerHTML = `<p class='empty'>${run.training ? "Training has started; the loss appears after its first " +
+      "steps." : "No training yet for this embedding."}</p>`;
+    drawKept(run);
+    return;
+  }
   const width = 760, height = 220, pad = 40;
   const steps = points.map((p) => p[0]), values = points.map((p) => p[1]);
   const [s0, s1] = [Math.min(...steps), Math.max(...steps)];
@@ -478,46 +651,46 @@ function drawLoss() {
     <text x="4" y="16" font-size="11">${v1.toFixed(3)}</text><text x="4" y="${height - 30}" font-size="11">${v0.toFixed(3)}</text>
     <text x="${pad}" y="${height - 8}" font-size="11">step ${s0}</text>
     <text x="${width - 10}" y="${height - 8}" font-size="11" text-anchor="end">step ${s1}</text>
-    ${line(values, "#9ecae1", 1)}${line(smooth, "#08519c", 2)}${evaluationMarks(x, y, s0, s1, v0, v1, height)}</svg>
+    ${line(values, "#9ecae1", 1)}${line(smooth, "#08519c", 2)}${evaluationMarks(run, x, y, s0, s1, v0, v1, height)}</svg>
     <p class="muted">${points.length} steps, last loss ${values[values.length - 1].toFixed(4)}${
-      evaluations.rows.length ? "; orange: the fixed-batch loss" : ""}${
-      evaluations.rows.some((r) => r.likeness !== null) ? "; green, right axis: the likeness (0–100%)" : ""}</p>`;
-  drawKept();
+      run.eval.length ? "; orange: the fixed-batch loss" : ""}${
+      run.eval.some((r) => r.likeness !== null) ? "; green, right axis: the likeness (0–100%)" : ""}</p>`;
+  drawKept(run);
 }
 
 // The evaluations on the loss chart: the fixed-batch loss (same axis, clipped to it), the likeness (right axis)
 // and the kept step.
-function evaluationMarks(x, y, s0, s1, v0, v1, height) {
-  const rows = evaluations.rows.filter((r) => r.step >= s0 && r.step <= s1);
+function evaluationMarks(run, x, y, s0, s1, v0, v1, height) {
+  const rows = run.eval.filter((r) => r.step >= s0 && r.step <= s1);
   const clip = (v) => Math.min(v1, Math.max(v0, v));
   const evalLine = rows.length > 1 ? `<polyline fill="none" stroke="#e6550d" stroke-width="2" points="${
     rows.map((r) => `${x(r.step).toFixed(1)},${y(clip(r.loss)).toFixed(1)}`).join(" ")}"/>` : "";
-  const liked = rows.filter((r) => r.likeness !== null);
+  const liked = rows.filter((r) => r.likeness !== null && r.likeness !== undefined);
   const ly = (v) => 10 + (1 - v) * (height - 40);
   const likeLine = liked.length ? `<polyline fill="none" stroke="#31a354" stroke-width="2" stroke-dasharray="5 3"
     points="${liked.map((r) => `${x(r.step).toFixed(1)},${ly(r.likeness).toFixed(1)}`).join(" ")}"/>` +
     liked.map((r) => `<circle cx="${x(r.step).toFixed(1)}" cy="${ly(r.likeness).toFixed(1)}" r="3"
       fill="#31a354"><title>step ${r.step}: likeness ${(100 * r.likeness).toFixed(0)}%</title></circle>`).join("")
     : "";
-  const kept = evaluations.kept;
+  const kept = run.training ? null : run.kept;
   const keptMark = kept && kept.step >= s0 && kept.step <= s1 && kept.step !== kept.last_step
     ? `<line x1="${x(kept.step)}" x2="${x(kept.step)}" y1="10" y2="${height - 30}" stroke="#756bb1"
         stroke-dasharray="3 3"/><text x="${x(kept.step) + 4}" y="22" font-size="11" fill="#756bb1">kept</text>` : "";
   return evalLine + likeLine + keptMark;
 }
 
-function drawKept() {
-  const kept = evaluations.kept, note = $("#kept-step");
-  if (!kept || !losses.length) { note.hidden = true; return; }
+function drawKept(run) {
+  const kept = run.kept, note = $("#kept-step");
+  if (!kept || run.training || !run.loss.length) { note.hidden = true; return; }
   const best = kept.step !== kept.last_step;
-  const liked = evaluations.rows.find((r) => r.step === kept.step && r.likeness !== null);
+  const liked = run.eval.find((r) => r.step === kept.step && r.likeness !== null);
   note.hidden = false;
   note.textContent = (best ? `The embedding keeps step ${kept.step}, chosen by ${kept.by}` +
     (liked ? ` (likeness ${(100 * liked.likeness).toFixed(0)}%)` : "") + `; the last step, ${kept.last_step}, is ` +
     "kept beside it." : `The embedding holds step ${kept.step}, the last step trained.`);
-  if (evaluations.report) {
+  if (run.report) {
     const link = document.createElement("a");
-    link.href = evaluations.report;
+    link.href = run.report;
     link.target = "_blank";
     link.rel = "noopener";
     link.textContent = " Open the run's report";
@@ -525,64 +698,83 @@ function drawKept() {
   }
 }
 
-function addPreview(name, step, url, hasCopy) {
+function drawTimeline() {
+  // The previews of the shown run; "Use this step" where a copy was saved and the run is not training.
+  const run = shownRun();
   const timeline = $("#preview-timeline");
-  const existing = timeline.querySelector(`[data-step="${step}"]`);
-  if (existing) existing.remove();
-  const figure = document.createElement("figure");
-  figure.dataset.step = step;
-  figure.innerHTML = `<img alt="step ${step}"><figcaption>step ${step}</figcaption>`;
-  figure.querySelector("img").src = `${url}?t=${Date.now()}`;
-  if (hasCopy) {
-    const button = document.createElement("button");
-    button.textContent = "Use this step";
-    button.onclick = async () => {
-      showError("#use-step-error", null);
-      try {
-        await api("POST", `/api/runs/${name}/use-step`, { step });
-        $("#train-status").textContent = `${name} is now the embedding saved at step ${step}.`;
-        const run = await api("GET", `/api/runs/${name}`);
-        evaluations.kept = run.kept;
-        drawLoss();
-      } catch (e) { showError("#use-step-error", e); }
-    };
-    figure.append(button);
+  const drawn = [...timeline.children].map((f) => `${f.dataset.step}:${f.dataset.url}:${f.dataset.use}`).join(" ");
+  const wanted = run.previews.map((p) => `${p.step}:${p.url}:${!run.training && run.copies.includes(p.step)}`);
+  if (drawn === wanted.join(" ")) return;  // unchanged: keep the images as they are
+  timeline.innerHTML = "";
+  $("#previews-empty").hidden = run.previews.length > 0;
+  for (const preview of run.previews) {
+    const figure = document.createElement("figure");
+    const usable = !run.training && run.copies.includes(preview.step);
+    Object.assign(figure.dataset, { step: preview.step, url: preview.url, use: usable });
+    figure.innerHTML = `<img alt="step ${preview.step}"><figcaption>step ${preview.step}</figcaption>`;
+    figure.querySelector("img").src = preview.url;
+    if (usable) {
+      const button = document.createElement("button");
+      button.textContent = "Use this step";
+      button.onclick = () => useStep(run.name, preview.step);
+      figure.append(button);
+    }
+    timeline.append(figure);
   }
-  const after = [...timeline.children].find((f) => Number(f.dataset.step) > step);
-  timeline.insertBefore(figure, after || null);
+}
+
+async function useStep(name, step) {
+  showError("#use-step-error", null);
+  try {
+    await api("POST", `/api/runs/${name}/use-step`, { step });
+    await loadRun(name);
+    $("#train-status").textContent = `${name} is now the embedding saved at step ${step}.`;
+  } catch (e) { showError("#use-step-error", e); }
 }
 
 function follow(job) {
-  state.trainJob = job;
+  // Watch a training job; its steps, evaluations and previews go to state.live and show while its run is shown.
   const name = job.request.embedding;
-  $("#stop-button").hidden = false;
-  $("#train-button").disabled = true;
-  setProgress("#train-progress", 0);
+  const live = { job, name, from: null, loss: new Map(), eval: new Map(), previews: new Map() };
+  state.live = live;
+  const shown = () => state.live === live && fileRun.name === name;
+  const running = () => {
+    if (job.status !== "queued") return;
+    job.status = "running";
+    if (shown()) bindTrain(name);
+  };
+  const say = (text) => { running(); if (shown()) $("#train-status").textContent = text; };
   watchJob(job, {
-    message: (e) => { $("#train-status").textContent = e.text; },
-    encode: (e) => { $("#train-status").textContent = e.text || "encoding images"; },
-    progress: (e) => {
-      losses.push([e.step, e.loss]);
-      if (e.step % 5 === 0 || e.step === e.total) drawLoss();
-      setProgress("#train-progress", e.step / e.total);
-      const eta = e.eta_s ? `, ${Math.round(e.eta_s)} s left` : "";
-      $("#train-status").textContent = `step ${e.step} of ${e.total}, loss ${e.loss === null ? "…" :
-        e.loss.toFixed(4)}, lr ${e.lr.toPrecision(2)}${eta}`;
+    message: (e) => say(e.text),
+    encode: (e) => {
+      live.from = e.step;
+      say(e.text || "encoding images");
+      if (shown()) { drawLoss(); drawTimeline(); }
     },
-    preview: (e) => addPreview(name, e.step, e.url, (e.step % (job.request.save_every || 0)) === 0 ||
-      e.step === job.request.max_steps),
+    progress: (e) => {
+      live.loss.set(e.step, e.loss);
+      const eta = e.eta_s ? `, ${Math.round(e.eta_s)} s left` : "";
+      say(`step ${e.step} of ${e.total}, loss ${e.loss === null ? "…" : e.loss.toFixed(4)}, lr ${
+        e.lr.toPrecision(2)}${eta}`);
+      if (shown()) {
+        setProgress("#train-progress", e.step / e.total);
+        if (e.step % 5 === 0 || e.step === e.total) drawLoss();
+      }
+    },
+    eval: (e) => { live.eval.set(e.step, { step: e.step, loss: e.loss, likeness: e.likeness }); },
+    preview: (e) => { running(); live.previews.set(e.step, e.url); if (shown()) drawTimeline(); },
+    offline: (down) => { if (shown() && down) $("#train-status").textContent = "the server does not answer; " +
+      "waiting for it to come back…"; },
   }).then(async (done) => {
-    $("#stop-button").hidden = true;
-    $("#train-button").disabled = false;
-    setProgress("#train-progress", null);
-    state.trainJob = null;
-    $("#train-status").textContent = done.status === "done" ? (done.result && done.result.message) || "done"
-      : `${done.status}${done.error ? ": " + done.error : ""}`;
-    if (done.status === "failed") showError("#train-error", new Error(done.error));
-    await loadRun(name);
-    state.lastTrainJob = done;
-    $("#resume-button").hidden = !["stopped", "interrupted", "failed"].includes(done.status);
+    if (state.live === live) state.live = null;
+    try { await loadJobs(); } catch (e) { /* the server went away again: the next look will tell */ }
+    if (fileRun.name === name) {
+      await loadRun(name);
+      if (done.status === "failed") showError("#train-error", new Error(done.error));
+    }
+    bindTrain(fileRun.name);
   });
+  bindTrain(fileRun.name);
 }
 
 function setupTrain() {
@@ -591,20 +783,25 @@ function setupTrain() {
     try {
       const values = trainForm.values();
       const job = await api("POST", "/api/train", values);
-      losses.length = 0;
-      await loadRun(values.embedding);
+      state.jobs.unshift(job);
+      if (fileRun.name !== values.embedding) await loadRun(values.embedding);
       follow(job);
     } catch (e) { showError("#train-error", e); trainForm.mark(e); }
   };
   $("#stop-button").onclick = async () => {
-    if (state.trainJob) await api("POST", `/api/jobs/${state.trainJob.id}/stop`);
-    $("#train-status").textContent = "stopping after this step and saving…";
+    const job = state.bound;
+    if (!job) return;
+    try {
+      await api("POST", `/api/jobs/${job.id}/stop`);
+      if (job.status === "running") $("#train-status").textContent = "stopping after this step and saving…";
+    } catch (e) { showError("#train-error", e); }
   };
   $("#resume-button").onclick = async () => {
     showError("#train-error", null);
+    if (!state.resumeJob) return;
     try {
-      const job = await api("POST", `/api/jobs/${state.lastTrainJob.id}/resume`);
-      $("#resume-button").hidden = true;
+      const job = await api("POST", `/api/jobs/${state.resumeJob.id}/resume`);
+      state.jobs.unshift(job);
       follow(job);
     } catch (e) { showError("#train-error", e); }
   };
@@ -632,6 +829,56 @@ function addImage(item, first) {
   $("#gallery-empty").hidden = true;
 }
 
+async function loadGenerate() {
+  await Promise.all([loadGallery(), api("GET", "/api/embeddings").then((list) => { state.embeddings = list; })]);
+  showPromptWords();
+}
+
+function editDistance(a, b) {
+  let row = Array.from({ length: b.length + 1 }, (_, i) => i);
+  for (let i = 1; i <= a.length; i++) {
+    const next = [i];
+    for (let j = 1; j <= b.length; j++) {
+      next[j] = Math.min(row[j] + 1, next[j - 1] + 1, row[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    row = next;
+  }
+  return row[b.length];
+}
+
+function promptWords(text) {
+  // Which words of a prompt are embeddings (as the generator finds them: a file's name as a word, any case), and
+  // which look like a misspelt one.
+  const names = state.embeddings.filter((e) => !e.error);
+  const byName = new Map(names.map((e) => [e.name.toLowerCase(), e]));
+  const used = new Map(), nearly = new Map();
+  for (const word of (text || "").match(/[A-Za-z0-9][A-Za-z0-9_-]*/g) || []) {
+    const lower = word.toLowerCase();
+    if (byName.has(lower)) { used.set(lower, byName.get(lower)); continue; }
+    if (lower.length < 4) continue;
+    const close = names.find((e) => editDistance(lower, e.name.toLowerCase()) <= (lower.length >= 8 ? 2 : 1));
+    if (close) nearly.set(word, close.name);
+  }
+  return { used: [...used.values()], nearly, any: names.length > 0 };
+}
+
+function showPromptWords() {
+  const note = $("#prompt-words");
+  if (!generateForm) return;
+  const values = generateForm.values(false);
+  const { used, nearly, any } = promptWords(`${values.prompt} ${values.negative_prompt || ""}`);
+  const parts = [];
+  if (used.length) parts.push(`Embeddings in this prompt: ${used.map((e) => `${e.name} (step ${e.step})`).join(", ")}.`);
+  for (const [word, name] of nearly) parts.push(`“${word}” is not an embedding; did you mean ${name}?`);
+  if (!used.length && !nearly.size && values.prompt.trim()) {
+    parts.push(any ? `No embedding in this prompt; yours: ${state.embeddings.filter((e) => !e.error)
+      .map((e) => e.name).join(", ")}.` : "No embeddings yet: create and train one first (2 · Embeddings).");
+  }
+  note.textContent = parts.join(" ");
+  note.hidden = parts.length === 0;
+  note.classList.toggle("warning", nearly.size > 0 || (!used.length && any));
+}
+
 async function loadGallery() {
   const items = await api("GET", "/api/outputs?limit=60");
   $("#gallery").innerHTML = "";
@@ -641,6 +888,11 @@ async function loadGallery() {
 
 function setupGenerate() {
   generateForm = renderForm($("#generate-form"), state.schema.generate);
+  for (const name of ["prompt", "negative_prompt"]) {
+    if (generateForm.inputs[name]) generateForm.inputs[name].input.addEventListener("input", showPromptWords);
+  }
+  const promptField = generateForm.inputs.prompt && generateForm.inputs.prompt.input.closest(".field");
+  if (promptField) promptField.append($("#prompt-words"));
   $("#generate-button").onclick = async () => {
     showError("#generate-error", null); generateForm.mark(null);
     $("#generate-button").disabled = true;
