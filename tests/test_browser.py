@@ -4,8 +4,10 @@ safety rules as a browser meets them. Screenshots of each section go to test-art
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +33,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(tmp: Path, cache: Path, model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(tmp: Path, cache: Path, model: Path | str, *extra: str,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A served workspace (tmp/ws-PORT): the same port again is the same workspace, as after a restart."""
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tistudio", "--cache-dir", str(cache), "serve", "--model", str(model), "--workspace",
          str(tmp / f"ws-{port}"), "--port", str(port), *extra],
@@ -228,6 +232,152 @@ def test_a_listening_server_asks_for_a_password(browser, tmp_path, cache_dir, ti
         assert page.goto(base).status == 200
         page.wait_for_selector("#sets-empty")  # the page loaded and talked to the API with the password
         shot(page, "5-signed-in")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def api(page, method: str, url: str, **data):
+    answer = page.request.fetch(url, method=method, **({"data": data} if data else {}))
+    assert answer.ok, answer.text()
+    return answer.json()
+
+
+def steps_on_chart(page) -> int:
+    text = page.locator("#loss-chart p.muted").inner_text()  # "N steps, last loss ..."
+    return int(text.split(" steps")[0])
+
+
+def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and_signals(
+        browser, tmp_path, cache_dir, tiny_sd1, photos) -> None:
+    """What the page shows and what its buttons do follow the server's jobs: a reload or a second tab during
+    training shows the run being trained (not the alphabetically first embedding), a tab switch keeps the chart,
+    the queue can be cancelled, a killed and restarted server's run shows as interrupted with a Resume that
+    continues it, and SIGINT with the page watching stops the server within 10 s with the steps saved."""
+    from playwright.sync_api import expect
+
+    port = free_port()
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, port=port)
+    errors: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base)
+        api(page, "POST", f"{base}/api/photosets/tomtut")
+        for photo in sorted(photos.glob("*.png")):
+            upload = {"name": photo.name, "mimeType": "image/png", "buffer": photo.read_bytes()}
+            assert page.request.post(f"{base}/api/photosets/tomtut/photos", multipart={"files": upload}).ok
+        for name in ("abzqx", "tomtut"):  # abzqx: the first in the lists, which the form used to fall back to
+            job = api(page, "POST", f"{base}/api/embeddings", name=name, init_text="toy figure", vectors=2)
+            while (done := api(page, "GET", f"{base}/api/jobs/{job['id']}"))["status"] not in ("done", "failed"):
+                page.wait_for_timeout(100)
+            assert done["status"] == "done", done
+        training = api(page, "POST", f"{base}/api/train", set="tomtut", embedding="tomtut", max_steps=5000,
+                       size=64, batch_size=1, preview_every=20, save_every=20, preview_steps=2)
+
+        # A reload during training: the form, the buttons and the chart are the running run's.
+        page.goto(f"{base}/#train")
+        expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
+        expect(page.locator("#train-form-max_steps")).to_have_value("5000")
+        expect(page.locator("#stop-button")).to_be_visible()
+        expect(page.locator("#train-button")).to_be_disabled()
+        expect(page.locator("#train-status")).to_contain_text("of 5000", timeout=60_000)
+        expect(page.locator("#preview-timeline figure[data-step='20']")).to_be_visible(timeout=60_000)
+        assert page.locator("#preview-timeline button").count() == 0  # no "Use this step" while it trains
+        page.wait_for_timeout(1500)
+        before = steps_on_chart(page)
+        page.click("nav a[data-tab=photos]")
+        page.click("nav a[data-tab=train]")
+        expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
+        page.wait_for_timeout(300)
+        assert steps_on_chart(page) >= before  # a tab switch once cut 75 points to 19
+
+        # A second tab shows the same.
+        second = browser.new_page()
+        second.goto(f"{base}/#train")
+        expect(second.locator("#train-form-embedding")).to_have_value("tomtut")
+        expect(second.locator("#stop-button")).to_be_visible()
+        second.close()
+
+        # The queue: a second training waits in sight and can be cancelled.
+        waiting = api(page, "POST", f"{base}/api/train", set="tomtut", embedding="abzqx", max_steps=50, size=64)
+        expect(page.locator("#queue")).to_contain_text("Waiting (1): training abzqx", timeout=10_000)
+        page.locator("#queue li", has_text="training abzqx").locator("button", has_text="Cancel").click()
+        expect(page.locator("#queue")).not_to_contain_text("training abzqx", timeout=10_000)
+        assert api(page, "GET", f"{base}/api/jobs/{waiting['id']}")["status"] == "cancelled"
+        page.select_option("#train-form-embedding", "abzqx")
+        expect(page.locator("#train-status")).to_contain_text("cancelled while it waited")
+        expect(page.locator("#resume-button")).to_be_hidden()
+        page.select_option("#train-form-embedding", "tomtut")
+        expect(page.locator("#stop-button")).to_be_visible()
+
+        # The server is killed and started again: the page comes back by itself and offers to resume.
+        expect(page.locator("#preview-timeline figure[data-step='40']")).to_be_visible(timeout=60_000)
+        server.kill()
+        server.wait(timeout=30)
+        expect(page.locator("#busy")).to_contain_text("does not answer", timeout=10_000)
+        server, _ = start_server(tmp_path, cache_dir, tiny_sd1, port=port)
+        expect(page.locator("#train-status")).to_contain_text("was interrupted at step", timeout=30_000)
+        saved = api(page, "GET", f"{base}/api/embeddings/tomtut")["step"]
+        assert saved >= 40 and saved % 20 == 0
+        expect(page.locator("#resume-button")).to_have_text(f"Resume from step {saved} of 5000")
+        expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
+        page.reload()
+        expect(page.locator("#resume-button")).to_have_text(f"Resume from step {saved} of 5000")
+        shot(page, "6-interrupted")
+        page.click("#resume-button")
+        expect(page.locator("#resume-button")).to_be_hidden()
+        expect(page.locator("#stop-button")).to_be_visible()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            running = [j for j in api(page, "GET", f"{base}/api/jobs") if j["status"] == "running"]
+            if running and running[0]["progress"].get("step", 0) > saved + 3:
+                break
+            page.wait_for_timeout(100)
+        else:
+            raise AssertionError("the resumed training did not go on")
+        assert running[0]["id"] != training["id"] and running[0]["request"]["embedding"] == "tomtut"
+
+        # SIGINT with the page watching: the server stops within 10 s, the step it reached saved.
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=10)
+        jobs = [json.loads(p.read_text()) for p in (tmp_path / f"ws-{port}" / "jobs").glob("*.json")]
+        resumed = next(j for j in jobs if j["id"] == running[0]["id"])
+        assert resumed["status"] == "stopped", resumed
+        from tistudio.embedding import read_embedding
+
+        embedding = read_embedding(tmp_path / f"ws-{port}" / "embeddings" / "tomtut.safetensors")
+        assert embedding.step == resumed["result"]["step"] > saved + 3
+        assert not errors, errors
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def test_the_demo_server_offers_the_demos_settings(browser, tmp_path, cache_dir) -> None:
+    """Serving the demo, the forms hold what suits its 64-px world (preparing at 64 px, 200 steps with a preview
+    every 50), not the 512-px, 3000-step defaults that made a first try take 25 minutes; at 390 px the page fits."""
+    from playwright.sync_api import expect
+
+    server, base = start_server(tmp_path, cache_dir, "demo")
+    try:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(f"{base}/#train")
+        expect(page.locator("#demo-banner")).to_be_visible()
+        expect(page.locator("#train-form-max_steps")).to_have_value("200")
+        expect(page.locator("#train-form-preview_every")).to_have_value("50")
+        page.click("nav a[data-tab=photos]")
+        page.fill("#new-set", "tomtut")
+        page.click("#new-set-button")
+        expect(page.locator("#prepare-form-size")).to_have_value("64")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways at 390 px ({width} px wide)"
+        page.click("nav a[data-tab=generate]")
+        page.fill("#generate-form-prompt", "a photo of tomtut")
+        expect(page.locator("#prompt-words")).to_contain_text("No embeddings yet")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, "7-demo-390px")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -506,8 +506,9 @@ async function refreshTrainChoices() {
   const active = trains.find((j) => j.status === "running") || trains.find((j) => j.status === "queued");
   const keep = trainForm ? trainForm.values(false) : null;
   // an embedding's Train button, else what this page showed, else what trains now, else the last trained
+  const trained = trains.find((j) => j.started);
   const chosen = [state.trainEmbedding, keep && keep.embedding, active && active.request.embedding,
-    trains[0] && trains[0].request.embedding, names[0]].find((n) => n && names.includes(n)) || "";
+    trained && trained.request.embedding, names[0]].find((n) => n && names.includes(n)) || "";
   state.trainEmbedding = null;
   trainForm = renderForm($("#train-form"), [{ name: "set", label: "Photo set", type: "str", default: "",
     required: true, help: "the photo set to train on (prepared if you prepared it)",
