@@ -187,6 +187,34 @@ def test_perceptual_hash_tells_copies_from_other_photos() -> None:
     assert bin(int(perceptual_hash(hopper), 16) ^ int(perceptual_hash(astronaut), 16)).count("1") > 16
 
 
+def test_copies_are_the_same_photo_and_small_pictures_in_other_poses_are_not(tmp_path) -> None:
+    """A hash a few bits apart is confirmed by the thumbnails: the demo's 64-px cartoons of one person in other
+    poses share hashes 4-6 bits apart, and a JPEG re-save, an enlargement or a brighter copy are the same photo."""
+    import io
+    import itertools
+
+    from PIL import ImageEnhance
+
+    from tistudio.demo import person_photos
+    from tistudio.preprocess import Item, same_photo, thumbnail_look
+
+    def item(image: Image.Image) -> Item:
+        return Item(source="x", status="ok", phash=perceptual_hash(image), look=thumbnail_look(image))
+
+    folder = person_photos(tmp_path / "demo")
+    demo = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    near = [(a, b) for a, b in itertools.combinations(demo, 2)
+            if bin(int(perceptual_hash(a), 16) ^ int(perceptual_hash(b), 16)).count("1") <= 6]
+    assert near  # the hash alone would call these the same photo
+    assert not any(same_photo(item(a), item(b)) for a, b in near)
+    for photo in (demo[0], Image.open(DATA / "grace_hopper.jpg").convert("RGB")):
+        saved = io.BytesIO()
+        photo.save(saved, "JPEG", quality=60)
+        for copy in (Image.open(saved).convert("RGB"), photo.resize((photo.width * 2, photo.height * 2)),
+                     ImageEnhance.Brightness(photo).enhance(1.2)):
+            assert same_photo(item(photo), item(copy))
+
+
 def test_cli_prepare_then_train_on_the_result(tmp_path, sd1_model, tiny_sd1, cache_dir, capsys) -> None:
     photos = real_photos(tmp_path / "photos")
     assert main(["prepare", str(photos), "prepared", "--size", "64", "--flip"]) == 0
