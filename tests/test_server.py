@@ -381,7 +381,21 @@ def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> Non
         assert str(tmp_path) not in answer.text and "secret" not in answer.text.replace("secret.png", "")
     listed = client.get("/api/photosets")
     assert listed.status_code == 200 and "linked" not in listed.text  # the list still works, without the link
-    assert client.get("/api/embeddings").status_code == 200
+    embeddings = client.get("/api/embeddings").json()
+    assert embeddings == [{"name": "stolen", "error": "path='stolen.safetensors': leads outside the workspace",
+                           "run": False}]  # listed with its reason, its contents never read
+
+
+def test_a_malformed_last_event_id_is_ignored(client, tmp_path) -> None:
+    store = client.app.state.server.store
+    job = store.create("generate", {"prompt": "x"})
+    store.event(job, "message", text="one")
+    store.update(job, status="done")
+    for given in ("abc", "1" * 40, "0x10", "-3"):
+        with client.stream("GET", f"/api/jobs/{job.id}/events", headers={"Last-Event-ID": given}) as stream:
+            assert stream.status_code == 200, given
+            lines = list(stream.iter_lines())
+        assert "event: message" in lines and "event: end" in lines  # from the start, as with no id
 
 
 def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_path) -> None:

@@ -30,6 +30,7 @@ def embeddings(server: ServerDep) -> list[dict[str, Any]]:
     out = []
     for name, path in sorted(list_embedding_files(server.workspace.embeddings).items()):
         try:
+            server.workspace.inside(path)  # a symlink planted in the folder that leads out is not read
             info = shown(path)
         except TistudioError as exc:
             info = {"name": name, "error": str(exc)}

@@ -65,7 +65,8 @@ def resume(job_id: str, server: ServerDep) -> dict[str, Any]:
 async def events(job_id: str, request: Request, server: ServerDep, after: int = 0) -> StreamingResponse:
     store = server.store
     found = job_or_404(store, job_id)
-    last = int(request.headers.get("last-event-id", after) or 0)
+    given = request.headers.get("last-event-id", "")
+    last = int(given) if given.isascii() and given.isdigit() and len(given) < 19 else max(0, after)  # "abc" was a 500
 
     async def stream():
         nonlocal last
