@@ -249,6 +249,9 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
         assert client.post("/api/photosets/a/photos", files=many).status_code == 400
         assert client.post("/api/generate", json={"prompt": "x", "batch": 3}).json()["field"] == "batch"
         assert client.post("/api/train", json={"set": "a", "embedding": "a", "max_steps": 51}).status_code == 400
+        for field, value in (("size", 2048), ("gradient_accumulation", 1024)):  # each within the options' range
+            answer = client.post("/api/train", json={"set": "a", "embedding": "a", "max_steps": 10, field: value})
+            assert answer.status_code == 400 and answer.json()["field"] == field, answer.json()
     with client_for(tmp_path / "ws2", tiny_sd1, cache_dir, limits=Limits(request_bytes=1000)) as client:
         answer = client.post("/api/photosets/a/photos", files=[("files", ("x.png", b"y" * 3000, "image/png"))])
         assert answer.status_code == 413

@@ -111,6 +111,36 @@ def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> N
     assert len(rows) == 9
 
 
+def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(sd1_model, photos, tmp_path,
+                                                                             monkeypatch) -> None:
+    """At a large gradient accumulation one step is many micro-batches (a served 1024-accumulation job ignored stop
+    for minutes): a stop asked between two of them drops that step unapplied, and resuming gives the vectors of an
+    uninterrupted run, bit for bit."""
+    import tistudio.train as training
+
+    settings = dict(max_steps=6, gradient_accumulation=3, eval_every=0, save_every=2)
+    straight, resumed = twin_folders(sd1_model, tmp_path)
+    run(sd1_model, photos, straight, **settings)
+    calls, stop = [], threading.Event()
+    real_loss = training.diffusion_loss
+
+    def counting_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 3 + 2:  # two micro-batches into step 4
+            stop.set()
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", counting_loss)
+    first = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model, stop=stop)
+    assert len(calls) == 11, "the step went on after the stop"
+    assert first.stopped and first.step == 3 and read_embedding(resumed / "tomtut.safetensors").step == 3
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    second = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model)
+    assert second.start_step == 3 and second.step == 6
+    a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")
+    assert torch.equal(a.tensor, b.tensor), "the dropped step changed what the resume continued from"
+
+
 def test_a_resume_state_of_the_earlier_layout_still_resumes_exactly(sd1_model, photos, tmp_path) -> None:
     """Runs left by the release before states were kept by encoder key (one trained tensor under unkeyed names)."""
     import json

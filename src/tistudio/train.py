@@ -178,11 +178,14 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
             micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step), parallel, batch)
                              for micro in range(accumulation))
             try:
-                loss, finite, agreed_stop = train_step(model, encoder, alphas, unet, trainable, optimizer, scaler,
-                                                       micro_batches, accumulation, lr, options.clip_grad_norm,
-                                                       parallel, stop.is_set())
+                outcome = train_step(model, encoder, alphas, unet, trainable, optimizer, scaler, micro_batches,
+                                     accumulation, lr, options.clip_grad_norm, parallel, stop.is_set(),
+                                     abandon=None if parallel.active else stop)
             except PeerLost as lost:
                 raise peer_lost(lost, checkpoints, step, result, report, schedule.end_step) from lost
+            if outcome is None:  # stopped between two micro-batches: the step is dropped, the last one is saved
+                break
+            loss, finite, agreed_stop = outcome
             if scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
                 guard.good() if bool(finite) else guard.bad(step + 1, checkpoints.saved_step)
             step += 1
@@ -781,15 +784,23 @@ def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel,
 def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, unet: Any, trainable: Trainable,
                optimizer: torch.optim.Optimizer, scaler: Any, micro_batches: Iterator[Batch], accumulation: int,
                lr: float, clip_grad_norm: float, parallel: Parallel | None = None,
-               stop_asked: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+               stop_asked: bool = False, abandon: threading.Event | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """One optimizer step over the micro-batches; returns the step's loss and whether it (and its gradient) were
     finite, both still on the device, and whether any process was asked to stop. A non-finite step is not applied
-    (the GradScaler skips it on a GPU). Several processes average their gradients and losses first."""
+    (the GradScaler skips it on a GPU). Several processes average their gradients and losses first.
+
+    With `abandon` (one process), a stop asked between two micro-batches drops the step unapplied and returns None:
+    a stop acts within one micro-batch even at a large gradient accumulation, and the vectors stay those of the
+    last whole step (what a resume continues from, exactly)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     parameters = list(trainable.parameters().values())
     step_loss = torch.zeros((), device=model.device)
     for micro, batch in enumerate(micro_batches):
+        if abandon is not None and abandon.is_set():
+            optimizer.zero_grad(set_to_none=True)
+            return None
         loss = diffusion_loss(model, encoder, alphas, batch.clean, batch.timesteps, batch.noise, batch.prompts,
                               unet=unet, time_ids=batch.time_ids) / accumulation
         penalty = trainable.penalty() if micro == 0 else None

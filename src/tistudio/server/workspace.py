@@ -32,6 +32,8 @@ class Limits:
     embedding_bytes: int = 64 * 1024 * 1024
     train_steps: int = 100_000
     train_batch: int = 16
+    train_size: int = 1536  # training pixels (SDXL's 1024 and then some; 2048 px steps take minutes each)
+    train_accumulation: int = 64  # micro-batches per step
     generate_batch: int = 8
     generate_steps: int = 150
     generate_side: int = 1536

@@ -29,10 +29,10 @@ def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
     name = check_name(str(body.get("embedding", "")), "embedding")
     options = options_from_body(TrainOptions, body, model=server.config.model.model, dataset=str(folder),
                                 embeddings_dir=str(workspace.embeddings), run_dir=str(workspace.run(name)))
-    if options.max_steps > limits.train_steps:
-        raise OptionError("max_steps", options.max_steps, f"this server allows at most {limits.train_steps}")
-    if options.batch_size > limits.train_batch:
-        raise OptionError("batch_size", options.batch_size, f"this server allows at most {limits.train_batch}")
+    for field, cap in (("max_steps", limits.train_steps), ("batch_size", limits.train_batch),
+                       ("size", limits.train_size), ("gradient_accumulation", limits.train_accumulation)):
+        if getattr(options, field) > cap:
+            raise OptionError(field, getattr(options, field), f"this server allows at most {cap}")
     validate_train(options)
     embedding_path(workspace, name)
     return server.workers.submit("train", {"set": set_name, **public(options)}).public()
