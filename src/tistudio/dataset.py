@@ -193,6 +193,17 @@ def read_image(path: Path) -> tuple[Image.Image, tuple[int, int]]:
     return image, size
 
 
+def kept_part(image: Image.Image) -> Image.Image:
+    """What training keeps of a very wide or tall image: the centre square it trains on (square()), so that a
+    1000x63990 strip costs a megapixel while the set is held, not 64 (a 300-photo set of such could need 80 GB)."""
+    width, height = image.size
+    if max(width, height) <= 2 * min(width, height):
+        return image
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 def load_dataset(folder: str | Path) -> Dataset:
     """All usable images of a folder; DatasetError if the folder is missing or has no usable image."""
     folder = Path(folder).expanduser()
@@ -223,7 +234,7 @@ def load_dataset(folder: str | Path) -> Dataset:
             skipped.append((path, str(exc)))
             continue
         source_size, source_crop = sources.get(name, (None, None))
-        images.append(TrainImage(path=path, caption=caption_for(path), image=image, original_size=size,
+        images.append(TrainImage(path=path, caption=caption_for(path), image=kept_part(image), original_size=size,
                                  source_size=source_size, source_crop=source_crop))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path.name, reason)
