@@ -76,6 +76,10 @@ def test_the_whole_workflow_through_the_api(client, photos) -> None:
     assert trained["status"] == "done" and trained["result"]["step"] == 6
     run = client.get("/api/runs/tomtut").json()
     assert [row["step"] for row in run["loss"]] == [1, 2, 3, 4, 5, 6]
+    server = client.app.state.server
+    for answer in (client.get("/api/runs/tomtut").text, client.get("/api/status").text, client.get("/api/jobs").text):
+        assert str(server.workspace.root) not in answer and server.config.model.model not in answer
+    assert run["resolved"]["embedding_file"] == "embeddings/tomtut.safetensors" and "dataset" not in run["options"]
     assert [p["step"] for p in run["previews"]] == [0, 3, 6] and run["copies"] == [3, 6]
     assert client.get(run["previews"][1]["url"]).status_code == 200
     assert client.post("/api/runs/tomtut/use-step", json={"step": 3}).json() == {"embedding": "tomtut", "step": 3}

@@ -9,6 +9,7 @@ import dataclasses
 import re
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 # what a CLI verb asks for, said for a form: a flag that is a checkbox is ticked, a number is raised or lowered
 VERBS = {"pass": "tick", "use": "choose", "set": "set"}
@@ -46,6 +47,28 @@ def for_page(text: str, workspace: Path | None = None) -> str:
         root = str(Path(workspace))
         text = text.replace(root + "/", "").replace(root, "the workspace")
     return _fields(_flags(text))
+
+
+def model_name(spec: str) -> str:
+    """How a page names the served model: a file's or folder's name, never its path; a Hub id or demo as given."""
+    if spec.startswith(("/", "~", ".")) or "\\" in spec or Path(spec).expanduser().exists():
+        return Path(spec.replace("\\", "/")).name or spec
+    return spec
+
+
+def without_paths(value: Any, workspace: Path, model: str) -> Any:
+    """`value` (JSON-like) with the server's paths taken out of every string: the workspace's relative to it,
+    the model's as its name. For what a run folder records (options.json) before a client sees it."""
+    if isinstance(value, dict):
+        return {key: without_paths(item, workspace, model) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_paths(item, workspace, model) for item in value]
+    if isinstance(value, str):
+        root = str(Path(workspace))
+        if model and model not in ("", ".") and model in value and model != model_name(model):
+            value = value.replace(model, model_name(model))
+        return value.replace(root + "/", "").replace(root, ".")
+    return value
 
 
 def _flag_value(value: str | None, kind: type, choices: tuple[str, ...]) -> str:

@@ -14,6 +14,7 @@ from ...config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptio
 from ...models import DEMOS
 from ...samplers import SAMPLERS
 from ..context import ServerDep, not_found, schema
+from ..wording import model_name
 
 router = APIRouter()
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -41,7 +42,7 @@ def static_file(name: str) -> Response:
 def status(server: ServerDep) -> dict[str, Any]:
     workers, model = server.workers, server.config.model
     current = workers.current
-    return {"version": __version__, "model": model.model, "demo": model.model in DEMOS,
+    return {"version": __version__, "model": model_name(model.model), "demo": model.model in DEMOS,
             "model_loaded": workers.model.describe() if workers.model is not None else None,
             "busy": current.public() if current else None, "queued": workers.waiting(),
             "running": [job.public() for job in workers.running], "devices": workers.devices(),

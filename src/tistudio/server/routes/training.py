@@ -11,7 +11,17 @@ from ...config import TrainOptions, check_name, validate_train
 from ...embedding import read_embedding
 from ...errors import OptionError, TistudioError
 from ...runfolder import RunFolder, read_eval_log, read_loss_log
-from ..context import Server, ServerDep, embedding_path, image_response, not_found, options_from_body, public
+from ..context import (
+    SERVER_FIELDS,
+    Server,
+    ServerDep,
+    embedding_path,
+    image_response,
+    not_found,
+    options_from_body,
+    public,
+)
+from ..wording import without_paths
 
 router = APIRouter()
 
@@ -51,8 +61,11 @@ def run(name: str, server: ServerDep) -> dict[str, Any]:
             "report": f"/api/runs/{name}/report" if (folder.path / "report.html").is_file() else None,
             "previews": [{"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
                          for s in folder.preview_steps()],
-            "copies": folder.copy_steps(), "options": options.get("options", {}),
-            "resolved": options.get("resolved", {})}
+            "copies": folder.copy_steps(),
+            # what the run recorded, without the server's paths (clients name things; the folders are the server's)
+            "options": {k: v for k, v in without_paths(options.get("options", {}), server.workspace.root,
+                                                       server.config.model.model).items() if k not in SERVER_FIELDS},
+            "resolved": without_paths(options.get("resolved", {}), server.workspace.root, server.config.model.model)}
 
 
 def kept_step(server: Server, name: str) -> dict[str, Any] | None:
