@@ -333,6 +333,12 @@ def test_uploads_keep_every_photo_with_an_odd_name_and_say_which_files_they_refu
     assert {s["name"]: s["photos"] for s in client.get("/api/photosets").json()}["trip"] == 3
     only_bad = client.post("/api/photosets/trip/photos", files=[("files", ("a.png", b"nope", "image/png"))])
     assert only_bad.status_code == 400 and "not a photo" in only_bad.json()["error"]
+    # names Windows keeps for devices: a photo is renamed, a set or embedding refused at its field
+    device = client.post("/api/photosets/trip/photos", files=[("files", ("CON.jpg", png, "image/jpeg"))]).json()
+    assert device["saved"] == ["CON_.jpg"]
+    for url, body in (("/api/photosets/nul", None), ("/api/embeddings", {"name": "Com1", "init_text": "toy"})):
+        answer = client.post(url, json=body) if body else client.post(url)
+        assert answer.status_code == 400 and "Windows keeps" in answer.json()["error"], answer.json()
 
 
 def test_the_demo_servers_photos_prepare_with_the_default_settings(tmp_path, cache_dir) -> None:

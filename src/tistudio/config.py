@@ -23,6 +23,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: "$" would let a final newline in
+# Names Windows keeps for devices, with any extension ("con.safetensors" cannot be made there, "nul" swallows
+# writes): a file or folder of such a name made on Linux breaks a copy of the workspace on Windows.
+WINDOWS_RESERVED = re.compile(r"\A(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?\Z", re.IGNORECASE)
 
 
 def option(
@@ -336,6 +339,9 @@ def check_name(name: str, field_name: str = "name") -> str:
     if not NAME_PATTERN.match(name or ""):
         raise OptionError(field_name, name, "use one word of letters, digits, '_' or '-' (at most 64 "
                           "characters, starting with a letter or digit), e.g. 'tomtut'")
+    if WINDOWS_RESERVED.match(name):
+        raise OptionError(field_name, name, "is a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, "
+                          "LPT1-9); choose another")
     return name
 
 

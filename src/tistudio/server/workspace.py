@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import NAME_PATTERN, check_name
+from ..config import NAME_PATTERN, WINDOWS_RESERVED, check_name
 from ..errors import OptionError
 
 FILE_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._ -]{0,119}\Z")
@@ -48,6 +48,9 @@ def clean_file_name(name: str) -> str:
     base = re.sub(r"\.{2,}", ".", base).lstrip(" ._-").rstrip(" .")[:120]
     if not base or not FILE_PATTERN.match(base):
         raise OptionError("file", name, "use a plain file name such as photo-1.jpg")
+    stem, dot, suffix = base.partition(".")
+    if WINDOWS_RESERVED.match(base):
+        base = f"{stem}_{dot}{suffix}"  # "CON.jpg" -> "CON_.jpg": Windows keeps CON for a device
     return base
 
 
