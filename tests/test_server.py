@@ -203,6 +203,20 @@ def test_auth_is_required_when_configured(tmp_path, tiny_sd1, cache_dir) -> None
         assert client.get("/api/status", auth=("ann", "s3cret"), headers={"Host": "box.lan:7860"}).status_code == 200
 
 
+def test_wrong_passwords_lock_the_address_out_for_a_while(tmp_path, tiny_sd1, cache_dir, monkeypatch) -> None:
+    from tistudio.server import security
+
+    monkeypatch.setattr(security, "AUTH_WINDOW_S", 1.0)
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, auth=[("ann", "s3cret")], listening=True) as client:
+        assert client.get("/api/status").status_code == 401  # no password at all: not counted
+        for _ in range(security.AUTH_FAILURES):
+            assert client.get("/api/status", auth=("ann", "guess")).status_code == 401
+        locked = client.get("/api/status", auth=("ann", "s3cret"))  # even the right one, until the window passes
+        assert locked.status_code == 429 and locked.headers["retry-after"] == "1"
+        time.sleep(1.1)
+        assert client.get("/api/status", auth=("ann", "s3cret")).status_code == 200
+
+
 def test_listen_refuses_to_start_without_auth(capsys, tmp_path) -> None:
     assert main(["serve", "--listen", "--workspace", str(tmp_path / "ws")]) == 2
     assert "needs a password" in capsys.readouterr().err
@@ -259,6 +273,21 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
     with client_for(tmp_path / "ws2", tiny_sd1, cache_dir, limits=Limits(request_bytes=1000)) as client:
         answer = client.post("/api/photosets/a/photos", files=[("files", ("x.png", b"y" * 3000, "image/png"))])
         assert answer.status_code == 413
+
+
+def test_a_full_workspace_refuses_more_with_507(tmp_path, tiny_sd1, cache_dir, photos) -> None:
+    png = sorted(photos.glob("*.png"))[0].read_bytes()
+    with client_for(tmp_path / "ws", tiny_sd1, cache_dir, limits=Limits(workspace_bytes=len(png) * 2 + 100)) as client:
+        first = client.post("/api/photosets/a/photos", files=[("files", ("1.png", png, "image/png")),
+                                                              ("files", ("2.png", png, "image/png"))]).json()
+        assert first["saved"] == ["1.png", "2.png"]
+        full = client.post("/api/photosets/a/photos", files=[("files", ("3.png", png, "image/png"))])
+        assert full.status_code == 507 and "the workspace is full" in full.json()["error"]
+        assert "delete photo sets" in full.json()["error"] and str(tmp_path) not in full.text
+        assert client.post("/api/generate", json={"prompt": "x"}).status_code == 507
+        client.delete("/api/photosets/a/photos/2.png")
+        assert client.post("/api/photosets/a/photos", files=[("files", ("3.png", png, "image/png"))]).json()[
+            "saved"] == ["3.png"]
 
 
 def test_no_other_site_may_frame_the_page_and_case_does_not_hide_a_cross_site_request(client) -> None:

@@ -334,7 +334,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .errors import OptionError
 
         raise OptionError("max_upload_mb", args.max_upload_mb, "must be a positive number of megabytes, e.g. 50")
-    limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    if not math.isfinite(args.max_workspace_gb) or args.max_workspace_gb < 0:
+        from .errors import OptionError
+
+        raise OptionError("max_workspace_gb", args.max_workspace_gb, "must be a number of gigabytes, e.g. 200 (0: no "
+                          "cap)")
+    limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                    workspace_bytes=int(args.max_workspace_gb * 1024 ** 3))
     from .models import parse_devices
 
     devices = parse_devices(args.devices)
@@ -469,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     # the model for all of the server's jobs; clip skip is chosen per job
     add_options(server, ModelOptions, skip=("clip_skip",), defaults={"model": "demo"})
     server.add_argument("--max-upload-mb", type=float, default=50, help="largest uploaded file (default: %(default)s)")
+    server.add_argument("--max-workspace-gb", type=float, default=0,
+                        help="refuse uploads and images past this much in the workspace (default: 0, no cap)")
     server.add_argument("--devices", default="", help="one worker per device, each with its own model: 'all' (every "
                         "CUDA GPU) or e.g. 'cuda:0,cuda:1'; jobs go to the next free one (default: one worker on "
                         "--device)")

@@ -40,5 +40,8 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
         raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
                           "--auth-file FILE")
     app = create_app(config)
-    ShuttingDownServer(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False),
-                       on_exit=app.state.server.close).run()
+    # limit_concurrency: past this many open connections and requests, new ones get a 503 at once instead of
+    # piling up (a flood of idle sockets); idle keep-alive connections close after 5 s
+    settings = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                              limit_concurrency=config.limits.connections, timeout_keep_alive=5)
+    ShuttingDownServer(settings, on_exit=app.state.server.close).run()

@@ -26,7 +26,7 @@ from .routes import ROUTERS
 from .security import SecurityMiddleware
 from .wording import for_page
 from .work import Work
-from .workspace import Workspace
+from .workspace import TooFull, Workspace
 
 __all__ = ["ServerConfig", "create_app"]
 WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to stop and save
@@ -61,8 +61,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 async def user_error(request: Request, exc: Exception) -> JSONResponse:
-    """A user's error as JSON: 404 for what does not exist, 413 for what is too large, else 400 (with the field)."""
-    status = 404 if isinstance(exc, NotFound) else 413 if isinstance(exc, TooLarge) else 400
+    """A user's error as JSON: 404 for what does not exist, 413 for what is too large, 507 for a full workspace,
+    else 400 (with the field)."""
+    status = 404 if isinstance(exc, NotFound) else 413 if isinstance(exc, TooLarge) else \
+        507 if isinstance(exc, TooFull) else 400
     root = request.app.state.server.workspace.root
     body: dict[str, Any] = {"error": for_page(" ".join(str(exc).split()), root)}
     if isinstance(exc, OptionError):

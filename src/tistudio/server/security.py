@@ -7,7 +7,9 @@
   (its Origin is not this server, or Sec-Fetch-Site says cross-site) is refused, so no page the user visits can
   drive the local server (CSRF). There is no CORS header at all, wildcard or otherwise.
 * **Auth** - with ``--auth`` or ``--auth-file``, every request needs HTTP Basic credentials (compared in constant
-  time). ``--listen`` refuses to start without them (see cli.py).
+  time). ``--listen`` refuses to start without them (see cli.py). A client that gives wrong ones
+  ``AUTH_FAILURES`` times within ``AUTH_WINDOW_S`` is answered 429 until the window has passed, so a password
+  cannot be guessed at network speed.
 * **Size** - a request body larger than the server's cap is refused: before it is read where it states its
   length, and as soon as it passes the cap where it does not (chunked).
 * **Framing** - no other site may show the page in a frame (X-Frame-Options, CSP frame-ancestors) to trick clicks;
@@ -20,11 +22,16 @@ import base64
 import binascii
 import hmac
 import json
+import math
+import time
+from collections import deque
 from typing import Any
 
 from ..storage import size_text
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+AUTH_FAILURES = 10  # wrong passwords from one address ...
+AUTH_WINDOW_S = 60.0  # ... within this many seconds, then 429 until the oldest is this old
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 RESPONSE_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
                     (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
@@ -42,6 +49,7 @@ class SecurityMiddleware:
         self.auth = auth
         self.listening = listening
         self.max_body = max_body
+        self.failures: dict[str, deque[float]] = {}  # by client address: when its wrong passwords came
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -64,10 +72,20 @@ class SecurityMiddleware:
             if origin == "null":
                 await self._refuse(send, 403, "requests from sandboxed or file:// pages are refused")
                 return
-        if self.auth and not self._authorised(headers.get("authorization", "")):
-            await self._refuse(send, 401, "sign in: this server needs a user name and password",
-                               [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')])
-            return
+        if self.auth:
+            client = (scope.get("client") or ("?",))[0]
+            wait = self._locked_out(client)
+            if wait:
+                await self._refuse(send, 429, f"too many wrong passwords; try again in {wait} s",
+                                   [(b"retry-after", str(wait).encode())])
+                return
+            header = headers.get("authorization", "")
+            if not self._authorised(header):
+                if header:  # a browser's first request carries none: only a wrong password counts
+                    self._failed(client)
+                await self._refuse(send, 401, "sign in: this server needs a user name and password",
+                                   [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')])
+                return
         send = _with_headers(send)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -104,6 +122,23 @@ class SecurityMiddleware:
             await send(message)
 
         return capped_receive, guarded_send
+
+    def _failed(self, client: str) -> None:
+        now = time.monotonic()
+        if len(self.failures) > 10_000:  # many addresses: forget those whose last failure is out of the window
+            self.failures = {c: t for c, t in self.failures.items() if now - t[-1] < AUTH_WINDOW_S}
+        self.failures.setdefault(client, deque(maxlen=AUTH_FAILURES)).append(now)
+
+    def _locked_out(self, client: str) -> int:
+        """Seconds until `client` may try a password again (0: now)."""
+        times = self.failures.get(client)
+        if not times or len(times) < AUTH_FAILURES:
+            return 0
+        left = AUTH_WINDOW_S - (time.monotonic() - times[0])
+        if left <= 0:
+            del self.failures[client]
+            return 0
+        return max(1, math.ceil(left))
 
     def _authorised(self, header: str) -> bool:
         if not header.lower().startswith("basic "):

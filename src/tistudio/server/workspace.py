@@ -11,13 +11,20 @@ name things (a photo set, an embedding, a file inside a set), never paths.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import NAME_PATTERN, WINDOWS_RESERVED, check_name
-from ..errors import OptionError
+from ..errors import OptionError, TistudioError
+from ..storage import size_text
+
+
+class TooFull(TistudioError):
+    """The workspace's cap is reached (answered with 507, Insufficient Storage)."""
 
 FILE_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._ -]{0,119}\Z")
 
@@ -37,6 +44,8 @@ class Limits:
     generate_batch: int = 8
     generate_steps: int = 150
     generate_side: int = 1536
+    workspace_bytes: int = 0  # everything in the workspace together (uploads refused past it); 0: no cap
+    connections: int = 64  # open connections and requests at once (each watching page holds one); more get a 503
 
 
 def clean_file_name(name: str) -> str:
@@ -95,6 +104,24 @@ class Workspace:
         if path.parent.resolve() != folder.resolve():
             raise OptionError("file", name, "must be a file directly in its folder")
         return path
+
+    def used_bytes(self) -> int:
+        """The bytes the workspace's files take (links not followed)."""
+        total = 0
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def make_room(self, incoming: int, limits: Limits) -> None:
+        """Refuse `incoming` more bytes where they would take the workspace past its cap."""
+        if not limits.workspace_bytes:
+            return
+        used = self.used_bytes()
+        if used + incoming > limits.workspace_bytes:
+            raise TooFull(f"the workspace is full: {size_text(used)} of the {size_text(limits.workspace_bytes)} "
+                          "this server allows are used; delete photo sets, embeddings or images to make room")
 
     def sets(self) -> list[str]:
         return sorted(p.name for p in self.photos.iterdir()

@@ -79,6 +79,7 @@ async def upload_embedding(file: Annotated[UploadFile, File()], server: ServerDe
     name = check_name(name or Path(clean_file_name(file.filename or "")).stem)
     staging = folder / f".upload-{name}.tmp"
     data = await read_capped(file, server.limits.embedding_bytes)
+    await asyncio.to_thread(server.workspace.make_room, len(data), server.limits)
     await asyncio.to_thread(write_bytes, staging, data)
     try:  # reading and checking the file is blocking work: off the event loop, so other requests go on
         saved = await asyncio.to_thread(import_embedding, staging, folder, name)

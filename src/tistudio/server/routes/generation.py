@@ -27,6 +27,8 @@ def generate_options(body: Any, server: Server) -> GenerateOptions:
     size = parse_size(options.size)
     if size and max(size) > limits.generate_side:
         raise OptionError("size", options.size, f"this server allows at most {limits.generate_side} px a side")
+    width, height = size or (1024, 1024)
+    workspace.make_room(options.batch * width * height * 3 // 2, limits)  # a PNG's size, about, at the most
     return options
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -65,7 +66,7 @@ async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], s
     saved, refused, first_error = [], [], None
     for upload in files:
         try:
-            saved.append(await _keep_upload(workspace, folder, upload, limits.upload_bytes))
+            saved.append(await _keep_upload(workspace, folder, upload, limits))
         except TistudioError as exc:
             first_error = first_error or exc
             refused.append({"file": upload.filename or "", "reason": " ".join(str(exc).split())})
@@ -76,11 +77,12 @@ async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], s
     return {"saved": saved, "refused": refused}
 
 
-async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limit: int) -> str:
+async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limits: Any) -> str:
     from ...storage import write_bytes
 
     target = workspace.file_in(folder, upload.filename or "")
-    data = await read_capped(upload, limit)
+    data = await read_capped(upload, limits.upload_bytes)
+    await asyncio.to_thread(workspace.make_room, len(data), limits)
     if target.suffix.lower() in CAPTION_SUFFIXES:
         try:
             data.decode("utf-8")
