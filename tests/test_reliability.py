@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from tistudio import storage
-from tistudio import train as train_module
 from tistudio.config import CreateOptions, TrainOptions
 from tistudio.create import create_embedding
 from tistudio.embedding import Embedding, read_embedding, write_embedding
@@ -43,31 +42,6 @@ def fresh(model, folder: Path) -> Path:
     return create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2,
                                           embeddings_dir=str(folder / "emb"), overwrite=True),
                             cache_dir=folder, model=model)
-
-
-def test_a_stop_requested_mid_accumulation_still_resumes_exactly(sd1_model, photos, tmp_path, monkeypatch) -> None:
-    common = dict(max_steps=6, gradient_accumulation=3, batch_size=1, save_every=2)
-    fresh(sd1_model, tmp_path / "a")
-    train(settings(photos, tmp_path / "a", **common), cache_dir=tmp_path, model=sd1_model)
-    fresh(sd1_model, tmp_path / "b")
-    stop = threading.Event()
-    calls = {"n": 0}
-    original = train_module.diffusion_loss
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3 * 3 + 2:  # the second micro-batch of step 4
-            stop.set()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "diffusion_loss", counting)
-    first = train(settings(photos, tmp_path / "b", **common), cache_dir=tmp_path, model=sd1_model, stop=stop)
-    monkeypatch.undo()
-    assert first.stopped and first.step == 4  # the step in progress was finished, not cut
-    train(settings(photos, tmp_path / "b", **common), cache_dir=tmp_path, model=sd1_model)
-    a = read_embedding(tmp_path / "a" / "emb" / "tomtut.safetensors")
-    b = read_embedding(tmp_path / "b" / "emb" / "tomtut.safetensors")
-    assert a.step == b.step == 6 and torch.equal(a.tensor, b.tensor)
 
 
 def driver(cache: Path, *cli: str, slow_replace: float = 0.0, slow_step: float = 0.0) -> subprocess.Popen:
