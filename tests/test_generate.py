@@ -63,7 +63,8 @@ def test_png_carries_a1111_parameters(sd1_model, embeddings) -> None:
     lines = text.split("\n")
     assert lines[0] == "portrait of tomtut as a lego figure"
     assert lines[1] == "Negative prompt: badhands, blurry"
-    assert lines[2].startswith("Steps: 4, Sampler: Euler a, CFG scale: 6.5, Seed: 42, Size: 64x64, Model hash: ")
+    assert lines[2].startswith("Steps: 4, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6.5, Seed: 42, "
+                               "Size: 64x64, Model hash: ")
     assert f"Model hash: {sd1_model.hash}" in lines[2]
     import re
 
@@ -78,10 +79,19 @@ def test_a1111s_png_info_reads_every_field_of_ours(sd1_model, embeddings) -> Non
     with Image.open(result.path) as image:
         read = parse_generation_parameters(image.text["parameters"])
     assert read["Prompt"] == "portrait of tomtut as a lego figure" and read["Negative prompt"] == "badhands, blurry"
-    assert (read["Steps"], read["Sampler"], read["CFG scale"], read["Seed"], read["Size"]) == \
-        ("4", "Euler a", "6.5", "42", "64x64")
+    assert (read["Steps"], read["Sampler"], read["Schedule type"], read["CFG scale"], read["Seed"], read["Size"]) == \
+        ("4", "Euler a", "Automatic", "6.5", "42", "64x64")
     assert read["Model hash"] == sd1_model.hash and read["RNG"] == "CPU"  # the noise is drawn on the CPU
     assert re.fullmatch(r"tomtut: [0-9a-f]{12}, badhands: [0-9a-f]{12}", read["TI hashes"])
+
+
+def test_sampler_and_schedule_type_are_written_apart_as_a1111_1_10_does(sd1_model, embeddings) -> None:
+    from a1111_rules import parse_generation_parameters
+
+    for sampler, written in (("DPM++ 2M Karras", ("DPM++ 2M", "Karras")), ("DPM++ 2M", ("DPM++ 2M", "Uniform")),
+                             ("dpm++ 2m sde exponential", ("DPM++ 2M SDE", "Exponential"))):
+        read = parse_generation_parameters(run(sd1_model, embeddings, sampler=sampler, steps=2)[0].infotext)
+        assert (read["Sampler"], read["Schedule type"]) == written, sampler
 
 
 def test_embeddings_change_the_picture_only_when_named(sd1_model, embeddings) -> None:
@@ -119,7 +129,7 @@ def test_a_wrong_width_embedding_in_the_prompt_is_skipped_with_a_clear_warning(s
 
 
 def test_bad_generation_options_are_refused_before_compute(sd1_model, embeddings) -> None:
-    with pytest.raises(OptionError, match="unknown sampler; choose one of: Euler"):
+    with pytest.raises(OptionError, match=r"unknown sampler; choose one of: DPM\+\+ 2M, .*Euler a"):
         run(sd1_model, embeddings, sampler="Magic")
     with pytest.raises(OptionError, match="size"):
         run(sd1_model, embeddings, size="63x64")
@@ -129,7 +139,12 @@ def test_bad_generation_options_are_refused_before_compute(sd1_model, embeddings
         run(sd1_model, embeddings, prompt="  ")
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"])
-def test_the_a1111_samplers_run(sd1_model, embeddings, sampler) -> None:
-    result = run(sd1_model, embeddings, sampler=sampler, steps=3)[0]
-    assert f"Sampler: {sampler}," in result.infotext and result.image.size == (64, 64)
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS",
+                                     "LMS Karras", "DPM++ SDE Karras", "DPM++ 3M SDE Exponential", "LCM"])
+def test_the_a1111_samplers_run_and_the_same_seed_draws_the_same(sd1_model, embeddings, sampler) -> None:
+    from tistudio.samplers import split
+
+    result, again = (run(sd1_model, embeddings, sampler=sampler, steps=3)[0] for _ in range(2))
+    base, schedule = split(sampler)
+    assert f"Sampler: {base}, Schedule type: {schedule}," in result.infotext and result.image.size == (64, 64)
+    assert np.array_equal(pixels(result), pixels(again)), sampler  # DPM++ SDE's Brownian noise is seeded too

@@ -109,7 +109,7 @@ def test_the_a1111_subset(client, tmp_path) -> None:
     body = answer.json()
     assert len(body["images"]) == 2 and body["parameters"]["prompt"] == "a photo of tomtut"
     image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
-    assert image.size == (64, 64) and "Sampler: DPM++ 2M Karras" in image.text["parameters"]
+    assert image.size == (64, 64) and "Sampler: DPM++ 2M, Schedule type: Karras" in image.text["parameters"]
     info = json.loads(body["info"])
     assert info["all_seeds"] == [42, 43] and info["seed"] == 42
     embeddings = client.get("/sdapi/v1/embeddings").json()

@@ -250,7 +250,7 @@ def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos
     from PIL import Image
 
     with Image.open(run_dir / "previews" / "tomtut-2.png") as image:
-        assert "Steps: 2, Sampler: DPM++ 2M Karras" in image.text["parameters"]
+        assert "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras" in image.text["parameters"]
     lines = (run_dir / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,epoch,loss,lr" and len(lines) == 5
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3", "4"]

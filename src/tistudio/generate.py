@@ -33,7 +33,7 @@ from .embedding import Embedding, list_embedding_files, read_embedding, short_ha
 from .errors import EmbeddingError, OptionError
 from .models import SDModel, load_model
 from .progress import Event, Progress, Reporter
-from .samplers import check_sampler, make_scheduler
+from .samplers import check_sampler, make_scheduler, split
 from .storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -71,23 +71,25 @@ def _quote(value: str) -> str:
 def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1,
              extra: Sequence[tuple[str, str]] = ()) -> str:
     """A1111's `parameters` text of one image, which its PNG Info tab, Civitai and prompt readers parse: the prompt,
-    the negative prompt, then one line of settings (A1111 reads only the last line as settings, so anything else,
-    such as a preview's embedding and step, is a field of that line: `extra`). `RNG: CPU`: tistudio draws its
-    starting noise on the CPU, which A1111 reproduces only when told."""
+    the negative prompt, then one line of settings in A1111 1.10's order, sampler and schedule type apart. A1111
+    reads only the last line as settings, so anything else, such as a preview's embedding and step, is a field of
+    that line: `extra`. `RNG: CPU`: tistudio draws its starting noise on the CPU, which A1111 reproduces only when
+    told."""
     from . import __version__
 
+    sampler, schedule = split(params.sampler)
     fields: list[tuple[str, str]] = [
-        ("Steps", str(params.steps)), ("Sampler", params.sampler), ("CFG scale", f"{params.cfg:g}"),
-        ("Seed", str(seed)), ("Size", f"{params.width}x{params.height}"),
+        ("Steps", str(params.steps)), ("Sampler", sampler), ("Schedule type", schedule),
+        ("CFG scale", f"{params.cfg:g}"), ("Seed", str(seed)), ("Size", f"{params.width}x{params.height}"),
     ]
     if model.hash:
         fields.append(("Model hash", model.hash))
     fields.append(("Model", model.name))
     if clip_skip > 1:
         fields.append(("Clip skip", str(clip_skip)))
+    fields.append(("RNG", "CPU"))
     if ti_hashes:
         fields.append(("TI hashes", ", ".join(f"{name}: {digest}" for name, digest in ti_hashes.items())))
-    fields.append(("RNG", "CPU"))
     fields.extend(extra)
     fields.append(("Version", f"tistudio {__version__}"))
     lines = [params.prompt]
@@ -132,7 +134,7 @@ class Renderer:
     def render(self, params: SamplingParams, on_step: Callable[[int], None] | None = None,
                stop: threading.Event | None = None) -> list[Image.Image]:
         model, seeds = self.model, list(params.seeds)
-        self.pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config)
+        self.pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, seed=seeds[0])
         positive = self.encoder.encode([params.prompt] * len(seeds)).to(model.dtype)
         negative = self.encoder.encode([params.negative_prompt] * len(seeds)).to(model.dtype)
         if negative.hidden.shape[1] != positive.hidden.shape[1]:  # pad the shorter with empty chunks
