@@ -76,3 +76,44 @@ def parse_generation_parameters(text: str) -> dict[str, Any]:
             value = json.loads(value)
         result[key.strip()] = value
     return result
+
+
+def a1111_embedding_from_data(data: Any, name: str) -> tuple[str, Any, int | None]:
+    """A1111's create_embedding_from_data as an oracle: (name, vectors, step). One string_to_param term; an SDXL
+    dict (clip_g and clip_l) whose every value becomes a tensor (so nothing else may be in it); else a single
+    tensor ("diffuser concept")."""
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if len(params) != 1:
+            raise AssertionError("embedding file has multiple terms in it")
+        vectors = next(iter(params.values())).detach().to(torch.float32)
+    elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
+        vectors = {key: value.detach().to(torch.float32) for key, value in data.items()}  # a str here raises
+    elif isinstance(data, dict) and isinstance(next(iter(data.values())), torch.Tensor):
+        if len(data) != 1:
+            raise AssertionError("embedding file has multiple terms in it")
+        vectors = next(iter(data.values())).detach().to(torch.float32)
+    else:
+        raise AssertionError(f"Couldn't identify {name} as neither textual inversion embedding nor diffuser concept")
+    return name, vectors, data.get("step", None)
+
+
+def a1111_load_png_embedding(path: Path) -> tuple[str, Any, int | None]:
+    """How A1111 loads an embedding from a PNG in its embeddings folder: the `sd-ti-embedding` text (base64 JSON,
+    tensors as {"TORCHTENSOR": lists} made into numpy arrays), named by its data's name, else the file stem."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    def decode(obj: dict[str, Any]) -> Any:
+        if "TORCHTENSOR" in obj:
+            return torch.from_numpy(np.array(obj["TORCHTENSOR"]))
+        return obj
+
+    if path.name.endswith(".preview.png"):
+        raise AssertionError("A1111 skips *.preview.png")
+    with Image.open(path) as image:
+        text = image.text["sd-ti-embedding"]  # A1111 reads the text chunk first
+    data = json.loads(base64.b64decode(text), object_hook=decode)
+    return a1111_embedding_from_data(data, data.get("name", path.stem))

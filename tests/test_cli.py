@@ -72,6 +72,11 @@ def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Pa
     converted = tistudio("convert", "embeddings/tomtut.safetensors", "--to", "a1111", cache=cache_dir)
     assert converted.returncode == 0
     assert torch.equal(read_embedding(Path(converted.stdout.strip())).tensor, final.tensor)
+    as_png = tistudio("convert", "embeddings/tomtut.safetensors", "--to", "png", cache=cache_dir)
+    from a1111_rules import a1111_load_png_embedding
+
+    name, vectors, step = a1111_load_png_embedding(Path(as_png.stdout.strip()))
+    assert (name, step) == ("tomtut", final.step) and torch.equal(vectors, final.tensor)
 
 
 def one_line_error(capsys, argv: list[str], fragment: str) -> None:

@@ -139,6 +139,23 @@ def test_convert_to_a1111_pt_writes_the_six_plain_keys(tmp_path: Path) -> None:
     assert torch.equal(read_embedding(path).tensor, embedding.tensor)
 
 
+def test_an_embedding_saved_as_a_png_loads_in_a1111_exactly(tmp_path: Path) -> None:
+    from a1111_rules import a1111_load_png_embedding
+    from tistudio.embedding import write_png_embedding
+
+    sd1 = Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42, model_hash="0123456789")
+    name, loaded, step = a1111_load_png_embedding(write_png_embedding(sd1, tmp_path / "tomtut.png"))
+    assert (name, step) == ("tomtut", 42) and torch.equal(loaded, sd1.tensor)
+    with Image.open(tmp_path / "tomtut.png") as picture:
+        assert picture.size == (512, 512)  # a card naming the embedding, as no preview was given
+    sdxl = Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, step=9)
+    name, loaded, step = a1111_load_png_embedding(write_png_embedding(sdxl, tmp_path / "cat.png"))
+    assert name == "cat" and step is None  # A1111's SDXL dict holds the two tensors and nothing else
+    assert all(torch.equal(loaded[key], sdxl.vectors[key]) for key in ("clip_l", "clip_g"))
+    again = read_embedding(tmp_path / "tomtut.png")  # and tistudio reads its own
+    assert again.step == 42 and torch.equal(again.tensor, sd1.tensor)
+
+
 @pytest.mark.parametrize("layout", ["diffusers-bin", "diffusers-safetensors", "kohya", "onetrainer", "1d"])
 def test_other_tools_layouts_load(tmp_path: Path, layout: str) -> None:
     rows = vectors(2)

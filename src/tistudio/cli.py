@@ -368,12 +368,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .embedding import read_embedding, write_a1111_pt, write_diffusers, write_embedding
+    from .embedding import read_embedding, write_a1111_pt, write_diffusers, write_embedding, write_png_embedding
 
     embedding = read_embedding(args.file)
     out_dir = Path(args.out_dir)
     if args.to == "a1111":
         path = write_a1111_pt(embedding, out_dir / f"{embedding.name}.pt")
+    elif args.to == "png":
+        path = write_png_embedding(embedding, out_dir / f"{embedding.name}.png")
     elif args.to == "diffusers":
         path = write_diffusers(embedding, out_dir / f"{embedding.name}.safetensors")
     else:
@@ -489,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = command("convert", help="write an embedding in another tool's format")
     convert.add_argument("file", help="embedding file of any supported format")
-    convert.add_argument("--to", required=True, choices=("a1111", "diffusers", "safetensors"),
-                         help="a1111: A1111 .pt; diffusers: {NAME: vectors} safetensors; safetensors: tistudio's")
+    convert.add_argument("--to", required=True, choices=("a1111", "png", "diffusers", "safetensors"),
+                         help="a1111: A1111 .pt; png: a picture A1111 loads as the embedding (its sd-ti-embedding "
+                         "chunk); diffusers: {NAME: vectors} safetensors; safetensors: tistudio's")
     convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
     convert.set_defaults(run=cmd_convert)
     return parser

@@ -159,6 +159,10 @@ class TrainOptions(ModelOptions):
     preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES,
                                   check=check_sampler, advanced=True)
     preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True, label="Preview CFG scale")
+    # Store the step's embedding inside each preview PNG (A1111's "Save images with embedding in PNG chunks"):
+    # the picture is then a file A1111 loads as the embedding at that step, named NAME-STEP.
+    preview_embedded: bool = option(False, "store the step's embedding inside each preview PNG (A1111 loads it)",
+                                    advanced=True, label="Embedding inside previews")
     # Also train on mirrored images (their latents are cached too).
     flip: bool = option(False, "add horizontally flipped copies of every image")
     # Shuffle the comma-separated tags of [filewords] for each sample (A1111 option).
@@ -230,7 +234,10 @@ class GenerateOptions(ModelOptions):
     seed: int = option(-1, "seed (-1: random)", minimum=-1, maximum=2**32 - 1, advanced=True)
     # WIDTHxHEIGHT or one number for a square; empty means the model's native size.
     size: str = option("", "image size, WIDTHxHEIGHT (default: the model's native size)")
-    batch: int = option(1, "images to generate", minimum=1, maximum=64)
+    batch: int = option(1, "images to generate at once (A1111's batch size)", minimum=1, maximum=64)
+    # Batches drawn one after another (A1111's batch count): batch x batch_count images, the seeds running on.
+    batch_count: int = option(1, "batches one after another (A1111's batch count)", minimum=1, maximum=100,
+                              advanced=True)
     embeddings_dir: str = option("embeddings", "folder of embeddings")
     out_dir: str = option("outputs", "folder for the images")
 

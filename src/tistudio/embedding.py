@@ -351,14 +351,13 @@ def import_embedding(source: str | Path, folder: str | Path, name: str) -> Path:
     return write_embedding(replace(embedding, name=name), Path(folder) / f"{name}.safetensors")
 
 
-def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
-    """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
+def a1111_data(embedding: Embedding) -> dict[str, Any]:
+    """What A1111 keeps of an embedding: its .pt's six keys for SD1/SD2, only clip_l and clip_g for SDXL (A1111's
+    loader turns every value of an SDXL dict into a tensor, so a name or step there would break it)."""
     _finite(embedding)
     if embedding.is_sdxl:
-        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding: A1111 reads those from a "
-                             ".safetensors file with clip_l and clip_g, which is tistudio's own file (convert --to "
-                             "safetensors); its .pt format holds one tensor")
-    data = {
+        return {key: embedding.vectors[key].detach().to("cpu", torch.float32).clone() for key in ("clip_l", "clip_g")}
+    return {
         "string_to_token": {"*": 265},
         "string_to_param": {"*": embedding.tensor.detach().to("cpu", torch.float32).clone().requires_grad_(False)},
         "name": embedding.name,
@@ -366,9 +365,56 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
         "sd_checkpoint": embedding.model_hash,
         "sd_checkpoint_name": embedding.model_name,
     }
+
+
+def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
+    """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
+    if embedding.is_sdxl:
+        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding: A1111 reads those from a "
+                             ".safetensors file with clip_l and clip_g, which is tistudio's own file (convert --to "
+                             "safetensors); its .pt format holds one tensor")
+    data = a1111_data(embedding)
     # PyTorch's legacy (non-zip) format: A1111's restricted loader refuses zip members it does not list, and
     # torch >= 2 adds .format_version and .storage_alignment to every zip it writes
     return atomic_write(Path(path), lambda temp: torch.save(data, temp, _use_new_zipfile_serialization=False))
+
+
+def png_embedding_text(embedding: Embedding) -> str:
+    """A1111's `sd-ti-embedding` PNG text: base64 of the JSON of its data, each tensor as {"TORCHTENSOR": lists}."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"TORCHTENSOR": value.tolist()}
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return base64.b64encode(json.dumps(plain(a1111_data(embedding))).encode("utf-8")).decode("ascii")
+
+
+def card(embedding: Embedding, size: int = 512) -> Any:
+    """A plain picture for an embedding saved as a PNG without a preview: its name, vectors and step."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (32, 36, 48))
+    draw = ImageDraw.Draw(image)
+    lines = [embedding.name, f"{embedding.count} vectors, step {embedding.step}", "textual inversion (tistudio)"]
+    for row, line in enumerate(lines):
+        draw.text((24, 24 + 28 * row), line, fill=(230, 230, 230) if row == 0 else (160, 170, 190),
+                  font_size=24 if row == 0 else 16)
+    return image
+
+
+def write_png_embedding(embedding: Embedding, path: str | Path, image: Any = None, parameters: str = "") -> Path:
+    """An embedding inside a PNG, as A1111 saves one (its `sd-ti-embedding` text chunk): the picture (a preview,
+    or a card naming the embedding) is the file people share, and A1111 loads it from its embeddings folder."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    info.add_text("sd-ti-embedding", png_embedding_text(embedding))
+    picture = image if image is not None else card(embedding)
+    return atomic_write(Path(path), lambda temp: picture.save(temp, format="PNG", pnginfo=info))
 
 
 def write_diffusers(embedding: Embedding, path: str | Path, token: str | None = None) -> Path:

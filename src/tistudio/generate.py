@@ -239,16 +239,20 @@ def next_index(folder: Path) -> int:
     return highest + 1
 
 
-def save_png(image: Image.Image, path: Path, text: str) -> Path:
+def save_png(image: Image.Image, path: Path, text: str, chunks: dict[str, str] | None = None) -> Path:
+    """A PNG with A1111's `parameters` text and any further text chunks."""
     info = PngInfo()
     info.add_text("parameters", text)
+    for key, value in (chunks or {}).items():
+        info.add_text(key, value)
     return atomic_write(path, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
 def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None = None,
              on_progress: Callable[[Progress], None] | None = None,
              stop: threading.Event | None = None, save: bool = True) -> list[GeneratedImage]:
-    """Generate options.batch images and (with save) write them as PNGs with their parameters."""
+    """Generate options.batch images options.batch_count times and (with save) write them as PNGs with their
+    parameters. A stop keeps the batches finished (A1111's interrupt gives what was made) and drops the one drawn."""
     validate_generate(options)
     sampler = check_sampler(options.sampler)
     if model is None:
@@ -265,21 +269,25 @@ def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None
         log.info("using embeddings: %s", ", ".join(f"{n} ({e.count} vectors, step {e.step})"
                                                     for n, (e, _) in used.items()))
     hashes = {name: short_hash(path) for name, (_, path) in used.items() if path is not None}
-    seed = options.seed if options.seed >= 0 else random.SystemRandom().randrange(2**32 - options.batch)
-    params = SamplingParams(prompt=options.prompt, negative_prompt=options.negative_prompt, steps=options.steps,
-                            sampler=sampler, cfg=options.cfg, width=width, height=height,
-                            seeds=tuple(seed + i for i in range(options.batch)))
-    report = Reporter(on_progress)
-    images = Renderer(model, encoder).render(params, on_step=lambda step: report(Event.STEP, step, options.steps),
-                                             stop=stop)
-    if stop is not None and stop.is_set():
-        log.info("stopped before the images were finished; nothing was saved")
-        return []
-    results = []
-    out_dir = Path(options.out_dir)
+    total = options.batch * options.batch_count
+    seed = options.seed if options.seed >= 0 else random.SystemRandom().randrange(2**32 - total)
+    renderer, report = Renderer(model, encoder), Reporter(on_progress)
+    out_dir, results = Path(options.out_dir), []
     index = next_index(out_dir) if save else 0
-    for offset, (image, image_seed) in enumerate(zip(images, params.seeds, strict=True)):
-        text = infotext(params, image_seed, model, hashes, options.clip_skip)
-        path = save_png(image, out_dir / f"{index + offset:05d}-{image_seed}.png", text) if save else None
-        results.append(GeneratedImage(path=path, seed=image_seed, infotext=text, image=image))
+    for batch in range(options.batch_count):  # A1111's batch count: batches one after another, seeds running on
+        first = seed + batch * options.batch
+        params = SamplingParams(prompt=options.prompt, negative_prompt=options.negative_prompt, steps=options.steps,
+                                sampler=sampler, cfg=options.cfg, width=width, height=height,
+                                seeds=tuple(first + i for i in range(options.batch)))
+        done = batch * options.steps
+        images = renderer.render(params, stop=stop, on_step=lambda step, done=done: report(
+            Event.STEP, done + step, options.steps * options.batch_count))
+        if stop is not None and stop.is_set():
+            log.info("stopped: %d of %d images were finished and kept; the batch being drawn was dropped",
+                     len(results), total)
+            break
+        for image, image_seed in zip(images, params.seeds, strict=True):
+            text = infotext(params, image_seed, model, hashes, options.clip_skip)
+            path = save_png(image, out_dir / f"{index + len(results):05d}-{image_seed}.png", text) if save else None
+            results.append(GeneratedImage(path=path, seed=image_seed, infotext=text, image=image))
     return results

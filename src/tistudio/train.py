@@ -33,7 +33,7 @@ from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
 from .create import person_vectors
 from .dataset import Dataset, TrainImage, load_dataset, square
-from .embedding import Embedding, find_embedding_file, read_embedding
+from .embedding import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from .errors import EmbeddingError, TistudioError
 from .evaluation import Evaluator, Likeness, evaluation_batch
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
@@ -146,8 +146,10 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         likeness = face_likeness_of(dataset, name, size, options)
     evaluator = make_evaluator(model, encoder, alphas, samples, point.run, options, likeness, start_step, saved,
                                trainable) if main else None
-    previewer = (Previewer(model, encoder, preview_params(options, template, name, size), point.run, options.clip_skip)
-                 if options.preview_every and main else None)
+    carried = ((lambda step: trainable.as_embedding(trainable.snapshot(), name=f"{name}-{step}", step=step))
+               if options.preview_embedded else None)
+    previewer = (Previewer(model, encoder, preview_params(options, template, name, size), point.run, options.clip_skip,
+                           carried) if options.preview_every and main else None)
     result = TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
                          step=start_step, stopped=False, last_loss=None, skipped_images=dataset.skipped)
     losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main)
@@ -571,16 +573,18 @@ class Previewer:
     """Draws the preview image of a step with the current vectors, through the loaded model."""
 
     def __init__(self, model: SDModel, encoder: PromptEncoder, params: SamplingParams, run: RunFolder,
-                 clip_skip: int) -> None:
+                 clip_skip: int, carried: Callable[[int], Embedding] | None = None) -> None:
         self.model, self.params, self.run, self.clip_skip = model, params, run, clip_skip
         self.renderer = Renderer(model, encoder)
+        self.carried = carried  # the embedding at a step, to store inside its preview (--preview-embedded)
 
     def render(self, step: int) -> Path:
         path = self.run.preview_path(step)
         image = self.renderer.render(self.params)[0]
         text = infotext(self.params, self.params.seeds[0], self.model, {}, self.clip_skip,
                         extra=(("Embedding", self.run.name), ("Embedding step", str(step))))
-        return save_png(image, path, text)
+        chunks = {"sd-ti-embedding": png_embedding_text(self.carried(step))} if self.carried else None
+        return save_png(image, path, text, chunks)
 
 
 def preview(previewer: Previewer, step: int, total: int, result: TrainResult, report: Reporter,

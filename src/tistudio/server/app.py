@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..errors import OptionError, TistudioError
+from .a1111 import CannotApply
 from .context import NotFound, Server, ServerConfig, TooLarge
 from .jobs import JobStore, Workers
 from .routes import ROUTERS
@@ -62,9 +63,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 async def user_error(request: Request, exc: Exception) -> JSONResponse:
     """A user's error as JSON: 404 for what does not exist, 413 for what is too large, 507 for a full workspace,
-    else 400 (with the field)."""
+    422 for an A1111 field tistudio cannot apply, else 400 (with the field)."""
     status = 404 if isinstance(exc, NotFound) else 413 if isinstance(exc, TooLarge) else \
-        507 if isinstance(exc, TooFull) else 400
+        507 if isinstance(exc, TooFull) else 422 if isinstance(exc, CannotApply) else 400
     root = request.app.state.server.workspace.root
     body: dict[str, Any] = {"error": for_page(" ".join(str(exc).split()), root)}
     if isinstance(exc, OptionError):

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from ..config import ModelOptions, check_fields, check_name, from_dict
 from ..errors import OptionError, TistudioError
 from ..storage import size_text
+from .a1111 import Settings
 from .jobs import Job, JobStore, Workers
 from .workspace import Limits, Workspace
 
@@ -44,6 +45,7 @@ class Server:
     workspace: Workspace
     store: JobStore
     workers: Workers
+    a1111: Settings = field(default_factory=Settings)  # what A1111 clients set through /sdapi/v1/options
 
     @property
     def limits(self) -> Limits:

@@ -41,7 +41,8 @@ class Limits:
     train_batch: int = 16
     train_size: int = 1536  # training pixels (SDXL's 1024 and then some; 2048 px steps take minutes each)
     train_accumulation: int = 64  # micro-batches per step
-    generate_batch: int = 8
+    generate_batch: int = 8  # images drawn at once
+    generate_images: int = 100  # images of one request (batch x batch count; A1111 allows 8 x 100)
     generate_steps: int = 150
     generate_side: int = 1536
     workspace_bytes: int = 0  # everything in the workspace together (uploads refused past it); 0: no cap

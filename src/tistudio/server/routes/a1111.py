@@ -1,12 +1,12 @@
-"""The A1111-compatible subset (``/sdapi/v1/...``): embeddings, samplers, txt2img, progress, interrupt, so that
-existing clients work. Fields we do not have are ignored, as A1111 does."""
+"""The A1111-compatible API (``/sdapi/v1/...``) as A1111 1.10's clients use it: txt2img, the embeddings, A1111's
+Train tab (create/embedding, train/embedding), progress and interrupt, and the lists and options clients read
+first. The requests are translated in ``server/a1111.py``; what tistudio cannot do is refused with a 422."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import json
-import math
 import time
 from typing import Any
 
@@ -14,12 +14,98 @@ from fastapi import APIRouter
 
 from ...embedding import list_embedding_files, read_embedding
 from ...errors import OptionError, TistudioError
-from ...samplers import SAMPLERS, check_sampler
-from ..context import ServerDep, public
+from ...samplers import BASES, SCHEDULES, schedules_offered
+from ...styles import read_styles
+from ..a1111 import (
+    apply_options,
+    create_request,
+    set_name,
+    train_request,
+    txt2img_info,
+    txt2img_request,
+)
+from ..context import Server, ServerDep, public
+from ..jobs import Job
+from ..wording import model_name
+from .embeddings import create_options
 from .generation import generate_options
+from .training import train_options
 
 router = APIRouter()
 
+
+def served_model(server: Server) -> dict[str, Any]:
+    """The served checkpoint as A1111 lists it (its name, never its path; the hash once it is loaded)."""
+    name = model_name(server.config.model.model)
+    loaded = server.workers.model
+    short = getattr(loaded, "hash", None) if loaded is not None else None
+    return {"title": f"{name} [{short}]" if short else name, "model_name": name.rsplit(".", 1)[0]
+            if name.endswith((".safetensors", ".ckpt")) else name, "hash": short, "sha256": None,
+            "filename": name, "config": None}
+
+
+async def finished(server: Server, job: Job) -> None:
+    """Until the job has ended (A1111's calls block until their work is done)."""
+    async with contextlib.aclosing(server.store.changes(timeout=5.0)) as changes:
+        async for _ in changes:
+            if job.done.is_set():
+                break
+
+
+# -- txt2img ----------------------------------------------------------------------------------------------------
+
+@router.post("/sdapi/v1/txt2img")
+async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    model = served_model(server)
+    request = txt2img_request(body, server.a1111, model, read_styles(server.workspace.root / "styles.csv"))
+    options = generate_options(request.options, server)
+    job = server.workers.submit("generate", public(options))
+    await finished(server, job)
+    if job.status not in ("done", "stopped", "cancelled"):
+        raise OptionError("txt2img", job.status, job.error or "the generation did not finish")
+    result = job.result or {}
+    images = []
+    for image in result.get("images", []):
+        path = server.workspace.outputs / image["file"]
+        if request.send_images:
+            images.append(base64.b64encode(path.read_bytes()).decode("ascii"))
+        if not request.save_images:  # A1111's API default: the pictures are sent, not kept
+            path.unlink(missing_ok=True)
+    info = txt2img_info(request, result, served_model(server), job.started or time.time(),
+                        interrupted=job.status != "done")
+    return {"images": images, "parameters": body, "info": json.dumps(info)}
+
+
+# -- A1111's Train tab ------------------------------------------------------------------------------------------
+
+@router.post("/sdapi/v1/create/embedding")
+async def create_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    options = create_options(create_request(body), server)
+    job = server.workers.submit("create", public(options))
+    await finished(server, job)
+    if job.status != "done":
+        raise OptionError("name", options.name, job.error or f"the embedding was not created ({job.status})")
+    return {"info": f"create embedding filename: embeddings/{job.result['file']}"}
+
+
+@router.post("/sdapi/v1/train/embedding")
+async def train_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    """A1111's blocking training call; /sdapi/v1/progress follows it meanwhile and /sdapi/v1/interrupt stops it
+    (saved, as A1111's Interrupt does). A run of this embedding that exists is continued, as A1111 continues from
+    the embedding's step."""
+    options, data_root = train_request(body)
+    workspace = server.workspace
+    chosen = set_name(data_root, (workspace.photos, workspace.datasets))
+    set_folder, train = train_options({"set": chosen, **options}, server)
+    job = server.workers.submit("train", {"set": set_folder, **public(train)})
+    await finished(server, job)
+    result = job.result or {}
+    error = job.error if job.status == "failed" else None
+    return {"info": f"train embedding complete: filename: embeddings/{train.embedding}.safetensors error: {error}",
+            "step": result.get("step"), "message": result.get("message"), "status": job.status, "job": job.id}
+
+
+# -- what clients read ------------------------------------------------------------------------------------------
 
 @router.get("/sdapi/v1/embeddings")
 def embeddings(server: ServerDep) -> dict[str, Any]:
@@ -37,48 +123,82 @@ def embeddings(server: ServerDep) -> dict[str, Any]:
     return {"loaded": loaded, "skipped": skipped}
 
 
+@router.post("/sdapi/v1/refresh-embeddings")
+def refresh_embeddings() -> dict[str, Any]:
+    return {}  # the embeddings folder is read at every request: nothing is cached to refresh
+
+
+@router.post("/sdapi/v1/refresh-checkpoints")
+def refresh_checkpoints() -> dict[str, Any]:
+    return {}  # one checkpoint is served, chosen when the server starts
+
+
 @router.get("/sdapi/v1/samplers")
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
+    return [{"name": base.name, "aliases": [],
+             "options": {"scheduler": base.automatic} if base.automatic != "uniform" else {}} for base in BASES]
 
 
-@router.post("/sdapi/v1/txt2img")
-async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
-    options = generate_options(from_a1111(body), server)
-    job = server.workers.submit("generate", public(options))
-    async with contextlib.aclosing(server.store.changes(timeout=5.0)) as changes:
-        async for _ in changes:
-            if job.done.is_set():
-                break
-    if job.status != "done":
-        raise OptionError("txt2img", job.status, job.error or "the generation was interrupted")
-    images, infotexts, seeds = [], [], []
-    for image in job.result["images"]:
-        images.append(base64.b64encode((server.workspace.outputs / image["file"]).read_bytes()).decode("ascii"))
-        infotexts.append(image["infotext"])
-        seeds.append(image["seed"])
-    info = {"prompt": options.prompt, "negative_prompt": options.negative_prompt, "seed": seeds[0] if seeds else -1,
-            "all_seeds": seeds, "steps": options.steps, "cfg_scale": options.cfg, "sampler_name": options.sampler,
-            "width": job.result["width"], "height": job.result["height"], "batch_size": options.batch,
-            "infotexts": infotexts, "sd_model_hash": job.result.get("model_hash"), "job": job.id}
-    return {"images": images, "parameters": body, "info": json.dumps(info)}
+@router.get("/sdapi/v1/schedulers")
+def schedulers() -> list[dict[str, Any]]:
+    return [{"name": key, "label": SCHEDULES[key], "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for key in schedules_offered()]
 
+
+@router.get("/sdapi/v1/sd-models")
+def sd_models(server: ServerDep) -> list[dict[str, Any]]:
+    return [served_model(server)]
+
+
+@router.get("/sdapi/v1/prompt-styles")
+def prompt_styles(server: ServerDep) -> list[dict[str, Any]]:
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in read_styles(server.workspace.root / "styles.csv").values()]
+
+
+@router.get("/sdapi/v1/scripts")
+def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/sdapi/v1/options")
+def options(server: ServerDep) -> dict[str, Any]:
+    model = served_model(server)
+    return {"sd_model_checkpoint": model["title"], "sd_checkpoint_hash": model["sha256"],
+            "CLIP_stop_at_last_layers": server.a1111.clip_skip, "randn_source": "CPU", "eta_noise_seed_delta": 0,
+            "sd_vae": "Automatic", "samples_format": "png"}
+
+
+@router.post("/sdapi/v1/options")
+def set_options(body: dict[str, Any], server: ServerDep) -> None:
+    if not isinstance(body, dict):
+        raise OptionError("body", type(body).__name__, "send a JSON object")
+    apply_options(body, server.a1111, served_model(server))
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
 
 @router.get("/sdapi/v1/progress")
 def progress(server: ServerDep) -> dict[str, Any]:
     workers = server.workers
     current = workers.current
-    state = {"skipped": False, "interrupted": bool(current and current.stop.is_set()), "job": "",
-             "job_count": workers.waiting() + len(workers.running), "job_timestamp": "0", "job_no": 0,
+    state = {"skipped": False, "interrupted": bool(current and current.stop.is_set()), "stopping_generation": False,
+             "job": "", "job_count": workers.waiting() + len(workers.running), "job_timestamp": "0", "job_no": 0,
              "sampling_step": 0, "sampling_steps": 0}
-    fraction, eta = 0.0, 0.0
+    fraction, eta, text = 0.0, 0.0, None
     if current is not None:
         done, total = current.progress.get("step", 0), current.progress.get("total", 0) or 1
         state.update(job=current.id, sampling_step=done, sampling_steps=total,
                      job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.started or 0)))
         fraction = min(1.0, done / total)
-        eta = float(current.progress.get("eta_s") or 0.0)
-    return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+        elapsed = time.time() - (current.started or time.time())
+        eta = float(current.progress.get("eta_s") or (elapsed / fraction - elapsed if fraction > 0 else 0.0))
+        if current.kind == "train":
+            loss = current.progress.get("loss")
+            text = f"Training {current.request.get('embedding')}: step {done} of {total}" + (
+                f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+    return {"progress": fraction, "eta_relative": max(0.0, eta), "state": state, "current_image": None,
+            "textinfo": text}
 
 
 @router.post("/sdapi/v1/interrupt")
@@ -86,58 +206,3 @@ def interrupt(server: ServerDep) -> dict[str, Any]:
     for running in server.workers.running:  # A1111 has one job at a time; here every running one stops
         running.stop.set()
     return {}
-
-
-def from_a1111(body: Any) -> dict[str, Any]:
-    """A1111's txt2img request as our generation options; a field of the wrong kind is a 400 naming it."""
-    if not isinstance(body, dict):
-        raise OptionError("body", type(body).__name__, "send a JSON object")
-    sampler = body.get("sampler_name") or body.get("sampler_index") or "Euler"
-    scheduler = str(body.get("scheduler") or "")
-    if scheduler.lower() == "karras" and not str(sampler).endswith("Karras"):
-        sampler = f"{sampler} Karras"
-    check_sampler(str(sampler), "sampler_name")
-    count = _whole(body, "batch_size", 1) * _whole(body, "n_iter", 1)
-    return {"prompt": _text(body, "prompt"), "negative_prompt": _text(body, "negative_prompt"),
-            "steps": _whole(body, "steps", 50), "sampler": str(sampler),
-            "cfg": _number(body, "cfg_scale", 7.0), "seed": _whole(body, "seed", -1, allow_zero=True),
-            "size": f"{_whole(body, 'width', 512)}x{_whole(body, 'height', 512)}", "batch": count}
-
-
-def _text(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise OptionError(key, type(value).__name__, "send text")
-    return value
-
-
-def _finite(key: str, value: Any) -> float:
-    """A finite number from JSON's number, or a numeric string as some clients send."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise OptionError(key, type(value).__name__, "send a number")
-    try:
-        number = float(value) if not isinstance(value, str) or len(value) <= 40 else math.nan
-    except (ValueError, OverflowError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise OptionError(key, str(value)[:40], "send a finite number")
-    return number
-
-
-def _number(body: dict[str, Any], key: str, default: float) -> float:
-    """A finite number; null, absent or 0 -> default (A1111's clients send 0 for "the default")."""
-    value = body.get(key)
-    return default if value is None or (value == 0 and not isinstance(value, bool)) else _finite(key, value)
-
-
-def _whole(body: dict[str, Any], key: str, default: int, allow_zero: bool = False) -> int:
-    """A whole number (1.0 is one; 1.5 is not); null or absent -> default, and 0 too unless allow_zero."""
-    value = body.get(key)
-    if value is None or (value == 0 and not allow_zero and not isinstance(value, bool)):
-        return default
-    number = _finite(key, value)
-    if number != int(number) or abs(number) > 2**53:
-        raise OptionError(key, str(value)[:40], "send a whole number")
-    return int(number)

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from ...config import CreateOptions, check_name, validate_create
 from ...embedding import describe, import_embedding, list_embedding_files, read_embedding
 from ...errors import OptionError, TistudioError
-from ..context import ServerDep, embedding_path, options_from_body, public, read_capped
+from ..context import Server, ServerDep, embedding_path, options_from_body, public, read_capped
 from ..workspace import clean_file_name
 
 router = APIRouter()
@@ -39,12 +39,16 @@ def embeddings(server: ServerDep) -> list[dict[str, Any]]:
     return out
 
 
-@router.post("/api/embeddings")
-def create(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+def create_options(body: Any, server: Server) -> CreateOptions:
     options = options_from_body(CreateOptions, body, model=server.config.model.model,
                                 embeddings_dir=str(server.workspace.embeddings))
     validate_create(options)
-    return server.workers.submit("create", public(options)).public()
+    return options
+
+
+@router.post("/api/embeddings")
+def create(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    return server.workers.submit("create", public(create_options(body, server))).public()
 
 
 @router.get("/api/embeddings/{name}")

@@ -24,11 +24,15 @@ def generate_options(body: Any, server: Server) -> GenerateOptions:
         raise OptionError("batch", options.batch, f"this server allows at most {limits.generate_batch}")
     if options.steps > limits.generate_steps:
         raise OptionError("steps", options.steps, f"this server allows at most {limits.generate_steps}")
+    if options.batch * options.batch_count > limits.generate_images:
+        raise OptionError("batch_count", options.batch_count, f"this server makes at most {limits.generate_images} "
+                                                              f"images a request (batch x batch count)")
     size = parse_size(options.size)
     if size and max(size) > limits.generate_side:
         raise OptionError("size", options.size, f"this server allows at most {limits.generate_side} px a side")
     width, height = size or (1024, 1024)
-    workspace.make_room(options.batch * width * height * 3 // 2, limits)  # a PNG's size, about, at the most
+    images = options.batch * options.batch_count
+    workspace.make_room(images * width * height * 3 // 2, limits)  # the PNGs' size, about, at the most
     return options
 
 

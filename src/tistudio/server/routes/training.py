@@ -26,8 +26,8 @@ from ..wording import without_paths
 router = APIRouter()
 
 
-@router.post("/api/train")
-def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+def train_options(body: dict[str, Any], server: Server) -> tuple[str, TrainOptions]:
+    """A client's training request (a set's name and the options) as options, within the server's limits."""
     workspace, limits = server.workspace, server.limits
     body = dict(body or {})
     set_name = check_name(str(body.pop("set", "")), "set")
@@ -45,6 +45,12 @@ def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
             raise OptionError(field, getattr(options, field), f"this server allows at most {cap}")
     validate_train(options)
     embedding_path(workspace, name)
+    return set_name, options
+
+
+@router.post("/api/train")
+def start_training(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    set_name, options = train_options(body, server)
     return server.workers.submit("train", {"set": set_name, **public(options)}).public()
 
 

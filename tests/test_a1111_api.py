@@ -1,0 +1,184 @@
+"""The A1111 API through `webuiapi`, a real A1111 client from PyPI that nobody here wrote, against a served
+workspace: txt2img with A1111's fields, the lists and options clients read, and A1111's Train tab scripted over
+HTTP (create, a blocking train followed through /progress, interrupt)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import uvicorn
+
+from a1111_rules import a1111_load_png_embedding, parse_generation_parameters
+from tistudio.config import ModelOptions
+from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.server import ServerConfig, create_app
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path, tiny_sd1, cache_dir):
+    """A workspace served over real HTTP on a thread, with an embedding and a style in it."""
+    workspace = tmp_path / "ws"
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
+                    workspace / "embeddings" / "tomtut.safetensors")
+    (workspace / "styles.csv").write_text('name,prompt,negative_prompt\nlego,"{prompt} as a lego figure",blurry\n'
+                                          "oil,oil painting,\n", encoding="utf-8")
+    app = create_app(ServerConfig(workspace=workspace, model=ModelOptions(model=str(tiny_sd1)), cache_dir=cache_dir))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield webuiapi.WebUIApi(host="127.0.0.1", port=port), workspace, f"http://127.0.0.1:{port}"
+    app.state.server.close()
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def settings_of(result) -> dict:
+    return parse_generation_parameters(result.info["infotexts"][0])
+
+
+def test_webuiapi_txt2img_with_a1111s_fields(served) -> None:
+    api, workspace, _ = served
+    result = api.txt2img(prompt="a photo of tomtut", negative_prompt="ugly", styles=["lego"], seed=42, steps=3,
+                         width=64, height=64, cfg_scale=6, sampler_name="DPM++ 2M", batch_size=2, n_iter=2)
+    assert len(result.images) == 4 and result.images[0].size == (64, 64)
+    info = result.info
+    assert info["all_seeds"] == [42, 43, 44, 45] and info["seed"] == 42 and info["index_of_first_image"] == 0
+    assert info["all_prompts"] == ["a photo of tomtut as a lego figure"] * 4 and info["styles"] == ["lego"]
+    assert info["all_negative_prompts"] == ["ugly, blurry"] * 4 and info["clip_skip"] == 1
+    assert set(info) >= {"subseed", "all_subseeds", "job_timestamp", "sd_model_name", "infotexts"}
+    read = settings_of(result)  # webuiapi's default schedule "automatic" is Karras for DPM++ 2M, as in A1111 1.10
+    assert (read["Sampler"], read["Schedule type"], read["Steps"], read["Seed"]) == ("DPM++ 2M", "Karras", "3", "42")
+    assert "TI hashes" in read and read["RNG"] == "CPU"
+    assert not list((workspace / "outputs").glob("*.png"))  # save_images false (A1111's API default): not kept
+
+    kept = api.txt2img(prompt="tomtut", steps=2, width=64, height=64, save_images=True, send_images=False,
+                       override_settings={"CLIP_stop_at_last_layers": 2}, sampler_name="DPM++ SDE",
+                       scheduler="Karras")
+    assert kept.images == [] and len(list((workspace / "outputs").glob("*.png"))) == 1
+    assert settings_of(kept)["Clip skip"] == "2" and settings_of(kept)["Sampler"] == "DPM++ SDE"
+    lms = api.txt2img(prompt="tomtut", steps=2, width=64, height=64, sampler_name="LMS", scheduler="uniform")
+    assert (settings_of(lms)["Sampler"], settings_of(lms)["Schedule type"]) == ("LMS", "Automatic")
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"enable_hr": True}, "enable_hr"), ({"restore_faces": True}, "restore_faces"),
+    ({"subseed_strength": 0.5}, "subseed_strength"), ({"styles": ["nope"]}, "styles"),
+    ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}}, "override_settings.sd_model_checkpoint"),
+    ({"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps"),
+    ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
+    ({"script_name": "x/y/z plot"}, "script_name"),
+])
+def test_what_tistudio_cannot_draw_is_refused_naming_the_field(served, fields, named) -> None:
+    api, _, _ = served
+    with pytest.raises(RuntimeError) as refused:
+        api.txt2img(prompt="tomtut", steps=2, width=64, height=64, **fields)
+    status, text = refused.value.args
+    assert status in (400, 422) and f'"field":"{named}"' in text.replace(" ", ""), text
+
+
+def test_the_lists_and_options_clients_read_first(served) -> None:
+    api, _, _ = served
+    assert "DPM++ 2M" in api.util_get_sampler_names() and "LMS" in api.util_get_sampler_names()
+    assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
+    [model] = api.get_sd_models()
+    assert api.util_get_model_names() == [model["title"]] and "/" not in model["filename"]
+    assert api.get_prompt_styles()[0] == {"name": "lego", "prompt": "{prompt} as a lego figure",
+                                          "negative_prompt": "blurry"}
+    assert api.get_embeddings()["loaded"]["tomtut"]["step"] == 40
+    assert api.refresh_checkpoints() == {}
+    api.util_set_model(model["title"])  # webuiapi's own helper: sets sd_model_checkpoint to the served one
+    assert api.util_get_current_model() == model["title"]
+    api.set_options({"CLIP_stop_at_last_layers": 2})
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+    later = api.txt2img(prompt="tomtut", steps=2, width=64, height=64)
+    assert settings_of(later)["Clip skip"] == "2"
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def a1111_train_body(name: str, data_root: str, steps: int) -> dict:
+    """Every one of the 30 parameters A1111's train/embedding requires, as its Train tab sends them."""
+    return {"id_task": "task(abc)", "embedding_name": name, "learn_rate": "0.005", "batch_size": 1,
+            "gradient_step": 1, "data_root": data_root, "log_directory": "textual_inversion",
+            "training_width": 64, "training_height": 64, "varsize": False, "steps": steps,
+            "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
+            "latent_sampling_method": "once", "use_weight": False, "create_image_every": 2,
+            "save_embedding_every": 2, "template_filename": "subject_filewords.txt",
+            "save_image_with_stored_embedding": True, "preview_from_txt2img": False, "preview_prompt": "",
+            "preview_negative_prompt": "", "preview_steps": 2, "preview_sampler_name": "Euler a",
+            "preview_cfg_scale": 7, "preview_seed": -1, "preview_width": 64, "preview_height": 64}
+
+
+def last_step(workspace: Path) -> int:
+    embedding = read_embedding(workspace / "embeddings" / "newface.safetensors")
+    return embedding.meta_count("last_step") or embedding.step
+
+
+def test_a1111s_train_tab_scripted_through_webuiapi(served, photos) -> None:
+    api, workspace, base = served
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(photos.glob("*.png"))]
+    assert requests.post(f"{base}/api/photosets/faces/photos", files=files, timeout=30).status_code == 200
+    created = api.custom_post("create/embedding", {"name": "newface", "num_vectors_per_token": 2,
+                                                            "overwrite_old": False, "init_text": "toy"}, baseurl=True)
+    assert created.info == "create embedding filename: embeddings/newface.safetensors"
+
+    answers, seen = [], []
+    body = a1111_train_body("newface", str(workspace / "photos" / "faces"), steps=4)  # a server path, as A1111's
+    worker = threading.Thread(target=lambda: answers.append(
+        api.custom_post("train/embedding", body, baseurl=True)))
+    worker.start()
+    while worker.is_alive():
+        progress = api.get_progress()
+        if progress["state"]["sampling_step"]:
+            seen.append(progress)
+        time.sleep(0.05)
+    assert answers[0].info == "train embedding complete: filename: embeddings/newface.safetensors error: None"
+    assert last_step(workspace) == 4
+    assert seen and seen[-1]["textinfo"].startswith("Training newface: step") and seen[-1]["progress"] > 0
+    # "Save images with embedding in PNG chunks": each preview is the embedding at its step, as A1111 loads it
+    run = workspace / "runs" / "newface"
+    name, vectors, step = a1111_load_png_embedding(run / "previews" / "newface-4.png")
+    assert (name, step) == ("newface-4", 4)
+    assert torch.equal(vectors, read_embedding(run / "embeddings" / "newface-4.safetensors").tensor)
+
+    longer = threading.Thread(target=lambda: answers.append(api.custom_post(
+        "train/embedding", {**a1111_train_body("newface", "faces", steps=4000), "create_image_every": 0},
+        baseurl=True)))
+    longer.start()
+    while api.get_progress()["state"]["sampling_step"] < 6 and longer.is_alive():
+        time.sleep(0.05)
+    assert api.interrupt() == {}
+    longer.join(timeout=60)
+    assert not longer.is_alive() and answers[1].info.endswith("error: None")
+    assert answers[1].json["status"] == "stopped"
+    assert 6 <= last_step(workspace) < 4000
+
+
+def test_a1111s_training_fields_tistudio_cannot_apply_are_refused(served) -> None:
+    api, _, _ = served
+    for change, named in (({"varsize": True}, "varsize"), ({"latent_sampling_method": "random"},
+                                                            "latent_sampling_method"),
+                          ({"training_height": 96}, "training_height"), ({"clip_grad_mode": "value"}, "clip_grad_mode"),
+                          ({"data_root": "/etc"}, "data_root"),
+                          ({"template_filename": "mine.txt"}, "template_filename")):
+        with pytest.raises(RuntimeError) as refused:
+            api.custom_post("train/embedding", {**a1111_train_body("tomtut", "faces", 4), **change},
+                            baseurl=True)
+        assert refused.value.args[0] in (400, 422) and f'"field":"{named}"' in refused.value.args[1], change
