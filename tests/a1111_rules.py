@@ -117,3 +117,31 @@ def a1111_load_png_embedding(path: Path) -> tuple[str, Any, int | None]:
         text = image.text["sd-ti-embedding"]  # A1111 reads the text chunk first
     data = json.loads(base64.b64decode(text), object_hook=decode)
     return a1111_embedding_from_data(data, data.get("name", path.stem))
+
+
+def comfyui_load_embed(folder: Path, name: str, size: int, key: str | None) -> Any:
+    """ComfyUI's load_embed (comfy/sd1_clip.py) as an oracle, for the word `embedding:NAME`: the file NAME, else
+    NAME.safetensors, .pt or .bin; safetensors' load_file, else torch.load with weights_only=True; then the first
+    string_to_param term, the tokenizer's key (clip_l for CLIP-L, clip_g for CLIP-G) if the file has it, else the
+    file's first tensor. The tokenizer then uses it only if its last dimension is the encoder's width."""
+    path = folder / name
+    if not path.is_file():
+        path = next((folder / f"{name}{ext}" for ext in (".safetensors", ".pt", ".bin")
+                     if (folder / f"{name}{ext}").is_file()), None)
+    if path is None:
+        raise AssertionError(f"embedding:{name} does not exist, ignoring")
+    if path.name.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        embed = load_file(str(path), device="cpu")
+    else:
+        embed = torch.load(path, weights_only=True, map_location="cpu")
+    if "string_to_param" in embed:
+        out = next(iter(embed["string_to_param"].values()))
+    elif key is not None and key in embed:
+        out = embed[key]
+    else:
+        out = next(iter(embed.values()))
+    if out.shape[-1] != size:
+        raise AssertionError(f"embedding:{name} is {out.shape[-1]} wide; this encoder takes {size}")
+    return out

@@ -156,6 +156,21 @@ def test_an_embedding_saved_as_a_png_loads_in_a1111_exactly(tmp_path: Path) -> N
     assert again.step == 42 and torch.equal(again.tensor, sd1.tensor)
 
 
+def test_every_file_tistudio_writes_loads_in_comfyui_as_its_loader_reads_it(tmp_path: Path) -> None:
+    from a1111_rules import comfyui_load_embed
+
+    sd1 = Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42)
+    write_embedding(sd1, tmp_path / "own" / "tomtut.safetensors")
+    write_a1111_pt(sd1, tmp_path / "pt" / "tomtut.pt")
+    write_diffusers(sd1, tmp_path / "diffusers" / "tomtut.safetensors")
+    for folder in ("own", "pt", "diffusers"):  # SD1's tokenizer asks for clip_l, which only SDXL files have
+        assert torch.equal(comfyui_load_embed(tmp_path / folder, "tomtut", sd1.width, "clip_l"), sd1.tensor), folder
+    sdxl = Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})
+    write_embedding(sdxl, tmp_path / "xl" / "cat.safetensors")
+    assert torch.equal(comfyui_load_embed(tmp_path / "xl", "cat", 768, "clip_l"), sdxl.vectors["clip_l"])
+    assert torch.equal(comfyui_load_embed(tmp_path / "xl", "cat", 1280, "clip_g"), sdxl.vectors["clip_g"])
+
+
 @pytest.mark.parametrize("layout", ["diffusers-bin", "diffusers-safetensors", "kohya", "onetrainer", "1d"])
 def test_other_tools_layouts_load(tmp_path: Path, layout: str) -> None:
     rows = vectors(2)
