@@ -329,3 +329,33 @@ def test_unreadable_images_are_skipped_with_a_reason(sd1_model, photos, tmp_path
     reasons = {path.name: reason for path, reason in result.skipped_images}
     assert set(reasons) == {"broken.jpg", "notes.png"}
     assert all(reasons.values())
+
+
+def test_tensorboard_logs_the_run_as_tensorboard_reads_it(sd1_model, photos, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    new_embedding(sd1_model, tmp_path / "emb")
+    run(sd1_model, photos, tmp_path / "emb", stop_at=3, tensorboard=True, eval_every=2, preview_every=2,
+        preview_steps=1, save_every=2)
+    run(sd1_model, photos, tmp_path / "emb", tensorboard=True, eval_every=2, preview_every=2, preview_steps=1,
+        save_every=2)  # resumed at step 3, saved when it stopped
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    board.Reload()
+    losses = {event.step: event.value for event in board.Scalars("train/loss")}
+    logged = {int(row.split(",")[0]): float(row.split(",")[2])
+              for row in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(abs(losses[s] - logged[s]) < 1e-5 for s in losses)
+    assert [e.step for e in board.Scalars("eval/fixed_batch_loss")] == [0, 2, 4, 6]
+    assert [e.value for e in board.Scalars("train/learning_rate")][-1] == pytest.approx(0.005)
+    assert {e.step for e in board.Images("preview")} >= {2, 4, 6}
+
+
+def test_tensorboard_without_the_package_is_refused_before_compute(photos, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from tistudio.config import validate_train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(OptionError, match=r"tensorboard=True: TensorBoard is not installed: pip install"):
+        validate_train(options(photos, tmp_path / "emb", tensorboard=True))

@@ -161,6 +161,9 @@ class TrainOptions(ModelOptions):
     preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True, label="Preview CFG scale")
     # Store the step's embedding inside each preview PNG (A1111's "Save images with embedding in PNG chunks"):
     # the picture is then a file A1111 loads as the embedding at that step, named NAME-STEP.
+    # TensorBoard event files in RUN/tensorboard beside loss.csv: loss, learning rate, evaluations, previews.
+    tensorboard: bool = option(False, "write TensorBoard logs in the run folder (needs tistudio[tensorboard])",
+                               advanced=True, label="TensorBoard logs")
     preview_embedded: bool = option(False, "store the step's embedding inside each preview PNG (A1111 loads it)",
                                     advanced=True, label="Embedding inside previews")
     # Also train on mirrored images (their latents are cached too).
@@ -388,6 +391,10 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     load_template(options.template)
+    if options.tensorboard:
+        from .tensorboard import check_available
+
+        check_available()
     if options.likeness == "on":
         from .identity import INSTALL, available
 

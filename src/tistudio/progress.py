@@ -56,6 +56,17 @@ class Reporter:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def also(self, listener: Callable[[Progress], None]) -> None:
+        """Send every later event to `listener` too (after on_progress)."""
+        first = self.callback
+
+        def both(progress: Progress) -> None:
+            if first is not None:
+                first(progress)
+            listener(progress)
+
+        self.callback = both
+
     def __call__(self, event: Event, step: int, total: int, **fields: Any) -> None:
         if self.callback is not None:
             self.callback(Progress(event, step, total, elapsed_s=self.elapsed, **fields))

@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -46,6 +46,7 @@ from .samplers import check_sampler
 from .schedule import Schedule, parse_schedule
 from .storage import write_json
 from .templates import fill_template, load_template, preview_prompt
+from .tensorboard import Board
 from .trainable import EmbeddingTrainable, Trainable, initial_from_state, norm_limits
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,14 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     parallel = parallel or Parallel()
     validate_train(options)
     device = model.device if model is not None else resolve_device(parallel.device_choice(options.device))
-    with process_group(parallel, device):
+    with process_group(parallel, device), ExitStack() as cleanup:  # cleanup: what the run opens (TensorBoard)
         return run_training(options, cache_dir=cache_dir, model=model, on_progress=on_progress, stop=stop,
-                            likeness=likeness, parallel=parallel)
+                            likeness=likeness, parallel=parallel, cleanup=cleanup)
 
 
 def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | None,
                  on_progress: Callable[[Progress], None] | None, stop: threading.Event | None,
-                 likeness: Likeness | None, parallel: Parallel) -> TrainResult:
+                 likeness: Likeness | None, parallel: Parallel, cleanup: ExitStack) -> TrainResult:
     """train()'s stages, in the process group of a data-parallel run where there is one."""
     main = parallel.main
     report = Reporter(on_progress if main else None)
@@ -152,7 +153,11 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
                            carried) if options.preview_every and main else None)
     result = TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
                          step=start_step, stopped=False, last_loss=None, skipped_images=dataset.skipped)
-    losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main)
+    board = None
+    if options.tensorboard and main:
+        board = cleanup.enter_context(Board(point.run.path / "tensorboard", start_step))
+        report.also(board.progress)
+    losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main, board=board)
     checkpoints = Checkpointer(point.run, trainable, point.target, ResumeState(trainable.parameters(), optimizer,
                                scaler), guard, evaluator, losses, start_step, writes=main)
     if evaluator is not None and start_step == 0:
@@ -227,6 +232,8 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
 
     if main:
         write_run_report(point.run.path, name)
+    if board is not None:
+        board.close()  # before the caller hears DONE, so that the files are whole
     result.last_loss = losses.last_loss
     result.message = final_message(result, name, schedule.end_step, best, point, guard.discarded)
     report(Event.STOPPED if result.stopped else Event.DONE, step, schedule.end_step, loss=result.last_loss,
@@ -612,8 +619,9 @@ class LossLog:
     """loss.csv, written in batches: on a GPU the loss is read (a host-device sync) only every LOSS_FLUSH_STEPS
     steps, and the steps the GradScaler skipped as non-finite are accounted for then (`deferred`)."""
 
-    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True) -> None:
-        self.run, self.guard, self.deferred, self.writes = run, guard, deferred, writes
+    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True,
+                 board: Board | None = None) -> None:
+        self.run, self.guard, self.deferred, self.writes, self.board = run, guard, deferred, writes, board
         self.pending: list[LossRow] = []
         self.last_loss: float | None = None
 
@@ -631,6 +639,8 @@ class LossLog:
         if self.writes:
             self.run.append_losses([f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}"
                                     for row, (loss, _) in zip(rows, values, strict=True)])
+            if self.board is not None:
+                self.board.losses([(row.step, loss, row.lr) for row, (loss, _) in zip(rows, values, strict=True)])
         for loss, finite in values:
             if finite and loss == loss:
                 self.last_loss = loss
