@@ -272,7 +272,8 @@ def test_a_previews_parameters_read_in_a1111_with_its_embedding_and_step(sd1_mod
     with Image.open(tmp_path / "run" / "previews" / "tomtut-2.png") as image:
         read = parse_generation_parameters(image.text["parameters"])
     assert read["Prompt"] == "a photo of tomtut" and read["Negative prompt"] == "blurry"
-    assert (read["Steps"], read["Sampler"], read["Seed"], read["RNG"]) == ("2", "DPM++ 2M Karras", "1234", "CPU")
+    assert (read["Steps"], read["Sampler"], read["Schedule type"], read["Seed"], read["RNG"]) == \
+        ("2", "DPM++ 2M", "Karras", "1234", "CPU")
     assert (read["Embedding"], read["Embedding step"]) == ("tomtut", "2")
 
 
