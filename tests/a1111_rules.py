@@ -1,5 +1,8 @@
-"""Test oracles: AUTOMATIC1111's rules for the files and texts it reads, written for the tests from its documented
-behaviour and its code's rules (modules/safe.py, modules/infotext_utils.py), never copied from it."""
+"""Test oracles: the rules by which other tools read embedding files and texts, written for the tests from their
+documented behaviour and their code's rules, never copied from them: AUTOMATIC1111 (modules/safe.py,
+modules/infotext_utils.py, modules/textual_inversion), ComfyUI (comfy/sd1_clip.py), kohya's sd-scripts
+(gen_img.py, sdxl_gen_img.py, train_textual_inversion.py) and OneTrainer (EmbeddingLoaderMixin, the SD and SDXL
+model setups)."""
 
 from __future__ import annotations
 
@@ -114,9 +117,132 @@ def a1111_load_png_embedding(path: Path) -> tuple[str, Any, int | None]:
     if path.name.endswith(".preview.png"):
         raise AssertionError("A1111 skips *.preview.png")
     with Image.open(path) as image:
-        text = image.text["sd-ti-embedding"]  # A1111 reads the text chunk first
-    data = json.loads(base64.b64decode(text), object_hook=decode)
+        text = image.text.get("sd-ti-embedding")  # A1111 reads the text chunk first
+        if text is not None:
+            data = json.loads(base64.b64decode(text), object_hook=decode)
+        else:
+            data = json.loads(a1111_extract_image_data(image), object_hook=decode)
     return a1111_embedding_from_data(data, data.get("name", path.stem))
+
+
+def a1111_lcg_nibbles(count: int) -> Any:
+    """A1111's xor_block noise: its LCG (a=1664525, c=1013904223, m=2**32, seed 0), each value mod 255, & 0x0F."""
+    import numpy as np
+
+    values, seed = [], 0
+    for _ in range(count):
+        seed = (1664525 * seed + 1013904223) % 2**32
+        values.append((seed % 255) & 0x0F)
+    return np.array(values, dtype=np.uint8)
+
+
+def a1111_extract_image_data(image: Any) -> bytes:
+    """A1111's extract_image_data_embed: crop rows and columns at the borders with no pixel whose every channel is
+    above 0, keep the low nibbles, find the columns whose low nibbles are all 0; the block left of the first is the
+    low nibbles, right of the last the high ones, each XORed with the LCG noise; zlib-decompress the bytes."""
+    import zlib
+
+    import numpy as np
+
+    pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+    lit = (pixels > 0).all(axis=2)
+    any_col, any_row = lit.any(axis=0), lit.any(axis=1)
+    cols = (int(any_col.argmax()), lit.shape[1] - int(any_col[::-1].argmax()))
+    rows = (int(any_row.argmax()), lit.shape[0] - int(any_row[::-1].argmax()))
+    low = pixels[rows[0]:rows[1], cols[0]:cols[1]] & 0x0F
+    black = np.where(low.sum(axis=(0, 2)) == 0)[0]
+    if black.shape[0] < 2:
+        raise AssertionError("not an embedding, just a preview image")
+    lower = low[:, :black.min()].astype(np.uint8)
+    upper = low[:, black.max() + 1:].astype(np.uint8)
+    lower = lower ^ a1111_lcg_nibbles(lower.size).reshape(lower.shape)
+    upper = upper ^ a1111_lcg_nibbles(upper.size).reshape(upper.shape)
+    return zlib.decompress(((upper << 4) | lower).flatten().tobytes())
+
+
+def kohya_gen_img_embeddings(path: Path, tokenizers: list[Any], widths: list[int]) -> list[Any]:
+    """kohya's gen_img.py / sdxl_gen_img.py --textual_inversion_embeddings: load_file for a .safetensors
+    extension, else torch.load (weights_only, as torch >= 2.6 loads by default); string_to_param's dict if there;
+    clip_l and clip_g for SDXL (two tokenizers), else the first tensor. The word is the file's stem; its vectors
+    become tokens WORD, WORD1, WORD2, ... that each tokenizer must add new, in order at its end; each vector is then
+    written into the resized token table. Returns each encoder's rows for those tokens."""
+    import os
+
+    if os.path.splitext(str(path))[1].lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if "string_to_param" in data:
+        data = data["string_to_param"]
+    embeds = [data["clip_l"], data["clip_g"]] if len(tokenizers) == 2 else [next(iter(data.values()))]
+    count = embeds[0].size()[0]
+    word = os.path.splitext(os.path.basename(str(path)))[0]
+    strings = [word] + [f"{word}{i + 1}" for i in range(count - 1)]
+    rows = []
+    for tokenizer, embed, width in zip(tokenizers, embeds, widths, strict=True):
+        if tokenizer.add_tokens(strings) != count:
+            raise AssertionError(f"tokenizer has same word to token string (filename): {path}")
+        ids = tokenizer.convert_tokens_to_ids(strings)
+        if ids != list(range(ids[0], ids[0] + count)) or ids[-1] != len(tokenizer) - 1:
+            raise AssertionError("token ids are not ordered at the end of the tokenizer")
+        table = torch.zeros(len(tokenizer), width)
+        for token_id, vector in zip(ids, embed, strict=False):
+            table[token_id] = vector  # a vector of another width raises here
+        rows.append(table[ids[0]:ids[-1] + 1])
+    return rows
+
+
+def kohya_load_weights(path: Path, sdxl: bool) -> list[Any]:
+    """kohya's train_textual_inversion.py / sdxl_train_textual_inversion.py load_weights (--weights, to go on
+    training from a file): load_file when the extension is exactly .safetensors, else torch.load (weights_only);
+    SD: a dict, string_to_param's terms if there, its first value a Tensor, a 1-D one made [1, width]; SDXL:
+    clip_l and clip_g (at least one)."""
+    import os
+
+    if os.path.splitext(str(path))[1] == ".safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not sdxl and not isinstance(data, dict):
+            raise AssertionError(f"weight file is not dict: {path}")
+        if not sdxl and "string_to_param" in data:
+            data = data["string_to_param"]
+    if sdxl:
+        pair = [data.get("clip_l"), data.get("clip_g")]
+        if pair == [None, None]:
+            raise AssertionError(f"weight file does not contains weights for text encoder 1 or 2: {path}")
+        return pair
+    emb = next(iter(data.values()))
+    if not isinstance(emb, torch.Tensor):
+        raise AssertionError(f"weight file does not contains Tensor: {path}")
+    return [emb.unsqueeze(0) if emb.dim() == 1 else emb]
+
+
+def onetrainer_load_embedding(path: Path, sdxl: bool) -> list[Any]:
+    """OneTrainer's embedding loading: torch.load(weights_only=True), else safetensors' load_file, else "could not
+    load embedding"; then the SD setup takes emp_params_out or emp_params (OneTrainer's own key, sic), the SDXL one
+    clip_l_out or clip_l and clip_g_out or clip_g, and casts each with .to(dtype) - a missing key fails there."""
+    from safetensors.torch import load_file
+
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception:  # OneTrainer suppresses every error here and tries the next reader
+        try:
+            data = load_file(str(path))
+        except Exception as exc:
+            raise AssertionError(f"could not load embedding: {path}") from exc
+    keys = [("clip_l_out", "clip_l"), ("clip_g_out", "clip_g")] if sdxl else [("emp_params_out", "emp_params")]
+    out = []
+    for output_key, key in keys:
+        state = data.get(output_key, data.get(key))
+        if state is None:
+            raise AssertionError(f"'NoneType' object has no attribute 'to': {path} has no {key}")
+        out.append(state.to(dtype=torch.float32))
+    return out
 
 
 def comfyui_load_embed(folder: Path, name: str, size: int, key: str | None) -> Any:

@@ -77,6 +77,11 @@ def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Pa
 
     name, vectors, step = a1111_load_png_embedding(Path(as_png.stdout.strip()))
     assert (name, step) == ("tomtut", final.step) and torch.equal(vectors, final.tensor)
+    for_onetrainer = tistudio("convert", "embeddings/tomtut.safetensors", "--to", "onetrainer", "--out-dir", "ot",
+                              cache=cache_dir)
+    from a1111_rules import onetrainer_load_embedding
+
+    assert torch.equal(onetrainer_load_embedding(Path(for_onetrainer.stdout.strip()), sdxl=False)[0], final.tensor)
 
 
 def one_line_error(capsys, argv: list[str], fragment: str) -> None:

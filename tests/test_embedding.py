@@ -147,7 +147,8 @@ def test_an_embedding_saved_as_a_png_loads_in_a1111_exactly(tmp_path: Path) -> N
     name, loaded, step = a1111_load_png_embedding(write_png_embedding(sd1, tmp_path / "tomtut.png"))
     assert (name, step) == ("tomtut", 42) and torch.equal(loaded, sd1.tensor)
     with Image.open(tmp_path / "tomtut.png") as picture:
-        assert picture.size == (512, 512)  # a card naming the embedding, as no preview was given
+        assert picture.height == 512 and 514 < picture.width < 600  # a card, as no preview was given, and the
+        # strips that carry the same data in pixels (3 columns each for 3 vectors of 64)
     sdxl = Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, step=9)
     name, loaded, step = a1111_load_png_embedding(write_png_embedding(sdxl, tmp_path / "cat.png"))
     assert name == "cat" and step is None  # A1111's SDXL dict holds the two tensors and nothing else
@@ -169,6 +170,85 @@ def test_every_file_tistudio_writes_loads_in_comfyui_as_its_loader_reads_it(tmp_
     write_embedding(sdxl, tmp_path / "xl" / "cat.safetensors")
     assert torch.equal(comfyui_load_embed(tmp_path / "xl", "cat", 768, "clip_l"), sdxl.vectors["clip_l"])
     assert torch.equal(comfyui_load_embed(tmp_path / "xl", "cat", 1280, "clip_g"), sdxl.vectors["clip_g"])
+
+
+def _tokenizers_and_widths(model: Path, parts: tuple[tuple[str, str], ...]) -> tuple[list, list[int]]:
+    from transformers import CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(model / tokenizer) for tokenizer, _ in parts]
+    widths = [json.loads((model / encoder / "config.json").read_text())["hidden_size"] for _, encoder in parts]
+    return tokenizers, widths
+
+
+def test_every_sd1_file_tistudio_writes_loads_in_kohya_and_the_onetrainer_file_in_onetrainer(
+        tiny_sd1: Path, tmp_path: Path) -> None:
+    from a1111_rules import kohya_gen_img_embeddings, kohya_load_weights, onetrainer_load_embedding
+    from tistudio.embedding import ONETRAINER_KEY
+
+    parts = (("tokenizer", "text_encoder"),)
+    width = _tokenizers_and_widths(tiny_sd1, parts)[1][0]
+    sd1 = Embedding(name="tomtut", vectors={"clip": vectors(3, width)}, step=42)
+    files = {"own": write_embedding(sd1, tmp_path / "own" / "tomtut.safetensors"),
+             "pt": write_a1111_pt(sd1, tmp_path / "pt" / "tomtut.pt"),
+             "diffusers": write_diffusers(sd1, tmp_path / "diffusers" / "tomtut.safetensors"),
+             "onetrainer": write_embedding(sd1, tmp_path / "ot" / "tomtut.safetensors", single_key=ONETRAINER_KEY)}
+    for kind, path in files.items():  # a fresh tokenizer each time: kohya adds tomtut, tomtut1, tomtut2 to it
+        tokenizers, widths = _tokenizers_and_widths(tiny_sd1, parts)
+        assert torch.equal(kohya_gen_img_embeddings(path, tokenizers, widths)[0], sd1.tensor), kind
+        assert torch.equal(kohya_load_weights(path, sdxl=False)[0], sd1.tensor), kind
+    assert torch.equal(onetrainer_load_embedding(files["onetrainer"], sdxl=False)[0], sd1.tensor)
+    # OneTrainer reads only its own key: the emb_params file A1111, ComfyUI and kohya read is not one for it
+    with pytest.raises(AssertionError, match="no emp_params"):
+        onetrainer_load_embedding(files["own"], sdxl=False)
+    assert read_embedding(files["onetrainer"]).step == 42  # and tistudio reads it back whole
+    # A word the tokenizer already holds cannot be a kohya embedding's name: the oracle refuses it as kohya does
+    tokenizers, widths = _tokenizers_and_widths(tiny_sd1, parts)
+    tokenizers[0].add_tokens(["tomtut"])
+    with pytest.raises(AssertionError, match="same word"):
+        kohya_gen_img_embeddings(files["own"], tokenizers, widths)
+
+
+def test_tistudios_sdxl_file_loads_in_kohya_and_onetrainer(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from a1111_rules import kohya_gen_img_embeddings, kohya_load_weights, onetrainer_load_embedding
+
+    parts = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    tokenizers, widths = _tokenizers_and_widths(tiny_sdxl, parts)
+    sdxl = Embedding(name="tomtut", vectors={"clip_l": vectors(2, widths[0]), "clip_g": vectors(2, widths[1], seed=1)})
+    path = write_embedding(sdxl, tmp_path / "tomtut.safetensors")  # not "cat": kohya needs a word new to CLIP
+    expected = [sdxl.vectors["clip_l"], sdxl.vectors["clip_g"]]
+    for loaded in (kohya_gen_img_embeddings(path, tokenizers, widths), kohya_load_weights(path, sdxl=True),
+                   onetrainer_load_embedding(path, sdxl=True)):
+        assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
+
+
+def test_a_png_embedding_also_loads_from_its_pixels_once_a_site_strips_its_text(tmp_path: Path) -> None:
+    from a1111_rules import a1111_load_png_embedding
+    from tistudio.embedding import write_png_embedding
+
+    picture = Image.new("RGB", (64, 48), (0, 0, 0))  # black edges: the strips must stay apart from the picture
+    picture.paste((250, 120, 16), (16, 8, 48, 40))
+    for embedding in (Embedding(name="tomtut", vectors={"clip": vectors(4, 768)}, step=7),
+                      Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})):
+        path = write_png_embedding(embedding, tmp_path / f"{embedding.name}.png", image=picture)
+        stripped = tmp_path / "stripped" / f"{embedding.name}.png"
+        stripped.parent.mkdir(exist_ok=True)
+        with Image.open(path) as image:
+            assert image.height == 48 and image.width > 64 + 2
+            image.convert("RGB").save(stripped)  # re-saved without its text chunks, as sites do
+        with Image.open(stripped) as image:
+            assert "sd-ti-embedding" not in image.text
+        name, loaded, step = a1111_load_png_embedding(stripped)
+        assert name == embedding.name
+        if embedding.is_sdxl:
+            assert all(torch.equal(loaded[key], embedding.vectors[key]) for key in ("clip_l", "clip_g"))
+        else:
+            assert step == 7 and torch.equal(loaded.to(torch.float32), embedding.tensor)
+        again = read_embedding(stripped)  # tistudio reads the pixels too
+        assert all(torch.equal(again.vectors[key], embedding.vectors[key]) for key in embedding.vectors)
+    plain = tmp_path / "plain.png"
+    picture.save(plain)
+    with pytest.raises(EmbeddingError, match="no embedding in it"):
+        read_embedding(plain)
 
 
 @pytest.mark.parametrize("layout", ["diffusers-bin", "diffusers-safetensors", "kohya", "onetrainer", "1d"])

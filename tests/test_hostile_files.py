@@ -132,6 +132,9 @@ def hostile_corpus(marker: Path) -> dict[str, bytes]:
         "400-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 400 + ']]}}}'),
         "5000-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 5000 + ']]}}}'),
         "deep-png.png": png_embedding('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+        "pixel-zlib-bomb.png": png_pixels(b"\0" * 70_000_000),
+        "pixel-deep-json.png": png_pixels(b"[" * 200_000 + b"]" * 200_000),
+        "pixel-truncated.png": png_pixels(b'{"string_to_param": {"*": 1}}' * 200)[:-300],
         "deep-header.safetensors": struct.pack("<Q", 400_002) + b"[" * 200_001 + b"]" * 200_001,
         "deep-metadata.safetensors": raw_safetensors(b'{"__metadata__": {"step": ' + b"[" * 100_000 + b"]" * 100_000
                                                      + b"}}"),
@@ -147,6 +150,17 @@ def png_embedding(text: str) -> bytes:
     info.add_text("sd-ti-embedding", base64.b64encode(text.encode()).decode())
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def png_pixels(payload: bytes) -> bytes:
+    """A PNG without text chunks carrying `payload` in A1111's pixel strips."""
+    from PIL import Image
+
+    from tistudio.pngdata import hide
+
+    buffer = io.BytesIO()
+    hide(Image.new("RGB", (16, 64), (90, 90, 90)), payload).save(buffer, "PNG")
     return buffer.getvalue()
 
 

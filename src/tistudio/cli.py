@@ -368,7 +368,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .embedding import read_embedding, write_a1111_pt, write_diffusers, write_embedding, write_png_embedding
+    from .embedding import (
+        ONETRAINER_KEY,
+        read_embedding,
+        write_a1111_pt,
+        write_diffusers,
+        write_embedding,
+        write_png_embedding,
+    )
 
     embedding = read_embedding(args.file)
     out_dir = Path(args.out_dir)
@@ -378,6 +385,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         path = write_png_embedding(embedding, out_dir / f"{embedding.name}.png")
     elif args.to == "diffusers":
         path = write_diffusers(embedding, out_dir / f"{embedding.name}.safetensors")
+    elif args.to == "onetrainer":
+        path = write_embedding(embedding, out_dir / f"{embedding.name}.safetensors", single_key=ONETRAINER_KEY)
     else:
         path = write_embedding(embedding, out_dir / f"{embedding.name}.safetensors")
     print(path)
@@ -491,9 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = command("convert", help="write an embedding in another tool's format")
     convert.add_argument("file", help="embedding file of any supported format")
-    convert.add_argument("--to", required=True, choices=("a1111", "png", "diffusers", "safetensors"),
+    convert.add_argument("--to", required=True, choices=("a1111", "png", "diffusers", "onetrainer", "safetensors"),
                          help="a1111: A1111 .pt; png: a picture A1111 loads as the embedding (its sd-ti-embedding "
-                         "chunk); diffusers: {NAME: vectors} safetensors; safetensors: tistudio's")
+                         "chunk, and the same data in strips beside the picture); diffusers: {NAME: vectors} "
+                         "safetensors; onetrainer: OneTrainer's emp_params safetensors; safetensors: tistudio's "
+                         "(which A1111, Forge, ComfyUI and kohya read)")
     convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
     convert.set_defaults(run=cmd_convert)
     return parser

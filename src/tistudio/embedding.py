@@ -8,6 +8,9 @@ Written:
     diffusers reads it with ``pipe.load_textual_inversion(path, token=NAME)``.
   * ``.pt`` for A1111 (``tistudio convert --to a1111``): the plain six-key dict A1111 writes.
   * diffusers ``{NAME: float32[n, width]}`` safetensors (``--to diffusers``), loadable without ``token=``.
+  * OneTrainer's ``{"emp_params": ...}`` (``--to onetrainer``; SDXL files are already its clip_l/clip_g layout).
+  * A1111's embedding PNG (``--to png``): the ``sd-ti-embedding`` text chunk and the same data in the picture's
+    side strips, which A1111 reads when a site has stripped the text.
 
 Read (by content, never by extension): all of the above; A1111 ``.pt`` (also the old ``ParameterDict``
 kind), diffusers ``learned_embeds.bin``/``.safetensors``, kohya ``emb_params``, OneTrainer ``emp_params``,
@@ -20,6 +23,7 @@ import base64
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ MAX_WIDTH = 4096
 SUFFIXES = (".safetensors", ".pt", ".bin", ".png")
 SINGLE = "clip"
 SDXL_KEYS = ("clip_l", "clip_g")
+ONETRAINER_KEY = "emp_params"  # OneTrainer's SD 1.x/2.x embeddings keep their tensor under this (sic) name
 FAMILY_WIDTHS = {768: "SD 1.x (CLIP ViT-L, 768)", 1024: "SD 2.x (OpenCLIP ViT-H, 1024)"}
 
 
@@ -177,7 +182,6 @@ PNG_TEXT_BYTES = 64 * 1024 * 1024  # the most a text chunk may hold, unpacked
 def png_text_chunk(path: Path, key: str) -> str | None:
     """The text of a PNG's tEXt, zTXt or iTXt chunk named `key`, read chunk by chunk without decoding the pixels
     (PIL's Image.text decodes the whole image first: a 13000x13000 PNG of 646 KB took 805 MB to read)."""
-    import struct
     import zlib
 
     def unpack(data: bytes) -> bytes:
@@ -219,11 +223,21 @@ def png_text_chunk(path: Path, key: str) -> str | None:
 
 
 def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """A1111's embedding hidden in a PNG text chunk (base64 JSON, tensors as nested lists)."""
+    """A1111's embedding in a PNG: its text chunk (base64 JSON, tensors as nested lists), else its pixels."""
+    from . import pngdata
+
     text = png_text_chunk(path, "sd-ti-embedding")
-    if not text:
-        raise EmbeddingError(f"{path}: a PNG without an 'sd-ti-embedding' text chunk; embeddings hidden in the "
-                             "pixels are not read, re-save the embedding as .safetensors in A1111")
+    if text:
+        raw = base64.b64decode(text, validate=False)
+    else:
+        try:
+            raw = pngdata.find(path)
+        except (OSError, ValueError, SyntaxError, struct.error) as exc:  # PIL says "broken PNG" as a SyntaxError
+            raise EmbeddingError(f"{path}: cannot read this PNG ({str(exc)[:200]})") from None
+        if raw is None:
+            raise EmbeddingError(f"{path}: a PNG with no embedding in it: neither an 'sd-ti-embedding' text chunk "
+                                 f"nor data in its pixels (pictures over {pngdata.MAX_PIXELS // 10**6} MP are not "
+                                 "searched)")
 
     def tensors(obj: dict[str, Any]) -> Any:
         if "TORCHTENSOR" in obj:
@@ -234,7 +248,7 @@ def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         return obj
 
     try:
-        data = json.loads(base64.b64decode(text, validate=False), object_hook=tensors)
+        data = json.loads(raw, object_hook=tensors)
     except (ValueError, RecursionError) as exc:
         raise EmbeddingError(f"{path}: the PNG's embedding chunk is not valid ({type(exc).__name__}: "
                              f"{str(exc)[:200]})") from None
@@ -333,11 +347,13 @@ def _finite(embedding: Embedding) -> None:
                                  "or infinite values")
 
 
-def write_embedding(embedding: Embedding, path: str | Path, **extra_meta: str) -> Path:
+def write_embedding(embedding: Embedding, path: str | Path, single_key: str = "emb_params",
+                    **extra_meta: str) -> Path:
     """Write the default format, atomically: safetensors with ``emb_params`` (one text encoder) or a tensor per
-    encoder key (SDXL: clip_l, clip_g), and metadata."""
+    encoder key (SDXL: clip_l, clip_g), and metadata. `single_key` names the one encoder's tensor: OneTrainer
+    reads only its own ``emp_params`` (:data:`ONETRAINER_KEY`)."""
     _finite(embedding)
-    keys = {SINGLE: "emb_params"} if set(embedding.vectors) == {SINGLE} else {}  # one encoder: A1111's name
+    keys = {SINGLE: single_key} if set(embedding.vectors) == {SINGLE} else {}  # one encoder: A1111's name
     tensors = {keys.get(k, k): v.detach().to("cpu", torch.float32).contiguous() for k, v in embedding.vectors.items()}
     return write_safetensors(Path(path), tensors, metadata(embedding, **extra_meta))
 
@@ -379,8 +395,8 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda temp: torch.save(data, temp, _use_new_zipfile_serialization=False))
 
 
-def png_embedding_text(embedding: Embedding) -> str:
-    """A1111's `sd-ti-embedding` PNG text: base64 of the JSON of its data, each tensor as {"TORCHTENSOR": lists}."""
+def a1111_json(embedding: Embedding) -> str:
+    """The JSON A1111 keeps of an embedding in a PNG: its data, each tensor as {"TORCHTENSOR": lists}."""
     def plain(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {"TORCHTENSOR": value.tolist()}
@@ -388,7 +404,12 @@ def png_embedding_text(embedding: Embedding) -> str:
             return {key: plain(item) for key, item in value.items()}
         return value
 
-    return base64.b64encode(json.dumps(plain(a1111_data(embedding))).encode("utf-8")).decode("ascii")
+    return json.dumps(plain(a1111_data(embedding)))
+
+
+def png_embedding_text(embedding: Embedding) -> str:
+    """A1111's `sd-ti-embedding` PNG text: base64 of :func:`a1111_json`."""
+    return base64.b64encode(a1111_json(embedding).encode("utf-8")).decode("ascii")
 
 
 def card(embedding: Embedding, size: int = 512) -> Any:
@@ -404,16 +425,22 @@ def card(embedding: Embedding, size: int = 512) -> Any:
     return image
 
 
-def write_png_embedding(embedding: Embedding, path: str | Path, image: Any = None, parameters: str = "") -> Path:
-    """An embedding inside a PNG, as A1111 saves one (its `sd-ti-embedding` text chunk): the picture (a preview,
-    or a card naming the embedding) is the file people share, and A1111 loads it from its embeddings folder."""
+def write_png_embedding(embedding: Embedding, path: str | Path, image: Any = None, parameters: str = "",
+                        pixels: bool = True) -> Path:
+    """An embedding inside a PNG, as A1111 saves one: its `sd-ti-embedding` text chunk and, with `pixels`, the
+    same data in two strips beside the picture (:mod:`pngdata`), which A1111 reads when a site has stripped the
+    text. The picture (a preview, or a card naming the embedding) is the file people share."""
     from PIL.PngImagePlugin import PngInfo
+
+    from . import pngdata
 
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
     info.add_text("sd-ti-embedding", png_embedding_text(embedding))
     picture = image if image is not None else card(embedding)
+    if pixels:
+        picture = pngdata.hide(picture, a1111_json(embedding).encode("utf-8"))
     return atomic_write(Path(path), lambda temp: picture.save(temp, format="PNG", pnginfo=info))
 
 
