@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import OptionError
 from .app import ServerConfig, create_app
 from .security import LOOPBACK_HOSTS
+from .workspace import Limits
 
 __all__ = ["ServerConfig", "create_app", "read_auth", "serve"]
 
@@ -32,16 +34,23 @@ def read_auth(auth: str, auth_file: str) -> list[tuple[str, str]]:
 
 def serve(config: ServerConfig, host: str, port: int) -> None:
     """Run the server until Ctrl-C. --listen (a non-loopback host) needs auth: checked by the caller."""
-    import uvicorn
-
     from .serving import ShuttingDownServer
 
     if host not in LOOPBACK_HOSTS and not config.auth:
         raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
                           "--auth-file FILE")
     app = create_app(config)
-    # limit_concurrency: past this many open connections and requests, new ones get a 503 at once instead of
-    # piling up (a flood of idle sockets); idle keep-alive connections close after 5 s
-    settings = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                              limit_concurrency=config.limits.connections, timeout_keep_alive=5)
-    ShuttingDownServer(settings, on_exit=app.state.server.close).run()
+    ShuttingDownServer(uvicorn_settings(app, config.limits, host, port), on_exit=app.state.server.close).run()
+
+
+def uvicorn_settings(app: Any, limits: Limits, host: str, port: int) -> Any:
+    """How `serve` runs uvicorn. limit_concurrency: past this many open connections and requests, new ones get a
+    503 at once instead of piling up (a flood of idle sockets); idle keep-alive connections close after 5 s, and
+    connections whose request headers are not in within header_seconds are closed (slowloris)."""
+    import uvicorn
+
+    from .serving import header_deadline_protocol
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          limit_concurrency=limits.connections, timeout_keep_alive=5,
+                          http=header_deadline_protocol(limits.header_seconds))

@@ -47,6 +47,8 @@ class Limits:
     generate_side: int = 1536
     workspace_bytes: int = 0  # everything in the workspace together (uploads refused past it); 0: no cap
     connections: int = 64  # open connections and requests at once (each watching page holds one); more get a 503
+    header_seconds: float = 10.0  # a request's line and headers must arrive within this of the connection (or of
+    # the previous response on a kept-alive one); slower connections are closed, so trickled headers hold no slot
 
 
 def clean_file_name(name: str) -> str:
