@@ -176,3 +176,42 @@ def test_the_bad_image_corpus_goes_through_train(sd1_model, tmp_path: Path, monk
     assert "symbolic link" in reasons["loop-a.jpg"] and "not a regular file" in reasons["pipe.jpg"]
     recorded = json.loads((Path("runs") / "tomtut" / "options.json").read_text())
     assert recorded["resolved"]["images"] == 7 and len(recorded["resolved"]["skipped_images"]) == 9
+
+
+def test_a_thumbnail_of_a_64_megapixel_strip_holds_one_decoded_copy(tmp_path: Path) -> None:
+    """The server's photo thumbnails: a 1000x63990 PNG of a few hundred KB decodes to 256 MB (PIL keeps RGB in 4
+    bytes a pixel); the thumbnail may hold that once, not the two to four copies a convert-then-shrink takes."""
+    import subprocess
+    import sys
+
+    strip = np.zeros((63990, 1000, 3), np.uint8)
+    strip[::97] = 255
+    path = tmp_path / "strip.png"
+    Image.fromarray(strip).save(path)
+    del strip
+    # The child's peak (VmHWM) is reset first: a forked process starts with its parent's, pytest's
+    child = ("import re, sys\n"
+             "from pathlib import Path\n"
+             "from tistudio.server.routes.photos import thumbnail\n"
+             "def kb(field): return int(re.search(field + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
+             "Path('/proc/self/clear_refs').write_text('5')\n"
+             "before = kb('VmRSS')\n"
+             "small = thumbnail(Path(sys.argv[1]), 256)\n"
+             "print((kb('VmHWM') - before) // 1024, len(small))\n")
+    done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth_mb, size = map(int, done.stdout.split())
+    decoded_mb = 63990 * 1000 * 4 / 2**20
+    assert size > 0 and growth_mb < 1.4 * decoded_mb, f"the thumbnail took {growth_mb} MB ({decoded_mb:.0f} decoded)"
+
+
+def test_a_thumbnail_shrunk_while_decoding_still_applies_the_exif_orientation(tmp_path: Path) -> None:
+    import io
+
+    from tistudio.server.routes.photos import thumbnail
+
+    exif_rotated(tmp_path / "turned.jpg")
+    with Image.open(io.BytesIO(thumbnail(tmp_path / "turned.jpg", 32))) as small:
+        assert small.size == (16, 32)  # portrait, as the photo is seen
+        top, bottom = small.getpixel((8, 4)), small.getpixel((8, 28))
+    assert top[2] > top[0] and bottom[0] > bottom[2]  # the blue half on top

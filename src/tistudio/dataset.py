@@ -158,8 +158,10 @@ def enable_heif() -> bool:
     return True
 
 
-def read_image(path: Path) -> tuple[Image.Image, tuple[int, int]]:
-    """An image file as RGB (orientation applied, large images reduced), or DatasetError with the reason."""
+def read_image(path: Path, box: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """An image file as RGB (orientation applied, large images reduced), or DatasetError with the reason. With
+    `box`, reduced to fit in box x box as it is decoded (JPEG's draft) and before any conversion, so a thumbnail
+    of a 64-megapixel photo holds one decoded copy, never several (the size returned is still the file's)."""
     enable_heif()
     try:
         with warnings.catch_warnings():
@@ -171,6 +173,9 @@ def read_image(path: Path) -> tuple[Image.Image, tuple[int, int]]:
                 if min(width, height) < MIN_SIDE:
                     raise DatasetError(f"{width}x{height} is too small (under {MIN_SIDE} px)")
                 opened.seek(0)
+                if box:
+                    opened.draft("RGB", (box, box))
+                    opened.thumbnail((box, box))
                 opened.load()
                 image = ImageOps.exif_transpose(opened) or opened
                 image = to_rgb(image)

@@ -163,10 +163,9 @@ def thumbnail(path: Path, side: int) -> bytes:
     from ...errors import DatasetError
 
     try:
-        image, _ = read_image(path)
+        image, _ = read_image(path, box=side)
     except DatasetError as exc:
         raise OptionError("file", path.name, f"cannot be shown: {exc}") from None
-    image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
