@@ -189,6 +189,59 @@ def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is
     assert json.loads((workspace / "jobs" / f"{job['id']}.json").read_text())["status"] == "stopped"
 
 
+def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_sd1, photos, tmp_path,
+                                                                          cache_dir) -> None:
+    """Issue 21.4: a txt2img request waiting for its job (queued behind a training here), one whose client has
+    left and one still connected, must not keep SIGTERM from stopping the server."""
+    import shutil
+    import socket
+    import urllib.request
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(photos, workspace / "photos" / "tomtut")
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" /
+                    "tomtut.safetensors")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    process = driver(cache_dir, "serve", "--model", str(tiny_sd1), "--workspace", str(workspace), "--port",
+                     str(port), slow_step=0.2)
+
+    def post(path: str, body: dict, timeout: float) -> bytes:
+        request = urllib.request.Request(f"{base}{path}", method="POST", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=timeout).read()
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        post("/api/train", {"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64,
+                            "preview_every": 0, "save_every": 0}, 30)
+        drawing = {"prompt": "a photo of tomtut", "steps": 4, "width": 64, "height": 64}
+        with contextlib.suppress(OSError):  # this client gives up after a second and leaves
+            post("/sdapi/v1/txt2img", drawing, 1.0)
+        def wait_for_the_picture() -> None:  # this one stays connected
+            with contextlib.suppress(OSError):
+                post("/sdapi/v1/txt2img", drawing, 120)
+
+        threading.Thread(target=wait_for_the_picture, daemon=True).start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert time.monotonic() - started < 30, "the server took its time stopping"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_a_second_ctrl_c_stops_at_once(tiny_sd1, photos, tmp_path, cache_dir) -> None:
     write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" /
                     "tomtut.safetensors")
