@@ -136,13 +136,13 @@ def test_sigterm_finishes_the_step_and_saves(tiny_sd1, photos, tmp_path, cache_d
     assert saved.step >= 1 and saved.step == logged_steps(tmp_path / "runs" / "tomtut")
 
 
-def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is_saved(
-        tiny_sd1, photos, tmp_path, cache_dir) -> None:
+def serve_tomtut(workspace: Path, photos: Path, model: Path, cache: Path) -> tuple[subprocess.Popen, str]:
+    """`tistudio serve` in a child process (training steps slowed to 0.2 s) on a workspace holding the set and an
+    embedding named tomtut; returns once it answers, with its base URL."""
     import shutil
     import socket
     import urllib.request
 
-    workspace = tmp_path / "ws"
     shutil.copytree(photos, workspace / "photos" / "tomtut")
     write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" /
                     "tomtut.safetensors")
@@ -150,17 +150,27 @@ def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    process = driver(cache_dir, "serve", "--model", str(tiny_sd1), "--workspace", str(workspace), "--port",
-                     str(port), slow_step=0.2)
+    process = driver(cache, "serve", "--model", str(model), "--workspace", str(workspace), "--port", str(port),
+                     slow_step=0.2)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status", timeout=1)
+            return process, base
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise AssertionError("the server did not start") from None
+            time.sleep(0.2)
+
+
+def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is_saved(
+        tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    import urllib.request
+
+    workspace = tmp_path / "ws"
+    process, base = serve_tomtut(workspace, photos, tiny_sd1, cache_dir)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/api/status", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
-                time.sleep(0.2)
         request = urllib.request.Request(f"{base}/api/train", method="POST", headers={
             "Content-Type": "application/json"}, data=json.dumps({
                 "set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64, "preview_every": 0,
@@ -193,20 +203,10 @@ def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_
                                                                           cache_dir) -> None:
     """Issue 21.4: a txt2img request waiting for its job (queued behind a training here), one whose client has
     left and one still connected, must not keep SIGTERM from stopping the server."""
-    import shutil
-    import socket
     import urllib.request
 
     workspace = tmp_path / "ws"
-    shutil.copytree(photos, workspace / "photos" / "tomtut")
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" /
-                    "tomtut.safetensors")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    process = driver(cache_dir, "serve", "--model", str(tiny_sd1), "--workspace", str(workspace), "--port",
-                     str(port), slow_step=0.2)
+    process, base = serve_tomtut(workspace, photos, tiny_sd1, cache_dir)
 
     def post(path: str, body: dict, timeout: float) -> bytes:
         request = urllib.request.Request(f"{base}{path}", method="POST", data=json.dumps(body).encode(),
@@ -214,14 +214,6 @@ def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_
         return urllib.request.urlopen(request, timeout=timeout).read()
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/api/status", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
-                time.sleep(0.2)
         post("/api/train", {"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64,
                             "preview_every": 0, "save_every": 0}, 30)
         drawing = {"prompt": "a photo of tomtut", "steps": 4, "width": 64, "height": 64}
