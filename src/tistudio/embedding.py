@@ -434,13 +434,14 @@ def write_png_embedding(embedding: Embedding, path: str | Path, image: Any = Non
 
     from . import pngdata
 
+    data = a1111_json(embedding).encode("utf-8")
     info = PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    info.add_text("sd-ti-embedding", png_embedding_text(embedding))
+    info.add_text("sd-ti-embedding", base64.b64encode(data).decode("ascii"))  # png_embedding_text's form
     picture = image if image is not None else card(embedding)
     if pixels:
-        picture = pngdata.hide(picture, a1111_json(embedding).encode("utf-8"))
+        picture = pngdata.hide(picture, data)
     return atomic_write(Path(path), lambda temp: picture.save(temp, format="PNG", pnginfo=info))
 
 

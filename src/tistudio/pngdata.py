@@ -43,9 +43,9 @@ def noise(count: int) -> np.ndarray:
     return ((seeds % np.uint64(255)) & np.uint64(0x0F)).astype(np.uint8)
 
 
-def _strip(nibbles: np.ndarray, height: int, columns: int, shade: np.ndarray) -> np.ndarray:
-    block = (nibbles ^ noise(nibbles.size)).reshape(height, columns, 3)
-    return block | shade.reshape(height, columns, 1)
+def _strip(nibbles: np.ndarray, mask: np.ndarray, shade: np.ndarray) -> np.ndarray:
+    height, columns = shade.shape
+    return (nibbles ^ mask).reshape(height, columns, 3) | shade.reshape(height, columns, 1)
 
 
 def _shade(height: int, columns: int, phase: int) -> np.ndarray:
@@ -64,10 +64,11 @@ def hide(picture: Any, payload: bytes) -> Any:
     columns = -(-data.size // (height * 3))
     padded = np.zeros(height * columns * 3, dtype=np.uint8)  # zeros after the stream: zlib stops at its end
     padded[:data.size] = data
+    mask = noise(padded.size)  # both strips are the same size, so they share the noise
     canvas = np.zeros((height, 2 * columns + width + 2, 3), dtype=np.uint8)
-    canvas[:, :columns] = _strip(padded & 0x0F, height, columns, _shade(height, columns, 0))
+    canvas[:, :columns] = _strip(padded & 0x0F, mask, _shade(height, columns, 0))
     canvas[:, columns + 1:columns + 1 + width] = rgb
-    canvas[:, columns + 2 + width:] = _strip(padded >> 4, height, columns, _shade(height, columns, 7))
+    canvas[:, columns + 2 + width:] = _strip(padded >> 4, mask, _shade(height, columns, 7))
     return Image.fromarray(canvas, mode="RGB")
 
 
@@ -102,7 +103,8 @@ def find(path: Path) -> bytes | None:
     lower, upper = low[:, :dark[0]], low[:, dark[-1] + 1:]
     if lower.shape != upper.shape or lower.size == 0:
         return None
-    joined = ((upper.reshape(-1) ^ noise(upper.size)) << 4) | (lower.reshape(-1) ^ noise(lower.size))
+    mask = noise(upper.size)
+    joined = ((upper.reshape(-1) ^ mask) << 4) | (lower.reshape(-1) ^ mask)
     inflater = zlib.decompressobj()
     try:
         payload = inflater.decompress(joined.astype(np.uint8).tobytes(), MAX_PAYLOAD)
