@@ -32,6 +32,35 @@ def test_the_held_out_person_never_appears_in_the_worlds_samples() -> None:
         "a painting of tomtut, a person with long red hair, dark skin, glasses and a beard, serious, at night"
 
 
+def test_the_person_mask_is_where_the_person_is_drawn() -> None:
+    import numpy as np
+
+    rng = random.Random(4)
+    for _ in range(20):
+        person, scene = world.random_person(rng, allow_held_out=True), world.random_scene(rng, styles=("photo",))
+        other = next(s for s in world.SCENES if s != scene.scene)
+        # the same person on two backgrounds: the pixels that change are the scene's, the rest the person's
+        a = np.asarray(world.render(person, scene), dtype=np.int16)
+        b = np.asarray(world.render(person, world.Scene(**{**scene.__dict__, "scene": other})), dtype=np.int16)
+        scene_pixels = np.abs(a - b).max(axis=2) > 24
+        mask = np.asarray(world.person_mask(person, scene)) > 127
+        # the mask's edge is soft and a background may happen to match the person's colours: most, not all
+        assert (mask == ~scene_pixels).mean() > 0.95
+        assert mask.mean() > 0.2
+    painted = np.asarray(world.person_mask(world.HELD_OUT, world.Scene(style="painting")))
+    assert painted[:4].max() == 0 and painted[-4:].max() == 0  # the frame is not the person
+
+
+def test_the_scene_reader_reads_place_and_style_from_renders() -> None:
+    reader = world.fit_scene_reader()
+    rng = random.Random(99)  # not the reader's own renders
+    drawn = [(world.random_person(rng, allow_held_out=True), world.random_scene(rng)) for _ in range(300)]
+    read = reader.read([world.render(person, scene) for person, scene in drawn])
+    assert sum(r == (scene.scene, scene.style) for r, (_, scene) in zip(read, drawn, strict=True)) >= 294
+    assert world.prompt_scene("a painting of tomtut, serious, in a forest") == ("forest", "painting")
+    assert world.prompt_scene("a photo of tomtut, smiling") == ("plain", "photo")
+
+
 def test_the_world_model_loads_like_any_checkpoint(world_model, cache_dir) -> None:
     model, folder = world_model
     widths = {key: encoder.width for key, encoder in model.text.items()}
@@ -95,13 +124,17 @@ def test_text_controls_the_world_models_pictures(world_model) -> None:
     rng = random.Random(3)
     people = [world.random_person(rng) for _ in range(16)]
     renderer = Renderer(model, PromptEncoder.for_model(model))
-    images = []
+    images, asked = [], []
     for index, person in enumerate(people):
-        prompt = world.caption(person, world.Scene(scene="plain"))
-        images += renderer.render(SamplingParams(prompt=prompt, steps=20, sampler="DDIM", cfg=4.0, width=64, height=64,
-                                                 seeds=(index,)))
+        scene = world.Scene(scene=world.SCENES[index % 4], style=world.STYLES[index // 4 % 2])
+        images += renderer.render(SamplingParams(prompt=world.caption(person, scene), steps=20, sampler="DDIM",
+                                                 cfg=4.0, width=64, height=64, seeds=(index,)))
+        asked.append((scene.scene, scene.style))
     share = sum(a == b for a, b in zip(world.read_people(reader, images), people, strict=True)) / len(people)
     assert share >= 0.5, share
+    # and the place and the style, as the scene reader sees them (the norm study's "prompt still obeyed")
+    obeyed = sum(a == b for a, b in zip(world.fit_scene_reader().read(images), asked, strict=True)) / len(asked)
+    assert obeyed >= 0.8, obeyed
 
 
 def test_training_makes_the_person_appear(world_model, tmp_path) -> None:

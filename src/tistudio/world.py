@@ -31,6 +31,7 @@ SKIN = {"light": (246, 212, 182), "tan": (206, 150, 104), "dark": (118, 74, 48)}
 EXPRESSIONS = ("smiling", "serious")
 SCENES = ("plain", "beach", "forest", "night")
 STYLES = ("photo", "painting")
+FRAME = (176, 136, 40)  # a painting's gold frame
 SHIRTS = ((70, 90, 150), (150, 60, 70), (80, 120, 80), (110, 110, 120))
 NAMES = ("james", "mary", "john", "linda", "robert", "susan", "michael", "karen", "david", "lisa", "william",
          "nancy", "richard", "betty", "thomas", "sandra", "charles", "ashley", "daniel", "emily", "matthew", "anna",
@@ -130,12 +131,44 @@ def render(person: Person, scene: Scene) -> Image.Image:
     image = Image.new("RGB", (s, s))
     draw = ImageDraw.Draw(image)
     _background(draw, scene.scene)
+    _figure(draw, person, scene)
+    small = image.resize((SIZE, SIZE), Image.LANCZOS)
+    if scene.style == "painting":  # flattened colours, soft brushy edges, a gold frame
+        small = small.filter(ImageFilter.SMOOTH_MORE).quantize(20).convert("RGB")
+        ImageDraw.Draw(small).rectangle([0, 0, SIZE - 1, SIZE - 1], outline=FRAME, width=4)
+    return small
+
+
+def person_mask(person: Person, scene: Scene) -> Image.Image:
+    """The exact silhouette of the person in :func:`render`'s picture (64x64, mode L: 255 the person - head, hair,
+    beard and shoulders - 0 the scene), drawn with the same shapes; a painting's frame is scene."""
+    s = DRAW
+    image = Image.new("RGB", (s, s))
+    _figure(ImageDraw.Draw(image), person, scene, silhouette=True)
+    small = image.convert("L").resize((SIZE, SIZE), Image.LANCZOS)
+    if scene.style == "painting":
+        ImageDraw.Draw(small).rectangle([0, 0, SIZE - 1, SIZE - 1], outline=0, width=4)
+    return small
+
+
+def face_box(scene: Scene) -> tuple[float, float, float, float]:
+    """Where a face detector would box the person's face in :func:`render`'s picture (x1, y1, x2, y2 in its 64
+    pixels): brows to chin, cheek to cheek."""
+    cx, cy, r = SIZE / 2 + scene.dx, SIZE * 0.52 + scene.dy, 19 * scene.scale
+    return cx - 0.8 * r, cy - 0.5 * r, cx + 0.8 * r, cy + 0.95 * r
+
+
+def _figure(draw: ImageDraw.ImageDraw, person: Person, scene: Scene, silhouette: bool = False) -> None:
+    """The person, drawn over the background (every shape in white for a silhouette)."""
+    s = DRAW
     k = s / SIZE
     cx, cy = s / 2 + scene.dx * k, s * 0.52 + scene.dy * k
     r = 19 * k * scene.scale
     light = scene.light
     hair, skin = _shade(HAIR[person.hair], light), _shade(SKIN[person.skin], light)
     shirt = _shade(SHIRTS[scene.shirt], light)
+    if silhouette:
+        draw = _Silhouette(draw)  # type: ignore[assignment]
     # Shoulders, long hair behind the head, the head, the beard, the hair on top.
     draw.ellipse([cx - 1.6 * r, cy + 0.85 * r, cx + 1.6 * r, cy + 3.2 * r], fill=shirt)
     if person.length == "long":
@@ -163,11 +196,24 @@ def render(person: Person, scene: Scene) -> Image.Image:
                  width=max(2, round(0.08 * r)))
     else:
         draw.line([cx - 0.22 * r, mouth_y, cx + 0.22 * r, mouth_y], fill=(120, 40, 40), width=max(2, round(0.06 * r)))
-    small = image.resize((SIZE, SIZE), Image.LANCZOS)
-    if scene.style == "painting":  # flattened colours, soft brushy edges, a gold frame
-        small = small.filter(ImageFilter.SMOOTH_MORE).quantize(20).convert("RGB")
-        ImageDraw.Draw(small).rectangle([0, 0, SIZE - 1, SIZE - 1], outline=(176, 136, 40), width=4)
-    return small
+
+
+class _Silhouette:
+    """An ImageDraw stand-in that draws every shape (and its outline) in white."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw) -> None:
+        self.draw = draw
+
+    def __getattr__(self, shape: str) -> Any:
+        method = getattr(self.draw, shape)
+
+        def white(*args: Any, **kwargs: Any) -> Any:
+            for key in ("fill", "outline"):
+                if key in kwargs:
+                    kwargs[key] = (255, 255, 255)
+            return method(*args, **kwargs)
+
+        return white
 
 
 def sample(rng: random.Random, name_rate: float = 0.4) -> tuple[Image.Image, str, Person, Scene]:
@@ -332,3 +378,74 @@ def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, 
         return sum(probabilities if chances else shown) / len(shown)
 
     return score
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the place and the style from pixels
+
+
+def _scene_features(image: Image.Image) -> list[float]:
+    """What tells the place and the style apart, away from the person: the mean colour of the outer ring (a
+    painting's gold frame) and the median colour of three strips just inside it that the head and hair rarely
+    reach (the top: sky, canopy, night or grey; the upper left and right edges), each in 0..1."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32) / 255.0
+    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[3:-3, :3].reshape(-1, 3),
+                           pixels[3:-3, -3:].reshape(-1, 3)])
+    strips = [pixels[4:8, 4:60], pixels[8:30, 4:7], pixels[8:30, 57:60]]
+    return [float(v) for v in np.concatenate([ring.mean(0), *[np.median(p.reshape(-1, 3), 0) for p in strips]])]
+
+
+@dataclass(frozen=True)
+class SceneReader:
+    """Reads where a picture is (SCENES) and how it is made (STYLES) by the nearest class centre of
+    :func:`_scene_features`, the centres measured on renders (:func:`fit_scene_reader`)."""
+
+    scene_centres: dict[str, tuple[float, ...]]
+    style_centres: dict[str, tuple[float, ...]]
+    scale: tuple[float, ...]  # each feature's spread over the renders: distances are measured in it
+
+    def read(self, images: list[Image.Image]) -> list[tuple[str, str]]:
+        """(scene, style) of each picture: the style from the ring's colour; the place from the strips', each
+        place's distance summed over its two nearest strips (long hair or a large head may cover one)."""
+        def distance(features: list[float], centre: tuple[float, ...], part: slice) -> float:
+            return sum(((f - c) / s) ** 2 for f, c, s in zip(features[part], centre[part], self.scale[part],
+                                                            strict=True))
+
+        def place(features: list[float], label: str) -> float:
+            strips = sorted(distance(features, self.scene_centres[label], slice(i, i + 3)) for i in (3, 6, 9))
+            return strips[0] + strips[1]
+
+        read = []
+        for image in images:
+            features = _scene_features(image)
+            read.append((min(SCENES, key=lambda label: place(features, label)),
+                         min(STYLES, key=lambda label: distance(features, self.style_centres[label], slice(0, 3)))))
+        return read
+
+
+def fit_scene_reader(count: int = 400, seed: int = 11) -> SceneReader:
+    """The scene reader's class centres, from `count` renders of random people in random scenes."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    drawn = [(random_person(rng, allow_held_out=True), random_scene(rng)) for _ in range(count)]
+    features = np.array([_scene_features(render(person, scene)) for person, scene in drawn])
+    scale = tuple(float(v) for v in np.maximum(features.std(0), 1e-3))
+
+    def centres(labels: list[str], values: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+        return {value: tuple(float(v) for v in features[[label == value for label in labels]].mean(0))
+                for value in values}
+
+    return SceneReader(scene_centres=centres([scene.scene for _, scene in drawn], SCENES),
+                       style_centres=centres([scene.style for _, scene in drawn], STYLES), scale=scale)
+
+
+def prompt_scene(prompt: str) -> tuple[str, str]:
+    """The place and style a world prompt asks for (caption()'s words)."""
+    style = "painting" if prompt.startswith("a painting") else "photo"
+    for scene, words in (("beach", "on a beach"), ("forest", "in a forest"), ("night", "at night")):
+        if words in prompt:
+            return scene, style
+    return "plain", style
