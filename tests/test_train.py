@@ -360,3 +360,29 @@ def test_tensorboard_without_the_package_is_refused_before_compute(photos, tmp_p
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(OptionError, match=r"tensorboard=True: TensorBoard is not installed: pip install"):
         validate_train(options(photos, tmp_path / "emb", tensorboard=True))
+
+
+def test_a_resumed_run_keeps_the_fixed_batch_it_began_with(sd1_model, photos, tmp_path) -> None:
+    import json
+
+    settings = dict(max_steps=6, eval_every=2, save_every=2)
+    straight, resumed = twin_folders(sd1_model, tmp_path)
+    run(sd1_model, photos, straight, eval_samples=4, **settings)
+    assert run(sd1_model, photos, resumed, stop_at=3, eval_samples=4, **settings).stopped
+    run(sd1_model, photos, resumed, eval_samples=8, **settings)  # asked for another batch: the run keeps its own
+    eval_a = (straight.parent / "run" / "eval.csv").read_text()
+    assert eval_a == (resumed.parent / "run" / "eval.csv").read_text() and len(eval_a.splitlines()) == 5
+    state = json.loads((resumed.parent / "run" / "state" / "state-6.json").read_text())
+    assert state["eval_batch"] == {"samples": 4, "stratified": True}
+    # A run begun before the batch was recorded resumes with the batch of its day: 16 samples, random timesteps.
+    earlier = tmp_path / "earlier" / "emb"
+    earlier.mkdir(parents=True)
+    shutil.copy(tmp_path / "template" / "tomtut.safetensors", earlier / "tomtut.safetensors")
+    assert run(sd1_model, photos, earlier, stop_at=3, **settings).stopped
+    saved = earlier.parent / "run" / "state" / "state-3.json"
+    old = json.loads(saved.read_text())
+    del old["eval_batch"]
+    saved.write_text(json.dumps(old))
+    run(sd1_model, photos, earlier, **settings)
+    state = json.loads((earlier.parent / "run" / "state" / "state-6.json").read_text())
+    assert state["eval_batch"] == {"samples": 16, "stratified": False}

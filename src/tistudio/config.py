@@ -180,8 +180,12 @@ class TrainOptions(ModelOptions):
     # Seeds data order, timesteps and noise; the same seed and options give the same embedding.
     seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1, advanced=True)
     # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
-    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (0: off)", minimum=0,
-                             advanced=True)
+    # After step 500 (evaluation.SETTLED_STEP) every 2N steps: the curve moves slowly by then.
+    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (every 2N after step 500; 0: off)",
+                             minimum=0, advanced=True)
+    # Samples in the fixed batch (each image in turn, fixed noise and prompts, timesteps spread evenly over the
+    # schedule); a forward pass each. A resumed run keeps the batch it began with.
+    eval_samples: int = option(16, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
     # Judge steps by the faces in pictures from prompts the templates never use (likeness.py): at the first
     # evaluation of every likeness_every steps (and at the last step), likeness_pictures pictures of
     # likeness_steps sampler steps, compared with the training photos' faces; the highest likeness is the step kept.
@@ -208,6 +212,19 @@ class TrainOptions(ModelOptions):
     # Pull the vectors toward where they started (weight of a mean squared distance added to the loss).
     init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0,
                               advanced=True)
+    # Directional textual inversion (arXiv 2512.13672): each vector's norm is held at this many times the
+    # vocabulary's median token norm and only its direction trains (the gradient's part along the vector is removed,
+    # and the vector is put back on its sphere after every step), so the word cannot grow loud enough to drown the
+    # rest of the prompt. 0: off (the norm is free, or capped by max_norm).
+    fixed_norm: float = option(0.0, "train only the vectors' directions, their norms held at this many times a "
+                               "typical word's (0: off)", minimum=0.0, maximum=100.0, advanced=True)
+    # Weight the loss toward the subject: "masks" where a photo has one (an alpha channel, or IMAGE.mask.png /
+    # IMAGE-masklabel.png beside it: white the subject, black the rest), "face" also a head-and-shoulders shape around
+    # the face found in photos without one, "off" never. The rest of the picture keeps mask_background of the weight.
+    loss_mask: str = option("masks", "weight the loss toward the subject: masks (alpha or IMAGE.mask.png), face "
+                            "(also around detected faces) or off", choices=("masks", "face", "off"), advanced=True)
+    mask_background: float = option(0.1, "the loss weight of what a mask leaves out, relative to the subject",
+                                    minimum=0.0, maximum=1.0, advanced=True)
     # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for
     # large sizes and batches, about a third more compute per step. Results are the same.
     gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)",
@@ -391,6 +408,9 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     load_template(options.template)
+    if options.fixed_norm and options.max_norm:
+        raise OptionError("fixed_norm", options.fixed_norm, "a held norm and a norm cap exclude each other; set "
+                          "max_norm to 0 or fixed_norm to 0")
     if options.tensorboard:
         from .tensorboard import check_available
 

@@ -6,6 +6,9 @@ scaled to 8-bit, CMYK converted, transparency flattened on a neutral grey, the f
 then cropped to a centred square and resized with Lanczos to the training size (A1111 squashes instead, which
 distorts faces). Unreadable files are skipped with their reason; training stops only if none is left.
 
+Masks: an alpha channel, or ``IMAGE.mask.png`` (OneTrainer's ``IMAGE-masklabel.png``) beside the image - white the
+subject - says where the subject is (masks.py weights the loss with it); mask files are not training images.
+
 Captions: ``IMAGE.txt`` beside the image if present, else the file name without leading digits and dashes
 (A1111's rule: ``00012-0-a woman smiling.jpg`` gives ``a woman smiling``).
 """
@@ -64,6 +67,9 @@ class TrainImage:
     # (left, top, right, bottom in the photo's pixels, mirrored for a -flip output); SDXL is conditioned on them.
     source_size: tuple[int, int] | None = None
     source_crop: tuple[int, int, int, int] | None = None
+    # Where the subject is (mode L, the image's size, white the subject): an alpha channel or a mask file beside
+    # the photo (masks.py weights the loss with it); None: no mask.
+    mask: Image.Image | None = None
 
 
 @dataclass
@@ -162,7 +168,16 @@ def read_image(path: Path, box: int = 0) -> tuple[Image.Image, tuple[int, int]]:
     """An image file as RGB (orientation applied, large images reduced), or DatasetError with the reason. With
     `box`, reduced to fit in box x box as it is decoded (JPEG's draft) and before any conversion, so a thumbnail
     of a 64-megapixel photo holds one decoded copy, never several (the size returned is still the file's)."""
+    image, _, size = decode_image(path, box)
+    return image, size
+
+
+def decode_image(path: Path, box: int = 0, alpha: bool = False
+                 ) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
+    """read_image's picture, with `alpha` also its transparency as a mask (mode L, the picture's size; None where
+    the file has none or every pixel is opaque), and the file's size."""
     enable_heif()
+    transparency = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -178,6 +193,8 @@ def read_image(path: Path, box: int = 0) -> tuple[Image.Image, tuple[int, int]]:
                     opened.thumbnail((box, box))
                 opened.load()
                 image = ImageOps.exif_transpose(opened) or opened
+                if alpha:
+                    transparency = alpha_mask(image)
                 image = to_rgb(image)
                 if image is opened:
                     image = image.copy()
@@ -195,7 +212,40 @@ def read_image(path: Path, box: int = 0) -> tuple[Image.Image, tuple[int, int]]:
     if min(size) > KEEP_SIDE:
         image = image.copy()
         image.thumbnail((KEEP_SIDE * size[0] // min(size), KEEP_SIDE * size[1] // min(size)), Image.LANCZOS)
-    return image, size
+    if transparency is not None and transparency.size != image.size:
+        transparency = transparency.resize(image.size, Image.BILINEAR)
+    return image, transparency, size
+
+
+def alpha_mask(image: Image.Image) -> Image.Image | None:
+    """An image's alpha channel (mode L), or None where it has none or it is opaque everywhere."""
+    if (image.mode == "P" and "transparency" not in image.info) or image.mode not in ("RGBA", "LA", "PA", "P"):
+        return None
+    channel = image.convert("RGBA").getchannel("A")
+    return None if channel.getextrema()[0] == 255 else channel
+
+
+MASK_SUFFIXES = (".mask.png", "-masklabel.png")  # tistudio's and OneTrainer's names for a photo's mask
+
+
+def is_mask_file(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIXES)
+
+
+def photo_mask(path: Path, image: Image.Image, transparency: Image.Image | None) -> Image.Image | None:
+    """A photo's mask: IMAGE.mask.png or IMAGE-masklabel.png beside it (white the subject), else its alpha; the
+    photo's size. DatasetError where the mask file cannot be read or its shape is not the photo's."""
+    for candidate in (path.with_name(path.stem + suffix) for suffix in MASK_SUFFIXES):
+        if candidate.is_file():
+            try:
+                mask, _ = read_image(candidate)
+            except DatasetError as exc:
+                raise DatasetError(f"its mask {candidate.name}: {exc}") from None
+            if abs(mask.width * image.height - mask.height * image.width) > 0.02 * mask.width * image.height:
+                raise DatasetError(f"its mask {candidate.name} is {mask.width}x{mask.height}, the photo "
+                                   f"{image.width}x{image.height}; a mask must have the photo's shape")
+            return mask.convert("L").resize(image.size, Image.BILINEAR)
+    return transparency
 
 
 def kept_part(image: Image.Image) -> Image.Image:
@@ -225,7 +275,7 @@ def load_dataset(folder: str | Path) -> Dataset:
     sources = prepared_sources(folder)
     for name in names:
         path = folder / name
-        if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES:
+        if name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES or is_mask_file(name):
             continue
         if sources and name in PREPARED_FILES:  # a prepared set's own manifest and report are not photos
             continue
@@ -234,13 +284,15 @@ def load_dataset(folder: str | Path) -> Dataset:
                 continue
             if not path.is_file():  # a named pipe, a device or a dangling link: opening it could block or fail
                 raise DatasetError("not a regular file" if path.exists() else "a broken or looping symbolic link")
-            image, size = read_image(path)
+            image, transparency, size = decode_image(path, alpha=True)
+            mask = photo_mask(path, image, transparency)
         except DatasetError as exc:
             skipped.append((path, str(exc)))
             continue
         source_size, source_crop = sources.get(name, (None, None))
         images.append(TrainImage(path=path, caption=caption_for(path), image=kept_part(image), original_size=size,
-                                 source_size=source_size, source_crop=source_crop))
+                                 source_size=source_size, source_crop=source_crop,
+                                 mask=None if mask is None else kept_part(mask)))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path.name, reason)
     if not images:

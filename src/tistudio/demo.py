@@ -88,8 +88,10 @@ class DemoResult:
         ])
 
 
-def person_photos(folder: Path, count: int = 15, seed: int = 0) -> Path:
-    """Pictures of the held-out person in varied poses, light and places (no night, no paintings)."""
+def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "") -> Path:
+    """Pictures of the held-out person in varied poses, light and places (no night, no paintings). With `masks`
+    "exact", each with its exact silhouette beside it as tomtut-NN.mask.png; "face", the head-and-shoulders shape
+    that --loss-mask face draws around the face a detector finds (masks.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
@@ -97,6 +99,12 @@ def person_photos(folder: Path, count: int = 15, seed: int = 0) -> Path:
         image = world.render(world.HELD_OUT, scene)
         path = folder / f"tomtut-{index:02d}.png"
         image.save(path)
+        if masks:
+            from .masks import head_and_shoulders
+
+            mask = (world.person_mask(world.HELD_OUT, scene) if masks == "exact" else
+                    head_and_shoulders(image.size, world.face_box(scene)))
+            mask.save(folder / f"tomtut-{index:02d}.mask.png")
         place = {"plain": "", "beach": ", on a beach", "forest": ", in a forest"}[scene.scene]
         write_text(path.with_suffix(".txt"), f"{scene.expression}{place}\n")
     return folder

@@ -50,6 +50,13 @@ BEST_BAND = 0.005  # the best step: the first loss within this share of the whol
 LIKENESS_BAND = 0.01  # where a likeness is measured, the best step: the first within this of the highest likeness
 
 Likeness = Callable[[SDModel, PromptEncoder], float | None]  # higher is better; None: not measured
+SETTLED_STEP = 500  # after this step the fixed batch is evaluated half as often
+
+
+def evaluation_due(step: int, every: int) -> bool:
+    """Whether the fixed batch is evaluated after `step`: every `every` steps up to SETTLED_STEP, every 2 x `every`
+    after it (by then the curve moves slowly, and what the evaluations cost counts against a long run)."""
+    return every > 0 and step % every == 0 and (step <= SETTLED_STEP or step % (2 * every) == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,29 +76,39 @@ class EvalBatch:
 
 def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
                      latent_shape: tuple[int, ...], timesteps: int, size: int = 32,
-                     sizes: torch.Tensor | None = None) -> EvalBatch:
-    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts."""
+                     sizes: torch.Tensor | None = None, stratified: bool = False) -> EvalBatch:
+    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts. With
+    `stratified`, the timesteps cover the schedule evenly (one drawn in each of `size` equal strata, the strata
+    shuffled over the samples), so that a small batch does not happen to miss the high or the low noise levels."""
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
     indices = [i % count for i in range(size)]
     prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
                for i, index in enumerate(indices)]
-    return EvalBatch(indices=indices, timesteps=torch.randint(0, timesteps, (size,), generator=generator),
+    if stratified:
+        strata = torch.randperm(size, generator=generator)
+        steps = ((strata + torch.rand(size, generator=generator)) * timesteps / size).long().clamp(max=timesteps - 1)
+    else:
+        steps = torch.randint(0, timesteps, (size,), generator=generator)
+    return EvalBatch(indices=indices, timesteps=steps,
                      noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts,
                      time_ids=None if sizes is None else sizes[torch.tensor(indices)])
 
 
 @torch.no_grad()
 def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                    batch: EvalBatch, chunk: int = 16) -> float:
-    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk)."""
+                    batch: EvalBatch, chunk: int = 16, weights: torch.Tensor | None = None) -> float:
+    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk), weighted as
+    training is where the images have loss `weights` (masks.py)."""
     total = 0.0
     for start in range(0, len(batch.indices), chunk):
         part = slice(start, start + chunk)
-        clean = latents[torch.tensor(batch.indices[part], device=latents.device)]
+        chosen = torch.tensor(batch.indices[part], device=latents.device)
+        clean = latents[chosen]
         noise = batch.noise[part].to(latents.device)
         loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
-                              batch.prompts[part], time_ids=None if batch.time_ids is None else batch.time_ids[part])
+                              batch.prompts[part], time_ids=None if batch.time_ids is None else batch.time_ids[part],
+                              weights=None if weights is None else weights[chosen])
         total += float(loss) * clean.shape[0]
     return total / len(batch.indices)
 
@@ -195,8 +212,11 @@ class Evaluator:
     """
 
     def __init__(self, model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                 batch: EvalBatch, log_path: Path, likeness: Likeness | None = None, likeness_every: int = 0) -> None:
+                 batch: EvalBatch, log_path: Path, likeness: Likeness | None = None, likeness_every: int = 0,
+                 weights: torch.Tensor | None = None, spec: Mapping[str, Any] | None = None) -> None:
         self.model, self.encoder, self.alphas, self.latents, self.batch = model, encoder, alphas, latents, batch
+        self.weights = weights
+        self.spec = dict(spec or {})  # how the fixed batch was drawn (samples, stratified): kept in the resume state
         self.path = log_path
         self.likeness = likeness
         self.likeness_every = likeness_every  # 0: at every evaluation; else at steps that are multiples of it
@@ -221,7 +241,7 @@ class Evaluator:
                          for i, step in enumerate(steps)}
 
     def loss(self) -> float:
-        return evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch)
+        return evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch, weights=self.weights)
 
     def measure_neutral(self, trainable: Trainable, neutral: Mapping[str, torch.Tensor],
                         start: Mapping[str, torch.Tensor]) -> None:
@@ -297,6 +317,8 @@ class Evaluator:
     def state(self) -> tuple[dict[str, Any], Tensors]:
         """What the resume state keeps: the neutral loss, and the kept snapshots stacked by key."""
         meta: dict[str, Any] = {} if self.neutral is None else {"neutral_loss": self.neutral}
+        if self.spec:
+            meta["eval_batch"] = self.spec
         if not self.kept:
             return meta, {}
         steps = sorted(self.kept)

@@ -38,10 +38,11 @@ def size_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int
 
 def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, clean: torch.Tensor,
                    t: torch.Tensor, noise: torch.Tensor, prompts: list[str], unet: Any = None,
-                   time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   time_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's noise (or v) prediction for clean latents noised to timesteps t (with
     `unet` in place of the model's own, e.g. a compiled one, if given). A family with size conditioning (SDXL)
-    takes each image's time_ids [batch, 6]; without them, each is taken as uncropped at the latents' size."""
+    takes each image's time_ids [batch, 6]; without them, each is taken as uncropped at the latents' size.
+    `weights` [batch, 1, h, w] (masks.py; each image's average 1) weigh the squared error pixel by pixel."""
     a = alphas[t].view(-1, 1, 1, 1)
     noisy = (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(model.dtype)
     if model.prediction_type == "v_prediction":
@@ -55,4 +56,6 @@ def diffusion_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
             time_ids = torch.tensor([size_ids(side, (0, 0), side)] * clean.shape[0])
         conditioning = conditioning.with_sizes(time_ids)
     prediction = (model.unet if unet is None else unet)(noisy, t, **conditioning.unet_inputs()).sample
-    return torch.nn.functional.mse_loss(prediction.float(), objective)
+    if weights is None:
+        return torch.nn.functional.mse_loss(prediction.float(), objective)
+    return ((prediction.float() - objective).pow(2) * weights.float()).mean()

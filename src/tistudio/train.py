@@ -35,13 +35,14 @@ from .create import person_vectors
 from .dataset import Dataset, TrainImage, load_dataset, square
 from .embedding import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from .errors import EmbeddingError, TistudioError
-from .evaluation import Evaluator, Likeness, evaluation_batch
+from .evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
+from .masks import loss_weights
 from .models import SDModel, load_model, resolve_device
 from .objective import diffusion_loss, noise_schedule, seed_for, size_ids
 from .parallel import Parallel, PeerLost, process_group
 from .progress import Event, Progress, Reporter
-from .runfolder import ResumeState, RunFolder, restore_optimizer, run_folder
+from .runfolder import ResumeState, RunFolder, read_eval_log, restore_optimizer, run_folder
 from .samplers import check_sampler
 from .schedule import Schedule, parse_schedule
 from .storage import write_json
@@ -51,7 +52,7 @@ from .trainable import EmbeddingTrainable, Trainable, initial_from_state, norm_l
 
 log = logging.getLogger(__name__)
 
-EVAL_SIZE = 16  # samples in the fixed evaluation batch
+FORMER_EVAL_SIZE = 16  # the fixed batch of runs begun before its size was an option (random timesteps)
 LOSS_FLUSH_STEPS = 25  # on GPUs the loss is read (a host-device sync) every this many steps
 
 
@@ -202,7 +203,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
             elapsed = time.monotonic() - loop_started
             report(Event.STEP, step, schedule.end_step, epoch=epoch, loss=losses.last_loss, lr=lr,
                    eta_s=elapsed / (step - start_step) * (schedule.end_step - step))
-            if options.eval_every and step % options.eval_every == 0:
+            if evaluation_due(step, options.eval_every):
                 converged = False
                 if evaluator is not None:
                     evaluate(evaluator, trainable, step, schedule.end_step, report, last=step >= schedule.end_step)
@@ -218,7 +219,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
 
     # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
     result.stopped = step < schedule.end_step and result.converged_at is None
-    if evaluator is not None and not result.stopped and step % options.eval_every:
+    if evaluator is not None and not result.stopped and not evaluation_due(step, options.eval_every):
         evaluate(evaluator, trainable, step, schedule.end_step, report, last=True)  # always a candidate
     checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
                      report=report, total=schedule.end_step)
@@ -387,10 +388,12 @@ class Batch:
     noise: torch.Tensor
     prompts: list[str]
     time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
+    weights: torch.Tensor | None = None  # each sample's loss weights (masks.py), or None: a plain mean
 
     def part(self, where: slice) -> Batch:
         return Batch(clean=self.clean[where], timesteps=self.timesteps[where], noise=self.noise[where],
-                     prompts=self.prompts[where], time_ids=None if self.time_ids is None else self.time_ids[where])
+                     prompts=self.prompts[where], time_ids=None if self.time_ids is None else self.time_ids[where],
+                     weights=None if self.weights is None else self.weights[where])
 
 
 @dataclass
@@ -407,6 +410,7 @@ class Samples:
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
     sizes: torch.Tensor | None = None  # [count, 6]: SDXL's size and crop conditioning of each latent
+    weights: torch.Tensor | None = None  # [count, 1, h, w] on the device: the loss weights (masks.py), or None
 
     @property
     def count(self) -> int:
@@ -426,8 +430,10 @@ class Samples:
         t = torch.randint(0, self.timesteps, (batch,), generator=generator)
         device = self.latents.device
         noise = torch.randn((batch, *self.latents.shape[1:]), generator=generator).to(device)
-        return Batch(clean=self.latents[torch.tensor(indices, device=device)], timesteps=t.to(device), noise=noise,
-                     prompts=prompts, time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)])
+        chosen = torch.tensor(indices, device=device)
+        return Batch(clean=self.latents[chosen], timesteps=t.to(device), noise=noise, prompts=prompts,
+                     time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
+                     weights=None if self.weights is None else self.weights[chosen])
 
 
 def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
@@ -448,9 +454,12 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
     else:
         latents, captions = encode_latents(model, dataset, size, options.flip)
     sizes = latent_sizes(model, dataset, size, options.flip)
+    weights = loss_weights(dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask,
+                           options.mask_background)
     return Samples(latents=latents, captions=captions, template=template, name=name,
                    timesteps=noise_schedule(model)[1], seed=options.seed, shuffle_tags=options.shuffle_tags,
-                   tag_dropout=options.tag_dropout, sizes=sizes)
+                   tag_dropout=options.tag_dropout, sizes=sizes,
+                   weights=None if weights is None else weights.to(latents.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,9 +471,11 @@ def embedding_trainable(embedding: Embedding, model: SDModel, options: TrainOpti
     """The embedding's vectors as the run trains them: stamped with the model, with norm control as asked."""
     stamped = replace(embedding, model_hash=model.hash, model_name=model.name,
                       meta={**embedding.meta, "model_family": model.family})
-    limits = norm_limits(model, tuple(embedding.vectors), options.max_norm) if options.max_norm else None
+    keys = tuple(embedding.vectors)
+    limits = norm_limits(model, keys, options.max_norm) if options.max_norm else None
+    fixed = norm_limits(model, keys, options.fixed_norm) if options.fixed_norm else None
     return EmbeddingTrainable(stamped, model.device, initial=initial_from_state(saved["tensors"]) if saved else None,
-                              norm_limits=limits, init_pull=options.init_pull)
+                              norm_limits=limits, init_pull=options.init_pull, fixed_norms=fixed)
 
 
 def make_optimizer(trainable: Trainable, model: SDModel, options: TrainOptions,
@@ -540,16 +551,33 @@ def make_evaluator(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor,
     person-like start, from which the loss's drop is counted."""
     if not options.eval_every:
         return None
+    spec = evaluation_spec(options, start_step, saved, run.eval_log)
     batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
-                             tuple(samples.latents.shape[1:]), samples.timesteps, size=EVAL_SIZE, sizes=samples.sizes)
+                             tuple(samples.latents.shape[1:]), samples.timesteps, size=spec["samples"],
+                             sizes=samples.sizes, stratified=spec["stratified"])
     every = getattr(likeness, "every", 0)  # a face likeness has its own interval
-    evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness, every)
+    evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness, every,
+                          weights=samples.weights, spec=spec)
     evaluator.open(start_step, saved)
     if evaluator.neutral is None:
         count = next(iter(trainable.vectors.values())).shape[0]
         neutral = {key: vectors.to(model.device) for key, vectors in person_vectors(model, count).items()}
         evaluator.measure_neutral(trainable, neutral, trainable.initial)
     return evaluator
+
+
+def evaluation_spec(options: TrainOptions, start_step: int, saved: dict[str, Any] | None,
+                    eval_log: Path) -> dict[str, Any]:
+    """The fixed batch's size and timestep draw: a resumed run keeps the one it began with (one whose resume state
+    does not record it but whose eval.csv has rows began before it did: FORMER_EVAL_SIZE samples at random
+    timesteps), so that its curve stays one curve; a new run takes eval_samples, stratified."""
+    if start_step > 0:
+        recorded = saved["meta"].get("eval_batch") if saved is not None else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("samples"), int):
+            return {"samples": recorded["samples"], "stratified": bool(recorded.get("stratified"))}
+        if any(row[0] <= start_step for row in read_eval_log(eval_log)):
+            return {"samples": FORMER_EVAL_SIZE, "stratified": False}
+    return {"samples": options.eval_samples, "stratified": True}
 
 
 def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
@@ -816,7 +844,7 @@ def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, une
             optimizer.zero_grad(set_to_none=True)
             return None
         loss = diffusion_loss(model, encoder, alphas, batch.clean, batch.timesteps, batch.noise, batch.prompts,
-                              unet=unet, time_ids=batch.time_ids) / accumulation
+                              unet=unet, time_ids=batch.time_ids, weights=batch.weights) / accumulation
         penalty = trainable.penalty() if micro == 0 else None
         if penalty is not None:
             loss = loss + penalty

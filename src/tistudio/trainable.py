@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,18 +64,25 @@ class EmbeddingTrainable:
     """An embedding's vectors, one float32 Parameter per text encoder, spliced into the prompt encoder.
 
     `initial` is where the vectors started (kept in the resume state for --init-pull); `norm_limits` caps each
-    vector's norm per encoder after every step (--max-norm); `init_pull` weighs a pull toward the start.
+    vector's norm per encoder after every step (--max-norm); `fixed_norms` holds each vector's norm and trains its
+    direction only (--fixed-norm); `init_pull` weighs a pull toward the start.
     """
 
     def __init__(self, embedding: Embedding, device: torch.device, *, initial: Mapping[str, torch.Tensor] | None = None,
-                 norm_limits: Mapping[str, float] | None = None, init_pull: float = 0.0) -> None:
+                 norm_limits: Mapping[str, float] | None = None, init_pull: float = 0.0,
+                 fixed_norms: Mapping[str, float] | None = None) -> None:
         self.embedding = embedding
         self.vectors = {key: torch.nn.Parameter(tensor.to(device, torch.float32).clone())
                         for key, tensor in embedding.vectors.items()}
+        self.norm_limits = dict(norm_limits or {})
+        self.fixed_norms = dict(fixed_norms or {})
+        self.init_pull = init_pull
+        if self.fixed_norms:  # the start put on its sphere; the gradient keeps only its part across the sphere
+            self.constrain()
+            for vectors in self.vectors.values():
+                vectors.register_hook(partial(along_sphere, vectors))
         self.initial = ({key: tensor.to(device) for key, tensor in initial.items()} if initial is not None
                         else {key: vectors.detach().clone() for key, vectors in self.vectors.items()})
-        self.norm_limits = dict(norm_limits or {})
-        self.init_pull = init_pull
 
     @property
     def name(self) -> str:
@@ -104,12 +112,16 @@ class EmbeddingTrainable:
         return total
 
     def constrain(self) -> None:
-        if not self.norm_limits:
+        """After a step: each vector back on its sphere (--fixed-norm), or shortened to its cap (--max-norm)."""
+        if not self.norm_limits and not self.fixed_norms:
             return
         with torch.no_grad():
             for key, vectors in self.vectors.items():
-                limit = self.norm_limits[key]
-                vectors.mul_((limit / vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+                norms = vectors.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                if key in self.fixed_norms:
+                    vectors.mul_(self.fixed_norms[key] / norms)
+                else:
+                    vectors.mul_((self.norm_limits[key] / norms).clamp(max=1.0))
 
     def snapshot(self) -> Tensors:
         return {key: vectors.detach().to("cpu", torch.float32).clone() for key, vectors in self.vectors.items()}
@@ -134,6 +146,13 @@ def initial_from_state(tensors: Mapping[str, torch.Tensor]) -> Tensors | None:
     return found or None
 
 
-def norm_limits(model: Any, keys: tuple[str, ...], max_norm: float) -> dict[str, float]:
-    """--max-norm: max_norm times the median token norm of each text encoder's vocabulary."""
-    return {key: max_norm * float(model.text[key].table.detach().float().norm(dim=1).median()) for key in keys}
+def along_sphere(vectors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient without its part along each vector: what moves a vector's direction and not its length."""
+    unit = vectors.detach() / vectors.detach().norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return grad - (grad * unit).sum(dim=1, keepdim=True) * unit
+
+
+def norm_limits(model: Any, keys: tuple[str, ...], factor: float) -> dict[str, float]:
+    """`factor` times the median token norm of each text encoder's vocabulary (--max-norm's caps, --fixed-norm's
+    norms)."""
+    return {key: factor * float(model.text[key].table.detach().float().norm(dim=1).median()) for key in keys}
