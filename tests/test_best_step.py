@@ -85,7 +85,9 @@ def test_the_likeness_chooses_the_kept_step_where_it_was_measured(sd1_model, pho
     copy = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-6.safetensors")
     assert result.best_step == 6 and kept.step == 6 and torch.equal(kept.tensor, copy.tensor)
     assert kept.meta["best_by"] == "the highest likeness" and "highest likeness" in result.message
-    assert "the highest likeness" in (tmp_path / "run" / "report.html").read_text()
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "the highest likeness" in report
+    assert "Step 6 is kept" in report and "likeness 90% (highest 90% at step 6)" in report
     neutral = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["neutral_loss"]
     by_loss = best_step([(step, loss) for step, loss, _ in rows], neutral)
     assert by_loss != 6  # the loss alone would have kept another step

@@ -163,12 +163,32 @@ def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | 
     text = ("The loss on a fixed batch (the same images, noise, timesteps and prompts every time; solid) "
             + ("and the likeness of pictures from unseen prompts and seeds to the subject (dashed, right axis, "
                "0-100%); " if measured else "; ") + chosen)
+    text += kept_numbers(rows, best)
     start = next((loss for step, loss, _ in rows if step == 0), None)
     if neutral is not None and start is not None and neutral < start:
         text += (f" This run started farther from the subject ({start:.4f}) than the person-like start would have "
                  f"({neutral:.4f}), so the drop is counted from the latter: the fall while the start's own meaning "
                  "is unlearned does not count.")
     return f"<h2>Evaluation</h2>{eval_chart(rows, best)}<p class='muted'>{text}</p>"
+
+
+def kept_numbers(rows: list[tuple[int, float, float | None]], best: int | None) -> str:
+    """' Step 250 is kept: fixed-batch loss 0.1234 (lowest 0.1230 at step 300), likeness 87% (highest 88% at
+    step 275).' - the kept step (the last where none was marked) against the curve's best values."""
+    after = [(step, loss, like) for step, loss, like in rows if step > 0]
+    if not after:
+        return ""
+    step = best if best is not None else after[-1][0]
+    row = next((r for r in after if r[0] == step), None)
+    if row is None:
+        return ""
+    low = min(after, key=lambda r: r[1])
+    text = f" Step {step} is kept: fixed-batch loss {row[1]:.4f} (lowest {low[1]:.4f} at step {low[0]})"
+    liked = [r for r in after if r[2] is not None]
+    if row[2] is not None and liked:
+        top = max(liked, key=lambda r: r[2])
+        text += f", likeness {100 * row[2]:.0f}% (highest {100 * top[2]:.0f}% at step {top[0]})"
+    return text + "."
 
 
 def write_run_report(run_dir: Path, name: str, *, title: str | None = None, banner: str = "",
