@@ -261,3 +261,29 @@ def test_the_report_says_when_the_drop_is_counted_from_the_person_like_start() -
     assert "counted from the latter" in evaluation_section(rows, 25, neutral=0.6)
     assert "counted from the latter" not in evaluation_section(rows, 25, neutral=None)
     assert "counted from the latter" not in evaluation_section(rows, 25, neutral=0.95)  # its own start was nearer
+
+
+def test_evaluations_thin_out_after_step_500_and_the_last_step_is_still_evaluated(sd1_model, photos,
+                                                                                 tmp_path) -> None:
+    from tistudio.evaluation import SETTLED_STEP, evaluation_due
+
+    due = [step for step in range(1, 701) if evaluation_due(step, 25)]
+    assert due[:3] == [25, 50, 75] and SETTLED_STEP == 500 and 500 in due and 525 not in due
+    assert due[-4:] == [550, 600, 650, 700] and not evaluation_due(0, 0) and not evaluation_due(25, 0)
+    # a run ending between two evaluations is still evaluated at its last step, where it may be kept
+    fresh(sd1_model, tmp_path)
+    train(options(photos, tmp_path, max_steps=8, eval_every=3, eval_samples=4), cache_dir=tmp_path, model=sd1_model)
+    assert [row[0] for row in read_eval_log(tmp_path / "run" / "eval.csv")] == [0, 3, 6, 8]
+
+
+def test_a_stratified_fixed_batch_covers_the_whole_schedule() -> None:
+    from tistudio.evaluation import evaluation_batch
+
+    for size in (4, 8, 16):
+        batch = evaluation_batch(5, ["a"] * 5, ("a photo of [name]",), "tomtut", seed=3, latent_shape=(4, 8, 8),
+                                 timesteps=1000, size=size, stratified=True)
+        strata = sorted(int(t) * size // 1000 for t in batch.timesteps)
+        assert strata == list(range(size)), strata  # one timestep in each 1/size of the schedule
+        again = evaluation_batch(5, ["a"] * 5, ("a photo of [name]",), "tomtut", seed=3, latent_shape=(4, 8, 8),
+                                 timesteps=1000, size=size, stratified=True)
+        assert torch.equal(batch.timesteps, again.timesteps) and torch.equal(batch.noise, again.noise)
