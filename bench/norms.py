@@ -1,0 +1,172 @@
+"""Norms that keep prompts working, and the subject-masked loss: a study on the demo world.
+
+    python bench/norms.py [--steps 400] [--eval-every 50] [--lrs 0.005,0.05] [--seeds 0,1]
+                          [--variants none,max-norm=2,init-pull=1,fixed-norm=1] [--masks off,exact,face] [--out F.json]
+
+Each variant trains the demo's embedding (15 renders of the held-out person, 4 vectors, batch 4, the person-like
+start) the way real photos train: the fixed-batch loss keeps the step. At every evaluation a judge - 32 pictures
+from the four prompts the photos never show ("a painting of tomtut, smiling", "a photo of tomtut, serious, at
+night", ...), eight seeds no trainer uses, guidance 3 - is read twice: by the trait reader (does the picture show
+the person?) and by the scene reader (world.SceneReader: is it the place and the style the prompt asks for?).
+Variants: none (free norm), max-norm=N (cap at N times the vocabulary's median token norm), init-pull=W (a pull
+toward the start), fixed-norm=N (the norm held at N times the median, the direction trained). --masks exact trains
+with each photo's exact silhouette beside it (the renderer's own mask), --masks face with the head-and-shoulders
+shape --loss-mask face draws around a detected face (here around where the renderer put the face), both through
+the default --loss-mask.
+
+For each run it prints the share showing the person at the last step, its best over the run, at the kept step, the
+share obeying place and style (the lowest after the first evaluation, and at the last step), and the vectors'
+norm at the end over the vocabulary's median token norm. Then each variant's mean over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+JUDGE_SEEDS = tuple(range(1000, 1008))  # the learning benchmark's first judge: never a trainer's seed
+
+
+def variant_options(variant: str) -> dict:
+    if variant == "none":
+        return {}
+    key, _, value = variant.partition("=")
+    field = {"max-norm": "max_norm", "init-pull": "init_pull", "fixed-norm": "fixed_norm"}[key]
+    return {field: float(value)}
+
+
+def judge(folder: Path, name: str, cfg: float):
+    """judge(model, encoder) -> (share showing the person, share obeying place and style, the reader's mean
+    probability that a picture shows the person)."""
+    from tistudio import world
+    from tistudio.generate import Renderer, SamplingParams
+
+    traits = world.load_trait_reader(folder)
+    scenes = world.fit_scene_reader()
+
+    def look(model, encoder) -> tuple[float, float, float]:
+        renderer = Renderer(model, encoder)
+        images, wanted = [], []
+        for prompt in world.EVAL_PROMPTS:
+            text = prompt.format(name=name)
+            images += renderer.render(SamplingParams(prompt=text, steps=20, sampler="DDIM", cfg=cfg, width=world.SIZE,
+                                                     height=world.SIZE, seeds=JUDGE_SEEDS))
+            wanted += [world.prompt_scene(text)] * len(JUDGE_SEEDS)
+        logits = world.read_logits(traits, images)
+        shown = [world.decode_traits(logits, i) == world.HELD_OUT for i in range(len(images))]
+        chances = world.person_chances(logits, world.HELD_OUT)
+        obeyed = [read == want for read, want in zip(scenes.read(images), wanted, strict=True)]
+        return sum(shown) / len(shown), sum(obeyed) / len(obeyed), sum(chances) / len(chances)
+
+    return look
+
+
+def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every: int, cache: Path, model,
+            folder: Path, work: Path, cfg: float) -> dict:
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.create import create_embedding
+    from tistudio.demo import NAME, TEMPLATE, person_photos
+    from tistudio.embedding import read_embedding
+    from tistudio.runfolder import read_eval_log
+    from tistudio.train import train
+
+    photos = person_photos(work / "photos", masks=masks)
+    template = work / "template.txt"
+    template.write_text(TEMPLATE)
+    embeddings = work / "embeddings"
+    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)),
+                     cache_dir=cache, model=model)
+    look = judge(folder, NAME, cfg)
+    seen: list[tuple[float, float, float]] = []
+
+    def watch(model, encoder) -> None:  # the judge looks on; the trainer keeps by the loss, as with real photos
+        seen.append(look(model, encoder))
+
+    options = TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
+                           run_dir=str(work / "run"), template=str(template), batch_size=4, max_steps=steps,
+                           learning_rate=lr, eval_every=eval_every, preview_every=0, save_every=0, seed=seed,
+                           likeness="off", **variant_options(variant))
+    started = time.monotonic()
+    result = train(options, cache_dir=cache, model=model, likeness=watch)
+    seconds = time.monotonic() - started
+    evals = [row[0] for row in read_eval_log(work / "run" / "eval.csv")]
+    shares = dict(zip(evals, (s for s, _, _ in seen), strict=True))
+    obeyed = dict(zip(evals, (o for _, o, _ in seen), strict=True))
+    chances = dict(zip(evals, (c for _, _, c in seen), strict=True))
+    kept = result.best_step or result.step
+    last = read_embedding(work / "run" / f"{NAME}-last.safetensors") if result.best_step else \
+        read_embedding(work / "embeddings" / f"{NAME}.safetensors")
+    typical = {key: float(model.text[key].table.norm(dim=1).median()) for key in model.text}
+    norms = {key: round(float(v.norm(dim=1).mean()) / typical[key], 2) for key, v in last.vectors.items()}
+    after = [s for s in evals if s > 0]
+    return {"variant": variant, "lr": lr, "seed": seed, "masks": masks, "kept_step": kept,
+            "share_last": shares[evals[-1]], "share_best": max(shares[s] for s in after),
+            "share_kept": shares[kept], "chance_last": chances[evals[-1]], "chance_kept": chances[kept],
+            "obeyed_last": obeyed[evals[-1]], "obeyed_min": min(obeyed[s] for s in after),
+            "obeyed_before": obeyed[0], "norm_last": norms, "seconds": round(seconds, 1),
+            "shares": [(s, shares[s]) for s in evals], "chances": [(s, round(chances[s], 4)) for s in evals],
+            "obeyed": [(s, obeyed[s]) for s in evals]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--lrs", default="0.005,0.05")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--variants", default="none,max-norm=2,init-pull=1,fixed-norm=1")
+    parser.add_argument("--masks", default="off", help="off, exact, face, or several (default: %(default)s)")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tistudio.cli import quiet_third_party
+    from tistudio.config import ModelOptions
+    from tistudio.models import load_model
+    from tistudio.tinymodel import demo_model_dir
+
+    quiet_third_party()
+    cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
+    model = load_model(ModelOptions(model="demo"), cache)
+    folder = demo_model_dir(cache)
+    results = []
+    for lr in args.lrs.split(","):
+        for masks in (m if m != "off" else "" for m in args.masks.split(",")):
+            for variant in args.variants.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    with tempfile.TemporaryDirectory() as work:
+                        r = run_one(variant, lr, seed, masks, args.steps, args.eval_every, cache, model, folder,
+                                    Path(work), args.cfg)
+                    results.append(r)
+                    print(f"lr {lr:6} masks {masks or 'off':5} {variant:14} seed {seed}: person "
+                          f"{r['share_last']:.0%} at {args.steps} (best {r['share_best']:.0%}, kept step "
+                          f"{r['kept_step']} {r['share_kept']:.0%}; the reader's probability {r['chance_last']:.2f} at "
+                          f"the last step, {r['chance_kept']:.2f} kept); place and style obeyed {r['obeyed_last']:.0%} "
+                          f"at {args.steps}, lowest {r['obeyed_min']:.0%} (before training {r['obeyed_before']:.0%}); "
+                          f"norm {r['norm_last']} x a typical word's; {r['seconds']} s", flush=True)
+                    if args.out:
+                        args.out.write_text(json.dumps(results))
+    print("\nmeans over seeds: person at the last step, its best, at the kept step; obeyed at the last step, lowest")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["lr"], r["masks"], r["variant"]), []).append(r)
+    for (lr, masks, variant), rows in groups.items():
+        def mean(key: str, rows: list[dict] = rows) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        print(f"lr {lr:6} masks {masks or 'off':5} {variant:14} person {mean('share_last'):.1%} / best "
+              f"{mean('share_best'):.1%} / kept {mean('share_kept'):.1%} (probability {mean('chance_last'):.3f} / kept "
+              f"{mean('chance_kept'):.3f}); obeyed {mean('obeyed_last'):.1%} / lowest "
+              f"{mean('obeyed_min'):.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
