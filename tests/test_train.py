@@ -373,16 +373,16 @@ def test_a_resumed_run_keeps_the_fixed_batch_it_began_with(sd1_model, photos, tm
     eval_a = (straight.parent / "run" / "eval.csv").read_text()
     assert eval_a == (resumed.parent / "run" / "eval.csv").read_text() and len(eval_a.splitlines()) == 5
     state = json.loads((resumed.parent / "run" / "state" / "state-6.json").read_text())
-    assert state["eval_batch"] == {"samples": 4, "stratified": True}
+    assert state["eval_batch"] == {"samples": 4, "stratified": False}
     # A run begun before the batch was recorded resumes with the batch of its day: 16 samples, random timesteps.
     earlier = tmp_path / "earlier" / "emb"
     earlier.mkdir(parents=True)
     shutil.copy(tmp_path / "template" / "tomtut.safetensors", earlier / "tomtut.safetensors")
-    assert run(sd1_model, photos, earlier, stop_at=3, **settings).stopped
+    assert run(sd1_model, photos, earlier, stop_at=3, eval_samples=4, **settings).stopped
     saved = earlier.parent / "run" / "state" / "state-3.json"
     old = json.loads(saved.read_text())
     del old["eval_batch"]
     saved.write_text(json.dumps(old))
-    run(sd1_model, photos, earlier, **settings)
+    run(sd1_model, photos, earlier, eval_samples=4, **settings)
     state = json.loads((earlier.parent / "run" / "state" / "state-6.json").read_text())
     assert state["eval_batch"] == {"samples": 16, "stratified": False}

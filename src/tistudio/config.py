@@ -183,8 +183,8 @@ class TrainOptions(ModelOptions):
     # After step 500 (evaluation.SETTLED_STEP) every 2N steps: the curve moves slowly by then.
     eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (every 2N after step 500; 0: off)",
                              minimum=0, advanced=True)
-    # Samples in the fixed batch (each image in turn, fixed noise and prompts, timesteps spread evenly over the
-    # schedule); a forward pass each. A resumed run keeps the batch it began with.
+    # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. A
+    # resumed run keeps the batch it began with.
     eval_samples: int = option(16, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
     # Judge steps by the faces in pictures from prompts the templates never use (likeness.py): at the first
     # evaluation of every likeness_every steps (and at the last step), likeness_pictures pictures of

@@ -570,14 +570,14 @@ def evaluation_spec(options: TrainOptions, start_step: int, saved: dict[str, Any
                     eval_log: Path) -> dict[str, Any]:
     """The fixed batch's size and timestep draw: a resumed run keeps the one it began with (one whose resume state
     does not record it but whose eval.csv has rows began before it did: FORMER_EVAL_SIZE samples at random
-    timesteps), so that its curve stays one curve; a new run takes eval_samples, stratified."""
+    timesteps), so that its curve stays one curve; a new run takes eval_samples at random timesteps."""
     if start_step > 0:
         recorded = saved["meta"].get("eval_batch") if saved is not None else None
         if isinstance(recorded, dict) and isinstance(recorded.get("samples"), int):
             return {"samples": recorded["samples"], "stratified": bool(recorded.get("stratified"))}
         if any(row[0] <= start_step for row in read_eval_log(eval_log)):
             return {"samples": FORMER_EVAL_SIZE, "stratified": False}
-    return {"samples": options.eval_samples, "stratified": True}
+    return {"samples": options.eval_samples, "stratified": False}
 
 
 def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
