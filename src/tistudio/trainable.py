@@ -77,8 +77,9 @@ class EmbeddingTrainable:
         self.norm_limits = dict(norm_limits or {})
         self.fixed_norms = dict(fixed_norms or {})
         self.init_pull = init_pull
-        if self.fixed_norms:  # the start put on its sphere; the gradient keeps only its part across the sphere
-            self.constrain()
+        if self.fixed_norms:  # a new start put on its sphere (a resumed one is there: its bits are kept as saved);
+            if initial is None:  # the gradient keeps only its part across the sphere
+                self.constrain()
             for vectors in self.vectors.values():
                 vectors.register_hook(partial(along_sphere, vectors))
         self.initial = ({key: tensor.to(device) for key, tensor in initial.items()} if initial is not None
