@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -136,16 +135,9 @@ def main() -> int:
     if args.replay:
         print_replay(json.loads(args.replay.read_text()), args.batch_seeds)
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tistudio.cli import quiet_third_party
-    from tistudio.config import ModelOptions
-    from tistudio.models import load_model
-    from tistudio.tinymodel import demo_model_dir
+    from learning import demo_world
 
-    quiet_third_party()
-    cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
-    model = load_model(ModelOptions(model="demo"), cache)
-    folder = demo_model_dir(cache)
+    cache, model, folder = demo_world()
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         with tempfile.TemporaryDirectory() as work:

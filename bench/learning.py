@@ -200,6 +200,20 @@ def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, mode
                          for s, (shown, chances) in zip(steps_read, per_picture, strict=True)]}
 
 
+def demo_world() -> tuple[Path, object, Path]:
+    """(cache, model, folder): the demo world model loaded offline, quietly, from TISTUDIO_CACHE (the benchmarks of
+    the demo world share it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tistudio.cli import quiet_third_party
+    from tistudio.config import ModelOptions
+    from tistudio.models import load_model
+    from tistudio.tinymodel import demo_model_dir
+
+    quiet_third_party()
+    cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
+    return cache, load_model(ModelOptions(model="demo"), cache), demo_model_dir(cache)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -217,16 +231,7 @@ def main() -> int:
                         help="train without the trainer's likeness (it then keeps the lowest loss; faster)")
     parser.add_argument("--out", type=Path, help="also write every result, with its curves, to this JSON file")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tistudio.cli import quiet_third_party
-    from tistudio.config import ModelOptions
-    from tistudio.models import load_model
-    from tistudio.tinymodel import demo_model_dir
-
-    quiet_third_party()
-    cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
-    model = load_model(ModelOptions(model="demo"), cache)
-    folder = demo_model_dir(cache)
+    cache, model, folder = demo_world()
     results = []
     for init in args.inits.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 JUDGE_SEEDS = tuple(range(1000, 1008))  # the learning benchmark's first judge: never a trainer's seed
 
 
@@ -126,16 +126,9 @@ def main() -> int:
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tistudio.cli import quiet_third_party
-    from tistudio.config import ModelOptions
-    from tistudio.models import load_model
-    from tistudio.tinymodel import demo_model_dir
+    from learning import demo_world
 
-    quiet_third_party()
-    cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
-    model = load_model(ModelOptions(model="demo"), cache)
-    folder = demo_model_dir(cache)
+    cache, model, folder = demo_world()
     results = []
     for lr in args.lrs.split(","):
         for masks in (m if m != "off" else "" for m in args.masks.split(",")):

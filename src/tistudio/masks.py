@@ -71,10 +71,10 @@ def loss_weights(dataset: Dataset, size: int, side: int, flip: bool, mode: str, 
     if mode == "off":
         return None
     masks: list[Image.Image | None] = []
-    finder = find_face if find_face is not None or mode != "face" else face_finder()
+    finder = (find_face or face_finder()) if mode == "face" else None
     for item in dataset.images:
         mask = item.mask
-        if mask is None and mode == "face" and finder is not None:
+        if mask is None and finder is not None:
             box = finder(item.image)
             mask = None if box is None else head_and_shoulders(item.image.size, box)
         masks.append(mask)
