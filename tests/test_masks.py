@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tistudio.config import TrainOptions, validate_train
 from tistudio.dataset import load_dataset
 from tistudio.embedding import read_embedding
 from tistudio.errors import OptionError
-from tistudio.masks import head_and_shoulders, loss_weights
+from tistudio.masks import head_and_shoulders, loss_weights, mask_mode, style_template
 from tistudio.train import train
 from tistudio.trainable import along_sphere
 
@@ -124,8 +125,10 @@ def test_the_trainer_weighs_the_loss_by_the_masks(sd1_model, photos, tmp_path) -
     assert not torch.allclose(masked, plain, atol=1e-4)  # the loss looked elsewhere, the vectors moved elsewhere
     off = trained(sd1_model, centred, tmp_path / "off" / "emb", loss_mask="off")
     assert torch.allclose(off, plain, atol=1e-6)
-    options = (tmp_path / "m" / "run" / "options.json").read_text()
-    assert '"loss_mask": "masks"' in options and '"mask_background": 0.1' in options
+    options = json.loads((tmp_path / "m" / "run" / "options.json").read_text())
+    assert options["options"]["loss_mask"] == "auto" and options["options"]["mask_background"] == 0.1
+    assert options["resolved"]["loss_mask"] == f"auto: {len(list(centred.glob('*.mask.png')))} of 6 images weighted " \
+        "toward the subject"
 
 
 def test_a_fixed_norm_trains_the_direction_only(sd1_model, photos, tmp_path) -> None:
@@ -179,3 +182,92 @@ def test_face_mode_finds_the_face_of_a_real_photo_and_weighs_it(tmp_path) -> Non
     scale, left, top = side / min(w, h), (w - min(w, h)) / 2, (h - min(w, h)) / 2
     cx, cy = ((x1 + x2) / 2 - left) * scale / 8, ((y1 + y2) / 2 - top) * scale / 8
     assert grid[int(cy), int(cx)] > 1.2 and grid[0, 0] < 0.5 and grid[0, -1] < 0.5
+
+
+def test_auto_draws_face_shapes_only_in_a_set_of_faces(photos) -> None:
+    dataset = load_dataset(photos)
+    count = len(dataset.images)
+
+    def faces_in(share: int):
+        def finder(picture: Image.Image):
+            seen.append(picture)
+            w, h = picture.size
+            return (0.4 * w, 0.25 * h, 0.6 * w, 0.5 * h) if len(seen) <= share else None
+        seen: list[Image.Image] = []
+        return finder
+
+    # a face in under half the photos (a car and a passer-by): no face shapes, the plain loss
+    assert loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1,
+                        find_face=faces_in(count // 2 - 1)) is None
+    # a face in most photos: those are weighted toward head and shoulders, the rest weigh every pixel alike
+    weights = loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1, find_face=faces_in(count - 1))
+    assert weights is not None and weights.shape == (count, 1, 8, 8)
+    assert all(weights[i].std() > 0.1 for i in range(count - 1)) and torch.equal(weights[-1], torch.ones(1, 8, 8))
+    # "face" draws wherever a face is found, however few
+    assert loss_weights(dataset, 64, 8, flip=False, mode="face", background=0.1, find_face=faces_in(1)) is not None
+
+
+def test_auto_keeps_style_runs_and_earlier_runs_unmasked() -> None:
+    from tistudio.templates import load_template
+
+    assert style_template(load_template("style")) and style_template(load_template("style_filewords"))
+    assert not style_template(load_template("subject")) and not style_template(load_template("subject_filewords"))
+    assert style_template(("a portrait in the style of [name]", "a city, [name] style", "a photo of [name]"))
+    subject = load_template("subject")
+    assert mask_mode("auto", load_template("style"), None, resumed=False) == "masks"
+    assert mask_mode("auto", subject, None, resumed=False) == "auto"
+    assert mask_mode("auto", subject, "auto", resumed=True) == "auto"
+    assert mask_mode("auto", subject, None, resumed=True) == "masks"  # a run begun before auto: as it began
+    assert mask_mode("face", load_template("style"), "masks", resumed=True) == "face"  # asked for: as asked
+
+
+def face_set(folder: Path, size: int = 96) -> Path:
+    """Four photos of real faces (tests/data's portraits and their mirror images), a little larger than training."""
+    from PIL import ImageOps
+
+    folder.mkdir(parents=True)
+    for name in ("astronaut.jpg", "grace_hopper.jpg"):
+        photo = Image.open(Path(__file__).parent / "data" / name).convert("RGB")
+        photo.thumbnail((size * 2, size * 2))
+        photo.save(folder / f"{Path(name).stem}.png")
+        ImageOps.mirror(photo).save(folder / f"{Path(name).stem}-mirrored.png")
+    return folder
+
+
+def test_a_run_on_real_faces_weighs_head_and_shoulders_by_default_and_resumes_exactly(sd1_model, tmp_path) -> None:
+    from test_train import run, twin_folders
+
+    faces = face_set(tmp_path / "faces")
+    straight, resumed = twin_folders(sd1_model, tmp_path)
+    settings = dict(max_steps=4, save_every=2, eval_every=2)
+    run(sd1_model, faces, straight, **settings)
+    resolved = json.loads((straight.parent / "run" / "options.json").read_text())["resolved"]
+    assert resolved["loss_mask"] == "auto: 4 of 4 images weighted toward the subject"
+    assert "auto: 4 of 4 images weighted toward the subject" in (straight.parent / "run" / "report.html").read_text()
+    assert run(sd1_model, faces, resumed, stop_at=3, **settings).stopped
+    run(sd1_model, faces, resumed, **settings)
+    a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")
+    assert a.step == b.step == 4 and torch.equal(a.tensor, b.tensor)
+    # the same photos taught as a style: no face shape narrows the loss
+    style = trained(sd1_model, faces, tmp_path / "style" / "emb", template="style")
+    resolved = json.loads((tmp_path / "style" / "run" / "options.json").read_text())["resolved"]
+    assert resolved["loss_mask"] == "masks: 0 of 4 images weighted toward the subject"
+    plain = trained(sd1_model, faces, tmp_path / "off" / "emb", template="style", loss_mask="off")
+    assert torch.equal(style, plain)
+
+
+def test_a_run_resumed_from_before_auto_keeps_training_unmasked(sd1_model, tmp_path) -> None:
+    from test_train import run, twin_folders
+
+    faces = face_set(tmp_path / "faces")
+    straight, resumed = twin_folders(sd1_model, tmp_path)
+    settings = dict(max_steps=4, save_every=2)
+    run(sd1_model, faces, straight, loss_mask="masks", **settings)
+    assert run(sd1_model, faces, resumed, stop_at=2, loss_mask="masks", **settings).stopped
+    saved = resumed.parent / "run" / "state" / "state-2.json"
+    old = json.loads(saved.read_text())
+    assert old.pop("loss_mask") == "masks"
+    saved.write_text(json.dumps(old))  # as a run of the release before --loss-mask auto left it
+    run(sd1_model, faces, resumed, **settings)  # --loss-mask auto (the default) now
+    a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")
+    assert torch.equal(a.tensor, b.tensor)

@@ -180,8 +180,10 @@ class TrainOptions(ModelOptions):
     # Seeds data order, timesteps and noise; the same seed and options give the same embedding.
     seed: int = option(0, "random seed", minimum=0, maximum=2**32 - 1, advanced=True)
     # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
-    # After step 500 (evaluation.SETTLED_STEP) every 2N steps: the curve moves slowly by then.
-    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (every 2N after step 500; 0: off)",
+    # Less often as the curve slows (evaluation.evaluation_interval): every N steps to step 500, 2N to 1500, 4N to
+    # 3500, ...
+    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (2N after step 500, 4N after 1500, "
+                             "...; 0: off)",
                              minimum=0, advanced=True)
     # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. A
     # resumed run keeps the batch it began with.
@@ -220,9 +222,12 @@ class TrainOptions(ModelOptions):
                                "typical word's (0: off)", minimum=0.0, maximum=100.0, advanced=True)
     # Weight the loss toward the subject: "masks" where a photo has one (an alpha channel, or IMAGE.mask.png /
     # IMAGE-masklabel.png beside it: white the subject, black the rest), "face" also a head-and-shoulders shape around
-    # the face found in photos without one, "off" never. The rest of the picture keeps mask_background of the weight.
-    loss_mask: str = option("masks", "weight the loss toward the subject: masks (alpha or IMAGE.mask.png), face "
-                            "(also around detected faces) or off", choices=("masks", "face", "off"), advanced=True)
+    # the face found in photos without one, "auto" that where most photos show a face and the template is not a
+    # style's (masks.py), "off" never. The rest of the picture keeps mask_background of the weight. A resumed run
+    # keeps what "auto" chose when it began.
+    loss_mask: str = option("auto", "weight the loss toward the subject: auto (photo masks, and head and shoulders "
+                            "in a set of faces), masks (alpha or IMAGE.mask.png), face (around any face found) or "
+                            "off", choices=("auto", "masks", "face", "off"), advanced=True)
     mask_background: float = option(0.1, "the loss weight of what a mask leaves out, relative to the subject",
                                     minimum=0.0, maximum=1.0, advanced=True)
     # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for

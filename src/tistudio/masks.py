@@ -1,17 +1,24 @@
 """Where the loss looks: per-pixel weights that put the diffusion loss on the subject, not on its surroundings.
 
 A photo's mask (dataset.py reads it: an alpha channel, or ``IMAGE.mask.png`` / OneTrainer's
-``IMAGE-masklabel.png`` beside the photo; white is the subject) or, with ``--loss-mask face``, a head-and-shoulders
-shape around the face the detector finds, becomes a weight per latent pixel: cut to the training square as the
+``IMAGE-masklabel.png`` beside the photo; white is the subject) or a head-and-shoulders shape around the face the
+detector finds becomes a weight per latent pixel: cut to the training square as the
 photo is, reduced to the latent grid, its edge softened, the left-out part keeping ``mask_background`` of the
 weight, then scaled so that every image's weights average 1 (a masked image teaches as much as an unmasked one and
 the learning rate means what it did). Images without a mask weigh every pixel alike. Where no image has a mask
 there are no weights at all, and the loss is the plain mean.
+
+Which photos get a face shape (``--loss-mask``): ``auto`` (the default) where the run learns a subject - not with a
+style template, whose word is the whole picture's look - and a face is found in at least FACE_SHARE of the photos
+without a mask of their own (a set of faces, not a car with a passer-by); ``face`` wherever a face is found;
+``masks`` only the photos' own masks; ``off`` never. On the demo world the head-and-shoulders weighting raised the
+share of unseen-prompt pictures showing the person in every seed (bench/norms.py --masks).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +28,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from .dataset import Dataset, square
 
 log = logging.getLogger(__name__)
+
+FACE_SHARE = 0.5  # --loss-mask auto: faces must be found in at least this share of the photos without a mask
+STYLE_LINE = re.compile(r"(\bby|\bstyle of|\bin the style of)\s+\[name\]|\[name\]\s+style", re.IGNORECASE)
 
 FaceFinder = Callable[[Image.Image], tuple[float, float, float, float] | None]  # a picture -> its face's box
 
@@ -62,22 +72,53 @@ def latent_weights(mask: Image.Image, size: int, side: int, background: float) -
     return weights / mean if mean > 1e-6 else np.ones_like(weights)
 
 
+def style_template(lines: tuple[str, ...]) -> bool:
+    """Whether a template teaches a style (most lines say "art by [name]", "in the style of [name]", ...): the word
+    is then the whole picture's look, and no face shape should narrow the loss."""
+    return sum(bool(STYLE_LINE.search(line)) for line in lines) * 2 > len(lines)
+
+
+def mask_mode(asked: str, template: tuple[str, ...], recorded: str | None, resumed: bool) -> str:
+    """The --loss-mask a run trains with. A resumed run keeps the one it began with (recorded in its resume state;
+    a run begun before auto existed began with "masks"), so that its loss and its fixed-batch curve stay one. `auto`
+    is "masks" for a style template, else "auto" (face shapes where most photos show a face: loss_weights)."""
+    if asked != "auto":
+        return asked
+    if resumed:
+        return recorded or "masks"
+    return "masks" if style_template(template) else "auto"
+
+
+def face_masks(dataset: Dataset, mode: str, finder: FaceFinder) -> list[Image.Image | None]:
+    """Each photo's own mask, or (modes "face" and "auto") the head-and-shoulders around its face; with "auto",
+    none drawn unless faces were found in at least FACE_SHARE of the photos without a mask."""
+    own = [item.mask for item in dataset.images]
+    boxes = {i: finder(item.image) for i, item in enumerate(dataset.images) if own[i] is None}
+    found = {i: box for i, box in boxes.items() if box is not None}
+    if mode == "auto" and len(found) < FACE_SHARE * len(boxes):
+        if found:
+            log.info("a face in only %d of %d photos without a mask: the set is not of a face, so no face shapes "
+                     "weigh the loss", len(found), len(boxes))
+        return own
+    if found:
+        log.info("head and shoulders weigh the loss in the %d of %d photos without a mask where a face was found",
+                 len(found), len(boxes))
+    return [head_and_shoulders(item.image.size, found[i]) if i in found else own[i]
+            for i, item in enumerate(dataset.images)]
+
+
 def loss_weights(dataset: Dataset, size: int, side: int, flip: bool, mode: str, background: float,
                  find_face: FaceFinder | None = None) -> torch.Tensor | None:
     """[count, 1, side, side] weights in encode_latents' order (each image, then its mirror with `flip`), or None
     where no image has a mask (mode "off", or no mask given and none found). `mode`: "masks" uses the photos'
     masks; "face" also draws head-and-shoulders around the face found (`find_face`, the detector by default) in
-    photos without one."""
+    photos without one; "auto" does so where most of those photos show a face (mask_mode resolves the option)."""
     if mode == "off":
         return None
-    masks: list[Image.Image | None] = []
-    finder = (find_face or face_finder()) if mode == "face" else None
-    for item in dataset.images:
-        mask = item.mask
-        if mask is None and finder is not None:
-            box = finder(item.image)
-            mask = None if box is None else head_and_shoulders(item.image.size, box)
-        masks.append(mask)
+    if mode in ("face", "auto") and any(item.mask is None for item in dataset.images):
+        masks = face_masks(dataset, mode, find_face or face_finder())
+    else:
+        masks = [item.mask for item in dataset.images]
     given = sum(mask is not None for mask in masks)
     if not given:
         if mode == "face":

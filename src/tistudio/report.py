@@ -209,6 +209,7 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             "Learning rate": options.get("learning_rate"), "Batch x accumulation":
                 f"{resolved.get('batch_size', options.get('batch_size'))} x {options.get('gradient_accumulation')}",
             "Template": options.get("template"),
+            "Loss weighted": resolved.get("loss_mask") or "-",
             "Steps": (f"{rows[-1]['step']:.0f}" if rows else "0")
             + (f" (the last sitting resumed at step {resolved['start_step']})" if resolved.get("start_step") else ""),
         }

@@ -37,7 +37,7 @@ from .embedding import Embedding, find_embedding_file, png_embedding_text, read_
 from .errors import EmbeddingError, TistudioError
 from .evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
-from .masks import loss_weights
+from .masks import loss_weights, mask_mode
 from .models import SDModel, load_model, resolve_device
 from .objective import diffusion_loss, noise_schedule, seed_for, size_ids
 from .parallel import Parallel, PeerLost, process_group
@@ -134,7 +134,9 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         point.run.open(start_step)
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
-    samples = encode_samples(model, dataset, size, template, name, options, parallel)
+    masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None,
+                        start_step > 0)
+    samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel)
     alphas = noise_schedule(model)[0].to(model.device)
 
     # 4. What trains, its optimizer, and where the last sitting left them.
@@ -160,7 +162,8 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         report.also(board.progress)
     losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main, board=board)
     checkpoints = Checkpointer(point.run, trainable, point.target, ResumeState(trainable.parameters(), optimizer,
-                               scaler), guard, evaluator, losses, start_step, writes=main)
+                               scaler), guard, evaluator, losses, start_step, writes=main,
+                               meta={"loss_mask": masking})
     if evaluator is not None and start_step == 0:
         evaluate(evaluator, trainable, 0, schedule.end_step, report)  # the untrained start, for the curve
     if previewer is not None:
@@ -177,7 +180,8 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
         per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
         if main:
-            write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel)
+            write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel,
+                              masking=describe_masking(masking, samples))
         loop_started = time.monotonic()
         agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
         while step < schedule.end_step and not (agreed_stop if parallel.active else stop.is_set()):
@@ -462,6 +466,12 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
                    weights=None if weights is None else weights.to(latents.device))
 
 
+def describe_masking(mode: str, samples: Samples) -> str:
+    """What options.json says of the loss's weighting: the mode trained with, and whether any image is weighted."""
+    weighted = 0 if samples.weights is None else int((samples.weights.flatten(1).std(dim=1) > 1e-6).sum())
+    return f"{mode}: {weighted} of {samples.count} images weighted toward the subject"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. What trains, its optimizer and the resume state
 
@@ -686,8 +696,9 @@ class Checkpointer:
 
     def __init__(self, run: RunFolder, trainable: EmbeddingTrainable, target: Path, state: ResumeState,
                  guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int,
-                 writes: bool = True) -> None:
+                 writes: bool = True, meta: dict[str, Any] | None = None) -> None:
         self.run, self.trainable, self.target, self.state = run, trainable, target, state
+        self.meta = dict(meta or {})  # what the run decided once and a resume keeps (the resolved loss mask)
         self.guard, self.evaluator, self.losses, self.writes = guard, evaluator, losses, writes
         self.saved_step = start_step
 
@@ -698,7 +709,7 @@ class Checkpointer:
             return
         values = self.trainable.snapshot()
         meta, tensors = self.evaluator.state() if self.evaluator is not None else ({}, {})
-        self.state.meta = {**self.guard.state(), **meta}
+        self.state.meta = {**self.guard.state(), **self.meta, **meta}
         self.state.tensors = {**tensors, **self.trainable.state()}
 
         def write(path: Path, name: str) -> Path:
@@ -810,7 +821,7 @@ def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: 
 
 def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel, schedule: Schedule,
                       dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None,
-                      parallel: Parallel) -> None:
+                      parallel: Parallel, masking: str = "") -> None:
     """options.json: the options as given and as resolved (what a later sitting and the report read)."""
     write_json(point.run.path / "options.json", {"options": to_dict(options), "resolved": {
         "embedding_file": str(point.embedding_path), "start_step": point.step, "end_step": schedule.end_step,
@@ -819,7 +830,7 @@ def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel,
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
         "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
         "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
-        "compiled_unet": options.compile_unet,
+        "compiled_unet": options.compile_unet, "loss_mask": masking,
         "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
 
 
