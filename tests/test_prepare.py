@@ -225,3 +225,52 @@ def test_cli_prepare_then_train_on_the_result(tmp_path, sd1_model, tiny_sd1, cac
                  "prepared", "--steps", "2", "--preview-every", "0"]) == 0
     options = json.loads(Path("runs/tomtut/options.json").read_text())
     assert options["resolved"]["images"] == 4  # two photos and their mirrored copies
+
+
+def test_masks_travel_with_their_photos_into_the_prepared_set(tmp_path, detector) -> None:
+    """A mask file beside a photo, or its alpha channel, is cut, resized and mirrored as the photo was, kept as
+    IMAGE.mask.png beside the prepared picture (never prepared as a photo itself), and redone when it changes."""
+    from tistudio.dataset import load_dataset
+
+    photos = real_photos(tmp_path / "photos")
+    hopper = Image.open(photos / "grace_hopper.jpg")
+    left = Image.new("L", hopper.size, 0)
+    left.paste(255, (0, 0, hopper.width // 2, hopper.height))  # the photo's left half is the subject
+    left.save(photos / "grace_hopper.mask.png")
+    astronaut = Image.open(photos / "astronaut.jpg").convert("RGBA")
+    alpha = Image.new("L", astronaut.size, 0)
+    alpha.paste(255, (0, 0, astronaut.width, astronaut.height // 2))  # the top half is opaque
+    astronaut.putalpha(alpha)
+    astronaut.save(photos / "astronaut.png")
+    (photos / "astronaut.jpg").unlink()
+    options = PrepareOptions(photos=str(photos), out=str(tmp_path / "out"), size=128, flip=True)
+    result = prepare(options, detector=detector)
+    out = tmp_path / "out"
+    assert sorted(item.source for item in result.items) == ["astronaut.png", "grace_hopper.jpg"]  # no mask photo
+    items = {item.source: item for item in result.items}
+    assert items["grace_hopper.jpg"].mask == "grace_hopper.mask.png" and items["astronaut.png"].mask == "alpha channel"
+    for stem, crop in (("grace_hopper", items["grace_hopper.jpg"].crop), ("astronaut", items["astronaut.png"].crop)):
+        cut = np.asarray(Image.open(out / f"{stem}.mask.png"))
+        mirrored = np.asarray(Image.open(out / f"{stem}-flip.mask.png"))
+        assert cut.shape == (128, 128) and np.array_equal(mirrored, cut[:, ::-1])
+        source = np.asarray((left if stem == "grace_hopper" else alpha).crop(crop).resize((128, 128)))
+        assert np.abs(cut.astype(int) - source.astype(int)).mean() < 2  # the same cut as the picture's
+    # training reads them as the prepared pictures' masks; the photo itself is flattened on grey
+    dataset = load_dataset(out)
+    assert len(dataset.images) == 4 and all(item.mask is not None for item in dataset.images)
+    assert all(item.image.mode == "RGB" for item in dataset.images)
+    # a changed mask is prepared again, an unchanged set is reused
+    assert prepare(options, detector=detector).reused == 2
+    right = Image.new("L", hopper.size, 0)
+    right.paste(255, (hopper.width // 2, 0, hopper.width, hopper.height))
+    right.save(photos / "grace_hopper.mask.png")
+    again = prepare(options, detector=detector)
+    assert (again.processed, again.reused) == (1, 1)
+    crop = items["grace_hopper.jpg"].crop
+    assert np.abs(np.asarray(Image.open(out / "grace_hopper.mask.png")).astype(int)
+                  - np.asarray(right.crop(crop).resize((128, 128))).astype(int)).mean() < 2
+    # a mask of the wrong shape leaves its photo out, with the reason
+    Image.new("L", (hopper.width, hopper.height * 2), 255).save(photos / "grace_hopper.mask.png")
+    bad = {item.source: item for item in prepare(options, detector=detector).items}["grace_hopper.jpg"]
+    assert bad.status == "skipped" and "mask" in bad.reason and "shape" in bad.reason
+    assert not (out / "grace_hopper.mask.png").exists() and not (out / "grace_hopper.png").exists()

@@ -232,20 +232,26 @@ def is_mask_file(name: str) -> bool:
     return name.lower().endswith(MASK_SUFFIXES)
 
 
+def mask_file(path: Path) -> Path | None:
+    """The mask file beside a photo: IMAGE.mask.png, else OneTrainer's IMAGE-masklabel.png; None where neither is."""
+    return next((candidate for candidate in (path.with_name(path.stem + suffix) for suffix in MASK_SUFFIXES)
+                 if candidate.is_file()), None)
+
+
 def photo_mask(path: Path, image: Image.Image, transparency: Image.Image | None) -> Image.Image | None:
     """A photo's mask: IMAGE.mask.png or IMAGE-masklabel.png beside it (white the subject), else its alpha; the
     photo's size. DatasetError where the mask file cannot be read or its shape is not the photo's."""
-    for candidate in (path.with_name(path.stem + suffix) for suffix in MASK_SUFFIXES):
-        if candidate.is_file():
-            try:
-                mask, _ = read_image(candidate)
-            except DatasetError as exc:
-                raise DatasetError(f"its mask {candidate.name}: {exc}") from None
-            if abs(mask.width * image.height - mask.height * image.width) > 0.02 * mask.width * image.height:
-                raise DatasetError(f"its mask {candidate.name} is {mask.width}x{mask.height}, the photo "
-                                   f"{image.width}x{image.height}; a mask must have the photo's shape")
-            return mask.convert("L").resize(image.size, Image.BILINEAR)
-    return transparency
+    candidate = mask_file(path)
+    if candidate is None:
+        return transparency
+    try:
+        mask, _ = read_image(candidate)
+    except DatasetError as exc:
+        raise DatasetError(f"its mask {candidate.name}: {exc}") from None
+    if abs(mask.width * image.height - mask.height * image.width) > 0.02 * mask.width * image.height:
+        raise DatasetError(f"its mask {candidate.name} is {mask.width}x{mask.height}, the photo "
+                           f"{image.width}x{image.height}; a mask must have the photo's shape")
+    return mask.convert("L").resize(image.size, Image.BILINEAR)
 
 
 def kept_part(image: Image.Image) -> Image.Image:
@@ -314,7 +320,7 @@ def prepared_sources(folder: Path) -> dict[str, tuple[tuple[int, int], tuple[int
         files = data.get("files", {}) if isinstance(data, dict) else {}
         found = {}
         for item in files.values() if isinstance(files, dict) else ():
-            pictures = [o for o in item.get("outputs", []) if str(o).endswith(".png")]
+            pictures = [o for o in item.get("outputs", []) if str(o).endswith(".png") and not is_mask_file(str(o))]
             crop, size = item.get("crop"), item.get("original_size")
             if item.get("status") != "ok" or not crop or not size or item.get("framing") == "split":
                 continue  # a split photo's squares are several; the manifest keeps the first

@@ -35,7 +35,15 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .config import PrepareOptions, validate_prepare
-from .dataset import CAPTION_SUFFIXES, filename_words, read_image, sidecar_caption
+from .dataset import (
+    CAPTION_SUFFIXES,
+    decode_image,
+    filename_words,
+    is_mask_file,
+    mask_file,
+    photo_mask,
+    sidecar_caption,
+)
 from .errors import DatasetError, OptionError
 from .progress import Event, Progress, Reporter
 from .storage import atomic_write, file_sha256, write_json, write_text
@@ -80,6 +88,8 @@ class Item:
     identity: list[float] | None = None  # the face's descriptor (identity.py), where it was described
     person_distance: float | None = None  # its average distance to the set's main person's other faces
     other_person: bool = False  # the face is not the set's main person's
+    mask: str = ""  # where the photo's mask came from ("alpha channel", or its mask file's name); "" none
+    mask_sha256: str = ""  # the mask file's hash (a changed mask is prepared again, like a changed photo)
 
 
 @dataclass
@@ -259,7 +269,13 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     """Crop, resize and measure one photo; writes its outputs (and captions) into `out`. With an `identity`
     (identity.FaceIdentity), the largest face is described, if it is large enough to tell who it is."""
     item = Item(source=source.name)
-    image, original = read_image(source)
+    image, transparency, original = decode_image(source, alpha=True)
+    mask = photo_mask(source, image, transparency)  # DatasetError for an unreadable or misshapen mask file
+    if mask is not None:
+        beside = mask_file(source)
+        item.mask = beside.name if beside else "alpha channel"
+        item.mask_sha256 = file_sha256(beside) if beside else ""
+        item.notes.append(f"its mask ({item.mask}) is kept beside it as IMAGE.mask.png")
     item.original_size = original
     to_original = original[0] / image.width  # read_image may have reduced a very large photo
     width, height = image.size
@@ -316,13 +332,37 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     first = outputs[0][1]
     item.sharpness = round(laplacian_variance(first), 1)
     item.background = tuple(round(v, 1) for v in border_colour(first))  # type: ignore[assignment]
-    for name, picture in outputs:
+    masks = square_masks(mask, squares, options) if mask is not None else [None] * len(outputs)
+    for (name, picture), cut in zip(outputs, masks, strict=True):
         _save(picture, out / f"{name}.png")
         item.outputs.append(f"{name}.png")
         if item.caption:
             write_text(out / f"{name}.txt", item.caption + "\n")
             item.outputs.append(f"{name}.txt")
+        if cut is not None:
+            _save(cut, out / f"{name}.mask.png")
+            item.outputs.append(f"{name}.mask.png")
     return item
+
+
+def square_masks(mask: Image.Image, squares: list[tuple[int, int, int, int]],
+                 options: PrepareOptions) -> list[Image.Image | None]:
+    """A photo's mask cut and resized as its squares were (and mirrored for their -flip copies), in the order of
+    the outputs, so that training weighs the prepared pictures where the photo said its subject is."""
+    cuts: list[Image.Image | None] = []
+    for square in squares:
+        cut = mask.crop(square).resize((options.size, options.size), Image.BILINEAR)
+        cuts += [cut, ImageOps.mirror(cut)] if options.flip else [cut]
+    return cuts
+
+
+def mask_digest(source: Path) -> str:
+    """The hash of the mask file beside a photo ("" where there is none or it cannot be read)."""
+    beside = mask_file(source)
+    try:
+        return file_sha256(beside) if beside else ""
+    except OSError:
+        return ""
 
 
 def describe_face(item: Item, identity: Any, image: Image.Image, box: tuple[float, float, float, float]) -> None:
@@ -402,7 +442,7 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
     if out.resolve() == photos.resolve() or photos.resolve() in out.resolve().parents:
         raise OptionError("out", str(out), "must be outside the photos folder, which tistudio never changes")
     sources = sorted(p for p in photos.iterdir() if not p.name.startswith(".")
-                     and p.suffix.lower() not in CAPTION_SUFFIXES and not p.is_dir())
+                     and p.suffix.lower() not in CAPTION_SUFFIXES and not is_mask_file(p.name) and not p.is_dir())
     if not sources:
         raise DatasetError(f"photos folder {photos} is empty; put 10-30 photos of your subject in it")
     if identity is None and options.crop != "center":
@@ -430,6 +470,7 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
         old = old_files.get(source.name)
         if (old and digest and old.get("sha256") == digest and old.get("status") == "ok"
                 and all((out / name).is_file() for name in old.get("outputs", []))
+                and old.get("mask_sha256", "") == mask_digest(source)
                 and not undescribed(old, identity)):
             item = Item(**{k: tuple(v) if k in ("original_size", "face_box", "crop", "background") and v else v
                            for k, v in old.items()})
@@ -606,7 +647,8 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
         rows.append(
             f"<tr><td><img src='{data_uri(picture)}' alt='' width=96 height=96></td>"
             f"<td>{html.escape(item.source)}<br><span class='muted'>{item.original_size[0]}x{item.original_size[1]}"
-            f" → {', '.join(html.escape(o) for o in item.outputs if o.endswith('.png'))}</span></td>"
+            f" → {', '.join(html.escape(o) for o in item.outputs if o.endswith('.png') and not is_mask_file(o))}"
+            "</span></td>"
             f"<td>{html.escape(face)}</td><td>{item.sharpness:.0f}</td><td>{item.upscale:.2f}x</td>"
             f"<td>{html.escape(item.caption) or '<span class=muted>none</span>'}</td>"
             f"<td>{html.escape('; '.join(item.notes))}</td></tr>")
