@@ -8,11 +8,11 @@ and, at every 25 steps, looks at the vectors several ways at once, none of which
 - fixed batches of 4, 8, 16 and 32 samples, timesteps drawn at random (the trainer's way until now) or stratified,
   each drawn with --batch-seeds different seeds: their loss.
 Each fixed batch's loss curve then keeps a step by the trainer's own rule (evaluation.best_step), read at every 25
-steps, and thinned: every 25 steps up to 500 and every 50 after (not reached by a 300-step run), or every 50
-throughout. It prints, per way of evaluating, how often the kept step lands within 20% of the reader's best step, how
-often it is on the reader's plateau (bench/learning.py's one-sided test at 95%), how often it is the step the
-trainer's former batch (16 samples, random timesteps) keeps, and the mean share of pictures showing the person at
-the kept step.
+steps, and thinned: every 50 throughout, or in the trainer's stages (RULES below) from step 500 and from the demo
+world's faster pace. It prints, per way of evaluating, how often the kept step lands within 20% of the reader's best
+step, how often it is on the reader's plateau (bench/learning.py's one-sided test at 95%), how often it is the step
+the trainer's former batch (16 samples, random timesteps) keeps, and the mean share of pictures showing the person
+at the kept step.
 """
 
 from __future__ import annotations
@@ -30,12 +30,23 @@ SIZES = (4, 8, 16, 32)
 JUDGE_SEEDS = tuple(range(1000, 1008)) + tuple(range(2000, 2008))
 
 
+# The evaluation rules replayed: every 25 or 50 steps, and the trainer's stages (evaluation.evaluation_interval:
+# every 25 up to S, 50 up to 3S, 100 up to 7S, ...) from its S = 500 and from the demo world's pace: it learns in
+# about a tenth of a real run's steps (the reader's best is near step 250), so S = 50 and 100 put the thinning where
+# the curve still moves, as S = 500 does in a 3000-step run on real photos.
+RULES = ("every 25", "every 50", "stages from 500", "stages from 100", "stages from 50")
+
+
 def thinned(curve: list[tuple[int, float]], rule: str) -> list[tuple[int, float]]:
+    from tistudio.evaluation import evaluation_due
+
     if rule == "every 25":
         return curve
     if rule == "every 50":
         return [(s, v) for s, v in curve if s % 50 == 0]
-    return [(s, v) for s, v in curve if s <= 500 or s % 50 == 0]  # every 25 to 500, every 50 after
+    settled = int(rule.rsplit(" ", 1)[1])
+    last = curve[-1][0]  # the trainer always evaluates the last step
+    return [(s, v) for s, v in curve if s == 0 or s == last or evaluation_due(s, 25, settled)]
 
 
 def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder: Path, work: Path) -> dict:
@@ -90,7 +101,7 @@ def replay(runs: list[dict], batch_seeds: int) -> list[dict]:
     rows = []
     for size in SIZES:
         for timesteps in ("random", "stratified"):
-            for rule in ("every 25", "every 50", "every 25 to 500, then 50"):
+            for rule in RULES:
                 within = same = plateau = count = 0
                 kept_shares = []
                 for run in runs:

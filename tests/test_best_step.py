@@ -263,13 +263,17 @@ def test_the_report_says_when_the_drop_is_counted_from_the_person_like_start() -
     assert "counted from the latter" not in evaluation_section(rows, 25, neutral=0.95)  # its own start was nearer
 
 
-def test_evaluations_thin_out_after_step_500_and_the_last_step_is_still_evaluated(sd1_model, photos,
-                                                                                 tmp_path) -> None:
+def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1_model, photos, tmp_path) -> None:
     from tistudio.evaluation import SETTLED_STEP, evaluation_due
 
-    due = [step for step in range(1, 701) if evaluation_due(step, 25)]
+    due = [step for step in range(1, 3001) if evaluation_due(step, 25)]
     assert due[:3] == [25, 50, 75] and SETTLED_STEP == 500 and 500 in due and 525 not in due
-    assert due[-4:] == [550, 600, 650, 700] and not evaluation_due(0, 0) and not evaluation_due(25, 0)
+    assert [s for s in due if 500 <= s <= 1700] == [500, *range(550, 1501, 50), 1600, 1700]
+    assert due[-3:] == [2800, 2900, 3000] and len(due) == 55  # 20 evaluations in each stage
+    assert not evaluation_due(0, 0) and not evaluation_due(25, 0)
+    assert [s for s in range(3401, 3801) if evaluation_due(s, 25)] == [3500, 3600, 3800]  # then every 200
+    odd = [step for step in range(1, 1600) if evaluation_due(step, 7)]  # any interval halves its rate the same way
+    assert odd[:2] == [7, 14] and 497 in odd and 504 in odd and 511 not in odd and 1512 in odd and 1526 not in odd
     # a run ending between two evaluations is still evaluated at its last step, where it may be kept
     fresh(sd1_model, tmp_path)
     train(options(photos, tmp_path, max_steps=8, eval_every=3, eval_samples=4), cache_dir=tmp_path, model=sd1_model)

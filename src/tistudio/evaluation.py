@@ -50,13 +50,23 @@ BEST_BAND = 0.005  # the best step: the first loss within this share of the whol
 LIKENESS_BAND = 0.01  # where a likeness is measured, the best step: the first within this of the highest likeness
 
 Likeness = Callable[[SDModel, PromptEncoder], float | None]  # higher is better; None: not measured
-SETTLED_STEP = 500  # after this step the fixed batch is evaluated half as often
+SETTLED_STEP = 500  # the fixed batch is evaluated every N steps up to here, then ever less often (evaluation_due)
 
 
-def evaluation_due(step: int, every: int) -> bool:
-    """Whether the fixed batch is evaluated after `step`: every `every` steps up to SETTLED_STEP, every 2 x `every`
-    after it (by then the curve moves slowly, and what the evaluations cost counts against a long run)."""
-    return every > 0 and step % every == 0 and (step <= SETTLED_STEP or step % (2 * every) == 0)
+def evaluation_interval(step: int, every: int, settled: int = SETTLED_STEP) -> int:
+    """The evaluation interval in force at `step`: `every` up to `settled`, then doubling in stages that double in
+    length - 2 x every up to 3 x settled, 4 x every up to 7 x settled, ... (with the defaults: every 25 steps to step
+    500, 50 to 1500, 100 to 3500) - so that each stage has as many evaluations as the first. The curve moves fast at
+    first and ever more slowly; a 3000-step run is evaluated 55 times instead of 120."""
+    stage = 0
+    while step > settled * (2 ** (stage + 1) - 1):
+        stage += 1
+    return every * 2**stage
+
+
+def evaluation_due(step: int, every: int, settled: int = SETTLED_STEP) -> bool:
+    """Whether the fixed batch is evaluated after `step` (evaluation_interval; never with `every` 0)."""
+    return every > 0 and step % evaluation_interval(step, every, settled) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
