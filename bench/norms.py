@@ -1,18 +1,18 @@
 """Norms that keep prompts working, and the subject-masked loss: a study on the demo world.
 
-    python bench/norms.py [--steps 400] [--eval-every 50] [--lrs 0.005,0.05] [--seeds 0,1]
+    python bench/norms.py [--steps 400] [--eval-every 50] [--lrs 0.005,0.05] [--seeds 0,1] [--judge-seeds 8]
                           [--variants none,max-norm=2,init-pull=1,fixed-norm=1] [--masks off,exact,face] [--out F.json]
 
 Each variant trains the demo's embedding (15 renders of the held-out person, 4 vectors, batch 4, the person-like
-start) the way real photos train: the fixed-batch loss keeps the step. At every evaluation a judge - 32 pictures
-from the four prompts the photos never show ("a painting of tomtut, smiling", "a photo of tomtut, serious, at
-night", ...), eight seeds no trainer uses, guidance 3 - is read twice: by the trait reader (does the picture show
-the person?) and by the scene reader (world.SceneReader: is it the place and the style the prompt asks for?).
-Variants: none (free norm), max-norm=N (cap at N times the vocabulary's median token norm), init-pull=W (a pull
-toward the start), fixed-norm=N (the norm held at N times the median, the direction trained). --masks exact trains
-with each photo's exact silhouette beside it (the renderer's own mask), --masks face with the head-and-shoulders
-shape --loss-mask face draws around a detected face (here around where the renderer put the face), both through
-the default --loss-mask.
+start) the way real photos train: the fixed-batch loss keeps the step. At every evaluation a judge - 4 x
+--judge-seeds pictures (32 by default) from the four prompts the photos never show ("a painting of tomtut, smiling",
+"a photo of tomtut, serious, at night", ...), seeds from 1000 on that no trainer uses, guidance 3 - is read twice:
+by the trait reader (does the picture show the person?) and by the scene reader (world.SceneReader: is it the place
+and the style the prompt asks for?). Variants: none (free norm), max-norm=N (cap at N times the vocabulary's median
+token norm), init-pull=W (a pull toward the start), fixed-norm=N (the norm held at N times the median, the direction
+trained). --masks exact trains with each photo's exact silhouette beside it (the renderer's own mask), --masks face
+with the head-and-shoulders shape --loss-mask face draws around a detected face (here around where the renderer put
+the face), both through the default --loss-mask (auto, which keeps a photo's own mask).
 
 For each run it prints the share showing the person at the last step, its best over the run, at the kept step, the
 share obeying place and style (the lowest after the first evaluation, and at the last step), and the vectors'
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-JUDGE_SEEDS = tuple(range(1000, 1008))  # the learning benchmark's first judge: never a trainer's seed
+JUDGE_FIRST_SEED = 1000  # the learning benchmark's first judge: never a trainer's seed
 
 
 def variant_options(variant: str) -> dict:
@@ -42,7 +42,7 @@ def variant_options(variant: str) -> dict:
     return {field: float(value)}
 
 
-def judge(folder: Path, name: str, cfg: float):
+def judge(folder: Path, name: str, cfg: float, seeds: tuple[int, ...]):
     """judge(model, encoder) -> (share showing the person, share obeying place and style, the reader's mean
     probability that a picture shows the person)."""
     from tistudio import world
@@ -57,8 +57,8 @@ def judge(folder: Path, name: str, cfg: float):
         for prompt in world.EVAL_PROMPTS:
             text = prompt.format(name=name)
             images += renderer.render(SamplingParams(prompt=text, steps=20, sampler="DDIM", cfg=cfg, width=world.SIZE,
-                                                     height=world.SIZE, seeds=JUDGE_SEEDS))
-            wanted += [world.prompt_scene(text)] * len(JUDGE_SEEDS)
+                                                     height=world.SIZE, seeds=seeds))
+            wanted += [world.prompt_scene(text)] * len(seeds)
         logits = world.read_logits(traits, images)
         shown = [world.decode_traits(logits, i) == world.HELD_OUT for i in range(len(images))]
         chances = world.person_chances(logits, world.HELD_OUT)
@@ -69,7 +69,7 @@ def judge(folder: Path, name: str, cfg: float):
 
 
 def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every: int, cache: Path, model,
-            folder: Path, work: Path, cfg: float) -> dict:
+            folder: Path, work: Path, cfg: float, judge_seeds: int = 8) -> dict:
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
     from tistudio.demo import NAME, TEMPLATE, person_photos
@@ -83,7 +83,7 @@ def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every
     embeddings = work / "embeddings"
     create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)),
                      cache_dir=cache, model=model)
-    look = judge(folder, NAME, cfg)
+    look = judge(folder, NAME, cfg, tuple(range(JUDGE_FIRST_SEED, JUDGE_FIRST_SEED + judge_seeds)))
     seen: list[tuple[float, float, float]] = []
 
     def watch(model, encoder) -> None:  # the judge looks on; the trainer keeps by the loss, as with real photos
@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--variants", default="none,max-norm=2,init-pull=1,fixed-norm=1")
     parser.add_argument("--masks", default="off", help="off, exact, face, or several (default: %(default)s)")
     parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--judge-seeds", type=int, default=8, help="seeds per unseen prompt (4 prompts)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from learning import demo_world
@@ -136,7 +137,7 @@ def main() -> int:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     with tempfile.TemporaryDirectory() as work:
                         r = run_one(variant, lr, seed, masks, args.steps, args.eval_every, cache, model, folder,
-                                    Path(work), args.cfg)
+                                    Path(work), args.cfg, args.judge_seeds)
                     results.append(r)
                     print(f"lr {lr:6} masks {masks or 'off':5} {variant:14} seed {seed}: person "
                           f"{r['share_last']:.0%} at {args.steps} (best {r['share_best']:.0%}, kept step "

@@ -11,14 +11,15 @@ an evaluation of the fixed batch for each --eval-samples (the gap from a step to
 --steps steps with an evaluation, a preview and a save every 25; each other sample count trains 2 steps with an
 evaluation after each. With --likeness the first run trains on photos of a face (tests/data's two portraits,
 cropped and mirrored) with --likeness on, and its evaluations at step 0 and at the last step also draw and score the
-face-likeness pictures (at defaults: 4 pictures of 12 steps, at the first evaluation of every 250 steps and the
-last).
+face-likeness pictures (at defaults: 4 pictures of 12 steps, at the first evaluation of every 250 steps to step
+1500 and of every 500 after it, and at the last).
 
-From these it works out a default run (3000 steps; `--eval-every 25`, every 50 after step 500; a preview and a
-copy every 500; the model's load is left out) - its wall time and the share that is not a training step - for each
-sample count, and the same with an evaluation every 25 steps throughout (the rule before this release). With
---peer-step-s (the peer's seconds per step, measured by bench/speed.py on the same machine) it adds the peer's
-whole run: its steps alone, as diffusers' example at its defaults evaluates nothing and saves only the vectors.
+From these it works out a default run (3000 steps; `--eval-every 25` in the trainer's stages - every 25 steps to
+500, 50 to 1500, 100 after; a preview and a copy every 500; the model's load is left out) - its wall time and the
+share that is not a training step - for each sample count, and the same with an evaluation every 25 steps throughout
+(the rule before this release). With --peer-step-s (the peer's seconds per step, measured by bench/speed.py on the
+same machine) it adds the peer's whole run: its steps alone, as diffusers' example at its defaults evaluates nothing
+and saves only the vectors.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ def timed_run(model, options_for, work: Path, steps: int, every: int, eval_sampl
 def projected(step_s: float, eval_s: float, preview_s: float, save_s: float, setup_s: float, thinned: bool,
               likeness_s: float = 0.0) -> dict:
     """A default run's wall time from the measured parts; `likeness_s`: what a face-likeness measurement adds to its
-    evaluation (measured at the first evaluation of every LIKENESS_EVERY steps and at the last, as the trainer
-    does)."""
-    from tistudio.evaluation import evaluation_due
+    evaluation (measured where evaluation.likeness_due says and at the last step, as the trainer does)."""
+    from tistudio.evaluation import evaluation_due, likeness_due
 
     at = [0, *(s for s in range(1, DEFAULT_STEPS + 1)
                if (evaluation_due(s, EVAL_EVERY) if thinned else s % EVAL_EVERY == 0))]
-    likeness_at = [s for i, s in enumerate(at) if i == 0 or s == DEFAULT_STEPS or
-                   s // LIKENESS_EVERY > at[i - 1] // LIKENESS_EVERY]
+    likeness_at: list[int] = []
+    for s in at:
+        if s == DEFAULT_STEPS or likeness_due(s, likeness_at[-1] if likeness_at else -1, LIKENESS_EVERY):
+            likeness_at.append(s)
     previews = 1 + DEFAULT_STEPS // PREVIEW_EVERY
     saves = DEFAULT_STEPS // SAVE_EVERY  # the copies, the last one being the final save
     parts = {"training": DEFAULT_STEPS * step_s, "evaluation": len(at) * eval_s, "previews": previews * preview_s,
@@ -91,7 +93,8 @@ def projected(step_s: float, eval_s: float, preview_s: float, save_s: float, set
     total = sum(parts.values())
     return {"evaluations": len(at), "likeness_measurements": len(likeness_at) if likeness_s else 0,
             "parts_s": {k: round(v, 1) for k, v in parts.items()}, "total_s": round(total, 1),
-            "not_training": round(1 - parts["training"] / total, 4)}
+            "not_training": round(1 - parts["training"] / total, 4),
+            "face_likeness_share": round(parts.get("face likeness", 0.0) / total, 4)}
 
 
 def main() -> int:
@@ -104,9 +107,23 @@ def main() -> int:
                         help="train the first run on photos of a face with the face likeness on (tistudio[faces])")
     parser.add_argument("--peer-step-s", type=float, help="the peer's seconds per step on this machine")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--parts", type=Path, help="work out the default run again from the parts an earlier --json "
+                        "measured (no training)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from speed import machine, make_photos, model_folder
+    if args.parts:
+        earlier = json.loads(args.parts.read_text())
+        runs = {int(samples): run for samples, run in earlier["runs"].items()}
+        return report_runs(runs, list(runs), earlier["machine"], earlier["model"], earlier["size"], args)
+    from speed import machine
+
+    counts = [int(c) for c in args.eval_samples.split(",")]
+    return report_runs(measure(args, counts), counts, machine(), args.model, args.size, args)
+
+
+def measure(args: argparse.Namespace, counts: list[int]) -> dict[int, dict]:
+    """The timed runs: the first trains args.steps steps; each other sample count, 2 steps."""
+    from speed import make_photos, model_folder
 
     from tistudio.cli import quiet_third_party
     from tistudio.config import CreateOptions, ModelOptions, TrainOptions
@@ -117,7 +134,6 @@ def main() -> int:
     cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))
     folder = str(model_folder(args.model, cache))
     model = load_model(ModelOptions(model=folder, device="cpu", precision="fp32"), cache)
-    counts = [int(c) for c in args.eval_samples.split(",")]
     with tempfile.TemporaryDirectory() as scratch:
         photos = make_photos(Path(scratch) / "photos", args.size)
         faces = face_photos(Path(scratch) / "faces", args.size) if args.likeness else photos
@@ -144,15 +160,21 @@ def main() -> int:
                   f"{[round(x, 1) for x in r['eval_with_likeness_s']]} s; previews "
                   f"{[round(x, 1) for x in r['preview_s']]} s; saves {[round(x, 2) for x in r['save_s']]} s; set-up "
                   f"{r['setup_s']:.1f} s", flush=True)
+    return runs
+
+
+def report_runs(runs: dict[int, dict], counts: list[int], machine: dict, model: str, size: int,
+                args: argparse.Namespace) -> int:
+    """The default run worked out from the measured parts, printed (and written to --json)."""
     first = runs[counts[0]]
     step_s = first["step_s"]
     preview_s = statistics.mean(first["preview_s"]) if first["preview_s"] else 0.0
     save_s = statistics.mean(first["save_s"]) if first["save_s"] else 0.0
     likeness_s = (statistics.median(first["eval_with_likeness_s"]) - statistics.median(first["eval_s"])
                   if first["eval_with_likeness_s"] else 0.0)
-    report = {"machine": machine(), "model": args.model, "size": args.size, "step_s": step_s, "preview_s": preview_s,
+    report = {"machine": machine, "model": model, "size": size, "step_s": step_s, "preview_s": preview_s,
               "save_s": save_s, "likeness_s": likeness_s, "runs": runs, "default_run": {}}
-    print(f"\na default run ({DEFAULT_STEPS} steps, batch 1, {args.size} px; a training step {step_s:.2f} s, a preview "
+    print(f"\na default run ({DEFAULT_STEPS} steps, batch 1, {size} px; a training step {step_s:.2f} s, a preview "
           f"{preview_s:.1f} s, a save {save_s:.2f} s" + (f", a face-likeness measurement {likeness_s:.1f} s" if
                                                           likeness_s else "") + "):")
     for samples in counts:
@@ -160,14 +182,19 @@ def main() -> int:
         for thinned in (True, False):
             for like in ((0.0, likeness_s) if likeness_s else (0.0,)):
                 p = projected(step_s, eval_s, preview_s, save_s, runs[samples]["setup_s"], thinned, like)
-                rule = ("every 25, 50 after step 500" if thinned else "every 25 throughout") + \
+                rule = ("every 25, 50 after step 500, 100 after 1500" if thinned else "every 25 throughout") + \
                     (", face likeness" if like else "")
                 report["default_run"][f"{samples} samples, {rule}"] = p
                 print(f"  {samples:>3} samples ({eval_s:.1f} s an evaluation), {rule:44}: {p['evaluations']} "
-                      f"evaluations, {p['total_s'] / 3600:.2f} h, not training {p['not_training']:.1%} {p['parts_s']}")
+                      f"evaluations, {p['total_s'] / 3600:.2f} h, not training {p['not_training']:.1%}"
+                      + (f" (the face likeness {p['face_likeness_share']:.1%})" if like else "") + f" {p['parts_s']}")
     if args.peer_step_s:
+        from tistudio.config import TrainOptions
+
+        default = TrainOptions.__dataclass_fields__["eval_samples"].default
         peer = DEFAULT_STEPS * args.peer_step_s
-        ours = report["default_run"][f"{counts[0]} samples, every 25, 50 after step 500"]["total_s"]
+        ours = report["default_run"][f"{default if default in runs else counts[0]} samples, every 25, 50 after step "
+                                     "500, 100 after 1500"]["total_s"]
         report["peer_default_run_s"] = peer
         print(f"  the peer: {peer / 3600:.2f} h ({args.peer_step_s} s a step); tistudio's whole run at the default "
               f"is {peer / ours:.2f}x as fast (per step {args.peer_step_s / step_s:.2f}x)")

@@ -272,6 +272,15 @@ def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1
     assert due[-3:] == [2800, 2900, 3000] and len(due) == 55  # 20 evaluations in each stage
     assert not evaluation_due(0, 0) and not evaluation_due(25, 0)
     assert [s for s in range(3401, 3801) if evaluation_due(s, 25)] == [3500, 3600, 3800]  # then every 200
+    # the face likeness, at the first evaluation of every 250 steps to step 1500 and of every 500 after
+    from tistudio.evaluation import likeness_due
+
+    measured: list[int] = []
+    for step in [0, *due]:
+        if step == 3000 or likeness_due(step, measured[-1] if measured else -1, 250):
+            measured.append(step)
+    assert measured == [0, 250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000]
+    assert likeness_due(100, 0, 4) and not likeness_due(102, 100, 4)  # between evaluations: the next interval's first
     odd = [step for step in range(1, 1600) if evaluation_due(step, 7)]  # any interval halves its rate the same way
     assert odd[:2] == [7, 14] and 497 in odd and 504 in odd and 511 not in odd and 1512 in odd and 1526 not in odd
     # a run ending between two evaluations is still evaluated at its last step, where it may be kept

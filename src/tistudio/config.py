@@ -185,17 +185,18 @@ class TrainOptions(ModelOptions):
     eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (2N after step 500, 4N after 1500, "
                              "...; 0: off)",
                              minimum=0, advanced=True)
-    # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. A
-    # resumed run keeps the batch it began with.
-    eval_samples: int = option(16, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
+    # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. 8 keep
+    # a step as good as 16 did (bench/evaluation.py) at half the cost. A resumed run keeps the batch it began with.
+    eval_samples: int = option(8, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
     # Judge steps by the faces in pictures from prompts the templates never use (likeness.py): at the first
-    # evaluation of every likeness_every steps (and at the last step), likeness_pictures pictures of
-    # likeness_steps sampler steps, compared with the training photos' faces; the highest likeness is the step kept.
+    # evaluation of every likeness_every steps to step 1500 and of every 2 x likeness_every after it (and at the last
+    # step; evaluation.likeness_due), likeness_pictures pictures of likeness_steps sampler steps, compared with the
+    # training photos' faces; the highest likeness is the step kept.
     # auto: where tistudio[faces] is installed and the photos show faces; on: the extra is required; off: the loss.
     likeness: str = option("auto", "keep the step whose pictures look most like the face in the photos (auto: with "
                            "tistudio[faces] and faces in the photos)", choices=("auto", "on", "off"), advanced=True)
-    likeness_every: int = option(250, "measure the face likeness every N steps (at an evaluation)", minimum=1,
-                                 advanced=True)
+    likeness_every: int = option(250, "measure the face likeness every N steps (2N after step 1500; at an "
+                                 "evaluation)", minimum=1, advanced=True)
     likeness_pictures: int = option(4, "pictures per face-likeness measurement", minimum=1, maximum=32,
                                     advanced=True)
     likeness_steps: int = option(12, "sampler steps of each face-likeness picture", minimum=1, maximum=150,
