@@ -539,3 +539,32 @@ def test_a_runs_evaluations_kept_step_and_report_are_served(client, photos) -> N
     assert "default-src 'none'" in report.headers["content-security-policy"]
     assert "tomtut" in report.text and "<script" not in report.text
     assert client.get("/api/runs/nobody/report").status_code == 404
+
+
+def test_a_photos_mask_travels_through_the_api_and_is_never_a_photo(client, photos) -> None:
+    """A mask uploaded beside its photo is listed with it (not as a photo, not counted), prepared beside the
+    prepared picture, and deleted with its photo."""
+    upload(client, "masked", photos)
+    first = sorted(photos.glob("*.png"))[0]
+    mask = Image.new("L", Image.open(first).size, 0)
+    mask.paste(255, (0, 0, mask.width // 2, mask.height))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    answer = client.post("/api/photosets/masked/photos",
+                         files=[("files", (f"{first.stem}.mask.png", buffer.getvalue(), "image/png"))]).json()
+    assert answer["saved"] == [f"{first.stem}.mask.png"]
+    listed = {p["file"]: p for p in client.get("/api/photosets/masked").json()["photos"]}
+    count = len(list(photos.glob("*.png")))
+    assert len(listed) == count and listed[first.name]["mask"] == f"{first.stem}.mask.png"
+    assert {s["name"]: s["photos"] for s in client.get("/api/photosets").json()}["masked"] == count
+    done = wait(client, client.post("/api/photosets/masked/prepare", json={"size": 64, "crop": "center"}).json())
+    assert done["status"] == "done", done
+    items = {item["source"]: item for item in client.get("/api/datasets/masked").json()["items"]}
+    assert items[first.name]["masks"] == [items[first.name]["images"][0].replace(".png", ".mask.png")]
+    assert all(".mask." not in url for item in items.values() for url in item["images"])
+    assert sum(len(item["masks"]) for item in items.values()) == 1
+    cut = client.get(items[first.name]["masks"][0])
+    assert cut.status_code == 200 and Image.open(io.BytesIO(cut.content)).size == (64, 64)
+    gone = client.delete(f"/api/photosets/masked/photos/{first.name}").json()
+    assert gone == {"deleted": first.name, "mask": f"{first.stem}.mask.png"}
+    assert len(client.get("/api/photosets/masked").json()["photos"]) == count - 1

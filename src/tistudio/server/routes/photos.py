@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import Response
 
 from ...config import PrepareOptions, validate_prepare
-from ...dataset import CAPTION_SUFFIXES, image_format
+from ...dataset import CAPTION_SUFFIXES, image_format, is_mask_file, mask_file
 from ...errors import OptionError, TistudioError
 from ..context import ServerDep, image_response, not_found, options_from_body, public, read_capped
 
@@ -22,8 +22,9 @@ REPORTED = ("source", "status", "reason", "caption", "faces", "yaw", "face_fract
 
 
 def is_photo(path: Path) -> bool:
-    """A set's photos are its files other than caption sidecars (photo.txt beside photo.jpg)."""
-    return path.is_file() and path.suffix.lower() not in CAPTION_SUFFIXES
+    """A set's photos are its files other than caption sidecars (photo.txt beside photo.jpg) and masks
+    (photo.mask.png, OneTrainer's photo-masklabel.png: where the subject is; prepare and training read them)."""
+    return path.is_file() and path.suffix.lower() not in CAPTION_SUFFIXES and not is_mask_file(path.name)
 
 
 @router.get("/api/photosets")
@@ -49,8 +50,10 @@ def photo_set(name: str, server: ServerDep) -> dict[str, Any]:
     if not folder.is_dir():
         raise not_found(f"photo set {name}")
     files = sorted(p for p in folder.iterdir() if is_photo(p))
+    masks = {p: mask_file(p) for p in files}
     return {"name": name, "photos": [{"file": p.name, "bytes": p.stat().st_size,
-                                      "url": f"/api/photosets/{name}/photos/{p.name}"} for p in files]}
+                                      "url": f"/api/photosets/{name}/photos/{p.name}",
+                                      "mask": masks[p].name if masks[p] else None} for p in files]}
 
 
 @router.post("/api/photosets/{name}/photos")
@@ -116,8 +119,11 @@ def delete_photo(name: str, file: str, server: ServerDep) -> dict[str, Any]:
     path = server.workspace.file_in(server.workspace.photo_set(name), file)
     if not path.is_file():
         raise not_found(file)
+    beside = mask_file(path) if is_photo(path) else None
     path.unlink()
-    return {"deleted": path.name}
+    if beside is not None:  # a mask left behind would silently apply to the next photo of that name
+        beside.unlink(missing_ok=True)
+    return {"deleted": path.name, **({"mask": beside.name} if beside is not None else {})}
 
 
 @router.post("/api/photosets/{name}/prepare")
@@ -147,9 +153,10 @@ def dataset(name: str, server: ServerDep) -> dict[str, Any]:
     data = json.loads(manifest.read_text("utf-8"))
     items = []
     for item in data.get("files", {}).values():
-        images = [o for o in item.get("outputs", []) if o.endswith(".png")]
+        pictures = [o for o in item.get("outputs", []) if o.endswith(".png")]
         items.append({**{k: item.get(k) for k in REPORTED},
-                      "images": [f"/api/datasets/{name}/files/{o}" for o in images]})
+                      "images": [f"/api/datasets/{name}/files/{o}" for o in pictures if not is_mask_file(o)],
+                      "masks": [f"/api/datasets/{name}/files/{o}" for o in pictures if is_mask_file(o)]})
     return {"name": name, "verdict": data.get("verdict", []), "options": data.get("options", {}), "items": items}
 
 
