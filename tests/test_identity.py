@@ -177,6 +177,10 @@ def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny
     assert calls[0] == "a painting of tomtut"
     kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     assert result.best_step == 8 and kept.step == 8 and kept.meta.get("best_by") == "the highest likeness"
+    # the run says what judged its pictures, and the report what a face likeness means
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["likeness"] == "face identity"
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "face identity" in report and "same-person line" in report and "Step 8 is kept" in report
 
 
 @needs_extra
@@ -196,6 +200,8 @@ def test_without_faces_in_the_photos_the_loss_chooses_and_says_so(sd1_model, pho
     assert "no face likeness: 0 of 6 training images show a face" in caplog.text
     assert "the fixed-batch loss chooses the step to keep" in caplog.text
     assert result.best_step in (None, 2)
+    resolved = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]
+    assert resolved["likeness"] == "none: the fixed-batch loss chooses the step"
 
 
 def test_likeness_on_without_the_extra_is_refused_before_any_work(monkeypatch) -> None:

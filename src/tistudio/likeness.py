@@ -54,6 +54,8 @@ class FaceLikeness:
     """A Likeness (evaluation.py) by face identity: called with the model and the prompt encoder that holds the
     current vectors; `every` steps (a multiple of the evaluation's) bounds its cost."""
 
+    kind = "face identity"  # what a run's options.json and report call this likeness
+
     def __init__(self, references: Sequence[np.ndarray], name: str, size: int, *, pictures: int, steps: int,
                  every: int, detector: Any, identity: Any, cfg: float = 7.0, sampler: str = "DPM++ 2M Karras",
                  negative: str = "blurry, lowres") -> None:

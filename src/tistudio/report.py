@@ -146,8 +146,13 @@ def kept_choice(run_dir: Path, name: str) -> tuple[int | None, str]:
     return embedding.meta_count("best_step"), embedding.meta.get("best_by", "")
 
 
+FACE_IDENTITY = ("The likeness is face identity: each picture's largest face against the training photos' faces "
+                 "(dlib's descriptor; 100% the same face, 50% dlib's same-person line, 0% far or no face), averaged "
+                 "over the pictures.")
+
+
 def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | None,
-                       neutral: float | None = None, by: str = "") -> str:
+                       neutral: float | None = None, by: str = "", judged: str | None = None) -> str:
     if not rows:
         return ""
     measured = any(like is not None for _, _, like in rows)
@@ -164,6 +169,8 @@ def evaluation_section(rows: list[tuple[int, float, float | None]], best: int | 
             + ("and the likeness of pictures from unseen prompts and seeds to the subject (dashed, right axis, "
                "0-100%); " if measured else "; ") + chosen)
     text += kept_numbers(rows, best)
+    if judged == "face identity" and measured:
+        text += " " + FACE_IDENTITY
     start = next((loss for step, loss, _ in rows if step == 0), None)
     if neutral is not None and start is not None and neutral < start:
         text += (f" This run started farther from the subject ({start:.4f}) than the person-like start would have "
@@ -210,6 +217,7 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
                 f"{resolved.get('batch_size', options.get('batch_size'))} x {options.get('gradient_accumulation')}",
             "Template": options.get("template"),
             "Loss weighted": resolved.get("loss_mask") or "-",
+            "Pictures judged by": resolved.get("likeness") or "-",
             "Steps": (f"{rows[-1]['step']:.0f}" if rows else "0")
             + (f" (the last sitting resumed at step {resolved['start_step']})" if resolved.get("start_step") else ""),
         }
@@ -221,6 +229,6 @@ def write_run_report(run_dir: Path, name: str, *, title: str | None = None, bann
             f"<h2>Loss</h2>{loss_chart(rows)}<p class='muted'>Per-step training loss (light) and its moving "
             f"average (dark). The loss of diffusion training is noisy by nature: it mostly measures which noise "
             f"level each step drew.</p>"
-            f"{evaluation_section(evaluations, best, resolved.get('neutral_loss'), by)}"
+            f"{evaluation_section(evaluations, best, resolved.get('neutral_loss'), by, resolved.get('likeness'))}"
             f"<h2>Previews over training</h2>{preview_grid(run_dir, name)}{extra_sections}</body></html>")
     return write_text(run_dir / "report.html", page)

@@ -181,7 +181,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
         if main:
             write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel,
-                              masking=describe_masking(masking, samples))
+                              masking=describe_masking(masking, samples), judged=judged_by(evaluator))
         loop_started = time.monotonic()
         agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
         while step < schedule.end_step and not (agreed_stop if parallel.active else stop.is_set()):
@@ -464,6 +464,16 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
                    timesteps=noise_schedule(model)[1], seed=options.seed, shuffle_tags=options.shuffle_tags,
                    tag_dropout=options.tag_dropout, sizes=sizes,
                    weights=None if weights is None else weights.to(latents.device))
+
+
+def judged_by(evaluator: Evaluator | None) -> str:
+    """What judges the pictures, for options.json and the report: "face identity" (likeness.py), "the caller's
+    measure" (a likeness passed to train(), as the demo's trait reader), or that the fixed-batch loss chooses."""
+    if evaluator is None:
+        return "none: no evaluations"
+    if evaluator.likeness is None:
+        return "none: the fixed-batch loss chooses the step"
+    return getattr(evaluator.likeness, "kind", "the caller's measure")
 
 
 def describe_masking(mode: str, samples: Samples) -> str:
@@ -821,7 +831,7 @@ def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: 
 
 def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel, schedule: Schedule,
                       dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None,
-                      parallel: Parallel, masking: str = "") -> None:
+                      parallel: Parallel, masking: str = "", judged: str = "") -> None:
     """options.json: the options as given and as resolved (what a later sitting and the report read)."""
     write_json(point.run.path / "options.json", {"options": to_dict(options), "resolved": {
         "embedding_file": str(point.embedding_path), "start_step": point.step, "end_step": schedule.end_step,
@@ -830,7 +840,7 @@ def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel,
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
         "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
         "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
-        "compiled_unet": options.compile_unet, "loss_mask": masking,
+        "compiled_unet": options.compile_unet, "loss_mask": masking, "likeness": judged,
         "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
 
 

@@ -685,9 +685,12 @@ function drawKept(run) {
   if (!kept || run.training || !run.loss.length) { note.hidden = true; return; }
   const best = kept.step !== kept.last_step;
   const liked = run.eval.find((r) => r.step === kept.step && r.likeness !== null);
+  const faces = (run.resolved || {}).likeness === "face identity";
   note.hidden = false;
   note.textContent = (best ? `The embedding keeps step ${kept.step}, chosen by ${kept.by}` +
-    (liked ? ` (likeness ${(100 * liked.likeness).toFixed(0)}%)` : "") + `; the last step, ${kept.last_step}, is ` +
+    (liked ? (faces ? ` (face identity ${(100 * liked.likeness).toFixed(0)}% of the training photos'; 50% is ` +
+      "dlib's same-person line)" : ` (likeness ${(100 * liked.likeness).toFixed(0)}%)`) : "") +
+    `; the last step, ${kept.last_step}, is ` +
     "kept beside it." : `The embedding holds step ${kept.step}, the last step trained.`);
   if (run.report) {
     const link = document.createElement("a");
