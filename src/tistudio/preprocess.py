@@ -274,7 +274,7 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     if mask is not None:
         beside = mask_file(source)
         item.mask = beside.name if beside else "alpha channel"
-        item.mask_sha256 = file_sha256(beside) if beside else ""
+        item.mask_sha256 = mask_digest(source)
         item.notes.append(f"its mask ({item.mask}) is kept beside it as IMAGE.mask.png")
     item.original_size = original
     to_original = original[0] / image.width  # read_image may have reduced a very large photo
