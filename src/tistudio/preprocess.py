@@ -275,7 +275,7 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
         beside = mask_file(source)
         item.mask = beside.name if beside else "alpha channel"
         item.mask_sha256 = mask_digest(source)
-        item.notes.append(f"its mask ({item.mask}) is kept beside it as IMAGE.mask.png")
+        item.notes.append(f"its mask ({item.mask}) is cut with it and written beside the prepared picture")
     item.original_size = original
     to_original = original[0] / image.width  # read_image may have reduced a very large photo
     width, height = image.size
