@@ -53,12 +53,13 @@ def thinned(curve: list[tuple[int, float]], rule: str) -> list[tuple[int, float]
 
 def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder: Path, work: Path) -> dict:
     from tistudio import world
+    from tistudio.conditioning import PromptEncoder
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.create import create_embedding
     from tistudio.dataset import load_dataset
     from tistudio.demo import NAME, TEMPLATE, person_photos
     from tistudio.evaluation import evaluation_batch, evaluation_loss
-    from tistudio.objective import noise_schedule
+    from tistudio.objective import NoisePrediction
     from tistudio.templates import load_template
     from tistudio.train import encode_samples, train
 
@@ -73,9 +74,9 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
                            eval_every=25, preview_every=0, save_every=0, seed=seed, likeness="off")
     template = load_template(str(template_file))
     samples = encode_samples(model, load_dataset(photos), model.native_size, template, NAME, options)
-    alphas = noise_schedule(model)[0].to(model.device)
     batches = {(size, stratified, b): evaluation_batch(samples.count, samples.captions, template, NAME, 100 + b,
-                                                       tuple(samples.latents.shape[1:]), samples.timesteps,
+                                                       tuple(samples.latents.shape[1:]),
+                                                       NoisePrediction(model, PromptEncoder.for_model(model)),
                                                        size=size, stratified=stratified)
                for size in SIZES for stratified in (False, True) for b in range(batch_seeds)}
     judge = world.likeness_scorer(folder, world.HELD_OUT, NAME, seeds=JUDGE_SEEDS)
@@ -86,7 +87,7 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
     def look(model, encoder) -> None:  # measures for the replay; the trainer is told nothing
         shares.append(judge(model, encoder))
         for key, batch in batches.items():
-            losses[key].append(evaluation_loss(model, encoder, alphas, samples.latents, batch))
+            losses[key].append(evaluation_loss(NoisePrediction(model, encoder), samples.latents, batch))
 
     train(options, cache_dir=cache, model=model, likeness=look,
           on_progress=lambda p: steps_seen.append(p.step) if p.event == "eval" else None)

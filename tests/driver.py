@@ -19,7 +19,7 @@ def main() -> int:
     options, cli = args[:split], args[split + 1:]
     settings = dict(zip(options[::2], options[1::2], strict=True))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from tistudio import storage, train
+    from tistudio import storage
 
     if "--slow-replace" in settings:
         delay = float(settings["--slow-replace"])
@@ -32,13 +32,15 @@ def main() -> int:
         storage.os.replace = slow_replace  # type: ignore[attr-defined]
     if "--slow-step" in settings:
         delay = float(settings["--slow-step"])
-        original_loss = train.diffusion_loss
+        from tistudio.objective import NoisePrediction
+
+        original_loss = NoisePrediction.loss
 
         def slow_loss(*a, **k):
             time.sleep(delay)
             return original_loss(*a, **k)
 
-        train.diffusion_loss = slow_loss
+        NoisePrediction.loss = slow_loss  # type: ignore[method-assign]
     from tistudio.cli import main as cli_main
 
     return cli_main(cli)

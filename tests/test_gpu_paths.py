@@ -21,11 +21,13 @@ def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, ph
     device (no host sync), accounted for when the loss log is read; the vectors never take it."""
     folder = tmp_path / "emb"
     new_embedding(sd1_model, folder)
-    real_make, real_loss = train_module.make_optimizer, train_module.diffusion_loss
+    from tistudio.objective import NoisePrediction
+
+    real_make, real_loss = train_module.make_optimizer, NoisePrediction.loss
     scalers, calls = [], []
 
-    def with_a_scaler(trainable, model, opts, lr):
-        optimizer, _ = real_make(trainable, model, opts, lr)
+    def with_a_scaler(trainable, model, opts, step):
+        optimizer, _ = real_make(trainable, model, opts, step)
         scalers.append(train_module.grad_scaler("cpu", fp16=True))
         return optimizer, scalers[-1]
 
@@ -35,7 +37,7 @@ def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, ph
         return loss * float("inf") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_module, "make_optimizer", with_a_scaler)
-    monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
+    monkeypatch.setattr(NoisePrediction, "loss", poisoned)
     result = train(options(photos, folder, max_steps=5, save_every=1, eval_every=0), cache_dir=tmp_path,
                    model=sd1_model)
     assert result.step == 5 and "(1 non-finite steps discarded)" in result.message
@@ -56,7 +58,8 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     The probe leaves no gradient behind."""
     from tistudio.conditioning import PromptEncoder
     from tistudio.dataset import load_dataset
-    from tistudio.objective import noise_schedule
+    from tistudio.objective import NoisePrediction
+    from tistudio.schedule import parse_schedule
     from tistudio.templates import load_template
 
     opts = options(photos, tmp_path / "emb", batch_size=0)
@@ -64,25 +67,25 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     encoder = PromptEncoder.for_model(sd1_model)
     samples = train_module.encode_samples(sd1_model, load_dataset(photos), 64, load_template("subject"), "tomtut",
                                           opts)
-    trainable = train_module.embedding_trainable(embedding, sd1_model, opts, None)
-    trainable.install(encoder)
-    real_loss, peak, tried = train_module.diffusion_loss, {}, []
+    trainable = train_module.embedding_trainable(embedding, sd1_model, opts, parse_schedule("0.005", max_steps=4))
+    trainable.start(None)
+    trainable.install(sd1_model, encoder)
+    real_loss, peak, tried = NoisePrediction.loss, {}, []
 
-    def loss_on_a_small_card(model, encoder, alphas, clean, *args, **kwargs):
+    def loss_on_a_small_card(denoiser, clean, *args, **kwargs):
         tried.append(clean.shape[0])
         if clean.shape[0] > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (faked)")
         peak["bytes"] = clean.shape[0] * 2**30
-        return real_loss(model, encoder, alphas, clean, *args, **kwargs)
+        return real_loss(denoiser, clean, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "diffusion_loss", loss_on_a_small_card)
+    monkeypatch.setattr(NoisePrediction, "loss", loss_on_a_small_card)
     for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: peak["bytes"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(total_memory=3.5 * 2**30))
     before = {key: value.detach().clone() for key, value in trainable.parameters().items()}
-    alphas = noise_schedule(sd1_model)[0]
-    fits = train_module.cuda_step_fits(sd1_model, sd1_model.unet, encoder, alphas, samples, trainable)
+    fits = train_module.cuda_step_fits(NoisePrediction(sd1_model, encoder), samples, trainable)
     assert train_module.largest_fitting(fits, 8) == 2 and tried == [8, 4, 2]
     assert train_module.choose_batch(opts, None, samples.count, lambda: fits) == 3
     assert all(p.grad is None for p in trainable.parameters().values())

@@ -16,7 +16,7 @@ from tistudio.create import create_embedding
 from tistudio.dataset import load_dataset
 from tistudio.embedding import read_embedding
 from tistudio.evaluation import evaluation_batch, evaluation_loss
-from tistudio.objective import noise_schedule
+from tistudio.objective import NoisePrediction
 from tistudio.templates import load_template
 from tistudio.train import encode_latents, train
 
@@ -30,14 +30,14 @@ def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot
                                      cache_dir=tmp_path, model=sd1_model)
     start = read_embedding(template_file).tensor
     latents, captions = encode_latents(sd1_model, load_dataset(photos), 64, flip=False)
-    alphas, timesteps = noise_schedule(sd1_model)
+    encoder = PromptEncoder.for_model(sd1_model)
+    denoiser = NoisePrediction(sd1_model, encoder)
     batch = evaluation_batch(latents.shape[0], captions, load_template("subject"), "tomtut", seed=7,
-                             latent_shape=tuple(latents.shape[1:]), timesteps=timesteps, size=64)
+                             latent_shape=tuple(latents.shape[1:]), draws=denoiser, size=64)
 
     def fixed_batch_loss(vectors: torch.Tensor) -> float:
-        encoder = PromptEncoder.for_model(sd1_model)
         encoder.set_embeddings({"tomtut": vectors})
-        return evaluation_loss(sd1_model, encoder, alphas, latents, batch)
+        return evaluation_loss(denoiser, latents, batch)
 
     def trained(label: str, **changes) -> torch.Tensor:
         folder = tmp_path / label / "emb"

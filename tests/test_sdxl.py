@@ -18,7 +18,7 @@ from tistudio.conditioning import PromptEncoder
 from tistudio.embedding import Embedding, read_embedding, write_embedding
 from tistudio.errors import EmbeddingError, ModelError
 from tistudio.generate import check_fits
-from tistudio.objective import diffusion_loss, noise_schedule
+from tistudio.objective import NoisePrediction, noise_schedule
 from tistudio.runfolder import read_eval_log
 
 
@@ -50,11 +50,11 @@ def test_a_gradient_reaches_both_vector_sets(sdxl_model) -> None:
     encoder = PromptEncoder.for_model(sdxl_model)
     vectors = {"clip_l": torch.randn(2, 32, requires_grad=True), "clip_g": torch.randn(2, 64, requires_grad=True)}
     encoder.set_embeddings({"tomtut": vectors})
-    alphas, _ = noise_schedule(sdxl_model)
     generator = torch.Generator().manual_seed(0)
     clean = torch.randn(2, 4, 8, 8, generator=generator)
-    loss = diffusion_loss(sdxl_model, encoder, alphas, clean, torch.tensor([100, 700]),
-                          torch.randn(2, 4, 8, 8, generator=generator), ["a photo of tomtut"] * 2)
+    loss = NoisePrediction(sdxl_model, encoder).loss(clean, torch.tensor([100, 700]),
+                                                     torch.randn(2, 4, 8, 8, generator=generator),
+                                                     ["a photo of tomtut"] * 2)
     loss.backward()
     for key, tensor in vectors.items():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0, key
@@ -210,15 +210,15 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
     start = read_embedding(folder / "tomtut.safetensors").vectors
     dataset = load_dataset(photos)
     latents, captions = encode_latents(sdxl_model, dataset, 64, flip=False)
-    alphas, timesteps = noise_schedule(sdxl_model)
+    encoder = PromptEncoder.for_model(sdxl_model)
+    denoiser = NoisePrediction(sdxl_model, encoder)
     batch = evaluation_batch(latents.shape[0], captions, load_template("subject"), "tomtut", seed=7,
-                             latent_shape=tuple(latents.shape[1:]), timesteps=timesteps, size=64,
+                             latent_shape=tuple(latents.shape[1:]), draws=denoiser, size=64,
                              sizes=latent_sizes(sdxl_model, dataset, 64, flip=False))
 
     def fixed_batch_loss(vectors: dict[str, torch.Tensor]) -> float:
-        encoder = PromptEncoder.for_model(sdxl_model)
         encoder.set_embeddings({"tomtut": vectors})
-        return evaluation_loss(sdxl_model, encoder, alphas, latents, batch)
+        return evaluation_loss(denoiser, latents, batch)
 
     train(TrainOptions(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
                        run_dir=str(tmp_path / "run"), size=64, batch_size=4, max_steps=60, preview_every=0,

@@ -116,13 +116,13 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(sd
     """At a large gradient accumulation one step is many micro-batches (a served 1024-accumulation job ignored stop
     for minutes): a stop asked between two of them drops that step unapplied, and resuming gives the vectors of an
     uninterrupted run, bit for bit."""
-    import tistudio.train as training
+    from tistudio.objective import NoisePrediction
 
     settings = dict(max_steps=6, gradient_accumulation=3, eval_every=0, save_every=2)
     straight, resumed = twin_folders(sd1_model, tmp_path)
     run(sd1_model, photos, straight, **settings)
     calls, stop = [], threading.Event()
-    real_loss = training.diffusion_loss
+    real_loss = NoisePrediction.loss
 
     def counting_loss(*args, **kwargs):
         calls.append(1)
@@ -130,11 +130,11 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(sd
             stop.set()
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "diffusion_loss", counting_loss)
+    monkeypatch.setattr(NoisePrediction, "loss", counting_loss)
     first = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model, stop=stop)
     assert len(calls) == 11, "the step went on after the stop"
     assert first.stopped and first.step == 3 and read_embedding(resumed / "tomtut.safetensors").step == 3
-    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    monkeypatch.setattr(NoisePrediction, "loss", real_loss)
     second = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model)
     assert second.start_step == 3 and second.step == 6
     a, b = read_embedding(straight / "tomtut.safetensors"), read_embedding(resumed / "tomtut.safetensors")

@@ -35,7 +35,7 @@ import torch
 
 from .conditioning import PromptEncoder
 from .models import SDModel
-from .objective import diffusion_loss, seed_for
+from .objective import Denoiser, seed_for
 from .runfolder import EVAL_HEADER, eval_row, read_eval_log
 from .storage import append_line, write_text
 from .templates import fill_template
@@ -97,29 +97,25 @@ class EvalBatch:
 
 
 def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
-                     latent_shape: tuple[int, ...], timesteps: int, size: int = 32,
+                     latent_shape: tuple[int, ...], draws: Denoiser, size: int = 32,
                      sizes: torch.Tensor | None = None, stratified: bool = False) -> EvalBatch:
-    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts. With
-    `stratified`, the timesteps cover the schedule evenly (one drawn in each of `size` equal strata, the strata
-    shuffled over the samples), so that a small batch does not happen to miss the high or the low noise levels."""
+    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts, drawn as
+    the denoiser `draws` them. With `stratified`, the timesteps cover the schedule evenly (one drawn in each of
+    `size` equal strata, the strata shuffled over the samples), so that a small batch does not happen to miss the
+    high or the low noise levels."""
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
     indices = [i % count for i in range(size)]
     prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
                for i, index in enumerate(indices)]
-    if stratified:
-        strata = torch.randperm(size, generator=generator)
-        steps = ((strata + torch.rand(size, generator=generator)) * timesteps / size).long().clamp(max=timesteps - 1)
-    else:
-        steps = torch.randint(0, timesteps, (size,), generator=generator)
-    return EvalBatch(indices=indices, timesteps=steps,
-                     noise=torch.randn((size, *latent_shape), generator=generator), prompts=prompts,
-                     time_ids=None if sizes is None else sizes[torch.tensor(indices)])
+    steps = draws.draw_timesteps(size, generator, stratified)
+    return EvalBatch(indices=indices, timesteps=steps, noise=draws.draw_noise((size, *latent_shape), generator),
+                     prompts=prompts, time_ids=None if sizes is None else sizes[torch.tensor(indices)])
 
 
 @torch.no_grad()
-def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                    batch: EvalBatch, chunk: int = 16, weights: torch.Tensor | None = None) -> float:
+def evaluation_loss(denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, chunk: int = 16,
+                    weights: torch.Tensor | None = None) -> float:
     """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk), weighted as
     training is where the images have loss `weights` (masks.py)."""
     total = 0.0
@@ -128,9 +124,9 @@ def evaluation_loss(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor
         chosen = torch.tensor(batch.indices[part], device=latents.device)
         clean = latents[chosen]
         noise = batch.noise[part].to(latents.device)
-        loss = diffusion_loss(model, encoder, alphas, clean, batch.timesteps[part].to(latents.device), noise,
-                              batch.prompts[part], time_ids=None if batch.time_ids is None else batch.time_ids[part],
-                              weights=None if weights is None else weights[chosen])
+        loss = denoiser.loss(clean, batch.timesteps[part].to(latents.device), noise, batch.prompts[part],
+                             time_ids=None if batch.time_ids is None else batch.time_ids[part],
+                             weights=None if weights is None else weights[chosen])
         total += float(loss) * clean.shape[0]
     return total / len(batch.indices)
 
@@ -233,10 +229,11 @@ class Evaluator:
     (best_likeness_step). Otherwise the loss chooses (best_step), which needs no images.
     """
 
-    def __init__(self, model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, latents: torch.Tensor,
-                 batch: EvalBatch, log_path: Path, likeness: Likeness | None = None, likeness_every: int = 0,
-                 weights: torch.Tensor | None = None, spec: Mapping[str, Any] | None = None) -> None:
-        self.model, self.encoder, self.alphas, self.latents, self.batch = model, encoder, alphas, latents, batch
+    def __init__(self, denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, log_path: Path,
+                 likeness: Likeness | None = None, likeness_every: int = 0, weights: torch.Tensor | None = None,
+                 spec: Mapping[str, Any] | None = None) -> None:
+        self.denoiser, self.latents, self.batch = denoiser, latents, batch
+        self.model, self.encoder = denoiser.model, denoiser.encoder  # what a likeness draws its pictures with
         self.weights = weights
         self.spec = dict(spec or {})  # how the fixed batch was drawn (samples, stratified): kept in the resume state
         self.path = log_path
@@ -263,15 +260,15 @@ class Evaluator:
                          for i, step in enumerate(steps)}
 
     def loss(self) -> float:
-        return evaluation_loss(self.model, self.encoder, self.alphas, self.latents, self.batch, weights=self.weights)
+        return evaluation_loss(self.denoiser, self.latents, self.batch, weights=self.weights)
 
-    def measure_neutral(self, trainable: Trainable, neutral: Mapping[str, torch.Tensor],
-                        start: Mapping[str, torch.Tensor]) -> None:
-        """The fixed-batch loss of the neutral (person-like) start, where the run started elsewhere (the loss's drop
-        is then counted from it where it is below the run's own start)."""
-        if self.neutral is not None or all(torch.equal(neutral[key], start[key].to(torch.float32)) for key in start):
+    def measure_neutral(self, trainable: Trainable) -> None:
+        """The fixed-batch loss of the trainable's neutral start (the person-like one), where the run started
+        elsewhere (the loss's drop is then counted from it where it is below the run's own start)."""
+        neutral = trainable.neutral_start() if self.neutral is None else None
+        if neutral is None:
             return
-        with trainable.using(self.encoder, neutral):
+        with trainable.using(neutral):
             self.neutral = self.loss()
         log.info("fixed-batch loss of the person-like start: %.5f (the loss's drop is counted from it where it is "
                  "below this run's start)", self.neutral)

@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -31,7 +31,6 @@ import torch
 from . import __version__
 from .conditioning import PromptEncoder
 from .config import TrainOptions, to_dict, validate_train
-from .create import person_vectors
 from .dataset import Dataset, TrainImage, load_dataset, square
 from .embedding import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from .errors import EmbeddingError, TistudioError
@@ -39,7 +38,7 @@ from .evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
 from .generate import Renderer, SamplingParams, check_fits, infotext, save_png
 from .masks import loss_weights, mask_mode
 from .models import SDModel, load_model, resolve_device
-from .objective import diffusion_loss, noise_schedule, seed_for, size_ids
+from .objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
 from .parallel import Parallel, PeerLost, process_group
 from .progress import Event, Progress, Reporter
 from .runfolder import ResumeState, RunFolder, read_eval_log, restore_optimizer, run_folder
@@ -48,7 +47,7 @@ from .schedule import Schedule, parse_schedule
 from .storage import write_json
 from .templates import fill_template, load_template, preview_prompt
 from .tensorboard import Board
-from .trainable import EmbeddingTrainable, Trainable, initial_from_state, norm_limits
+from .trainable import EmbeddingTrainable, Trainable, TrainableFactory, Trainables, TrainableSetup, norm_limits
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,8 @@ class TrainResult:
 
 def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
           on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
-          likeness: Likeness | None = None, parallel: Parallel | None = None) -> TrainResult:
+          likeness: Likeness | None = None, parallel: Parallel | None = None,
+          beside: Sequence[TrainableFactory] = ()) -> TrainResult:
     """Train (or resume) an embedding; returns where everything was written.
 
     `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
@@ -91,18 +91,22 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
 
     `parallel` makes this process one of a data-parallel run (parallel.py; torchrun and accelerate launch set
     it up through the environment): it computes its share of every batch, and only process 0 writes and reports.
+
+    `beside`: makers of further trainables (trainable.py) trained with the word's vectors through the same loop,
+    each writing its own file beside the embedding.
     """
     parallel = parallel or Parallel()
     validate_train(options)
     device = model.device if model is not None else resolve_device(parallel.device_choice(options.device))
-    with process_group(parallel, device), ExitStack() as cleanup:  # cleanup: what the run opens (TensorBoard)
+    with process_group(parallel, device), ExitStack() as cleanup:  # cleanup: what the run opens and installs
         return run_training(options, cache_dir=cache_dir, model=model, on_progress=on_progress, stop=stop,
-                            likeness=likeness, parallel=parallel, cleanup=cleanup)
+                            likeness=likeness, parallel=parallel, cleanup=cleanup, beside=beside)
 
 
 def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | None,
                  on_progress: Callable[[Progress], None] | None, stop: threading.Event | None,
-                 likeness: Likeness | None, parallel: Parallel, cleanup: ExitStack) -> TrainResult:
+                 likeness: Likeness | None, parallel: Parallel, cleanup: ExitStack,
+                 beside: Sequence[TrainableFactory] = ()) -> TrainResult:
     """train()'s stages, in the process group of a data-parallel run where there is one."""
     main = parallel.main
     report = Reporter(on_progress if main else None)
@@ -125,10 +129,18 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     encoder = check_model(point, model, options)
     size = options.size or model.native_size
 
-    # 3. Open the run folder; encode the images once.
-    # a resumed run keeps its (global) batch size
-    earlier_batch = point.run.resolved_batch(parallel.world) if start_step > 0 else None
-    saved = point.run.load_state(start_step, point.embedding.vectors) if start_step > 0 else None
+    # 3. What trains, and where the last sitting left it (each trainable's state checked against its own values).
+    word = embedding_trainable(point.embedding, model, options, schedule)
+    trainable = Trainables([word, *(make(TrainableSetup(model, options, schedule, point.source, start_step))
+                                     for make in beside)])
+    saved = point.run.load_state(start_step, trainable.parameters()) if start_step > 0 else None
+    trainable.start(saved["tensors"] if saved else None)
+    trainable.install(model, encoder)
+    cleanup.callback(trainable.remove)
+    denoiser = denoiser_for(model, encoder)
+
+    # 4. Open the run folder; encode the images once.
+    earlier_batch = point.run.resolved_batch(parallel.world) if start_step > 0 else None  # a resume keeps its batch
     parallel.barrier(model.device)  # every process has read the run folder before process 0 changes it
     if main:
         point.run.open(start_step)
@@ -137,113 +149,168 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None,
                         start_step > 0)
     samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel)
-    alphas = noise_schedule(model)[0].to(model.device)
 
-    # 4. What trains, its optimizer, and where the last sitting left them.
-    trainable = embedding_trainable(point.embedding, model, options, saved)
-    trainable.install(encoder)
-    optimizer, scaler = make_optimizer(trainable, model, options, schedule.rate_at(start_step))
+    # 5. The optimizer, evaluation, previews and checkpoints.
+    optimizer, scaler = make_optimizer(trainable, model, options, start_step)
     guard = restore(optimizer, scaler, trainable, saved, name, start_step)
-
-    # 5. Evaluation, previews and checkpoints.
     if main and likeness is None and options.likeness != "off" and options.eval_every:
         likeness = face_likeness_of(dataset, name, size, options)
-    evaluator = make_evaluator(model, encoder, alphas, samples, point.run, options, likeness, start_step, saved,
+    evaluator = make_evaluator(denoiser, samples, point.run, options, likeness, start_step, saved,
                                trainable) if main else None
-    carried = ((lambda step: trainable.as_embedding(trainable.snapshot(), name=f"{name}-{step}", step=step))
+    session = Session(options=options, point=point, schedule=schedule, parallel=parallel, report=report, stop=stop,
+                      denoiser=denoiser, trainable=trainable, optimizer=optimizer, scaler=scaler, guard=guard,
+                      samples=samples, evaluator=evaluator,
+                      result=TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
+                                         step=start_step, stopped=False, last_loss=None,
+                                         skipped_images=dataset.skipped))
+    carried = ((lambda step: word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step))
                if options.preview_embedded else None)
-    previewer = (Previewer(model, encoder, preview_params(options, template, name, size), point.run, options.clip_skip,
-                           carried) if options.preview_every and main else None)
-    result = TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
-                         step=start_step, stopped=False, last_loss=None, skipped_images=dataset.skipped)
-    board = None
-    if options.tensorboard and main:
-        board = cleanup.enter_context(Board(point.run.path / "tensorboard", start_step))
-        report.also(board.progress)
-    losses = LossLog(point.run, guard, deferred=scaler is not None, writes=main, board=board)
-    checkpoints = Checkpointer(point.run, trainable, point.target, ResumeState(trainable.parameters(), optimizer,
-                               scaler), guard, evaluator, losses, start_step, writes=main,
-                               meta={"loss_mask": masking})
-    if evaluator is not None and start_step == 0:
-        evaluate(evaluator, trainable, 0, schedule.end_step, report)  # the untrained start, for the curve
-    if previewer is not None:
-        preview(previewer, start_step, schedule.end_step, result, report, skip_existing=True)
-    report(Event.START, start_step, schedule.end_step, lr=schedule.rate_at(start_step) * guard.lr_factor,
-           message=dataset.summary())
+    session.open_outputs(template, size, masking, cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
-    step = start_step
-    # The training steps may use a compiled UNet; evaluation and previews use the model's own.
-    unet = torch.compile(model.unet) if options.compile_unet else model.unet
     with training_mode(model, options.gradient_checkpointing, options.channels_last):
-        probe = partial(cuda_step_fits, model, unet, encoder, alphas, samples, trainable) if scaler else None
+        # the training steps may use a compiled UNet; evaluation and previews use the model's own
+        stepping = denoiser.with_backbone(torch.compile(model.unet)) if options.compile_unet else denoiser
+        probe = partial(cuda_step_fits, stepping, samples, trainable) if scaler else None
         batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
-        per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
         if main:
             write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel,
                               masking=describe_masking(masking, samples), judged=judged_by(evaluator))
-        loop_started = time.monotonic()
+        session.loop(stepping, batch)
+
+    # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
+    return session.finish()
+
+
+@dataclass
+class Session:
+    """A run once everything is in place: what the loop and the end share."""
+
+    options: TrainOptions
+    point: ResumePoint
+    schedule: Schedule
+    parallel: Parallel
+    report: Reporter
+    stop: threading.Event
+    denoiser: Denoiser
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    guard: NonFiniteGuard
+    samples: Samples
+    evaluator: Evaluator | None
+    result: TrainResult
+    previewer: Previewer | None = None
+    board: Board | None = None
+    losses: LossLog | None = None
+    checkpoints: Checkpointer | None = None
+
+    @property
+    def end(self) -> int:
+        return self.schedule.end_step
+
+    def rates(self, step: int) -> list[float]:
+        """Each parameter group's learning rate at `step` (after the guard's halvings)."""
+        return [group.schedule.rate_at(step) * self.guard.lr_factor for group in self.trainable.groups()]
+
+    def open_outputs(self, template: tuple[str, ...], size: int, masking: str, cleanup: ExitStack, summary: str,
+                     carried: Callable[[int], Embedding] | None) -> None:
+        """The previewer (`carried`: the embedding a preview stores, --preview-embedded), TensorBoard, the loss log
+        and the checkpointer; the start's evaluation and preview."""
+        options, point, main, start = self.options, self.point, self.parallel.main, self.result.start_step
+        if options.preview_every and main:
+            self.previewer = Previewer(self.denoiser.model, self.denoiser.encoder,
+                                       preview_params(options, template, point.name, size), point.run,
+                                       options.clip_skip, carried)
+        if options.tensorboard and main:
+            self.board = cleanup.enter_context(Board(point.run.path / "tensorboard", start))
+            self.report.also(self.board.progress)
+        self.losses = LossLog(point.run, self.guard, deferred=self.scaler is not None, writes=main, board=self.board)
+        self.checkpoints = Checkpointer(point.run, self.trainable, point.target,
+                                        ResumeState(self.trainable.parameters(), self.optimizer, self.scaler),
+                                        self.guard, self.evaluator, self.losses, start, writes=main,
+                                        meta={"loss_mask": masking})
+        if self.evaluator is not None and start == 0:
+            evaluate(self.evaluator, self.trainable, 0, self.end, self.report)  # the untrained start, for the curve
+        if self.previewer is not None:
+            preview(self.previewer, start, self.end, self.result, self.report, skip_existing=True)
+        self.report(Event.START, start, self.end, lr=self.rates(start)[0], message=summary)
+
+    def loop(self, stepping: Denoiser, batch: int) -> None:
+        """Optimizer steps from the start step to the end, a stop, or --stop auto's convergence."""
+        options, parallel, samples, result = self.options, self.parallel, self.samples, self.result
+        per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
+        stepper = Stepper(self.trainable, self.optimizer, self.scaler, options.clip_grad_norm, parallel)
+        started, step = time.monotonic(), result.start_step
         agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
-        while step < schedule.end_step and not (agreed_stop if parallel.active else stop.is_set()):
-            lr = schedule.rate_at(step) * guard.lr_factor
-            accumulation = options.gradient_accumulation
-            micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step), parallel, batch)
-                             for micro in range(accumulation))
+        while step < self.end and not (agreed_stop if parallel.active else self.stop.is_set()):
+            rates = self.rates(step)
+            micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step, stepping), parallel,
+                                     batch) for micro in range(options.gradient_accumulation))
             try:
-                outcome = train_step(model, encoder, alphas, unet, trainable, optimizer, scaler, micro_batches,
-                                     accumulation, lr, options.clip_grad_norm, parallel, stop.is_set(),
-                                     abandon=None if parallel.active else stop)
+                outcome = train_step(stepping, stepper, micro_batches, options.gradient_accumulation, rates,
+                                     self.stop.is_set(), abandon=None if parallel.active else self.stop)
             except PeerLost as lost:
-                raise peer_lost(lost, checkpoints, step, result, report, schedule.end_step) from lost
+                raise peer_lost(lost, self.checkpoints, step, result, self.report, self.end) from lost
             if outcome is None:  # stopped between two micro-batches: the step is dropped, the last one is saved
                 break
             loss, finite, agreed_stop = outcome
-            if scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
-                guard.good() if bool(finite) else guard.bad(step + 1, checkpoints.saved_step)
-            step += 1
-            result.step = step
+            if self.scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
+                self.guard.good() if bool(finite) else self.guard.bad(step + 1, self.checkpoints.saved_step)
+            step = result.step = step + 1
             epoch = (step * per_step - 1) // samples.count
-            losses.add(LossRow(step, epoch, loss, lr, finite), checkpoints.saved_step)
-            elapsed = time.monotonic() - loop_started
-            report(Event.STEP, step, schedule.end_step, epoch=epoch, loss=losses.last_loss, lr=lr,
-                   eta_s=elapsed / (step - start_step) * (schedule.end_step - step))
-            if evaluation_due(step, options.eval_every):
-                converged = False
-                if evaluator is not None:
-                    evaluate(evaluator, trainable, step, schedule.end_step, report, last=step >= schedule.end_step)
-                    converged = options.stop == "auto" and evaluator.converged()
-                if options.stop == "auto" and parallel.agree(converged, model.device):
-                    result.converged_at = step
-                    log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
-                    break
-            if options.save_every and step % options.save_every == 0 and step < schedule.end_step:
-                checkpoints.save(step, copy=True, final=False, result=result, report=report, total=schedule.end_step)
-            if previewer is not None and step % options.preview_every == 0:
-                preview(previewer, step, schedule.end_step, result, report)
+            self.losses.add(LossRow(step, epoch, loss, rates[0], finite), self.checkpoints.saved_step)
+            elapsed = time.monotonic() - started
+            self.report(Event.STEP, step, self.end, epoch=epoch, loss=self.losses.last_loss, lr=rates[0],
+                        eta_s=elapsed / (step - result.start_step) * (self.end - step))
+            if self.after_step(step):
+                break
 
-    # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
-    result.stopped = step < schedule.end_step and result.converged_at is None
-    if evaluator is not None and not result.stopped and not evaluation_due(step, options.eval_every):
-        evaluate(evaluator, trainable, step, schedule.end_step, report, last=True)  # always a candidate
-    checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
-                     report=report, total=schedule.end_step)
-    best = evaluator.best if evaluator is not None else None
-    if not result.stopped and options.final == "best" and best is not None and best.step != step:
-        checkpoints.keep_best(best, step)  # NAME.safetensors holds the best step, NAME-last.safetensors the last
-        result.best_step = best.step
-    if previewer is not None and not result.stopped and step % options.preview_every:
-        preview(previewer, step, schedule.end_step, result, report)
-    from .report import write_run_report
+    def after_step(self, step: int) -> bool:
+        """Evaluation, copies and previews due after `step`; True where --stop auto ends the run here."""
+        options = self.options
+        if evaluation_due(step, options.eval_every):
+            converged = False
+            if self.evaluator is not None:
+                evaluate(self.evaluator, self.trainable, step, self.end, self.report, last=step >= self.end)
+                converged = options.stop == "auto" and self.evaluator.converged()
+            if options.stop == "auto" and self.parallel.agree(converged, self.denoiser.model.device):
+                self.result.converged_at = step
+                log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
+                return True
+        if options.save_every and step % options.save_every == 0 and step < self.end:
+            self.checkpoints.save(step, copy=True, final=False, result=self.result, report=self.report,
+                                  total=self.end)
+        if self.previewer is not None and step % options.preview_every == 0:
+            preview(self.previewer, step, self.end, self.result, self.report)
+        return False
 
-    if main:
-        write_run_report(point.run.path, name)
-    if board is not None:
-        board.close()  # before the caller hears DONE, so that the files are whole
-    result.last_loss = losses.last_loss
-    result.message = final_message(result, name, schedule.end_step, best, point, guard.discarded)
-    report(Event.STOPPED if result.stopped else Event.DONE, step, schedule.end_step, loss=result.last_loss,
-           path=str(point.target), message=result.message)
-    return result
+    def finish(self) -> TrainResult:
+        """Save where the run is, keep the best step, write the report; the result."""
+        options, result, evaluator, point = self.options, self.result, self.evaluator, self.point
+        step = result.step
+        result.stopped = step < self.end and result.converged_at is None
+        if evaluator is not None and not result.stopped and not evaluation_due(step, options.eval_every):
+            evaluate(evaluator, self.trainable, step, self.end, self.report, last=True)  # always a candidate
+        self.checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
+                              report=self.report, total=self.end)
+        best = evaluator.best if evaluator is not None else None
+        if not result.stopped and options.final == "best" and best is not None and best.step != step:
+            self.checkpoints.keep_best(best, step)  # NAME.safetensors holds the best step, NAME-last the last
+            result.best_step = best.step
+        if self.previewer is not None and not result.stopped and step % options.preview_every:
+            preview(self.previewer, step, self.end, result, self.report)
+        from .report import write_run_report
+
+        if self.parallel.main:
+            write_run_report(point.run.path, point.name)
+        if self.board is not None:
+            self.board.close()  # before the caller hears DONE, so that the files are whole
+        result.last_loss = self.losses.last_loss
+        result.message = final_message(result, point.name, self.end, best, point, self.guard.discarded)
+        self.report(Event.STOPPED if result.stopped else Event.DONE, step, self.end, loss=result.last_loss,
+                    path=str(point.target), message=result.message)
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,6 +328,12 @@ class ResumePoint:
     run: RunFolder
     step: int
     finished: str = ""  # why there is nothing to train, if there is not
+    continued_from: Path | None = None  # the file `embedding` was read from, where it is not embedding_path
+
+    @property
+    def source(self) -> Path:
+        """The file training continues from (what trains beside the word keeps its own file beside it)."""
+        return self.continued_from or self.embedding_path
 
 
 def resume_point(options: TrainOptions) -> ResumePoint:
@@ -285,7 +358,7 @@ def resume_point(options: TrainOptions) -> ResumePoint:
             log.info("%s holds the best step %d; continuing from the last step %d", embedding_path.name,
                      embedding.step, last_step)
             point.embedding = replace(read_embedding(run.last_path), name=name)
-            point.step = point.embedding.step
+            point.step, point.continued_from = point.embedding.step, run.last_path
         else:
             log.warning("%s is missing; continuing from the kept best step %d", run.last_path, embedding.step)
     return point
@@ -409,7 +482,6 @@ class Samples:
     captions: list[str]
     template: tuple[str, ...]
     name: str
-    timesteps: int  # of the training noise schedule
     seed: int
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
@@ -424,16 +496,16 @@ class Samples:
         return max((fill_template(line, self.name, caption, random.Random(0)) for line in self.template
                     for caption in self.captions), key=len)
 
-    def draw(self, step: int, micro: int, batch: int, per_step: int) -> Batch:
-        """Micro-batch `micro` of optimizer step `step` (0-based)."""
+    def draw(self, step: int, micro: int, batch: int, per_step: int, draws: Denoiser) -> Batch:
+        """Micro-batch `micro` of optimizer step `step` (0-based), its timesteps and noise drawn as `draws` does."""
         indices = sample_indices(self.seed, step * per_step + micro * batch, batch, self.count)
         rng = random.Random(seed_for(self.seed, 2, step, micro))
         prompts = [fill_template(rng.choice(self.template), self.name, self.captions[i], rng, self.shuffle_tags,
                                  self.tag_dropout) for i in indices]
         generator = torch.Generator().manual_seed(seed_for(self.seed, 3, step, micro))
-        t = torch.randint(0, self.timesteps, (batch,), generator=generator)
+        t = draws.draw_timesteps(batch, generator)
         device = self.latents.device
-        noise = torch.randn((batch, *self.latents.shape[1:]), generator=generator).to(device)
+        noise = draws.draw_noise((batch, *self.latents.shape[1:]), generator).to(device)
         chosen = torch.tensor(indices, device=device)
         return Batch(clean=self.latents[chosen], timesteps=t.to(device), noise=noise, prompts=prompts,
                      time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
@@ -460,9 +532,8 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
     sizes = latent_sizes(model, dataset, size, options.flip)
     weights = loss_weights(dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask,
                            options.mask_background)
-    return Samples(latents=latents, captions=captions, template=template, name=name,
-                   timesteps=noise_schedule(model)[1], seed=options.seed, shuffle_tags=options.shuffle_tags,
-                   tag_dropout=options.tag_dropout, sizes=sizes,
+    return Samples(latents=latents, captions=captions, template=template, name=name, seed=options.seed,
+                   shuffle_tags=options.shuffle_tags, tag_dropout=options.tag_dropout, sizes=sizes,
                    weights=None if weights is None else weights.to(latents.device))
 
 
@@ -487,24 +558,28 @@ def describe_masking(mode: str, samples: Samples) -> str:
 
 
 def embedding_trainable(embedding: Embedding, model: SDModel, options: TrainOptions,
-                        saved: dict[str, Any] | None) -> EmbeddingTrainable:
+                        schedule: Schedule) -> EmbeddingTrainable:
     """The embedding's vectors as the run trains them: stamped with the model, with norm control as asked."""
     stamped = replace(embedding, model_hash=model.hash, model_name=model.name,
                       meta={**embedding.meta, "model_family": model.family})
     keys = tuple(embedding.vectors)
     limits = norm_limits(model, keys, options.max_norm) if options.max_norm else None
     fixed = norm_limits(model, keys, options.fixed_norm) if options.fixed_norm else None
-    return EmbeddingTrainable(stamped, model.device, initial=initial_from_state(saved["tensors"]) if saved else None,
-                              norm_limits=limits, init_pull=options.init_pull, fixed_norms=fixed)
+    return EmbeddingTrainable(stamped, model.device, schedule, norm_limits=limits, init_pull=options.init_pull,
+                              fixed_norms=fixed)
 
 
 def make_optimizer(trainable: Trainable, model: SDModel, options: TrainOptions,
-                   lr: float) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable's parameters, and on CUDA a GradScaler, which skips non-finite steps on the device
-    without a host sync (and scales fp16 losses)."""
+                   step: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable's parameter groups (each at its own learning rate), and on CUDA a GradScaler, which
+    skips non-finite steps on the device without a host sync (and scales fp16 losses)."""
     cuda = model.device.type == "cuda"
-    optimizer = torch.optim.AdamW(list(trainable.parameters().values()), lr=lr, weight_decay=options.weight_decay,
-                                  fused=True if cuda else None)
+    parameters, groups = trainable.parameters(), trainable.groups()
+    if [key for group in groups for key in group.keys] != list(parameters):
+        raise TistudioError("a trainable's parameter groups must cover its parameters once, in their order")
+    optimizer = torch.optim.AdamW([{"params": [parameters[key] for key in group.keys],
+                                    "lr": group.schedule.rate_at(step)} for group in groups],
+                                  weight_decay=options.weight_decay, fused=True if cuda else None)
     return optimizer, grad_scaler("cuda", model.dtype == torch.float16) if cuda else None
 
 
@@ -564,25 +639,23 @@ def restore(optimizer: torch.optim.Optimizer, scaler: Any, trainable: Trainable,
 # 5. Evaluation, previews and checkpoints
 
 
-def make_evaluator(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, samples: Samples, run: RunFolder,
-                   options: TrainOptions, likeness: Likeness | None, start_step: int,
-                   saved: dict[str, Any] | None, trainable: EmbeddingTrainable) -> Evaluator | None:
+def make_evaluator(denoiser: Denoiser, samples: Samples, run: RunFolder, options: TrainOptions,
+                   likeness: Likeness | None, start_step: int, saved: dict[str, Any] | None,
+                   trainable: Trainable) -> Evaluator | None:
     """The fixed-batch evaluator (None with eval_every 0), with the history of a resumed run and the loss of the
     person-like start, from which the loss's drop is counted."""
     if not options.eval_every:
         return None
     spec = evaluation_spec(options, start_step, saved, run.eval_log)
     batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
-                             tuple(samples.latents.shape[1:]), samples.timesteps, size=spec["samples"],
+                             tuple(samples.latents.shape[1:]), denoiser, size=spec["samples"],
                              sizes=samples.sizes, stratified=spec["stratified"])
     every = getattr(likeness, "every", 0)  # a face likeness has its own interval
-    evaluator = Evaluator(model, encoder, alphas, samples.latents, batch, run.eval_log, likeness, every,
-                          weights=samples.weights, spec=spec)
+    evaluator = Evaluator(denoiser, samples.latents, batch, run.eval_log, likeness, every, weights=samples.weights,
+                          spec=spec)
     evaluator.open(start_step, saved)
     if evaluator.neutral is None:
-        count = next(iter(trainable.vectors.values())).shape[0]
-        neutral = {key: vectors.to(model.device) for key, vectors in person_vectors(model, count).items()}
-        evaluator.measure_neutral(trainable, neutral, trainable.initial)
+        evaluator.measure_neutral(trainable)
     return evaluator
 
 
@@ -704,7 +777,7 @@ class Checkpointer:
     """Saves the run at a step - copy, resume state, embedding, in the run folder's order - and keeps the best step
     at the end. In the other processes of a data-parallel run (`writes` False) it only keeps count."""
 
-    def __init__(self, run: RunFolder, trainable: EmbeddingTrainable, target: Path, state: ResumeState,
+    def __init__(self, run: RunFolder, trainable: Trainable, target: Path, state: ResumeState,
                  guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int,
                  writes: bool = True, meta: dict[str, Any] | None = None) -> None:
         self.run, self.trainable, self.target, self.state = run, trainable, target, state
@@ -782,11 +855,10 @@ def largest_fitting(fits: Callable[[int], bool], largest: int) -> int:
     return batch
 
 
-def cuda_step_fits(model: SDModel, unet: Any, encoder: PromptEncoder, alphas: torch.Tensor, samples: Samples,
-                   trainable: Trainable) -> Callable[[int], bool]:
+def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -> Callable[[int], bool]:
     """fits(batch): whether one training forward and backward pass at this batch (with the longest prompt) peaks
     below the headroom. It draws from its own generator and throws its gradient away, so the run is unchanged."""
-    device = model.device
+    device = denoiser.model.device
     latents, prompt = samples.latents, samples.longest_prompt()
 
     def fits(batch: int) -> bool:
@@ -794,10 +866,10 @@ def cuda_step_fits(model: SDModel, unet: Any, encoder: PromptEncoder, alphas: to
         torch.cuda.reset_peak_memory_stats(device)
         try:
             generator = torch.Generator().manual_seed(0)
-            t = torch.randint(0, samples.timesteps, (batch,), generator=generator)
-            noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(device)
+            t = denoiser.draw_timesteps(batch, generator)
+            noise = denoiser.draw_noise((batch, *latents.shape[1:]), generator).to(device)
             clean = latents[torch.arange(batch, device=device) % latents.shape[0]]
-            diffusion_loss(model, encoder, alphas, clean, t.to(device), noise, [prompt] * batch, unet=unet).backward()
+            denoiser.loss(clean, t.to(device), noise, [prompt] * batch).backward()
             torch.cuda.synchronize(device)
         except torch.cuda.OutOfMemoryError:
             return False
@@ -844,43 +916,54 @@ def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel,
         "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
 
 
-def train_step(model: SDModel, encoder: PromptEncoder, alphas: torch.Tensor, unet: Any, trainable: Trainable,
-               optimizer: torch.optim.Optimizer, scaler: Any, micro_batches: Iterator[Batch], accumulation: int,
-               lr: float, clip_grad_norm: float, parallel: Parallel | None = None,
-               stop_asked: bool = False, abandon: threading.Event | None = None,
+@dataclass
+class Stepper:
+    """What an optimizer step updates and how: the trainable, its optimizer (and a GPU run's GradScaler), the
+    gradient clipping, and the processes whose gradients are averaged."""
+
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    scaler: Any = None
+    clip_grad_norm: float = 0.0
+    parallel: Parallel = field(default_factory=Parallel)
+
+
+def train_step(denoiser: Denoiser, stepper: Stepper, micro_batches: Iterator[Batch], accumulation: int,
+               rates: Sequence[float], stop_asked: bool = False, abandon: threading.Event | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """One optimizer step over the micro-batches; returns the step's loss and whether it (and its gradient) were
-    finite, both still on the device, and whether any process was asked to stop. A non-finite step is not applied
-    (the GradScaler skips it on a GPU). Several processes average their gradients and losses first.
+    """One optimizer step over the micro-batches at each parameter group's learning rate (`rates`); returns the
+    step's loss and whether it (and its gradient) were finite, both still on the device, and whether any process was
+    asked to stop. A non-finite step is not applied (the GradScaler skips it on a GPU). Several processes average
+    their gradients and losses first.
 
     With `abandon` (one process), a stop asked between two micro-batches drops the step unapplied and returns None:
-    a stop acts within one micro-batch even at a large gradient accumulation, and the vectors stay those of the
-    last whole step (what a resume continues from, exactly)."""
-    for group in optimizer.param_groups:
+    a stop acts within one micro-batch even at a large gradient accumulation, and the trained values stay those of
+    the last whole step (what a resume continues from, exactly)."""
+    trainable, optimizer, scaler = stepper.trainable, stepper.optimizer, stepper.scaler
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = lr
     parameters = list(trainable.parameters().values())
-    step_loss = torch.zeros((), device=model.device)
+    step_loss = torch.zeros((), device=denoiser.model.device)
     for micro, batch in enumerate(micro_batches):
         if abandon is not None and abandon.is_set():
             optimizer.zero_grad(set_to_none=True)
             return None
-        loss = diffusion_loss(model, encoder, alphas, batch.clean, batch.timesteps, batch.noise, batch.prompts,
-                              unet=unet, time_ids=batch.time_ids, weights=batch.weights) / accumulation
+        loss = batch_loss(denoiser, batch) / accumulation
         penalty = trainable.penalty() if micro == 0 else None
         if penalty is not None:
             loss = loss + penalty
         if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.detach()
-    agreed_stop = (parallel or Parallel()).average_step(parameters, step_loss, stop_asked)
+    agreed_stop = stepper.parallel.average_step(parameters, step_loss, stop_asked)
     if scaler is not None:
         scaler.unscale_(optimizer)
     finite = torch.isfinite(step_loss)
     for parameter in parameters:
         grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
         finite = finite & torch.isfinite(grad).all()
-    if clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+    if stepper.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, stepper.clip_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # skipped on the device when the gradient is not finite
         scaler.update()
