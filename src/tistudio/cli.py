@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(train, TrainOptions)
     train.set_defaults(run=cmd_train)
 
+    add_train_many(command)
+    generate = command("generate", help="generate images with embeddings",
+                                   description=GenerateOptions.__doc__)
+    add_options(generate, GenerateOptions)
+    generate.set_defaults(run=cmd_generate)
+
+    add_use_step(command)
+    add_serve(command)
+    add_file_commands(command)
+    return parser
+
+
+Command = Callable[..., argparse.ArgumentParser]  # adds a subcommand with the global flags
+
+
+def add_train_many(command: Command) -> None:
     many = command("train-many", help="train many embeddings: a jobs .toml plan or a folder of prepared sets",
                    description="Train one embedding per job of PLAN, one after another (each model loaded once), "
                    "or one job with --index (a cluster's array task). PLAN is a .toml file ([defaults] and [[job]] "
@@ -459,11 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                 defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainOptions)})
     many.set_defaults(run=cmd_train_many)
 
-    generate = command("generate", help="generate images with embeddings",
-                                   description=GenerateOptions.__doc__)
-    add_options(generate, GenerateOptions)
-    generate.set_defaults(run=cmd_generate)
 
+def add_use_step(command: Command) -> None:
     use_step = command("use-step", help="make a saved step of a training run the embedding (nothing is lost)",
                        description="Make the copy a run saved at STEP the embedding NAME (pick the step whose "
                        "previews look best). The replaced embedding is kept as its step's copy, and training further "
@@ -475,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     use_step.add_argument("--run-dir", default="", help="run folder (default: runs/NAME)")
     use_step.set_defaults(run=cmd_use_step)
 
+
+def add_serve(command: Command) -> None:
     server = command("serve", help="the web page and HTTP API (http://localhost:7860)")
     server.add_argument("--host", default="", help="address to listen on (default 127.0.0.1; 0.0.0.0 with --listen)")
     server.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
@@ -493,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device)")
     server.set_defaults(run=cmd_serve)
 
+
+def add_file_commands(command: Command) -> None:
     inspect = command("inspect", help="show what an embedding file holds")
     inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png)")
     inspect.add_argument("--json", action="store_true", help="print JSON")
@@ -507,7 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "(which A1111, Forge, ComfyUI and kohya read)")
     convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
     convert.set_defaults(run=cmd_convert)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
