@@ -40,7 +40,7 @@ RULES = ("every 25", "every 50", "stages from 500", "stages from 100", "stages f
 
 
 def thinned(curve: list[tuple[int, float]], rule: str) -> list[tuple[int, float]]:
-    from tistudio.evaluation import evaluation_due
+    from tistudio.train.evaluation import evaluation_due
 
     if rule == "every 25":
         return curve
@@ -52,16 +52,16 @@ def thinned(curve: list[tuple[int, float]], rule: str) -> list[tuple[int, float]
 
 
 def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder: Path, work: Path) -> dict:
-    from tistudio import world
-    from tistudio.conditioning import PromptEncoder
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.dataset import load_dataset
-    from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.evaluation import evaluation_batch, evaluation_loss
-    from tistudio.objective import NoisePrediction
-    from tistudio.templates import load_template
-    from tistudio.train import encode_samples, train
+    from tistudio.demo import world
+    from tistudio.demo.run import NAME, TEMPLATE, person_photos
+    from tistudio.models.conditioning import PromptEncoder
+    from tistudio.prepare.dataset import load_dataset
+    from tistudio.train.create import create_embedding
+    from tistudio.train.evaluation import evaluation_batch, evaluation_loss
+    from tistudio.train.loop import encode_samples, train
+    from tistudio.train.objective import NoisePrediction
+    from tistudio.train.templates import load_template
 
     photos = person_photos(work / "photos")
     template_file = work / "template.txt"
@@ -99,7 +99,7 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
 def replay(runs: list[dict], batch_seeds: int) -> list[dict]:
     from learning import on_plateau
 
-    from tistudio.evaluation import best_likeness_step, best_step
+    from tistudio.train.evaluation import best_likeness_step, best_step
 
     rows = []
     for size in SIZES:

@@ -92,7 +92,7 @@ def hit(detection: tuple, truth: tuple) -> bool:
 
 def detectors() -> dict:
     found = {}
-    from tistudio.faces import FaceDetector
+    from tistudio.prepare.faces import FaceDetector
 
     mtcnn = FaceDetector()
     found["tistudio MTCNN (score >= 0.9)"] = lambda im: [f.box for f in mtcnn.detect(im) if f.score >= 0.9]

@@ -48,8 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def photo_likeness_scorer(folder: Path, photos: list, name: str, cfg: float):
     """score(model, encoder) -> the share of 16 preview pictures that show the person of the training photos (each
     trait the photos' majority, as the trait reader reads them): what a trainer could measure on its own."""
-    from tistudio import world
-
+    from tistudio.demo import world
     person = world.read_person(world.load_trait_reader(folder), photos)
     return world.likeness_scorer(folder, person, name, prompts=PREVIEW_PROMPTS, seeds=(0, 1, 2, 3), cfg=cfg)
 
@@ -94,13 +93,13 @@ def resampled_best(steps: list[int], values: list[list[float]], kept: int, round
 def run_one(init: str, seed: int, steps: int, eval_every: int, cache: Path, model, folder: Path,
             work: Path, cfg: float, lr: str, vectors: int, judges: int, previews_too: bool,
             likeness_too: bool) -> dict:
-    from tistudio import world
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.evaluation import best_likeness_step, best_step, should_stop
-    from tistudio.runfolder import read_eval_log
-    from tistudio.train import train
+    from tistudio.demo import world
+    from tistudio.demo.run import NAME, TEMPLATE, person_photos
+    from tistudio.train.create import create_embedding
+    from tistudio.train.evaluation import best_likeness_step, best_step, should_stop
+    from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
 
     photos = person_photos(work / "photos")
     template = work / "template.txt"
@@ -206,8 +205,8 @@ def demo_world() -> tuple[Path, object, Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tistudio.cli import quiet_third_party
     from tistudio.config import ModelOptions
-    from tistudio.models import load_model
-    from tistudio.tinymodel import demo_model_dir
+    from tistudio.demo.tinymodel import demo_model_dir
+    from tistudio.models.loading import load_model
 
     quiet_third_party()
     cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))

@@ -45,8 +45,8 @@ def variant_options(variant: str) -> dict:
 def judge(folder: Path, name: str, cfg: float, seeds: tuple[int, ...]):
     """judge(model, encoder) -> (share showing the person, share obeying place and style, the reader's mean
     probability that a picture shows the person)."""
-    from tistudio import world
-    from tistudio.generate import Renderer, SamplingParams
+    from tistudio.demo import world
+    from tistudio.generate.images import Renderer, SamplingParams
 
     traits = world.load_trait_reader(folder)
     scenes = world.fit_scene_reader()
@@ -86,11 +86,11 @@ def checked_best(halves: list[dict[int, float]], steps: list[int]) -> float:
 def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every: int, cache: Path, model,
             folder: Path, work: Path, cfg: float, judge_seeds: int = 8) -> dict:
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.embedding import read_embedding
-    from tistudio.runfolder import read_eval_log
-    from tistudio.train import train
+    from tistudio.demo.run import NAME, TEMPLATE, person_photos
+    from tistudio.embeddings.files import read_embedding
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
 
     photos = person_photos(work / "photos", masks=masks)
     template = work / "template.txt"

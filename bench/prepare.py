@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--megapixels", type=float, default=12.0)
     args = parser.parse_args()
     from tistudio.config import PrepareOptions
-    from tistudio.preprocess import prepare
+    from tistudio.prepare.preprocess import prepare
 
     width = int((args.megapixels * 1e6 * 4 / 3) ** 0.5)
     height = width * 3 // 4

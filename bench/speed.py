@@ -124,9 +124,9 @@ def child_ours(spec: dict) -> dict:
     import torch
 
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.parallel import Parallel
-    from tistudio.train import train
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
+    from tistudio.train.parallel import Parallel
 
     cuda = spec["device"] == "cuda"
     stamps = step_clock(spec["warmup"], spec["warmup"] + spec["steps"], cuda)
@@ -213,10 +213,10 @@ def child_generate(spec: dict, ours: bool) -> dict:
     prompt, steps, cfg, size = "a photo of a person on a beach", spec["gen_steps"], 7.5, spec["size"]
     cuda = spec["device"] == "cuda"
     if ours:
-        from tistudio.conditioning import PromptEncoder
         from tistudio.config import ModelOptions
-        from tistudio.generate import Renderer, SamplingParams
-        from tistudio.models import load_model
+        from tistudio.generate.images import Renderer, SamplingParams
+        from tistudio.models.conditioning import PromptEncoder
+        from tistudio.models.loading import load_model
 
         model = load_model(ModelOptions(model=spec["model"], device=spec["device"], precision=spec["precision"]),
                            Path(spec["work"]))
@@ -275,7 +275,7 @@ def child(kind: str, spec: dict) -> int:
 
 def model_folder(spec: str, cache: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
-    from tistudio.tinymodel import full_size_model_dir, full_size_sdxl_dir, random_model_dir
+    from tistudio.demo.tinymodel import full_size_model_dir, full_size_sdxl_dir, random_model_dir
 
     if spec == "tiny":
         return random_model_dir(cache)

@@ -40,7 +40,7 @@ DEFAULT_STEPS, PREVIEW_EVERY, SAVE_EVERY, EVAL_EVERY, LIKENESS_EVERY = 3000, 500
 
 
 def timed_run(model, options_for, work: Path, steps: int, every: int, eval_samples: int) -> dict:
-    from tistudio.train import train
+    from tistudio.train.loop import train
 
     events: list[tuple[str, float]] = []
     liked: set[float] = set()  # the times of evaluations that measured the face likeness
@@ -76,7 +76,7 @@ def projected(step_s: float, eval_s: float, preview_s: float, save_s: float, set
               likeness_s: float = 0.0) -> dict:
     """A default run's wall time from the measured parts; `likeness_s`: what a face-likeness measurement adds to its
     evaluation (measured where evaluation.likeness_due says and at the last step, as the trainer does)."""
-    from tistudio.evaluation import evaluation_due, likeness_due
+    from tistudio.train.evaluation import evaluation_due, likeness_due
 
     at = [0, *(s for s in range(1, DEFAULT_STEPS + 1)
                if (evaluation_due(s, EVAL_EVERY) if thinned else s % EVAL_EVERY == 0))]
@@ -127,8 +127,8 @@ def measure(args: argparse.Namespace, counts: list[int]) -> dict[int, dict]:
 
     from tistudio.cli import quiet_third_party
     from tistudio.config import CreateOptions, ModelOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.models import load_model
+    from tistudio.models.loading import load_model
+    from tistudio.train.create import create_embedding
 
     quiet_third_party()
     cache = Path(os.environ.get("TISTUDIO_CACHE", Path.home() / ".cache" / "tistudio"))

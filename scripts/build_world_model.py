@@ -32,8 +32,8 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from tistudio import world  # noqa: E402
-from tistudio.tokenizer import load_tokenizer  # noqa: E402
+from tistudio.demo import world  # noqa: E402
+from tistudio.models.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT = {"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
         "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 128, "hidden_act": "quick_gelu",
@@ -121,7 +121,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, s
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tistudio.models import scheduler_config
+    from tistudio.models.loading import scheduler_config
 
     tokenizer = load_tokenizer()
     torch.manual_seed(seed)
@@ -179,7 +179,7 @@ def model_like(pixels, captions, vae, unet, text, scaling, generator):
     the UNet with the right caption, then decoded. Blurrier where the model is unsure - like its samples."""
     from diffusers import DDPMScheduler
 
-    from tistudio.models import scheduler_config
+    from tistudio.models.loading import scheduler_config
 
     tokenizer = load_tokenizer()
     alphas = DDPMScheduler.from_config(scheduler_config("epsilon")).alphas_cumprod
@@ -231,7 +231,7 @@ def evaluate(vae, unet, text, reader, scaling: float, seed: int) -> dict:
     """Reader accuracy on renders and VAE reconstructions; how often samples show the described person."""
     from diffusers import DDIMScheduler
 
-    from tistudio.models import scheduler_config
+    from tistudio.models.loading import scheduler_config
 
     rng = random.Random(seed + 11)
     people = [world.random_person(rng, allow_held_out=True) for _ in range(200)]
@@ -295,7 +295,7 @@ def load_built(folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    import tistudio.tinymodel as tiny
+    import tistudio.demo.tinymodel as tiny
 
     original = tiny.world_files
     tiny.world_files = lambda family="sd1": (folder / "world-model.safetensors", folder / "world-model.json")

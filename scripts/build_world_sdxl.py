@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_world_model as sd1  # noqa: E402
 
-from tistudio import world  # noqa: E402
-from tistudio.tokenizer import load_tokenizer  # noqa: E402
+from tistudio.demo import world  # noqa: E402
+from tistudio.models.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT_L = dict(sd1.TEXT)  # clip_l: the SD1 world's text encoder's shape (and its weights, to start)
 TEXT_G = {**sd1.TEXT, "hidden_size": 192, "intermediate_size": 768, "num_attention_heads": 3, "projection_dim": 192,
@@ -76,7 +76,7 @@ def start_from_sd1(seed: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tistudio.tinymodel import world_files
+    from tistudio.demo.tinymodel import world_files
 
     vae, old_unet, old_text = sd1.load_built(world_files()[0].parent)
     first = CLIPTextModel(CLIPTextConfig(**TEXT_L))
@@ -114,7 +114,7 @@ def start_from_sd1(seed: int):
 def train_denoiser(latents: torch.Tensor, captions: list[str], unet, texts: Texts, seconds: float, seed: int):
     from diffusers import DDPMScheduler
 
-    from tistudio.models import scheduler_config
+    from tistudio.models.loading import scheduler_config
 
     ids_l, ids_g = texts.ids([*captions, ""])
     empty = (ids_l[-1], ids_g[-1])
@@ -165,7 +165,7 @@ def samples_show_person(vae, unet, texts: Texts, reader, scaling: float, seed: i
     reads them (the SD1 build's measure)."""
     from diffusers import DDIMScheduler
 
-    from tistudio.models import scheduler_config
+    from tistudio.models.loading import scheduler_config
 
     rng = random.Random(seed + 11)
     people = [world.random_person(rng, allow_held_out=True) for _ in range(64)]
@@ -192,7 +192,7 @@ def samples_show_person(vae, unet, texts: Texts, reader, scaling: float, seed: i
 def save(out: Path, vae, unet, texts: Texts, used: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tistudio.tinymodel import world_files
+    from tistudio.demo.tinymodel import world_files
 
     tensors = {k: v for k, v in load_file(str(world_files()[0])).items() if k.startswith(("vae.", "reader."))}
     for name, value in unet.state_dict().items():
@@ -220,7 +220,7 @@ def main() -> int:
     started = time.monotonic()
     from safetensors.torch import load_file
 
-    from tistudio.tinymodel import world_files
+    from tistudio.demo.tinymodel import world_files
 
     base_meta = json.loads(world_files()[1].read_text())
     scaling = base_meta["vae"]["scaling_factor"]

@@ -63,10 +63,10 @@ def listing(root: Path) -> list[str]:
 
 def tiny_runs(out: Path, cache: Path) -> None:
     from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.generate import generate
-    from tistudio.models import load_model
-    from tistudio.tinymodel import build_tiny_model
+    from tistudio.demo.tinymodel import build_tiny_model
+    from tistudio.generate.images import generate
+    from tistudio.models.loading import load_model
+    from tistudio.train.create import create_embedding
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from corpus import make_photos
@@ -87,7 +87,7 @@ def tiny_runs(out: Path, cache: Path) -> None:
                       template="subject_filewords",
                       eval_every=2, preview_every=3, save_every=3, preview_steps=3, max_norm=3.0, init_pull=0.1,
                       clip_grad_norm=1.0, weight_decay=0.01, seed=7, size=64)
-        from tistudio.train import train
+        from tistudio.train.loop import train
 
         train(TrainOptions(**common, max_steps=7), cache_dir=cache, model=model)
         train(TrainOptions(**common, max_steps=12), cache_dir=cache, model=model)
@@ -107,7 +107,7 @@ def tiny_runs(out: Path, cache: Path) -> None:
 
 
 def demo_run(out: Path, cache: Path) -> None:
-    from tistudio.demo import run_demo
+    from tistudio.demo.run import run_demo
 
     run_demo(out / "demo", cache_dir=cache, steps=50)
 

@@ -35,21 +35,21 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.tinymodel import build_tiny_model
+    from tistudio.demo.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sd1") / "model", family="sd1", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.tinymodel import build_tiny_model
+    from tistudio.demo.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sd2") / "model", family="sd2", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.tinymodel import build_tiny_sdxl
+    from tistudio.demo.tinymodel import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
 
@@ -58,7 +58,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sdxl_model(tiny_sdxl: Path, cache_dir: Path):
     """The tiny SDXL model, loaded once. Tests that change it must restore it."""
     from tistudio.config import ModelOptions
-    from tistudio.models import load_model
+    from tistudio.models.loading import load_model
 
     return load_model(ModelOptions(model=str(tiny_sdxl)), cache_dir)
 
@@ -67,7 +67,7 @@ def sdxl_model(tiny_sdxl: Path, cache_dir: Path):
 def sd1_model(tiny_sd1: Path, cache_dir: Path):
     """The tiny SD1 model, loaded once. Tests that change it must restore it."""
     from tistudio.config import ModelOptions
-    from tistudio.models import load_model
+    from tistudio.models.loading import load_model
 
     return load_model(ModelOptions(model=str(tiny_sd1)), cache_dir)
 

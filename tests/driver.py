@@ -32,7 +32,7 @@ def main() -> int:
         storage.os.replace = slow_replace  # type: ignore[attr-defined]
     if "--slow-step" in settings:
         delay = float(settings["--slow-step"])
-        from tistudio.objective import NoisePrediction
+        from tistudio.train.objective import NoisePrediction
 
         original_loss = NoisePrediction.loss
 

@@ -16,7 +16,7 @@ import uvicorn
 
 from a1111_rules import a1111_load_png_embedding, parse_generation_parameters
 from tistudio.config import ModelOptions
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.server import ServerConfig, create_app
 
 webuiapi = pytest.importorskip("webuiapi")

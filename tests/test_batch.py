@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tistudio.cli import main
-from tistudio.embedding import read_embedding
+from tistudio.embeddings.files import read_embedding
 
 PLAN = """
 [defaults]
@@ -132,9 +132,9 @@ def test_a_failing_job_is_reported_and_the_next_one_runs(tiny_sd1, photos, tmp_p
 ])
 def test_bad_plans_are_refused_before_any_model_is_loaded(tiny_sd1, photos, tmp_path, cache_dir, capsys,
                                                           monkeypatch, change, message) -> None:
-    import tistudio.models
+    import tistudio.models.loading
 
-    monkeypatch.setattr(tistudio.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(tistudio.models.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     plan = plan_folder(tmp_path, tiny_sd1, photos, change(PLAN))
     assert many(cache_dir, str(plan)) == 2
     err = capsys.readouterr().err

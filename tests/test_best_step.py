@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tistudio.config import CreateOptions, TrainOptions
-from tistudio.create import PERSON_NAMES, create_embedding, person_vectors
-from tistudio.embedding import read_embedding
-from tistudio.evaluation import best_likeness_step, best_step, converged, floor_step
-from tistudio.runfolder import read_eval_log
-from tistudio.train import train
+from tistudio.embeddings.files import read_embedding
+from tistudio.train.create import PERSON_NAMES, create_embedding, person_vectors
+from tistudio.train.evaluation import best_likeness_step, best_step, converged, floor_step
+from tistudio.train.loop import train
+from tistudio.train.runfolder import read_eval_log
 
 
 def options(photos: Path, folder: Path, **changes) -> TrainOptions:
@@ -181,8 +181,7 @@ def test_final_last_keeps_the_last_step(sd1_model, photos, tmp_path) -> None:
 
 
 def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, tmp_path, monkeypatch) -> None:
-    from tistudio import evaluation
-
+    from tistudio.train import evaluation
     fresh(sd1_model, tmp_path)
     calls = {"n": 0}
 
@@ -255,7 +254,7 @@ def test_bad_evaluation_options_are_refused(sd1_model, photos, tmp_path, bad) ->
 
 
 def test_the_report_says_when_the_drop_is_counted_from_the_person_like_start() -> None:
-    from tistudio.report import evaluation_section
+    from tistudio.train.report import evaluation_section
 
     rows = [(0, 0.9, None), (25, 0.5, None), (50, 0.4, None)]
     assert "counted from the latter" in evaluation_section(rows, 25, neutral=0.6)
@@ -264,7 +263,7 @@ def test_the_report_says_when_the_drop_is_counted_from_the_person_like_start() -
 
 
 def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1_model, photos, tmp_path) -> None:
-    from tistudio.evaluation import SETTLED_STEP, evaluation_due
+    from tistudio.train.evaluation import SETTLED_STEP, evaluation_due
 
     due = [step for step in range(1, 3001) if evaluation_due(step, 25)]
     assert due[:3] == [25, 50, 75] and SETTLED_STEP == 500 and 500 in due and 525 not in due
@@ -273,7 +272,7 @@ def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1
     assert not evaluation_due(0, 0) and not evaluation_due(25, 0)
     assert [s for s in range(3401, 3801) if evaluation_due(s, 25)] == [3500, 3600, 3800]  # then every 200
     # the face likeness, at the first evaluation of every 250 steps to step 1500 and of every 500 after
-    from tistudio.evaluation import likeness_due
+    from tistudio.train.evaluation import likeness_due
 
     measured: list[int] = []
     for step in [0, *due]:
@@ -290,9 +289,9 @@ def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1
 
 
 def test_a_stratified_fixed_batch_covers_the_whole_schedule(sd1_model) -> None:
-    from tistudio.conditioning import PromptEncoder
-    from tistudio.evaluation import evaluation_batch
-    from tistudio.objective import NoisePrediction
+    from tistudio.models.conditioning import PromptEncoder
+    from tistudio.train.evaluation import evaluation_batch
+    from tistudio.train.objective import NoisePrediction
 
     draws = NoisePrediction(sd1_model, PromptEncoder.for_model(sd1_model))
     assert draws.timesteps == 1000

@@ -344,7 +344,7 @@ def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and
         jobs = [json.loads(p.read_text()) for p in (tmp_path / f"ws-{port}" / "jobs").glob("*.json")]
         resumed = next(j for j in jobs if j["id"] == running[0]["id"])
         assert resumed["status"] == "stopped", resumed
-        from tistudio.embedding import read_embedding
+        from tistudio.embeddings.files import read_embedding
 
         embedding = read_embedding(tmp_path / f"ws-{port}" / "embeddings" / "tomtut.safetensors")
         assert embedding.step == resumed["result"]["step"] > saved + 3

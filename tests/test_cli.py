@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from tistudio.cli import main
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 
 
 def tistudio(*args: str, cache: Path, **kwargs) -> subprocess.CompletedProcess:

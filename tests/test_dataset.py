@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from corpus import exif_rotated, png_bomb
-from tistudio.dataset import caption_for, filename_words, load_dataset, read_image, square
 from tistudio.errors import DatasetError
+from tistudio.prepare.dataset import caption_for, filename_words, load_dataset, read_image, square
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -127,10 +127,10 @@ def test_a_long_strip_costs_only_the_square_training_uses(tmp_path: Path) -> Non
 
 def test_the_bad_image_corpus_goes_through_train(sd1_model, tmp_path: Path, monkeypatch) -> None:
     from corpus import draw_toy
-    from tistudio import dataset as dataset_module
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.train import train
+    from tistudio.prepare import dataset as dataset_module
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
 
     folder = tmp_path / "mixed"
     folder.mkdir()

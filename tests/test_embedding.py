@@ -17,7 +17,14 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from a1111_rules import a1111_check_pt
-from tistudio.embedding import Embedding, describe, read_embedding, write_a1111_pt, write_diffusers, write_embedding
+from tistudio.embeddings.files import (
+    Embedding,
+    describe,
+    read_embedding,
+    write_a1111_pt,
+    write_diffusers,
+    write_embedding,
+)
 from tistudio.errors import EmbeddingError
 
 
@@ -141,7 +148,7 @@ def test_convert_to_a1111_pt_writes_the_six_plain_keys(tmp_path: Path) -> None:
 
 def test_an_embedding_saved_as_a_png_loads_in_a1111_exactly(tmp_path: Path) -> None:
     from a1111_rules import a1111_load_png_embedding
-    from tistudio.embedding import write_png_embedding
+    from tistudio.embeddings.files import write_png_embedding
 
     sd1 = Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42, model_hash="0123456789")
     name, loaded, step = a1111_load_png_embedding(write_png_embedding(sd1, tmp_path / "tomtut.png"))
@@ -183,7 +190,7 @@ def _tokenizers_and_widths(model: Path, parts: tuple[tuple[str, str], ...]) -> t
 def test_every_sd1_file_tistudio_writes_loads_in_kohya_and_the_onetrainer_file_in_onetrainer(
         tiny_sd1: Path, tmp_path: Path) -> None:
     from a1111_rules import kohya_gen_img_embeddings, kohya_load_weights, onetrainer_load_embedding
-    from tistudio.embedding import ONETRAINER_KEY
+    from tistudio.embeddings.files import ONETRAINER_KEY
 
     parts = (("tokenizer", "text_encoder"),)
     width = _tokenizers_and_widths(tiny_sd1, parts)[1][0]
@@ -223,7 +230,7 @@ def test_tistudios_sdxl_file_loads_in_kohya_and_onetrainer(tiny_sdxl: Path, tmp_
 
 def test_a_png_embedding_also_loads_from_its_pixels_once_a_site_strips_its_text(tmp_path: Path) -> None:
     from a1111_rules import a1111_load_png_embedding
-    from tistudio.embedding import write_png_embedding
+    from tistudio.embeddings.files import write_png_embedding
 
     picture = Image.new("RGB", (64, 48), (0, 0, 0))  # black edges: the strips must stay apart from the picture
     picture.paste((250, 120, 16), (16, 8, 48, 40))

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tistudio.conditioning import PromptEncoder, TextEncoder
 from tistudio.config import CreateOptions, GenerateOptions, TrainOptions
-from tistudio.create import create_embedding
-from tistudio.embedding import read_embedding
-from tistudio.families import EncoderSlot, Family
-from tistudio.generate import generate
-from tistudio.models import SDModel
-from tistudio.train import train
+from tistudio.embeddings.files import read_embedding
+from tistudio.generate.images import generate
+from tistudio.models.conditioning import PromptEncoder, TextEncoder
+from tistudio.models.families import EncoderSlot, Family
+from tistudio.models.loading import SDModel
+from tistudio.train.create import create_embedding
+from tistudio.train.loop import train
 
 DUO = Family("duo", "a two-encoder test family",
              (EncoderSlot("clip_l"), EncoderSlot("clip_g", text_encoder="text_encoder_2", tokenizer="tokenizer_2")))
@@ -27,7 +27,7 @@ DUO = Family("duo", "a two-encoder test family",
 def half_width_encoder(seed: int) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tistudio.tinymodel import text_config
+    from tistudio.demo.tinymodel import text_config
 
     torch.manual_seed(seed)
     config = {**text_config("sd1"), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import torch
 
 from test_train import new_embedding, options
-from tistudio import train as train_module
-from tistudio.embedding import read_embedding
-from tistudio.train import train
+from tistudio.embeddings.files import read_embedding
+from tistudio.train import loop as train_module
+from tistudio.train.loop import train
 
 
 def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, photos, tmp_path,
@@ -21,7 +21,7 @@ def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, ph
     device (no host sync), accounted for when the loss log is read; the vectors never take it."""
     folder = tmp_path / "emb"
     new_embedding(sd1_model, folder)
-    from tistudio.objective import NoisePrediction
+    from tistudio.train.objective import NoisePrediction
 
     real_make, real_loss = train_module.make_optimizer, NoisePrediction.loss
     scalers, calls = [], []
@@ -56,11 +56,11 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     """--batch-size 0 on a GPU: the real probe, with an out-of-memory error above 4 samples and a peak of 1 GiB per
     sample on a 3.5 GiB card (90% headroom: 3.15 GiB): 8 and 4 do not fit, 2 does; 6 photos: 6 does not, 3 does.
     The probe leaves no gradient behind."""
-    from tistudio.conditioning import PromptEncoder
-    from tistudio.dataset import load_dataset
-    from tistudio.objective import NoisePrediction
-    from tistudio.schedule import parse_schedule
-    from tistudio.templates import load_template
+    from tistudio.models.conditioning import PromptEncoder
+    from tistudio.prepare.dataset import load_dataset
+    from tistudio.train.objective import NoisePrediction
+    from tistudio.train.schedule import parse_schedule
+    from tistudio.train.templates import load_template
 
     opts = options(photos, tmp_path / "emb", batch_size=0)
     embedding = read_embedding(new_embedding(sd1_model, tmp_path / "emb"))
@@ -97,8 +97,8 @@ def test_the_frozen_model_in_bf16_trains_fp32_vectors(tiny_sd1: Path, sd1_model,
     """The mixed-precision path on the CPU: every frozen weight in bf16, the vectors and their optimizer in fp32;
     the loss stays within bf16's rounding of the fp32 run's, and the vectors stay finite and float32."""
     from tistudio.config import ModelOptions
-    from tistudio.models import load_model
-    from tistudio.runfolder import read_loss_log
+    from tistudio.models.loading import load_model
+    from tistudio.train.runfolder import read_loss_log
 
     model = load_model(ModelOptions(model=str(tiny_sd1), precision="bf16"), cache_dir)
     assert model.dtype == torch.bfloat16 and next(model.unet.parameters()).dtype == torch.bfloat16

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from tistudio.config import ModelOptions
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import EmbeddingError, ModelError, OptionError
-from tistudio.models import load_model
-from tistudio.templates import fill_template, load_template
+from tistudio.models.loading import load_model
+from tistudio.train.templates import fill_template, load_template
 
 SCALE = int(os.environ.get("TISTUDIO_FUZZ_SCALE", "1"))
 
@@ -157,7 +157,7 @@ def png_pixels(payload: bytes) -> bytes:
     """A PNG without text chunks carrying `payload` in A1111's pixel strips."""
     from PIL import Image
 
-    from tistudio.pngdata import hide
+    from tistudio.embeddings.pngdata import hide
 
     buffer = io.BytesIO()
     hide(Image.new("RGB", (16, 64), (90, 90, 90)), payload).save(buffer, "PNG")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from tistudio import identity
 from tistudio.config import PrepareOptions
-from tistudio.identity import SAME_PERSON, group_people
-from tistudio.preprocess import prepare
+from tistudio.prepare import identity
+from tistudio.prepare.identity import SAME_PERSON, group_people
+from tistudio.prepare.preprocess import prepare
 
 DATA = Path(__file__).parent / "data"
 needs_extra = pytest.mark.skipif(not identity.available(), reason="the face-identity extra is not installed")
@@ -40,7 +40,7 @@ def write_set(folder: Path, collins: int, hopper: int) -> Path:
 
 @needs_extra
 def test_the_same_person_is_near_and_another_is_far_on_real_photos() -> None:
-    from tistudio.faces import FaceDetector
+    from tistudio.prepare.faces import FaceDetector
 
     detector, model = FaceDetector(), identity.FaceIdentity()
 
@@ -126,7 +126,7 @@ def test_without_the_extra_auto_skips_and_on_refuses_before_any_work(tmp_path, m
 
 
 def portrait(person: str, size: int) -> Image.Image:
-    from tistudio.dataset import square
+    from tistudio.prepare.dataset import square
 
     source = Image.open(DATA / ("astronaut.jpg" if person == "collins" else "grace_hopper.jpg")).convert("RGB")
     face = {"collins": (140, 30, 320, 230), "hopper": (120, 40, 400, 360)}[person]
@@ -141,12 +141,12 @@ def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny
     picture was Collins is the one kept - among the steps it was measured at (every 4 steps here)."""
     import logging
 
-    from tistudio import generate
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.embedding import read_embedding
-    from tistudio.runfolder import read_eval_log
-    from tistudio.train import train
+    from tistudio.embeddings.files import read_embedding
+    from tistudio.generate import images as generate
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -188,8 +188,8 @@ def test_without_faces_in_the_photos_the_loss_chooses_and_says_so(sd1_model, pho
     import logging
 
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.train import train
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
 
     create_embedding(CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
                      cache_dir=tmp_path, model=sd1_model)

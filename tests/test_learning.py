@@ -10,15 +10,15 @@ import shutil
 
 import torch
 
-from tistudio.conditioning import PromptEncoder, SplicedTokenEmbedding
 from tistudio.config import CreateOptions, TrainOptions
-from tistudio.create import create_embedding
-from tistudio.dataset import load_dataset
-from tistudio.embedding import read_embedding
-from tistudio.evaluation import evaluation_batch, evaluation_loss
-from tistudio.objective import NoisePrediction
-from tistudio.templates import load_template
-from tistudio.train import encode_latents, train
+from tistudio.embeddings.files import read_embedding
+from tistudio.models.conditioning import PromptEncoder, SplicedTokenEmbedding
+from tistudio.prepare.dataset import load_dataset
+from tistudio.train.create import create_embedding
+from tistudio.train.evaluation import evaluation_batch, evaluation_loss
+from tistudio.train.loop import encode_latents, train
+from tistudio.train.objective import NoisePrediction
+from tistudio.train.templates import load_template
 
 STEPS = 60
 

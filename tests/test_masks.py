@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from tistudio.config import TrainOptions, validate_train
-from tistudio.dataset import load_dataset
-from tistudio.embedding import read_embedding
+from tistudio.embeddings.files import read_embedding
 from tistudio.errors import OptionError
-from tistudio.masks import head_and_shoulders, loss_weights, mask_mode, style_template
-from tistudio.train import train
-from tistudio.trainable import along_sphere
+from tistudio.prepare.dataset import load_dataset
+from tistudio.train.loop import train
+from tistudio.train.masks import head_and_shoulders, loss_weights, mask_mode, style_template
+from tistudio.train.trainable import along_sphere
 
 
 def centre_mask(size: tuple[int, int]) -> Image.Image:
@@ -166,7 +166,7 @@ def test_a_fixed_norm_and_a_norm_cap_are_refused_together(photos, tmp_path) -> N
 
 
 def test_face_mode_finds_the_face_of_a_real_photo_and_weighs_it(tmp_path) -> None:
-    from tistudio.masks import face_finder
+    from tistudio.train.masks import face_finder
 
     photo = Image.open(Path(__file__).parent / "data" / "grace_hopper.jpg").convert("RGB")
     folder = tmp_path / "set"
@@ -208,7 +208,7 @@ def test_auto_draws_face_shapes_only_in_a_set_of_faces(photos) -> None:
 
 
 def test_auto_keeps_style_runs_and_earlier_runs_unmasked() -> None:
-    from tistudio.templates import load_template
+    from tistudio.train.templates import load_template
 
     assert style_template(load_template("style")) and style_template(load_template("style_filewords"))
     assert not style_template(load_template("subject")) and not style_template(load_template("subject_filewords"))

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ldm_export import export_single_file
 from tistudio.config import ModelOptions
 from tistudio.errors import ModelError
-from tistudio.models import load_model, resolve_dtype, source_kind
+from tistudio.models.loading import load_model, resolve_dtype, source_kind
 
 
 @pytest.fixture(scope="module")

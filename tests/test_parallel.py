@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from tistudio.config import CreateOptions, TrainOptions
-from tistudio.create import create_embedding
-from tistudio.embedding import read_embedding
-from tistudio.parallel import Parallel
-from tistudio.runfolder import read_loss_log
-from tistudio.train import train
+from tistudio.embeddings.files import read_embedding
+from tistudio.train.create import create_embedding
+from tistudio.train.loop import train
+from tistudio.train.parallel import Parallel
+from tistudio.train.runfolder import read_loss_log
 
 DRIVER = Path(__file__).parent / "driver.py"
 # The vectors of N processes and of one differ by float rounding (a mean taken in halves, the UNet at another batch

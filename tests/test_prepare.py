@@ -17,8 +17,8 @@ from corpus import bad_files, odd_but_good_files
 from tistudio.cli import main
 from tistudio.config import PrepareOptions
 from tistudio.errors import DatasetError, OptionError
-from tistudio.faces import FaceDetector
-from tistudio.preprocess import filename_words, perceptual_hash, prepare
+from tistudio.prepare.faces import FaceDetector
+from tistudio.prepare.preprocess import filename_words, perceptual_hash, prepare
 
 DATA = Path(__file__).with_name("data")
 
@@ -195,8 +195,8 @@ def test_copies_are_the_same_photo_and_small_pictures_in_other_poses_are_not(tmp
 
     from PIL import ImageEnhance
 
-    from tistudio.demo import person_photos
-    from tistudio.preprocess import Item, same_photo, thumbnail_look
+    from tistudio.demo.run import person_photos
+    from tistudio.prepare.preprocess import Item, same_photo, thumbnail_look
 
     def item(image: Image.Image) -> Item:
         return Item(source="x", status="ok", phash=perceptual_hash(image), look=thumbnail_look(image))
@@ -230,7 +230,7 @@ def test_cli_prepare_then_train_on_the_result(tmp_path, sd1_model, tiny_sd1, cac
 def test_masks_travel_with_their_photos_into_the_prepared_set(tmp_path, detector) -> None:
     """A mask file beside a photo, or its alpha channel, is cut, resized and mirrored as the photo was, kept as
     IMAGE.mask.png beside the prepared picture (never prepared as a photo itself), and redone when it changes."""
-    from tistudio.dataset import load_dataset
+    from tistudio.prepare.dataset import load_dataset
 
     photos = real_photos(tmp_path / "photos")
     hopper = Image.open(photos / "grace_hopper.jpg")

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tistudio.errors import OptionError
-from tistudio.prompt import CHUNK, NameMatcher, chunk_prompt, parse_attention
-from tistudio.templates import SHIPPED, fill_template, load_template, preview_prompt
-from tistudio.tokenizer import load_tokenizer
+from tistudio.models.prompt import CHUNK, NameMatcher, chunk_prompt, parse_attention
+from tistudio.models.tokenizer import load_tokenizer
+from tistudio.train.templates import SHIPPED, fill_template, load_template, preview_prompt
 
 
 @pytest.fixture(scope="module")

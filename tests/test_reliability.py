@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from tistudio import storage
 from tistudio.config import CreateOptions, TrainOptions
-from tistudio.create import create_embedding
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import StorageError
-from tistudio.runfolder import read_loss_log
-from tistudio.train import TrainingDiverged, train
+from tistudio.train.create import create_embedding
+from tistudio.train.loop import TrainingDiverged, train
+from tistudio.train.runfolder import read_loss_log
 
 DRIVER = Path(__file__).with_name("driver.py")
 KILLS = int(os.environ.get("TISTUDIO_TEST_KILLS", "6"))

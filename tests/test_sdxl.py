@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from tistudio.cli import main
-from tistudio.conditioning import PromptEncoder
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import EmbeddingError, ModelError
-from tistudio.generate import check_fits
-from tistudio.objective import NoisePrediction, noise_schedule
-from tistudio.runfolder import read_eval_log
+from tistudio.generate.images import check_fits
+from tistudio.models.conditioning import PromptEncoder
+from tistudio.train.objective import NoisePrediction, noise_schedule
+from tistudio.train.runfolder import read_eval_log
 
 
 def test_the_context_is_both_penultimate_layers_and_the_pool_is_at_the_end_of_text(sdxl_model) -> None:
@@ -136,7 +136,7 @@ def test_convert_writes_and_reads_diffusers_two_file_layout(tmp_path, capsys) ->
     assert main(["convert", str(source), "--to", "a1111", "--out-dir", str(tmp_path / "a")]) == 2
     assert "clip_l and clip_g" in capsys.readouterr().err
     # an unrelated NAME_2 file beside an SD 1.x diffusers file is not taken for a pair
-    from tistudio.embedding import write_diffusers
+    from tistudio.embeddings.files import write_diffusers
 
     write_diffusers(Embedding(name="a", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a.safetensors")
     write_diffusers(Embedding(name="a_2", vectors={"clip": torch.randn(1, 768)}), tmp_path / "sd" / "a_2.safetensors")
@@ -149,7 +149,7 @@ def test_a_single_file_sdxl_checkpoint_in_a1111s_layout_loads_like_the_folder(ti
 
     from ldm_export import export_single_file
     from tistudio.config import ModelOptions
-    from tistudio.models import load_model
+    from tistudio.models.loading import load_model
 
     path = tmp_path / "ponyish.safetensors"
     state = export_single_file(tiny_sdxl, "sdxl")
@@ -198,11 +198,11 @@ def test_the_api_creates_trains_and_generates_with_an_sdxl_model(tiny_sdxl, phot
 def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same_size(sdxl_model, photos,
                                                                                      tmp_path) -> None:
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.dataset import load_dataset
-    from tistudio.evaluation import evaluation_batch, evaluation_loss
-    from tistudio.templates import load_template
-    from tistudio.train import encode_latents, latent_sizes, train
+    from tistudio.prepare.dataset import load_dataset
+    from tistudio.train.create import create_embedding
+    from tistudio.train.evaluation import evaluation_batch, evaluation_loss
+    from tistudio.train.loop import encode_latents, latent_sizes, train
+    from tistudio.train.templates import load_template
 
     folder = tmp_path / "emb"
     create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder)),
@@ -247,9 +247,9 @@ def test_size_conditioning_comes_from_what_prepare_cut_from_each_photo(sdxl_mode
     from PIL import Image as PILImage
 
     from tistudio.config import PrepareOptions
-    from tistudio.dataset import load_dataset
-    from tistudio.preprocess import prepare
-    from tistudio.train import latent_sizes
+    from tistudio.prepare.dataset import load_dataset
+    from tistudio.prepare.preprocess import prepare
+    from tistudio.train.loop import latent_sizes
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -274,10 +274,10 @@ def test_a_vpred_zero_snr_sdxl_file_trains_and_samples_on_its_own_schedule(tiny_
 
     from ldm_export import export_single_file
     from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.generate import generate
-    from tistudio.models import load_model
-    from tistudio.train import train
+    from tistudio.generate.images import generate
+    from tistudio.models.loading import load_model
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
 
     state = export_single_file(tiny_sdxl, "sdxl")
     path = tmp_path / "noobai-vpred.safetensors"

@@ -19,7 +19,7 @@ from tistudio.cli import main
 from tistudio.config import ModelOptions
 from tistudio.server import ServerConfig, create_app
 from tistudio.server.workspace import Limits
-from tistudio.templates import SHIPPED
+from tistudio.train.templates import SHIPPED
 
 BASE = "http://127.0.0.1:7860"
 
@@ -95,7 +95,7 @@ def test_the_whole_workflow_through_the_api(client, photos) -> None:
 
 
 def test_the_a1111_subset(client, tmp_path) -> None:
-    from tistudio.embedding import Embedding, write_embedding
+    from tistudio.embeddings.files import Embedding, write_embedding
 
     write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
                     tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
@@ -373,7 +373,7 @@ def test_uploads_keep_every_photo_with_an_odd_name_and_say_which_files_they_refu
 def test_the_demo_servers_photos_prepare_with_the_default_settings(tmp_path, cache_dir) -> None:
     """The demo's first experience: its 64 px photos prepared with the form's defaults (the demo model's size),
     not refused as too small for 512."""
-    from tistudio.demo import person_photos
+    from tistudio.demo.run import person_photos
 
     photos = person_photos(tmp_path / "demo-photos")
     with client_for(tmp_path / "ws", "demo", cache_dir) as demo:
@@ -411,7 +411,7 @@ def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> Non
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n secret")
-    from tistudio.embedding import Embedding, write_embedding
+    from tistudio.embeddings.files import Embedding, write_embedding
 
     write_embedding(Embedding(name="stolen", vectors={"clip": torch.ones(1, 32)}), outside / "stolen.safetensors")
     workspace = tmp_path / "ws"
@@ -441,7 +441,7 @@ def test_a_malformed_last_event_id_is_ignored(client, tmp_path) -> None:
 
 
 def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_path) -> None:
-    from tistudio.embedding import Embedding, write_embedding
+    from tistudio.embeddings.files import Embedding, write_embedding
 
     write_embedding(Embedding(name="tomtut", vectors={"clip": torch.ones(1, 32)}),
                     tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
@@ -457,7 +457,7 @@ def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_pa
 def test_two_workers_train_two_embeddings_at_once_but_never_one_twice(tmp_path, tiny_sd1, cache_dir, photos) -> None:
     """serve --devices with two workers (here both on the CPU): a second training of the same embedding waits for
     the first, and a training of another embedding queued behind it goes ahead on the free worker."""
-    from tistudio.models import parse_devices
+    from tistudio.models.loading import parse_devices
 
     with client_for(tmp_path / "ws", tiny_sd1, cache_dir, devices=parse_devices("cpu,cpu")) as client:
         assert [d["device"] for d in client.get("/api/status").json()["devices"]] == ["cpu", "cpu"]
@@ -510,7 +510,7 @@ def test_serve_refuses_devices_it_does_not_have_in_one_line(devices, message, ca
 
 def test_devices_all_is_every_gpu_and_each_gpu_once(monkeypatch) -> None:
     from tistudio.errors import ModelError
-    from tistudio.models import parse_devices
+    from tistudio.models.loading import parse_devices
 
     assert parse_devices("all") == ("",)  # no GPU: one worker, as without --devices
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

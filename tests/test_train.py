@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tistudio.config import CreateOptions, TrainOptions
-from tistudio.create import create_embedding
-from tistudio.embedding import Embedding, read_embedding, write_embedding
+from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import DatasetError, EmbeddingError, OptionError
-from tistudio.train import train
+from tistudio.train.create import create_embedding
+from tistudio.train.loop import train
 
 
 def new_embedding(model, folder: Path, name: str = "tomtut", vectors: int = 2, init: str = "toy") -> Path:
@@ -50,7 +50,7 @@ def test_only_the_new_vectors_change(sd1_model, photos, tmp_path) -> None:
 def test_the_vectors_gradient_is_the_same_every_time(sd1_model) -> None:
     # A name that appears many times in a batch of prompts: its gradient sums many contributions, which must be
     # added in the same order every time for a step (and so a resumed run) to come out the same to the last bit.
-    from tistudio.conditioning import PromptEncoder
+    from tistudio.models.conditioning import PromptEncoder
 
     encoder = PromptEncoder.for_model(sd1_model)
     vectors = torch.nn.Parameter(torch.randn((4, 64), generator=torch.Generator().manual_seed(0)) * 0.01)
@@ -116,7 +116,7 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(sd
     """At a large gradient accumulation one step is many micro-batches (a served 1024-accumulation job ignored stop
     for minutes): a stop asked between two of them drops that step unapplied, and resuming gives the vectors of an
     uninterrupted run, bit for bit."""
-    from tistudio.objective import NoisePrediction
+    from tistudio.train.objective import NoisePrediction
 
     settings = dict(max_steps=6, gradient_accumulation=3, eval_every=0, save_every=2)
     straight, resumed = twin_folders(sd1_model, tmp_path)
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_gives_the_same_embedding(sd1_model, photos, tmp_
 
 
 def test_automatic_batch_size_tries_halving_sizes() -> None:
-    from tistudio.train import largest_fitting
+    from tistudio.train.loop import largest_fitting
 
     tried = []
 

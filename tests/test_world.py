@@ -9,16 +9,16 @@ import random
 import pytest
 from PIL import Image
 
-from tistudio import world
 from tistudio.config import ModelOptions
+from tistudio.demo import world
 
 
 @pytest.fixture(scope="module", params=["demo", "demo-sdxl"])
 def world_model(request, cache_dir):
     """The SD1 world model, and its SDXL-architecture variant (two text encoders, pooled vector, size conditioning;
     scripts/build_world_sdxl.py), as loaded from the names a user types."""
-    from tistudio.models import DEMOS, load_model
-    from tistudio.tinymodel import demo_model_dir
+    from tistudio.demo.tinymodel import demo_model_dir
+    from tistudio.models.loading import DEMOS, load_model
 
     return load_model(ModelOptions(model=request.param), cache_dir), demo_model_dir(cache_dir, DEMOS[request.param])
 
@@ -69,7 +69,7 @@ def test_the_world_model_loads_like_any_checkpoint(world_model, cache_dir) -> No
     meta = json.loads((folder / "world.json").read_text())
     assert meta["held_out"] == world.HELD_OUT.traits()
     # The diffusers folder it expands to is an ordinary model folder.
-    from tistudio.models import load_model
+    from tistudio.models.loading import load_model
 
     again = load_model(ModelOptions(model=str(folder)), cache_dir)
     assert again.unet.config.block_out_channels == model.unet.config.block_out_channels
@@ -107,7 +107,7 @@ def test_the_readers_chances_agree_with_its_verdicts(world_model) -> None:
 
 
 def test_the_reader_knows_the_demos_person_from_the_training_photos(world_model, tmp_path) -> None:
-    from tistudio.demo import person_photos
+    from tistudio.demo.run import person_photos
 
     _, folder = world_model
     photos = [Image.open(p) for p in sorted(person_photos(tmp_path / "photos").glob("*.png"))]
@@ -116,8 +116,8 @@ def test_the_reader_knows_the_demos_person_from_the_training_photos(world_model,
 
 def test_text_controls_the_world_models_pictures(world_model) -> None:
     """Pictures drawn for described people show those people far more often than chance (1 in 120)."""
-    from tistudio.conditioning import PromptEncoder
-    from tistudio.generate import Renderer, SamplingParams
+    from tistudio.generate.images import Renderer, SamplingParams
+    from tistudio.models.conditioning import PromptEncoder
 
     model, folder = world_model
     reader = world.load_trait_reader(folder)
@@ -141,10 +141,10 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
     """The demo's recipe: before training few pictures from unseen prompts show the person; after, with the step
     the demo's likeness keeps (its own pictures), most of a judge's pictures (other seeds) do."""
     from tistudio.config import CreateOptions, TrainOptions
-    from tistudio.create import create_embedding
-    from tistudio.demo import NAME, TEMPLATE, person_photos
-    from tistudio.runfolder import read_eval_log
-    from tistudio.train import train
+    from tistudio.demo.run import NAME, TEMPLATE, person_photos
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
 
     model, folder = world_model
     photos = person_photos(tmp_path / "photos")

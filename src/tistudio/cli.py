@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import CreateOptions, GenerateOptions, ModelOptions, PrepareOptions, TrainOptions
-from .errors import TistudioError
-from .progress import Event, Progress
+from tistudio import __version__
+from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, PrepareOptions, TrainOptions
+from tistudio.errors import TistudioError
+from tistudio.progress import Event, Progress
 
 log = logging.getLogger("tistudio")
 
@@ -196,7 +196,7 @@ class ProgressBar:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from tistudio.demo.run import run_demo
 
     with stop_on_signals() as stop:
         result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps, family=args.family,
@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from .create import create_embedding
+    from tistudio.train.create import create_embedding
 
     path = create_embedding(options_from(args, CreateOptions), cache_dir=args.cache_dir)
     print(path)
@@ -215,8 +215,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; under torchrun or accelerate launch, one of the run's processes (process 0 alone shows progress)."""
-    from .parallel import Parallel
-    from .train import train
+    from tistudio.train.loop import train
+    from tistudio.train.parallel import Parallel
 
     options = options_from(args, TrainOptions)
     parallel = Parallel.from_environment()
@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_many(args: argparse.Namespace) -> int:
     """A plan of embeddings: all of it here one after another, or (--index) one job of it, e.g. a Slurm array's."""
-    from .batch import load_plan, plan_from_folder, run_plan, select
+    from tistudio.train.batch import load_plan, plan_from_folder, run_plan, select
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
     given.update({key: getattr(args, key) for key in ("vectors", "init_text") if getattr(args, key, None)
@@ -277,7 +277,7 @@ def cmd_train_many(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from tistudio.generate.images import generate
 
     options = options_from(args, GenerateOptions)
     with stop_on_signals() as stop:
@@ -289,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .preprocess import prepare, summary_lines
+    from tistudio.prepare.preprocess import prepare, summary_lines
 
     bar = ProgressBar("preparing", "photo", leave=False)
     with stop_on_signals() as stop:
@@ -300,8 +300,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_use_step(args: argparse.Namespace) -> int:
-    from .config import check_name
-    from .runfolder import run_folder
+    from tistudio.config import check_name
+    from tistudio.train.runfolder import run_folder
 
     name = check_name(args.name)
     target = Path(args.embeddings_dir) / f"{name}.safetensors"
@@ -311,37 +311,37 @@ def cmd_use_step(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import check_fields
-    from .server import ServerConfig, read_auth, serve
-    from .server.security import LOOPBACK_HOSTS
+    from tistudio.config import check_fields
+    from tistudio.server import ServerConfig, read_auth, serve
+    from tistudio.server.security import LOOPBACK_HOSTS
 
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     listening = args.listen or host not in LOOPBACK_HOSTS
     auth = read_auth(args.auth, args.auth_file)
     if listening and not auth:
-        from .errors import OptionError
+        from tistudio.errors import OptionError
 
         raise OptionError("listen", host, "--listen makes tistudio answer other computers, so it needs a password: "
                           "add --auth USER:PASS or --auth-file FILE")
     model = options_from(args, ModelOptions)
     check_fields(model)
-    from .models import check_model_source
-    from .server.workspace import Limits
+    from tistudio.models.loading import check_model_source
+    from tistudio.server.workspace import Limits
 
     check_model_source(model)  # a missing model is said now, not at the first job
 
     if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
-        from .errors import OptionError
+        from tistudio.errors import OptionError
 
         raise OptionError("max_upload_mb", args.max_upload_mb, "must be a positive number of megabytes, e.g. 50")
     if not math.isfinite(args.max_workspace_gb) or args.max_workspace_gb < 0:
-        from .errors import OptionError
+        from tistudio.errors import OptionError
 
         raise OptionError("max_workspace_gb", args.max_workspace_gb, "must be a number of gigabytes, e.g. 200 (0: no "
                           "cap)")
     limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                     workspace_bytes=int(args.max_workspace_gb * 1024 ** 3))
-    from .models import parse_devices
+    from tistudio.models.loading import parse_devices
 
     devices = parse_devices(args.devices)
     config = ServerConfig(workspace=Path(args.workspace), model=model, cache_dir=args.cache_dir, auth=auth,
@@ -355,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .embedding import describe, read_embedding
+    from tistudio.embeddings.files import describe, read_embedding
 
     path = Path(args.file)
     info = describe(read_embedding(path), path)
@@ -368,7 +368,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .embedding import (
+    from tistudio.embeddings.files import (
         ONETRAINER_KEY,
         read_embedding,
         write_a1111_pt,

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import OptionError
-from .samplers import SAMPLERS, check_sampler
-from .templates import SHIPPED
+from tistudio.errors import OptionError
+from tistudio.generate.samplers import SAMPLERS, check_sampler
+from tistudio.train.templates import SHIPPED
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -406,8 +406,8 @@ def validate_create(options: CreateOptions) -> None:
 
 
 def validate_train(options: TrainOptions) -> None:
-    from .schedule import parse_schedule
-    from .templates import load_template
+    from tistudio.train.schedule import parse_schedule
+    from tistudio.train.templates import load_template
 
     check_fields(options)
     if options.size and (options.size < 64 or options.size % 8):
@@ -418,11 +418,11 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("fixed_norm", options.fixed_norm, "a held norm and a norm cap exclude each other; set "
                           "max_norm to 0 or fixed_norm to 0")
     if options.tensorboard:
-        from .tensorboard import check_available
+        from tistudio.train.tensorboard import check_available
 
         check_available()
     if options.likeness == "on":
-        from .identity import INSTALL, available
+        from tistudio.prepare.identity import INSTALL, available
 
         if not available():
             raise OptionError("likeness", "on", f"judging pictures by face needs the optional extra: {INSTALL} (or "

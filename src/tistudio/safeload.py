@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from .errors import UnsafeFileError
+from tistudio.errors import UnsafeFileError
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from tistudio.errors import StorageError
 
 _REASONS = {
     errno.ENOSPC: "the disk is full",

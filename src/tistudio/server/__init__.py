@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError
-from .app import ServerConfig, create_app
-from .security import LOOPBACK_HOSTS
-from .workspace import Limits
+from tistudio.errors import OptionError
+from tistudio.server.app import ServerConfig, create_app
+from tistudio.server.security import LOOPBACK_HOSTS
+from tistudio.server.workspace import Limits
 
 __all__ = ["ServerConfig", "create_app", "read_auth", "serve"]
 
@@ -34,7 +34,7 @@ def read_auth(auth: str, auth_file: str) -> list[tuple[str, str]]:
 
 def serve(config: ServerConfig, host: str, port: int) -> None:
     """Run the server until Ctrl-C. --listen (a non-loopback host) needs auth: checked by the caller."""
-    from .serving import ShuttingDownServer
+    from tistudio.server.serving import ShuttingDownServer
 
     if host not in LOOPBACK_HOSTS and not config.auth:
         raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
@@ -49,7 +49,7 @@ def uvicorn_settings(app: Any, limits: Limits, host: str, port: int) -> Any:
     connections whose request headers are not in within header_seconds are closed (slowloris)."""
     import uvicorn
 
-    from .serving import header_deadline_protocol
+    from tistudio.server.serving import header_deadline_protocol
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                           limit_concurrency=limits.connections, timeout_keep_alive=5,

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError
-from ..samplers import resolve, split
-from ..styles import Style, apply_styles
-from ..templates import SHIPPED
+from tistudio.errors import OptionError
+from tistudio.generate.samplers import resolve, split
+from tistudio.generate.styles import Style, apply_styles
+from tistudio.train.templates import SHIPPED
 
 
 class CannotApply(OptionError):

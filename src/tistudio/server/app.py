@@ -18,16 +18,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .. import __version__
-from ..errors import OptionError, TistudioError
-from .a1111 import CannotApply
-from .context import NotFound, Server, ServerConfig, TooLarge
-from .jobs import JobStore, Workers
-from .routes import ROUTERS
-from .security import SecurityMiddleware
-from .wording import for_page
-from .work import Work
-from .workspace import TooFull, Workspace
+from tistudio import __version__
+from tistudio.errors import OptionError, TistudioError
+from tistudio.server.a1111 import CannotApply
+from tistudio.server.context import NotFound, Server, ServerConfig, TooLarge
+from tistudio.server.jobs import JobStore, Workers
+from tistudio.server.routes import ROUTERS
+from tistudio.server.security import SecurityMiddleware
+from tistudio.server.wording import for_page
+from tistudio.server.work import Work
+from tistudio.server.workspace import TooFull, Workspace
 
 __all__ = ["ServerConfig", "create_app"]
 WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to stop and save

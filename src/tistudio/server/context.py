@@ -12,12 +12,12 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, UploadFile
 from fastapi.responses import FileResponse
 
-from ..config import ModelOptions, check_fields, check_name, from_dict
-from ..errors import OptionError, TistudioError
-from ..storage import size_text
-from .a1111 import Settings
-from .jobs import Job, JobStore, Workers
-from .workspace import Limits, Workspace
+from tistudio.config import ModelOptions, check_fields, check_name, from_dict
+from tistudio.errors import OptionError, TistudioError
+from tistudio.server.a1111 import Settings
+from tistudio.server.jobs import Job, JobStore, Workers
+from tistudio.server.workspace import Limits, Workspace
+from tistudio.storage import size_text
 
 # Fields the server decides; clients never send paths or pick the model.
 SERVER_FIELDS = {"model", "device", "precision", "prediction_type", "embeddings_dir", "run_dir", "out_dir",
@@ -57,7 +57,7 @@ class Server:
         preparing them at 512 refused all of them as too small)."""
         if self.workers.model is not None:
             return int(self.workers.model.native_size)
-        from ..models import DEMOS
+        from tistudio.models.loading import DEMOS
 
         return 64 if self.config.model.model in DEMOS else None
 

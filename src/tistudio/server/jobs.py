@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import TistudioError
-from ..storage import write_json
+from tistudio.errors import TistudioError
+from tistudio.storage import write_json
 
 log = logging.getLogger(__name__)
 

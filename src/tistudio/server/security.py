@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Any
 
-from ..storage import size_text
+from tistudio.storage import size_text
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 AUTH_FAILURES = 10  # wrong passwords from one address ...

@@ -27,8 +27,8 @@ def label(name: str) -> str:
 def form_fields() -> dict[str, tuple[type, tuple[str, ...], str]]:
     """Every option a page form has (not the server's own), by name: its type (bool fields are checkboxes), its
     named choices and its label."""
-    from ..config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
-    from .context import SERVER_FIELDS
+    from tistudio.config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+    from tistudio.server.context import SERVER_FIELDS
 
     fields: dict[str, tuple[type, tuple[str, ...], str]] = {}
     for cls in (PrepareOptions, CreateOptions, TrainOptions, GenerateOptions):

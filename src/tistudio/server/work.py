@@ -8,12 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
-from ..progress import Event, Progress
-from .context import ServerConfig
-from .jobs import Job, Worker
-from .wording import for_page
-from .workspace import Workspace
+from tistudio.config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+from tistudio.progress import Event, Progress
+from tistudio.server.context import ServerConfig
+from tistudio.server.jobs import Job, Worker
+from tistudio.server.wording import for_page
+from tistudio.server.workspace import Workspace
 
 
 class Work:
@@ -28,7 +28,7 @@ class Work:
     def model_for(self, worker: Worker, job: Job) -> Any:
         """The worker's model, loaded on the first job that needs it."""
         if worker.model is None:
-            from ..models import load_model
+            from tistudio.models.loading import load_model
 
             options = replace(self.config.model, device=worker.device) if worker.device else self.config.model
             where = f" on {worker.device}" if worker.device else ""
@@ -38,13 +38,13 @@ class Work:
         return worker.model
 
     def prepare(self, job: Job, worker: Worker) -> dict[str, Any]:
-        from ..preprocess import prepare
+        from tistudio.prepare.preprocess import prepare
 
         name = job.request["set"]
         options = PrepareOptions(**{k: v for k, v in job.request.items() if k != "set"},
                                  photos=str(self.workspace.photo_set(name)), out=str(self.workspace.dataset(name)))
         if not hasattr(worker, "detector"):
-            from ..faces import FaceDetector
+            from tistudio.prepare.faces import FaceDetector
 
             worker.detector = FaceDetector()  # type: ignore[attr-defined]
 
@@ -54,7 +54,7 @@ class Work:
         identity = None
         if options.identity != "off" and options.crop != "center":
             if getattr(worker, "face_identity", None) is None:
-                from ..preprocess import load_identity
+                from tistudio.prepare.preprocess import load_identity
 
                 worker.face_identity = load_identity(options.identity)  # type: ignore[attr-defined]
             identity = worker.face_identity  # type: ignore[attr-defined]
@@ -63,7 +63,7 @@ class Work:
                 "processed": result.processed, "reused": result.reused}
 
     def create(self, job: Job, worker: Worker) -> dict[str, Any]:
-        from ..create import create_embedding
+        from tistudio.train.create import create_embedding
 
         options = CreateOptions(**{**job.request, "model": self.config.model.model,
                                    "embeddings_dir": str(self.workspace.embeddings)})
@@ -71,7 +71,7 @@ class Work:
         return {"embedding": options.name, "file": path.name}
 
     def train(self, job: Job, worker: Worker) -> dict[str, Any]:
-        from ..train import train
+        from tistudio.train.loop import train
 
         request = {k: v for k, v in job.request.items() if k != "set"}
         name = request["embedding"]
@@ -99,7 +99,7 @@ class Work:
                 "message": for_page(result.message, self.workspace.root), "last_loss": result.last_loss}
 
     def generate(self, job: Job, worker: Worker) -> dict[str, Any]:
-        from ..generate import generate
+        from tistudio.generate.images import generate
 
         options = GenerateOptions(**{**job.request, "model": self.config.model.model,
                                      "embeddings_dir": str(self.workspace.embeddings),

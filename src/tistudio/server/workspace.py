@@ -18,9 +18,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import NAME_PATTERN, WINDOWS_RESERVED, check_name
-from ..errors import OptionError, TistudioError
-from ..storage import size_text
+from tistudio.config import NAME_PATTERN, WINDOWS_RESERVED, check_name
+from tistudio.errors import OptionError, TistudioError
+from tistudio.storage import size_text
 
 
 class TooFull(TistudioError):

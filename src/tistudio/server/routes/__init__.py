@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import a1111, embeddings, generation, jobs, page, photos, training
+from tistudio.server.routes import a1111, embeddings, generation, jobs, page, photos, training
 
 ROUTERS = [page.router, photos.router, embeddings.router, training.router, generation.router, jobs.router,
            a1111.router]

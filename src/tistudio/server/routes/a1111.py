@@ -12,11 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from ...embedding import list_embedding_files, read_embedding
-from ...errors import OptionError, TistudioError
-from ...samplers import BASES, SCHEDULES, schedules_offered
-from ...styles import read_styles
-from ..a1111 import (
+from tistudio.embeddings.files import list_embedding_files, read_embedding
+from tistudio.errors import OptionError, TistudioError
+from tistudio.generate.samplers import BASES, SCHEDULES, schedules_offered
+from tistudio.generate.styles import read_styles
+from tistudio.server.a1111 import (
     apply_options,
     create_request,
     set_name,
@@ -24,12 +24,12 @@ from ..a1111 import (
     txt2img_info,
     txt2img_request,
 )
-from ..context import Server, ServerDep, public
-from ..jobs import Job
-from ..wording import model_name
-from .embeddings import create_options
-from .generation import generate_options
-from .training import train_options
+from tistudio.server.context import Server, ServerDep, public
+from tistudio.server.jobs import Job
+from tistudio.server.routes.embeddings import create_options
+from tistudio.server.routes.generation import generate_options
+from tistudio.server.routes.training import train_options
+from tistudio.server.wording import model_name
 
 router = APIRouter()
 

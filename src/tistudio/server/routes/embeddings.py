@@ -9,11 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
-from ...config import CreateOptions, check_name, validate_create
-from ...embedding import describe, import_embedding, list_embedding_files, read_embedding
-from ...errors import OptionError, TistudioError
-from ..context import Server, ServerDep, embedding_path, options_from_body, public, read_capped
-from ..workspace import clean_file_name
+from tistudio.config import CreateOptions, check_name, validate_create
+from tistudio.embeddings.files import describe, import_embedding, list_embedding_files, read_embedding
+from tistudio.errors import OptionError, TistudioError
+from tistudio.server.context import Server, ServerDep, embedding_path, options_from_body, public, read_capped
+from tistudio.server.workspace import clean_file_name
 
 router = APIRouter()
 
@@ -77,7 +77,7 @@ def delete_embedding(name: str, server: ServerDep) -> dict[str, Any]:
 @router.post("/api/embeddings/upload")
 async def upload_embedding(file: Annotated[UploadFile, File()], server: ServerDep,
                            name: Annotated[str, Form()] = "") -> dict[str, Any]:
-    from ...storage import write_bytes
+    from tistudio.storage import write_bytes
 
     folder = server.workspace.embeddings
     name = check_name(name or Path(clean_file_name(file.filename or "")).stem)

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ...config import GenerateOptions, parse_size, validate_generate
-from ...errors import OptionError
-from ..context import Server, ServerDep, image_response, options_from_body, public
+from tistudio.config import GenerateOptions, parse_size, validate_generate
+from tistudio.errors import OptionError
+from tistudio.server.context import Server, ServerDep, image_response, options_from_body, public
 
 router = APIRouter()
 

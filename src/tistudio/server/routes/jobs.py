@@ -10,10 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ...errors import OptionError
-from ..context import ServerDep, job_or_404
-from ..jobs import FINISHED
-from .training import kept_step
+from tistudio.errors import OptionError
+from tistudio.server.context import ServerDep, job_or_404
+from tistudio.server.jobs import FINISHED
+from tistudio.server.routes.training import kept_step
 
 router = APIRouter()
 QUIET_S = 1.0  # with no change for this long, an event stream checks whether its client is still there

@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from ... import __version__
-from ...config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
-from ...models import DEMOS
-from ...samplers import SAMPLERS
-from ..context import ServerDep, not_found, schema
-from ..wording import model_name
+from tistudio import __version__
+from tistudio.config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
+from tistudio.generate.samplers import SAMPLERS
+from tistudio.models.loading import DEMOS
+from tistudio.server.context import ServerDep, not_found, schema
+from tistudio.server.wording import model_name
 
 router = APIRouter()
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -58,7 +58,7 @@ def forms(server: ServerDep) -> dict[str, Any]:
     native = server.native_size()
     defaults: dict[str, dict[str, Any]] = {"prepare": {"size": native} if native else {}}
     if server.config.model.model in DEMOS:
-        from ...demo import GENERATE_DEFAULTS, TRAIN_DEFAULTS
+        from tistudio.demo.run import GENERATE_DEFAULTS, TRAIN_DEFAULTS
 
         defaults |= {"train": TRAIN_DEFAULTS, "generate": GENERATE_DEFAULTS}
     for form, changed in defaults.items():

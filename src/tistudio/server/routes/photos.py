@@ -11,10 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import Response
 
-from ...config import PrepareOptions, validate_prepare
-from ...dataset import CAPTION_SUFFIXES, image_format, is_mask_file, mask_file
-from ...errors import OptionError, TistudioError
-from ..context import ServerDep, image_response, not_found, options_from_body, public, read_capped
+from tistudio.config import PrepareOptions, validate_prepare
+from tistudio.errors import OptionError, TistudioError
+from tistudio.prepare.dataset import CAPTION_SUFFIXES, image_format, is_mask_file, mask_file
+from tistudio.server.context import ServerDep, image_response, not_found, options_from_body, public, read_capped
 
 router = APIRouter()
 REPORTED = ("source", "status", "reason", "caption", "faces", "yaw", "face_fraction", "sharpness", "upscale",
@@ -81,7 +81,7 @@ async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], s
 
 
 async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limits: Any) -> str:
-    from ...storage import write_bytes
+    from tistudio.storage import write_bytes
 
     target = workspace.file_in(folder, upload.filename or "")
     data = await read_capped(upload, limits.upload_bytes)
@@ -166,8 +166,8 @@ def dataset_file(name: str, file: str, server: ServerDep) -> Response:
 
 
 def thumbnail(path: Path, side: int) -> bytes:
-    from ...dataset import read_image
-    from ...errors import DatasetError
+    from tistudio.errors import DatasetError
+    from tistudio.prepare.dataset import read_image
 
     try:
         image, _ = read_image(path, box=side)

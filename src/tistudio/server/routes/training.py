@@ -7,11 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ...config import TrainOptions, check_name, validate_train
-from ...embedding import read_embedding
-from ...errors import OptionError, TistudioError
-from ...runfolder import RunFolder, read_eval_log, read_loss_log
-from ..context import (
+from tistudio.config import TrainOptions, check_name, validate_train
+from tistudio.embeddings.files import read_embedding
+from tistudio.errors import OptionError, TistudioError
+from tistudio.server.context import (
     SERVER_FIELDS,
     Server,
     ServerDep,
@@ -21,7 +20,8 @@ from ..context import (
     options_from_body,
     public,
 )
-from ..wording import without_paths
+from tistudio.server.wording import without_paths
+from tistudio.train.runfolder import RunFolder, read_eval_log, read_loss_log
 
 router = APIRouter()
 

@@ -1,0 +1,1 @@
+"""Generating images with embeddings: prompts, samplers, styles, infotexts."""

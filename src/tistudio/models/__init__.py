@@ -1,0 +1,1 @@
+"""Loading Stable Diffusion checkpoints, the model families' table, and the text conditioning."""

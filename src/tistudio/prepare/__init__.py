@@ -1,0 +1,1 @@
+"""Photos to a prepared training set: cropping around the face, captions, masks, the quality report."""

@@ -1,0 +1,1 @@
+"""Training: the loop, what trains (trainables), the denoiser adapter, evaluation, the run folder."""

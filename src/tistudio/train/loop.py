@@ -1,0 +1,1011 @@
+"""Training an embedding: the usual textual-inversion recipe, made exact to resume.
+
+Every weight of the model is frozen; what trains is a Trainable (trainable.py) - the embedding's own float32
+vectors, one set per text encoder, spliced into the text encoders (see conditioning.py) - so the optimizer holds
+nothing else and the vocabulary is never touched. Each image (and its mirror image, with ``flip``) is VAE-encoded
+once, with the posterior mean, and the latents are kept. The loss is the MSE of the UNet's noise (or v) prediction.
+
+Resume is exact: the data order, the prompts, the timesteps and the noise of step k are drawn from generators
+seeded by (seed, k) alone, and the optimizer state is saved as safetensors + JSON beside the embedding copy; so
+k steps, a stop, and N - k more steps give the same vectors as N steps straight. The run folder's layout is in
+runfolder.py.
+
+``train()`` reads as the job's stages; the pieces it calls are below it, in the order it calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tistudio import __version__
+from tistudio.config import TrainOptions, to_dict, validate_train
+from tistudio.embeddings.files import Embedding, find_embedding_file, png_embedding_text, read_embedding
+from tistudio.errors import EmbeddingError, TistudioError
+from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
+from tistudio.generate.samplers import check_sampler
+from tistudio.models.conditioning import PromptEncoder
+from tistudio.models.loading import SDModel, load_model, resolve_device
+from tistudio.prepare.dataset import Dataset, TrainImage, load_dataset, square
+from tistudio.progress import Event, Progress, Reporter
+from tistudio.storage import write_json
+from tistudio.train.evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
+from tistudio.train.masks import loss_weights, mask_mode
+from tistudio.train.objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
+from tistudio.train.parallel import Parallel, PeerLost, process_group
+from tistudio.train.runfolder import ResumeState, RunFolder, read_eval_log, restore_optimizer, run_folder
+from tistudio.train.schedule import Schedule, parse_schedule
+from tistudio.train.templates import fill_template, load_template, preview_prompt
+from tistudio.train.tensorboard import Board
+from tistudio.train.trainable import (
+    EmbeddingTrainable,
+    Trainable,
+    TrainableFactory,
+    Trainables,
+    TrainableSetup,
+    norm_limits,
+)
+
+log = logging.getLogger(__name__)
+
+FORMER_EVAL_SIZE = 16  # the fixed batch of runs begun before its size was an option (random timesteps)
+LOSS_FLUSH_STEPS = 25  # on GPUs the loss is read (a host-device sync) every this many steps
+
+
+class TrainingDiverged(TistudioError):
+    """The loss or the vectors became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    embedding_path: Path
+    run_dir: Path
+    start_step: int
+    step: int
+    stopped: bool
+    last_loss: float | None
+    previews: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)
+    skipped_images: list[tuple[Path, str]] = field(default_factory=list)
+    message: str = ""
+    best_step: int | None = None  # the step kept as NAME.safetensors, when it is not the last
+    converged_at: int | None = None  # where --stop auto ended the run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
+          on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
+          likeness: Likeness | None = None, parallel: Parallel | None = None,
+          beside: Sequence[TrainableFactory] = ()) -> TrainResult:
+    """Train (or resume) an embedding; returns where everything was written.
+
+    `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
+    them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv, and where it measured every
+    evaluation it chooses the step to keep (the highest likeness) instead of the loss.
+
+    `parallel` makes this process one of a data-parallel run (parallel.py; torchrun and accelerate launch set
+    it up through the environment): it computes its share of every batch, and only process 0 writes and reports.
+
+    `beside`: makers of further trainables (trainable.py) trained with the word's vectors through the same loop,
+    each writing its own file beside the embedding.
+    """
+    parallel = parallel or Parallel()
+    validate_train(options)
+    device = model.device if model is not None else resolve_device(parallel.device_choice(options.device))
+    with process_group(parallel, device), ExitStack() as cleanup:  # cleanup: what the run opens and installs
+        return run_training(options, cache_dir=cache_dir, model=model, on_progress=on_progress, stop=stop,
+                            likeness=likeness, parallel=parallel, cleanup=cleanup, beside=beside)
+
+
+def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | None,
+                 on_progress: Callable[[Progress], None] | None, stop: threading.Event | None,
+                 likeness: Likeness | None, parallel: Parallel, cleanup: ExitStack,
+                 beside: Sequence[TrainableFactory] = ()) -> TrainResult:
+    """train()'s stages, in the process group of a data-parallel run where there is one."""
+    main = parallel.main
+    report = Reporter(on_progress if main else None)
+    stop = stop or threading.Event()
+
+    # 1. Check the inputs: nothing here needs the model.
+    template = load_template(options.template)
+    point = resume_point(options)
+    if point.finished:
+        log.info("%s", point.finished)
+        return TrainResult(embedding_path=point.embedding_path, run_dir=point.run.path, start_step=point.step,
+                           step=point.step, stopped=False, last_loss=None, message=point.finished)
+    name, start_step = point.name, point.step
+    schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
+    dataset = load_dataset(options.dataset)
+    log.info("%s", dataset.summary())
+
+    # 2. The model, and what only it can tell.
+    model = model or load_model(replace(options, device=parallel.device_choice(options.device)), cache_dir)
+    encoder = check_model(point, model, options)
+    size = options.size or model.native_size
+
+    # 3. What trains, and where the last sitting left it (each trainable's state checked against its own values).
+    word = embedding_trainable(point.embedding, model, options, schedule)
+    trainable = Trainables([word, *(make(TrainableSetup(model, options, schedule, point.source, start_step))
+                                     for make in beside)])
+    saved = point.run.load_state(start_step, trainable.parameters()) if start_step > 0 else None
+    trainable.start(saved["tensors"] if saved else None)
+    trainable.install(model, encoder)
+    cleanup.callback(trainable.remove)
+    denoiser = denoiser_for(model, encoder)
+
+    # 4. Open the run folder; encode the images once.
+    earlier_batch = point.run.resolved_batch(parallel.world) if start_step > 0 else None  # a resume keeps its batch
+    parallel.barrier(model.device)  # every process has read the run folder before process 0 changes it
+    if main:
+        point.run.open(start_step)
+        remove_stale_temporaries(point.target, point.embedding_path)
+    report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
+    masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None,
+                        start_step > 0)
+    samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel)
+
+    # 5. The optimizer, evaluation, previews and checkpoints.
+    optimizer, scaler = make_optimizer(trainable, model, options, start_step)
+    guard = restore(optimizer, scaler, trainable, saved, name, start_step)
+    if main and likeness is None and options.likeness != "off" and options.eval_every:
+        likeness = face_likeness_of(dataset, name, size, options)
+    evaluator = make_evaluator(denoiser, samples, point.run, options, likeness, start_step, saved,
+                               trainable) if main else None
+    session = Session(options=options, point=point, schedule=schedule, parallel=parallel, report=report, stop=stop,
+                      denoiser=denoiser, trainable=trainable, optimizer=optimizer, scaler=scaler, guard=guard,
+                      samples=samples, evaluator=evaluator,
+                      result=TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
+                                         step=start_step, stopped=False, last_loss=None,
+                                         skipped_images=dataset.skipped))
+    carried = ((lambda step: word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step))
+               if options.preview_embedded else None)
+    session.open_outputs(template, size, masking, cleanup, dataset.summary(), carried)
+
+    # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
+    with training_mode(model, options.gradient_checkpointing, options.channels_last):
+        # the training steps may use a compiled UNet; evaluation and previews use the model's own
+        stepping = denoiser.with_backbone(torch.compile(model.unet)) if options.compile_unet else denoiser
+        probe = partial(cuda_step_fits, stepping, samples, trainable) if scaler else None
+        batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
+        if main:
+            write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel,
+                              masking=describe_masking(masking, samples), judged=judged_by(evaluator))
+        session.loop(stepping, batch)
+
+    # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
+    return session.finish()
+
+
+@dataclass
+class Session:
+    """A run once everything is in place: what the loop and the end share."""
+
+    options: TrainOptions
+    point: ResumePoint
+    schedule: Schedule
+    parallel: Parallel
+    report: Reporter
+    stop: threading.Event
+    denoiser: Denoiser
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    guard: NonFiniteGuard
+    samples: Samples
+    evaluator: Evaluator | None
+    result: TrainResult
+    previewer: Previewer | None = None
+    board: Board | None = None
+    losses: LossLog | None = None
+    checkpoints: Checkpointer | None = None
+
+    @property
+    def end(self) -> int:
+        return self.schedule.end_step
+
+    def rates(self, step: int) -> list[float]:
+        """Each parameter group's learning rate at `step` (after the guard's halvings)."""
+        return [group.schedule.rate_at(step) * self.guard.lr_factor for group in self.trainable.groups()]
+
+    def open_outputs(self, template: tuple[str, ...], size: int, masking: str, cleanup: ExitStack, summary: str,
+                     carried: Callable[[int], Embedding] | None) -> None:
+        """The previewer (`carried`: the embedding a preview stores, --preview-embedded), TensorBoard, the loss log
+        and the checkpointer; the start's evaluation and preview."""
+        options, point, main, start = self.options, self.point, self.parallel.main, self.result.start_step
+        if options.preview_every and main:
+            self.previewer = Previewer(self.denoiser.model, self.denoiser.encoder,
+                                       preview_params(options, template, point.name, size), point.run,
+                                       options.clip_skip, carried)
+        if options.tensorboard and main:
+            self.board = cleanup.enter_context(Board(point.run.path / "tensorboard", start))
+            self.report.also(self.board.progress)
+        self.losses = LossLog(point.run, self.guard, deferred=self.scaler is not None, writes=main, board=self.board)
+        self.checkpoints = Checkpointer(point.run, self.trainable, point.target,
+                                        ResumeState(self.trainable.parameters(), self.optimizer, self.scaler),
+                                        self.guard, self.evaluator, self.losses, start, writes=main,
+                                        meta={"loss_mask": masking})
+        if self.evaluator is not None and start == 0:
+            evaluate(self.evaluator, self.trainable, 0, self.end, self.report)  # the untrained start, for the curve
+        if self.previewer is not None:
+            preview(self.previewer, start, self.end, self.result, self.report, skip_existing=True)
+        self.report(Event.START, start, self.end, lr=self.rates(start)[0], message=summary)
+
+    def loop(self, stepping: Denoiser, batch: int) -> None:
+        """Optimizer steps from the start step to the end, a stop, or --stop auto's convergence."""
+        options, parallel, samples, result = self.options, self.parallel, self.samples, self.result
+        per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
+        stepper = Stepper(self.trainable, self.optimizer, self.scaler, options.clip_grad_norm, parallel)
+        started, step = time.monotonic(), result.start_step
+        agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
+        while step < self.end and not (agreed_stop if parallel.active else self.stop.is_set()):
+            rates = self.rates(step)
+            micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step, stepping), parallel,
+                                     batch) for micro in range(options.gradient_accumulation))
+            try:
+                outcome = train_step(stepping, stepper, micro_batches, options.gradient_accumulation, rates,
+                                     self.stop.is_set(), abandon=None if parallel.active else self.stop)
+            except PeerLost as lost:
+                raise peer_lost(lost, self.checkpoints, step, result, self.report, self.end) from lost
+            if outcome is None:  # stopped between two micro-batches: the step is dropped, the last one is saved
+                break
+            loss, finite, agreed_stop = outcome
+            if self.scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
+                self.guard.good() if bool(finite) else self.guard.bad(step + 1, self.checkpoints.saved_step)
+            step = result.step = step + 1
+            epoch = (step * per_step - 1) // samples.count
+            self.losses.add(LossRow(step, epoch, loss, rates[0], finite), self.checkpoints.saved_step)
+            elapsed = time.monotonic() - started
+            self.report(Event.STEP, step, self.end, epoch=epoch, loss=self.losses.last_loss, lr=rates[0],
+                        eta_s=elapsed / (step - result.start_step) * (self.end - step))
+            if self.after_step(step):
+                break
+
+    def after_step(self, step: int) -> bool:
+        """Evaluation, copies and previews due after `step`; True where --stop auto ends the run here."""
+        options = self.options
+        if evaluation_due(step, options.eval_every):
+            converged = False
+            if self.evaluator is not None:
+                evaluate(self.evaluator, self.trainable, step, self.end, self.report, last=step >= self.end)
+                converged = options.stop == "auto" and self.evaluator.converged()
+            if options.stop == "auto" and self.parallel.agree(converged, self.denoiser.model.device):
+                self.result.converged_at = step
+                log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
+                return True
+        if options.save_every and step % options.save_every == 0 and step < self.end:
+            self.checkpoints.save(step, copy=True, final=False, result=self.result, report=self.report,
+                                  total=self.end)
+        if self.previewer is not None and step % options.preview_every == 0:
+            preview(self.previewer, step, self.end, self.result, self.report)
+        return False
+
+    def finish(self) -> TrainResult:
+        """Save where the run is, keep the best step, write the report; the result."""
+        options, result, evaluator, point = self.options, self.result, self.evaluator, self.point
+        step = result.step
+        result.stopped = step < self.end and result.converged_at is None
+        if evaluator is not None and not result.stopped and not evaluation_due(step, options.eval_every):
+            evaluate(evaluator, self.trainable, step, self.end, self.report, last=True)  # always a candidate
+        self.checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
+                              report=self.report, total=self.end)
+        best = evaluator.best if evaluator is not None else None
+        if not result.stopped and options.final == "best" and best is not None and best.step != step:
+            self.checkpoints.keep_best(best, step)  # NAME.safetensors holds the best step, NAME-last the last
+            result.best_step = best.step
+        if self.previewer is not None and not result.stopped and step % options.preview_every:
+            preview(self.previewer, step, self.end, result, self.report)
+        from tistudio.train.report import write_run_report
+
+        if self.parallel.main:
+            write_run_report(point.run.path, point.name)
+        if self.board is not None:
+            self.board.close()  # before the caller hears DONE, so that the files are whole
+        result.last_loss = self.losses.last_loss
+        result.message = final_message(result, point.name, self.end, best, point, self.guard.discarded)
+        self.report(Event.STOPPED if result.stopped else Event.DONE, step, self.end, loss=result.last_loss,
+                    path=str(point.target), message=result.message)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Where the run starts
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts, decided from the options and the files alone."""
+
+    name: str
+    embedding_path: Path  # the file the options name
+    embedding: Embedding  # what training continues from (the last step, where the file keeps the best)
+    target: Path  # where the trained embedding is written (embedding_path as .safetensors)
+    run: RunFolder
+    step: int
+    finished: str = ""  # why there is nothing to train, if there is not
+    continued_from: Path | None = None  # the file `embedding` was read from, where it is not embedding_path
+
+    @property
+    def source(self) -> Path:
+        """The file training continues from (what trains beside the word keeps its own file beside it)."""
+        return self.continued_from or self.embedding_path
+
+
+def resume_point(options: TrainOptions) -> ResumePoint:
+    """The embedding to train and the step it continues from: the embedding's own step, or - where a finished run
+    kept its best step as the embedding - the last step, from the run folder's NAME-last.safetensors."""
+    embedding_path = find_embedding_file(options.embedding, options.embeddings_dir)
+    embedding = read_embedding(embedding_path)
+    name = embedding.name
+    run = run_folder(name, options.run_dir)
+    point = ResumePoint(name=name, embedding_path=embedding_path, embedding=embedding,
+                        target=embedding_path.with_suffix(".safetensors"), run=run, step=embedding.step)
+    last_step = embedding.meta_count("last_step") or 0
+    trained_to = max(embedding.step, last_step)
+    if trained_to >= options.max_steps:
+        point.finished = (f"{name} is already trained to step {trained_to}, which is not below max_steps="
+                          f"{options.max_steps}; raise --max-steps to train further")
+        if last_step > embedding.step:
+            point.finished += f" (it keeps step {embedding.step}, the best)"
+        point.step = trained_to
+    elif last_step > embedding.step:
+        if run.last_path.is_file():
+            log.info("%s holds the best step %d; continuing from the last step %d", embedding_path.name,
+                     embedding.step, last_step)
+            point.embedding = replace(read_embedding(run.last_path), name=name)
+            point.step, point.continued_from = point.embedding.step, run.last_path
+        else:
+            log.warning("%s is missing; continuing from the kept best step %d", run.last_path, embedding.step)
+    return point
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The model
+
+
+def check_model(point: ResumePoint, model: SDModel, options: TrainOptions) -> PromptEncoder:
+    """That the embedding fits the model and its name gives tokens; the prompt encoder that will train it."""
+    embedding, name = point.embedding, point.name
+    check_fits(embedding, model)
+    if embedding.model_hash and model.hash and embedding.model_hash != model.hash:
+        log.warning("%s was made with model %s (hash %s) and is now trained with %s (hash %s)", name,
+                    embedding.model_name or "?", embedding.model_hash, model.name, model.hash)
+    encoder = PromptEncoder.for_model(model, options.clip_skip)
+    if not encoder.token_ids(name):
+        raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The run folder and the images
+
+
+def remove_stale_temporaries(target: Path, embedding_path: Path) -> None:
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a run killed while writing the embedding
+    if target != embedding_path:
+        log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
+
+
+@torch.no_grad()
+def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool,
+                   only: range | None = None) -> tuple[torch.Tensor, list[str]]:
+    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor. `only`: the
+    indices of the images to encode (a data-parallel process's share), all by default."""
+    import numpy as np
+    from PIL import ImageOps
+
+    vae = model.vae
+    # a VAE that overflows in fp16 (SDXL's says force_upcast) encodes in fp32; it runs once per image
+    upcast = model.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.float()
+    latents, captions = [], []
+    try:
+        for item in (dataset.images if only is None else [dataset.images[i] for i in only]):
+            picture = square(item.image, size)
+            variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
+            for variant in variants:
+                array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+                pixels = array.unsqueeze(0).to(model.device, torch.float32 if upcast else model.dtype)
+                latent = vae.encode(pixels).latent_dist.mean.float() * model.scaling_factor
+                latents.append(latent[0])  # kept in float32: the loss target should not be rounded to bf16
+                captions.append(item.caption)
+    finally:
+        if upcast:
+            vae.to(model.dtype)
+    return torch.stack(latents), captions
+
+
+def latent_sizes(model: SDModel, dataset: Dataset, size: int, flip: bool) -> torch.Tensor | None:
+    """For a family with size conditioning (SDXL), each latent's time_ids (encode_latents' order), else None."""
+    if not model.spec.size_conditioning:
+        return None
+    return torch.tensor([crop_sizes(item, size) for item in dataset.images for _ in range(2 if flip else 1)])
+
+
+def crop_sizes(item: TrainImage, size: int) -> list[float]:
+    """SDXL's time_ids of a training image made size x size: the original photo's size, the crop's top-left
+    corner in the picture resized so that the crop is `size` wide, the target size. For a prepared set these are the
+    source photo and the square prepare cut from it (its manifest); otherwise the image and its centre crop."""
+    if item.source_size and item.source_crop:
+        (width, height), (left, top, right, _) = item.source_size, item.source_crop
+        scale = size / max(1, right - left)
+        return size_ids((height, width), (round(top * scale), round(left * scale)), (size, size))
+    width, height = item.original_size
+    scale = size / min(width, height)
+    top, left = round((height * scale - size) / 2), round((width * scale - size) / 2)
+    return size_ids((height, width), (top, left), (size, size))
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed_for(seed, 1, epoch))).tolist()
+
+
+def sample_indices(seed: int, first_sample: int, batch: int, count: int) -> list[int]:
+    """Dataset indices of samples first_sample .. first_sample + batch - 1 (a fresh shuffle every epoch)."""
+    out = []
+    for sample in range(first_sample, first_sample + batch):
+        epoch, position = divmod(sample, count)
+        out.append(epoch_order(seed, epoch, count)[position])
+    return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: clean latents, their timesteps and noise, and the prompts."""
+
+    clean: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
+    weights: torch.Tensor | None = None  # each sample's loss weights (masks.py), or None: a plain mean
+
+    def part(self, where: slice) -> Batch:
+        return Batch(clean=self.clean[where], timesteps=self.timesteps[where], noise=self.noise[where],
+                     prompts=self.prompts[where], time_ids=None if self.time_ids is None else self.time_ids[where],
+                     weights=None if self.weights is None else self.weights[where])
+
+
+@dataclass
+class Samples:
+    """The cached latents and their captions, and the draw of each step's micro-batches: everything random at step
+    k comes from generators seeded by (seed, k), which is what makes resume exact."""
+
+    latents: torch.Tensor  # [count, channels, h, w], float32, on the model's device
+    captions: list[str]
+    template: tuple[str, ...]
+    name: str
+    seed: int
+    shuffle_tags: bool = False
+    tag_dropout: float = 0.0
+    sizes: torch.Tensor | None = None  # [count, 6]: SDXL's size and crop conditioning of each latent
+    weights: torch.Tensor | None = None  # [count, 1, h, w] on the device: the loss weights (masks.py), or None
+
+    @property
+    def count(self) -> int:
+        return int(self.latents.shape[0])
+
+    def longest_prompt(self) -> str:
+        return max((fill_template(line, self.name, caption, random.Random(0)) for line in self.template
+                    for caption in self.captions), key=len)
+
+    def draw(self, step: int, micro: int, batch: int, per_step: int, draws: Denoiser) -> Batch:
+        """Micro-batch `micro` of optimizer step `step` (0-based), its timesteps and noise drawn as `draws` does."""
+        indices = sample_indices(self.seed, step * per_step + micro * batch, batch, self.count)
+        rng = random.Random(seed_for(self.seed, 2, step, micro))
+        prompts = [fill_template(rng.choice(self.template), self.name, self.captions[i], rng, self.shuffle_tags,
+                                 self.tag_dropout) for i in indices]
+        generator = torch.Generator().manual_seed(seed_for(self.seed, 3, step, micro))
+        t = draws.draw_timesteps(batch, generator)
+        device = self.latents.device
+        noise = draws.draw_noise((batch, *self.latents.shape[1:]), generator).to(device)
+        chosen = torch.tensor(indices, device=device)
+        return Batch(clean=self.latents[chosen], timesteps=t.to(device), noise=noise, prompts=prompts,
+                     time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
+                     weights=None if self.weights is None else self.weights[chosen])
+
+
+def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
+    """This process's `size` samples of a micro-batch drawn for all of them (the whole batch for one process)."""
+    return batch.part(parallel.part(size)) if parallel.active else batch
+
+
+def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[str, ...], name: str,
+                   options: TrainOptions, parallel: Parallel | None = None) -> Samples:
+    """The cached training samples. Several processes each encode their share of the images and exchange them."""
+    parallel = parallel or Parallel()
+    if parallel.active:
+        count, variants = len(dataset.images), 2 if options.flip else 1
+        mine, _ = encode_latents(model, dataset, size, options.flip, only=parallel.share(count))
+        mine = mine.reshape(-1, variants, *mine.shape[1:])
+        latents = parallel.gather_shares(mine, count).flatten(0, 1)
+        captions = [item.caption for item in dataset.images for _ in range(variants)]
+    else:
+        latents, captions = encode_latents(model, dataset, size, options.flip)
+    sizes = latent_sizes(model, dataset, size, options.flip)
+    weights = loss_weights(dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask,
+                           options.mask_background)
+    return Samples(latents=latents, captions=captions, template=template, name=name, seed=options.seed,
+                   shuffle_tags=options.shuffle_tags, tag_dropout=options.tag_dropout, sizes=sizes,
+                   weights=None if weights is None else weights.to(latents.device))
+
+
+def judged_by(evaluator: Evaluator | None) -> str:
+    """What judges the pictures, for options.json and the report: "face identity" (likeness.py), "the caller's
+    measure" (a likeness passed to train(), as the demo's trait reader), or that the fixed-batch loss chooses."""
+    if evaluator is None:
+        return "none: no evaluations"
+    if evaluator.likeness is None:
+        return "none: the fixed-batch loss chooses the step"
+    return getattr(evaluator.likeness, "kind", "the caller's measure")
+
+
+def describe_masking(mode: str, samples: Samples) -> str:
+    """What options.json says of the loss's weighting: the mode trained with, and whether any image is weighted."""
+    weighted = 0 if samples.weights is None else int((samples.weights.flatten(1).std(dim=1) > 1e-6).sum())
+    return f"{mode}: {weighted} of {samples.count} images weighted toward the subject"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. What trains, its optimizer and the resume state
+
+
+def embedding_trainable(embedding: Embedding, model: SDModel, options: TrainOptions,
+                        schedule: Schedule) -> EmbeddingTrainable:
+    """The embedding's vectors as the run trains them: stamped with the model, with norm control as asked."""
+    stamped = replace(embedding, model_hash=model.hash, model_name=model.name,
+                      meta={**embedding.meta, "model_family": model.family})
+    keys = tuple(embedding.vectors)
+    limits = norm_limits(model, keys, options.max_norm) if options.max_norm else None
+    fixed = norm_limits(model, keys, options.fixed_norm) if options.fixed_norm else None
+    return EmbeddingTrainable(stamped, model.device, schedule, norm_limits=limits, init_pull=options.init_pull,
+                              fixed_norms=fixed)
+
+
+def make_optimizer(trainable: Trainable, model: SDModel, options: TrainOptions,
+                   step: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable's parameter groups (each at its own learning rate), and on CUDA a GradScaler, which
+    skips non-finite steps on the device without a host sync (and scales fp16 losses)."""
+    cuda = model.device.type == "cuda"
+    parameters, groups = trainable.parameters(), trainable.groups()
+    if [key for group in groups for key in group.keys] != list(parameters):
+        raise TistudioError("a trainable's parameter groups must cover its parameters once, in their order")
+    optimizer = torch.optim.AdamW([{"params": [parameters[key] for key in group.keys],
+                                    "lr": group.schedule.rate_at(step)} for group in groups],
+                                  weight_decay=options.weight_decay, fused=True if cuda else None)
+    return optimizer, grad_scaler("cuda", model.dtype == torch.float16) if cuda else None
+
+
+def grad_scaler(device_type: str, fp16: bool) -> torch.amp.GradScaler:
+    """The GradScaler of a GPU run: it scales fp16 losses (from 2^16, growing every 2000 good steps), and for bf16
+    and fp32 (scale 1, never growing) only skips non-finite steps. `device_type` "cpu" is for the tests."""
+    return torch.amp.GradScaler(device_type, init_scale=2.0**16 if fp16 else 1.0,
+                                growth_interval=2000 if fp16 else 2**30)
+
+
+class NonFiniteGuard:
+    """Discards steps whose loss or gradient is NaN or infinite, halves the learning rate after each, and stops
+    the run after `limit` of them in a row. The vectors never take a non-finite update."""
+
+    def __init__(self, limit: int = 5, lr_factor: float = 1.0, in_a_row: int = 0) -> None:
+        self.limit = limit
+        self.lr_factor = lr_factor
+        self.in_a_row = in_a_row
+        self.discarded = 0
+
+    def bad(self, step: int, saved_step: int) -> None:
+        self.discarded += 1
+        self.in_a_row += 1
+        self.lr_factor *= 0.5
+        log.warning("step %d: the loss or gradient was NaN or infinite; the step was discarded and the learning "
+                    "rate halved (now x%g)", step, self.lr_factor)
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"training stopped at step {step}: the loss or gradient was NaN or infinite "
+                                   f"{self.in_a_row} steps in a row even after lowering the learning rate; the "
+                                   f"embedding saved at step {saved_step} is intact; check the images and use a "
+                                   "lower learning rate (or --precision fp32)")
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"lr_factor": self.lr_factor, "nonfinite_in_a_row": self.in_a_row}
+
+
+def restore(optimizer: torch.optim.Optimizer, scaler: Any, trainable: Trainable, saved: dict[str, Any] | None,
+            name: str, step: int) -> NonFiniteGuard:
+    """Load the optimizer (and GradScaler) state of a resume, and the guard's; a fresh guard otherwise."""
+    if step == 0:
+        return NonFiniteGuard()
+    if saved is None:
+        log.info("resuming %s from step %d", name, step)
+        return NonFiniteGuard()
+    restore_optimizer(optimizer, saved, trainable.parameters())
+    if scaler is not None and saved["meta"].get("grad_scaler"):
+        scaler.load_state_dict(saved["meta"]["grad_scaler"])
+    log.info("resuming %s from step %d with its optimizer state", name, step)
+    return NonFiniteGuard(lr_factor=float(saved["meta"].get("lr_factor", 1.0)),
+                          in_a_row=int(saved["meta"].get("nonfinite_in_a_row", 0)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Evaluation, previews and checkpoints
+
+
+def make_evaluator(denoiser: Denoiser, samples: Samples, run: RunFolder, options: TrainOptions,
+                   likeness: Likeness | None, start_step: int, saved: dict[str, Any] | None,
+                   trainable: Trainable) -> Evaluator | None:
+    """The fixed-batch evaluator (None with eval_every 0), with the history of a resumed run and the loss of the
+    person-like start, from which the loss's drop is counted."""
+    if not options.eval_every:
+        return None
+    spec = evaluation_spec(options, start_step, saved, run.eval_log)
+    batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
+                             tuple(samples.latents.shape[1:]), denoiser, size=spec["samples"],
+                             sizes=samples.sizes, stratified=spec["stratified"])
+    every = getattr(likeness, "every", 0)  # a face likeness has its own interval
+    evaluator = Evaluator(denoiser, samples.latents, batch, run.eval_log, likeness, every, weights=samples.weights,
+                          spec=spec)
+    evaluator.open(start_step, saved)
+    if evaluator.neutral is None:
+        evaluator.measure_neutral(trainable)
+    return evaluator
+
+
+def evaluation_spec(options: TrainOptions, start_step: int, saved: dict[str, Any] | None,
+                    eval_log: Path) -> dict[str, Any]:
+    """The fixed batch's size and timestep draw: a resumed run keeps the one it began with (one whose resume state
+    does not record it but whose eval.csv has rows began before it did: FORMER_EVAL_SIZE samples at random
+    timesteps), so that its curve stays one curve; a new run takes eval_samples at random timesteps."""
+    if start_step > 0:
+        recorded = saved["meta"].get("eval_batch") if saved is not None else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("samples"), int):
+            return {"samples": recorded["samples"], "stratified": bool(recorded.get("stratified"))}
+        if any(row[0] <= start_step for row in read_eval_log(eval_log)):
+            return {"samples": FORMER_EVAL_SIZE, "stratified": False}
+    return {"samples": options.eval_samples, "stratified": False}
+
+
+def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
+    """The run's face likeness (likeness.py), or None where the extra is missing or the photos show no face."""
+    from tistudio.train.likeness import face_likeness
+
+    return face_likeness([square(item.image, size) for item in dataset.images], name, size,
+                         pictures=options.likeness_pictures, steps=options.likeness_steps,
+                         every=options.likeness_every)
+
+
+def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, report: Reporter,
+             last: bool = False) -> None:
+    loss, like = evaluator.evaluate(step, trainable, candidate=step > 0, last=last)
+    shown = f"fixed-batch loss {loss:.5f}" + ("" if like is None else f", likeness {like:.2f}")
+    report(Event.EVAL, step, total, loss=loss, likeness=like, message=shown)
+
+
+def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> SamplingParams:
+    """The preview's sampling settings: the preview_* options, the template's first line by default."""
+    return SamplingParams(prompt=options.preview_prompt or preview_prompt(template, name),
+                          negative_prompt=options.preview_negative_prompt, steps=options.preview_steps,
+                          sampler=check_sampler(options.preview_sampler, "preview_sampler"), cfg=options.preview_cfg,
+                          width=size, height=size, seeds=(options.preview_seed,))
+
+
+class Previewer:
+    """Draws the preview image of a step with the current vectors, through the loaded model."""
+
+    def __init__(self, model: SDModel, encoder: PromptEncoder, params: SamplingParams, run: RunFolder,
+                 clip_skip: int, carried: Callable[[int], Embedding] | None = None) -> None:
+        self.model, self.params, self.run, self.clip_skip = model, params, run, clip_skip
+        self.renderer = Renderer(model, encoder)
+        self.carried = carried  # the embedding at a step, to store inside its preview (--preview-embedded)
+
+    def render(self, step: int) -> Path:
+        path = self.run.preview_path(step)
+        image = self.renderer.render(self.params)[0]
+        text = infotext(self.params, self.params.seeds[0], self.model, {}, self.clip_skip,
+                        extra=(("Embedding", self.run.name), ("Embedding step", str(step))))
+        chunks = {"sd-ti-embedding": png_embedding_text(self.carried(step))} if self.carried else None
+        return save_png(image, path, text, chunks)
+
+
+def preview(previewer: Previewer, step: int, total: int, result: TrainResult, report: Reporter,
+            skip_existing: bool = False) -> None:
+    """A preview at `step` (at the start of a resumed run, only if that step has none yet)."""
+    if skip_existing and previewer.run.preview_path(step).exists() and step == result.start_step:
+        return
+    path = previewer.render(step)
+    result.previews.append(path)
+    report(Event.PREVIEW, step, total, path=str(path))
+
+
+@dataclass
+class LossRow:
+    """One step's loss, kept on the device until the log is written."""
+
+    step: int
+    epoch: int
+    loss: torch.Tensor
+    lr: float
+    finite: torch.Tensor
+
+
+class LossLog:
+    """loss.csv, written in batches: on a GPU the loss is read (a host-device sync) only every LOSS_FLUSH_STEPS
+    steps, and the steps the GradScaler skipped as non-finite are accounted for then (`deferred`)."""
+
+    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True,
+                 board: Board | None = None) -> None:
+        self.run, self.guard, self.deferred, self.writes, self.board = run, guard, deferred, writes, board
+        self.pending: list[LossRow] = []
+        self.last_loss: float | None = None
+
+    def add(self, row: LossRow, saved_step: int) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= (LOSS_FLUSH_STEPS if self.deferred else 1):
+            self.flush(saved_step)
+
+    def flush(self, saved_step: int) -> None:
+        """Write the pending rows (one host read for all of them) and account for discarded steps."""
+        if not self.pending:
+            return
+        rows, self.pending = self.pending, []
+        values = torch.stack([torch.stack([row.loss, row.finite.float()]) for row in rows]).tolist()
+        if self.writes:
+            self.run.append_losses([f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}"
+                                    for row, (loss, _) in zip(rows, values, strict=True)])
+            if self.board is not None:
+                self.board.losses([(row.step, loss, row.lr) for row, (loss, _) in zip(rows, values, strict=True)])
+        for loss, finite in values:
+            if finite and loss == loss:
+                self.last_loss = loss
+        if self.deferred:  # without a GradScaler bad steps were handled as they happened
+            for row, (_, finite) in zip(rows, values, strict=True):
+                if finite:
+                    self.guard.good()
+                else:
+                    self.guard.bad(row.step, saved_step)
+
+
+class Checkpointer:
+    """Saves the run at a step - copy, resume state, embedding, in the run folder's order - and keeps the best step
+    at the end. In the other processes of a data-parallel run (`writes` False) it only keeps count."""
+
+    def __init__(self, run: RunFolder, trainable: Trainable, target: Path, state: ResumeState,
+                 guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int,
+                 writes: bool = True, meta: dict[str, Any] | None = None) -> None:
+        self.run, self.trainable, self.target, self.state = run, trainable, target, state
+        self.meta = dict(meta or {})  # what the run decided once and a resume keeps (the resolved loss mask)
+        self.guard, self.evaluator, self.losses, self.writes = guard, evaluator, losses, writes
+        self.saved_step = start_step
+
+    def save(self, step: int, *, copy: bool, final: bool, result: TrainResult, report: Reporter, total: int) -> None:
+        self.losses.flush(self.saved_step)
+        if not self.writes:
+            self.saved_step = step
+            return
+        values = self.trainable.snapshot()
+        meta, tensors = self.evaluator.state() if self.evaluator is not None else ({}, {})
+        self.state.meta = {**self.guard.state(), **self.meta, **meta}
+        self.state.tensors = {**tensors, **self.trainable.state()}
+
+        def write(path: Path, name: str) -> Path:
+            return self.trainable.write(values, path, name=name, step=step)
+
+        copied = self.run.checkpoint(step, write, self.state, self.target, copy=copy, final=final)
+        if copied is not None:
+            if copied not in result.copies:
+                result.copies.append(copied)
+            report(Event.SAVE, step, total, path=str(copied))
+        self.saved_step = step
+
+    def keep_best(self, best: Any, last_step: int) -> None:
+        """NAME.safetensors (here and in the run folder) becomes the best step; the last is kept beside it."""
+        meta = {"best_step": str(best.step), "last_step": str(last_step), "best_by": best.by}
+        for path in (self.target, self.run.final_path):
+            self.trainable.write(best.values, path, name=self.run.name, step=best.step, meta=meta)
+        self.trainable.write(self.trainable.snapshot(), self.run.last_path, name=f"{self.run.name}-last",
+                             step=last_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The loop
+
+
+AUTO_BATCH_LIMIT = 8  # --batch-size 0 tries 8, 4, 2, 1 (a common textual-inversion range)
+AUTO_BATCH_HEADROOM = 0.9  # ... and takes the largest whose step peaks below this share of the GPU's memory
+
+
+@contextmanager
+def training_mode(model: SDModel, checkpointing: bool, channels_last: bool = False) -> Iterator[None]:
+    """While training: gradient checkpointing if asked (only where gradients are on, so evaluation and previews are
+    unaffected), the UNet channels-last if asked, and TF32 matmuls and convolutions on CUDA (Ampere and newer).
+    Everything is restored after."""
+    checkpointing = checkpointing and not model.unet.is_gradient_checkpointing
+    cuda = model.device.type == "cuda"
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        if channels_last:
+            model.unet.to(memory_format=torch.contiguous_format)
+        if checkpointing:
+            model.unet.disable_gradient_checkpointing()
+
+
+def largest_fitting(fits: Callable[[int], bool], largest: int) -> int:
+    """The first of largest, largest // 2, ... for which fits(batch) holds; 1 if none does."""
+    batch = max(1, largest)
+    while batch > 1 and not fits(batch):
+        batch //= 2
+    return batch
+
+
+def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -> Callable[[int], bool]:
+    """fits(batch): whether one training forward and backward pass at this batch (with the longest prompt) peaks
+    below the headroom. It draws from its own generator and throws its gradient away, so the run is unchanged."""
+    device = denoiser.model.device
+    latents, prompt = samples.latents, samples.longest_prompt()
+
+    def fits(batch: int) -> bool:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            generator = torch.Generator().manual_seed(0)
+            t = denoiser.draw_timesteps(batch, generator)
+            noise = denoiser.draw_noise((batch, *latents.shape[1:]), generator).to(device)
+            clean = latents[torch.arange(batch, device=device) % latents.shape[0]]
+            denoiser.loss(clean, t.to(device), noise, [prompt] * batch).backward()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            for parameter in trainable.parameters().values():
+                parameter.grad = None
+            torch.cuda.empty_cache()
+        peak = torch.cuda.max_memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        log.info("batch %d: a training step peaks at %.1f of %.1f GiB", batch, peak / 2**30, total / 2**30)
+        return peak <= AUTO_BATCH_HEADROOM * total
+
+    return fits
+
+
+def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: Callable[[], Callable[[int], bool]]
+                 | None) -> int:
+    """The micro-batch: as asked; or (0, automatic) what the run began with, else the largest that `probe()`'s
+    test lets fit (GPUs), else 1 (CPU and Mac: nothing is probed there; A1111's default)."""
+    if options.batch_size:
+        return min(options.batch_size, count)
+    if earlier:
+        batch = earlier
+    elif probe is not None:
+        batch = largest_fitting(probe(), min(AUTO_BATCH_LIMIT, count))
+    else:
+        batch = 1
+    log.info("batch size %d (automatic%s)", batch, ", as this run began" if earlier else "")
+    return batch
+
+
+def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel, schedule: Schedule,
+                      dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None,
+                      parallel: Parallel, masking: str = "", judged: str = "") -> None:
+    """options.json: the options as given and as resolved (what a later sitting and the report read)."""
+    write_json(point.run.path / "options.json", {"options": to_dict(options), "resolved": {
+        "embedding_file": str(point.embedding_path), "start_step": point.step, "end_step": schedule.end_step,
+        "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
+        "processes": parallel.world, "global_batch": batch * parallel.world * options.gradient_accumulation,
+        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
+        "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
+        "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
+        "compiled_unet": options.compile_unet, "loss_mask": masking, "likeness": judged,
+        "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
+
+
+@dataclass
+class Stepper:
+    """What an optimizer step updates and how: the trainable, its optimizer (and a GPU run's GradScaler), the
+    gradient clipping, and the processes whose gradients are averaged."""
+
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    scaler: Any = None
+    clip_grad_norm: float = 0.0
+    parallel: Parallel = field(default_factory=Parallel)
+
+
+def train_step(denoiser: Denoiser, stepper: Stepper, micro_batches: Iterator[Batch], accumulation: int,
+               rates: Sequence[float], stop_asked: bool = False, abandon: threading.Event | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """One optimizer step over the micro-batches at each parameter group's learning rate (`rates`); returns the
+    step's loss and whether it (and its gradient) were finite, both still on the device, and whether any process was
+    asked to stop. A non-finite step is not applied (the GradScaler skips it on a GPU). Several processes average
+    their gradients and losses first.
+
+    With `abandon` (one process), a stop asked between two micro-batches drops the step unapplied and returns None:
+    a stop acts within one micro-batch even at a large gradient accumulation, and the trained values stay those of
+    the last whole step (what a resume continues from, exactly)."""
+    trainable, optimizer, scaler = stepper.trainable, stepper.optimizer, stepper.scaler
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    parameters = list(trainable.parameters().values())
+    step_loss = torch.zeros((), device=denoiser.model.device)
+    for micro, batch in enumerate(micro_batches):
+        if abandon is not None and abandon.is_set():
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        loss = batch_loss(denoiser, batch) / accumulation
+        penalty = trainable.penalty() if micro == 0 else None
+        if penalty is not None:
+            loss = loss + penalty
+        if loss.requires_grad:  # a prompt without the name gives the vectors no gradient
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.detach()
+    agreed_stop = stepper.parallel.average_step(parameters, step_loss, stop_asked)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    finite = torch.isfinite(step_loss)
+    for parameter in parameters:
+        grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+        finite = finite & torch.isfinite(grad).all()
+    if stepper.clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, stepper.clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped on the device when the gradient is not finite
+        scaler.update()
+    elif bool(finite):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    trainable.constrain()
+    return step_loss, finite, agreed_stop
+
+
+def peer_lost(lost: PeerLost, checkpoints: Checkpointer, step: int, result: TrainResult, report: Reporter,
+              total: int) -> PeerLost:
+    """Another process failed during step `step` + 1: the vectors and optimizer are still those of `step`, so
+    process 0 saves them; the error says what is on disk."""
+    if checkpoints.writes and step > checkpoints.saved_step:
+        checkpoints.save(step, copy=False, final=False, result=result, report=report, total=total)
+    where = f"saved at step {checkpoints.saved_step}" if checkpoints.writes else "process 0 saves the run"
+    return PeerLost(f"{lost}; the embedding is {where}; run the same command again to continue")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. The end
+
+
+def final_message(result: TrainResult, name: str, end_step: int, best: Any, point: ResumePoint,
+                  discarded: int) -> str:
+    if result.stopped:
+        message = f"stopped at step {result.step} of {end_step}; saved. Run the same train command to continue"
+    elif result.converged_at is not None:
+        message = f"trained {name} to step {result.step}, where its fixed-batch loss had converged (--stop auto)"
+    else:
+        message = f"trained {name} to step {result.step}"
+    if result.best_step is not None:
+        message += (f"; kept step {result.best_step} ({best.by}) as {point.target.name}, the last is "
+                    f"{point.run.last_path}")
+    if discarded:
+        message += f" ({discarded} non-finite steps discarded)"
+    return message
