@@ -1,5 +1,5 @@
 """Build tistudio's demo world model: a small Stable-Diffusion-architecture model trained on the synthetic world
-(tistudio/world.py) so that text truly controls its pictures, plus the trait reader that measures them.
+(tistudio/demo/world.py) so that text truly controls its pictures, plus the trait reader that measures them.
 
     python scripts/build_world_model.py [--out src/tistudio/data/world] [--minutes 55] [--seed 0]
 
@@ -7,7 +7,7 @@ On 2 CPU cores it takes about the given minutes (55 by default: the VAE, then th
 then the reader) and writes:
   world-model.safetensors   the weights, float16, with only the token-table rows the world's captions use
   world-model.json          the configs, the build settings and the measurements below
-tistudio expands them into a diffusers folder the first time the demo needs it (models.py loads that folder like
+tistudio expands them into a diffusers folder the first time the demo needs it (models/loading.py loads that folder like
 any checkpoint). The held-out person (world.HELD_OUT) is never drawn and never captioned here.
 
 Architecture: AutoencoderKL (3 levels, 64 px <-> 16x16x4 latents), UNet2DConditionModel (3 levels, 48/96/96

@@ -1,4 +1,4 @@
-"""Telling people apart (identity.py) on real photographs, and `prepare` catching a photo of someone else.
+"""Telling people apart (prepare/identity.py) on real photographs, and `prepare` catching a photo of someone else.
 
 The photos are tests/data's two public-domain portraits (Eileen Collins, Grace Hopper) and transformed copies of
 them (mirrored, darkened, reduced, rotated, cropped): the same person must come out the same and the two women

@@ -149,7 +149,7 @@ class TrainOptions(ModelOptions):
     # Save a copy of the embedding every N steps (0: never); resume state is saved with it.
     save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
     # Preview prompt; empty means the template's first line with the name.
-    # The preview_* fields are a preview's SamplingParams (generate.py), as flags of their own.
+    # The preview_* fields are a preview's SamplingParams (generate/images.py), as flags of their own.
     preview_prompt: str = option("", "preview prompt (default: the template's first line)", widget="wide",
                                  check=check_prompt)
     preview_negative_prompt: str = option("", "preview negative prompt", advanced=True, check=check_prompt)
@@ -188,7 +188,7 @@ class TrainOptions(ModelOptions):
     # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. 8 keep
     # a step as good as 16 did (bench/evaluation.py) at half the cost. A resumed run keeps the batch it began with.
     eval_samples: int = option(8, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
-    # Judge steps by the faces in pictures from prompts the templates never use (likeness.py): at the first
+    # Judge steps by the faces in pictures from prompts the templates never use (train/likeness.py): at the first
     # evaluation of every likeness_every steps to step 1500 and of every 2 x likeness_every after it (and at the last
     # step; evaluation.likeness_due), likeness_pictures pictures of likeness_steps sampler steps, compared with the
     # training photos' faces; the highest likeness is the step kept.
@@ -224,7 +224,7 @@ class TrainOptions(ModelOptions):
     # Weight the loss toward the subject: "masks" where a photo has one (an alpha channel, or IMAGE.mask.png /
     # IMAGE-masklabel.png beside it: white the subject, black the rest), "face" also a head-and-shoulders shape around
     # the face found in photos without one, "auto" that where most photos show a face and the template is not a
-    # style's (masks.py), "off" never. The rest of the picture keeps mask_background of the weight. A resumed run
+    # style's (train/masks.py), "off" never. The rest of the picture keeps mask_background of the weight. A resumed run
     # keeps what "auto" chose when it began.
     loss_mask: str = option("auto", "weight the loss toward the subject: auto (photo masks, and head and shoulders "
                             "in a set of faces), masks (alpha or IMAGE.mask.png), face (around any face found) or "
@@ -291,7 +291,7 @@ class PrepareOptions:
     # Photos that would need more enlargement than this are left out as too small.
     max_upscale: float = option(2.0, "largest enlargement allowed before a photo counts as too small",
                                 minimum=1.0, maximum=8.0, advanced=True)
-    # Tell the people in the photos apart (a face descriptor per photo, identity.py): which photos show someone
+    # Tell the people in the photos apart (a face descriptor per photo, prepare/identity.py): which photos show someone
     # else than the rest, how many people the set holds. auto: where the optional extra tistudio[faces] is
     # installed; on: required; off: never.
     identity: str = option("auto", "check that the photos show one person (auto: if tistudio[faces] is installed)",

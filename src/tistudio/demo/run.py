@@ -1,6 +1,6 @@
 """``tistudio demo``: the seed's story for real, on a small world where text controls the pictures.
 
-The demo model is tistudio's world model (see world.py and scripts/build_world_model.py): a small model of
+The demo model is tistudio's world model (see demo/world.py and scripts/build_world_model.py): a small model of
 exactly Stable Diffusion's architecture, trained on cartoon people whose traits the captions describe. One
 person - long red hair, dark skin, glasses and a beard - was never in its training. The demo draws 15 pictures of
 that person in different poses, light and places, creates an embedding with the person-like start, trains it in
@@ -91,7 +91,7 @@ class DemoResult:
 def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "") -> Path:
     """Pictures of the held-out person in varied poses, light and places (no night, no paintings). With `masks`
     "exact", each with its exact silhouette beside it as tomtut-NN.mask.png; "face", the head-and-shoulders shape
-    that --loss-mask face draws around the face a detector finds (masks.py)."""
+    that --loss-mask face draws around the face a detector finds (train/masks.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):

@@ -4,7 +4,7 @@ full-size SD1.5 architecture with random weights for benchmarks.
 All have exactly Stable Diffusion's architecture and file layout - a CLIP text encoder with the real 49,408-token
 vocabulary, a UNet2DConditionModel with cross-attention, an AutoencoderKL and the SD noise schedule - so every
 code path (single-file conversion included) treats them like a real checkpoint. The random ones' pictures are
-noise: they prove that the software works. The world model (shipped weights, see world.py and
+noise: they prove that the software works. The world model (shipped weights, see demo/world.py and
 scripts/build_world_model.py) was trained so that text controls its 64-pixel cartoons.
 """
 
@@ -321,7 +321,7 @@ def demo_model_dir(cache_dir: Path, family: str = "sd1") -> Path:
 
 
 WORLD_NOTE = ("tistudio's demo world model: a small {arch}-architecture model trained on a synthetic world of cartoon "
-              "people (see tistudio/world.py and scripts/{script}). Text controls its pictures; they are 64x64 "
+              "people (see tistudio/demo/world.py and scripts/{script}). Text controls its pictures; they are 64x64 "
               "cartoons, not photographs.\n")
 
 

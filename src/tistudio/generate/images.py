@@ -6,7 +6,7 @@ Image i of a batch uses seed + i and its starting noise is drawn on the CPU from
 seed gives the same image on any device and in any batch. Each PNG carries A1111's ``parameters`` text
 (prompt, Negative prompt, Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, TI hashes, Version).
 
-Pictures are drawn by the diffusers pipeline the model's family names (families.py), fed with tistudio's own
+Pictures are drawn by the diffusers pipeline the model's family names (models/families.py), fed with tistudio's own
 prompt encodings, so that A1111's prompt syntax and the embeddings work the same in every family.
 """
 

@@ -7,8 +7,9 @@ so the gradient reaches them and nothing else; generation puts every embedding t
 generation use this same path, so a name means the same thing in both.
 
 A model has one text encoder (SD1, SD2) or several (SDXL), each kept by the key its vectors have in an embedding
-file (families.py). They share CLIP's vocabulary, so a prompt is parsed and tokenized once; each encoder reads the
-same ids (with its own start, end and padding tokens) and the hidden states are concatenated in the family's order.
+file (models/families.py). They share CLIP's vocabulary, so a prompt is parsed and tokenized once; each encoder
+reads the same ids (with its own start, end and padding tokens) and the hidden states are concatenated in the family's
+order.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A family names its text encoders by the key an embedding file keeps that encoder's vectors under (``clip`` for SD1
 and SD2; SDXL's files use ``clip_l`` and ``clip_g``), says where a diffusers folder keeps each encoder and its
 tokenizer (which are also the generation pipeline's component names), which layer the UNet is conditioned on, and
-which diffusers pipeline generates with it. Loading (models.py), the prompt encoder (conditioning.py), creating and
-training an embedding and generating read this table; none of them names a family. This module does not import
-torch.
+which diffusers pipeline generates with it. Loading (models/loading.py), the prompt encoder
+(models/conditioning.py), creating and training an embedding and generating read this table; none of them names a
+family. This module does not import torch.
 """
 
 from __future__ import annotations

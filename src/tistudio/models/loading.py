@@ -1,7 +1,7 @@
 """Loading Stable Diffusion 1.x/2.x models, fully offline, from every form people keep them in.
 
 ``--model`` may be:
-  * ``demo``: the built-in demo world model (64-px cartoon people; see world.py), expanded once into the cache;
+  * ``demo``: the built-in demo world model (64-px cartoon people; see demo/world.py), expanded once into the cache;
   * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ...);
   * a single ``.safetensors``/``.ckpt`` checkpoint as A1111 and ComfyUI use. Its format is read from its
     content; ``.ckpt`` goes through PyTorch's restricted unpickler (nothing in it runs). The architecture is
@@ -41,7 +41,7 @@ MAX_CHECKPOINT_BYTES = 40 * 1024**3
 DEMO = "demo"
 SD_SCALING_FACTOR = 0.18215
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
-# The built-in demo models by name: the world model and its SDXL variant (see tinymodel.py).
+# The built-in demo models by name: the world model and its SDXL variant (see demo/tinymodel.py).
 DEMOS = {DEMO: SD1, "demo-sdxl": SDXL}
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

@@ -7,7 +7,7 @@ then cropped to a centred square and resized with Lanczos to the training size (
 distorts faces). Unreadable files are skipped with their reason; training stops only if none is left.
 
 Masks: an alpha channel, or ``IMAGE.mask.png`` (OneTrainer's ``IMAGE-masklabel.png``) beside the image - white the
-subject - says where the subject is (masks.py weights the loss with it); mask files are not training images.
+subject - says where the subject is (train/masks.py weights the loss with it); mask files are not training images.
 
 Captions: ``IMAGE.txt`` beside the image if present, else the file name without leading digits and dashes
 (A1111's rule: ``00012-0-a woman smiling.jpg`` gives ``a woman smiling``).
@@ -68,7 +68,7 @@ class TrainImage:
     source_size: tuple[int, int] | None = None
     source_crop: tuple[int, int, int, int] | None = None
     # Where the subject is (mode L, the image's size, white the subject): an alpha channel or a mask file beside
-    # the photo (masks.py weights the loss with it); None: no mask.
+    # the photo (train/masks.py weights the loss with it); None: no mask.
     mask: Image.Image | None = None
 
 

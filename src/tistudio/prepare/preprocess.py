@@ -85,7 +85,7 @@ class Item:
     look: str = ""  # the photo's 32x32 grey thumbnail (base64), to confirm a near hash is the same photo
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     notes: list[str] = field(default_factory=list)
-    identity: list[float] | None = None  # the face's descriptor (identity.py), where it was described
+    identity: list[float] | None = None  # the face's descriptor (prepare/identity.py), where it was described
     person_distance: float | None = None  # its average distance to the set's main person's other faces
     other_person: bool = False  # the face is not the set's main person's
     mask: str = ""  # where the photo's mask came from ("alpha channel", or its mask file's name); "" none

@@ -117,7 +117,7 @@ def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...],
 def evaluation_loss(denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, chunk: int = 16,
                     weights: torch.Tensor | None = None) -> float:
     """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk), weighted as
-    training is where the images have loss `weights` (masks.py)."""
+    training is where the images have loss `weights` (train/masks.py)."""
     total = 0.0
     for start in range(0, len(batch.indices), chunk):
         part = slice(start, start + chunk)

@@ -1,11 +1,11 @@
 """Face likeness while training: do pictures from prompts the templates never used show the person of the photos?
 
 At an evaluation, a few pictures are drawn with the current vectors (fixed seeds, few sampler steps, prompts that
-put the word somewhere new: a painting, a city at night, ...), their largest face is described (identity.py) and
+put the word somewhere new: a painting, a city at night, ...), their largest face is described (prepare/identity.py) and
 compared with the training photos' faces. A picture's score is ``1 - d / (2 * SAME_PERSON)`` clipped to 0..1, where
 d is the face's average distance to the training faces: 1 is the same face, 0.5 dlib's same-person threshold, 0 far
 away or no face at all. The likeness is the mean over the pictures; the trainer logs it beside the fixed-batch loss
-and keeps the step where it is highest (evaluation.py). Where the training photos hold no face that can be
+and keeps the step where it is highest (train/evaluation.py). Where the training photos hold no face that can be
 described (a pet, an object, a style), there is no face likeness and the loss chooses, as it says.
 """
 
@@ -51,7 +51,7 @@ def picture_score(picture: Image.Image, references: Sequence[np.ndarray], detect
 
 
 class FaceLikeness:
-    """A Likeness (evaluation.py) by face identity: called with the model and the prompt encoder that holds the
+    """A Likeness (train/evaluation.py) by face identity: called with the model and the prompt encoder that holds the
     current vectors; `every` steps (a multiple of the evaluation's) bounds its cost."""
 
     kind = "face identity"  # what a run's options.json and report call this likeness

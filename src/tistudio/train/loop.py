@@ -1,14 +1,14 @@
 """Training an embedding: the usual textual-inversion recipe, made exact to resume.
 
-Every weight of the model is frozen; what trains is a Trainable (trainable.py) - the embedding's own float32
-vectors, one set per text encoder, spliced into the text encoders (see conditioning.py) - so the optimizer holds
+Every weight of the model is frozen; what trains is a Trainable (train/trainable.py) - the embedding's own float32
+vectors, one set per text encoder, spliced into the text encoders (see models/conditioning.py) - so the optimizer holds
 nothing else and the vocabulary is never touched. Each image (and its mirror image, with ``flip``) is VAE-encoded
 once, with the posterior mean, and the latents are kept. The loss is the MSE of the UNet's noise (or v) prediction.
 
 Resume is exact: the data order, the prompts, the timesteps and the noise of step k are drawn from generators
 seeded by (seed, k) alone, and the optimizer state is saved as safetensors + JSON beside the embedding copy; so
 k steps, a stop, and N - k more steps give the same vectors as N steps straight. The run folder's layout is in
-runfolder.py.
+train/runfolder.py.
 
 ``train()`` reads as the job's stages; the pieces it calls are below it, in the order it calls them.
 """
@@ -96,10 +96,10 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     them) at every evaluation; it is logged beside the fixed-batch loss in eval.csv, and where it measured every
     evaluation it chooses the step to keep (the highest likeness) instead of the loss.
 
-    `parallel` makes this process one of a data-parallel run (parallel.py; torchrun and accelerate launch set
+    `parallel` makes this process one of a data-parallel run (train/parallel.py; torchrun and accelerate launch set
     it up through the environment): it computes its share of every batch, and only process 0 writes and reports.
 
-    `beside`: makers of further trainables (trainable.py) trained with the word's vectors through the same loop,
+    `beside`: makers of further trainables (train/trainable.py) trained with the word's vectors through the same loop,
     each writing its own file beside the embedding.
     """
     parallel = parallel or Parallel()
@@ -249,7 +249,7 @@ class Session:
         per_step = batch * parallel.world * options.gradient_accumulation  # the global batch
         stepper = Stepper(self.trainable, self.optimizer, self.scaler, options.clip_grad_norm, parallel)
         started, step = time.monotonic(), result.start_step
-        agreed_stop = False  # several processes stop at a step they all agreed on (parallel.py)
+        agreed_stop = False  # several processes stop at a step they all agreed on (train/parallel.py)
         while step < self.end and not (agreed_stop if parallel.active else self.stop.is_set()):
             rates = self.rates(step)
             micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step, stepping), parallel,
@@ -472,7 +472,7 @@ class Batch:
     noise: torch.Tensor
     prompts: list[str]
     time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
-    weights: torch.Tensor | None = None  # each sample's loss weights (masks.py), or None: a plain mean
+    weights: torch.Tensor | None = None  # each sample's loss weights (train/masks.py), or None: a plain mean
 
     def part(self, where: slice) -> Batch:
         return Batch(clean=self.clean[where], timesteps=self.timesteps[where], noise=self.noise[where],
@@ -493,7 +493,7 @@ class Samples:
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
     sizes: torch.Tensor | None = None  # [count, 6]: SDXL's size and crop conditioning of each latent
-    weights: torch.Tensor | None = None  # [count, 1, h, w] on the device: the loss weights (masks.py), or None
+    weights: torch.Tensor | None = None  # [count, 1, h, w] on the device: the loss weights (train/masks.py), or None
 
     @property
     def count(self) -> int:
@@ -545,7 +545,7 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
 
 
 def judged_by(evaluator: Evaluator | None) -> str:
-    """What judges the pictures, for options.json and the report: "face identity" (likeness.py), "the caller's
+    """What judges the pictures, for options.json and the report: "face identity" (train/likeness.py), "the caller's
     measure" (a likeness passed to train(), as the demo's trait reader), or that the fixed-batch loss chooses."""
     if evaluator is None:
         return "none: no evaluations"
@@ -681,7 +681,7 @@ def evaluation_spec(options: TrainOptions, start_step: int, saved: dict[str, Any
 
 
 def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
-    """The run's face likeness (likeness.py), or None where the extra is missing or the photos show no face."""
+    """The run's face likeness (train/likeness.py), or None where the extra is missing or the photos show no face."""
     from tistudio.train.likeness import face_likeness
 
     return face_likeness([square(item.image, size) for item in dataset.images], name, size,

@@ -1,6 +1,6 @@
 """Where the loss looks: per-pixel weights that put the diffusion loss on the subject, not on its surroundings.
 
-A photo's mask (dataset.py reads it: an alpha channel, or ``IMAGE.mask.png`` / OneTrainer's
+A photo's mask (prepare/dataset.py reads it: an alpha channel, or ``IMAGE.mask.png`` / OneTrainer's
 ``IMAGE-masklabel.png`` beside the photo; white is the subject) or a head-and-shoulders shape around the face the
 detector finds becomes a weight per latent pixel: cut to the training square as the
 photo is, reduced to the latent grid, its edge softened, the left-out part keeping ``mask_background`` of the
@@ -50,7 +50,7 @@ def head_and_shoulders(size: tuple[int, int], box: tuple[float, float, float, fl
 
 
 def face_finder() -> FaceFinder:
-    """The largest confident face's box in a picture, by the MTCNN detector prepare uses (faces.py)."""
+    """The largest confident face's box in a picture, by the MTCNN detector prepare uses (prepare/faces.py)."""
     from tistudio.prepare.faces import FaceDetector
 
     detector = FaceDetector()

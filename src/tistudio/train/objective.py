@@ -1,14 +1,14 @@
 """What training minimises, behind one seam: the denoiser adapter.
 
 A :class:`Denoiser` owns the frozen model's denoising backbone (its UNet, or a compiled one for the training steps),
-the text conditioning (the prompt encoder, with the trained vectors spliced in; see conditioning.py) and the noise
-schedule. It offers what the loop, the fixed-batch evaluator and the batch probe need: how timesteps and noise are
+the text conditioning (the prompt encoder, with the trained vectors spliced in; see models/conditioning.py) and the
+noise schedule. It offers what the loop, the fixed-batch evaluator and the batch probe need: how timesteps and noise are
 drawn, the training target, and the loss of a batch. k-diffusion's ``external.py`` is the model: one adapter class per
 kind of objective. :class:`NoisePrediction` is the DDPM kind of Stable Diffusion 1.x, 2.x and SDXL - noise or v
 prediction, zero-SNR schedules included. A flow-matching model (SD3.5, Flux) would be a second class with its own
 draws, target and loss; nothing that calls a Denoiser changes.
 
-How a run is judged - the fixed evaluation batch and the best-step rules - is in evaluation.py.
+How a run is judged - the fixed evaluation batch and the best-step rules - is in train/evaluation.py.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ class NoisePrediction:
 
     def loss(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str],
              time_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of the prediction; `weights` [batch, 1, h, w] (masks.py; each image's average 1) weigh
-        the squared error pixel by pixel."""
+        """Mean squared error of the prediction; `weights` [batch, 1, h, w] (train/masks.py; each image's average 1)
+        weigh the squared error pixel by pixel."""
         noisy, objective = self.noisy(clean, t, noise), self.target(clean, t, noise)
         conditioning = self.conditioning(prompts, clean, time_ids)
         prediction = self.backbone(noisy, t, **conditioning.unet_inputs()).sample

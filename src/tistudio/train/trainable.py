@@ -1,6 +1,6 @@
 """What training trains: a small protocol, the embedding's vectors as its first implementation, and a composite.
 
-The training loop (train.py), the optimizer, the checkpointer, the resume state, the evaluator and data-parallel
+The training loop (train/loop.py), the optimizer, the checkpointer, the resume state, the evaluator and data-parallel
 reduction never name an embedding: they speak to a :class:`Trainable`. It gives its parameters by key and in
 groups with their own learning-rate schedules, installs itself in the whole model (text encoders through the prompt
 encoder, or the UNet by hooks of its own) and removes itself again, begins fresh or from its part of a resume state,
