@@ -57,11 +57,11 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
     from tistudio.demo.run import NAME, TEMPLATE, person_photos
     from tistudio.models.conditioning import PromptEncoder
     from tistudio.prepare.dataset import load_dataset
+    from tistudio.templates import load_template
     from tistudio.train.create import create_embedding
     from tistudio.train.evaluation import evaluation_batch, evaluation_loss
     from tistudio.train.loop import encode_samples, train
     from tistudio.train.objective import NoisePrediction
-    from tistudio.train.templates import load_template
 
     photos = person_photos(work / "photos")
     template_file = work / "template.txt"

@@ -205,7 +205,7 @@ def demo_world() -> tuple[Path, object, Path]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tistudio.cli import quiet_third_party
     from tistudio.config import ModelOptions
-    from tistudio.demo.tinymodel import demo_model_dir
+    from tistudio.models.builtin import demo_model_dir
     from tistudio.models.loading import load_model
 
     quiet_third_party()

@@ -275,7 +275,7 @@ def child(kind: str, spec: dict) -> int:
 
 def model_folder(spec: str, cache: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
-    from tistudio.demo.tinymodel import full_size_model_dir, full_size_sdxl_dir, random_model_dir
+    from tistudio.models.builtin import full_size_model_dir, full_size_sdxl_dir, random_model_dir
 
     if spec == "tiny":
         return random_model_dir(cache)

@@ -295,7 +295,7 @@ def load_built(folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    import tistudio.demo.tinymodel as tiny
+    import tistudio.models.builtin as tiny
 
     original = tiny.world_files
     tiny.world_files = lambda family="sd1": (folder / "world-model.safetensors", folder / "world-model.json")

@@ -76,7 +76,7 @@ def start_from_sd1(seed: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tistudio.demo.tinymodel import world_files
+    from tistudio.models.builtin import world_files
 
     vae, old_unet, old_text = sd1.load_built(world_files()[0].parent)
     first = CLIPTextModel(CLIPTextConfig(**TEXT_L))
@@ -192,7 +192,7 @@ def samples_show_person(vae, unet, texts: Texts, reader, scaling: float, seed: i
 def save(out: Path, vae, unet, texts: Texts, used: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tistudio.demo.tinymodel import world_files
+    from tistudio.models.builtin import world_files
 
     tensors = {k: v for k, v in load_file(str(world_files()[0])).items() if k.startswith(("vae.", "reader."))}
     for name, value in unet.state_dict().items():
@@ -220,7 +220,7 @@ def main() -> int:
     started = time.monotonic()
     from safetensors.torch import load_file
 
-    from tistudio.demo.tinymodel import world_files
+    from tistudio.models.builtin import world_files
 
     base_meta = json.loads(world_files()[1].read_text())
     scaling = base_meta["vae"]["scaling_factor"]

@@ -63,8 +63,8 @@ def listing(root: Path) -> list[str]:
 
 def tiny_runs(out: Path, cache: Path) -> None:
     from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, TrainOptions
-    from tistudio.demo.tinymodel import build_tiny_model
     from tistudio.generate.images import generate
+    from tistudio.models.builtin import build_tiny_model
     from tistudio.models.loading import load_model
     from tistudio.train.create import create_embedding
 

@@ -35,21 +35,21 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.demo.tinymodel import build_tiny_model
+    from tistudio.models.builtin import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sd1") / "model", family="sd1", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.demo.tinymodel import build_tiny_model
+    from tistudio.models.builtin import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sd2") / "model", family="sd2", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tistudio.demo.tinymodel import build_tiny_sdxl
+    from tistudio.models.builtin import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
 

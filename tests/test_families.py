@@ -27,7 +27,7 @@ DUO = Family("duo", "a two-encoder test family",
 def half_width_encoder(seed: int) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tistudio.demo.tinymodel import text_config
+    from tistudio.models.builtin import text_config
 
     torch.manual_seed(seed)
     config = {**text_config("sd1"), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,

@@ -142,7 +142,7 @@ def test_bad_generation_options_are_refused_before_compute(sd1_model, embeddings
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", "LMS",
                                      "LMS Karras", "DPM++ SDE Karras", "DPM++ 3M SDE Exponential", "LCM"])
 def test_the_a1111_samplers_run_and_the_same_seed_draws_the_same(sd1_model, embeddings, sampler) -> None:
-    from tistudio.generate.samplers import split
+    from tistudio.samplers import split
 
     result, again = (run(sd1_model, embeddings, sampler=sampler, steps=3)[0] for _ in range(2))
     base, schedule = split(sampler)

@@ -58,9 +58,9 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     The probe leaves no gradient behind."""
     from tistudio.models.conditioning import PromptEncoder
     from tistudio.prepare.dataset import load_dataset
+    from tistudio.schedule import parse_schedule
+    from tistudio.templates import load_template
     from tistudio.train.objective import NoisePrediction
-    from tistudio.train.schedule import parse_schedule
-    from tistudio.train.templates import load_template
 
     opts = options(photos, tmp_path / "emb", batch_size=0)
     embedding = read_embedding(new_embedding(sd1_model, tmp_path / "emb"))

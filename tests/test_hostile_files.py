@@ -23,7 +23,7 @@ from tistudio.config import ModelOptions
 from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import EmbeddingError, ModelError, OptionError
 from tistudio.models.loading import load_model
-from tistudio.train.templates import fill_template, load_template
+from tistudio.templates import fill_template, load_template
 
 SCALE = int(os.environ.get("TISTUDIO_FUZZ_SCALE", "1"))
 

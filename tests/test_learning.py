@@ -1,7 +1,7 @@
 """Training really learns: the loss on a fixed evaluation batch falls by a margin that broken trainers
 (learning rate ~0, gradients that never reach the vectors) and random moves of the same size cannot reach.
 
-The tiny test model has random weights; its cross-attention is scaled up (tinymodel.TEXT_GAIN) so that the
+The tiny test model has random weights; its cross-attention is scaled up (models/builtin.py, TEXT_GAIN) so that the
 prompt measurably steers its prediction. The margins below were measured on it (see the issue note)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from tistudio.config import CreateOptions, TrainOptions
 from tistudio.embeddings.files import read_embedding
 from tistudio.models.conditioning import PromptEncoder, SplicedTokenEmbedding
 from tistudio.prepare.dataset import load_dataset
+from tistudio.templates import load_template
 from tistudio.train.create import create_embedding
 from tistudio.train.evaluation import evaluation_batch, evaluation_loss
 from tistudio.train.loop import encode_latents, train
 from tistudio.train.objective import NoisePrediction
-from tistudio.train.templates import load_template
 
 STEPS = 60
 

@@ -208,7 +208,7 @@ def test_auto_draws_face_shapes_only_in_a_set_of_faces(photos) -> None:
 
 
 def test_auto_keeps_style_runs_and_earlier_runs_unmasked() -> None:
-    from tistudio.train.templates import load_template
+    from tistudio.templates import load_template
 
     assert style_template(load_template("style")) and style_template(load_template("style_filewords"))
     assert not style_template(load_template("subject")) and not style_template(load_template("subject_filewords"))

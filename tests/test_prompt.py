@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tistudio.errors import OptionError
 from tistudio.models.prompt import CHUNK, NameMatcher, chunk_prompt, parse_attention
 from tistudio.models.tokenizer import load_tokenizer
-from tistudio.train.templates import SHIPPED, fill_template, load_template, preview_prompt
+from tistudio.templates import SHIPPED, fill_template, load_template, preview_prompt
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tistudio.errors import OptionError
-from tistudio.train.schedule import parse_schedule
+from tistudio.schedule import parse_schedule
 
 
 def test_single_rate_runs_to_max_steps() -> None:

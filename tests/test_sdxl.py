@@ -199,10 +199,10 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
                                                                                      tmp_path) -> None:
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.prepare.dataset import load_dataset
+    from tistudio.templates import load_template
     from tistudio.train.create import create_embedding
     from tistudio.train.evaluation import evaluation_batch, evaluation_loss
     from tistudio.train.loop import encode_latents, latent_sizes, train
-    from tistudio.train.templates import load_template
 
     folder = tmp_path / "emb"
     create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder)),

@@ -19,7 +19,7 @@ from tistudio.cli import main
 from tistudio.config import ModelOptions
 from tistudio.server import ServerConfig, create_app
 from tistudio.server.workspace import Limits
-from tistudio.train.templates import SHIPPED
+from tistudio.templates import SHIPPED
 
 BASE = "http://127.0.0.1:7860"
 

@@ -16,10 +16,10 @@ from tistudio.config import CreateOptions, TrainOptions
 from tistudio.embeddings.files import read_embedding
 from tistudio.errors import TistudioError
 from tistudio.progress import Event
+from tistudio.schedule import parse_schedule
 from tistudio.storage import write_safetensors
 from tistudio.train.create import create_embedding
 from tistudio.train.loop import train
-from tistudio.train.schedule import parse_schedule
 from tistudio.train.trainable import ParameterGroup, Trainables, TrainableSetup
 
 KEY = "unet.conv_in.shift"

@@ -17,7 +17,7 @@ from tistudio.demo import world
 def world_model(request, cache_dir):
     """The SD1 world model, and its SDXL-architecture variant (two text encoders, pooled vector, size conditioning;
     scripts/build_world_sdxl.py), as loaded from the names a user types."""
-    from tistudio.demo.tinymodel import demo_model_dir
+    from tistudio.models.builtin import demo_model_dir
     from tistudio.models.loading import DEMOS, load_model
 
     return load_model(ModelOptions(model=request.param), cache_dir), demo_model_dir(cache_dir, DEMOS[request.param])

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tistudio.errors import OptionError
-from tistudio.generate.samplers import SAMPLERS, check_sampler
-from tistudio.train.templates import SHIPPED
+from tistudio.samplers import SAMPLERS, check_sampler
+from tistudio.templates import SHIPPED
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -406,8 +406,8 @@ def validate_create(options: CreateOptions) -> None:
 
 
 def validate_train(options: TrainOptions) -> None:
-    from tistudio.train.schedule import parse_schedule
-    from tistudio.train.templates import load_template
+    from tistudio.schedule import parse_schedule
+    from tistudio.templates import load_template
 
     check_fields(options)
     if options.size and (options.size < 64 or options.size % 8):

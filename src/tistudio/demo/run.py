@@ -28,8 +28,8 @@ from PIL import Image
 
 from tistudio.config import CreateOptions, GenerateOptions, TrainOptions
 from tistudio.demo import world
-from tistudio.demo.tinymodel import demo_model_dir
 from tistudio.generate.images import generate
+from tistudio.models.builtin import demo_model_dir
 from tistudio.models.loading import DEMOS, load_model
 from tistudio.storage import write_bytes, write_text
 from tistudio.train.create import create_embedding

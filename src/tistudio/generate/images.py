@@ -30,10 +30,10 @@ from PIL.PngImagePlugin import PngInfo
 from tistudio.config import GenerateOptions, parse_size, validate_generate
 from tistudio.embeddings.files import Embedding, list_embedding_files, read_embedding, short_hash
 from tistudio.errors import EmbeddingError, OptionError
-from tistudio.generate.samplers import check_sampler, make_scheduler, split
 from tistudio.models.conditioning import Conditioning, PromptEncoder
 from tistudio.models.loading import SDModel, load_model
 from tistudio.progress import Event, Progress, Reporter
+from tistudio.samplers import check_sampler, make_scheduler, split
 from tistudio.storage import atomic_write
 
 log = logging.getLogger(__name__)

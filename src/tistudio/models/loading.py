@@ -41,7 +41,7 @@ MAX_CHECKPOINT_BYTES = 40 * 1024**3
 DEMO = "demo"
 SD_SCALING_FACTOR = 0.18215
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
-# The built-in demo models by name: the world model and its SDXL variant (see demo/tinymodel.py).
+# The built-in demo models by name: the world model and its SDXL variant (see models/builtin.py).
 DEMOS = {DEMO: SD1, "demo-sdxl": SDXL}
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -784,7 +784,7 @@ def load_model(options: ModelOptions, cache_dir: Path, text_only: bool = False) 
     dtype = resolve_dtype(options.precision, device)
     spec = options.model
     if kind == "demo":
-        from tistudio.demo.tinymodel import demo_model_dir
+        from tistudio.models.builtin import demo_model_dir
 
         folder = demo_model_dir(cache_dir, DEMOS[spec])
         model = _load_folder(folder, options, device, dtype, text_only, True, f"tistudio-{spec}")

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tistudio.errors import OptionError
-from tistudio.generate.samplers import resolve, split
 from tistudio.generate.styles import Style, apply_styles
-from tistudio.train.templates import SHIPPED
+from tistudio.samplers import resolve, split
+from tistudio.templates import SHIPPED
 
 
 class CannotApply(OptionError):

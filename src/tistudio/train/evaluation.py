@@ -36,9 +36,9 @@ import torch
 from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel
 from tistudio.storage import append_line, write_text
+from tistudio.templates import fill_template
 from tistudio.train.objective import Denoiser, seed_for
 from tistudio.train.runfolder import EVAL_HEADER, eval_row, read_eval_log
-from tistudio.train.templates import fill_template
 from tistudio.train.trainable import Tensors, Trainable
 
 log = logging.getLogger(__name__)

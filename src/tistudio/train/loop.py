@@ -33,19 +33,19 @@ from tistudio.config import TrainOptions, to_dict, validate_train
 from tistudio.embeddings.files import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from tistudio.errors import EmbeddingError, TistudioError
 from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
-from tistudio.generate.samplers import check_sampler
 from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel, load_model, resolve_device
 from tistudio.prepare.dataset import Dataset, TrainImage, load_dataset, square
 from tistudio.progress import Event, Progress, Reporter
+from tistudio.samplers import check_sampler
+from tistudio.schedule import Schedule, parse_schedule
 from tistudio.storage import write_json
+from tistudio.templates import fill_template, load_template, preview_prompt
 from tistudio.train.evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
 from tistudio.train.masks import loss_weights, mask_mode
 from tistudio.train.objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
 from tistudio.train.parallel import Parallel, PeerLost, process_group
 from tistudio.train.runfolder import ResumeState, RunFolder, read_eval_log, restore_optimizer, run_folder
-from tistudio.train.schedule import Schedule, parse_schedule
-from tistudio.train.templates import fill_template, load_template, preview_prompt
 from tistudio.train.tensorboard import Board
 from tistudio.train.trainable import (
     EmbeddingTrainable,

@@ -23,7 +23,7 @@ import torch
 from tistudio.embeddings.files import Embedding, write_embedding
 from tistudio.errors import TistudioError
 from tistudio.models.conditioning import PromptEncoder
-from tistudio.train.schedule import Schedule
+from tistudio.schedule import Schedule
 
 Tensors = dict[str, torch.Tensor]
 

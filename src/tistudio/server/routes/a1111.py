@@ -14,8 +14,8 @@ from fastapi import APIRouter
 
 from tistudio.embeddings.files import list_embedding_files, read_embedding
 from tistudio.errors import OptionError, TistudioError
-from tistudio.generate.samplers import BASES, SCHEDULES, schedules_offered
 from tistudio.generate.styles import read_styles
+from tistudio.samplers import BASES, SCHEDULES, schedules_offered
 from tistudio.server.a1111 import (
     apply_options,
     create_request,

@@ -11,8 +11,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from tistudio import __version__
 from tistudio.config import CreateOptions, GenerateOptions, PrepareOptions, TrainOptions
-from tistudio.generate.samplers import SAMPLERS
 from tistudio.models.loading import DEMOS
+from tistudio.samplers import SAMPLERS
 from tistudio.server.context import ServerDep, not_found, schema
 from tistudio.server.wording import model_name
 
