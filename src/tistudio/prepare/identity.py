@@ -17,44 +17,30 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from tistudio import extras
 from tistudio.errors import TistudioError
+from tistudio.extras import FACES
 
 SAME_PERSON = 0.6  # dlib's distance threshold: below it, two faces are taken as the same person
 MIN_FACE_PX = 40  # a face narrower than this (in the photo as read) is too small to tell who it is
-INSTALL = "pip install 'tistudio[faces]'"
 
 
 class IdentityUnavailable(TistudioError):
     """The optional face-identity extra is not installed."""
 
 
-def _models_folder() -> Path | None:
-    # face_recognition_models' own __init__ imports pkg_resources (setuptools); its files are found without it
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
-    return folder if folder.is_dir() else None
-
-
-def available() -> bool:
-    """Whether the face-identity extra is installed (dlib and the model files)."""
-    return importlib.util.find_spec("dlib") is not None and _models_folder() is not None
-
-
 class FaceIdentity:
     """Face descriptors of detected faces. Loading takes about 0.2 s; one descriptor about 0.16 s on a CPU."""
 
     def __init__(self) -> None:
-        folder = _models_folder()
+        folder = extras.face_models_folder()
         if importlib.util.find_spec("dlib") is None or folder is None:
-            raise IdentityUnavailable(f"telling people apart needs the optional face-identity extra: {INSTALL} "
+            raise IdentityUnavailable(f"telling people apart needs the optional face-identity extra: {FACES} "
                                       "(or prepare with --identity off)")
         import dlib
 

@@ -401,9 +401,10 @@ def tell_people_apart(items: list[Item]) -> list[list[Item]]:
 
 def load_identity(choice: str) -> Any:
     """The face-identity model for prepare's --identity: None for off, or for auto without the extra."""
-    from tistudio.prepare.identity import FaceIdentity, available
+    from tistudio.extras import faces_available
+    from tistudio.prepare.identity import FaceIdentity
 
-    if choice == "off" or (choice == "auto" and not available()):
+    if choice == "off" or (choice == "auto" and not faces_available()):
         if choice == "auto":
             log.info("not checking who the photos show: pip install 'tistudio[faces]' to have it")
         return None
@@ -633,7 +634,7 @@ def identity_findings(items: list[Item]) -> list[str]:
 
 
 def write_report(out: Path, items: list[Item], verdict: list[str], options: PrepareOptions) -> Path:
-    from tistudio.train.report import STYLE, data_uri
+    from tistudio.pages import STYLE, data_uri
 
     rows = []
     for item in items:

@@ -86,10 +86,11 @@ def face_likeness(images: Sequence[Image.Image], name: str, size: int, *, pictur
                   every: int) -> FaceLikeness | None:
     """The face likeness of a run whose training images are `images`, or None (with the reason logged) where the
     extra is missing or the images hold too few faces to know the person by."""
+    from tistudio.extras import faces_available
     from tistudio.prepare.faces import FaceDetector
-    from tistudio.prepare.identity import FaceIdentity, available
+    from tistudio.prepare.identity import FaceIdentity
 
-    if not available():
+    if not faces_available():
         log.info("the loss chooses the step to keep: judging pictures by face identity needs "
                  "pip install 'tistudio[faces]'")
         return None

@@ -5,20 +5,10 @@ through torch's SummaryWriter (the `tensorboard` package: pip install 'tistudio[
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-from tistudio.errors import OptionError
 from tistudio.progress import Event, Progress
-
-INSTALL = "pip install 'tistudio[tensorboard]'"
-
-
-def check_available() -> None:
-    """An error naming the option when TensorBoard's writer is not installed (checked before any compute)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise OptionError("tensorboard", True, f"TensorBoard is not installed: {INSTALL}, or leave it off")
 
 
 class Board:
