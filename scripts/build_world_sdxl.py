@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import build_world_model as sd1  # noqa: E402
 
 from tistudio.demo import world  # noqa: E402
+from tistudio.models.families import OPENCLIP_PAD  # noqa: E402
 from tistudio.models.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT_L = dict(sd1.TEXT)  # clip_l: the SD1 world's text encoder's shape (and its weights, to start)
@@ -55,7 +56,7 @@ class Texts(torch.nn.Module):
     def __init__(self, first, second) -> None:
         super().__init__()
         self.first, self.second = first, second
-        self.tokenizers = (load_tokenizer("sd1"), load_tokenizer("sdxl2"))
+        self.tokenizers = (load_tokenizer(), load_tokenizer(OPENCLIP_PAD))
 
     def ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

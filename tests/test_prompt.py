@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tistudio.errors import OptionError
+from tistudio.models.families import family
 from tistudio.models.prompt import CHUNK, NameMatcher, chunk_prompt, parse_attention
 from tistudio.models.tokenizer import load_tokenizer
 from tistudio.templates import SHIPPED, fill_template, load_template, preview_prompt
@@ -128,7 +129,7 @@ def test_tokenizer_is_the_real_clip_vocabulary() -> None:
     tokenizer = load_tokenizer()
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert load_tokenizer("sd2").pad_token == "!"
+    assert load_tokenizer(family("sd2").encoders[0].pad_token).pad_token == "!"
 
 
 def test_a_prompt_past_the_cap_is_refused_before_any_work(tmp_path) -> None:

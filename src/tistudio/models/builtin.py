@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from tistudio.models.families import family as family_entry
+
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = "2"
@@ -166,8 +168,8 @@ def write_sdxl_folder(folder: Path, first: Any, second: Any, unet: Any, vae: Any
     for module, sub in ((first, "text_encoder"), (second, "text_encoder_2"), (unet, "unet"), (vae, "vae")):
         if module is not None:
             module.save_pretrained(folder / sub)
-    write_tokenizer(folder / "tokenizer", "sd1")
-    write_tokenizer(folder / "tokenizer_2", "sdxl2")
+    for slot in family_entry("sdxl").encoders:
+        write_tokenizer(folder / slot.tokenizer, slot.pad_token)
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config("epsilon"))
     write_json(folder / "model_index.json", {
         "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
@@ -229,8 +231,9 @@ def save_model_folder(folder: Path, family: str, text_encoder: Any, unet: Any, v
     text_encoder.save_pretrained(folder / "text_encoder")
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    load_tokenizer(family).save_pretrained(folder / "tokenizer")
-    write_tokenizer(folder / "tokenizer", family)
+    pad = family_entry(family).encoders[0].pad_token
+    load_tokenizer(pad).save_pretrained(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", pad)
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(prediction))
     write_json(folder / "model_index.json", pipeline_index())
     (folder / "TINY-MODEL.txt").write_text(note, "utf-8")

@@ -2,14 +2,17 @@
 
 A family names its text encoders by the key an embedding file keeps that encoder's vectors under (``clip`` for SD1
 and SD2; SDXL's files use ``clip_l`` and ``clip_g``), says where a diffusers folder keeps each encoder and its
-tokenizer (which are also the generation pipeline's component names), which layer the UNet is conditioned on, and
-which diffusers pipeline generates with it. Loading (models/loading.py), the prompt encoder
-(models/conditioning.py), creating and training an embedding and generating read this table; none of them names a
-family. This module does not import torch.
+tokenizer (which are also the generation pipeline's component names), which layer the UNet is conditioned on, which
+diffusers pipeline generates with it, and what a single checkpoint file of it holds (how its text encoders are kept,
+its native size, its VAE's scale, the UNet's heads, the prediction type it has unless the file says). Loading
+(models/loading.py), the prompt encoder (models/conditioning.py), creating and training an embedding and generating
+read this table; none of them branches on a family's name. Only detection maps what a file holds to a family: the
+marks of each family's text encoders are in this table too. This module does not import torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,7 @@ class EncoderSlot:
     penultimate: bool = False
     # This encoder's projection of its end-of-text position is the pooled text vector (SDXL's clip_g: text_embeds).
     pooled: bool = False
+    pad_token: str = "<|endoftext|>"  # its tokenizer's padding token (OpenCLIP's encoders pad with "!")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,25 @@ class Family:
                                                     ("requires_safety_checker", False))
     # The UNet is also conditioned on each image's original size, crop and target size (SDXL's time_ids).
     size_conditioning: bool = False
+    # What a single checkpoint file (A1111's, ComfyUI's) of this family holds:
+    checkpoint_text: tuple[str, ...] = ()  # the key prefixes of its text encoders (detection: all present)
+    text_layout: str = "clip"  # how they are kept: "clip" (transformers' CLIP), "openclip", "sdxl" (one of each)
+    native_size: int = 512  # the size its pictures are trained at ...
+    native_size_v: int = 0  # ... and at v prediction, where that differs (SD2's 768 models)
+    vae_scaling: float = 0.18215  # the VAE's latent scaling factor
+    vae_force_upcast: bool = False  # its VAE overflows in fp16 (encode in fp32)
+    unet_heads: int = 0  # a fixed number of attention heads (SD1: 8); 0: one head per 64 channels
+    unet_depth_list: bool = False  # transformer depth given per level even where it is the same (SDXL)
+    upcast_attention_v: bool = False  # attention upcast in its v-prediction models (SD2)
+    # In a diffusers folder whose pipeline class several families share: its text encoder's activation ("": any other)
+    text_activation: str = ""
+    # The prediction type of a checkpoint that does not say (and why), and the global steps of known epsilon bases.
+    prediction: tuple[str, str] = ("epsilon", "models of this family predict noise")
+    epsilon_steps: tuple[tuple[str, str], ...] = ()
+
+    def native(self, prediction: str) -> int:
+        """The native size of a model of this family with this prediction type."""
+        return self.native_size_v if prediction == "v_prediction" and self.native_size_v else self.native_size
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -50,15 +73,47 @@ class Family:
         return tuple(slot.key for slot in self.encoders)
 
 
+OPENCLIP_PAD = "!"
 CLIP = EncoderSlot("clip")
+OPEN_CLIP = EncoderSlot("clip", pad_token=OPENCLIP_PAD)  # SD2's OpenCLIP ViT-H, under the same key
 CLIP_L = EncoderSlot("clip_l", penultimate=True)  # CLIP ViT-L/14, 768 wide
-CLIP_G = EncoderSlot("clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True)  # OpenCLIP bigG, 1280
+CLIP_G = EncoderSlot("clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True,
+                     pad_token=OPENCLIP_PAD)  # OpenCLIP bigG, 1280
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD1's CLIP ViT-L in a checkpoint file
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2's OpenCLIP ViT-H
+XL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L, in transformers' layout
+XL_CLIP_G = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG, in OpenCLIP's
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "Stable Diffusion 1.x", (CLIP,)),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", (CLIP,)),
+    "sd1": Family("sd1", "Stable Diffusion 1.x", (CLIP,), checkpoint_text=(CLIP_PREFIX,), unet_heads=8,
+                  text_activation="quick_gelu", prediction=("epsilon", "SD 1.x models predict noise")),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", (OPEN_CLIP,), checkpoint_text=(OPENCLIP_PREFIX,),
+                  text_layout="openclip", native_size_v=768, upcast_attention_v=True,
+                  prediction=("v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 "
+                              "base model"),
+                  epsilon_steps=(("875000", "SD 2.x base (global_step 875000)"),)),
     "sdxl": Family("sdxl", "SDXL", (CLIP_L, CLIP_G), pipeline="StableDiffusionXLPipeline",
-                   pipeline_extras=(("add_watermarker", False),), size_conditioning=True),
+                   pipeline_extras=(("add_watermarker", False),), size_conditioning=True,
+                   checkpoint_text=(XL_CLIP_L, XL_CLIP_G), text_layout="sdxl", native_size=1024, vae_scaling=0.13025,
+                   vae_force_upcast=True, unet_depth_list=True,
+                   prediction=("epsilon", "SDXL models predict noise unless the file says v (a v_pred key or "
+                               "modelspec metadata)")),
 }
+
+
+def checkpoint_family(has: Callable[[str], bool]) -> Family | None:
+    """The family whose text encoders a checkpoint file holds (`has(prefix)`: whether any key starts so)."""
+    return next((entry for entry in sorted(FAMILIES.values(), key=lambda f: -len(f.checkpoint_text))
+                 if entry.checkpoint_text and all(has(prefix) for prefix in entry.checkpoint_text)), None)
+
+
+def folder_family(pipeline: str, activation: str) -> Family | None:
+    """The family of a diffusers folder: by its pipeline class, and where several share one, by the activation
+    of its text encoder."""
+    matches = [entry for entry in FAMILIES.values() if entry.pipeline == pipeline]
+    if len(matches) > 1:
+        exact = [entry for entry in matches if entry.text_activation == activation]
+        matches = exact or [entry for entry in matches if not entry.text_activation] or matches
+    return matches[0] if matches else None
 
 
 def family(key: str) -> Family:

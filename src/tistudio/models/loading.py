@@ -31,7 +31,15 @@ from tistudio import safeload
 from tistudio.config import ModelOptions
 from tistudio.errors import ModelError, UnsafeFileError
 from tistudio.models.conditioning import TextEncoder
-from tistudio.models.families import CLIP, Family
+from tistudio.models.families import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    XL_CLIP_G,
+    XL_CLIP_L,
+    Family,
+    checkpoint_family,
+    folder_family,
+)
 from tistudio.models.families import family as family_entry
 from tistudio.storage import file_sha256, write_json
 
@@ -40,16 +48,11 @@ log = logging.getLogger(__name__)
 MAX_CHECKPOINT_BYTES = 40 * 1024**3
 DEMO = "demo"
 SD_SCALING_FACTOR = 0.18215
-SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
-# The built-in demo models by name: the world model and its SDXL variant (see models/builtin.py).
-DEMOS = {DEMO: SD1, "demo-sdxl": SDXL}
+# The built-in demo models by name, and the family key of each: the world model and its SDXL variant
+# (see models/builtin.py).
+DEMOS = {DEMO: "sd1", "demo-sdxl": "sdxl"}
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-XL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L, in transformers' layout
-XL_CLIP_G = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG, in OpenCLIP's
-SDXL_SCALING_FACTOR = 0.13025
 
 
 @dataclass
@@ -264,13 +267,15 @@ def read_checkpoint(path: Path, text_only: bool = False) -> tuple[dict[str, torc
 
 
 def classify_checkpoint(keys: set[str], path: Any) -> str:
-    """SD1 or SD2 from the text encoder's layout; a clear refusal for anything else."""
+    """The family key, from the text encoders the checkpoint holds (the families' table); a clear refusal for
+    anything else."""
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    found = checkpoint_family(has)
     if has("conditioner.embedders."):
-        if has(XL_CLIP_L) and has(XL_CLIP_G):
-            return SDXL
+        if found is not None:
+            return found.key
         if has("conditioner.embedders.0.model."):
             raise ModelError(f"model {path}: an SDXL refiner (its only text encoder is OpenCLIP-bigG); textual "
                              "inversion needs an SDXL base model or one of its fine-tunes")
@@ -289,10 +294,8 @@ def classify_checkpoint(keys: set[str], path: Any) -> str:
     if not has(VAE):
         raise ModelError(f"model {path}: the checkpoint has no VAE weights (first_stage_model.*); use a full "
                          "checkpoint")
-    if has(CLIP_PREFIX):
-        return SD1
-    if has(OPENCLIP_PREFIX):
-        return SD2
+    if found is not None:
+        return found.key
     raise ModelError(f"model {path}: the checkpoint has no text encoder weights (cond_stage_model.*); use a full "
                      "checkpoint")
 
@@ -337,13 +340,14 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
         found = len(_levels(state, UNET + f"input_blocks.{index}.1.transformer_blocks.", r"(\d+)\."))
         depths.append(found if level[0][1] else 1)
     attention_depths = {d for d, level in zip(depths, levels, strict=True) if level[0][1]}
-    depth = depths if len(attention_depths) > 1 or family == SDXL else (attention_depths or {1}).pop()
+    entry = family_entry(family)
+    depth = depths if len(attention_depths) > 1 or entry.unet_depth_list else (attention_depths or {1}).pop()
     if cross_dim is None:
         raise ModelError("the checkpoint's UNet has no cross-attention; it is not a text-to-image model")
     groups = 32
     if any(c % groups for c in block_out):
         raise ModelError(f"the checkpoint's UNet widths {block_out} are not multiples of 32; unsupported layout")
-    heads: Any = 8 if family == SD1 else [max(1, c // 64) for c in block_out]
+    heads: Any = entry.unet_heads or [max(1, c // 64) for c in block_out]
     added: dict[str, Any] = {}
     if UNET + "label_emb.0.0.weight" in state:  # SDXL: the pooled text vector and six size numbers, "text_time"
         pooled = int(state[XL_CLIP_G + "text_projection"].shape[1])
@@ -372,11 +376,11 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
         "transformer_layers_per_block": depth,
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         "use_linear_projection": linear,
-        "upcast_attention": bool(family == SD2 and v_pred),
+        "upcast_attention": bool(entry.upcast_attention_v and v_pred),
     }
 
 
-def infer_vae_config(state: dict[str, torch.Tensor], native_size: int, family: str = SD1) -> dict[str, Any]:
+def infer_vae_config(state: dict[str, torch.Tensor], native_size: int, family: str = "sd1") -> dict[str, Any]:
     levels = _levels(state, VAE + "encoder.down.", r"(\d+)\.")
     if not levels:
         raise ModelError("the checkpoint's VAE has no encoder blocks; unsupported layout")
@@ -394,17 +398,21 @@ def infer_vae_config(state: dict[str, torch.Tensor], native_size: int, family: s
         "norm_num_groups": 32,
         "out_channels": 3,
         "sample_size": native_size,
-        "scaling_factor": SDXL_SCALING_FACTOR if family == SDXL else SD_SCALING_FACTOR,
+        "scaling_factor": family_entry(family).vae_scaling,
         "up_block_types": ["UpDecoderBlock2D"] * len(block_out),
-        **({"force_upcast": True} if family == SDXL else {}),  # SDXL's VAE overflows in fp16
+        **({"force_upcast": True} if family_entry(family).vae_force_upcast else {}),
     }
 
 
-def convert_text_encoder(state: dict[str, torch.Tensor], family: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) from the checkpoint's text encoder."""
-    if family == SD1:
-        return _convert_clip(state, CLIP_PREFIX)
-    return _convert_openclip(state, OPENCLIP_PREFIX, drop_last=True)
+def convert_text(state: dict[str, torch.Tensor], family: str) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) of each of the checkpoint's text encoders, by
+    how its family keeps them."""
+    layout = family_entry(family).text_layout
+    if layout == "sdxl":
+        return convert_sdxl_text(state)
+    if layout == "openclip":
+        return [_convert_openclip(state, OPENCLIP_PREFIX, drop_last=True)]
+    return [_convert_clip(state, CLIP_PREFIX)]
 
 
 def convert_sdxl_text(state: dict[str, torch.Tensor]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -492,13 +500,11 @@ def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], pa
             if found:
                 kind = "v_prediction" if found.group(1) == "v" else "epsilon"
                 return kind, f"{sidecar.name} says parameterization: {found.group(1)}"
-    if family == SD1:
-        return "epsilon", "SD 1.x models predict noise"
-    if family == SDXL:
-        return "epsilon", "SDXL models predict noise unless the file says v (a v_pred key or modelspec metadata)"
-    if meta.get("global_step") == "875000":
-        return "epsilon", "SD 2.x base (global_step 875000)"
-    return "v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"
+    entry = family_entry(family)
+    for step, why in entry.epsilon_steps:
+        if meta.get("global_step") == step:
+            return "epsilon", why
+    return entry.prediction
 
 
 def scheduler_config(prediction_type: str, zero_snr: bool = False) -> dict[str, Any]:
@@ -552,7 +558,7 @@ def write_config_folder(folder: Path, family: str, unet: dict[str, Any], vae: di
     write_json(folder / "text_encoder" / "config.json", {"architectures": ["CLIPTextModel"], "model_type":
                                                           "clip_text_model", **text})
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-    write_tokenizer(folder / "tokenizer", family)
+    write_tokenizer(folder / "tokenizer", family_entry(family).encoders[0].pad_token)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,8 +602,8 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
     refuse_edm(keys, path)
     prediction, why = detect_prediction_type(family, meta, keys, path, options.prediction_type)
     zero_snr, zero_why = detect_zero_snr(keys, prediction)
-    native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
-    converted = convert_sdxl_text(state) if family == SDXL else [convert_text_encoder(state, family)]
+    native = family_entry(family).native(prediction)
+    converted = convert_text(state, family)
     text = _single_file_text(converted, family, path, device, dtype)
     unet = vae = None
     if not text_only:
@@ -626,7 +632,7 @@ def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tens
                                          for k, v in weights.items()}, strict=False)
         if result.missing_keys:
             raise ModelError(f"model {path}: the text encoder lacks weights such as {result.missing_keys[0]}")
-        tokenizer = load_tokenizer("sdxl2" if slot.tokenizer == "tokenizer_2" else family)
+        tokenizer = load_tokenizer(slot.pad_token)
         text[slot.key] = TextEncoder(slot, tokenizer, _freeze(module, device, dtype))
     return text
 
@@ -687,9 +693,17 @@ def _pipeline_class(folder: Path) -> str:
     return name
 
 
-def _folder_family(text_encoder: Any) -> str:
-    act = getattr(text_encoder.config, "hidden_act", "quick_gelu")
-    return SD1 if act == "quick_gelu" else SD2
+def _folder_family(folder: Path) -> Family:
+    """The family of a diffusers folder, by its pipeline class and its text encoder's activation."""
+    config_file = folder / "text_encoder" / "config.json"
+    try:
+        activation = json.loads(config_file.read_text("utf-8")).get("hidden_act", "quick_gelu")
+    except (OSError, ValueError, AttributeError):
+        activation = "quick_gelu"
+    found = folder_family(_pipeline_class(folder) or "StableDiffusionPipeline", str(activation))
+    if found is None:
+        raise ModelError(f"model {folder}: no model family of tistudio's is generated by its pipeline")
+    return found
 
 
 def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
@@ -697,8 +711,8 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    xl = _pipeline_class(folder) == "StableDiffusionXLPipeline"
-    slots = family_entry(SDXL).encoders if xl else (CLIP,)
+    entry = _folder_family(folder)
+    slots = entry.encoders
     parts = [name for slot in slots for name in (slot.text_encoder, slot.tokenizer)]
     missing = [part for part in parts + ([] if text_only else ["unet", "vae"]) if not (folder / part).is_dir()]
     if missing:
@@ -711,7 +725,7 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
             module = kind.from_pretrained(folder, subfolder=slot.text_encoder, local_files_only=local_only,
                                           torch_dtype=dtype)
             text[slot.key] = TextEncoder(slot, tokenizer, _freeze(module, device, dtype))
-        family = SDXL if xl else _folder_family(text[CLIP.key].module)
+        family = entry.key
         unet = vae = None
         if not text_only:
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=local_only,
@@ -735,7 +749,7 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     if unet is not None and vae is not None:
         native = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     else:
-        native = 1024 if family == SDXL else 768 if (family == SD2 and prediction == "v_prediction") else 512
+        native = entry.native(prediction)
     return SDModel(
         text=text,
         vae=_freeze(vae, device, dtype) if vae is not None else None,

@@ -40,29 +40,29 @@ def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def tokenizer_config(family: str) -> dict[str, Any]:
-    pad = "!" if family in ("sd2", "sdxl2") else EOS
+def tokenizer_config(pad: str = EOS) -> dict[str, Any]:
+    """The tokenizer's settings; `pad`: its padding token (an encoder slot's pad_token: CLIP pads with the end
+    token, OpenCLIP with "!")."""
     return {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": BOS, "eos_token": EOS,
             "unk_token": EOS, "pad_token": pad, "do_lower_case": True}
 
 
-def write_tokenizer(folder: Path, family: str = "sd1") -> None:
+def write_tokenizer(folder: Path, pad: str = EOS) -> None:
     """Write a tokenizer folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
     vocab, merges = vocab_and_merges()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
-    config = tokenizer_config(family)
+    config = tokenizer_config(pad)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), "utf-8")
 
 
-def load_tokenizer(family: str = "sd1") -> Any:
+def load_tokenizer(pad: str = EOS) -> Any:
     """A CLIPTokenizer with the real vocabulary, built in memory."""
     from transformers import CLIPTokenizer
 
     vocab, merges = vocab_and_merges()
-    config = tokenizer_config(family)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, bos_token=BOS, eos_token=EOS,
-                         unk_token=EOS, pad_token=config["pad_token"])
+                         unk_token=EOS, pad_token=pad)
