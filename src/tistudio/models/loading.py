@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.x/2.x models, fully offline, from every form people keep them in.
+"""Loading Stable Diffusion models (1.x, 2.x and SDXL), fully offline, from every form people keep them in.
 
 ``--model`` may be:
   * ``demo``: the built-in demo world model (64-px cartoon people; see demo/world.py), expanded once into the cache;
@@ -10,8 +10,9 @@
   * a Hugging Face Hub id (``runwayml/stable-diffusion-v1-5``): downloaded by ``huggingface_hub``, weights
     as safetensors only, then loaded like a folder. With ``HF_HUB_OFFLINE=1`` only the local cache is used.
 
-The family is detected (SD1: CLIP ViT-L text encoder, 768 wide; SD2: OpenCLIP ViT-H, 1024 wide, v-prediction
-for the 768 px models) and other models are refused with a message that says what they are.
+The family is detected from the text encoders the model holds (SD1: CLIP ViT-L, 768 wide; SD2: OpenCLIP ViT-H, 1024
+wide, v-prediction for the 768 px models; SDXL: both CLIP ViT-L and OpenCLIP bigG) by the families' table
+(models/families.py), and other models are refused with a message that says what they are.
 """
 
 from __future__ import annotations
@@ -282,15 +283,17 @@ def classify_checkpoint(keys: set[str], path: Any) -> str:
         raise ModelError(f"model {path}: an SDXL checkpoint without both of its text encoders "
                          "(conditioner.embedders.0, CLIP-L, and .1, OpenCLIP-bigG); use a full checkpoint")
     if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
-        raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x and 2.x are supported")
+        raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x, 2.x and SDXL are "
+                         "supported")
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
-        raise ModelError(f"model {path}: this is a Flux checkpoint; only Stable Diffusion 1.x and 2.x are supported")
+        raise ModelError(f"model {path}: this is a Flux checkpoint; only Stable Diffusion 1.x, 2.x and SDXL are "
+                         "supported")
     if not has(UNET + "input_blocks."):
         if has("down_blocks.") or has("unet."):
             raise ModelError(f"model {path}: this single file holds diffusers-format weights of one component, not "
                              "a whole checkpoint; pass the diffusers model folder instead")
         raise ModelError(f"model {path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
-                         "is it a LoRA, a VAE or an embedding? --model needs a whole SD 1.x/2.x checkpoint")
+                         "is it a LoRA, a VAE or an embedding? --model needs a whole SD 1.x, 2.x or SDXL checkpoint")
     if not has(VAE):
         raise ModelError(f"model {path}: the checkpoint has no VAE weights (first_stage_model.*); use a full "
                          "checkpoint")
@@ -313,7 +316,8 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
     in_channels = shape("input_blocks.0.0.weight")[1]
     if in_channels != 4:
         kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(in_channels, f"{in_channels}-channel")
-        raise ModelError(f"this checkpoint is {kind}; textual inversion needs a plain text-to-image SD 1.x/2.x model")
+        raise ModelError(f"this checkpoint is {kind}; textual inversion needs a plain text-to-image SD 1.x, 2.x or "
+                         "SDXL model")
     blocks = _levels(state, UNET + "input_blocks.", r"(\d+)\.")
     levels: list[list[tuple[int, bool]]] = [[]]
     for index in blocks[1:]:
