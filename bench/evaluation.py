@@ -67,18 +67,42 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
     template_file = work / "template.txt"
     template_file.write_text(TEMPLATE)
     embeddings = work / "embeddings"
-    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)),
-                     cache_dir=cache, model=model)
-    options = TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
-                           run_dir=str(work / "run"), template=str(template_file), batch_size=4, max_steps=steps,
-                           eval_every=25, preview_every=0, save_every=0, seed=seed, likeness="off")
+    create_embedding(
+        CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)), cache_dir=cache, model=model
+    )
+    options = TrainOptions(
+        model="demo",
+        embedding=NAME,
+        dataset=str(photos),
+        embeddings_dir=str(embeddings),
+        run_dir=str(work / "run"),
+        template=str(template_file),
+        batch_size=4,
+        max_steps=steps,
+        eval_every=25,
+        preview_every=0,
+        save_every=0,
+        seed=seed,
+        likeness="off",
+    )
     template = load_template(str(template_file))
     samples = encode_samples(model, load_dataset(photos), model.native_size, template, NAME, options)
-    batches = {(size, stratified, b): evaluation_batch(samples.count, samples.captions, template, NAME, 100 + b,
-                                                       tuple(samples.latents.shape[1:]),
-                                                       NoisePrediction(model, PromptEncoder.for_model(model)),
-                                                       size=size, stratified=stratified)
-               for size in SIZES for stratified in (False, True) for b in range(batch_seeds)}
+    batches = {
+        (size, stratified, b): evaluation_batch(
+            samples.count,
+            samples.captions,
+            template,
+            NAME,
+            100 + b,
+            tuple(samples.latents.shape[1:]),
+            NoisePrediction(model, PromptEncoder.for_model(model)),
+            size=size,
+            stratified=stratified,
+        )
+        for size in SIZES
+        for stratified in (False, True)
+        for b in range(batch_seeds)
+    }
     judge = world.likeness_scorer(folder, world.HELD_OUT, NAME, seeds=JUDGE_SEEDS)
     steps_seen: list[int] = []
     shares: list[float] = []
@@ -89,11 +113,21 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
         for key, batch in batches.items():
             losses[key].append(evaluation_loss(NoisePrediction(model, encoder), samples.latents, batch))
 
-    train(options, cache_dir=cache, model=model, likeness=look,
-          on_progress=lambda p: steps_seen.append(p.step) if p.event == "eval" else None)
-    return {"seed": seed, "steps": steps_seen, "shares": shares,
-            "losses": {f"{size}/{'stratified' if strat else 'random'}/{b}": values
-                       for (size, strat, b), values in losses.items()}}
+    train(
+        options,
+        cache_dir=cache,
+        model=model,
+        likeness=look,
+        on_progress=lambda p: steps_seen.append(p.step) if p.event == "eval" else None,
+    )
+    return {
+        "seed": seed,
+        "steps": steps_seen,
+        "shares": shares,
+        "losses": {
+            f"{size}/{'stratified' if strat else 'random'}/{b}": values for (size, strat, b), values in losses.items()
+        },
+    }
 
 
 def replay(runs: list[dict], batch_seeds: int) -> list[dict]:
@@ -114,8 +148,7 @@ def replay(runs: list[dict], batch_seeds: int) -> list[dict]:
                     top = max(share for step, share in share_at.items() if step > 0)
                     for b in range(batch_seeds):
                         curve = list(zip(run["steps"], run["losses"][f"{size}/{timesteps}/{b}"], strict=True))
-                        former = best_step(list(zip(run["steps"], run["losses"][f"16/random/{b}"], strict=True)),
-                                           None)
+                        former = best_step(list(zip(run["steps"], run["losses"][f"16/random/{b}"], strict=True)), None)
                         kept = best_step(thinned(curve, rule), None)
                         precise = precise_curve(run, f"{size}/{timesteps}/{b}")
                         lowest = min(precise[1:])
@@ -125,11 +158,19 @@ def replay(runs: list[dict], batch_seeds: int) -> list[dict]:
                         same += kept == former
                         plateau += on_plateau(share_at[kept], top, pictures)
                         kept_shares.append(share_at[kept])
-                rows.append({"samples": size, "timesteps": timesteps, "evaluations": rule,
-                             "within_20_of_reader": within / count, "same_as_former": same / count,
-                             "on_reader_plateau": plateau / count,
-                             "share_at_kept": sum(kept_shares) / count, "excess_loss": sum(excess) / count,
-                             "replays": count})
+                rows.append(
+                    {
+                        "samples": size,
+                        "timesteps": timesteps,
+                        "evaluations": rule,
+                        "within_20_of_reader": within / count,
+                        "same_as_former": same / count,
+                        "on_reader_plateau": plateau / count,
+                        "share_at_kept": sum(kept_shares) / count,
+                        "excess_loss": sum(excess) / count,
+                        "replays": count,
+                    }
+                )
     return rows
 
 
@@ -142,12 +183,16 @@ def precise_curve(run: dict, leave_out: str) -> list[float]:
 
 
 def print_replay(runs: list[dict], batch_seeds: int) -> None:
-    print(f"{'samples':>7} {'timesteps':>10} {'evaluations':>26} {'within 20% of reader':>21} "
-          f"{'on its plateau':>15} {'same as former':>15} {'share at kept':>14} {'excess loss':>12}")
+    print(
+        f"{'samples':>7} {'timesteps':>10} {'evaluations':>26} {'within 20% of reader':>21} "
+        f"{'on its plateau':>15} {'same as former':>15} {'share at kept':>14} {'excess loss':>12}"
+    )
     for row in replay(runs, batch_seeds):
-        print(f"{row['samples']:>7} {row['timesteps']:>10} {row['evaluations']:>26} "
-              f"{row['within_20_of_reader']:>21.0%} {row['on_reader_plateau']:>15.0%} {row['same_as_former']:>15.0%} "
-              f"{row['share_at_kept']:>14.1%} {row['excess_loss']:>12.2%}")
+        print(
+            f"{row['samples']:>7} {row['timesteps']:>10} {row['evaluations']:>26} "
+            f"{row['within_20_of_reader']:>21.0%} {row['on_reader_plateau']:>15.0%} {row['same_as_former']:>15.0%} "
+            f"{row['share_at_kept']:>14.1%} {row['excess_loss']:>12.2%}"
+        )
 
 
 def main() -> int:

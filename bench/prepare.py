@@ -37,8 +37,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         photos = Path(folder) / "photos"
         photos.mkdir()
-        sources = [Image.open(ROOT / "tests" / "data" / name).convert("RGB")
-                   for name in ("astronaut.jpg", "grace_hopper.jpg")]
+        sources = [
+            Image.open(ROOT / "tests" / "data" / name).convert("RGB") for name in ("astronaut.jpg", "grace_hopper.jpg")
+        ]
         for index in range(args.count):
             base = sources[index % 2]
             canvas = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
@@ -54,11 +55,18 @@ def main() -> int:
         prepare(options)
         rerun_s = time.perf_counter() - started
     faces = sum(1 for item in first.items if item.faces)
-    result = {"photos": args.count, "size": f"{width}x{height}", "faces_found": faces,
-              "seconds_per_photo": round(first_s / args.count, 3),
-              "rerun_seconds_per_photo": round(rerun_s / args.count, 3), "cpu_count": os.cpu_count()}
-    print(f"{args.count} photos of {width}x{height} ({args.megapixels:g} MP): {result['seconds_per_photo']} s per "
-          f"photo (faces found in {faces}); unchanged rerun {result['rerun_seconds_per_photo']} s per photo")
+    result = {
+        "photos": args.count,
+        "size": f"{width}x{height}",
+        "faces_found": faces,
+        "seconds_per_photo": round(first_s / args.count, 3),
+        "rerun_seconds_per_photo": round(rerun_s / args.count, 3),
+        "cpu_count": os.cpu_count(),
+    }
+    print(
+        f"{args.count} photos of {width}x{height} ({args.megapixels:g} MP): {result['seconds_per_photo']} s per "
+        f"photo (faces found in {faces}); unchanged rerun {result['rerun_seconds_per_photo']} s per photo"
+    )
     print(json.dumps(result))
     return 0
 

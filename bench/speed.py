@@ -81,9 +81,9 @@ class RandomCrop:
         top, left, h, w = self.get_params(image, self.size)
         return image.crop((left, top, left + w, top + h))
 '''
-FUNCTIONAL = '''def crop(image, top, left, height, width):
+FUNCTIONAL = """def crop(image, top, left, height, width):
     return image.crop((left, top, left + width, top + height))
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,8 +116,11 @@ def summarise(stamps: list[float], spec: dict, processes: int = 1) -> dict:
     if len(stamps) < warmup + steps:
         raise RuntimeError(f"only {len(stamps)} optimizer steps were seen; expected {warmup + steps}")
     seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
-    return {"steps_per_s": steps / seconds, "samples_per_s": steps * spec["batch"] * processes / seconds,
-            "s_per_step": seconds / steps}
+    return {
+        "steps_per_s": steps / seconds,
+        "samples_per_s": steps * spec["batch"] * processes / seconds,
+        "s_per_step": seconds / steps,
+    }
 
 
 def child_ours(spec: dict) -> dict:
@@ -134,29 +137,62 @@ def child_ours(spec: dict) -> dict:
     common = {"model": spec["model"], "device": spec["device"], "precision": spec["precision"]}
     parallel = Parallel.from_environment()  # under torchrun with --processes
     if parallel.main:
-        create_embedding(CreateOptions(**common, name="benchword", init_text="person", vectors=spec["vectors"],
-                                       overwrite=True, embeddings_dir=str(work / "embeddings")), cache_dir=work)
+        create_embedding(
+            CreateOptions(
+                **common,
+                name="benchword",
+                init_text="person",
+                vectors=spec["vectors"],
+                overwrite=True,
+                embeddings_dir=str(work / "embeddings"),
+            ),
+            cache_dir=work,
+        )
     else:
         while not (work / "embeddings" / "benchword.safetensors").exists():
             time.sleep(0.2)
     events: list[tuple[str, float]] = []
     started = time.perf_counter()
-    train(TrainOptions(**common, embedding="benchword", dataset=spec["data"], embeddings_dir=str(work / "embeddings"),
-                       run_dir=str(work / "run"), template="subject", size=spec["size"], batch_size=spec["batch"],
-                       max_steps=spec["warmup"] + spec["steps"], preview_every=spec.get("preview_every", 0),
-                       preview_steps=20, preview_sampler="DPM++ 2M Karras", save_every=0,
-                       eval_every=spec["eval_every"], learning_rate="0.005", seed=0,
-                       compile_unet=spec.get("compile", False),
-                       gradient_checkpointing=spec.get("checkpointing", False)), cache_dir=work,
-          on_progress=lambda p: events.append((p.event, time.perf_counter())), parallel=parallel)
-    result = {**summarise(stamps, spec, parallel.world), "wall_s": time.perf_counter() - started,
-              "processes": parallel.world}
+    train(
+        TrainOptions(
+            **common,
+            embedding="benchword",
+            dataset=spec["data"],
+            embeddings_dir=str(work / "embeddings"),
+            run_dir=str(work / "run"),
+            template="subject",
+            size=spec["size"],
+            batch_size=spec["batch"],
+            max_steps=spec["warmup"] + spec["steps"],
+            preview_every=spec.get("preview_every", 0),
+            preview_steps=20,
+            preview_sampler="DPM++ 2M Karras",
+            save_every=0,
+            eval_every=spec["eval_every"],
+            learning_rate="0.005",
+            seed=0,
+            compile_unet=spec.get("compile", False),
+            gradient_checkpointing=spec.get("checkpointing", False),
+        ),
+        cache_dir=work,
+        on_progress=lambda p: events.append((p.event, time.perf_counter())),
+        parallel=parallel,
+    )
+    result = {
+        **summarise(stamps, spec, parallel.world),
+        "wall_s": time.perf_counter() - started,
+        "processes": parallel.world,
+    }
     if not parallel.main:
         return {}
+
     def after_a_step(kind: str) -> list[float]:
         """Seconds from a step's report to the next event, where that event is of this kind."""
-        return sorted(t - events[i - 1][1] for i, (event, t) in enumerate(events)
-                      if event == kind and i and events[i - 1][0] == "step")
+        return sorted(
+            t - events[i - 1][1]
+            for i, (event, t) in enumerate(events)
+            if event == kind and i and events[i - 1][0] == "step"
+        )
 
     # A preview is drawn right after its step; a plain step's time is that of a step right after another step.
     previews = after_a_step("preview")
@@ -188,15 +224,49 @@ def child_peer(spec: dict) -> dict:
     cuda = spec["device"] == "cuda"
     stamps = step_clock(spec["warmup"], spec["warmup"] + spec["steps"], cuda)
     mixed = {"fp32": "no", "auto": "no" if not cuda else "bf16", "bf16": "bf16", "fp16": "fp16"}[spec["precision"]]
-    sys.argv = [spec["peer"], "--pretrained_model_name_or_path", spec["model"], "--train_data_dir", spec["data"],
-                "--learnable_property", "object", "--placeholder_token", "<benchword>", "--initializer_token",
-                "person", "--num_vectors", str(spec["vectors"]), "--resolution", str(spec["size"]),
-                "--train_batch_size", str(spec["batch"]), "--gradient_accumulation_steps", "1",
-                "--max_train_steps", str(spec["warmup"] + spec["steps"]), "--learning_rate", "5e-3",
-                "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
-                "--output_dir", str(Path(spec["work"]) / "peer"),
-                "--mixed_precision", mixed, "--dataloader_num_workers", "0", "--save_steps", "1000000",
-                "--checkpointing_steps", "1000000", "--report_to", "all", "--seed", "0"]
+    sys.argv = [
+        spec["peer"],
+        "--pretrained_model_name_or_path",
+        spec["model"],
+        "--train_data_dir",
+        spec["data"],
+        "--learnable_property",
+        "object",
+        "--placeholder_token",
+        "<benchword>",
+        "--initializer_token",
+        "person",
+        "--num_vectors",
+        str(spec["vectors"]),
+        "--resolution",
+        str(spec["size"]),
+        "--train_batch_size",
+        str(spec["batch"]),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_steps",
+        str(spec["warmup"] + spec["steps"]),
+        "--learning_rate",
+        "5e-3",
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--output_dir",
+        str(Path(spec["work"]) / "peer"),
+        "--mixed_precision",
+        mixed,
+        "--dataloader_num_workers",
+        "0",
+        "--save_steps",
+        "1000000",
+        "--checkpointing_steps",
+        "1000000",
+        "--report_to",
+        "all",
+        "--seed",
+        "0",
+    ]
     if spec.get("checkpointing"):  # the SD 1.x script checkpoints its UNet too; the SDXL one only its text encoders
         sys.argv.append("--gradient_checkpointing")
     started = time.perf_counter()
@@ -218,20 +288,29 @@ def child_generate(spec: dict, ours: bool) -> dict:
         from tistudio.models.conditioning import PromptEncoder
         from tistudio.models.loading import load_model
 
-        model = load_model(ModelOptions(model=spec["model"], device=spec["device"], precision=spec["precision"]),
-                           Path(spec["work"]))
+        model = load_model(
+            ModelOptions(model=spec["model"], device=spec["device"], precision=spec["precision"]), Path(spec["work"])
+        )
         renderer = Renderer(model, PromptEncoder.for_model(model))
 
         def make(seed: int, count: int) -> None:
-            renderer.render(SamplingParams(prompt=prompt, steps=count, sampler="DDIM", cfg=cfg, width=size,
-                                           height=size, seeds=(seed,)))
+            renderer.render(
+                SamplingParams(
+                    prompt=prompt, steps=count, sampler="DDIM", cfg=cfg, width=size, height=size, seeds=(seed,)
+                )
+            )
     else:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "auto": torch.bfloat16 if cuda else torch.float32}[spec["precision"]]
-        pipe = StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False).to(spec["device"])
+        dtype = {
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+            "auto": torch.bfloat16 if cuda else torch.float32,
+        }[spec["precision"]]
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec["model"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(spec["device"])
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
@@ -315,18 +394,23 @@ def run_child(kind: str, spec: dict, log: Path, processes: int = 1) -> dict:
     if done.returncode or not found:
         tail = "\n".join(lines[-25:])
         raise SystemExit(f"{kind} failed (exit {done.returncode}); the end of its log {log}:\n{tail}")
-    return json.loads(found[-1][len(RESULT):])
+    return json.loads(found[-1][len(RESULT) :])
 
 
 def machine() -> dict:
     import torch
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     try:
         text = Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                                 if line.startswith("model name"))
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
@@ -338,8 +422,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl or a diffusers folder (default: "
-                        "%(default)s)")
+    parser.add_argument("--model", default="tiny", help="tiny, sd15, sdxl or a diffusers folder (default: %(default)s)")
     parser.add_argument("--checkpointing", action="store_true", help="train with gradient checkpointing")
     parser.add_argument("--size", type=int, default=0, help="training resolution (default: the model's own)")
     parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (default: %(default)s)")
@@ -348,19 +431,34 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=1, help="vectors per token (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="tistudio's fixed-batch evaluation every N steps (default 0: off, like the peer)")
-    parser.add_argument("--preview-every", type=int, default=0,
-                        help="tistudio draws a 20-step DPM++ 2M Karras preview every N steps (default 0: off); the "
-                             "table then gives a preview's cost in training steps (steps/s then include previews)")
-    parser.add_argument("--compile", action="store_true",
-                        help="tistudio compiles its UNet (--compile-unet); raise --warmup to cover compiling")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="tistudio's fixed-batch evaluation every N steps (default 0: off, like the peer)",
+    )
+    parser.add_argument(
+        "--preview-every",
+        type=int,
+        default=0,
+        help="tistudio draws a 20-step DPM++ 2M Karras preview every N steps (default 0: off); the "
+        "table then gives a preview's cost in training steps (steps/s then include previews)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="tistudio compiles its UNet (--compile-unet); raise --warmup to cover compiling",
+    )
     parser.add_argument("--peer", type=Path, help="path of diffusers' examples/textual_inversion/textual_inversion.py")
     parser.add_argument("--generate", action="store_true", help="also measure generation (tistudio and diffusers)")
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-images", type=int, default=2)
-    parser.add_argument("--processes", default="1", help="tistudio's data-parallel process counts, comma-separated "
-                        "(default: %(default)s; e.g. 1,2,8 on an 8-GPU machine)")
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="tistudio's data-parallel process counts, comma-separated "
+        "(default: %(default)s; e.g. 1,2,8 on an 8-GPU machine)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.child:
@@ -374,12 +472,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tistudio-speed-") as temp:
         work = Path(temp)
         data = make_photos(work / "photos", size)
-        base = {"model": str(folder), "data": str(data), "size": size, "steps": args.steps, "warmup": args.warmup,
-                "vectors": args.vectors, "device": args.device, "precision": args.precision,
-                "eval_every": args.eval_every, "peer": str(args.peer) if args.peer else None, "compile": args.compile,
-                "checkpointing": args.checkpointing,
-                "preview_every": args.preview_every,
-                "gen_steps": args.gen_steps, "gen_images": args.gen_images}
+        base = {
+            "model": str(folder),
+            "data": str(data),
+            "size": size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "vectors": args.vectors,
+            "device": args.device,
+            "precision": args.precision,
+            "eval_every": args.eval_every,
+            "peer": str(args.peer) if args.peer else None,
+            "compile": args.compile,
+            "checkpointing": args.checkpointing,
+            "preview_every": args.preview_every,
+            "gen_steps": args.gen_steps,
+            "gen_images": args.gen_images,
+        }
         contenders = [("ours", int(p)) for p in args.processes.split(",")] + ([("peer", 1)] if args.peer else [])
         for batch in (int(b) for b in args.batch.split(",")):
             for kind, processes in contenders:
@@ -387,41 +496,72 @@ def main() -> int:
                 spec = {**base, "batch": batch, "work": str(work / label)}
                 Path(spec["work"]).mkdir()
                 print(f"... {kind}, batch {batch}, {processes} process(es)", file=sys.stderr, flush=True)
-                rows.append({"what": "train", "who": kind if processes == 1 else f"ours x{processes}",
-                             "batch": batch, **run_child(kind, spec, work / f"{label}.log", processes)})
+                rows.append(
+                    {
+                        "what": "train",
+                        "who": kind if processes == 1 else f"ours x{processes}",
+                        "batch": batch,
+                        **run_child(kind, spec, work / f"{label}.log", processes),
+                    }
+                )
         if args.generate:
             for kind in ("generate-ours", "generate-diffusers"):
                 spec = {**base, "batch": 1, "work": str(work / kind)}
                 Path(spec["work"]).mkdir()
                 print(f"... {kind}", file=sys.stderr, flush=True)
-                rows.append({"what": "generate", "who": kind.split("-")[1], "batch": 1,
-                             **run_child(kind, spec, work / f"{kind}.log")})
+                rows.append(
+                    {
+                        "what": "generate",
+                        "who": kind.split("-")[1],
+                        "batch": 1,
+                        **run_child(kind, spec, work / f"{kind}.log"),
+                    }
+                )
 
-    settings = {"model": args.model, "size": size, "steps": args.steps, "warmup": args.warmup,
-                "vectors": args.vectors, "device": args.device, "precision": args.precision,
-                "eval_every": args.eval_every, "compile": args.compile, "preview_every": args.preview_every,
-                "checkpointing": args.checkpointing,
-                "gen_steps": args.gen_steps,
-                "sampler": "DDIM", "cfg": 7.5}
-    print(f"\n{args.model} at {size}px, {args.device} {args.precision}, {args.steps} steps after {args.warmup} "
-          f"warm-up; {machine()}")
-    print(f"{'what':9} {'who':10} {'batch':>5} {'steps/s':>8} {'samples/s':>9} {'images/s':>8} {'peak RSS MB':>11} "
-          f"{'CUDA peak MB':>12}")
+    settings = {
+        "model": args.model,
+        "size": size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "vectors": args.vectors,
+        "device": args.device,
+        "precision": args.precision,
+        "eval_every": args.eval_every,
+        "compile": args.compile,
+        "preview_every": args.preview_every,
+        "checkpointing": args.checkpointing,
+        "gen_steps": args.gen_steps,
+        "sampler": "DDIM",
+        "cfg": 7.5,
+    }
+    print(
+        f"\n{args.model} at {size}px, {args.device} {args.precision}, {args.steps} steps after {args.warmup} "
+        f"warm-up; {machine()}"
+    )
+    print(
+        f"{'what':9} {'who':10} {'batch':>5} {'steps/s':>8} {'samples/s':>9} {'images/s':>8} {'peak RSS MB':>11} "
+        f"{'CUDA peak MB':>12}"
+    )
+
     def cell(row: dict, key: str, width: int, digits: int = 3) -> str:
         value = row.get(key)
         return f"{value:>{width}.{digits}f}" if value is not None else " " * (width - 1) + "-"
 
     for row in rows:
-        print(f"{row['what']:9} {row['who']:10} {row['batch']:>5} {cell(row, 'steps_per_s', 8)} "
-              f"{cell(row, 'samples_per_s', 9)} {cell(row, 'images_per_s', 8)} {cell(row, 'peak_rss_mb', 11, 0)} "
-              f"{cell(row, 'cuda_peak_mb', 12, 0)}")
+        print(
+            f"{row['what']:9} {row['who']:10} {row['batch']:>5} {cell(row, 'steps_per_s', 8)} "
+            f"{cell(row, 'samples_per_s', 9)} {cell(row, 'images_per_s', 8)} {cell(row, 'peak_rss_mb', 11, 0)} "
+            f"{cell(row, 'cuda_peak_mb', 12, 0)}"
+        )
     ratios = {}
     for batch in {row["batch"] for row in rows if row["what"] == "train"}:
         ours = next((r for r in rows if r["who"] == "ours" and r["batch"] == batch), None)
         peer = next((r for r in rows if r["who"] == "peer" and r["batch"] == batch), None)
         if ours and peer:
-            ratios[f"batch {batch}"] = {"speed": ours["steps_per_s"] / peer["steps_per_s"],
-                                        "peak_rss": ours["peak_rss_mb"] / peer["peak_rss_mb"]}
+            ratios[f"batch {batch}"] = {
+                "speed": ours["steps_per_s"] / peer["steps_per_s"],
+                "peak_rss": ours["peak_rss_mb"] / peer["peak_rss_mb"],
+            }
             if "cuda_peak_mb" in ours:
                 ratios[f"batch {batch}"]["cuda_peak"] = ours["cuda_peak_mb"] / peer["cuda_peak_mb"]
     gen = {r["who"]: r for r in rows if r["what"] == "generate"}
@@ -429,17 +569,21 @@ def main() -> int:
         ratios["generation"] = {"speed": gen["ours"]["images_per_s"] / gen["diffusers"]["images_per_s"]}
     for row in rows:
         if "preview_in_steps" in row:
-            print(f"tistudio, batch {row['batch']}: a preview takes {row['preview_s']:.1f} s = "
-                  f"{row['preview_in_steps']:.1f} training steps; every {args.preview_every} steps that is "
-                  f"{row['preview_in_steps'] / (args.preview_every + row['preview_in_steps']):.0%} of the run")
+            print(
+                f"tistudio, batch {row['batch']}: a preview takes {row['preview_s']:.1f} s = "
+                f"{row['preview_in_steps']:.1f} training steps; every {args.preview_every} steps that is "
+                f"{row['preview_in_steps'] / (args.preview_every + row['preview_in_steps']):.0%} of the run"
+            )
     for label, values in ratios.items():
         print(f"tistudio / peer, {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
     for row in rows:
         single = next((r for r in rows if r["who"] == "ours" and r["batch"] == row["batch"]), None)
         if row.get("processes", 1) > 1 and single:
             row["scaling"] = row["samples_per_s"] / (row["processes"] * single["samples_per_s"])
-            print(f"tistudio, batch {row['batch']} per process, {row['processes']} processes: {row['scaling']:.2f} x "
-                  f"{row['processes']} of one process's samples/s")
+            print(
+                f"tistudio, batch {row['batch']} per process, {row['processes']} processes: {row['scaling']:.2f} x "
+                f"{row['processes']} of one process's samples/s"
+            )
     report = {"machine": machine(), "settings": settings, "rows": rows, "ratios": ratios}
     print(json.dumps(report, indent=2))
     if args.json:

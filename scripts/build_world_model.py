@@ -35,17 +35,42 @@ sys.path.insert(0, str(ROOT / "src"))
 from tistudio.demo import world  # noqa: E402
 from tistudio.models.tokenizer import load_tokenizer  # noqa: E402
 
-TEXT = {"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
-        "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 128, "hidden_act": "quick_gelu",
-        "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
-UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [48, 96, 96], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
-                                                                  "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 128,
-        "attention_head_dim": 4, "norm_num_groups": 16}
-VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-       "block_out_channels": [16, 32, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
-       "up_block_types": ["UpDecoderBlock2D"] * 3, "norm_num_groups": 16, "sample_size": 64}
+TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "projection_dim": 128,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 0,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+}
+UNET = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [48, 96, 96],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 128,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "norm_num_groups": 16,
+    "sample_size": 64,
+}
 TOKEN_STD = 0.02
 
 
@@ -63,8 +88,13 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, what
     return step + 1
 
 
-def ema_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int,
-             named: list[tuple[str, torch.nn.Parameter]], ema: dict[str, torch.Tensor]) -> int:
+def ema_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    step: int,
+    named: list[tuple[str, torch.nn.Parameter]],
+    ema: dict[str, torch.Tensor],
+) -> int:
     """One optimizer step on `loss` (gradients clipped to norm 1), then the EMA of the `named` weights moved
     towards them; returns the new step count."""
     optimizer.zero_grad(set_to_none=True)
@@ -114,7 +144,7 @@ def train_vae(pixels: torch.Tensor, seconds: float, seed: int):
 
 @torch.no_grad()
 def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
 
 
 def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, seed: int):
@@ -130,14 +160,17 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, s
         table = torch.randn((49408, TEXT["hidden_size"]), generator=torch.Generator().manual_seed(seed + 7))
         text.get_input_embeddings().weight.copy_(table * TOKEN_STD)
     unet = UNet2DConditionModel(**UNET)
-    ids = tokenizer([*captions, ""], padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [*captions, ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = ids[-1]
     ids = ids[:-1]
     used = torch.unique(torch.cat([ids.flatten(), empty]))
-    parameters = [{"params": list(unet.parameters()), "lr": 4e-4},
-                  {"params": [p for n, p in text.named_parameters() if "token_embedding" not in n], "lr": 4e-4},
-                  {"params": [text.get_input_embeddings().weight], "lr": 2e-3}]
+    parameters = [
+        {"params": list(unet.parameters()), "lr": 4e-4},
+        {"params": [p for n, p in text.named_parameters() if "token_embedding" not in n], "lr": 4e-4},
+        {"params": [text.get_input_embeddings().weight], "lr": 2e-3},
+    ]
     optimizer = torch.optim.AdamW(parameters, weight_decay=0.0)
     named = list(unet.named_parameters()) + [("text." + n, p) for n, p in text.named_parameters()]
     ema = {name: p.detach().clone() for name, p in named}
@@ -155,8 +188,11 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], seconds: float, s
         token_ids = ids[index].clone()
         drop = torch.rand(batch, generator=generator) < 0.1
         token_ids[drop] = empty
-        t = torch.where(torch.arange(batch) < batch // 2, torch.randint(600, 1000, (batch,), generator=generator),
-                        torch.randint(0, 1000, (batch,), generator=generator))
+        t = torch.where(
+            torch.arange(batch) < batch // 2,
+            torch.randint(600, 1000, (batch,), generator=generator),
+            torch.randint(0, 1000, (batch,), generator=generator),
+        )
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -206,7 +242,8 @@ def train_reader(vae, seconds: float, seed: int, unet=None, text=None, scaling: 
         with torch.no_grad():  # a third through the VAE with noisy latents, a third as the model would draw them
             latents = vae.encode(pixels[12:24]).latent_dist.mean
             latents = latents + torch.rand((12, 1, 1, 1), generator=generator) * 0.6 * latents.std() * torch.randn(
-                latents.shape, generator=generator)
+                latents.shape, generator=generator
+            )
             pixels[12:24] = vae.decode(latents).sample.clamp(-1, 1)
             if unet is not None:
                 captions = [world.caption(p, s) for p, s in zip(people[24:], scenes[24:], strict=True)]
@@ -217,7 +254,8 @@ def train_reader(vae, seconds: float, seed: int, unet=None, text=None, scaling: 
                 kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
                 pixels[blur] = F.conv2d(F.pad(pixels[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
             pixels = pixels + 0.06 * torch.randn(pixels.shape, generator=generator) * torch.rand(
-                (36, 1, 1, 1), generator=generator)
+                (36, 1, 1, 1), generator=generator
+            )
             pixels = pixels * (1 + 0.2 * (torch.rand((36, 3, 1, 1), generator=generator) - 0.5))
         targets = world.trait_targets(people)
         logits = reader(pixels)
@@ -256,8 +294,9 @@ def evaluate(vae, unet, text, reader, scaling: float, seed: int) -> dict:
 def sample_images(unet, text, vae, tokenizer, scheduler, prompts, cfg, scaling, seed, steps=25):
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     cond = text(ids).last_hidden_state
-    uncond = text(tokenizer([""] * len(prompts), padding="max_length", max_length=77,
-                            return_tensors="pt").input_ids).last_hidden_state
+    uncond = text(
+        tokenizer([""] * len(prompts), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ).last_hidden_state
     scheduler.set_timesteps(steps)
     x = torch.randn((len(prompts), 4, 16, 16), generator=torch.Generator().manual_seed(seed))
     for t in scheduler.timesteps:
@@ -265,7 +304,7 @@ def sample_images(unet, text, vae, tokenizer, scheduler, prompts, cfg, scaling, 
             eps = unet(x, t, encoder_hidden_states=cond).sample
         else:
             both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            eps = both[: len(prompts)] + cfg * (both[len(prompts):] - both[: len(prompts)])
+            eps = both[: len(prompts)] + cfg * (both[len(prompts) :] - both[: len(prompts)])
         x = scheduler.step(eps, t, x).prev_sample
     return vae.decode(x / scaling).sample.clamp(-1, 1)
 
@@ -321,8 +360,9 @@ def reader_only(args) -> int:
     log("measuring")
     measured = evaluate(vae, unet, text, reader, scaling, args.seed)
     log(json.dumps(measured))
-    tensors = {k: v for k, v in load_file(str(args.out / "world-model.safetensors")).items()
-               if not k.startswith("reader.")}
+    tensors = {
+        k: v for k, v in load_file(str(args.out / "world-model.safetensors")).items() if not k.startswith("reader.")
+    }
     for name, value in reader.state_dict().items():
         tensors["reader." + name] = value.detach().to(torch.float16).contiguous()
     save_file(tensors, str(args.out / "world-model.safetensors"))
@@ -340,8 +380,11 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=55.0, help="total training time (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=40000, help="pictures drawn for the VAE and the UNet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reader-only", action="store_true",
-                        help="keep the model in --out and train only a new trait reader (--minutes of it)")
+    parser.add_argument(
+        "--reader-only",
+        action="store_true",
+        help="keep the model in --out and train only a new trait reader (--minutes of it)",
+    )
     args = parser.parse_args()
     if args.reader_only:
         return reader_only(args)
@@ -363,13 +406,26 @@ def main() -> int:
     log("measuring")
     measured = evaluate(vae, unet, text, reader, scaling, args.seed)
     log(json.dumps(measured))
-    meta = {"version": 1, "text": TEXT, "unet": UNET, "vae": {**VAE, "scaling_factor": scaling},
-            "token_table": {"seed": args.seed + 7, "std": TOKEN_STD, "rows_used": int(used.numel())},
-            "held_out": world.HELD_OUT.traits(),
-            "build": {"seed": args.seed, "minutes": args.minutes, "samples": args.samples, "vae_steps": vae_steps,
-                      "denoiser_steps": denoiser_steps, "reader_steps": reader_steps, "vae_psnr_db": round(psnr, 2),
-                      "wall_minutes": round((time.monotonic() - started) / 60, 1), "torch": torch.__version__},
-            "measured": measured}
+    meta = {
+        "version": 1,
+        "text": TEXT,
+        "unet": UNET,
+        "vae": {**VAE, "scaling_factor": scaling},
+        "token_table": {"seed": args.seed + 7, "std": TOKEN_STD, "rows_used": int(used.numel())},
+        "held_out": world.HELD_OUT.traits(),
+        "build": {
+            "seed": args.seed,
+            "minutes": args.minutes,
+            "samples": args.samples,
+            "vae_steps": vae_steps,
+            "denoiser_steps": denoiser_steps,
+            "reader_steps": reader_steps,
+            "vae_psnr_db": round(psnr, 2),
+            "wall_minutes": round((time.monotonic() - started) / 60, 1),
+            "torch": torch.__version__,
+        },
+        "measured": measured,
+    }
     save(args.out, vae, unet, text, reader, used, meta)
     log(f"wrote {args.out}")
     return 0

@@ -39,12 +39,23 @@ from tistudio.models.families import OPENCLIP_PAD  # noqa: E402
 from tistudio.models.tokenizer import load_tokenizer  # noqa: E402
 
 TEXT_L = dict(sd1.TEXT)  # clip_l: the SD1 world's text encoder's shape (and its weights, to start)
-TEXT_G = {**sd1.TEXT, "hidden_size": 192, "intermediate_size": 768, "num_attention_heads": 3, "projection_dim": 192,
-          "hidden_act": "gelu"}
+TEXT_G = {
+    **sd1.TEXT,
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_attention_heads": 3,
+    "projection_dim": 192,
+    "hidden_act": "gelu",
+}
 TIME_WIDTH = 16
-UNET = {**sd1.UNET, "cross_attention_dim": TEXT_L["hidden_size"] + TEXT_G["hidden_size"],
-        "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": TIME_WIDTH,
-        "projection_class_embeddings_input_dim": 6 * TIME_WIDTH + TEXT_G["projection_dim"]}
+UNET = {
+    **sd1.UNET,
+    "cross_attention_dim": TEXT_L["hidden_size"] + TEXT_G["hidden_size"],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_WIDTH,
+    "projection_class_embeddings_input_dim": 6 * TIME_WIDTH + TEXT_G["projection_dim"],
+}
 SIZE_IDS = (64.0, 64.0, 0.0, 0.0, 64.0, 64.0)  # every world picture: drawn at 64 px, uncropped, trained at 64 px
 TOKEN_SEEDS = {"l": 7, "g": 17}  # seeds of the token tables' unused rows (clip_l's is the SD1 world's)
 
@@ -59,8 +70,10 @@ class Texts(torch.nn.Module):
         self.tokenizers = (load_tokenizer(), load_tokenizer(OPENCLIP_PAD))
 
     def ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-                     for t in self.tokenizers)
+        return tuple(
+            t(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            for t in self.tokenizers
+        )
 
     def forward(self, ids_l: torch.Tensor, ids_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_l = self.first(ids_l, output_hidden_states=True).hidden_states[-2]
@@ -120,12 +133,17 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], unet, texts: Text
     ids_l, ids_g = texts.ids([*captions, ""])
     empty = (ids_l[-1], ids_g[-1])
     ids_l, ids_g = ids_l[:-1], ids_g[:-1]
-    used = {"l": torch.unique(torch.cat([ids_l.flatten(), empty[0]])),
-            "g": torch.unique(torch.cat([ids_g.flatten(), empty[1]]))}
+    used = {
+        "l": torch.unique(torch.cat([ids_l.flatten(), empty[0]])),
+        "g": torch.unique(torch.cat([ids_g.flatten(), empty[1]])),
+    }
     tables = [texts.first.get_input_embeddings().weight, texts.second.get_input_embeddings().weight]
     rest = [p for p in texts.parameters() if all(p is not t for t in tables)]
-    groups = [{"params": list(unet.parameters()), "lr": 3e-4}, {"params": rest, "lr": 3e-4},
-              {"params": tables, "lr": 2e-3}]
+    groups = [
+        {"params": list(unet.parameters()), "lr": 3e-4},
+        {"params": rest, "lr": 3e-4},
+        {"params": tables, "lr": 2e-3},
+    ]
     bases = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     named = list(unet.named_parameters()) + [("text." + n, p) for n, p in texts.named_parameters()]
@@ -141,14 +159,18 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], unet, texts: Text
         tokens_l, tokens_g = ids_l[index].clone(), ids_g[index].clone()
         drop = torch.rand(batch, generator=generator) < 0.1
         tokens_l[drop], tokens_g[drop] = empty
-        t = torch.where(torch.arange(batch) < batch // 2, torch.randint(600, 1000, (batch,), generator=generator),
-                        torch.randint(0, 1000, (batch,), generator=generator))
+        t = torch.where(
+            torch.arange(batch) < batch // 2,
+            torch.randint(600, 1000, (batch,), generator=generator),
+            torch.randint(0, 1000, (batch,), generator=generator),
+        )
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         context, pooled = texts(tokens_l, tokens_g)
-        predicted = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context,
-                         added_cond_kwargs=added(pooled)).sample
+        predicted = unet(
+            a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context, added_cond_kwargs=added(pooled)
+        ).sample
         loss = F.mse_loss(predicted, noise)
         step = sd1.ema_step(optimizer, loss, step, named, ema)
         losses.append(loss.item())
@@ -179,14 +201,19 @@ def samples_show_person(vae, unet, texts: Texts, reader, scaling: float, seed: i
         scheduler.set_timesteps(25)
         x = torch.randn((len(prompts), 4, 16, 16), generator=torch.Generator().manual_seed(seed))
         for t in scheduler.timesteps:
-            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]),
-                        added_cond_kwargs=added(torch.cat([pooled_empty, pooled]))).sample
-            eps = both[: len(x)] + cfg * (both[len(x):] - both[: len(x)])
+            both = unet(
+                torch.cat([x, x]),
+                t,
+                encoder_hidden_states=torch.cat([uncond, cond]),
+                added_cond_kwargs=added(torch.cat([pooled_empty, pooled])),
+            ).sample
+            eps = both[: len(x)] + cfg * (both[len(x) :] - both[: len(x)])
             x = scheduler.step(eps, t, x).prev_sample
         images = vae.decode(x / scaling).sample.clamp(-1, 1)
         logits = reader(images)
         out[f"samples_show_described_person_cfg{cfg:g}"] = sum(
-            world.decode_traits(logits, i) == p for i, p in enumerate(people)) / len(people)
+            world.decode_traits(logits, i) == p for i, p in enumerate(people)
+        ) / len(people)
     return out
 
 
@@ -213,8 +240,9 @@ def save(out: Path, vae, unet, texts: Texts, used: dict[str, torch.Tensor], meta
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "tistudio" / "data" / "world-sdxl")
-    parser.add_argument("--minutes", type=float, default=40.0,
-                        help="training time of the denoiser (default: %(default)s)")
+    parser.add_argument(
+        "--minutes", type=float, default=40.0, help="training time of the denoiser (default: %(default)s)"
+    )
     parser.add_argument("--samples", type=int, default=40000, help="pictures drawn for the UNet")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -227,8 +255,9 @@ def main() -> int:
     scaling = base_meta["vae"]["scaling_factor"]
     vae, unet, texts = start_from_sd1(args.seed)
     reader = world.trait_reader_module()
-    reader.load_state_dict({k[len("reader."):]: v.float() for k, v in load_file(str(world_files()[0])).items()
-                            if k.startswith("reader.")})
+    reader.load_state_dict(
+        {k[len("reader.") :]: v.float() for k, v in load_file(str(world_files()[0])).items() if k.startswith("reader.")}
+    )
     reader.eval().requires_grad_(False)
     sd1.log(f"drawing {args.samples} pictures of the world (the held-out person excluded)")
     pixels, captions, _ = sd1.make_data(args.samples, args.seed)
@@ -241,14 +270,29 @@ def main() -> int:
     sd1.log("measuring")
     measured = samples_show_person(vae, unet, texts, reader, scaling, args.seed)
     sd1.log(json.dumps(measured))
-    meta = {"version": 1, "family": "sdxl", "text_l": TEXT_L, "text_g": TEXT_G, "unet": UNET, "vae": base_meta["vae"],
-            "token_tables": {k: {"seed": TOKEN_SEEDS[k], "std": sd1.TOKEN_STD, "rows_used": int(used[k].numel())}
-                             for k in ("l", "g")},
-            "held_out": world.HELD_OUT.traits(),
-            "build": {"seed": args.seed, "minutes": args.minutes, "samples": args.samples, "denoiser_steps": steps,
-                      "started_from": {"sd1_world_build": base_meta["build"]},
-                      "wall_minutes": round((time.monotonic() - started) / 60, 1), "torch": torch.__version__},
-            "measured_at_start": start_measured, "measured": measured}
+    meta = {
+        "version": 1,
+        "family": "sdxl",
+        "text_l": TEXT_L,
+        "text_g": TEXT_G,
+        "unet": UNET,
+        "vae": base_meta["vae"],
+        "token_tables": {
+            k: {"seed": TOKEN_SEEDS[k], "std": sd1.TOKEN_STD, "rows_used": int(used[k].numel())} for k in ("l", "g")
+        },
+        "held_out": world.HELD_OUT.traits(),
+        "build": {
+            "seed": args.seed,
+            "minutes": args.minutes,
+            "samples": args.samples,
+            "denoiser_steps": steps,
+            "started_from": {"sd1_world_build": base_meta["build"]},
+            "wall_minutes": round((time.monotonic() - started) / 60, 1),
+            "torch": torch.__version__,
+        },
+        "measured_at_start": start_measured,
+        "measured": measured,
+    }
     save(args.out, vae, unet, texts, used, meta)
     sd1.log(f"wrote {args.out}")
     return 0

@@ -77,33 +77,86 @@ def tiny_runs(out: Path, cache: Path) -> None:
         model = load_model(ModelOptions(model=str(folder)), cache)
         work = out / family
         emb = str(work / "emb")
-        create_embedding(CreateOptions(model="-", name="tomtut", init_text="toy figure", vectors=3,
-                                       embeddings_dir=emb), cache_dir=cache, model=model)
-        create_embedding(CreateOptions(model="-", name="badhands", vectors=2, embeddings_dir=emb), cache_dir=cache,
-                         model=model)
-        common = dict(model="-", embedding="tomtut", dataset=str(photos), embeddings_dir=emb,
-                      run_dir=str(work / "run"), learning_rate="0.02:4, 0.005", batch_size=2,
-                      gradient_accumulation=2, flip=True, shuffle_tags=True, tag_dropout=0.2,
-                      template="subject_filewords",
-                      eval_every=2, preview_every=3, save_every=3, preview_steps=3, max_norm=3.0, init_pull=0.1,
-                      clip_grad_norm=1.0, weight_decay=0.01, seed=7, size=64)
+        create_embedding(
+            CreateOptions(model="-", name="tomtut", init_text="toy figure", vectors=3, embeddings_dir=emb),
+            cache_dir=cache,
+            model=model,
+        )
+        create_embedding(
+            CreateOptions(model="-", name="badhands", vectors=2, embeddings_dir=emb), cache_dir=cache, model=model
+        )
+        common = dict(
+            model="-",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=emb,
+            run_dir=str(work / "run"),
+            learning_rate="0.02:4, 0.005",
+            batch_size=2,
+            gradient_accumulation=2,
+            flip=True,
+            shuffle_tags=True,
+            tag_dropout=0.2,
+            template="subject_filewords",
+            eval_every=2,
+            preview_every=3,
+            save_every=3,
+            preview_steps=3,
+            max_norm=3.0,
+            init_pull=0.1,
+            clip_grad_norm=1.0,
+            weight_decay=0.01,
+            seed=7,
+            size=64,
+        )
         from tistudio.train.loop import train
 
         train(TrainOptions(**common, max_steps=7), cache_dir=cache, model=model)
         train(TrainOptions(**common, max_steps=12), cache_dir=cache, model=model)
         # A second embedding trained with plainer options, --stop auto and final=last.
-        train(TrainOptions(model="-", embedding="badhands", dataset=str(photos), embeddings_dir=emb,
-                           run_dir=str(work / "run-badhands"), max_steps=6, eval_every=1, preview_every=0,
-                           save_every=0, stop="auto", final="last", size=64, clip_skip=2),
-              cache_dir=cache, model=model)
-        for index, (prompt, negative, sampler) in enumerate([
+        train(
+            TrainOptions(
+                model="-",
+                embedding="badhands",
+                dataset=str(photos),
+                embeddings_dir=emb,
+                run_dir=str(work / "run-badhands"),
+                max_steps=6,
+                eval_every=1,
+                preview_every=0,
+                save_every=0,
+                stop="auto",
+                final="last",
+                size=64,
+                clip_skip=2,
+            ),
+            cache_dir=cache,
+            model=model,
+        )
+        for index, (prompt, negative, sampler) in enumerate(
+            [
                 ("a photo of (tomtut:1.3) on a beach", "badhands, blurry", "DPM++ 2M Karras"),
                 ("a [painting] of tomtut BREAK at night", "", "Euler a"),
-                (", ".join(["a photo of tomtut"] * 20), "(badhands)", "DDIM")]):
-            generate(GenerateOptions(model="-", prompt=prompt, negative_prompt=negative, sampler=sampler, steps=4,
-                                     seed=40 + index, batch=2, size="64x64", embeddings_dir=emb,
-                                     out_dir=str(work / "images"), clip_skip=1 + index % 2),
-                     cache_dir=cache, model=model)
+                (", ".join(["a photo of tomtut"] * 20), "(badhands)", "DDIM"),
+            ]
+        ):
+            generate(
+                GenerateOptions(
+                    model="-",
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    sampler=sampler,
+                    steps=4,
+                    seed=40 + index,
+                    batch=2,
+                    size="64x64",
+                    embeddings_dir=emb,
+                    out_dir=str(work / "images"),
+                    clip_skip=1 + index % 2,
+                ),
+                cache_dir=cache,
+                model=model,
+            )
 
 
 def demo_run(out: Path, cache: Path) -> None:

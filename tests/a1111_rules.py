@@ -19,11 +19,30 @@ class A1111Unpickler(pickle.Unpickler):
     """A1111's modules/safe.py rules as a strict oracle (written from its documented behaviour): only these globals,
     and storages only as persistent ids."""
 
-    ALLOWED = frozenset({("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
-               ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
-               *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
-                                        "ByteStorage", "float32", "BFloat16Storage")),
-               ("torch.nn.modules.container", "ParameterDict"), ("_codecs", "encode"), ("__builtin__", "set")})
+    ALLOWED = frozenset(
+        {
+            ("collections", "OrderedDict"),
+            ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"),
+            ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+            *(
+                ("torch", n)
+                for n in (
+                    "FloatStorage",
+                    "HalfStorage",
+                    "IntStorage",
+                    "LongStorage",
+                    "DoubleStorage",
+                    "ByteStorage",
+                    "float32",
+                    "BFloat16Storage",
+                )
+            ),
+            ("torch.nn.modules.container", "ParameterDict"),
+            ("_codecs", "encode"),
+            ("__builtin__", "set"),
+        }
+    )
 
     def persistent_load(self, saved_id):
         if saved_id[0] != "storage":
@@ -71,7 +90,7 @@ def parse_generation_parameters(text: str) -> dict[str, Any]:
     for line in lines:
         line = line.strip()
         if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in PARAM.findall(last):
@@ -149,12 +168,12 @@ def a1111_extract_image_data(image: Any) -> bytes:
     any_col, any_row = lit.any(axis=0), lit.any(axis=1)
     cols = (int(any_col.argmax()), lit.shape[1] - int(any_col[::-1].argmax()))
     rows = (int(any_row.argmax()), lit.shape[0] - int(any_row[::-1].argmax()))
-    low = pixels[rows[0]:rows[1], cols[0]:cols[1]] & 0x0F
+    low = pixels[rows[0] : rows[1], cols[0] : cols[1]] & 0x0F
     black = np.where(low.sum(axis=(0, 2)) == 0)[0]
     if black.shape[0] < 2:
         raise AssertionError("not an embedding, just a preview image")
-    lower = low[:, :black.min()].astype(np.uint8)
-    upper = low[:, black.max() + 1:].astype(np.uint8)
+    lower = low[:, : black.min()].astype(np.uint8)
+    upper = low[:, black.max() + 1 :].astype(np.uint8)
     lower = lower ^ a1111_lcg_nibbles(lower.size).reshape(lower.shape)
     upper = upper ^ a1111_lcg_nibbles(upper.size).reshape(upper.shape)
     return zlib.decompress(((upper << 4) | lower).flatten().tobytes())
@@ -190,7 +209,7 @@ def kohya_gen_img_embeddings(path: Path, tokenizers: list[Any], widths: list[int
         table = torch.zeros(len(tokenizer), width)
         for token_id, vector in zip(ids, embed, strict=False):
             table[token_id] = vector  # a vector of another width raises here
-        rows.append(table[ids[0]:ids[-1] + 1])
+        rows.append(table[ids[0] : ids[-1] + 1])
     return rows
 
 
@@ -252,8 +271,10 @@ def comfyui_load_embed(folder: Path, name: str, size: int, key: str | None) -> A
     file's first tensor. The tokenizer then uses it only if its last dimension is the encoder's width."""
     path = folder / name
     if not path.is_file():
-        path = next((folder / f"{name}{ext}" for ext in (".safetensors", ".pt", ".bin")
-                     if (folder / f"{name}{ext}").is_file()), None)
+        path = next(
+            (folder / f"{name}{ext}" for ext in (".safetensors", ".pt", ".bin") if (folder / f"{name}{ext}").is_file()),
+            None,
+        )
     if path is None:
         raise AssertionError(f"embedding:{name} does not exist, ignoring")
     if path.name.lower().endswith(".safetensors"):

@@ -22,12 +22,14 @@ def exif_rotated(path: Path) -> None:
 
 def png_bomb(path: Path, side: int = 30000) -> None:
     """A tiny PNG whose header claims side x side pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def bad_files(folder: Path, good: Path) -> set[str]:
@@ -81,4 +83,3 @@ def make_photos(folder: Path, count: int = 10, seed: int = 0) -> Path:
         draw_toy(rng).save(folder / f"{index:02d}-toy figure.png")
     (folder / "00-toy figure.txt").write_text("toy figure, red cap, blue shirt", "utf-8")
     return folder
-

@@ -16,7 +16,7 @@ import time
 def main() -> int:
     args = sys.argv[1:]
     split = args.index("--") if "--" in args else args.index("--cli")
-    options, cli = args[:split], args[split + 1:]
+    options, cli = args[:split], args[split + 1 :]
     settings = dict(zip(options[::2], options[1::2], strict=True))
     os.environ["HF_HUB_OFFLINE"] = "1"
     from tistudio import storage

@@ -14,15 +14,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 def _resnet(rest: str) -> str:
     for old, new in RESNET.items():
         if rest.startswith(old + "."):
-            return new + rest[len(old):]
+            return new + rest[len(old) :]
     raise KeyError(rest)
 
 
@@ -30,15 +36,21 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     layers = config["layers_per_block"]
     attention_up = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     out: dict[str, torch.Tensor] = {}
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     for key, value in state.items():
         parts = key.split(".")
         head = ".".join(parts[:2])
         if head in fixed or parts[0] in fixed:
             prefix = head if head in fixed else parts[0]
-            new = fixed[prefix] + key[len(prefix):]
+            new = fixed[prefix] + key[len(prefix) :]
         elif parts[0] == "down_blocks":
             i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
             if kind == "resnets":
@@ -49,8 +61,9 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
                 new = f"input_blocks.{(i + 1) * (layers + 1)}.0.op.{'.'.join(parts[5:])}"
         elif parts[0] == "mid_block":
             kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            new = f"middle_block.{1 if kind == 'attentions' else 2 * j}." + (_resnet(rest) if kind == "resnets"
-                                                                               else rest)
+            new = f"middle_block.{1 if kind == 'attentions' else 2 * j}." + (
+                _resnet(rest) if kind == "resnets" else rest
+            )
         elif parts[0] == "up_blocks":
             i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
             if kind == "resnets":
@@ -94,7 +107,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
                 leaf = ".".join(p[3:])
                 for old, replacement in VAE_ATTN.items():
                     if leaf.startswith(old + "."):
-                        leaf = replacement + leaf[len(old):]
+                        leaf = replacement + leaf[len(old) :]
                         break
                 rest = f"mid.attn_1.{leaf}"
                 if value.dim() == 2:
@@ -117,13 +130,21 @@ def openclip_to_ldm(state: dict[str, torch.Tensor], prefix: str, extra_layer: bo
     width = state["embeddings.token_embedding.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
     projection = state["text_projection.weight"].T if "text_projection.weight" in state else torch.eye(width)
-    out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": state["final_layer_norm.weight"],
-           prefix + "ln_final.bias": state["final_layer_norm.bias"],
-           prefix + "text_projection": projection.contiguous(), prefix + "logit_scale": torch.tensor(4.6)}
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}
+    out = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+        prefix + "text_projection": projection.contiguous(),
+        prefix + "logit_scale": torch.tensor(4.6),
+    }
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
     generator = torch.Generator().manual_seed(123)
     for i in range(layers + 1 if extra_layer else layers):
         src = f"encoder.layers.{min(i, layers - 1)}."
@@ -151,8 +172,10 @@ def export_single_file(folder: Path, family: str) -> dict[str, torch.Tensor]:
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     if family == "sdxl":
         second = load_file(folder / "text_encoder_2" / "model.safetensors")
-        words = {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
-                 for k, v in text.items()}
+        words = {
+            "conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+            for k, v in text.items()
+        }
         words.update(openclip_to_ldm(second, "conditioner.embedders.1.model.", extra_layer=False))
     else:
         words = text_to_ldm(text, family)

@@ -32,10 +32,13 @@ def free_port() -> int:
 def served(tmp_path, tiny_sd1, cache_dir):
     """A workspace served over real HTTP on a thread, with an embedding and a style in it."""
     workspace = tmp_path / "ws"
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
-                    workspace / "embeddings" / "tomtut.safetensors")
-    (workspace / "styles.csv").write_text('name,prompt,negative_prompt\nlego,"{prompt} as a lego figure",blurry\n'
-                                          "oil,oil painting,\n", encoding="utf-8")
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
+        workspace / "embeddings" / "tomtut.safetensors",
+    )
+    (workspace / "styles.csv").write_text(
+        'name,prompt,negative_prompt\nlego,"{prompt} as a lego figure",blurry\noil,oil painting,\n', encoding="utf-8"
+    )
     app = create_app(ServerConfig(workspace=workspace, model=ModelOptions(model=str(tiny_sd1)), cache_dir=cache_dir))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -56,8 +59,19 @@ def settings_of(result) -> dict:
 
 def test_webuiapi_txt2img_with_a1111s_fields(served) -> None:
     api, workspace, _ = served
-    result = api.txt2img(prompt="a photo of tomtut", negative_prompt="ugly", styles=["lego"], seed=42, steps=3,
-                         width=64, height=64, cfg_scale=6, sampler_name="DPM++ 2M", batch_size=2, n_iter=2)
+    result = api.txt2img(
+        prompt="a photo of tomtut",
+        negative_prompt="ugly",
+        styles=["lego"],
+        seed=42,
+        steps=3,
+        width=64,
+        height=64,
+        cfg_scale=6,
+        sampler_name="DPM++ 2M",
+        batch_size=2,
+        n_iter=2,
+    )
     assert len(result.images) == 4 and result.images[0].size == (64, 64)
     info = result.info
     assert info["all_seeds"] == [42, 43, 44, 45] and info["seed"] == 42 and info["index_of_first_image"] == 0
@@ -69,23 +83,39 @@ def test_webuiapi_txt2img_with_a1111s_fields(served) -> None:
     assert "TI hashes" in read and read["RNG"] == "CPU"
     assert not list((workspace / "outputs").glob("*.png"))  # save_images false (A1111's API default): not kept
 
-    kept = api.txt2img(prompt="tomtut", steps=2, width=64, height=64, save_images=True, send_images=False,
-                       override_settings={"CLIP_stop_at_last_layers": 2}, sampler_name="DPM++ SDE",
-                       scheduler="Karras")
+    kept = api.txt2img(
+        prompt="tomtut",
+        steps=2,
+        width=64,
+        height=64,
+        save_images=True,
+        send_images=False,
+        override_settings={"CLIP_stop_at_last_layers": 2},
+        sampler_name="DPM++ SDE",
+        scheduler="Karras",
+    )
     assert kept.images == [] and len(list((workspace / "outputs").glob("*.png"))) == 1
     assert settings_of(kept)["Clip skip"] == "2" and settings_of(kept)["Sampler"] == "DPM++ SDE"
     lms = api.txt2img(prompt="tomtut", steps=2, width=64, height=64, sampler_name="LMS", scheduler="uniform")
     assert (settings_of(lms)["Sampler"], settings_of(lms)["Schedule type"]) == ("LMS", "Automatic")
 
 
-@pytest.mark.parametrize(("fields", "named"), [
-    ({"enable_hr": True}, "enable_hr"), ({"restore_faces": True}, "restore_faces"),
-    ({"subseed_strength": 0.5}, "subseed_strength"), ({"styles": ["nope"]}, "styles"),
-    ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}}, "override_settings.sd_model_checkpoint"),
-    ({"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps"),
-    ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
-    ({"script_name": "x/y/z plot"}, "script_name"),
-])
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"enable_hr": True}, "enable_hr"),
+        ({"restore_faces": True}, "restore_faces"),
+        ({"subseed_strength": 0.5}, "subseed_strength"),
+        ({"styles": ["nope"]}, "styles"),
+        (
+            {"override_settings": {"sd_model_checkpoint": "another.safetensors"}},
+            "override_settings.sd_model_checkpoint",
+        ),
+        ({"override_settings": {"img2img_fix_steps": True}}, "override_settings.img2img_fix_steps"),
+        ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
+        ({"script_name": "x/y/z plot"}, "script_name"),
+    ],
+)
 def test_what_tistudio_cannot_draw_is_refused_naming_the_field(served, fields, named) -> None:
     api, _, _ = served
     with pytest.raises(RuntimeError) as refused:
@@ -100,8 +130,11 @@ def test_the_lists_and_options_clients_read_first(served) -> None:
     assert {"automatic", "karras", "exponential"} <= set(api.util_get_scheduler_names())
     [model] = api.get_sd_models()
     assert api.util_get_model_names() == [model["title"]] and "/" not in model["filename"]
-    assert api.get_prompt_styles()[0] == {"name": "lego", "prompt": "{prompt} as a lego figure",
-                                          "negative_prompt": "blurry"}
+    assert api.get_prompt_styles()[0] == {
+        "name": "lego",
+        "prompt": "{prompt} as a lego figure",
+        "negative_prompt": "blurry",
+    }
     assert api.get_embeddings()["loaded"]["tomtut"]["step"] == 40
     assert api.refresh_checkpoints() == {}
     api.util_set_model(model["title"])  # webuiapi's own helper: sets sd_model_checkpoint to the served one
@@ -115,15 +148,38 @@ def test_the_lists_and_options_clients_read_first(served) -> None:
 
 def a1111_train_body(name: str, data_root: str, steps: int) -> dict:
     """Every one of the 30 parameters A1111's train/embedding requires, as its Train tab sends them."""
-    return {"id_task": "task(abc)", "embedding_name": name, "learn_rate": "0.005", "batch_size": 1,
-            "gradient_step": 1, "data_root": data_root, "log_directory": "textual_inversion",
-            "training_width": 64, "training_height": 64, "varsize": False, "steps": steps,
-            "clip_grad_mode": "disabled", "clip_grad_value": "0.1", "shuffle_tags": False, "tag_drop_out": 0,
-            "latent_sampling_method": "once", "use_weight": False, "create_image_every": 2,
-            "save_embedding_every": 2, "template_filename": "subject_filewords.txt",
-            "save_image_with_stored_embedding": True, "preview_from_txt2img": False, "preview_prompt": "",
-            "preview_negative_prompt": "", "preview_steps": 2, "preview_sampler_name": "Euler a",
-            "preview_cfg_scale": 7, "preview_seed": -1, "preview_width": 64, "preview_height": 64}
+    return {
+        "id_task": "task(abc)",
+        "embedding_name": name,
+        "learn_rate": "0.005",
+        "batch_size": 1,
+        "gradient_step": 1,
+        "data_root": data_root,
+        "log_directory": "textual_inversion",
+        "training_width": 64,
+        "training_height": 64,
+        "varsize": False,
+        "steps": steps,
+        "clip_grad_mode": "disabled",
+        "clip_grad_value": "0.1",
+        "shuffle_tags": False,
+        "tag_drop_out": 0,
+        "latent_sampling_method": "once",
+        "use_weight": False,
+        "create_image_every": 2,
+        "save_embedding_every": 2,
+        "template_filename": "subject_filewords.txt",
+        "save_image_with_stored_embedding": True,
+        "preview_from_txt2img": False,
+        "preview_prompt": "",
+        "preview_negative_prompt": "",
+        "preview_steps": 2,
+        "preview_sampler_name": "Euler a",
+        "preview_cfg_scale": 7,
+        "preview_seed": -1,
+        "preview_width": 64,
+        "preview_height": 64,
+    }
 
 
 def last_step(workspace: Path) -> int:
@@ -135,14 +191,16 @@ def test_a1111s_train_tab_scripted_through_webuiapi(served, photos) -> None:
     api, workspace, base = served
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(photos.glob("*.png"))]
     assert requests.post(f"{base}/api/photosets/faces/photos", files=files, timeout=30).status_code == 200
-    created = api.custom_post("create/embedding", {"name": "newface", "num_vectors_per_token": 2,
-                                                            "overwrite_old": False, "init_text": "toy"}, baseurl=True)
+    created = api.custom_post(
+        "create/embedding",
+        {"name": "newface", "num_vectors_per_token": 2, "overwrite_old": False, "init_text": "toy"},
+        baseurl=True,
+    )
     assert created.info == "create embedding filename: embeddings/newface.safetensors"
 
     answers, seen = [], []
     body = a1111_train_body("newface", str(workspace / "photos" / "faces"), steps=4)  # a server path, as A1111's
-    worker = threading.Thread(target=lambda: answers.append(
-        api.custom_post("train/embedding", body, baseurl=True)))
+    worker = threading.Thread(target=lambda: answers.append(api.custom_post("train/embedding", body, baseurl=True)))
     worker.start()
     while worker.is_alive():
         progress = api.get_progress()
@@ -158,9 +216,15 @@ def test_a1111s_train_tab_scripted_through_webuiapi(served, photos) -> None:
     assert (name, step) == ("newface-4", 4)
     assert torch.equal(vectors, read_embedding(run / "embeddings" / "newface-4.safetensors").tensor)
 
-    longer = threading.Thread(target=lambda: answers.append(api.custom_post(
-        "train/embedding", {**a1111_train_body("newface", "faces", steps=4000), "create_image_every": 0},
-        baseurl=True)))
+    longer = threading.Thread(
+        target=lambda: answers.append(
+            api.custom_post(
+                "train/embedding",
+                {**a1111_train_body("newface", "faces", steps=4000), "create_image_every": 0},
+                baseurl=True,
+            )
+        )
+    )
     longer.start()
     while api.get_progress()["state"]["sampling_step"] < 6 and longer.is_alive():
         time.sleep(0.05)
@@ -173,12 +237,14 @@ def test_a1111s_train_tab_scripted_through_webuiapi(served, photos) -> None:
 
 def test_a1111s_training_fields_tistudio_cannot_apply_are_refused(served) -> None:
     api, _, _ = served
-    for change, named in (({"varsize": True}, "varsize"), ({"latent_sampling_method": "random"},
-                                                            "latent_sampling_method"),
-                          ({"training_height": 96}, "training_height"), ({"clip_grad_mode": "value"}, "clip_grad_mode"),
-                          ({"data_root": "/etc"}, "data_root"),
-                          ({"template_filename": "mine.txt"}, "template_filename")):
+    for change, named in (
+        ({"varsize": True}, "varsize"),
+        ({"latent_sampling_method": "random"}, "latent_sampling_method"),
+        ({"training_height": 96}, "training_height"),
+        ({"clip_grad_mode": "value"}, "clip_grad_mode"),
+        ({"data_root": "/etc"}, "data_root"),
+        ({"template_filename": "mine.txt"}, "template_filename"),
+    ):
         with pytest.raises(RuntimeError) as refused:
-            api.custom_post("train/embedding", {**a1111_train_body("tomtut", "faces", 4), **change},
-                            baseurl=True)
+            api.custom_post("train/embedding", {**a1111_train_body("tomtut", "faces", 4), **change}, baseurl=True)
         assert refused.value.args[0] in (400, 422) and f'"field":"{named}"' in refused.value.args[1], change

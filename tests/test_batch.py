@@ -48,8 +48,9 @@ def many(cache: Path, *args: str) -> int:
     return main(["--cache-dir", str(cache), "train-many", *args])
 
 
-def test_a_plan_trains_every_embedding_and_continues_when_run_again(tiny_sd1, photos, tmp_path, cache_dir,
-                                                                    capsys) -> None:
+def test_a_plan_trains_every_embedding_and_continues_when_run_again(
+    tiny_sd1, photos, tmp_path, cache_dir, capsys
+) -> None:
     plan = plan_folder(tmp_path / "studio", tiny_sd1, photos)
     os.chdir(tmp_path)  # somewhere else than the plan: its paths are the plan's folder's
     assert many(cache_dir, str(plan), "--count") == 0 and capsys.readouterr().out.strip() == "2"
@@ -79,9 +80,27 @@ def test_array_jobs_train_the_plan_as_one_process_does(tiny_sd1, photos, tmp_pat
     array = plan_folder(tmp_path / "array", tiny_sd1, photos)
     assert many(cache_dir, str(sequential)) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    tasks = [subprocess.Popen([sys.executable, "-m", "tistudio", "--cache-dir", str(cache_dir), "train-many",
-                               str(array), "--index", str(index)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+    tasks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tistudio",
+                "--cache-dir",
+                str(cache_dir),
+                "train-many",
+                str(array),
+                "--index",
+                str(index),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
     outputs = [task.communicate(timeout=300) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "1 jobs: 1 trained" in outputs[0][0] and "zalicex" in outputs[0][0] and "zbobx" in outputs[1][0]
@@ -94,8 +113,23 @@ def test_array_jobs_train_the_plan_as_one_process_does(tiny_sd1, photos, tmp_pat
 def test_a_folder_of_prepared_sets_is_a_plan(tiny_sd1, photos, tmp_path, cache_dir, capsys) -> None:
     for name in ("zcarolx", "zdavex"):
         shutil.copytree(photos, tmp_path / "prepared" / name)
-    assert many(cache_dir, "prepared", "--model", str(tiny_sd1), "--size", "64", "--max-steps", "2",
-                "--preview-every", "0", "--vectors", "1") == 0
+    assert (
+        many(
+            cache_dir,
+            "prepared",
+            "--model",
+            str(tiny_sd1),
+            "--size",
+            "64",
+            "--max-steps",
+            "2",
+            "--preview-every",
+            "0",
+            "--vectors",
+            "1",
+        )
+        == 0
+    )
     assert "2 jobs: 2 trained" in capsys.readouterr().out
     for name in ("zcarolx", "zdavex"):
         trained = read_embedding(tmp_path / "embeddings" / f"{name}.safetensors")
@@ -115,23 +149,33 @@ def test_a_failing_job_is_reported_and_the_next_one_runs(tiny_sd1, photos, tmp_p
     assert read_embedding(plan / "embeddings" / "zbobx.safetensors").step == 3
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda t: t + '\n[[job]]\nembedding = "zbobx"\ndataset = "prepared/zbobx"\n',
-     "job 3: embedding='zbobx': job 2 trains it too"),
-    (lambda t: t.replace('learning_rate = "0.003"', 'learning_rate = "fast"'),
-     "jobs.toml job 2: learning_rate='fast'"),
-    (lambda t: t.replace('learning_rate = "0.003"', 'learnig_rate = "0.003"'),
-     "jobs.toml job 2: learnig_rate='0.003': unknown option"),
-    (lambda t: t.replace('"prepared/zbobx"', '"prepared/nobody"'), "jobs.toml job 2: dataset="),
-    (lambda t: t.replace("max_steps = 3", "max_steps = -3"), "jobs.toml job 1: max_steps=-3: must be at least"),
-    (lambda t: t.replace("vectors = 2", "vectors = 0"), "jobs.toml job 1: vectors=0: must be at least 1"),
-    (lambda t: t.replace("[[job]]", "[[jobs]]", 1), "[jobs]"),
-    (lambda t: t.replace("size = 64", "size = "), "is not valid TOML"),
-    (lambda t: t[:t.index("[[job]]")], "add at least one [[job]]"),
-    (lambda t: t.replace("[defaults]", '[defaults]\nrun_dir = "one-run"'), "job 2: run_dir="),
-])
-def test_bad_plans_are_refused_before_any_model_is_loaded(tiny_sd1, photos, tmp_path, cache_dir, capsys,
-                                                          monkeypatch, change, message) -> None:
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t + '\n[[job]]\nembedding = "zbobx"\ndataset = "prepared/zbobx"\n',
+            "job 3: embedding='zbobx': job 2 trains it too",
+        ),
+        (
+            lambda t: t.replace('learning_rate = "0.003"', 'learning_rate = "fast"'),
+            "jobs.toml job 2: learning_rate='fast'",
+        ),
+        (
+            lambda t: t.replace('learning_rate = "0.003"', 'learnig_rate = "0.003"'),
+            "jobs.toml job 2: learnig_rate='0.003': unknown option",
+        ),
+        (lambda t: t.replace('"prepared/zbobx"', '"prepared/nobody"'), "jobs.toml job 2: dataset="),
+        (lambda t: t.replace("max_steps = 3", "max_steps = -3"), "jobs.toml job 1: max_steps=-3: must be at least"),
+        (lambda t: t.replace("vectors = 2", "vectors = 0"), "jobs.toml job 1: vectors=0: must be at least 1"),
+        (lambda t: t.replace("[[job]]", "[[jobs]]", 1), "[jobs]"),
+        (lambda t: t.replace("size = 64", "size = "), "is not valid TOML"),
+        (lambda t: t[: t.index("[[job]]")], "add at least one [[job]]"),
+        (lambda t: t.replace("[defaults]", '[defaults]\nrun_dir = "one-run"'), "job 2: run_dir="),
+    ],
+)
+def test_bad_plans_are_refused_before_any_model_is_loaded(
+    tiny_sd1, photos, tmp_path, cache_dir, capsys, monkeypatch, change, message
+) -> None:
     import tistudio.models.loading
 
     monkeypatch.setattr(tistudio.models.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -17,16 +17,32 @@ from tistudio.train.runfolder import read_eval_log
 
 
 def options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder / "emb"),
-                run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=12, preview_every=0, save_every=0,
-                eval_every=3, learning_rate="0.02")
+    base = dict(
+        model="x",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder / "emb"),
+        run_dir=str(folder / "run"),
+        size=64,
+        batch_size=2,
+        max_steps=12,
+        preview_every=0,
+        save_every=0,
+        eval_every=3,
+        learning_rate="0.02",
+    )
     base.update(changes)
     return TrainOptions(**base)
 
 
 def fresh(model, folder: Path, init: str = "toy") -> Path:
-    return create_embedding(CreateOptions(model="x", name="tomtut", init_text=init, vectors=2, overwrite=True,
-                                          embeddings_dir=str(folder / "emb")), cache_dir=folder, model=model)
+    return create_embedding(
+        CreateOptions(
+            model="x", name="tomtut", init_text=init, vectors=2, overwrite=True, embeddings_dir=str(folder / "emb")
+        ),
+        cache_dir=folder,
+        model=model,
+    )
 
 
 def test_the_dvar_rule() -> None:
@@ -77,8 +93,9 @@ def test_the_likeness_chooses_the_kept_step_where_it_was_measured(sd1_model, pho
     where the loss would keep another; a likeness that measures nothing (None) leaves the choice to the loss."""
     fresh(sd1_model, tmp_path)
     like = {0: 0.0, 3: 0.2, 6: 0.9, 9: 0.5, 12: 0.6}
-    result = train(options(photos, tmp_path, save_every=3), cache_dir=tmp_path, model=sd1_model,
-                   likeness=scripted_likeness(like))
+    result = train(
+        options(photos, tmp_path, save_every=3), cache_dir=tmp_path, model=sd1_model, likeness=scripted_likeness(like)
+    )
     rows = read_eval_log(tmp_path / "run" / "eval.csv")
     assert [(step, round(value, 6)) for step, _, value in rows] == sorted(like.items())
     kept = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
@@ -93,8 +110,12 @@ def test_the_likeness_chooses_the_kept_step_where_it_was_measured(sd1_model, pho
     assert by_loss != 6  # the loss alone would have kept another step
 
     fresh(sd1_model, tmp_path / "none")
-    train(options(photos, tmp_path / "none"), cache_dir=tmp_path, model=sd1_model,
-          likeness=scripted_likeness(dict.fromkeys(like)))
+    train(
+        options(photos, tmp_path / "none"),
+        cache_dir=tmp_path,
+        model=sd1_model,
+        likeness=scripted_likeness(dict.fromkeys(like)),
+    )
     rows_none = read_eval_log(tmp_path / "none" / "run" / "eval.csv")
     assert all(value is None for _, _, value in rows_none)
     assert [loss for _, loss, _ in rows_none] == [loss for _, loss, _ in rows]  # the likeness never steers training
@@ -105,15 +126,19 @@ def test_a_resumed_run_keeps_the_likeness_choice_of_its_first_sitting(sd1_model,
     """The highest likeness came in the first sitting; the second keeps exactly that step's vectors."""
     like = {0: 0.0, 3: 0.95, 6: 0.5, 9: 0.6, 12: 0.7}
     fresh(sd1_model, tmp_path / "straight")
-    train(options(photos, tmp_path / "straight"), cache_dir=tmp_path, model=sd1_model,
-          likeness=scripted_likeness(like))
+    train(options(photos, tmp_path / "straight"), cache_dir=tmp_path, model=sd1_model, likeness=scripted_likeness(like))
     fresh(sd1_model, tmp_path / "resumed")
     first = {step: value for step, value in like.items() if step <= 6}
-    train(options(photos, tmp_path / "resumed", max_steps=6), cache_dir=tmp_path, model=sd1_model,
-          likeness=scripted_likeness(first))
+    train(
+        options(photos, tmp_path / "resumed", max_steps=6),
+        cache_dir=tmp_path,
+        model=sd1_model,
+        likeness=scripted_likeness(first),
+    )
     rest = {step: value for step, value in like.items() if step > 6}
-    result = train(options(photos, tmp_path / "resumed"), cache_dir=tmp_path, model=sd1_model,
-                   likeness=scripted_likeness(rest))
+    result = train(
+        options(photos, tmp_path / "resumed"), cache_dir=tmp_path, model=sd1_model, likeness=scripted_likeness(rest)
+    )
     straight = read_embedding(tmp_path / "straight" / "emb" / "tomtut.safetensors")
     resumed = read_embedding(tmp_path / "resumed" / "emb" / "tomtut.safetensors")
     assert result.best_step == 3 and straight.step == resumed.step == 3
@@ -137,8 +162,9 @@ def test_a_far_start_measures_the_floor_from_the_person_like_start(sd1_model, ph
     word = json.loads((tmp_path / "word" / "run" / "options.json").read_text())["resolved"]
     person = json.loads((tmp_path / "person" / "run" / "options.json").read_text())["resolved"]
     # The neutral start's loss is exactly the person-like start's: the same fixed batch, the person-like vectors.
-    assert word["neutral_loss"] == pytest.approx(read_eval_log(tmp_path / "person" / "run" / "eval.csv")[0][1],
-                                                 rel=1e-5)
+    assert word["neutral_loss"] == pytest.approx(
+        read_eval_log(tmp_path / "person" / "run" / "eval.csv")[0][1], rel=1e-5
+    )
     assert person["neutral_loss"] is None  # the person-like start is the neutral start: nothing more to measure
     # A resumed run keeps it (from its resume state) and chooses as an uninterrupted run does.
     straight = read_embedding(tmp_path / "word" / "emb" / "tomtut.safetensors")
@@ -182,6 +208,7 @@ def test_final_last_keeps_the_last_step(sd1_model, photos, tmp_path) -> None:
 
 def test_stop_auto_ends_training_when_the_loss_has_converged(sd1_model, photos, tmp_path, monkeypatch) -> None:
     from tistudio.train import evaluation
+
     fresh(sd1_model, tmp_path)
     calls = {"n": 0}
 
@@ -207,10 +234,12 @@ def test_max_norm_keeps_vectors_near_a_words_length(sd1_model, photos, tmp_path)
     typical = float(table.norm(dim=1).median())
     fresh(sd1_model, tmp_path / "free")
     fresh(sd1_model, tmp_path / "capped")
-    train(options(photos, tmp_path / "free", learning_rate="0.5", final="last"), cache_dir=tmp_path,
-          model=sd1_model)
-    train(options(photos, tmp_path / "capped", learning_rate="0.5", final="last", max_norm=1.5),
-          cache_dir=tmp_path, model=sd1_model)
+    train(options(photos, tmp_path / "free", learning_rate="0.5", final="last"), cache_dir=tmp_path, model=sd1_model)
+    train(
+        options(photos, tmp_path / "capped", learning_rate="0.5", final="last", max_norm=1.5),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     free = read_embedding(tmp_path / "free" / "emb" / "tomtut.safetensors").tensor.norm(dim=1)
     capped = read_embedding(tmp_path / "capped" / "emb" / "tomtut.safetensors").tensor.norm(dim=1)
     assert free.max() > 2 * typical  # a big learning rate blows the norm up ...
@@ -221,10 +250,12 @@ def test_init_pull_keeps_vectors_closer_to_their_start(sd1_model, photos, tmp_pa
     start = fresh(sd1_model, tmp_path / "free")
     fresh(sd1_model, tmp_path / "pulled")
     initial = read_embedding(start).tensor
-    train(options(photos, tmp_path / "free", learning_rate="0.05", final="last"), cache_dir=tmp_path,
-          model=sd1_model)
-    train(options(photos, tmp_path / "pulled", learning_rate="0.05", final="last", init_pull=50.0),
-          cache_dir=tmp_path, model=sd1_model)
+    train(options(photos, tmp_path / "free", learning_rate="0.05", final="last"), cache_dir=tmp_path, model=sd1_model)
+    train(
+        options(photos, tmp_path / "pulled", learning_rate="0.05", final="last", init_pull=50.0),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     free = read_embedding(tmp_path / "free" / "emb" / "tomtut.safetensors").tensor
     pulled = read_embedding(tmp_path / "pulled" / "emb" / "tomtut.safetensors").tensor
     assert (pulled - initial).norm() < (free - initial).norm()
@@ -296,10 +327,28 @@ def test_a_stratified_fixed_batch_covers_the_whole_schedule(sd1_model) -> None:
     draws = NoisePrediction(sd1_model, PromptEncoder.for_model(sd1_model))
     assert draws.timesteps == 1000
     for size in (4, 8, 16):
-        batch = evaluation_batch(5, ["a"] * 5, ("a photo of [name]",), "tomtut", seed=3, latent_shape=(4, 8, 8),
-                                 draws=draws, size=size, stratified=True)
+        batch = evaluation_batch(
+            5,
+            ["a"] * 5,
+            ("a photo of [name]",),
+            "tomtut",
+            seed=3,
+            latent_shape=(4, 8, 8),
+            draws=draws,
+            size=size,
+            stratified=True,
+        )
         strata = sorted(int(t) * size // 1000 for t in batch.timesteps)
         assert strata == list(range(size)), strata  # one timestep in each 1/size of the schedule
-        again = evaluation_batch(5, ["a"] * 5, ("a photo of [name]",), "tomtut", seed=3, latent_shape=(4, 8, 8),
-                                 draws=draws, size=size, stratified=True)
+        again = evaluation_batch(
+            5,
+            ["a"] * 5,
+            ("a photo of [name]",),
+            "tomtut",
+            seed=3,
+            latent_shape=(4, 8, 8),
+            draws=draws,
+            size=size,
+            stratified=True,
+        )
         assert torch.equal(batch.timesteps, again.timesteps) and torch.equal(batch.noise, again.noise)

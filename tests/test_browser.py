@@ -33,14 +33,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(tmp: Path, cache: Path, model: Path | str, *extra: str,
-                 port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    tmp: Path, cache: Path, model: Path | str, *extra: str, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """A served workspace (tmp/ws-PORT): the same port again is the same workspace, as after a restart."""
     port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tistudio", "--cache-dir", str(cache), "serve", "--model", str(model), "--workspace",
-         str(tmp / f"ws-{port}"), "--port", str(port), *extra],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tistudio",
+            "--cache-dir",
+            str(cache),
+            "serve",
+            "--model",
+            str(model),
+            "--workspace",
+            str(tmp / f"ws-{port}"),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -59,9 +77,18 @@ def start_server(tmp: Path, cache: Path, model: Path | str, *extra: str,
 @pytest.fixture
 def browser():
     with playwright.sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        instance = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield instance
         instance.close()
 
@@ -115,8 +142,13 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         page.click("#embedding-table tbody tr >> text=Train")
         expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
         expect(page.locator("#train-form-set")).to_have_value("tomtut")
-        for field, value in (("max_steps", "40"), ("preview_every", "10"), ("save_every", "10"), ("size", "64"),
-                             ("batch_size", "2")):
+        for field, value in (
+            ("max_steps", "40"),
+            ("preview_every", "10"),
+            ("save_every", "10"),
+            ("size", "64"),
+            ("batch_size", "2"),
+        ):
             page.fill(f"#train-form-{field}", value)
         page.click("#train-form details summary")
         page.fill("#train-form-preview_steps", "2")
@@ -166,8 +198,9 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         server.wait(timeout=30)
 
 
-def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tmp_path, cache_dir, tiny_sd1,
-                                                                     photos) -> None:
+def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(
+    browser, tmp_path, cache_dir, tiny_sd1, photos
+) -> None:
     """A person with a set open creates another and drops photos at once: they belong to the new set, even when
     the server is slow to create it (CI's browser test once found the photos dropped on the floor)."""
     from playwright.sync_api import expect
@@ -222,8 +255,9 @@ def test_photos_chosen_while_a_set_is_being_created_go_into_that_set(browser, tm
 
 
 def test_a_listening_server_asks_for_a_password(browser, tmp_path, cache_dir, tiny_sd1) -> None:
-    server, base = start_server(tmp_path, cache_dir, tiny_sd1, "--listen", "--host", "127.0.0.1", "--auth",
-                                "ann:s3cret")
+    server, base = start_server(
+        tmp_path, cache_dir, tiny_sd1, "--listen", "--host", "127.0.0.1", "--auth", "ann:s3cret"
+    )
     try:
         anonymous = browser.new_context()
         assert anonymous.request.get(base).status == 401  # a page load would show the browser's sign-in prompt
@@ -249,7 +283,8 @@ def steps_on_chart(page) -> int:
 
 
 def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and_signals(
-        browser, tmp_path, cache_dir, tiny_sd1, photos) -> None:
+    browser, tmp_path, cache_dir, tiny_sd1, photos
+) -> None:
     """What the page shows and what its buttons do follow the server's jobs: a reload or a second tab during
     training shows the run being trained (not the alphabetically first embedding), a tab switch keeps the chart,
     the queue can be cancelled, a killed and restarted server's run shows as interrupted with a Resume that
@@ -272,8 +307,19 @@ def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and
             while (done := api(page, "GET", f"{base}/api/jobs/{job['id']}"))["status"] not in ("done", "failed"):
                 page.wait_for_timeout(100)
             assert done["status"] == "done", done
-        training = api(page, "POST", f"{base}/api/train", set="tomtut", embedding="tomtut", max_steps=5000,
-                       size=64, batch_size=1, preview_every=20, save_every=20, preview_steps=2)
+        training = api(
+            page,
+            "POST",
+            f"{base}/api/train",
+            set="tomtut",
+            embedding="tomtut",
+            max_steps=5000,
+            size=64,
+            batch_size=1,
+            preview_every=20,
+            save_every=20,
+            preview_steps=2,
+        )
 
         # A reload during training: the form, the buttons and the chart are the running run's.
         page.goto(f"{base}/#train")

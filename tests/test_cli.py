@@ -20,23 +20,50 @@ from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 
 def tistudio(*args: str, cache: Path, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tistudio", "--cache-dir", str(cache), *args], env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "tistudio", "--cache-dir", str(cache), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
-def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Path, tmp_path: Path,
-                                                      cache_dir: Path) -> None:
+def test_create_train_stop_resume_generate_end_to_end(
+    tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     model = ["--model", str(tiny_sd1)]
     created = tistudio("create", "tomtut", "--init-text", "toy figure", "--vectors", "3", *model, cache=cache_dir)
     assert created.returncode == 0, created.stderr
     assert read_embedding(tmp_path / "embeddings" / "tomtut.safetensors").step == 0
 
     # Train "for a long time", press Ctrl-C once the first steps are logged: the step finishes, it saves, exit 0.
-    command = [sys.executable, "-m", "tistudio", "--cache-dir", str(cache_dir), "train", "tomtut", *model,
-               "--dataset", str(photos), "--steps", "100000", "--size", "64", "--batch-size", "2",
-               "--preview-every", "0", "--save-every", "0"]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tistudio",
+        "--cache-dir",
+        str(cache_dir),
+        "train",
+        "tomtut",
+        *model,
+        "--dataset",
+        str(photos),
+        "--steps",
+        "100000",
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--preview-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     log = tmp_path / "runs" / "tomtut" / "loss.csv"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 4):
@@ -49,8 +76,22 @@ def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Pa
     assert 3 <= stopped.step < 100000
 
     # The same command (with a reachable max) continues from there, with the saved optimizer state.
-    resumed = tistudio("train", "tomtut", *model, "--dataset", str(photos), "--steps", str(stopped.step + 3),
-                       "--size", "64", "--batch-size", "2", "--preview-every", "0", cache=cache_dir)
+    resumed = tistudio(
+        "train",
+        "tomtut",
+        *model,
+        "--dataset",
+        str(photos),
+        "--steps",
+        str(stopped.step + 3),
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--preview-every",
+        "0",
+        cache=cache_dir,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming tomtut from step {stopped.step} with its optimizer state" in resumed.stderr
     final = read_embedding(tmp_path / "embeddings" / "tomtut.safetensors")
@@ -58,9 +99,28 @@ def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Pa
     steps_logged = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
     assert steps_logged == list(range(1, final.step + 1))
 
-    made = tistudio("generate", "a photo of tomtut on a beach", "--negative", "blurry", *model, "--steps", "5",
-                    "--sampler", "DPM++ 2M Karras", "--cfg", "7", "--seed", "42", "--size", "64x64", "--batch",
-                    "2", "--embeddings", "embeddings", cache=cache_dir)
+    made = tistudio(
+        "generate",
+        "a photo of tomtut on a beach",
+        "--negative",
+        "blurry",
+        *model,
+        "--steps",
+        "5",
+        "--sampler",
+        "DPM++ 2M Karras",
+        "--cfg",
+        "7",
+        "--seed",
+        "42",
+        "--size",
+        "64x64",
+        "--batch",
+        "2",
+        "--embeddings",
+        "embeddings",
+        cache=cache_dir,
+    )
     assert made.returncode == 0, made.stderr
     paths = [Path(line) for line in made.stdout.split()]
     assert [p.name for p in paths] == ["00000-42.png", "00001-43.png"]
@@ -77,8 +137,9 @@ def test_create_train_stop_resume_generate_end_to_end(tiny_sd1: Path, photos: Pa
 
     name, vectors, step = a1111_load_png_embedding(Path(as_png.stdout.strip()))
     assert (name, step) == ("tomtut", final.step) and torch.equal(vectors, final.tensor)
-    for_onetrainer = tistudio("convert", "embeddings/tomtut.safetensors", "--to", "onetrainer", "--out-dir", "ot",
-                              cache=cache_dir)
+    for_onetrainer = tistudio(
+        "convert", "embeddings/tomtut.safetensors", "--to", "onetrainer", "--out-dir", "ot", cache=cache_dir
+    )
     from a1111_rules import onetrainer_load_embedding
 
     assert torch.equal(onetrainer_load_embedding(Path(for_onetrainer.stdout.strip()), sdxl=False)[0], final.tensor)
@@ -93,8 +154,9 @@ def one_line_error(capsys, argv: list[str], fragment: str) -> None:
     assert "Traceback" not in captured.err
 
 
-def test_user_errors_are_one_line_and_exit_2(tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path,
-                                             capsys) -> None:
+def test_user_errors_are_one_line_and_exit_2(
+    tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path, capsys
+) -> None:
     base = ["--cache-dir", str(cache_dir)]
     model = ["--model", str(tiny_sd1)]
     assert main([*base, "create", "tomtut", *model, "--init-text", "toy"]) == 0
@@ -105,23 +167,38 @@ def test_user_errors_are_one_line_and_exit_2(tiny_sd1: Path, photos: Path, tmp_p
     one_line_error(capsys, [*base, "create", "tomtut2", *model, "--vectors", "0"], "vectors=0: must be at least 1")
     train = [*base, "train", "tomtut", *model, "--size", "64"]
     one_line_error(capsys, [*train, "--dataset", str(tmp_path / "nowhere")], "does not exist")
-    one_line_error(capsys, [*train, "--dataset", str(photos), "--lr", "0.005:100, 1e-3:abc"],
-                   "item 2 '1e-3:abc'")
+    one_line_error(capsys, [*train, "--dataset", str(photos), "--lr", "0.005:100, 1e-3:abc"], "item 2 '1e-3:abc'")
     one_line_error(capsys, [*train, "--dataset", str(photos), "--batch-size", "-1"], "batch_size=-1")
     write_embedding(Embedding(name="wide", vectors={"clip": torch.zeros(1, 768)}), Path("embeddings/wide.safetensors"))
     one_line_error(capsys, [*base, "train", "wide", *model, "--dataset", str(photos)], "768 wide")
-    one_line_error(capsys, [*base, "generate", "a photo", "--model", str(tmp_path / "missing.ckpt")],
-                   "no such file")
+    one_line_error(capsys, [*base, "generate", "a photo", "--model", str(tmp_path / "missing.ckpt")], "no such file")
     one_line_error(capsys, [*base, "generate", "a photo", *model, "--sampler", "Fast"], "unknown sampler")
     one_line_error(capsys, [*base, "inspect", str(photos / "01-toy figure.png")], "sd-ti-embedding")
     assert not Path("runs").exists()
 
 
 def test_use_step_makes_a_saved_step_the_embedding_and_training_still_continues_the_run(
-        tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path, capsys) -> None:
+    tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path, capsys
+) -> None:
     base, model = ["--cache-dir", str(cache_dir)], ["--model", str(tiny_sd1)]
-    train = [*base, "train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--batch-size", "2",
-             "--preview-every", "0", "--save-every", "3", "--eval-every", "0"]
+    train = [
+        *base,
+        "train",
+        "tomtut",
+        *model,
+        "--dataset",
+        str(photos),
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--preview-every",
+        "0",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "0",
+    ]
     assert main([*base, "create", "tomtut", *model, "--init-text", "toy"]) == 0
     assert main([*train, "--steps", "6"]) == 0
     copies = tmp_path / "runs" / "tomtut" / "embeddings"
@@ -154,8 +231,18 @@ def test_help_lists_the_options_from_the_dataclasses(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--learning-rate", "--lr", "--gradient-accumulation", "--template", "--preview-every",
-                 "--save-every", "--flip", "--max-steps", "--steps", "--embeddings-dir"):
+    for flag in (
+        "--learning-rate",
+        "--lr",
+        "--gradient-accumulation",
+        "--template",
+        "--preview-every",
+        "--save-every",
+        "--flip",
+        "--max-steps",
+        "--steps",
+        "--embeddings-dir",
+    ):
         assert flag in text
 
 

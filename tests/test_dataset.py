@@ -162,15 +162,35 @@ def test_the_bad_image_corpus_goes_through_train(sd1_model, tmp_path: Path, monk
         return original_open(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset_module.Image, "open", open_image)
-    create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(tmp_path / "emb")),
-                     cache_dir=tmp_path, model=sd1_model)
-    options = TrainOptions(model="x", embedding="tomtut", dataset=str(folder), embeddings_dir=str(tmp_path / "emb"),
-                           size=64, max_steps=2, preview_every=0, save_every=0)
+    create_embedding(
+        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(tmp_path / "emb")),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
+    options = TrainOptions(
+        model="x",
+        embedding="tomtut",
+        dataset=str(folder),
+        embeddings_dir=str(tmp_path / "emb"),
+        size=64,
+        max_steps=2,
+        preview_every=0,
+        save_every=0,
+    )
     result = train(options, cache_dir=tmp_path, model=sd1_model)
     reasons = {path.name: reason for path, reason in result.skipped_images}
     assert result.step == 2
-    assert set(reasons) == {"truncated.png", "zero-byte.jpg", "one-pixel.png", "bomb.png", "fake.jpg", "locked.png",
-                            "loop-a.jpg", "loop-b.jpg", "pipe.jpg"}
+    assert set(reasons) == {
+        "truncated.png",
+        "zero-byte.jpg",
+        "one-pixel.png",
+        "bomb.png",
+        "fake.jpg",
+        "locked.png",
+        "loop-a.jpg",
+        "loop-b.jpg",
+        "pipe.jpg",
+    }
     assert "permission denied" in reasons["locked.png"]
     assert "decompression bomb" in reasons["bomb.png"]
     assert "symbolic link" in reasons["loop-a.jpg"] and "not a regular file" in reasons["pipe.jpg"]
@@ -190,14 +210,16 @@ def test_a_thumbnail_of_a_64_megapixel_strip_holds_one_decoded_copy(tmp_path: Pa
     Image.fromarray(strip).save(path)
     del strip
     # The child's peak (VmHWM) is reset first: a forked process starts with its parent's, pytest's
-    child = ("import re, sys\n"
-             "from pathlib import Path\n"
-             "from tistudio.server.routes.photos import thumbnail\n"
-             "def kb(field): return int(re.search(field + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
-             "Path('/proc/self/clear_refs').write_text('5')\n"
-             "before = kb('VmRSS')\n"
-             "small = thumbnail(Path(sys.argv[1]), 256)\n"
-             "print((kb('VmHWM') - before) // 1024, len(small))\n")
+    child = (
+        "import re, sys\n"
+        "from pathlib import Path\n"
+        "from tistudio.server.routes.photos import thumbnail\n"
+        "def kb(field): return int(re.search(field + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
+        "Path('/proc/self/clear_refs').write_text('5')\n"
+        "before = kb('VmRSS')\n"
+        "small = thumbnail(Path(sys.argv[1]), 256)\n"
+        "print((kb('VmHWM') - before) // 1024, len(small))\n"
+    )
     done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     growth_mb, size = map(int, done.stdout.split())

@@ -33,8 +33,14 @@ def vectors(count: int = 3, width: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def test_roundtrip_keeps_vectors_and_metadata(tmp_path: Path) -> None:
-    original = Embedding(name="tomtut", vectors={"clip": vectors()}, step=1200, model_hash="0123456789",
-                         model_name="v1-5", meta={"init_text": "woman"})
+    original = Embedding(
+        name="tomtut",
+        vectors={"clip": vectors()},
+        step=1200,
+        model_hash="0123456789",
+        model_name="v1-5",
+        meta={"init_text": "woman"},
+    )
     path = write_embedding(original, tmp_path / "tomtut.safetensors")
     loaded = read_embedding(path)
     assert torch.equal(loaded.tensor, original.tensor)
@@ -54,12 +60,17 @@ def test_the_same_content_gives_the_same_file_which_the_safetensors_library_read
 
     from tistudio.storage import write_safetensors
 
-    tensors = {"b": vectors(2, 5), "a": torch.arange(6, dtype=torch.int64).reshape(2, 3), "s": torch.tensor(3.5),
-               "h": vectors(1, 3).to(torch.bfloat16)}
-    meta = {"name": "tomtut", "step": "12", "init_text": "Été, \"toy\"\n"}
+    tensors = {
+        "b": vectors(2, 5),
+        "a": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "s": torch.tensor(3.5),
+        "h": vectors(1, 3).to(torch.bfloat16),
+    }
+    meta = {"name": "tomtut", "step": "12", "init_text": 'Été, "toy"\n'}
     first = write_safetensors(tmp_path / "one.safetensors", tensors, meta)
-    shuffled = write_safetensors(tmp_path / "two.safetensors", dict(reversed(tensors.items())),
-                                 dict(reversed(meta.items())))
+    shuffled = write_safetensors(
+        tmp_path / "two.safetensors", dict(reversed(tensors.items())), dict(reversed(meta.items()))
+    )
     assert first.read_bytes() == shuffled.read_bytes()  # so the A1111 TI hash of an embedding is its content's
     loaded = load_file(first)
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
@@ -92,21 +103,32 @@ def test_our_file_loads_in_diffusers_with_the_same_rows(tiny_sd1: Path, tmp_path
 
 def test_a1111_pt_built_like_a1111_loads(tmp_path: Path) -> None:
     rows = vectors(2)
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": rows.clone().requires_grad_(True)},
-            "name": "myface", "step": 500, "sd_checkpoint": "abcdef0123", "sd_checkpoint_name": "v1-5-pruned"}
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": rows.clone().requires_grad_(True)},
+        "name": "myface",
+        "step": 500,
+        "sd_checkpoint": "abcdef0123",
+        "sd_checkpoint_name": "v1-5-pruned",
+    }
     torch.save(data, tmp_path / "myface.pt")
     loaded = read_embedding(tmp_path / "myface.pt")
     assert torch.equal(loaded.tensor, rows)
-    assert (loaded.name, loaded.step, loaded.model_hash, loaded.model_name) == \
-        ("myface", 500, "abcdef0123", "v1-5-pruned")
+    assert (loaded.name, loaded.step, loaded.model_hash, loaded.model_name) == (
+        "myface",
+        500,
+        "abcdef0123",
+        "v1-5-pruned",
+    )
     assert loaded.source_format.startswith("a1111")
 
 
 def test_old_a1111_pt_with_a_parameter_dict_loads(tmp_path: Path) -> None:
     rows = vectors(2)
     params = torch.nn.ParameterDict({"*": torch.nn.Parameter(rows.clone())})
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": "old", "step": 7},
-               tmp_path / "old.pt")
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": params, "name": "old", "step": 7}, tmp_path / "old.pt"
+    )
     loaded = read_embedding(tmp_path / "old.pt")
     assert torch.equal(loaded.tensor, rows) and loaded.step == 7
 
@@ -116,16 +138,20 @@ def test_shared_files_are_readable_by_other_users_as_the_umask_allows(tmp_path: 
     old = os.umask(0o022)
     try:
         embedding = Embedding(name="tomtut", vectors={"clip": vectors(1)})
-        for path in (write_embedding(embedding, tmp_path / "a.safetensors"),
-                     write_a1111_pt(embedding, tmp_path / "a.pt"), write_diffusers(embedding, tmp_path / "d.bin")):
+        for path in (
+            write_embedding(embedding, tmp_path / "a.safetensors"),
+            write_a1111_pt(embedding, tmp_path / "a.pt"),
+            write_diffusers(embedding, tmp_path / "d.bin"),
+        ):
             assert path.stat().st_mode & 0o777 == 0o644, path
     finally:
         os.umask(old)
 
 
 def test_a1111s_restricted_loader_accepts_our_pt(tmp_path: Path) -> None:
-    path = write_a1111_pt(Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42, model_hash="0123456789"),
-                          tmp_path / "tomtut.pt")
+    path = write_a1111_pt(
+        Embedding(name="tomtut", vectors={"clip": vectors(3)}, step=42, model_hash="0123456789"), tmp_path / "tomtut.pt"
+    )
     a1111_check_pt(path)
     data = torch.load(path, weights_only=True)  # A1111 then loads it with torch.load
     assert data["name"] == "tomtut" and data["step"] == 42 and data["sd_checkpoint"] == "0123456789"
@@ -139,8 +165,7 @@ def test_convert_to_a1111_pt_writes_the_six_plain_keys(tmp_path: Path) -> None:
     embedding = Embedding(name="tomtut", vectors={"clip": vectors()}, step=42, model_hash="0123456789")
     path = write_a1111_pt(embedding, tmp_path / "tomtut.pt")
     data = torch.load(path, weights_only=True)  # A1111's safe unpickler accepts only plain data too
-    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
-                         "sd_checkpoint_name"}
+    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
     assert data["string_to_token"] == {"*": 265} and data["step"] == 42
     assert not data["string_to_param"]["*"].requires_grad
     assert torch.equal(read_embedding(path).tensor, embedding.tensor)
@@ -188,17 +213,20 @@ def _tokenizers_and_widths(model: Path, parts: tuple[tuple[str, str], ...]) -> t
 
 
 def test_every_sd1_file_tistudio_writes_loads_in_kohya_and_the_onetrainer_file_in_onetrainer(
-        tiny_sd1: Path, tmp_path: Path) -> None:
+    tiny_sd1: Path, tmp_path: Path
+) -> None:
     from a1111_rules import kohya_gen_img_embeddings, kohya_load_weights, onetrainer_load_embedding
     from tistudio.embeddings.files import ONETRAINER_KEY
 
     parts = (("tokenizer", "text_encoder"),)
     width = _tokenizers_and_widths(tiny_sd1, parts)[1][0]
     sd1 = Embedding(name="tomtut", vectors={"clip": vectors(3, width)}, step=42)
-    files = {"own": write_embedding(sd1, tmp_path / "own" / "tomtut.safetensors"),
-             "pt": write_a1111_pt(sd1, tmp_path / "pt" / "tomtut.pt"),
-             "diffusers": write_diffusers(sd1, tmp_path / "diffusers" / "tomtut.safetensors"),
-             "onetrainer": write_embedding(sd1, tmp_path / "ot" / "tomtut.safetensors", single_key=ONETRAINER_KEY)}
+    files = {
+        "own": write_embedding(sd1, tmp_path / "own" / "tomtut.safetensors"),
+        "pt": write_a1111_pt(sd1, tmp_path / "pt" / "tomtut.pt"),
+        "diffusers": write_diffusers(sd1, tmp_path / "diffusers" / "tomtut.safetensors"),
+        "onetrainer": write_embedding(sd1, tmp_path / "ot" / "tomtut.safetensors", single_key=ONETRAINER_KEY),
+    }
     for kind, path in files.items():  # a fresh tokenizer each time: kohya adds tomtut, tomtut1, tomtut2 to it
         tokenizers, widths = _tokenizers_and_widths(tiny_sd1, parts)
         assert torch.equal(kohya_gen_img_embeddings(path, tokenizers, widths)[0], sd1.tensor), kind
@@ -223,8 +251,11 @@ def test_tistudios_sdxl_file_loads_in_kohya_and_onetrainer(tiny_sdxl: Path, tmp_
     sdxl = Embedding(name="tomtut", vectors={"clip_l": vectors(2, widths[0]), "clip_g": vectors(2, widths[1], seed=1)})
     path = write_embedding(sdxl, tmp_path / "tomtut.safetensors")  # not "cat": kohya needs a word new to CLIP
     expected = [sdxl.vectors["clip_l"], sdxl.vectors["clip_g"]]
-    for loaded in (kohya_gen_img_embeddings(path, tokenizers, widths), kohya_load_weights(path, sdxl=True),
-                   onetrainer_load_embedding(path, sdxl=True)):
+    for loaded in (
+        kohya_gen_img_embeddings(path, tokenizers, widths),
+        kohya_load_weights(path, sdxl=True),
+        onetrainer_load_embedding(path, sdxl=True),
+    ):
         assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
 
 
@@ -234,8 +265,10 @@ def test_a_png_embedding_also_loads_from_its_pixels_once_a_site_strips_its_text(
 
     picture = Image.new("RGB", (64, 48), (0, 0, 0))  # black edges: the strips must stay apart from the picture
     picture.paste((250, 120, 16), (16, 8, 48, 40))
-    for embedding in (Embedding(name="tomtut", vectors={"clip": vectors(4, 768)}, step=7),
-                      Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})):
+    for embedding in (
+        Embedding(name="tomtut", vectors={"clip": vectors(4, 768)}, step=7),
+        Embedding(name="cat", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}),
+    ):
         path = write_png_embedding(embedding, tmp_path / f"{embedding.name}.png", image=picture)
         stripped = tmp_path / "stripped" / f"{embedding.name}.png"
         stripped.parent.mkdir(exist_ok=True)
@@ -295,8 +328,12 @@ def test_sdxl_files_are_listed_and_inspected(tmp_path: Path) -> None:
 
 def test_a1111_embedding_in_a_png_text_chunk_loads(tmp_path: Path) -> None:
     rows = vectors(2, 8)
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": {"TORCHTENSOR": rows.tolist()}},
-            "name": "pngemb", "step": 9}
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": {"TORCHTENSOR": rows.tolist()}},
+        "name": "pngemb",
+        "step": 9,
+    }
     info = PngInfo()
     info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
     path = tmp_path / "pngemb.png"
@@ -314,11 +351,14 @@ def test_a_png_embedding_is_read_from_its_chunk_without_decoding_the_picture(chu
     import PIL.Image
 
     rows = vectors(2, 8)
-    text = base64.b64encode(json.dumps({"string_to_param": {"*": {"TORCHTENSOR": rows.tolist()}},
-                                        "step": 3}).encode())
+    text = base64.b64encode(json.dumps({"string_to_param": {"*": {"TORCHTENSOR": rows.tolist()}}, "step": 3}).encode())
     key = b"sd-ti-embedding"
-    body = {"tEXt": key + b"\0" + text, "zTXt": key + b"\0\0" + zlib.compress(text),
-            "iTXt": key + b"\0\0\0\0\0" + text, "iTXt-zip": key + b"\0\1\0\0\0" + zlib.compress(text)}[chunk]
+    body = {
+        "tEXt": key + b"\0" + text,
+        "zTXt": key + b"\0\0" + zlib.compress(text),
+        "iTXt": key + b"\0\0\0\0\0" + text,
+        "iTXt-zip": key + b"\0\1\0\0\0" + zlib.compress(text),
+    }[chunk]
 
     def png_chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
@@ -326,8 +366,13 @@ def test_a_png_embedding_is_read_from_its_chunk_without_decoding_the_picture(chu
     side = 13000
     pixels = zlib.compress(b"\0" * ((side + 1) * side), 9)  # filter byte + one grey byte per pixel
     path = tmp_path / "huge.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
-                     + png_chunk(b"IDAT", pixels) + png_chunk(chunk[:4].encode(), body) + png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+        + png_chunk(b"IDAT", pixels)
+        + png_chunk(chunk[:4].encode(), body)
+        + png_chunk(b"IEND", b"")
+    )
     monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("the picture was opened"))
     loaded = read_embedding(path)
     assert torch.allclose(loaded.tensor, rows) and loaded.step == 3
@@ -409,6 +454,7 @@ def test_empty_file_and_nan_vectors_are_refused(tmp_path: Path) -> None:
     with pytest.raises(EmbeddingError, match="NaN"):
         read_embedding(tmp_path / "nan.safetensors")
     with pytest.raises(EmbeddingError, match="NaN"):
-        write_embedding(Embedding(name="n", vectors={"clip": torch.tensor([[float("inf")]])}),
-                        tmp_path / "n.safetensors")
+        write_embedding(
+            Embedding(name="n", vectors={"clip": torch.tensor([[float("inf")]])}), tmp_path / "n.safetensors"
+        )
     assert not (tmp_path / "n.safetensors").exists()

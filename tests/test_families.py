@@ -20,8 +20,11 @@ from tistudio.models.loading import SDModel
 from tistudio.train.create import create_embedding
 from tistudio.train.loop import train
 
-DUO = Family("duo", "a two-encoder test family",
-             (EncoderSlot("clip_l"), EncoderSlot("clip_g", text_encoder="text_encoder_2", tokenizer="tokenizer_2")))
+DUO = Family(
+    "duo",
+    "a two-encoder test family",
+    (EncoderSlot("clip_l"), EncoderSlot("clip_g", text_encoder="text_encoder_2", tokenizer="tokenizer_2")),
+)
 
 
 def half_width_encoder(seed: int) -> torch.nn.Module:
@@ -30,8 +33,13 @@ def half_width_encoder(seed: int) -> torch.nn.Module:
     from tistudio.models.builtin import text_config
 
     torch.manual_seed(seed)
-    config = {**text_config("sd1"), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,
-              "projection_dim": 32}
+    config = {
+        **text_config("sd1"),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 1,
+        "projection_dim": 32,
+    }
     return CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
 
 
@@ -39,11 +47,24 @@ def half_width_encoder(seed: int) -> torch.nn.Module:
 def duo_model(sd1_model) -> SDModel:
     """The tiny SD1 UNet and VAE, conditioned by two 32-wide text encoders instead of its one 64-wide one."""
     tokenizer = sd1_model.tokenizer
-    text = {slot.key: TextEncoder(slot, tokenizer, half_width_encoder(seed))
-            for slot, seed in zip(DUO.encoders, (11, 12), strict=True)}
-    return SDModel(text=text, vae=sd1_model.vae, unet=sd1_model.unet, scheduler_config=sd1_model.scheduler_config,
-                   family=DUO.key, prediction_type=sd1_model.prediction_type, native_size=sd1_model.native_size,
-                   device=sd1_model.device, dtype=sd1_model.dtype, source="test", name="duo", spec=DUO)
+    text = {
+        slot.key: TextEncoder(slot, tokenizer, half_width_encoder(seed))
+        for slot, seed in zip(DUO.encoders, (11, 12), strict=True)
+    }
+    return SDModel(
+        text=text,
+        vae=sd1_model.vae,
+        unet=sd1_model.unet,
+        scheduler_config=sd1_model.scheduler_config,
+        family=DUO.key,
+        prediction_type=sd1_model.prediction_type,
+        native_size=sd1_model.native_size,
+        device=sd1_model.device,
+        dtype=sd1_model.dtype,
+        source="test",
+        name="duo",
+        spec=DUO,
+    )
 
 
 def test_a_second_text_stack_trains_resumes_exactly_and_generates(duo_model, photos, tmp_path: Path) -> None:
@@ -52,13 +73,30 @@ def test_a_second_text_stack_trains_resumes_exactly_and_generates(duo_model, pho
     assert hidden.shape == (1, 77, 64)
 
     def create(folder: Path) -> Path:
-        return create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy figure", vectors=2,
-                                              embeddings_dir=str(folder)), cache_dir=tmp_path, model=duo_model)
+        return create_embedding(
+            CreateOptions(model="x", name="tomtut", init_text="toy figure", vectors=2, embeddings_dir=str(folder)),
+            cache_dir=tmp_path,
+            model=duo_model,
+        )
 
     def fit(folder: Path, steps: int) -> None:
-        train(TrainOptions(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
-                           run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=steps, save_every=2,
-                           preview_every=2, preview_steps=2), cache_dir=tmp_path, model=duo_model)
+        train(
+            TrainOptions(
+                model="x",
+                embedding="tomtut",
+                dataset=str(photos),
+                embeddings_dir=str(folder),
+                run_dir=str(folder / "run"),
+                size=64,
+                batch_size=2,
+                max_steps=steps,
+                save_every=2,
+                preview_every=2,
+                preview_steps=2,
+            ),
+            cache_dir=tmp_path,
+            model=duo_model,
+        )
 
     start = read_embedding(create(tmp_path / "once"))
     assert {k: tuple(v.shape) for k, v in start.vectors.items()} == {"clip_l": (2, 32), "clip_g": (2, 32)}
@@ -74,9 +112,19 @@ def test_a_second_text_stack_trains_resumes_exactly_and_generates(duo_model, pho
         assert torch.equal(once.vectors[key], twice.vectors[key]), f"{key} did not resume exactly"
     assert (tmp_path / "once" / "run" / "previews" / "tomtut-4.png").is_file()
 
-    images = generate(GenerateOptions(model="x", prompt="a photo of tomtut", steps=2, size="64x64", seed=5,
-                                      embeddings_dir=str(tmp_path / "once"), out_dir=str(tmp_path / "out")),
-                      cache_dir=tmp_path, model=duo_model)
+    images = generate(
+        GenerateOptions(
+            model="x",
+            prompt="a photo of tomtut",
+            steps=2,
+            size="64x64",
+            seed=5,
+            embeddings_dir=str(tmp_path / "once"),
+            out_dir=str(tmp_path / "out"),
+        ),
+        cache_dir=tmp_path,
+        model=duo_model,
+    )
     assert len(images) == 1 and images[0].image.size == (64, 64)
     with Image.open(images[0].path) as saved:
         assert 'TI hashes: "tomtut: ' in saved.text["parameters"]

@@ -15,8 +15,7 @@ from tistudio.train import loop as train_module
 from tistudio.train.loop import train
 
 
-def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, photos, tmp_path,
-                                                                     monkeypatch) -> None:
+def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, photos, tmp_path, monkeypatch) -> None:
     """A GPU run's path: fp16 loss scaling (2^16), the step whose loss is infinite skipped by the scaler on the
     device (no host sync), accounted for when the loss log is read; the vectors never take it."""
     folder = tmp_path / "emb"
@@ -38,11 +37,14 @@ def test_a_grad_scaler_skips_a_non_finite_step_and_the_run_goes_on(sd1_model, ph
 
     monkeypatch.setattr(train_module, "make_optimizer", with_a_scaler)
     monkeypatch.setattr(NoisePrediction, "loss", poisoned)
-    result = train(options(photos, folder, max_steps=5, save_every=1, eval_every=0), cache_dir=tmp_path,
-                   model=sd1_model)
+    result = train(
+        options(photos, folder, max_steps=5, save_every=1, eval_every=0), cache_dir=tmp_path, model=sd1_model
+    )
     assert result.step == 5 and "(1 non-finite steps discarded)" in result.message
-    copies = {step: read_embedding(result.run_dir / "embeddings" / f"tomtut-{step}.safetensors").tensor
-              for step in range(1, 5)}
+    copies = {
+        step: read_embedding(result.run_dir / "embeddings" / f"tomtut-{step}.safetensors").tensor
+        for step in range(1, 5)
+    }
     assert torch.equal(copies[2], copies[3]), "the skipped step changed the vectors"
     assert not torch.equal(copies[3], copies[4]) and not torch.equal(copies[1], copies[2])
     final = read_embedding(folder / "tomtut.safetensors")
@@ -65,8 +67,7 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     opts = options(photos, tmp_path / "emb", batch_size=0)
     embedding = read_embedding(new_embedding(sd1_model, tmp_path / "emb"))
     encoder = PromptEncoder.for_model(sd1_model)
-    samples = train_module.encode_samples(sd1_model, load_dataset(photos), 64, load_template("subject"), "tomtut",
-                                          opts)
+    samples = train_module.encode_samples(sd1_model, load_dataset(photos), 64, load_template("subject"), "tomtut", opts)
     trainable = train_module.embedding_trainable(embedding, sd1_model, opts, parse_schedule("0.005", max_steps=4))
     trainable.start(None)
     trainable.install(sd1_model, encoder)
@@ -92,8 +93,7 @@ def test_the_batch_probe_backs_off_from_out_of_memory(sd1_model, photos, tmp_pat
     assert all(torch.equal(before[k], v) for k, v in trainable.parameters().items())
 
 
-def test_the_frozen_model_in_bf16_trains_fp32_vectors(tiny_sd1: Path, sd1_model, photos, tmp_path,
-                                                     cache_dir) -> None:
+def test_the_frozen_model_in_bf16_trains_fp32_vectors(tiny_sd1: Path, sd1_model, photos, tmp_path, cache_dir) -> None:
     """The mixed-precision path on the CPU: every frozen weight in bf16, the vectors and their optimizer in fp32;
     the loss stays within bf16's rounding of the fp32 run's, and the vectors stay finite and float32."""
     from tistudio.config import ModelOptions
@@ -122,8 +122,12 @@ def test_channels_last_gives_the_same_embedding_and_is_undone(sd1_model, photos,
     for layout in (False, True):
         folder = tmp_path / f"channels-last-{layout}" / "emb"
         new_embedding(sd1_model, folder)
-        train(options(photos, folder, max_steps=3, channels_last=layout), cache_dir=folder, model=sd1_model,
-              on_progress=lambda p: seen.append(weight.is_contiguous(memory_format=torch.channels_last)))
+        train(
+            options(photos, folder, max_steps=3, channels_last=layout),
+            cache_dir=folder,
+            model=sd1_model,
+            on_progress=lambda p: seen.append(weight.is_contiguous(memory_format=torch.channels_last)),
+        )
         results.append(read_embedding(folder / "tomtut.safetensors").tensor)
     assert True in seen and False in seen
     weight = sd1_model.unet.conv_in.weight

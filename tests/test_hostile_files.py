@@ -77,7 +77,8 @@ def sentinel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     marker = tmp_path / "ran"
     (tmp_path / "evil_sentinel.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('import')\n"
-        f"def boom(*a):\n    pathlib.Path({str(marker)!r}).write_text('call')\n")
+        f"def boom(*a):\n    pathlib.Path({str(marker)!r}).write_text('call')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return marker
 
@@ -85,8 +86,9 @@ def sentinel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def hostile_corpus(marker: Path) -> dict[str, bytes]:
     command = f"touch {marker}"
     plain = torch_file(None)
-    members = {name: zipfile.ZipFile(io.BytesIO(plain)).read(name) for name in zipfile.ZipFile(io.BytesIO(plain))
-               .namelist()}
+    members = {
+        name: zipfile.ZipFile(io.BytesIO(plain)).read(name) for name in zipfile.ZipFile(io.BytesIO(plain)).namelist()
+    }
     pickle_name = next(n for n in members if n.endswith("data.pkl"))
     corpus = {
         "os-system.pt": torch_file(Call(os.system, command)),
@@ -101,8 +103,13 @@ def hostile_corpus(marker: Path) -> dict[str, bytes]:
         "pickle-as-safetensors.safetensors": torch_file(Call(os.system, command)),
         "two-pickles.pt": zip_file({**members, "archive/other/data.pkl": members[pickle_name]}),
         "extra-member.pt": zip_file({**members, "archive/evil.py": b"import os"}),
-        "zip-bomb.pt": zip_file({**{k: v for k, v in members.items() if k != pickle_name},
-                                 pickle_name: members[pickle_name] + b"\0" * 5_000_000}, compress=True),
+        "zip-bomb.pt": zip_file(
+            {
+                **{k: v for k, v in members.items() if k != pickle_name},
+                pickle_name: members[pickle_name] + b"\0" * 5_000_000,
+            },
+            compress=True,
+        ),
         "truncated-torch.pt": plain[: len(plain) // 2],
         "text-as-pt.pt": b"this is not a tensor file",
         "png-as-safetensors.safetensors": b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
@@ -112,15 +119,20 @@ def hostile_corpus(marker: Path) -> dict[str, bytes]:
         "header-longer-than-file.safetensors": safetensors_bytes({"a": 1}, length=50_000_000),
         "header-not-json.safetensors": struct.pack("<Q", 10) + b"{not json}",
         "too-many-tensors.safetensors": safetensors_bytes(
-            {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for i in range(100_000)}, b"\0" * 4),
+            {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for i in range(100_000)}, b"\0" * 4
+        ),
         "absurd-shape.safetensors": safetensors_bytes(
-            {"emb_params": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, b"\0" * 16),
+            {"emb_params": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, b"\0" * 16
+        ),
         "negative-shape.safetensors": safetensors_bytes(
-            {"emb_params": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, b"\0" * 16),
+            {"emb_params": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, b"\0" * 16
+        ),
         "unknown-dtype.safetensors": safetensors_bytes(
-            {"emb_params": {"dtype": "X99", "shape": [1, 4], "data_offsets": [0, 16]}}, b"\0" * 16),
+            {"emb_params": {"dtype": "X99", "shape": [1, 4], "data_offsets": [0, 16]}}, b"\0" * 16
+        ),
         "offsets-outside.safetensors": safetensors_bytes(
-            {"emb_params": {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 1600]}}, b"\0" * 16),
+            {"emb_params": {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 1600]}}, b"\0" * 16
+        ),
         "integer-vectors.safetensors": _safetensors({"emb_params": torch.ones(2, 8, dtype=torch.int32)}),
         "three-d.safetensors": _safetensors({"emb_params": torch.ones(2, 2, 8)}),
         "too-many-vectors.safetensors": _safetensors({"emb_params": torch.ones(500, 8)}),
@@ -129,15 +141,16 @@ def hostile_corpus(marker: Path) -> dict[str, bytes]:
         "two-terms.pt": _torch({"string_to_param": {"*": torch.ones(1, 8), "+": torch.ones(1, 8)}}),
         "not-an-embedding.safetensors": _safetensors({"a": torch.ones(2), "b": torch.ones(2)}),
         "list-not-dict.pt": _torch([torch.ones(1, 8)]),
-        "400-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 400 + ']]}}}'),
-        "5000-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 5000 + ']]}}}'),
+        "400-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 400 + "]]}}}"),
+        "5000-digit-vector.png": png_embedding('{"string_to_param": {"*": {"TORCHTENSOR": [[' + "9" * 5000 + "]]}}}"),
         "deep-png.png": png_embedding('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"),
         "pixel-zlib-bomb.png": png_pixels(b"\0" * 70_000_000),
         "pixel-deep-json.png": png_pixels(b"[" * 200_000 + b"]" * 200_000),
         "pixel-truncated.png": png_pixels(b'{"string_to_param": {"*": 1}}' * 200)[:-300],
         "deep-header.safetensors": struct.pack("<Q", 400_002) + b"[" * 200_001 + b"]" * 200_001,
-        "deep-metadata.safetensors": raw_safetensors(b'{"__metadata__": {"step": ' + b"[" * 100_000 + b"]" * 100_000
-                                                     + b"}}"),
+        "deep-metadata.safetensors": raw_safetensors(
+            b'{"__metadata__": {"step": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+        ),
     }
     return corpus
 
@@ -208,8 +221,7 @@ def test_nonsense_step_numbers_in_a_files_metadata_are_no_steps(value, tmp_path,
     folder = tmp_path / "ws" / "embeddings"
     folder.mkdir(parents=True)
     path = folder / "odd.safetensors"
-    save_file({"emb_params": torch.ones(2, 32)}, path, metadata={"step": value, "last_step": value,
-                                                                "best_step": value})
+    save_file({"emb_params": torch.ones(2, 32)}, path, metadata={"step": value, "last_step": value, "best_step": value})
     embedding = read_embedding(path)
     assert embedding.step == 0 and embedding.meta_count("last_step") is None
     assert embedding.meta_count("best_step") is None
@@ -244,8 +256,11 @@ def read_bytes(tmp_path_factory, data: bytes, name: str = "f.safetensors") -> No
 
 def fuzz(examples: int) -> settings:
     """A few hundred examples per reader in the suite; TISTUDIO_FUZZ_SCALE=20 for a longer job."""
-    return settings(max_examples=examples * SCALE, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    return settings(
+        max_examples=examples * SCALE,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
 
 @fuzz(400)
@@ -255,27 +270,46 @@ def test_fuzz_readers_with_arbitrary_bytes(tmp_path_factory, data, name) -> None
 
 
 shapes = st.lists(st.one_of(st.integers(-3, 5000), st.just(2**40), st.text(max_size=2)), max_size=4)
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "U8", "BOOL", "F64", "X", ""]),
-    "shape": shapes,
-    "data_offsets": st.lists(st.integers(-5, 5000), min_size=0, max_size=3),
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "U8", "BOOL", "F64", "X", ""]),
+        "shape": shapes,
+        "data_offsets": st.lists(st.integers(-5, 5000), min_size=0, max_size=3),
+    }
+)
 
 
 @fuzz(500)
-@given(st.dictionaries(st.sampled_from(["emb_params", "clip_l", "clip_g", "tok", "__metadata__", "string_to_param"]),
-                       entries, max_size=3), st.binary(max_size=512))
+@given(
+    st.dictionaries(
+        st.sampled_from(["emb_params", "clip_l", "clip_g", "tok", "__metadata__", "string_to_param"]),
+        entries,
+        max_size=3,
+    ),
+    st.binary(max_size=512),
+)
 def test_fuzz_safetensors_headers(tmp_path_factory, header, data) -> None:
     read_bytes(tmp_path_factory, safetensors_bytes(header, data))
 
 
 values = st.recursive(
-    st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=8),
-              st.builds(lambda n, w: torch.randn(n, w), st.integers(0, 3), st.integers(0, 6))),
-    lambda children: st.one_of(st.lists(children, max_size=3),
-                               st.dictionaries(st.sampled_from(["string_to_param", "*", "name", "step", "emb_params",
-                                                                "clip_l", "clip_g", "x"]), children, max_size=3)),
-    max_leaves=8)
+    st.one_of(
+        st.none(),
+        st.integers(),
+        st.floats(),
+        st.text(max_size=8),
+        st.builds(lambda n, w: torch.randn(n, w), st.integers(0, 3), st.integers(0, 6)),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["string_to_param", "*", "name", "step", "emb_params", "clip_l", "clip_g", "x"]),
+            children,
+            max_size=3,
+        ),
+    ),
+    max_leaves=8,
+)
 
 
 @fuzz(300)
@@ -285,8 +319,10 @@ def test_fuzz_pickled_structures(tmp_path_factory, value) -> None:
 
 
 @fuzz(400)
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
-       st.sampled_from(["safetensors", "pt", "a1111"]))
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    st.sampled_from(["safetensors", "pt", "a1111"]),
+)
 def test_fuzz_mutated_valid_files(tmp_path_factory, flips, kind) -> None:
     embedding = Embedding(name="m", vectors={"clip": torch.randn(2, 16)}, step=3)
     folder = tmp_path_factory.mktemp("valid")
@@ -300,8 +336,14 @@ def test_fuzz_mutated_valid_files(tmp_path_factory, flips, kind) -> None:
 
 
 @fuzz(300)
-@given(st.text(max_size=80), st.text(max_size=20), st.text(max_size=80), st.floats(0, 1), st.booleans(),
-       st.integers(0, 2**32))
+@given(
+    st.text(max_size=80),
+    st.text(max_size=20),
+    st.text(max_size=80),
+    st.floats(0, 1),
+    st.booleans(),
+    st.integers(0, 2**32),
+)
 def test_fuzz_template_filling(line, name, caption, dropout, shuffle, seed) -> None:
     import random
 

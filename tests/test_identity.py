@@ -24,10 +24,14 @@ needs_extra = pytest.mark.skipif(not extras.faces_available(), reason="the face-
 
 
 def variants(image: Image.Image) -> dict[str, Image.Image]:
-    return {"photo": image, "mirrored": ImageOps.mirror(image), "darker": ImageEnhance.Brightness(image).enhance(0.6),
-            "smaller": image.resize((image.width // 2, image.height // 2), Image.LANCZOS),
-            "rotated": image.rotate(10, fillcolor=(128, 128, 128)),
-            "cropped": image.crop((30, 0, image.width - 10, image.height - 40))}
+    return {
+        "photo": image,
+        "mirrored": ImageOps.mirror(image),
+        "darker": ImageEnhance.Brightness(image).enhance(0.6),
+        "smaller": image.resize((image.width // 2, image.height // 2), Image.LANCZOS),
+        "rotated": image.rotate(10, fillcolor=(128, 128, 128)),
+        "cropped": image.crop((30, 0, image.width - 10, image.height - 40)),
+    }
 
 
 def write_set(folder: Path, collins: int, hopper: int) -> Path:
@@ -52,7 +56,7 @@ def test_the_same_person_is_near_and_another_is_far_on_real_photos() -> None:
     collins = [describe(v) for v in variants(Image.open(DATA / "astronaut.jpg").convert("RGB")).values()]
     hopper = [describe(v) for v in variants(Image.open(DATA / "grace_hopper.jpg").convert("RGB")).values()]
     assert all(d.shape == (128,) for d in collins + hopper)
-    same = [identity.distance(a, b) for group in (collins, hopper) for i, a in enumerate(group) for b in group[i + 1:]]
+    same = [identity.distance(a, b) for group in (collins, hopper) for i, a in enumerate(group) for b in group[i + 1 :]]
     different = [identity.distance(a, b) for a in collins for b in hopper]
     assert max(same) < 0.45 < SAME_PERSON < min(different), (max(same), min(different))
     people = group_people(collins[:4] + hopper[:2])
@@ -91,10 +95,18 @@ def test_prepare_names_the_photo_of_someone_else(tmp_path) -> None:
 
 @needs_extra
 def test_prepare_says_when_a_set_holds_several_people(tmp_path) -> None:
-    result = prepare(PrepareOptions(photos=str(write_set(tmp_path / "photos", collins=3, hopper=3)),
-                                    out=str(tmp_path / "out"), size=128))
-    assert any(line.startswith("The photos show 2 different people (collins0.jpg, collins1.jpg, collins2.jpg; "
-                               "hopper0.jpg, hopper1.jpg, hopper2.jpg)") for line in result.verdict), result.verdict
+    result = prepare(
+        PrepareOptions(
+            photos=str(write_set(tmp_path / "photos", collins=3, hopper=3)), out=str(tmp_path / "out"), size=128
+        )
+    )
+    assert any(
+        line.startswith(
+            "The photos show 2 different people (collins0.jpg, collins1.jpg, collins2.jpg; "
+            "hopper0.jpg, hopper1.jpg, hopper2.jpg)"
+        )
+        for line in result.verdict
+    ), result.verdict
 
 
 @needs_extra
@@ -135,8 +147,9 @@ def portrait(person: str, size: int) -> Image.Image:
 
 
 @needs_extra
-def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny_sd1, sd1_model, tmp_path, caplog,
-                                                                           monkeypatch) -> None:
+def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(
+    tiny_sd1, sd1_model, tmp_path, caplog, monkeypatch
+) -> None:
     """The training photos are Eileen Collins; the pictures the (tiny, random) model would draw are replaced by
     real ones, in turn: no face, Grace Hopper, Collins, Hopper. The face likeness ranks them, and the step whose
     picture was Collins is the one kept - among the steps it was measured at (every 4 steps here)."""
@@ -153,8 +166,12 @@ def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny
     photos.mkdir()
     for index, picture in enumerate(variants(portrait("collins", 128)).values()):
         picture.resize((128, 128)).save(photos / f"collins{index}.png")
-    drawn = [Image.new("RGB", (128, 128), (90, 90, 90)), portrait("hopper", 128), portrait("collins", 128),
-             portrait("hopper", 128)]
+    drawn = [
+        Image.new("RGB", (128, 128), (90, 90, 90)),
+        portrait("hopper", 128),
+        portrait("collins", 128),
+        portrait("hopper", 128),
+    ]
     calls = []
 
     def render(self, params, on_step=None, stop=None):
@@ -162,13 +179,32 @@ def test_a_trained_runs_kept_step_is_the_one_whose_pictures_show_the_person(tiny
         return [drawn[min(len(calls) - 1, len(drawn) - 1)]]
 
     monkeypatch.setattr(generate.Renderer, "render", render)
-    create_embedding(CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
-                     cache_dir=tmp_path, model=sd1_model)
+    create_embedding(
+        CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     caplog.set_level(logging.INFO, logger="tistudio")
-    result = train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos),
-                                embeddings_dir=str(tmp_path / "emb"), run_dir=str(tmp_path / "run"), size=128,
-                                batch_size=1, max_steps=10, eval_every=2, likeness_every=4, likeness_pictures=1,
-                                likeness_steps=2, preview_every=0, save_every=0), cache_dir=tmp_path, model=sd1_model)
+    result = train(
+        TrainOptions(
+            model="unused",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(tmp_path / "emb"),
+            run_dir=str(tmp_path / "run"),
+            size=128,
+            batch_size=1,
+            max_steps=10,
+            eval_every=2,
+            likeness_every=4,
+            likeness_pictures=1,
+            likeness_steps=2,
+            preview_every=0,
+            save_every=0,
+        ),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     assert "face likeness every 4 steps: 1 pictures of 2 sampler steps" in caplog.text
     rows = {step: like for step, _, like in read_eval_log(tmp_path / "run" / "eval.csv")}
     measured = {step: like for step, like in rows.items() if like is not None}
@@ -192,12 +228,28 @@ def test_without_faces_in_the_photos_the_loss_chooses_and_says_so(sd1_model, pho
     from tistudio.train.create import create_embedding
     from tistudio.train.loop import train
 
-    create_embedding(CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
-                     cache_dir=tmp_path, model=sd1_model)
+    create_embedding(
+        CreateOptions(model="unused", name="tomtut", vectors=1, embeddings_dir=str(tmp_path / "emb")),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     caplog.set_level(logging.INFO, logger="tistudio")
-    result = train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos), size=64, max_steps=4,
-                                embeddings_dir=str(tmp_path / "emb"), run_dir=str(tmp_path / "run"), eval_every=2,
-                                preview_every=0, save_every=0), cache_dir=tmp_path, model=sd1_model)
+    result = train(
+        TrainOptions(
+            model="unused",
+            embedding="tomtut",
+            dataset=str(photos),
+            size=64,
+            max_steps=4,
+            embeddings_dir=str(tmp_path / "emb"),
+            run_dir=str(tmp_path / "run"),
+            eval_every=2,
+            preview_every=0,
+            save_every=0,
+        ),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     assert "no face likeness: 0 of 6 training images show a face" in caplog.text
     assert "the fixed-batch loss chooses the step to keep" in caplog.text
     assert result.best_step in (None, 2)

@@ -24,16 +24,27 @@ STEPS = 60
 
 
 def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot_reach(
-        sd1_model, photos, tmp_path, monkeypatch) -> None:
-    template_file = create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2,
-                                                   embeddings_dir=str(tmp_path / "start")),
-                                     cache_dir=tmp_path, model=sd1_model)
+    sd1_model, photos, tmp_path, monkeypatch
+) -> None:
+    template_file = create_embedding(
+        CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(tmp_path / "start")),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     start = read_embedding(template_file).tensor
     latents, captions = encode_latents(sd1_model, load_dataset(photos), 64, flip=False)
     encoder = PromptEncoder.for_model(sd1_model)
     denoiser = NoisePrediction(sd1_model, encoder)
-    batch = evaluation_batch(latents.shape[0], captions, load_template("subject"), "tomtut", seed=7,
-                             latent_shape=tuple(latents.shape[1:]), draws=denoiser, size=64)
+    batch = evaluation_batch(
+        latents.shape[0],
+        captions,
+        load_template("subject"),
+        "tomtut",
+        seed=7,
+        latent_shape=tuple(latents.shape[1:]),
+        draws=denoiser,
+        size=64,
+    )
 
     def fixed_batch_loss(vectors: torch.Tensor) -> float:
         encoder.set_embeddings({"tomtut": vectors})
@@ -43,9 +54,20 @@ def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot
         folder = tmp_path / label / "emb"
         folder.mkdir(parents=True)
         shutil.copy(template_file, folder / "tomtut.safetensors")
-        settings = dict(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
-                        run_dir=str(folder.parent / "run"), size=64, batch_size=4, max_steps=STEPS,
-                        preview_every=0, save_every=0, learning_rate="0.005", seed=3)
+        settings = dict(
+            model="x",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(folder),
+            run_dir=str(folder.parent / "run"),
+            size=64,
+            batch_size=4,
+            max_steps=STEPS,
+            preview_every=0,
+            save_every=0,
+            learning_rate="0.005",
+            seed=3,
+        )
         settings.update(changes)
         train(TrainOptions(**settings), cache_dir=tmp_path, model=sd1_model)
         return read_embedding(folder / "tomtut.safetensors").tensor
@@ -77,8 +99,10 @@ def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot
         direction = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed))
         gains_random.append(before - fixed_batch_loss(start + direction / direction.norm() * distance))
 
-    print(f"fixed-batch loss {before:.5f}; gain trained {gain:.5f}, lr~0 {gain_lr_zero:.5f}, "
-          f"blocked {gain_blocked:.5f}, random moves {[round(g, 5) for g in gains_random]}")
+    print(
+        f"fixed-batch loss {before:.5f}; gain trained {gain:.5f}, lr~0 {gain_lr_zero:.5f}, "
+        f"blocked {gain_blocked:.5f}, random moves {[round(g, 5) for g in gains_random]}"
+    )
     assert gain > 0.01 * before, "training did not lower the fixed-batch loss by 1%"
     assert torch.equal(blocked, start), "with no gradient the vectors must not move"
     assert abs(gain_blocked) == 0.0

@@ -90,14 +90,26 @@ def test_no_mask_means_no_weights_and_face_mode_draws_around_the_face_found(phot
     assert grid[5, 8] > 1.5 and grid[0, 0] < 0.5  # the face heavy, a corner light
     shape = np.asarray(head_and_shoulders((100, 100), (40, 25, 60, 50)))
     assert shape[37, 50] == 255 and shape[5, 5] == 0 and shape[80, 50] == 255  # face, corner, shoulders
-    assert loss_weights(dataset, 64, 16, flip=False, mode="face", background=0.1,
-                        find_face=lambda picture: None) is None  # no face anywhere: the plain loss
+    assert (
+        loss_weights(dataset, 64, 16, flip=False, mode="face", background=0.1, find_face=lambda picture: None) is None
+    )  # no face anywhere: the plain loss
 
 
 def train_options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
-                run_dir=str(folder.parent / "run"), size=64, batch_size=2, max_steps=3, preview_every=0,
-                save_every=0, eval_every=0, learning_rate="0.01")
+    base = dict(
+        model="unused",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder),
+        run_dir=str(folder.parent / "run"),
+        size=64,
+        batch_size=2,
+        max_steps=3,
+        preview_every=0,
+        save_every=0,
+        eval_every=0,
+        learning_rate="0.01",
+    )
     base.update(changes)
     return TrainOptions(**base)
 
@@ -127,8 +139,10 @@ def test_the_trainer_weighs_the_loss_by_the_masks(sd1_model, photos, tmp_path) -
     assert torch.allclose(off, plain, atol=1e-6)
     options = json.loads((tmp_path / "m" / "run" / "options.json").read_text())
     assert options["options"]["loss_mask"] == "auto" and options["options"]["mask_background"] == 0.1
-    assert options["resolved"]["loss_mask"] == f"auto: {len(list(centred.glob('*.mask.png')))} of 6 images weighted " \
+    assert (
+        options["resolved"]["loss_mask"] == f"auto: {len(list(centred.glob('*.mask.png')))} of 6 images weighted "
         "toward the subject"
+    )
 
 
 def test_a_fixed_norm_trains_the_direction_only(sd1_model, photos, tmp_path) -> None:
@@ -193,12 +207,15 @@ def test_auto_draws_face_shapes_only_in_a_set_of_faces(photos) -> None:
             seen.append(picture)
             w, h = picture.size
             return (0.4 * w, 0.25 * h, 0.6 * w, 0.5 * h) if len(seen) <= share else None
+
         seen: list[Image.Image] = []
         return finder
 
     # a face in under half the photos (a car and a passer-by): no face shapes, the plain loss
-    assert loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1,
-                        find_face=faces_in(count // 2 - 1)) is None
+    assert (
+        loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1, find_face=faces_in(count // 2 - 1))
+        is None
+    )
     # a face in most photos: those are weighted toward head and shoulders, the rest weigh every pixel alike
     weights = loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1, find_face=faces_in(count - 1))
     assert weights is not None and weights.shape == (count, 1, 8, 8)

@@ -55,8 +55,9 @@ def test_format_is_read_from_content_not_extension(single_files, tmp_path, cache
     assert load_model(ModelOptions(model=str(renamed)), cache_dir).family == "sd1"
 
 
-def test_real_world_ckpt_with_a_lightning_callback_loads_without_running_it(single_files, tmp_path,
-                                                                           cache_dir, monkeypatch) -> None:
+def test_real_world_ckpt_with_a_lightning_callback_loads_without_running_it(
+    single_files, tmp_path, cache_dir, monkeypatch
+) -> None:
     # Real SD .ckpt files hold PyTorch Lightning's ModelCheckpoint class as a dict key. Build one with a
     # stand-in module of that name, then remove the module: loading must not need (or run) it.
     package = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
@@ -88,8 +89,9 @@ class Payload:
 
 def test_hostile_ckpt_is_refused_and_nothing_runs(tmp_path, cache_dir) -> None:
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": Payload(marker)},
-               tmp_path / "evil.ckpt")
+    torch.save(
+        {"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "evil": Payload(marker)}, tmp_path / "evil.ckpt"
+    )
     with pytest.raises(ModelError, match="refused"):
         load_model(ModelOptions(model=str(tmp_path / "evil.ckpt")), cache_dir)
     assert not marker.exists()
@@ -98,12 +100,13 @@ def test_hostile_ckpt_is_refused_and_nothing_runs(tmp_path, cache_dir) -> None:
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        ({"conditioner.embedders.0.transformer.text_model.x": 1, "model.diffusion_model.input_blocks.0.0.weight": 1},
-         "SDXL"),
+        (
+            {"conditioner.embedders.0.transformer.text_model.x": 1, "model.diffusion_model.input_blocks.0.0.weight": 1},
+            "SDXL",
+        ),
         ({"model.diffusion_model.joint_blocks.0.x": 1}, "Stable Diffusion 3"),
         ({"lora_unet_down_blocks_0.alpha": 1}, "no Stable Diffusion UNet"),
-        ({"model.diffusion_model.input_blocks.0.0.weight": 1, "cond_stage_model.transformer.x": 1},
-         "no VAE weights"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": 1, "cond_stage_model.transformer.x": 1}, "no VAE weights"),
     ],
 )
 def test_unsupported_checkpoints_are_refused_with_what_they_are(keys, message, tmp_path, cache_dir) -> None:
@@ -127,7 +130,7 @@ def test_inpainting_checkpoint_is_refused(single_files, tmp_path, cache_dir) -> 
 def test_prediction_type_comes_from_the_checkpoint_or_its_yaml(single_files, tmp_path, cache_dir) -> None:
     copy = tmp_path / "sd2base.safetensors"
     copy.write_bytes(single_files["sd2"].read_bytes())
-    (tmp_path / "sd2base.yaml").write_text("model:\n  params:\n    parameterization: \"eps\"\n")
+    (tmp_path / "sd2base.yaml").write_text('model:\n  params:\n    parameterization: "eps"\n')
     model = load_model(ModelOptions(model=str(copy)), cache_dir, text_only=True)
     assert model.prediction_type == "epsilon" and model.native_size == 512
     assert "sd2base.yaml" in model.notes[0]
@@ -164,9 +167,14 @@ def test_precision_defaults() -> None:
         resolve_dtype("fp16", torch.device("cpu"))
 
 
-@pytest.mark.parametrize(("class_name", "message"), [("StableDiffusionXLPipeline", "SDXL"),
-                                                     ("FluxPipeline", "only Stable Diffusion"),
-                                                     ("StableDiffusionInpaintPipeline", "plain text-to-image")])
+@pytest.mark.parametrize(
+    ("class_name", "message"),
+    [
+        ("StableDiffusionXLPipeline", "SDXL"),
+        ("FluxPipeline", "only Stable Diffusion"),
+        ("StableDiffusionInpaintPipeline", "plain text-to-image"),
+    ],
+)
 def test_other_diffusers_pipelines_are_refused_before_loading(class_name, message, tmp_path, cache_dir) -> None:
     import json
 

@@ -27,11 +27,26 @@ DRIVER = Path(__file__).parent / "driver.py"
 # size): 9e-7 here after 6 steps. Adam's normalised steps can turn such last bits into a few percent of one step
 # (lr 0.005) where a gradient component is near zero, so the bound is a tenth of a step.
 TOLERANCE = 0.1 * 0.005
-SETTINGS = ["--size", "64", "--gradient-accumulation", "2", "--flip", "--save-every", "3", "--eval-every", "2",
-            "--preview-every", "0", "--learning-rate", "0.005"]
+SETTINGS = [
+    "--size",
+    "64",
+    "--gradient-accumulation",
+    "2",
+    "--flip",
+    "--save-every",
+    "3",
+    "--eval-every",
+    "2",
+    "--preview-every",
+    "0",
+    "--learning-rate",
+    "0.005",
+]
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this PyTorch has no gloo backend")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this PyTorch has no gloo backend",
+)
 
 
 def free_port() -> int:
@@ -42,18 +57,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun(cache: Path, *cli: str, processes: int = 2, slow_step: float = 0.0, wait: bool = True,
-             launcher: str = "torchrun") -> subprocess.CompletedProcess | subprocess.Popen:
+def torchrun(
+    cache: Path, *cli: str, processes: int = 2, slow_step: float = 0.0, wait: bool = True, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """`torchrun --standalone --nproc-per-node N` (or `accelerate launch --multi_gpu --num_processes N`, which runs
     gloo where there is no GPU) of the tistudio CLI, through the test driver (for slow steps)."""
     if launcher == "accelerate":
-        start = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
-                 "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                 f"--main_process_port={free_port()}"]
+        start = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={processes}",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            f"--main_process_port={free_port()}",
+        ]
     else:
         start = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    command = [*start, str(DRIVER), *(["--slow-step", str(slow_step)] if slow_step else []), "--cli", "--cache-dir",
-               str(cache), *cli]
+    command = [
+        *start,
+        str(DRIVER),
+        *(["--slow-step", str(slow_step)] if slow_step else []),
+        "--cli",
+        "--cache-dir",
+        str(cache),
+        *cli,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if wait:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -61,9 +92,13 @@ def torchrun(cache: Path, *cli: str, processes: int = 2, slow_step: float = 0.0,
 
 
 def new_embedding(model, folder: Path) -> Path:
-    return create_embedding(CreateOptions(model="unused", name="tomtut", init_text="toy", vectors=2,
-                                          embeddings_dir=str(folder), overwrite=True), cache_dir=Path("cache"),
-                            model=model)
+    return create_embedding(
+        CreateOptions(
+            model="unused", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder), overwrite=True
+        ),
+        cache_dir=Path("cache"),
+        model=model,
+    )
 
 
 def copies(template: Path, *folders: Path) -> None:
@@ -73,8 +108,20 @@ def copies(template: Path, *folders: Path) -> None:
 
 
 def cli_train(model: Path, photos: Path, folder: Path, *extra: str) -> list[str]:
-    return ["train", "tomtut", "--model", str(model), "--dataset", str(photos), "--embeddings-dir",
-            str(folder / "emb"), "--run-dir", str(folder / "run"), *SETTINGS, *extra]
+    return [
+        "train",
+        "tomtut",
+        "--model",
+        str(model),
+        "--dataset",
+        str(photos),
+        "--embeddings-dir",
+        str(folder / "emb"),
+        "--run-dir",
+        str(folder / "run"),
+        *SETTINGS,
+        *extra,
+    ]
 
 
 def resolved(folder: Path) -> dict:
@@ -99,21 +146,39 @@ def test_the_launchers_environment_places_the_process() -> None:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_train_the_vectors_one_process_trains(tiny_sd1, sd1_model, photos, tmp_path, cache_dir,
-                                                            launcher) -> None:
+def test_two_processes_train_the_vectors_one_process_trains(
+    tiny_sd1, sd1_model, photos, tmp_path, cache_dir, launcher
+) -> None:
     """Batch 1 on each of 2 processes is the global batch of batch 2 on one: the same vectors and losses, the
     resolved world saved, and only process 0 writing."""
     template = new_embedding(sd1_model, tmp_path / "template")
     one, two = tmp_path / "one", tmp_path / "two"
     copies(template, one, two)
-    done = torchrun(cache_dir, *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "6"),
-                    launcher=launcher)
+    done = torchrun(
+        cache_dir, *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "6"), launcher=launcher
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained tomtut to step 6") == 1  # process 0 alone reports
-    train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(one / "emb"),
-                       run_dir=str(one / "run"), size=64, batch_size=2, gradient_accumulation=2, flip=True,
-                       save_every=3, eval_every=2, preview_every=0, max_steps=6, learning_rate="0.005"),
-          cache_dir=cache_dir, model=sd1_model)
+    train(
+        TrainOptions(
+            model="unused",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(one / "emb"),
+            run_dir=str(one / "run"),
+            size=64,
+            batch_size=2,
+            gradient_accumulation=2,
+            flip=True,
+            save_every=3,
+            eval_every=2,
+            preview_every=0,
+            max_steps=6,
+            learning_rate="0.005",
+        ),
+        cache_dir=cache_dir,
+        model=sd1_model,
+    )
     a, b = vectors(one), vectors(two)
     assert a.step == b.step == 6
     assert torch.allclose(a.tensor, b.tensor, atol=TOLERANCE, rtol=0), (a.tensor - b.tensor).abs().max()
@@ -124,12 +189,13 @@ def test_two_processes_train_the_vectors_one_process_trains(tiny_sd1, sd1_model,
     settings = resolved(two)
     assert (settings["batch_size"], settings["processes"], settings["global_batch"]) == (1, 2, 4)
     assert resolved(one)["global_batch"] == 4
-    assert sorted(p.name for p in (two / "run" / "embeddings").iterdir()) == ["tomtut-3.safetensors",
-                                                                              "tomtut-6.safetensors"]
+    assert sorted(p.name for p in (two / "run" / "embeddings").iterdir()) == [
+        "tomtut-3.safetensors",
+        "tomtut-6.safetensors",
+    ]
 
 
-def test_a_two_process_run_resumes_exactly_on_two_or_on_one(tiny_sd1, sd1_model, photos, tmp_path,
-                                                            cache_dir) -> None:
+def test_a_two_process_run_resumes_exactly_on_two_or_on_one(tiny_sd1, sd1_model, photos, tmp_path, cache_dir) -> None:
     template = new_embedding(sd1_model, tmp_path / "template")
     straight, resumed, on_one = tmp_path / "straight", tmp_path / "resumed", tmp_path / "on-one"
     copies(template, straight, resumed, on_one)
@@ -140,10 +206,26 @@ def test_a_two_process_run_resumes_exactly_on_two_or_on_one(tiny_sd1, sd1_model,
     assert vectors(resumed).step == 6 and torch.equal(vectors(straight).tensor, vectors(resumed).tensor)
     assert read_loss_log(straight / "run" / "loss.csv") == read_loss_log(resumed / "run" / "loss.csv")
     # the second sitting on one process: --batch-size 0 keeps the run's global micro-batch (1 x 2 processes)
-    train(TrainOptions(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(on_one / "emb"),
-                       run_dir=str(on_one / "run"), size=64, batch_size=0, gradient_accumulation=2, flip=True,
-                       save_every=3, eval_every=2, preview_every=0, max_steps=6, learning_rate="0.005"),
-          cache_dir=cache_dir, model=sd1_model)
+    train(
+        TrainOptions(
+            model="unused",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(on_one / "emb"),
+            run_dir=str(on_one / "run"),
+            size=64,
+            batch_size=0,
+            gradient_accumulation=2,
+            flip=True,
+            save_every=3,
+            eval_every=2,
+            preview_every=0,
+            max_steps=6,
+            learning_rate="0.005",
+        ),
+        cache_dir=cache_dir,
+        model=sd1_model,
+    )
     assert (resolved(on_one)["batch_size"], resolved(on_one)["processes"]) == (2, 1)
     assert torch.allclose(vectors(on_one).tensor, vectors(straight).tensor, atol=TOLERANCE, rtol=0)
 
@@ -166,18 +248,25 @@ def rank_pids(parent: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the processes through /proc")
-def test_killing_one_process_leaves_loadable_files_and_a_clear_message(tiny_sd1, sd1_model, photos, tmp_path,
-                                                                      cache_dir) -> None:
+def test_killing_one_process_leaves_loadable_files_and_a_clear_message(
+    tiny_sd1, sd1_model, photos, tmp_path, cache_dir
+) -> None:
     from test_reliability import check_everything_on_disk_loads
 
     folder = tmp_path / "killed"
     copies(new_embedding(sd1_model, tmp_path / "template"), folder)
-    launcher = torchrun(cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", "400",
-                                              "--save-every", "2"), slow_step=0.1, wait=False)
+    launcher = torchrun(
+        cache_dir,
+        *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", "400", "--save-every", "2"),
+        slow_step=0.1,
+        wait=False,
+    )
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(read_loss_log(folder / "run" / "loss.csv")
-                                                   if (folder / "run" / "loss.csv").exists() else []) < 3:
+        while (
+            time.monotonic() < deadline
+            and len(read_loss_log(folder / "run" / "loss.csv") if (folder / "run" / "loss.csv").exists() else []) < 3
+        ):
             time.sleep(0.2)
         ranks = rank_pids(launcher.pid)
         assert set(ranks) == {0, 1}, ranks
@@ -192,8 +281,9 @@ def test_killing_one_process_leaves_loadable_files_and_a_clear_message(tiny_sd1,
     assert check_everything_on_disk_loads(folder) == 0
     saved = vectors(folder)
     assert saved.step >= 2 and torch.isfinite(saved.tensor).all()
-    again = torchrun(cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps",
-                                           str(saved.step + 2)))
+    again = torchrun(
+        cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", str(saved.step + 2))
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert vectors(folder).step == saved.step + 2
 
@@ -203,11 +293,28 @@ def test_ctrl_c_stops_every_process_at_one_step_saved(tiny_sd1, sd1_model, photo
     SIGTERM too. They agree on the step to stop at, process 0 saves it and says so, and the run continues after."""
     folder = tmp_path / "interrupted"
     copies(new_embedding(sd1_model, tmp_path / "template"), folder)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(DRIVER),
-               "--slow-step", "0.1", "--cli", "--cache-dir", str(cache_dir),
-               *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", "400", "--save-every", "50")]
-    launcher = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(DRIVER),
+        "--slow-step",
+        "0.1",
+        "--cli",
+        "--cache-dir",
+        str(cache_dir),
+        *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", "400", "--save-every", "50"),
+    ]
+    launcher = subprocess.Popen(
+        command,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         log = folder / "run" / "loss.csv"
@@ -222,7 +329,8 @@ def test_ctrl_c_stops_every_process_at_one_step_saved(tiny_sd1, sd1_model, photo
     assert f"stopped at step {saved.step} of 400; saved" in out, err[-3000:]
     assert out.count("stopped at step") == 1  # process 0 alone
     assert [row["step"] for row in read_loss_log(log)] == list(range(1, saved.step + 1))
-    again = torchrun(cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps",
-                                           str(saved.step + 2)))
+    again = torchrun(
+        cache_dir, *cli_train(tiny_sd1, photos, folder, "--batch-size", "1", "--max-steps", str(saved.step + 2))
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert vectors(folder).step == saved.step + 2

@@ -67,8 +67,10 @@ def test_real_photos_are_cropped_around_the_face(tmp_path, detector) -> None:
     assert 0.35 < astronaut.face_fraction < 0.6 and x2 - x1 == y2 - y1
     with Image.open(tmp_path / "out" / "astronaut.png") as image:
         assert image.size == (256, 256) and image.mode == "RGB"
-    head = prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "wide"), size=256,
-                                  crop="head-and-shoulders"), detector=detector)
+    head = prepare(
+        PrepareOptions(photos=str(photos), out=str(tmp_path / "wide"), size=256, crop="head-and-shoulders"),
+        detector=detector,
+    )
     wide = {item.source: item for item in head.items}["grace_hopper.jpg"]
     assert wide.face_fraction < items["grace_hopper.jpg"].face_fraction
 
@@ -154,12 +156,18 @@ def test_captions_follow_the_caption_action(tmp_path, detector) -> None:
     photos = real_photos(tmp_path / "photos")
     (photos / "astronaut.txt").write_text("orange suit\n")
     shutil.copy(DATA / "astronaut.jpg", photos / "IMG_20240101_123456.jpg")
-    expected = {"ignore": "astronaut", "copy": "orange suit", "prepend": "orange suit astronaut",
-                "append": "astronaut orange suit"}
+    expected = {
+        "ignore": "astronaut",
+        "copy": "orange suit",
+        "prepend": "orange suit astronaut",
+        "append": "astronaut orange suit",
+    }
     for action, caption in expected.items():
         out = tmp_path / action
-        prepare(PrepareOptions(photos=str(photos), out=str(out), size=96, caption_action=action, crop="center"),
-                detector=detector)
+        prepare(
+            PrepareOptions(photos=str(photos), out=str(out), size=96, caption_action=action, crop="center"),
+            detector=detector,
+        )
         assert (out / "astronaut.txt").read_text().strip() == caption
         assert not (out / "IMG_20240101_123456.txt").exists()  # a camera file name is not a caption
     assert filename_words("00012-0-a woman smiling") == "a woman smiling"
@@ -172,11 +180,17 @@ def test_wide_photos_without_faces_split_into_squares(tmp_path, detector) -> Non
     photos.mkdir()
     strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 700, 3), dtype=np.uint8))
     strip.save(photos / "panorama.png")
-    result = prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "out"), size=128, split=True),
-                     detector=detector)
+    result = prepare(
+        PrepareOptions(photos=str(photos), out=str(tmp_path / "out"), size=128, split=True), detector=detector
+    )
     item = result.items[0]
     assert item.framing == "split" and [o for o in item.outputs if o.endswith(".png")] == [
-        "panorama-1.png", "panorama-2.png", "panorama-3.png", "panorama-4.png", "panorama-5.png"]
+        "panorama-1.png",
+        "panorama-2.png",
+        "panorama-3.png",
+        "panorama-4.png",
+        "panorama-5.png",
+    ]
 
 
 def test_perceptual_hash_tells_copies_from_other_photos() -> None:
@@ -203,15 +217,21 @@ def test_copies_are_the_same_photo_and_small_pictures_in_other_poses_are_not(tmp
 
     folder = person_photos(tmp_path / "demo")
     demo = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-    near = [(a, b) for a, b in itertools.combinations(demo, 2)
-            if bin(int(perceptual_hash(a), 16) ^ int(perceptual_hash(b), 16)).count("1") <= 6]
+    near = [
+        (a, b)
+        for a, b in itertools.combinations(demo, 2)
+        if bin(int(perceptual_hash(a), 16) ^ int(perceptual_hash(b), 16)).count("1") <= 6
+    ]
     assert near  # the hash alone would call these the same photo
     assert not any(same_photo(item(a), item(b)) for a, b in near)
     for photo in (demo[0], Image.open(DATA / "grace_hopper.jpg").convert("RGB")):
         saved = io.BytesIO()
         photo.save(saved, "JPEG", quality=60)
-        for copy in (Image.open(saved).convert("RGB"), photo.resize((photo.width * 2, photo.height * 2)),
-                     ImageEnhance.Brightness(photo).enhance(1.2)):
+        for copy in (
+            Image.open(saved).convert("RGB"),
+            photo.resize((photo.width * 2, photo.height * 2)),
+            ImageEnhance.Brightness(photo).enhance(1.2),
+        ):
             assert same_photo(item(photo), item(copy))
 
 
@@ -221,8 +241,25 @@ def test_cli_prepare_then_train_on_the_result(tmp_path, sd1_model, tiny_sd1, cac
     out = capsys.readouterr().out
     assert "prepared 2 of 2 files" in out and "astronaut.jpg: face" in out and "report:" in out
     assert main(["--cache-dir", str(cache_dir), "create", "tomtut", "--model", str(tiny_sd1)]) == 0
-    assert main(["--cache-dir", str(cache_dir), "train", "tomtut", "--model", str(tiny_sd1), "--dataset",
-                 "prepared", "--steps", "2", "--preview-every", "0"]) == 0
+    assert (
+        main(
+            [
+                "--cache-dir",
+                str(cache_dir),
+                "train",
+                "tomtut",
+                "--model",
+                str(tiny_sd1),
+                "--dataset",
+                "prepared",
+                "--steps",
+                "2",
+                "--preview-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     options = json.loads(Path("runs/tomtut/options.json").read_text())
     assert options["resolved"]["images"] == 4  # two photos and their mirrored copies
 
@@ -267,8 +304,13 @@ def test_masks_travel_with_their_photos_into_the_prepared_set(tmp_path, detector
     again = prepare(options, detector=detector)
     assert (again.processed, again.reused) == (1, 1)
     crop = items["grace_hopper.jpg"].crop
-    assert np.abs(np.asarray(Image.open(out / "grace_hopper.mask.png")).astype(int)
-                  - np.asarray(right.crop(crop).resize((128, 128))).astype(int)).mean() < 2
+    assert (
+        np.abs(
+            np.asarray(Image.open(out / "grace_hopper.mask.png")).astype(int)
+            - np.asarray(right.crop(crop).resize((128, 128))).astype(int)
+        ).mean()
+        < 2
+    )
     # a mask of the wrong shape leaves its photo out, with the reason
     Image.new("L", (hopper.width, hopper.height * 2), 255).save(photos / "grace_hopper.mask.png")
     bad = {item.source: item for item in prepare(options, detector=detector).items}["grace_hopper.jpg"]

@@ -31,9 +31,20 @@ def approx(runs):
     [
         ("normal text", [("normal text", 1.0)]),
         ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-         [("a ", 1.0), ("house", 1.5730), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-          (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.5730),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641),
+                (".", 1.1),
+            ],
+        ),
         ("(unbalanced", [("unbalanced", 1.1)]),
         ("\\(literal\\]", [("(literal]", 1.0)]),
         ("[less]", [("less", 0.9091)]),
@@ -59,8 +70,8 @@ def test_embedding_names_become_their_vector_slots(tokenize) -> None:
     assert len(chunks) == 1
     ids, weights = chunks[0].ids, chunks[0].weights
     start = ids.index(50000)
-    assert ids[start:start + 3] == [50000, 50001, 50002]
-    assert weights[start:start + 3] == [1.2, 1.2, 1.2]
+    assert ids[start : start + 3] == [50000, 50001, 50002]
+    assert weights[start : start + 3] == [1.2, 1.2, 1.2]
     assert not set(sequence) & set(ids)
 
 
@@ -97,10 +108,14 @@ def test_shipped_templates_load_and_contain_the_name() -> None:
 
 
 def test_template_filling_follows_a1111_order() -> None:
-    assert fill_template("a photo of a [name], [filewords]", "tomtut", "smiling, red hat") == \
-        "a photo of a tomtut, smiling, red hat"
-    assert fill_template("a painting of [filewords], art by [name]", "vgstyle", "a river") == \
-        "a painting of a river, art by vgstyle"
+    assert (
+        fill_template("a photo of a [name], [filewords]", "tomtut", "smiling, red hat")
+        == "a photo of a tomtut, smiling, red hat"
+    )
+    assert (
+        fill_template("a painting of [filewords], art by [name]", "vgstyle", "a river")
+        == "a painting of a river, art by vgstyle"
+    )
     # An empty caption leaves no dangling comma.
     assert fill_template("a photo of a [name], [filewords]", "tomtut", "") == "a photo of a tomtut"
 
@@ -136,6 +151,7 @@ def test_a_prompt_past_the_cap_is_refused_before_any_work(tmp_path) -> None:
     """The attention parser is quadratic in the worst case (as A1111's is): "(a" * 16000 took 6 s and held the
     server's worker, so prompts are capped where the worst case stays short."""
     from tistudio.config import MAX_PROMPT_CHARS, GenerateOptions, TrainOptions, check_fields, validate_generate
+
     for field in ("prompt", "negative_prompt"):
         options = GenerateOptions(**{"model": "demo", "prompt": "a", field: "(a" * 16000})
         with pytest.raises(OptionError, match="at most 8,000 characters") as error:

@@ -32,16 +32,30 @@ KILLS = int(os.environ.get("TISTUDIO_TEST_KILLS", "6"))
 
 
 def settings(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder / "emb"),
-                run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=8, preview_every=0, save_every=0)
+    base = dict(
+        model="x",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder / "emb"),
+        run_dir=str(folder / "run"),
+        size=64,
+        batch_size=2,
+        max_steps=8,
+        preview_every=0,
+        save_every=0,
+    )
     base.update(changes)
     return TrainOptions(**base)
 
 
 def fresh(model, folder: Path) -> Path:
-    return create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2,
-                                          embeddings_dir=str(folder / "emb"), overwrite=True),
-                            cache_dir=folder, model=model)
+    return create_embedding(
+        CreateOptions(
+            model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder / "emb"), overwrite=True
+        ),
+        cache_dir=folder,
+        model=model,
+    )
 
 
 def driver(cache: Path, *cli: str, slow_replace: float = 0.0, slow_step: float = 0.0) -> subprocess.Popen:
@@ -51,8 +65,13 @@ def driver(cache: Path, *cli: str, slow_replace: float = 0.0, slow_step: float =
     if slow_step:
         extra += ["--slow-step", str(slow_step)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(DRIVER), *extra, "--", "--cache-dir", str(cache), *cli],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), *extra, "--", "--cache-dir", str(cache), *cli],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -78,8 +97,9 @@ def check_everything_on_disk_loads(root: Path) -> int:
     return leftovers
 
 
-def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(sd1_model, tiny_sd1, photos,
-                                                                             tmp_path, cache_dir) -> None:
+def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(
+    sd1_model, tiny_sd1, photos, tmp_path, cache_dir
+) -> None:
     steps = 40
     reference = tmp_path / "reference"
     fresh(sd1_model, reference)
@@ -87,9 +107,28 @@ def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(sd
 
     folder = tmp_path / "killed"
     fresh(sd1_model, folder)
-    cli = ["train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos), "--embeddings-dir",
-           str(folder / "emb"), "--run-dir", str(folder / "run"), "--size", "64", "--batch-size", "2", "--steps",
-           str(steps), "--save-every", "1", "--preview-every", "0"]
+    cli = [
+        "train",
+        "tomtut",
+        "--model",
+        str(tiny_sd1),
+        "--dataset",
+        str(photos),
+        "--embeddings-dir",
+        str(folder / "emb"),
+        "--run-dir",
+        str(folder / "run"),
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps",
+        str(steps),
+        "--save-every",
+        "1",
+        "--preview-every",
+        "0",
+    ]
     rng = random.Random(1234)
     kills, in_saves = 0, 0
     while kills < KILLS:
@@ -121,11 +160,29 @@ def test_sigkill_at_random_moments_never_breaks_a_file_and_resume_stays_exact(sd
 
 
 def test_sigterm_finishes_the_step_and_saves(tiny_sd1, photos, tmp_path, cache_dir) -> None:
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" /
-                    "tomtut.safetensors")
-    process = driver(cache_dir, "train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos),
-                     "--embeddings-dir", str(tmp_path / "emb"), "--size", "64", "--steps", "1000",
-                     "--preview-every", "0", "--save-every", "0", slow_step=0.3)
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" / "tomtut.safetensors"
+    )
+    process = driver(
+        cache_dir,
+        "train",
+        "tomtut",
+        "--model",
+        str(tiny_sd1),
+        "--dataset",
+        str(photos),
+        "--embeddings-dir",
+        str(tmp_path / "emb"),
+        "--size",
+        "64",
+        "--steps",
+        "1000",
+        "--preview-every",
+        "0",
+        "--save-every",
+        "0",
+        slow_step=0.3,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and logged_steps(tmp_path / "runs" / "tomtut") < 1:
         time.sleep(0.05)
@@ -144,14 +201,16 @@ def serve_tomtut(workspace: Path, photos: Path, model: Path, cache: Path) -> tup
     import urllib.request
 
     shutil.copytree(photos, workspace / "photos" / "tomtut")
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" /
-                    "tomtut.safetensors")
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), workspace / "embeddings" / "tomtut.safetensors"
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    process = driver(cache, "serve", "--model", str(model), "--workspace", str(workspace), "--port", str(port),
-                     slow_step=0.2)
+    process = driver(
+        cache, "serve", "--model", str(model), "--workspace", str(workspace), "--port", str(port), slow_step=0.2
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -165,16 +224,28 @@ def serve_tomtut(workspace: Path, photos: Path, model: Path, cache: Path) -> tup
 
 
 def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is_saved(
-        tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    tiny_sd1, photos, tmp_path, cache_dir
+) -> None:
     import urllib.request
 
     workspace = tmp_path / "ws"
     process, base = serve_tomtut(workspace, photos, tiny_sd1, cache_dir)
     try:
-        request = urllib.request.Request(f"{base}/api/train", method="POST", headers={
-            "Content-Type": "application/json"}, data=json.dumps({
-                "set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64, "preview_every": 0,
-                "save_every": 0}).encode())
+        request = urllib.request.Request(
+            f"{base}/api/train",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps(
+                {
+                    "set": "tomtut",
+                    "embedding": "tomtut",
+                    "max_steps": 100000,
+                    "size": 64,
+                    "preview_every": 0,
+                    "save_every": 0,
+                }
+            ).encode(),
+        )
         job = json.loads(urllib.request.urlopen(request, timeout=30).read())
         seen: list[str] = []
 
@@ -199,8 +270,9 @@ def test_sigterm_stops_a_server_while_a_page_watches_its_training_and_the_run_is
     assert json.loads((workspace / "jobs" / f"{job['id']}.json").read_text())["status"] == "stopped"
 
 
-def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_sd1, photos, tmp_path,
-                                                                          cache_dir) -> None:
+def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(
+    tiny_sd1, photos, tmp_path, cache_dir
+) -> None:
     """Issue 21.4: a txt2img request waiting for its job (queued behind a training here), one whose client has
     left and one still connected, must not keep SIGTERM from stopping the server."""
     import urllib.request
@@ -209,16 +281,28 @@ def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_
     process, base = serve_tomtut(workspace, photos, tiny_sd1, cache_dir)
 
     def post(path: str, body: dict, timeout: float) -> bytes:
-        request = urllib.request.Request(f"{base}{path}", method="POST", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{base}{path}", method="POST", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         return urllib.request.urlopen(request, timeout=timeout).read()
 
     try:
-        post("/api/train", {"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64,
-                            "preview_every": 0, "save_every": 0}, 30)
+        post(
+            "/api/train",
+            {
+                "set": "tomtut",
+                "embedding": "tomtut",
+                "max_steps": 100000,
+                "size": 64,
+                "preview_every": 0,
+                "save_every": 0,
+            },
+            30,
+        )
         drawing = {"prompt": "a photo of tomtut", "steps": 4, "width": 64, "height": 64}
         with contextlib.suppress(OSError):  # this client gives up after a second and leaves
             post("/sdapi/v1/txt2img", drawing, 1.0)
+
         def wait_for_the_picture() -> None:  # this one stays connected
             with contextlib.suppress(OSError):
                 post("/sdapi/v1/txt2img", drawing, 120)
@@ -235,11 +319,29 @@ def test_sigterm_stops_a_server_while_txt2img_requests_wait_for_their_jobs(tiny_
 
 
 def test_a_second_ctrl_c_stops_at_once(tiny_sd1, photos, tmp_path, cache_dir) -> None:
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" /
-                    "tomtut.safetensors")
-    process = driver(cache_dir, "train", "tomtut", "--model", str(tiny_sd1), "--dataset", str(photos),
-                     "--embeddings-dir", str(tmp_path / "emb"), "--size", "64", "--steps", "1000",
-                     "--preview-every", "0", "--save-every", "0", slow_step=5.0)
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.zeros(2, 64)}), tmp_path / "emb" / "tomtut.safetensors"
+    )
+    process = driver(
+        cache_dir,
+        "train",
+        "tomtut",
+        "--model",
+        str(tiny_sd1),
+        "--dataset",
+        str(photos),
+        "--embeddings-dir",
+        str(tmp_path / "emb"),
+        "--size",
+        "64",
+        "--steps",
+        "1000",
+        "--preview-every",
+        "0",
+        "--save-every",
+        "0",
+        slow_step=5.0,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / "runs" / "tomtut" / "options.json").is_file():
         time.sleep(0.05)
@@ -273,25 +375,28 @@ def nan_on(calls: set[int], monkeypatch, model) -> None:
 def test_non_finite_steps_are_discarded_and_the_rate_lowered(sd1_model, photos, tmp_path, monkeypatch) -> None:
     fresh(sd1_model, tmp_path)
     nan_on({3, 4}, monkeypatch, sd1_model)
-    result = train(settings(photos, tmp_path, max_steps=6, save_every=1, eval_every=0), cache_dir=tmp_path,
-                   model=sd1_model)
+    result = train(
+        settings(photos, tmp_path, max_steps=6, save_every=1, eval_every=0), cache_dir=tmp_path, model=sd1_model
+    )
     assert result.step == 6 and "2 non-finite steps discarded" in result.message
     rows = read_loss_log(tmp_path / "run" / "loss.csv")
     assert [r["lr"] for r in rows] == [0.005, 0.005, 0.005, 0.0025, 0.00125, 0.00125]
     assert all(torch.isfinite(read_embedding(p).tensor).all() for p in (tmp_path / "run").rglob("tomtut*.safetensors"))
-    vectors_at = {step: read_embedding(tmp_path / "run" / "embeddings" / f"tomtut-{step}.safetensors").tensor
-                  for step in range(1, 7)}
+    vectors_at = {
+        step: read_embedding(tmp_path / "run" / "embeddings" / f"tomtut-{step}.safetensors").tensor
+        for step in range(1, 7)
+    }
     assert torch.equal(vectors_at[3], vectors_at[2]) and torch.equal(vectors_at[4], vectors_at[2])
     assert not torch.equal(vectors_at[5], vectors_at[4])
 
 
-def test_repeated_non_finite_steps_stop_the_run_with_the_last_good_embedding_intact(sd1_model, photos, tmp_path,
-                                                                                    monkeypatch) -> None:
+def test_repeated_non_finite_steps_stop_the_run_with_the_last_good_embedding_intact(
+    sd1_model, photos, tmp_path, monkeypatch
+) -> None:
     fresh(sd1_model, tmp_path)
     nan_on(set(range(4, 100)), monkeypatch, sd1_model)
     with pytest.raises(TrainingDiverged, match=r"5 steps in a row.*embedding saved at step 6 is intact"):
-        train(settings(photos, tmp_path, max_steps=50, save_every=2, eval_every=0), cache_dir=tmp_path,
-              model=sd1_model)
+        train(settings(photos, tmp_path, max_steps=50, save_every=2, eval_every=0), cache_dir=tmp_path, model=sd1_model)
     saved = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     after_three = read_embedding(tmp_path / "run" / "embeddings" / "tomtut-4.safetensors").tensor
     assert saved.step == 6 and torch.isfinite(saved.tensor).all()
@@ -312,10 +417,12 @@ def fail_writes(monkeypatch, code: int, after: int = 0) -> None:
     monkeypatch.setattr(storage.os, "replace", replace)
 
 
-@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "the disk is full"),
-                                             (errno.EROFS, "the file system is read-only")])
-def test_a_failing_disk_is_a_clear_error_and_the_previous_files_stay(code, words, sd1_model, photos, tmp_path,
-                                                                     monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("code", "words"), [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only")]
+)
+def test_a_failing_disk_is_a_clear_error_and_the_previous_files_stay(
+    code, words, sd1_model, photos, tmp_path, monkeypatch
+) -> None:
     fresh(sd1_model, tmp_path)
     train(settings(photos, tmp_path, max_steps=2, save_every=1), cache_dir=tmp_path, model=sd1_model)
     before = (tmp_path / "emb" / "tomtut.safetensors").read_bytes()

@@ -52,9 +52,9 @@ def test_a_gradient_reaches_both_vector_sets(sdxl_model) -> None:
     encoder.set_embeddings({"tomtut": vectors})
     generator = torch.Generator().manual_seed(0)
     clean = torch.randn(2, 4, 8, 8, generator=generator)
-    loss = NoisePrediction(sdxl_model, encoder).loss(clean, torch.tensor([100, 700]),
-                                                     torch.randn(2, 4, 8, 8, generator=generator),
-                                                     ["a photo of tomtut"] * 2)
+    loss = NoisePrediction(sdxl_model, encoder).loss(
+        clean, torch.tensor([100, 700]), torch.randn(2, 4, 8, 8, generator=generator), ["a photo of tomtut"] * 2
+    )
     loss.backward()
     for key, tensor in vectors.items():
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0, key
@@ -69,18 +69,52 @@ def test_sd_embeddings_and_sdxl_models_do_not_mix(sdxl_model, sd1_model) -> None
     with pytest.raises(EmbeddingError, match="needs them for clip_l, clip_g"):
         check_fits(Embedding(name="one", vectors={"clip": torch.zeros(1, 64)}), sdxl_model)
     with pytest.raises(EmbeddingError, match="48 wide in clip_g"):
-        check_fits(Embedding(name="thin", vectors={"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}),
-                   sdxl_model)
+        check_fits(
+            Embedding(name="thin", vectors={"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 48)}), sdxl_model
+        )
 
 
 def test_create_train_resume_generate_through_the_cli(tiny_sdxl, photos, tmp_path, cache_dir) -> None:
     base = ["--cache-dir", str(cache_dir)]
     model = ["--model", str(tiny_sdxl)]
-    train = [*base, "train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--batch-size", "2",
-             "--preview-every", "2", "--preview-steps", "2", "--save-every", "2", "--final", "last"]
+    train = [
+        *base,
+        "train",
+        "tomtut",
+        *model,
+        "--dataset",
+        str(photos),
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--preview-every",
+        "2",
+        "--preview-steps",
+        "2",
+        "--save-every",
+        "2",
+        "--final",
+        "last",
+    ]
     for folder in ("once", "twice"):
-        assert main([*base, "create", "tomtut", *model, "--init-text", "toy figure", "--vectors", "2",
-                     "--embeddings-dir", folder]) == 0
+        assert (
+            main(
+                [
+                    *base,
+                    "create",
+                    "tomtut",
+                    *model,
+                    "--init-text",
+                    "toy figure",
+                    "--vectors",
+                    "2",
+                    "--embeddings-dir",
+                    folder,
+                ]
+            )
+            == 0
+        )
     assert main([*train, "--embeddings-dir", "once", "--run-dir", "runs/once", "--steps", "4"]) == 0
     assert main([*train, "--embeddings-dir", "twice", "--run-dir", "runs/twice", "--steps", "2"]) == 0
     assert main([*train, "--embeddings-dir", "twice", "--run-dir", "runs/twice", "--steps", "4"]) == 0
@@ -92,8 +126,29 @@ def test_create_train_resume_generate_through_the_cli(tiny_sdxl, photos, tmp_pat
     with Image.open("runs/once/previews/tomtut-4.png") as preview:
         assert "Embedding: tomtut, Embedding step: 4" in preview.text["parameters"]
 
-    assert main([*base, "generate", "a photo of (tomtut:1.1), BREAK on a beach", *model, "--embeddings", "once",
-                 "--steps", "3", "--size", "64x64", "--seed", "7", "--sampler", "Euler a", "--out-dir", "out"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "generate",
+                "a photo of (tomtut:1.1), BREAK on a beach",
+                *model,
+                "--embeddings",
+                "once",
+                "--steps",
+                "3",
+                "--size",
+                "64x64",
+                "--seed",
+                "7",
+                "--sampler",
+                "Euler a",
+                "--out-dir",
+                "out",
+            ]
+        )
+        == 0
+    )
     with Image.open("out/00000-7.png") as image:
         assert image.size == (64, 64) and 'TI hashes: "tomtut: ' in image.text["parameters"]
 
@@ -102,20 +157,23 @@ def test_our_file_loads_in_diffusers_with_two_calls_and_encodes_the_same(tiny_sd
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    vectors = {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
-               "clip_g": torch.randn(2, 64, generator=torch.Generator().manual_seed(2))}
+    vectors = {
+        "clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
+        "clip_g": torch.randn(2, 64, generator=torch.Generator().manual_seed(2)),
+    }
     path = write_embedding(Embedding(name="tomtut", vectors=vectors), tmp_path / "tomtut.safetensors")
     state = load_file(path)
     assert set(state) == {"clip_l", "clip_g"}
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True, add_watermarker=False)
-    pipe.load_textual_inversion(state["clip_l"], token="tomtut", text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["clip_g"], token="tomtut", text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(
+        state["clip_l"], token="tomtut", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        state["clip_g"], token="tomtut", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
     prompt = "a photo of tomtut on a beach"
     with torch.no_grad():
-        theirs = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                    do_classifier_free_guidance=False)[0]
+        theirs = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         encoder = PromptEncoder.for_model(sdxl_model)
         encoder.set_embeddings({"tomtut": vectors})
         ours = encoder.encode([prompt]).hidden
@@ -143,8 +201,9 @@ def test_convert_writes_and_reads_diffusers_two_file_layout(tmp_path, capsys) ->
     assert not read_embedding(tmp_path / "sd" / "a.safetensors").is_sdxl
 
 
-def test_a_single_file_sdxl_checkpoint_in_a1111s_layout_loads_like_the_folder(tiny_sdxl, sdxl_model, tmp_path,
-                                                                              cache_dir) -> None:
+def test_a_single_file_sdxl_checkpoint_in_a1111s_layout_loads_like_the_folder(
+    tiny_sdxl, sdxl_model, tmp_path, cache_dir
+) -> None:
     from safetensors.torch import save_file
 
     from ldm_export import export_single_file
@@ -169,8 +228,11 @@ def test_a_single_file_sdxl_checkpoint_in_a1111s_layout_loads_like_the_folder(ti
     ours, theirs = PromptEncoder.for_model(loaded).encode(prompt), PromptEncoder.for_model(sdxl_model).encode(prompt)
     assert torch.equal(ours.hidden, theirs.hidden) and torch.equal(ours.pooled, theirs.pooled)
 
-    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in state.items()
-               if not k.startswith("conditioner.embedders.0.")}  # a refiner's one encoder is OpenCLIP-bigG
+    refiner = {
+        k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+        for k, v in state.items()
+        if not k.startswith("conditioner.embedders.0.")
+    }  # a refiner's one encoder is OpenCLIP-bigG
     save_file(refiner, tmp_path / "refiner.safetensors")
     with pytest.raises(ModelError, match="refiner"):
         load_model(ModelOptions(model=str(tmp_path / "refiner.safetensors")), cache_dir)
@@ -183,11 +245,20 @@ def test_the_api_creates_trains_and_generates_with_an_sdxl_model(tiny_sdxl, phot
         assert len(upload(client, "tomtut", photos).json()["saved"]) == 6
         created = wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
         assert created["status"] == "done", created
-        trained = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "size": 64,
-                                                               "max_steps": 3, "preview_every": 0}).json())
+        trained = wait(
+            client,
+            client.post(
+                "/api/train",
+                json={"set": "tomtut", "embedding": "tomtut", "size": 64, "max_steps": 3, "preview_every": 0},
+            ).json(),
+        )
         assert trained["status"] == "done" and trained["result"]["step"] == 3, trained
-        made = wait(client, client.post("/api/generate", json={"prompt": "a photo of tomtut", "steps": 2,
-                                                               "size": "64x64", "seed": 1}).json())
+        made = wait(
+            client,
+            client.post(
+                "/api/generate", json={"prompt": "a photo of tomtut", "steps": 2, "size": "64x64", "seed": 1}
+            ).json(),
+        )
         assert made["status"] == "done" and 'TI hashes: "tomtut: ' in made["result"]["images"][0]["infotext"]
         listed = client.get("/sdapi/v1/embeddings").json()
         assert listed["loaded"]["tomtut"]["vectors"] == 2
@@ -195,8 +266,9 @@ def test_the_api_creates_trains_and_generates_with_an_sdxl_model(tiny_sdxl, phot
     assert set(saved.vectors) == {"clip_l", "clip_g"} and saved.step == 3
 
 
-def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same_size(sdxl_model, photos,
-                                                                                     tmp_path) -> None:
+def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same_size(
+    sdxl_model, photos, tmp_path
+) -> None:
     from tistudio.config import CreateOptions, TrainOptions
     from tistudio.prepare.dataset import load_dataset
     from tistudio.templates import load_template
@@ -205,25 +277,51 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
     from tistudio.train.loop import encode_latents, latent_sizes, train
 
     folder = tmp_path / "emb"
-    create_embedding(CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder)),
-                     cache_dir=tmp_path, model=sdxl_model)
+    create_embedding(
+        CreateOptions(model="x", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder)),
+        cache_dir=tmp_path,
+        model=sdxl_model,
+    )
     start = read_embedding(folder / "tomtut.safetensors").vectors
     dataset = load_dataset(photos)
     latents, captions = encode_latents(sdxl_model, dataset, 64, flip=False)
     encoder = PromptEncoder.for_model(sdxl_model)
     denoiser = NoisePrediction(sdxl_model, encoder)
-    batch = evaluation_batch(latents.shape[0], captions, load_template("subject"), "tomtut", seed=7,
-                             latent_shape=tuple(latents.shape[1:]), draws=denoiser, size=64,
-                             sizes=latent_sizes(sdxl_model, dataset, 64, flip=False))
+    batch = evaluation_batch(
+        latents.shape[0],
+        captions,
+        load_template("subject"),
+        "tomtut",
+        seed=7,
+        latent_shape=tuple(latents.shape[1:]),
+        draws=denoiser,
+        size=64,
+        sizes=latent_sizes(sdxl_model, dataset, 64, flip=False),
+    )
 
     def fixed_batch_loss(vectors: dict[str, torch.Tensor]) -> float:
         encoder.set_embeddings({"tomtut": vectors})
         return evaluation_loss(denoiser, latents, batch)
 
-    train(TrainOptions(model="x", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
-                       run_dir=str(tmp_path / "run"), size=64, batch_size=4, max_steps=60, preview_every=0,
-                       save_every=0, eval_every=0, learning_rate="0.005", seed=3), cache_dir=tmp_path,
-                 model=sdxl_model)
+    train(
+        TrainOptions(
+            model="x",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(folder),
+            run_dir=str(tmp_path / "run"),
+            size=64,
+            batch_size=4,
+            max_steps=60,
+            preview_every=0,
+            save_every=0,
+            eval_every=0,
+            learning_rate="0.005",
+            seed=3,
+        ),
+        cache_dir=tmp_path,
+        model=sdxl_model,
+    )
     learned = read_embedding(folder / "tomtut.safetensors").vectors
     before = fixed_batch_loss(start)
     gain = before - fixed_batch_loss(learned)
@@ -235,9 +333,11 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
         direction = {key: torch.randn(v.shape, generator=generator) for key, v in start.items()}
         norm = torch.cat([d.flatten() for d in direction.values()]).norm()
         gains_random.append(before - fixed_batch_loss({k: start[k] + direction[k] / norm * distance for k in start}))
-    print(f"SDXL fixed-batch loss {before:.5f}; gain trained {gain:.5f}, random moves "
-          f"{', '.join(f'{g:.5f}' for g in gains_random)}; moved clip_l {moved['clip_l'].norm():.3f}, "
-          f"clip_g {moved['clip_g'].norm():.3f}")
+    print(
+        f"SDXL fixed-batch loss {before:.5f}; gain trained {gain:.5f}, random moves "
+        f"{', '.join(f'{g:.5f}' for g in gains_random)}; moved clip_l {moved['clip_l'].norm():.3f}, "
+        f"clip_g {moved['clip_g'].norm():.3f}"
+    )
     assert all(m.norm() > 0 for m in moved.values())  # both vector sets trained
     # measured here: 1.14304; gain 0.00439 (0.38%), random moves at most 0.00062 (a broken trainer gains 0)
     assert gain > 0.002 * before and gain > 4 * max(abs(g) for g in gains_random)
@@ -266,8 +366,9 @@ def test_size_conditioning_comes_from_what_prepare_cut_from_each_photo(sdxl_mode
     assert ids.tolist() == [[200.0, 300.0, 0.0, 16.0, 64.0, 64.0]] * 2
 
 
-def test_a_vpred_zero_snr_sdxl_file_trains_and_samples_on_its_own_schedule(tiny_sdxl, photos, tmp_path,
-                                                                           cache_dir) -> None:
+def test_a_vpred_zero_snr_sdxl_file_trains_and_samples_on_its_own_schedule(
+    tiny_sdxl, photos, tmp_path, cache_dir
+) -> None:
     """NoobAI-XL V-Pred's kind of file (v_pred and ztsnr keys): v-prediction on the zero-terminal-SNR schedule, for
     the training noise and for sampling; Playground's and CosXL's EDM files are refused by name."""
     from safetensors.torch import save_file
@@ -290,16 +391,38 @@ def test_a_vpred_zero_snr_sdxl_file_trains_and_samples_on_its_own_schedule(tiny_
     assert noise_schedule(ordinary)[0][-1] > 0.004
 
     spec = dict(model=str(path), embeddings_dir=str(tmp_path / "emb"))
-    create_embedding(CreateOptions(**spec, name="tomtut", init_text="toy", vectors=2), cache_dir=cache_dir,
-                     model=model)
-    result = train(TrainOptions(**spec, embedding="tomtut", dataset=str(photos), run_dir=str(tmp_path / "run"),
-                                max_steps=4, batch_size=2, size=64, eval_every=2, preview_every=0, save_every=0),
-                   cache_dir=cache_dir, model=model)
+    create_embedding(CreateOptions(**spec, name="tomtut", init_text="toy", vectors=2), cache_dir=cache_dir, model=model)
+    result = train(
+        TrainOptions(
+            **spec,
+            embedding="tomtut",
+            dataset=str(photos),
+            run_dir=str(tmp_path / "run"),
+            max_steps=4,
+            batch_size=2,
+            size=64,
+            eval_every=2,
+            preview_every=0,
+            save_every=0,
+        ),
+        cache_dir=cache_dir,
+        model=model,
+    )
     assert result.step == 4 and all(math.isfinite(loss) for _, loss, _ in read_eval_log(tmp_path / "run" / "eval.csv"))
     for sampler in ("Euler", "DDIM"):
-        images = generate(GenerateOptions(**spec, prompt="a photo of tomtut", steps=3, size="64x64", seed=1,
-                                          sampler=sampler, out_dir=str(tmp_path / "out")), cache_dir=cache_dir,
-                          model=model)
+        images = generate(
+            GenerateOptions(
+                **spec,
+                prompt="a photo of tomtut",
+                steps=3,
+                size="64x64",
+                seed=1,
+                sampler=sampler,
+                out_dir=str(tmp_path / "out"),
+            ),
+            cache_dir=cache_dir,
+            model=model,
+        )
         pixels = np.asarray(Image.open(images[0].path))
         assert np.isfinite(pixels).all() and pixels.std() > 0, sampler
 

@@ -25,8 +25,7 @@ BASE = "http://127.0.0.1:7860"
 
 
 def client_for(workspace: Path, model: Path, cache: Path, **config) -> TestClient:
-    app = create_app(ServerConfig(workspace=workspace, model=ModelOptions(model=str(model)), cache_dir=cache,
-                                  **config))
+    app = create_app(ServerConfig(workspace=workspace, model=ModelOptions(model=str(model)), cache_dir=cache, **config))
     return TestClient(app, base_url=BASE)
 
 
@@ -61,14 +60,24 @@ def test_the_whole_workflow_through_the_api(client, photos) -> None:
     assert report["verdict"] and len(report["items"]) == 6
     assert client.get(report["items"][0]["images"][0]).headers["content-type"] == "image/png"
 
-    created = wait(client, client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy",
-                                                                "vectors": 2}).json())
+    created = wait(
+        client, client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy", "vectors": 2}).json()
+    )
     assert created["status"] == "done"
     assert [e["name"] for e in client.get("/api/embeddings").json()] == ["tomtut"]
 
-    job = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 6,
-                                          "preview_every": 3, "save_every": 3, "preview_steps": 2,
-                                          "batch_size": 2}).json()
+    job = client.post(
+        "/api/train",
+        json={
+            "set": "tomtut",
+            "embedding": "tomtut",
+            "max_steps": 6,
+            "preview_every": 3,
+            "save_every": 3,
+            "preview_steps": 2,
+            "batch_size": 2,
+        },
+    ).json()
     with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
         kinds = [line.split(": ", 1)[1] for line in stream.iter_lines() if line.startswith("event: ")]
     assert "progress" in kinds and "preview" in kinds and kinds[-1] == "end"
@@ -85,8 +94,12 @@ def test_the_whole_workflow_through_the_api(client, photos) -> None:
     assert client.post("/api/runs/tomtut/use-step", json={"step": 3}).json() == {"embedding": "tomtut", "step": 3}
     assert client.get("/api/embeddings/tomtut").json()["step"] == 3
 
-    generated = wait(client, client.post("/api/generate", json={"prompt": "a photo of tomtut", "steps": 3,
-                                                                "seed": 5, "batch": 2, "size": "64x64"}).json())
+    generated = wait(
+        client,
+        client.post(
+            "/api/generate", json={"prompt": "a photo of tomtut", "steps": 3, "seed": 5, "batch": 2, "size": "64x64"}
+        ).json(),
+    )
     images = generated["result"]["images"]
     assert [i["seed"] for i in images] == [5, 6] and "TI hashes" in images[0]["infotext"]
     assert {o["file"] for o in client.get("/api/outputs").json()} == {i["file"] for i in images}
@@ -97,14 +110,30 @@ def test_the_whole_workflow_through_the_api(client, photos) -> None:
 def test_the_a1111_subset(client, tmp_path) -> None:
     from tistudio.embeddings.files import Embedding, write_embedding
 
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
-                    tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
-    write_embedding(Embedding(name="wide", vectors={"clip": torch.randn(1, 768)}),
-                    tmp_path / "ws" / "embeddings" / "wide.safetensors")
-    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a photo of tomtut", "negative_prompt": "blurry",
-                                                    "seed": 42, "steps": 3, "width": 64, "height": 64,
-                                                    "sampler_name": "DPM++ 2M", "scheduler": "Karras",
-                                                    "cfg_scale": 6, "batch_size": 2, "restore_faces": False})
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=40),
+        tmp_path / "ws" / "embeddings" / "tomtut.safetensors",
+    )
+    write_embedding(
+        Embedding(name="wide", vectors={"clip": torch.randn(1, 768)}),
+        tmp_path / "ws" / "embeddings" / "wide.safetensors",
+    )
+    answer = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a photo of tomtut",
+            "negative_prompt": "blurry",
+            "seed": 42,
+            "steps": 3,
+            "width": 64,
+            "height": 64,
+            "sampler_name": "DPM++ 2M",
+            "scheduler": "Karras",
+            "cfg_scale": 6,
+            "batch_size": 2,
+            "restore_faces": False,
+        },
+    )
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert len(body["images"]) == 2 and body["parameters"]["prompt"] == "a photo of tomtut"
@@ -113,8 +142,13 @@ def test_the_a1111_subset(client, tmp_path) -> None:
     info = json.loads(body["info"])
     assert info["all_seeds"] == [42, 43] and info["seed"] == 42
     embeddings = client.get("/sdapi/v1/embeddings").json()
-    assert embeddings["loaded"]["tomtut"] == {"step": 40, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                              "shape": 64, "vectors": 2}
+    assert embeddings["loaded"]["tomtut"] == {
+        "step": 40,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+        "shape": 64,
+        "vectors": 2,
+    }
     assert "wide" in embeddings["skipped"]
     progress = client.get("/sdapi/v1/progress").json()
     assert set(progress) >= {"progress", "eta_relative", "state", "current_image"}
@@ -128,8 +162,13 @@ def test_jobs_survive_a_restart_and_training_resumes(tmp_path, tiny_sd1, cache_d
     with client_for(workspace, tiny_sd1, cache_dir) as client:
         upload(client, "tomtut", photos)
         wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
-        first = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 4,
-                                                             "size": 64, "preview_every": 0}).json())
+        first = wait(
+            client,
+            client.post(
+                "/api/train",
+                json={"set": "tomtut", "embedding": "tomtut", "max_steps": 4, "size": 64, "preview_every": 0},
+            ).json(),
+        )
         assert first["result"]["step"] == 4
     # A server that died while training: its job file still says "running".
     record = json.loads((workspace / "jobs" / f"{first['id']}.json").read_text())
@@ -147,8 +186,9 @@ def test_jobs_survive_a_restart_and_training_resumes(tmp_path, tiny_sd1, cache_d
 def test_a_running_training_stops_and_saves_on_request(client, photos) -> None:
     upload(client, "tomtut", photos)
     wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
-    job = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64,
-                                          "preview_every": 0}).json()
+    job = client.post(
+        "/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 100000, "size": 64, "preview_every": 0}
+    ).json()
     deadline = time.monotonic() + 60
     while client.get(f"/api/jobs/{job['id']}").json()["progress"].get("step", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -160,8 +200,9 @@ def test_a_running_training_stops_and_saves_on_request(client, photos) -> None:
 
 def test_uploaded_embeddings_are_read_safely_and_stored_as_safetensors(client, tmp_path) -> None:
     buffer = io.BytesIO()
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(2, 64)}, "name": "old",
-                "step": 9}, buffer)
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.ones(2, 64)}, "name": "old", "step": 9}, buffer
+    )
     answer = client.post("/api/embeddings/upload", files={"file": ("old.pt", buffer.getvalue())})
     assert answer.status_code == 200 and answer.json()["step"] == 9
     assert (tmp_path / "ws" / "embeddings" / "old.safetensors").is_file()
@@ -228,14 +269,20 @@ def test_clients_never_name_server_paths(client, photos, tmp_path) -> None:
     saved = client.post("/api/photosets/tomtut/photos", files=sneaky).json()["saved"]
     assert saved == ["escape.png"] and (tmp_path / "ws" / "photos" / "tomtut" / "escape.png").is_file()
     assert not (tmp_path / "escape.png").exists() and not (tmp_path / "ws" / "escape.png").exists()
-    for url in ("/api/photosets/..%2F..%2Fetc/photos/passwd", "/api/photosets/tomtut/photos/..%2F..%2Fjobs",
-                "/api/runs/..%2Fjobs/previews/x.png", "/api/outputs/..%2Fembeddings%2Fx"):
+    for url in (
+        "/api/photosets/..%2F..%2Fetc/photos/passwd",
+        "/api/photosets/tomtut/photos/..%2F..%2Fjobs",
+        "/api/runs/..%2Fjobs/previews/x.png",
+        "/api/outputs/..%2Fembeddings%2Fx",
+    ):
         answer = client.get(url)
         assert answer.status_code in (400, 404), url
     assert client.post("/api/photosets/../x").status_code in (400, 404)
-    for body, field in (({"prompt": "x", "model": "/etc/passwd"}, "model"),
-                        ({"prompt": "x", "embeddings_dir": "/"}, "embeddings_dir"),
-                        ({"prompt": "x", "out_dir": "/tmp"}, "out_dir")):
+    for body, field in (
+        ({"prompt": "x", "model": "/etc/passwd"}, "model"),
+        ({"prompt": "x", "embeddings_dir": "/"}, "embeddings_dir"),
+        ({"prompt": "x", "out_dir": "/tmp"}, "out_dir"),
+    ):
         answer = client.post("/api/generate", json=body)
         assert answer.status_code == 400 and answer.json()["field"] == field
     answer = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "template": "/etc/passwd"})
@@ -244,9 +291,10 @@ def test_clients_never_name_server_paths(client, photos, tmp_path) -> None:
 
 def test_every_field_is_checked_before_a_job_is_queued(client, photos) -> None:
     upload(client, "tomtut", photos)
-    for url, body, field in (("/api/train", {"set": "tomtut", "embedding": "tomtut", "preview_sampler": "Eulr"},
-                              "preview_sampler"),
-                             ("/api/generate", {"prompt": "x", "sampler": "Eulr"}, "sampler")):
+    for url, body, field in (
+        ("/api/train", {"set": "tomtut", "embedding": "tomtut", "preview_sampler": "Eulr"}, "preview_sampler"),
+        ("/api/generate", {"prompt": "x", "sampler": "Eulr"}, "sampler"),
+    ):
         answer = client.post(url, json=body)
         assert answer.status_code == 400 and answer.json()["field"] == field, answer.json()
         assert "unknown sampler" in answer.json()["error"]
@@ -278,8 +326,10 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
 def test_a_full_workspace_refuses_more_with_507(tmp_path, tiny_sd1, cache_dir, photos) -> None:
     png = sorted(photos.glob("*.png"))[0].read_bytes()
     with client_for(tmp_path / "ws", tiny_sd1, cache_dir, limits=Limits(workspace_bytes=len(png) * 2 + 100)) as client:
-        first = client.post("/api/photosets/a/photos", files=[("files", ("1.png", png, "image/png")),
-                                                              ("files", ("2.png", png, "image/png"))]).json()
+        first = client.post(
+            "/api/photosets/a/photos",
+            files=[("files", ("1.png", png, "image/png")), ("files", ("2.png", png, "image/png"))],
+        ).json()
         assert first["saved"] == ["1.png", "2.png"]
         full = client.post("/api/photosets/a/photos", files=[("files", ("3.png", png, "image/png"))])
         assert full.status_code == 507 and "the workspace is full" in full.json()["error"]
@@ -287,13 +337,16 @@ def test_a_full_workspace_refuses_more_with_507(tmp_path, tiny_sd1, cache_dir, p
         assert client.post("/api/generate", json={"prompt": "x"}).status_code == 507
         client.delete("/api/photosets/a/photos/2.png")
         assert client.post("/api/photosets/a/photos", files=[("files", ("3.png", png, "image/png"))]).json()[
-            "saved"] == ["3.png"]
+            "saved"
+        ] == ["3.png"]
 
 
 def test_no_other_site_may_frame_the_page_and_case_does_not_hide_a_cross_site_request(client) -> None:
     page = client.get("/")
-    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
-        "content-security-policy"]
+    assert (
+        page.headers["x-frame-options"] == "DENY"
+        and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    )
     assert client.get("/api/status").headers["x-content-type-options"] == "nosniff"
     assert client.post("/api/photosets/x", headers={"Sec-Fetch-Site": "Cross-Site"}).status_code == 403
 
@@ -309,8 +362,11 @@ def test_names_with_a_final_newline_are_refused(client) -> None:
 def test_a_malformed_request_is_answered_briefly_naming_the_field(client) -> None:
     """FastAPI's 422 repeats the whole input: a 150 MB body came back as 900 MB. Ours names the field only."""
     blob = "x" * 2_000_000
-    answer = client.post("/sdapi/v1/txt2img", content=json.dumps({"prompt": "a", "steps": blob}),
-                         headers={"content-type": "application/json"})
+    answer = client.post(
+        "/sdapi/v1/txt2img",
+        content=json.dumps({"prompt": "a", "steps": blob}),
+        headers={"content-type": "application/json"},
+    )
     assert answer.status_code in (400, 422) and len(answer.content) < 1000
     assert "steps" in answer.text
     broken = client.post("/api/train", content=b"{" + b"x" * 1_000_000, headers={"content-type": "application/json"})
@@ -328,8 +384,9 @@ def test_a_chunked_body_past_the_cap_is_refused_as_it_arrives(tmp_path, tiny_sd1
                 sent["bytes"] += 256 * 1024
                 yield b"x" * (256 * 1024)
 
-        answer = capped.post("/api/photosets/x/photos", content=chunks(),
-                             headers={"content-type": "multipart/form-data; boundary=b"})
+        answer = capped.post(
+            "/api/photosets/x/photos", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+        )
         assert answer.status_code == 413 and "larger than" in answer.json()["error"]
         assert capped.post("/api/photosets/y").status_code == 200  # and it keeps serving
 
@@ -339,8 +396,11 @@ def test_a_chunked_body_past_the_cap_is_refused_as_it_arrives(tmp_path, tiny_sd1
 def test_txt2img_answers_a_bad_number_with_a_400_naming_the_field(client, field, value) -> None:
     if value == 1.5 and field == "cfg_scale":
         return  # a fine guidance scale
-    raw = json.dumps({"prompt": "a toy", field: value}) if not isinstance(value, str) or value == "abc" else \
-        f'{{"prompt": "a toy", "{field}": {value}}}'
+    raw = (
+        json.dumps({"prompt": "a toy", field: value})
+        if not isinstance(value, str) or value == "abc"
+        else f'{{"prompt": "a toy", "{field}": {value}}}'
+    )
     answer = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
     assert answer.status_code in (400, 422), (field, value, answer.text)
     assert field in answer.json()["error"] or answer.json().get("field") == field
@@ -350,10 +410,13 @@ def test_uploads_keep_every_photo_with_an_odd_name_and_say_which_files_they_refu
     """Accented and camera names are made safe, not refused; a caption sidecar is kept as a caption (not a photo);
     a text file posing as a photo is refused by name while the rest of the batch is kept."""
     png = (photos / "01-toy figure.png").read_bytes()
-    files = [("files", ("Été photo (1).jpg", png, "image/jpeg")), ("files", ("_DSC0001.JPG", png, "image/jpeg")),
-             ("files", ("DSC0001.txt", b"smiling, on a beach", "text/plain")),
-             ("files", ("notes.png", b"just some notes", "image/png")),
-             ("files", ("Ete photo _1_.jpg", png[:-1] + b"\0", "image/jpeg"))]
+    files = [
+        ("files", ("Été photo (1).jpg", png, "image/jpeg")),
+        ("files", ("_DSC0001.JPG", png, "image/jpeg")),
+        ("files", ("DSC0001.txt", b"smiling, on a beach", "text/plain")),
+        ("files", ("notes.png", b"just some notes", "image/png")),
+        ("files", ("Ete photo _1_.jpg", png[:-1] + b"\0", "image/jpeg")),
+    ]
     answer = client.post("/api/photosets/trip/photos", files=files).json()
     assert answer["saved"] == ["Ete photo _1_.jpg", "DSC0001.JPG", "DSC0001.txt", "Ete photo _1_-2.jpg"]
     assert [r["file"] for r in answer["refused"]] == ["notes.png"] and "not a photo" in answer["refused"][0]["reason"]
@@ -424,8 +487,9 @@ def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> Non
     listed = client.get("/api/photosets")
     assert listed.status_code == 200 and "linked" not in listed.text  # the list still works, without the link
     embeddings = client.get("/api/embeddings").json()
-    assert embeddings == [{"name": "stolen", "error": "path='stolen.safetensors': leads outside the workspace",
-                           "run": False}]  # listed with its reason, its contents never read
+    assert embeddings == [
+        {"name": "stolen", "error": "path='stolen.safetensors': leads outside the workspace", "run": False}
+    ]  # listed with its reason, its contents never read
 
 
 def test_a_malformed_last_event_id_is_ignored(client, tmp_path) -> None:
@@ -443,8 +507,10 @@ def test_a_malformed_last_event_id_is_ignored(client, tmp_path) -> None:
 def test_an_embedding_in_training_cannot_be_deleted_from_under_it(client, tmp_path) -> None:
     from tistudio.embeddings.files import Embedding, write_embedding
 
-    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.ones(1, 32)}),
-                    tmp_path / "ws" / "embeddings" / "tomtut.safetensors")
+    write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.ones(1, 32)}),
+        tmp_path / "ws" / "embeddings" / "tomtut.safetensors",
+    )
     store = client.app.state.server.store
     job = store.create("train", {"set": "tomtut", "embedding": "tomtut"})
     answer = client.delete("/api/embeddings/tomtut")
@@ -467,8 +533,17 @@ def test_two_workers_train_two_embeddings_at_once_but_never_one_twice(tmp_path, 
         assert all(wait(client, job)["status"] == "done" for job in made)
 
         def train(name: str) -> dict:
-            return client.post("/api/train", json={"set": name, "embedding": name, "max_steps": 100000, "size": 64,
-                                                   "preview_every": 0, "eval_every": 0}).json()
+            return client.post(
+                "/api/train",
+                json={
+                    "set": name,
+                    "embedding": name,
+                    "max_steps": 100000,
+                    "size": 64,
+                    "preview_every": 0,
+                    "eval_every": 0,
+                },
+            ).json()
 
         first, again, other = train("zaax"), train("zaax"), train("zbbx")
 
@@ -498,10 +573,13 @@ def test_two_workers_train_two_embeddings_at_once_but_never_one_twice(tmp_path, 
         assert client.get("/api/embeddings/zaax").json()["step"] > stopped["result"]["step"]
 
 
-@pytest.mark.parametrize(("devices", "message"), [
-    ("cuda:0", "PyTorch sees no CUDA GPU, so there is no cuda:0"),
-    ("gpu1", "'gpu1' is not a device"),
-])
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [
+        ("cuda:0", "PyTorch sees no CUDA GPU, so there is no cuda:0"),
+        ("gpu1", "'gpu1' is not a device"),
+    ],
+)
 def test_serve_refuses_devices_it_does_not_have_in_one_line(devices, message, capsys, tmp_path) -> None:
     assert main(["serve", "--workspace", str(tmp_path / "ws"), "--devices", devices]) == 2
     err = capsys.readouterr().err
@@ -526,8 +604,20 @@ def test_devices_all_is_every_gpu_and_each_gpu_once(monkeypatch) -> None:
 def test_a_runs_evaluations_kept_step_and_report_are_served(client, photos) -> None:
     upload(client, "tomtut", photos)
     wait(client, client.post("/api/embeddings", json={"name": "tomtut", "vectors": 2}).json())
-    trained = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 6,
-                                                           "size": 64, "preview_every": 0, "eval_every": 2}).json())
+    trained = wait(
+        client,
+        client.post(
+            "/api/train",
+            json={
+                "set": "tomtut",
+                "embedding": "tomtut",
+                "max_steps": 6,
+                "size": 64,
+                "preview_every": 0,
+                "eval_every": 2,
+            },
+        ).json(),
+    )
     assert trained["status"] == "done"
     run = client.get("/api/runs/tomtut").json()
     assert [row["step"] for row in run["eval"]] == [0, 2, 4, 6] and all(row["loss"] > 0 for row in run["eval"])
@@ -550,8 +640,9 @@ def test_a_photos_mask_travels_through_the_api_and_is_never_a_photo(client, phot
     mask.paste(255, (0, 0, mask.width // 2, mask.height))
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
-    answer = client.post("/api/photosets/masked/photos",
-                         files=[("files", (f"{first.stem}.mask.png", buffer.getvalue(), "image/png"))]).json()
+    answer = client.post(
+        "/api/photosets/masked/photos", files=[("files", (f"{first.stem}.mask.png", buffer.getvalue(), "image/png"))]
+    ).json()
     assert answer["saved"] == [f"{first.stem}.mask.png"]
     listed = {p["file"]: p for p in client.get("/api/photosets/masked").json()["photos"]}
     count = len(list(photos.glob("*.png")))

@@ -30,8 +30,13 @@ async def echo(scope, receive, send) -> None:
     if query.startswith("sleep="):
         await asyncio.sleep(float(query.split("=")[1]))
     body = str(size).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -83,8 +88,9 @@ def test_headers_trickled_slower_than_the_deadline_are_cut_off(port: int) -> Non
 def request(port: int, body_chunks: list[bytes], pause: float, path: str = "/") -> bytes:
     total = sum(len(chunk) for chunk in body_chunks)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"
-                           .encode())
+        connection.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n".encode()
+        )
         for chunk in body_chunks:
             time.sleep(pause)
             connection.sendall(chunk)

@@ -17,23 +17,39 @@ from tistudio.train.loop import train
 
 
 def new_embedding(model, folder: Path, name: str = "tomtut", vectors: int = 2, init: str = "toy") -> Path:
-    return create_embedding(CreateOptions(model="unused", name=name, init_text=init, vectors=vectors,
-                                          embeddings_dir=str(folder), overwrite=True),
-                            cache_dir=Path("cache"), model=model)
+    return create_embedding(
+        CreateOptions(
+            model="unused", name=name, init_text=init, vectors=vectors, embeddings_dir=str(folder), overwrite=True
+        ),
+        cache_dir=Path("cache"),
+        model=model,
+    )
 
 
 def options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder),
-                run_dir=str(folder.parent / "run"), size=64, batch_size=2, max_steps=6, preview_every=0,
-                save_every=0, learning_rate="0.005")
+    base = dict(
+        model="unused",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder),
+        run_dir=str(folder.parent / "run"),
+        size=64,
+        batch_size=2,
+        max_steps=6,
+        preview_every=0,
+        save_every=0,
+        learning_rate="0.005",
+    )
     base.update(changes)
     return TrainOptions(**base)
 
 
 def test_only_the_new_vectors_change(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
-    before = {part: {k: v.clone() for k, v in getattr(sd1_model, part).state_dict().items()}
-              for part in ("unet", "vae", "text_encoder")}
+    before = {
+        part: {k: v.clone() for k, v in getattr(sd1_model, part).state_dict().items()}
+        for part in ("unet", "vae", "text_encoder")
+    }
     start = read_embedding(tmp_path / "emb" / "tomtut.safetensors").tensor
     train(options(photos, tmp_path / "emb", max_steps=5), cache_dir=tmp_path, model=sd1_model)
     after = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
@@ -71,8 +87,7 @@ def run(model, photos, folder: Path, stop_at: int | None = None, **changes):
         if stop_at is not None and progress.event == "step" and progress.step == stop_at:
             stop.set()
 
-    return train(options(photos, folder, **changes), cache_dir=folder, model=model, on_progress=on_progress,
-                 stop=stop)
+    return train(options(photos, folder, **changes), cache_dir=folder, model=model, on_progress=on_progress, stop=stop)
 
 
 def twin_folders(model, tmp_path: Path) -> tuple[Path, Path]:
@@ -87,8 +102,9 @@ def twin_folders(model, tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> None:
-    settings = dict(max_steps=8, gradient_accumulation=2, flip=True, learning_rate="0.01:4, 0.003",
-                    save_every=3, shuffle_tags=True)
+    settings = dict(
+        max_steps=8, gradient_accumulation=2, flip=True, learning_rate="0.01:4, 0.003", save_every=3, shuffle_tags=True
+    )
     straight, resumed = twin_folders(sd1_model, tmp_path)
     run(sd1_model, photos, straight, **settings)
     first = run(sd1_model, photos, resumed, stop_at=k, **settings)
@@ -104,15 +120,18 @@ def test_resume_equals_an_uninterrupted_run(sd1_model, photos, tmp_path, k) -> N
     state_a = load_file(straight.parent / "run" / "state" / "state-8.safetensors")
     state_b = load_file(resumed.parent / "run" / "state" / "state-8.safetensors")
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[x], state_b[x]) for x in state_a)
-    assert sorted(p.name for p in (resumed.parent / "run" / "state").iterdir()) == ["state-8.json",
-                                                                                   "state-8.safetensors"]
+    assert sorted(p.name for p in (resumed.parent / "run" / "state").iterdir()) == [
+        "state-8.json",
+        "state-8.safetensors",
+    ]
     rows = (straight.parent / "run" / "loss.csv").read_text().splitlines()
     assert rows == (resumed.parent / "run" / "loss.csv").read_text().splitlines()
     assert len(rows) == 9
 
 
-def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(sd1_model, photos, tmp_path,
-                                                                             monkeypatch) -> None:
+def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(
+    sd1_model, photos, tmp_path, monkeypatch
+) -> None:
     """At a large gradient accumulation one step is many micro-batches (a served 1024-accumulation job ignored stop
     for minutes): a stop asked between two of them drops that step unapplied, and resuming gives the vectors of an
     uninterrupted run, bit for bit."""
@@ -171,8 +190,12 @@ def test_gradient_checkpointing_gives_the_same_embedding(sd1_model, photos, tmp_
     for checkpointing in (False, True):
         folder = tmp_path / f"checkpointing-{checkpointing}" / "emb"
         new_embedding(sd1_model, folder)
-        train(options(photos, folder, max_steps=3, gradient_checkpointing=checkpointing), cache_dir=folder,
-              model=sd1_model, on_progress=lambda p: seen.append(sd1_model.unet.is_gradient_checkpointing))
+        train(
+            options(photos, folder, max_steps=3, gradient_checkpointing=checkpointing),
+            cache_dir=folder,
+            model=sd1_model,
+            on_progress=lambda p: seen.append(sd1_model.unet.is_gradient_checkpointing),
+        )
         results.append(read_embedding(folder / "tomtut.safetensors").tensor)
     assert True in seen and False in seen
     assert not sd1_model.unet.is_gradient_checkpointing
@@ -212,8 +235,9 @@ def test_automatic_batch_size_is_resolved_saved_and_kept_on_resume(sd1_model, ph
     second = run(sd1_model, photos, resumed, batch_size=0, max_steps=4)
     assert second.start_step == 2
     assert json.loads((resumed.parent / "run" / "options.json").read_text())["resolved"]["batch_size"] == 2
-    assert torch.equal(read_embedding(straight / "tomtut.safetensors").tensor,
-                       read_embedding(resumed / "tomtut.safetensors").tensor)
+    assert torch.equal(
+        read_embedding(straight / "tomtut.safetensors").tensor, read_embedding(resumed / "tomtut.safetensors").tensor
+    )
 
 
 def test_compiled_unet_is_used_for_the_training_steps_only(sd1_model, photos, tmp_path, monkeypatch) -> None:
@@ -239,14 +263,18 @@ def test_compiled_unet_is_used_for_the_training_steps_only(sd1_model, photos, tm
 
 def test_run_folder_has_copies_previews_log_options_and_report(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
-    result = train(options(photos, tmp_path / "emb", max_steps=4, save_every=2, preview_every=2, preview_steps=2),
-                   cache_dir=tmp_path, model=sd1_model)
+    result = train(
+        options(photos, tmp_path / "emb", max_steps=4, save_every=2, preview_every=2, preview_steps=2),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     run_dir = tmp_path / "run"
-    assert sorted(p.name for p in (run_dir / "embeddings").iterdir()) == ["tomtut-2.safetensors",
-                                                                          "tomtut-4.safetensors"]
+    assert sorted(p.name for p in (run_dir / "embeddings").iterdir()) == [
+        "tomtut-2.safetensors",
+        "tomtut-4.safetensors",
+    ]
     assert read_embedding(run_dir / "embeddings" / "tomtut-2.safetensors").step == 2
-    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["tomtut-0.png", "tomtut-2.png",
-                                                                        "tomtut-4.png"]
+    assert sorted(p.name for p in (run_dir / "previews").iterdir()) == ["tomtut-0.png", "tomtut-2.png", "tomtut-4.png"]
     from PIL import Image
 
     with Image.open(run_dir / "previews" / "tomtut-2.png") as image:
@@ -266,21 +294,37 @@ def test_a_previews_parameters_read_in_a1111_with_its_embedding_and_step(sd1_mod
     from a1111_rules import parse_generation_parameters
 
     new_embedding(sd1_model, tmp_path / "emb")
-    train(options(photos, tmp_path / "emb", max_steps=2, preview_every=2, preview_steps=2,
-                  preview_prompt="a photo of tomtut", preview_negative_prompt="blurry"),
-          cache_dir=tmp_path, model=sd1_model)
+    train(
+        options(
+            photos,
+            tmp_path / "emb",
+            max_steps=2,
+            preview_every=2,
+            preview_steps=2,
+            preview_prompt="a photo of tomtut",
+            preview_negative_prompt="blurry",
+        ),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
     with Image.open(tmp_path / "run" / "previews" / "tomtut-2.png") as image:
         read = parse_generation_parameters(image.text["parameters"])
     assert read["Prompt"] == "a photo of tomtut" and read["Negative prompt"] == "blurry"
-    assert (read["Steps"], read["Sampler"], read["Schedule type"], read["Seed"], read["RNG"]) == \
-        ("2", "DPM++ 2M", "Karras", "1234", "CPU")
+    assert (read["Steps"], read["Sampler"], read["Schedule type"], read["Seed"], read["RNG"]) == (
+        "2",
+        "DPM++ 2M",
+        "Karras",
+        "1234",
+        "CPU",
+    )
     assert (read["Embedding"], read["Embedding step"]) == ("tomtut", "2")
 
 
 def test_the_schedule_decides_where_training_stops(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
-    result = train(options(photos, tmp_path / "emb", max_steps=50, learning_rate="0.005:3"), cache_dir=tmp_path,
-                   model=sd1_model)
+    result = train(
+        options(photos, tmp_path / "emb", max_steps=50, learning_rate="0.005:3"), cache_dir=tmp_path, model=sd1_model
+    )
     assert result.step == 3
 
 
@@ -311,8 +355,7 @@ def test_wrong_width_embedding_is_refused_before_training(sd1_model, photos, tmp
 def test_bad_options_and_missing_inputs_fail_before_any_compute(sd1_model, photos, tmp_path) -> None:
     new_embedding(sd1_model, tmp_path / "emb")
     with pytest.raises(OptionError, match="item 2"):
-        train(options(photos, tmp_path / "emb", learning_rate="0.005:3, fast"), cache_dir=tmp_path,
-              model=sd1_model)
+        train(options(photos, tmp_path / "emb", learning_rate="0.005:3, fast"), cache_dir=tmp_path, model=sd1_model)
     with pytest.raises(OptionError, match="batch_size"):
         train(options(photos, tmp_path / "emb", batch_size=-1), cache_dir=tmp_path, model=sd1_model)
     with pytest.raises(DatasetError, match="does not exist"):
@@ -336,15 +379,34 @@ def test_tensorboard_logs_the_run_as_tensorboard_reads_it(sd1_model, photos, tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     new_embedding(sd1_model, tmp_path / "emb")
-    run(sd1_model, photos, tmp_path / "emb", stop_at=3, tensorboard=True, eval_every=2, preview_every=2,
-        preview_steps=1, save_every=2)
-    run(sd1_model, photos, tmp_path / "emb", tensorboard=True, eval_every=2, preview_every=2, preview_steps=1,
-        save_every=2)  # resumed at step 3, saved when it stopped
+    run(
+        sd1_model,
+        photos,
+        tmp_path / "emb",
+        stop_at=3,
+        tensorboard=True,
+        eval_every=2,
+        preview_every=2,
+        preview_steps=1,
+        save_every=2,
+    )
+    run(
+        sd1_model,
+        photos,
+        tmp_path / "emb",
+        tensorboard=True,
+        eval_every=2,
+        preview_every=2,
+        preview_steps=1,
+        save_every=2,
+    )  # resumed at step 3, saved when it stopped
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
     board.Reload()
     losses = {event.step: event.value for event in board.Scalars("train/loss")}
-    logged = {int(row.split(",")[0]): float(row.split(",")[2])
-              for row in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]}
+    logged = {
+        int(row.split(",")[0]): float(row.split(",")[2])
+        for row in (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:]
+    }
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(abs(losses[s] - logged[s]) < 1e-5 for s in losses)
     assert [e.step for e in board.Scalars("eval/fixed_batch_loss")] == [0, 2, 4, 6]
     assert [e.value for e in board.Scalars("train/learning_rate")][-1] == pytest.approx(0.005)

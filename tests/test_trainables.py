@@ -96,20 +96,34 @@ class ConvInShift:
         return {"shift.init": self.initial[KEY]}
 
     def write(self, values, path: Path, *, name: str, step: int, meta=None) -> Path:
-        return write_safetensors(shift_path(path), {KEY: values[KEY].to("cpu", torch.float32).contiguous()},
-                                 {"step": str(step)})
+        return write_safetensors(
+            shift_path(path), {KEY: values[KEY].to("cpu", torch.float32).contiguous()}, {"step": str(step)}
+        )
 
 
 def options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(model="unused", embedding="tomtut", dataset=str(photos), embeddings_dir=str(folder / "emb"),
-                run_dir=str(folder / "run"), size=64, batch_size=2, max_steps=6, eval_every=2, eval_samples=4,
-                save_every=2, preview_every=3, preview_steps=2, learning_rate="0.005", likeness="off")
+    base = dict(
+        model="unused",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder / "emb"),
+        run_dir=str(folder / "run"),
+        size=64,
+        batch_size=2,
+        max_steps=6,
+        eval_every=2,
+        eval_samples=4,
+        save_every=2,
+        preview_every=3,
+        preview_steps=2,
+        learning_rate="0.005",
+        likeness="off",
+    )
     base.update(changes)
     return TrainOptions(**base)
 
 
-def sitting(model, photos: Path, folder: Path, made: list[ConvInShift], stop_at: int | None = None,
-            likeness=None):
+def sitting(model, photos: Path, folder: Path, made: list[ConvInShift], stop_at: int | None = None, likeness=None):
     stop = threading.Event()
 
     def make(setup: TrainableSetup) -> ConvInShift:
@@ -120,13 +134,23 @@ def sitting(model, photos: Path, folder: Path, made: list[ConvInShift], stop_at:
         if stop_at is not None and progress.event == Event.STEP and progress.step == stop_at:
             stop.set()
 
-    return train(options(photos, folder), cache_dir=folder, model=model, stop=stop, on_progress=on_progress,
-                 likeness=likeness, beside=[make])
+    return train(
+        options(photos, folder),
+        cache_dir=folder,
+        model=model,
+        stop=stop,
+        on_progress=on_progress,
+        likeness=likeness,
+        beside=[make],
+    )
 
 
 def new_word(model, folder: Path) -> None:
-    create_embedding(CreateOptions(model="unused", name="tomtut", init_text="toy", vectors=2,
-                                   embeddings_dir=str(folder / "emb")), cache_dir=folder, model=model)
+    create_embedding(
+        CreateOptions(model="unused", name="tomtut", init_text="toy", vectors=2, embeddings_dir=str(folder / "emb")),
+        cache_dir=folder,
+        model=model,
+    )
 
 
 def test_a_trainable_in_the_unet_trains_previews_and_resumes_exactly(sd1_model, photos, tmp_path) -> None:
@@ -168,7 +192,12 @@ def test_the_best_step_keeps_the_unet_trainable_of_that_step(sd1_model, photos, 
 
 
 def test_trainables_refuse_overlapping_keys(sd1_model, tmp_path) -> None:
-    setup = TrainableSetup(sd1_model, options(tmp_path, tmp_path), parse_schedule("0.005", max_steps=6),
-                           tmp_path / "emb" / "tomtut.safetensors", 0)
+    setup = TrainableSetup(
+        sd1_model,
+        options(tmp_path, tmp_path),
+        parse_schedule("0.005", max_steps=6),
+        tmp_path / "emb" / "tomtut.safetensors",
+        0,
+    )
     with pytest.raises(TistudioError, match="share the parameter keys"):
         Trainables([ConvInShift(setup), ConvInShift(setup)])

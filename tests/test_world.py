@@ -28,8 +28,10 @@ def test_the_held_out_person_never_appears_in_the_worlds_samples() -> None:
     people = [world.sample(rng)[2] for _ in range(3000)]
     assert world.HELD_OUT not in people
     assert {p.hair for p in people} == set(world.HAIR) and any(p.glasses and p.beard for p in people)
-    assert world.caption(world.HELD_OUT, world.Scene(style="painting", scene="night"), "tomtut") == \
-        "a painting of tomtut, a person with long red hair, dark skin, glasses and a beard, serious, at night"
+    assert (
+        world.caption(world.HELD_OUT, world.Scene(style="painting", scene="night"), "tomtut")
+        == "a painting of tomtut, a person with long red hair, dark skin, glasses and a beard, serious, at night"
+    )
 
 
 def test_the_person_mask_is_where_the_person_is_drawn() -> None:
@@ -127,8 +129,17 @@ def test_text_controls_the_world_models_pictures(world_model) -> None:
     images, asked = [], []
     for index, person in enumerate(people):
         scene = world.Scene(scene=world.SCENES[index % 4], style=world.STYLES[index // 4 % 2])
-        images += renderer.render(SamplingParams(prompt=world.caption(person, scene), steps=20, sampler="DDIM",
-                                                 cfg=4.0, width=64, height=64, seeds=(index,)))
+        images += renderer.render(
+            SamplingParams(
+                prompt=world.caption(person, scene),
+                steps=20,
+                sampler="DDIM",
+                cfg=4.0,
+                width=64,
+                height=64,
+                seeds=(index,),
+            )
+        )
         asked.append((scene.scene, scene.style))
     share = sum(a == b for a, b in zip(world.read_people(reader, images), people, strict=True)) / len(people)
     assert share >= 0.5, share
@@ -151,8 +162,11 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
     (tmp_path / "template.txt").write_text(TEMPLATE)
     spec = "demo" if model.family == "sd1" else "demo-sdxl"
     steps = STEPS if model.family == "sd1" else STEPS // 2  # SDXL's world learns the person sooner (and costs more)
-    create_embedding(CreateOptions(model=spec, name=NAME, vectors=4, embeddings_dir=str(tmp_path / "emb")),
-                     cache_dir=tmp_path, model=model)
+    create_embedding(
+        CreateOptions(model=spec, name=NAME, vectors=4, embeddings_dir=str(tmp_path / "emb")),
+        cache_dir=tmp_path,
+        model=model,
+    )
     judge = world.likeness_scorer(folder, world.HELD_OUT, NAME)  # seeds 1000-1007: never the trainer's
     trainers = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME)
     shares: list[float] = []
@@ -161,10 +175,24 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
         shares.append(judge(model, encoder))
         return trainers(model, encoder)
 
-    result = train(TrainOptions(model=spec, embedding=NAME, dataset=str(photos), embeddings_dir=str(tmp_path / "emb"),
-                                run_dir=str(tmp_path / "run"), template=str(tmp_path / "template.txt"), batch_size=4,
-                                max_steps=steps, eval_every=steps // 4, preview_every=0, save_every=0),
-                   cache_dir=tmp_path, model=model, likeness=likeness)
+    result = train(
+        TrainOptions(
+            model=spec,
+            embedding=NAME,
+            dataset=str(photos),
+            embeddings_dir=str(tmp_path / "emb"),
+            run_dir=str(tmp_path / "run"),
+            template=str(tmp_path / "template.txt"),
+            batch_size=4,
+            max_steps=steps,
+            eval_every=steps // 4,
+            preview_every=0,
+            save_every=0,
+        ),
+        cache_dir=tmp_path,
+        model=model,
+        likeness=likeness,
+    )
     steps = [step for step, _, _ in read_eval_log(tmp_path / "run" / "eval.csv")]
     kept_step = result.best_step or result.step
     before, kept = shares[0], shares[steps.index(kept_step)]

@@ -47,8 +47,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "tistudio"
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
-                defaults: Mapping[str, Any] | None = None) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), defaults: Mapping[str, Any] | None = None
+) -> None:
     """One flag per dataclass field (positional where the field says so); defaults overrides the fields'."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -72,8 +73,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] 
         shown = "" if default in ("", None) else f" (default: {default})"
         # a field with its own check (samplers match regardless of case) gets its one-line error from validate()
         choices = None if meta.get("check") else meta.get("choices")
-        parser.add_argument(*flags, dest=f.name, type=kind, default=default, metavar=f.name.upper(),
-                            choices=choices, help=help_text + shown)
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            type=kind,
+            default=default,
+            metavar=f.name.upper(),
+            choices=choices,
+            help=help_text + shown,
+        )
 
 
 def options_from(args: argparse.Namespace, cls: type) -> Any:
@@ -134,8 +142,7 @@ def stop_on_signals(announce: bool = True) -> Iterator[threading.Event]:
             return
         from tqdm import tqdm
 
-        tqdm.write("tistudio: stopping after this step and saving (press Ctrl-C again to abort now)",
-                   file=sys.stderr)
+        tqdm.write("tistudio: stopping after this step and saving (press Ctrl-C again to abort now)", file=sys.stderr)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
@@ -160,8 +167,15 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.close()
-        self.bar = tqdm(total=total, initial=initial, unit=self.unit, desc=self.desc, dynamic_ncols=True,
-                        file=sys.stderr, leave=self.leave)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            unit=self.unit,
+            desc=self.desc,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            leave=self.leave,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -199,8 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tistudio.demo.run import run_demo
 
     with stop_on_signals() as stop:
-        result = run_demo(Path(args.out), cache_dir=args.cache_dir, steps=args.demo_steps, family=args.family,
-                          on_progress=ProgressBar("training", "step"), stop=stop)
+        result = run_demo(
+            Path(args.out),
+            cache_dir=args.cache_dir,
+            steps=args.demo_steps,
+            family=args.family,
+            on_progress=ProgressBar("training", "step"),
+            stop=stop,
+        )
     print(result.summary())
     return 0
 
@@ -223,8 +243,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not parallel.main:
         logging.getLogger("tistudio").setLevel(logging.WARNING)
     with stop_on_signals(announce=parallel.main) as stop:
-        result = train(options, cache_dir=args.cache_dir, stop=stop, parallel=parallel,
-                       on_progress=ProgressBar("training", "step") if parallel.main else None)
+        result = train(
+            options,
+            cache_dir=args.cache_dir,
+            stop=stop,
+            parallel=parallel,
+            on_progress=ProgressBar("training", "step") if parallel.main else None,
+        )
     if parallel.main:
         for path, reason in result.skipped_images:
             log.warning("skipped %s: %s", path, reason)
@@ -237,8 +262,7 @@ def cmd_train_many(args: argparse.Namespace) -> int:
     from tistudio.train.batch import load_plan, plan_from_folder, run_plan, select
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
-    given.update({key: getattr(args, key) for key in ("vectors", "init_text") if getattr(args, key, None)
-                  is not None})
+    given.update({key: getattr(args, key) for key in ("vectors", "init_text") if getattr(args, key, None) is not None})
     plan_path = Path(args.plan)
     if plan_path.is_dir():
         if "model" not in given and os.environ.get(ENV_DEFAULTS["model"]):
@@ -281,8 +305,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     options = options_from(args, GenerateOptions)
     with stop_on_signals() as stop:
-        images = generate(options, cache_dir=args.cache_dir, on_progress=ProgressBar("generating", "step", leave=False),
-                          stop=stop)
+        images = generate(
+            options, cache_dir=args.cache_dir, on_progress=ProgressBar("generating", "step", leave=False), stop=stop
+        )
     for image in images:
         print(image.path)
     return 0
@@ -321,8 +346,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if listening and not auth:
         from tistudio.errors import OptionError
 
-        raise OptionError("listen", host, "--listen makes tistudio answer other computers, so it needs a password: "
-                          "add --auth USER:PASS or --auth-file FILE")
+        raise OptionError(
+            "listen",
+            host,
+            "--listen makes tistudio answer other computers, so it needs a password: "
+            "add --auth USER:PASS or --auth-file FILE",
+        )
     model = options_from(args, ModelOptions)
     check_fields(model)
     from tistudio.models.loading import check_model_source
@@ -337,19 +366,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not math.isfinite(args.max_workspace_gb) or args.max_workspace_gb < 0:
         from tistudio.errors import OptionError
 
-        raise OptionError("max_workspace_gb", args.max_workspace_gb, "must be a number of gigabytes, e.g. 200 (0: no "
-                          "cap)")
-    limits = Limits(upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                    workspace_bytes=int(args.max_workspace_gb * 1024 ** 3))
+        raise OptionError(
+            "max_workspace_gb", args.max_workspace_gb, "must be a number of gigabytes, e.g. 200 (0: no cap)"
+        )
+    limits = Limits(
+        upload_bytes=int(args.max_upload_mb * 1024 * 1024), workspace_bytes=int(args.max_workspace_gb * 1024**3)
+    )
     from tistudio.models.loading import parse_devices
 
     devices = parse_devices(args.devices)
-    config = ServerConfig(workspace=Path(args.workspace), model=model, cache_dir=args.cache_dir, auth=auth,
-                          listening=listening, limits=limits, devices=devices)
+    config = ServerConfig(
+        workspace=Path(args.workspace),
+        model=model,
+        cache_dir=args.cache_dir,
+        auth=auth,
+        listening=listening,
+        limits=limits,
+        devices=devices,
+    )
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    print(f"tistudio {__version__}: open http://{shown}:{args.port}/ (API docs at /docs); workspace "
-          f"{Path(args.workspace).resolve()}; model {args.model}" + ("; password required" if auth else "")
-          + (f"; workers on {', '.join(devices)}" if len(devices) > 1 else ""), flush=True)
+    print(
+        f"tistudio {__version__}: open http://{shown}:{args.port}/ (API docs at /docs); workspace "
+        f"{Path(args.workspace).resolve()}; model {args.model}"
+        + ("; password required" if auth else "")
+        + (f"; workers on {', '.join(devices)}" if len(devices) > 1 else ""),
+        flush=True,
+    )
     serve(config, host, args.port)
     return 0
 
@@ -396,16 +438,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     def common(parser: argparse.ArgumentParser, default: Any) -> None:
         """Global flags, accepted before or after the command name."""
-        parser.add_argument("--cache-dir", type=Path, default=default_cache_dir() if default is None else default,
-                            help="cache for the demo model and file hashes (default: $TISTUDIO_CACHE or "
-                            "~/.cache/tistudio)")
-        parser.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
-                            help="more detail")
-        parser.add_argument("-q", "--quiet", action="store_true", default=False if default is None else default,
-                            help="warnings and errors only")
+        parser.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=default_cache_dir() if default is None else default,
+            help="cache for the demo model and file hashes (default: $TISTUDIO_CACHE or ~/.cache/tistudio)",
+        )
+        parser.add_argument(
+            "-v", "--verbose", action="count", default=0 if default is None else default, help="more detail"
+        )
+        parser.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=False if default is None else default,
+            help="warnings and errors only",
+        )
 
-    parser = argparse.ArgumentParser(prog="tistudio", description="Teach Stable Diffusion a new word from a few "
-                                     "photos (textual inversion), then use it in prompts.")
+    parser = argparse.ArgumentParser(
+        prog="tistudio",
+        description="Teach Stable Diffusion a new word from a few photos (textual inversion), then use it in prompts.",
+    )
     parser.add_argument("--version", action="version", version=f"tistudio {__version__}")
     common(parser, None)
     shared = argparse.ArgumentParser(add_help=False)
@@ -418,13 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", help="the whole story on the built-in world model (about a minute)")
     demo.add_argument("--out", default="tistudio-demo", help="folder for the demo run (default: %(default)s)")
     demo.add_argument("--demo-steps", type=int, default=200, help="training steps (default: %(default)s)")
-    demo.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
-                      help="the world model's architecture: Stable Diffusion 1.x, or SDXL's two text encoders and "
-                           "size conditioning (default: %(default)s)")
+    demo.add_argument(
+        "--family",
+        choices=("sd1", "sdxl"),
+        default="sd1",
+        help="the world model's architecture: Stable Diffusion 1.x, or SDXL's two text encoders and "
+        "size conditioning (default: %(default)s)",
+    )
     demo.set_defaults(run=cmd_demo)
 
-    prepare = command("prepare", help="turn a folder of photos into a training set, with a quality report",
-                      description=PrepareOptions.__doc__)
+    prepare = command(
+        "prepare",
+        help="turn a folder of photos into a training set, with a quality report",
+        description=PrepareOptions.__doc__,
+    )
     add_options(prepare, PrepareOptions)
     prepare.set_defaults(run=cmd_prepare)
 
@@ -437,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     add_train_many(command)
-    generate = command("generate", help="generate images with embeddings",
-                                   description=GenerateOptions.__doc__)
+    generate = command("generate", help="generate images with embeddings", description=GenerateOptions.__doc__)
     add_options(generate, GenerateOptions)
     generate.set_defaults(run=cmd_generate)
 
@@ -452,39 +511,57 @@ Command = Callable[..., argparse.ArgumentParser]  # adds a subcommand with the g
 
 
 def add_train_many(command: Command) -> None:
-    many = command("train-many", help="train many embeddings: a jobs .toml plan or a folder of prepared sets",
-                   description="Train one embedding per job of PLAN, one after another (each model loaded once), "
-                   "or one job with --index (a cluster's array task). PLAN is a .toml file ([defaults] and [[job]] "
-                   "tables of train options, plus init_text and vectors for embeddings that do not exist yet; paths "
-                   "relative to the file) or a folder with one prepared set per embedding, named after it. The "
-                   "options below apply to every job; in a .toml plan they replace its [defaults], and a job's own "
-                   "keys win. Run it again to continue: finished jobs are skipped, stopped ones resume. Exits 1 if "
-                   "any job failed.",
-                   epilog="A Slurm array over a plan: sbatch --array=0-$(($(tistudio train-many jobs.toml --count) "
-                   "- 1)) --wrap 'tistudio train-many jobs.toml --index $SLURM_ARRAY_TASK_ID'")
+    many = command(
+        "train-many",
+        help="train many embeddings: a jobs .toml plan or a folder of prepared sets",
+        description="Train one embedding per job of PLAN, one after another (each model loaded once), "
+        "or one job with --index (a cluster's array task). PLAN is a .toml file ([defaults] and [[job]] "
+        "tables of train options, plus init_text and vectors for embeddings that do not exist yet; paths "
+        "relative to the file) or a folder with one prepared set per embedding, named after it. The "
+        "options below apply to every job; in a .toml plan they replace its [defaults], and a job's own "
+        "keys win. Run it again to continue: finished jobs are skipped, stopped ones resume. Exits 1 if "
+        "any job failed.",
+        epilog="A Slurm array over a plan: sbatch --array=0-$(($(tistudio train-many jobs.toml --count) "
+        "- 1)) --wrap 'tistudio train-many jobs.toml --index $SLURM_ARRAY_TASK_ID'",
+    )
     many.add_argument("plan", help="a jobs .toml file, or a folder of prepared sets (one per embedding)")
-    many.add_argument("--index", type=int, default=None, help="run only the job at this 0-based place in the plan "
-                      "(e.g. $SLURM_ARRAY_TASK_ID)")
+    many.add_argument(
+        "--index",
+        type=int,
+        default=None,
+        help="run only the job at this 0-based place in the plan (e.g. $SLURM_ARRAY_TASK_ID)",
+    )
     many.add_argument("--only", nargs="+", metavar="NAME", help="run only the jobs of these embeddings")
     many.add_argument("--list", action="store_true", help="list the jobs (index, name, dataset, steps, model) and stop")
     many.add_argument("--count", action="store_true", help="print the number of jobs and stop (to size an array job)")
     many.add_argument("--vectors", type=int, default=None, help="vectors per token of embeddings created here")
-    many.add_argument("--init-text", default=None, help="initialization text of embeddings created here (default: "
-                      "a person-like start)")
-    add_options(many, TrainOptions, skip=("embedding", "dataset"),
-                defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainOptions)})
+    many.add_argument(
+        "--init-text",
+        default=None,
+        help="initialization text of embeddings created here (default: a person-like start)",
+    )
+    add_options(
+        many,
+        TrainOptions,
+        skip=("embedding", "dataset"),
+        defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainOptions)},
+    )
     many.set_defaults(run=cmd_train_many)
 
 
 def add_use_step(command: Command) -> None:
-    use_step = command("use-step", help="make a saved step of a training run the embedding (nothing is lost)",
-                       description="Make the copy a run saved at STEP the embedding NAME (pick the step whose "
-                       "previews look best). The replaced embedding is kept as its step's copy, and training further "
-                       "still continues from the run's last step.")
+    use_step = command(
+        "use-step",
+        help="make a saved step of a training run the embedding (nothing is lost)",
+        description="Make the copy a run saved at STEP the embedding NAME (pick the step whose "
+        "previews look best). The replaced embedding is kept as its step's copy, and training further "
+        "still continues from the run's last step.",
+    )
     use_step.add_argument("name", help="the embedding's name")
     use_step.add_argument("step", type=int, help="a step with a saved copy (runs/NAME/embeddings/NAME-STEP)")
-    use_step.add_argument("--embeddings-dir", "--embeddings", default="embeddings",
-                          help="folder of embeddings (default: %(default)s)")
+    use_step.add_argument(
+        "--embeddings-dir", "--embeddings", default="embeddings", help="folder of embeddings (default: %(default)s)"
+    )
     use_step.add_argument("--run-dir", default="", help="run folder (default: runs/NAME)")
     use_step.set_defaults(run=cmd_use_step)
 
@@ -496,16 +573,27 @@ def add_serve(command: Command) -> None:
     server.add_argument("--listen", action="store_true", help="answer other computers too (needs --auth)")
     server.add_argument("--auth", default="", help="USER:PASS (several separated by commas)")
     server.add_argument("--auth-file", default="", help="a file of USER:PASS lines")
-    server.add_argument("--workspace", default="tistudio-workspace", help="folder for everything the server keeps "
-                        "(default: %(default)s)")
+    server.add_argument(
+        "--workspace",
+        default="tistudio-workspace",
+        help="folder for everything the server keeps (default: %(default)s)",
+    )
     # the model for all of the server's jobs; clip skip is chosen per job
     add_options(server, ModelOptions, skip=("clip_skip",), defaults={"model": "demo"})
     server.add_argument("--max-upload-mb", type=float, default=50, help="largest uploaded file (default: %(default)s)")
-    server.add_argument("--max-workspace-gb", type=float, default=0,
-                        help="refuse uploads and images past this much in the workspace (default: 0, no cap)")
-    server.add_argument("--devices", default="", help="one worker per device, each with its own model: 'all' (every "
-                        "CUDA GPU) or e.g. 'cuda:0,cuda:1'; jobs go to the next free one (default: one worker on "
-                        "--device)")
+    server.add_argument(
+        "--max-workspace-gb",
+        type=float,
+        default=0,
+        help="refuse uploads and images past this much in the workspace (default: 0, no cap)",
+    )
+    server.add_argument(
+        "--devices",
+        default="",
+        help="one worker per device, each with its own model: 'all' (every "
+        "CUDA GPU) or e.g. 'cuda:0,cuda:1'; jobs go to the next free one (default: one worker on "
+        "--device)",
+    )
     server.set_defaults(run=cmd_serve)
 
 
@@ -517,11 +605,15 @@ def add_file_commands(command: Command) -> None:
 
     convert = command("convert", help="write an embedding in another tool's format")
     convert.add_argument("file", help="embedding file of any supported format")
-    convert.add_argument("--to", required=True, choices=("a1111", "png", "diffusers", "onetrainer", "safetensors"),
-                         help="a1111: A1111 .pt; png: a picture A1111 loads as the embedding (its sd-ti-embedding "
-                         "chunk, and the same data in strips beside the picture); diffusers: {NAME: vectors} "
-                         "safetensors; onetrainer: OneTrainer's emp_params safetensors; safetensors: tistudio's "
-                         "(which A1111, Forge, ComfyUI and kohya read)")
+    convert.add_argument(
+        "--to",
+        required=True,
+        choices=("a1111", "png", "diffusers", "onetrainer", "safetensors"),
+        help="a1111: A1111 .pt; png: a picture A1111 loads as the embedding (its sd-ti-embedding "
+        "chunk, and the same data in strips beside the picture); diffusers: {NAME: vectors} "
+        "safetensors; onetrainer: OneTrainer's emp_params safetensors; safetensors: tistudio's "
+        "(which A1111, Forge, ComfyUI and kohya read)",
+    )
     convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
     convert.set_defaults(run=cmd_convert)
 

@@ -54,9 +54,20 @@ def option(
     label: a form's label where the field's name does not read well ("CFG scale" for cfg). page_help: the help a
     form shows where the CLI's does not fit it (a server takes no files).
     """
-    meta = {"help": help, "choices": choices, "check": check, "suggestions": suggestions, "minimum": minimum,
-            "maximum": maximum, "required": required, "positional": positional, "advanced": advanced,
-            "widget": widget, "label": label, "page_help": page_help}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "check": check,
+        "suggestions": suggestions,
+        "minimum": minimum,
+        "maximum": maximum,
+        "required": required,
+        "positional": positional,
+        "advanced": advanced,
+        "widget": widget,
+        "label": label,
+        "page_help": page_help,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -73,10 +84,10 @@ MAX_PROMPT_CHARS = 8000
 
 def check_prompt(text: str, field_name: str = "prompt") -> str:
     if len(text or "") > MAX_PROMPT_CHARS:
-        raise OptionError(field_name, f"{len(text)} characters", f"a prompt may have at most {MAX_PROMPT_CHARS:,} "
-                          "characters")
+        raise OptionError(
+            field_name, f"{len(text)} characters", f"a prompt may have at most {MAX_PROMPT_CHARS:,} characters"
+        )
     return text
-
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,9 @@ class ModelOptions:
     """Which model to load and how. Shared by every job that needs a model."""
 
     # A diffusers folder, a single .safetensors/.ckpt checkpoint, a Hugging Face Hub id, or "demo".
-    model: str = option("", "model: a diffusers folder, a .safetensors/.ckpt file, a Hub id, 'demo' or 'demo-sdxl'",
-                        required=True)
+    model: str = option(
+        "", "model: a diffusers folder, a .safetensors/.ckpt file, a Hub id, 'demo' or 'demo-sdxl'", required=True
+    )
     # "auto" picks CUDA, then Apple MPS, then the CPU.
     device: str = option("auto", "device to run on", choices=DEVICES)
     # Precision of the frozen model parts; "auto" is bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU.
@@ -93,8 +105,9 @@ class ModelOptions:
     # Override the checkpoint's prediction type when its file does not say (SD2 768-v models use v_prediction).
     prediction_type: str = option("auto", "noise prediction type of the model", choices=PREDICTION_TYPES)
     # Use the output of the N-th last text-encoder layer (A1111's "Clip skip"; 2 for many anime models).
-    clip_skip: int = option(1, "use the N-th last layer of the text encoder", minimum=1, maximum=12, advanced=True,
-                           label="CLIP skip")
+    clip_skip: int = option(
+        1, "use the N-th last layer of the text encoder", minimum=1, maximum=12, advanced=True, label="CLIP skip"
+    )
 
 
 @dataclass(frozen=True)
@@ -102,12 +115,14 @@ class CreateOptions(ModelOptions):
     """Create a new, untrained embedding (A1111's "Create embedding")."""
 
     # The word you will type in prompts; also the file name. One word: letters, digits, '_' and '-'.
-    name: str = option("", "the embedding's name: the word you will use in prompts", required=True,
-                       positional=True)
+    name: str = option("", "the embedding's name: the word you will use in prompts", required=True, positional=True)
     # Empty or 'auto': a person-like start for faces (Cross Initialization's idea: the mean of common first names,
     # a different group of names per vector). A text ('dog', 'oil painting', A1111's '*') starts from its tokens.
-    init_text: str = option("", "initialization text (empty or 'auto': a person-like start for faces; e.g. "
-                            "'dog', 'oil painting')", label="Initialization text")
+    init_text: str = option(
+        "",
+        "initialization text (empty or 'auto': a person-like start for faces; e.g. 'dog', 'oil painting')",
+        label="Initialization text",
+    )
     # How many vectors the name stands for (A1111's "Number of vectors per token"); 3-4 suit a face.
     vectors: int = option(4, "number of vectors per token", minimum=1, maximum=75)
     # Replace an existing embedding of the same name.
@@ -128,19 +143,23 @@ class TrainOptions(ModelOptions):
     # Run folder for copies, previews, loss.csv and resume state; default runs/NAME.
     run_dir: str = option("", "run folder (default: runs/NAME)")
     # A1111's schedule grammar: "0.005" or "0.005:100, 1e-3:1000, 1e-5" (rate until step, ...).
-    learning_rate: str = option("0.005", "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'",
-                                widget="wide")
+    learning_rate: str = option("0.005", "learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'", widget="wide")
     # Images per micro-batch. 0: automatic - on a GPU the largest of 8, 4, 2, 1 (at most the number of images)
     # whose forward and backward pass fit in 90% of its memory, found by trying; 1 on a CPU or Mac. A resumed
     # run keeps the batch size it started with.
-    batch_size: int = option(1, "images per micro-batch (0: the largest that fits the GPU, up to 8)", minimum=0,
-                             maximum=256)
+    batch_size: int = option(
+        1, "images per micro-batch (0: the largest that fits the GPU, up to 8)", minimum=0, maximum=256
+    )
     # Micro-batches accumulated per optimizer step; one step = batch_size * gradient_accumulation images.
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1, maximum=1024)
     # subject, subject_filewords, style, style_filewords, none, or a path to a template file.
-    template: str = option("subject", "prompt template: a shipped name or a .txt file", suggestions=SHIPPED,
-                           page_help="prompt template: subject for a person or thing, style for a style; _filewords "
-                           "adds each photo's caption")
+    template: str = option(
+        "subject",
+        "prompt template: a shipped name or a .txt file",
+        suggestions=SHIPPED,
+        page_help="prompt template: subject for a person or thing, style for a style; _filewords "
+        "adds each photo's caption",
+    )
     # Training resolution in pixels (square); 0 means the model's native size (512 SD1, 768 SD2-v).
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
@@ -151,29 +170,40 @@ class TrainOptions(ModelOptions):
     save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
     # Preview prompt; empty means the template's first line with the name.
     # The preview_* fields are a preview's SamplingParams (generate/images.py), as flags of their own.
-    preview_prompt: str = option("", "preview prompt (default: the template's first line)", widget="wide",
-                                 check=check_prompt)
+    preview_prompt: str = option(
+        "", "preview prompt (default: the template's first line)", widget="wide", check=check_prompt
+    )
     preview_negative_prompt: str = option("", "preview negative prompt", advanced=True, check=check_prompt)
     # A fixed seed makes previews comparable across steps.
     preview_seed: int = option(1234, "preview seed", minimum=0, maximum=2**32 - 1, advanced=True)
     preview_steps: int = option(20, "preview sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS, advanced=True)
-    preview_sampler: str = option("DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES,
-                                  check=check_sampler, advanced=True)
+    preview_sampler: str = option(
+        "DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES, check=check_sampler, advanced=True
+    )
     preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True, label="Preview CFG scale")
     # Store the step's embedding inside each preview PNG (A1111's "Save images with embedding in PNG chunks"):
     # the picture is then a file A1111 loads as the embedding at that step, named NAME-STEP.
     # TensorBoard event files in RUN/tensorboard beside loss.csv: loss, learning rate, evaluations, previews.
-    tensorboard: bool = option(False, "write TensorBoard logs in the run folder (needs tistudio[tensorboard])",
-                               advanced=True, label="TensorBoard logs")
-    preview_embedded: bool = option(False, "store the step's embedding inside each preview PNG (A1111 loads it)",
-                                    advanced=True, label="Embedding inside previews")
+    tensorboard: bool = option(
+        False,
+        "write TensorBoard logs in the run folder (needs tistudio[tensorboard])",
+        advanced=True,
+        label="TensorBoard logs",
+    )
+    preview_embedded: bool = option(
+        False,
+        "store the step's embedding inside each preview PNG (A1111 loads it)",
+        advanced=True,
+        label="Embedding inside previews",
+    )
     # Also train on mirrored images (their latents are cached too).
     flip: bool = option(False, "add horizontally flipped copies of every image")
     # Shuffle the comma-separated tags of [filewords] for each sample (A1111 option).
     shuffle_tags: bool = option(False, "shuffle caption tags for each sample", advanced=True)
     # Drop each caption tag with this probability (A1111 option).
-    tag_dropout: float = option(0.0, "probability of dropping each caption tag", minimum=0.0, maximum=1.0,
-                                advanced=True)
+    tag_dropout: float = option(
+        0.0, "probability of dropping each caption tag", minimum=0.0, maximum=1.0, advanced=True
+    )
     # AdamW weight decay on the vectors (A1111 uses 0).
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0.0, maximum=1.0, advanced=True)
     # Clip the gradient norm of the vectors (0: off).
@@ -183,9 +213,12 @@ class TrainOptions(ModelOptions):
     # Every N steps, the loss on a fixed batch (same latents, noise, timesteps, prompts); no images. 0: off.
     # Less often as the curve slows (evaluation.evaluation_interval): every N steps to step 500, 2N to 1500, 4N to
     # 3500, ...
-    eval_every: int = option(25, "evaluate the loss on a fixed batch every N steps (2N after step 500, 4N after 1500, "
-                             "...; 0: off)",
-                             minimum=0, advanced=True)
+    eval_every: int = option(
+        25,
+        "evaluate the loss on a fixed batch every N steps (2N after step 500, 4N after 1500, ...; 0: off)",
+        minimum=0,
+        advanced=True,
+    )
     # Samples in the fixed batch (each image in turn, fixed noise, timesteps and prompts); a forward pass each. 8 keep
     # a step as good as 16 did (bench/evaluation.py) at half the cost. A resumed run keeps the batch it began with.
     eval_samples: int = option(8, "samples in the fixed evaluation batch", minimum=2, maximum=256, advanced=True)
@@ -194,65 +227,108 @@ class TrainOptions(ModelOptions):
     # step; evaluation.likeness_due), likeness_pictures pictures of likeness_steps sampler steps, compared with the
     # training photos' faces; the highest likeness is the step kept.
     # auto: where tistudio[faces] is installed and the photos show faces; on: the extra is required; off: the loss.
-    likeness: str = option("auto", "keep the step whose pictures look most like the face in the photos (auto: with "
-                           "tistudio[faces] and faces in the photos)", choices=("auto", "on", "off"), advanced=True)
-    likeness_every: int = option(250, "measure the face likeness every N steps (2N after step 1500; at an "
-                                 "evaluation)", minimum=1, advanced=True)
-    likeness_pictures: int = option(4, "pictures per face-likeness measurement", minimum=1, maximum=32,
-                                    advanced=True)
-    likeness_steps: int = option(12, "sampler steps of each face-likeness picture", minimum=1, maximum=150,
-                                 advanced=True)
+    likeness: str = option(
+        "auto",
+        "keep the step whose pictures look most like the face in the photos (auto: with "
+        "tistudio[faces] and faces in the photos)",
+        choices=("auto", "on", "off"),
+        advanced=True,
+    )
+    likeness_every: int = option(
+        250, "measure the face likeness every N steps (2N after step 1500; at an evaluation)", minimum=1, advanced=True
+    )
+    likeness_pictures: int = option(4, "pictures per face-likeness measurement", minimum=1, maximum=32, advanced=True)
+    likeness_steps: int = option(
+        12, "sampler steps of each face-likeness picture", minimum=1, maximum=150, advanced=True
+    )
     # max-steps: train to max_steps; auto: stop once the fixed-batch loss has stopped changing (DVAR).
-    stop: str = option("max-steps", "when to stop: at max_steps, or auto once the loss has converged",
-                       choices=("max-steps", "auto"))
+    stop: str = option(
+        "max-steps", "when to stop: at max_steps, or auto once the loss has converged", choices=("max-steps", "auto")
+    )
     # What NAME.safetensors holds when training ends: the best step (the lowest fixed-batch loss: the first
     # evaluation within 0.5% of the loss's whole drop above the lowest; where the caller of train() measures a
     # likeness at every evaluation, as the demo does, its highest), or the last.
-    final: str = option("best", "the embedding to keep at the end: the best step (the last is kept too) or the "
-                        "last", choices=("best", "last"), advanced=True)
+    final: str = option(
+        "best",
+        "the embedding to keep at the end: the best step (the last is kept too) or the last",
+        choices=("best", "last"),
+        advanced=True,
+    )
     # Keep each vector's norm at most this many times the vocabulary's median token norm (0: no limit).
-    max_norm: float = option(0.0, "limit vector norms to this many times a typical word's (0: off)", minimum=0.0,
-                             maximum=1000.0, advanced=True)
+    max_norm: float = option(
+        0.0,
+        "limit vector norms to this many times a typical word's (0: off)",
+        minimum=0.0,
+        maximum=1000.0,
+        advanced=True,
+    )
     # Pull the vectors toward where they started (weight of a mean squared distance added to the loss).
-    init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0,
-                              advanced=True)
+    init_pull: float = option(0.0, "weight of a pull toward the initial vectors (0: off)", minimum=0.0, advanced=True)
     # Directional textual inversion (arXiv 2512.13672): each vector's norm is held at this many times the
     # vocabulary's median token norm and only its direction trains (the gradient's part along the vector is removed,
     # and the vector is put back on its sphere after every step), so the word cannot grow loud enough to drown the
     # rest of the prompt. 0: off (the norm is free, or capped by max_norm).
-    fixed_norm: float = option(0.0, "train only the vectors' directions, their norms held at this many times a "
-                               "typical word's (0: off)", minimum=0.0, maximum=100.0, advanced=True)
+    fixed_norm: float = option(
+        0.0,
+        "train only the vectors' directions, their norms held at this many times a typical word's (0: off)",
+        minimum=0.0,
+        maximum=100.0,
+        advanced=True,
+    )
     # Weight the loss toward the subject: "masks" where a photo has one (an alpha channel, or IMAGE.mask.png /
     # IMAGE-masklabel.png beside it: white the subject, black the rest), "face" also a head-and-shoulders shape around
     # the face found in photos without one, "auto" that where most photos show a face and the template is not a
     # style's (train/masks.py), "off" never. The rest of the picture keeps mask_background of the weight. A resumed run
     # keeps what "auto" chose when it began.
-    loss_mask: str = option("auto", "weight the loss toward the subject: auto (photo masks, and head and shoulders "
-                            "in a set of faces), masks (alpha or IMAGE.mask.png), face (around any face found) or "
-                            "off", choices=("auto", "masks", "face", "off"), advanced=True)
-    mask_background: float = option(0.1, "the loss weight of what a mask leaves out, relative to the subject",
-                                    minimum=0.0, maximum=1.0, advanced=True)
+    loss_mask: str = option(
+        "auto",
+        "weight the loss toward the subject: auto (photo masks, and head and shoulders "
+        "in a set of faces), masks (alpha or IMAGE.mask.png), face (around any face found) or "
+        "off",
+        choices=("auto", "masks", "face", "off"),
+        advanced=True,
+    )
+    mask_background: float = option(
+        0.1,
+        "the loss weight of what a mask leaves out, relative to the subject",
+        minimum=0.0,
+        maximum=1.0,
+        advanced=True,
+    )
     # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for
     # large sizes and batches, about a third more compute per step. Results are the same.
-    gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)",
-                                          advanced=True)
+    gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)", advanced=True)
     # Compile the UNet with torch.compile for the training steps: on GPUs it fuses kernels after a few minutes of
     # compiling. On CPUs it is slower (measured on 2 cores: 9.7 s against 5.5 s a full-size step at 256 px).
-    compile_unet: bool = option(False, "compile the UNet with torch.compile (GPUs; minutes to compile first)",
-                                advanced=True, label="Compile the UNet")
+    compile_unet: bool = option(
+        False,
+        "compile the UNet with torch.compile (GPUs; minutes to compile first)",
+        advanced=True,
+        label="Compile the UNet",
+    )
     # Keep the UNet's weights channels-last (NHWC) during the training steps: the layout NVIDIA's tensor cores
     # convolve fastest in bf16/fp16. On CPUs it was slower (5.2 s against 4.2 s a full-size step). Results agree
     # with the default layout within float rounding; evaluation and previews use the default layout.
-    channels_last: bool = option(False, "channels-last memory layout for the UNet while training (GPUs)",
-                                 advanced=True, label="Channels-last layout")
+    channels_last: bool = option(
+        False,
+        "channels-last memory layout for the UNet while training (GPUs)",
+        advanced=True,
+        label="Channels-last layout",
+    )
 
 
 @dataclass(frozen=True)
 class GenerateOptions(ModelOptions):
     """Generate images (A1111's txt2img), using every embedding whose name appears in the prompts."""
 
-    prompt: str = option("", "prompt; embedding names in it are used", required=True, positional=True,
-                         widget="textarea", check=check_prompt)
+    prompt: str = option(
+        "",
+        "prompt; embedding names in it are used",
+        required=True,
+        positional=True,
+        widget="textarea",
+        check=check_prompt,
+    )
     negative_prompt: str = option("", "negative prompt", widget="textarea", check=check_prompt)
     steps: int = option(20, "sampling steps", minimum=1, maximum=MAX_SAMPLING_STEPS)
     sampler: str = option("DPM++ 2M Karras", "sampler, by its A1111 name", choices=SAMPLER_NAMES, check=check_sampler)
@@ -263,8 +339,9 @@ class GenerateOptions(ModelOptions):
     size: str = option("", "image size, WIDTHxHEIGHT (default: the model's native size)")
     batch: int = option(1, "images to generate at once (A1111's batch size)", minimum=1, maximum=64)
     # Batches drawn one after another (A1111's batch count): batch x batch_count images, the seeds running on.
-    batch_count: int = option(1, "batches one after another (A1111's batch count)", minimum=1, maximum=100,
-                              advanced=True)
+    batch_count: int = option(
+        1, "batches one after another (A1111's batch count)", minimum=1, maximum=100, advanced=True
+    )
     embeddings_dir: str = option("embeddings", "folder of embeddings")
     out_dir: str = option("outputs", "folder for the images")
 
@@ -284,19 +361,26 @@ class PrepareOptions:
     # Also write a mirrored copy of every image.
     flip: bool = option(False, "also write a horizontally flipped copy of every image")
     # What to do with an existing IMAGE.txt caption next to a photo (A1111's "Existing Caption txt Action").
-    caption_action: str = option("ignore", "existing IMAGE.txt captions: ignore, copy, prepend or append",
-                                 label="Existing captions",
-                                 choices=("ignore", "copy", "prepend", "append"))
+    caption_action: str = option(
+        "ignore",
+        "existing IMAGE.txt captions: ignore, copy, prepend or append",
+        label="Existing captions",
+        choices=("ignore", "copy", "prepend", "append"),
+    )
     # Cut very wide or tall photos without a face into overlapping squares instead of one centre square.
     split: bool = option(False, "split very wide or tall photos without a face into several squares", advanced=True)
     # Photos that would need more enlargement than this are left out as too small.
-    max_upscale: float = option(2.0, "largest enlargement allowed before a photo counts as too small",
-                                minimum=1.0, maximum=8.0, advanced=True)
+    max_upscale: float = option(
+        2.0, "largest enlargement allowed before a photo counts as too small", minimum=1.0, maximum=8.0, advanced=True
+    )
     # Tell the people in the photos apart (a face descriptor per photo, prepare/identity.py): which photos show someone
     # else than the rest, how many people the set holds. auto: where the optional extra tistudio[faces] is
     # installed; on: required; off: never.
-    identity: str = option("auto", "check that the photos show one person (auto: if tistudio[faces] is installed)",
-                           choices=("auto", "on", "off"))
+    identity: str = option(
+        "auto",
+        "check that the photos show one person (auto: if tistudio[faces] is installed)",
+        choices=("auto", "on", "off"),
+    )
 
 
 T = TypeVar("T")
@@ -371,11 +455,18 @@ def check_name(name: str, field_name: str = "name") -> str:
     """A name is one word of letters, digits, '_' and '-': an embedding's (it is typed in prompts and is a file
     stem), and the server's photo sets and prepared sets."""
     if not NAME_PATTERN.match(name or ""):
-        raise OptionError(field_name, name, "use one word of letters, digits, '_' or '-' (at most 64 "
-                          "characters, starting with a letter or digit), e.g. 'tomtut'")
+        raise OptionError(
+            field_name,
+            name,
+            "use one word of letters, digits, '_' or '-' (at most 64 "
+            "characters, starting with a letter or digit), e.g. 'tomtut'",
+        )
     if WINDOWS_RESERVED.match(name):
-        raise OptionError(field_name, name, "is a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, "
-                          "LPT1-9); choose another")
+        raise OptionError(
+            field_name,
+            name,
+            "is a name Windows keeps for a device (CON, PRN, AUX, NUL, COM1-9, LPT1-9); choose another",
+        )
     return name
 
 
@@ -416,13 +507,17 @@ def validate_train(options: TrainOptions) -> None:
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     load_template(options.template)
     if options.fixed_norm and options.max_norm:
-        raise OptionError("fixed_norm", options.fixed_norm, "a held norm and a norm cap exclude each other; set "
-                          "max_norm to 0 or fixed_norm to 0")
+        raise OptionError(
+            "fixed_norm",
+            options.fixed_norm,
+            "a held norm and a norm cap exclude each other; set max_norm to 0 or fixed_norm to 0",
+        )
     if options.tensorboard:
         check_tensorboard()
     if options.likeness == "on" and not faces_available():
-        raise OptionError("likeness", "on", f"judging pictures by face needs the optional extra: {FACES} (or "
-                          "--likeness auto)")
+        raise OptionError(
+            "likeness", "on", f"judging pictures by face needs the optional extra: {FACES} (or --likeness auto)"
+        )
 
 
 def validate_generate(options: GenerateOptions) -> None:

@@ -31,12 +31,21 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 TORCH_ZIP_MEMBER = re.compile(
     r"^[^/]+/(data\.pkl|version|byteorder|\.format_version|\.storage_alignment|\.data/version|"
-    r"\.data/serialization_id|data/\d+)$")
+    r"\.data/serialization_id|data/\d+)$"
+)
 
 
 # What a damaged zip archive can raise from the standard library.
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError, struct.error, zlib.error,
-               UnicodeDecodeError)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    UnicodeDecodeError,
+)
 
 
 class InertObject:
@@ -85,8 +94,9 @@ def check_size(path: Path, max_bytes: int, what: str) -> int:
     if size == 0:
         raise UnsafeFileError(f"{path}: the file is empty (0 bytes); it is not {what}")
     if size > max_bytes:
-        raise UnsafeFileError(f"{path}: {size:,} bytes is larger than {what} can be ({max_bytes:,} bytes at "
-                              "most); refusing to read it")
+        raise UnsafeFileError(
+            f"{path}: {size:,} bytes is larger than {what} can be ({max_bytes:,} bytes at most); refusing to read it"
+        )
     return size
 
 
@@ -99,22 +109,26 @@ def safetensors_header(path: Path, max_tensors: int, max_elements: int) -> tuple
             raise UnsafeFileError(f"{path}: truncated safetensors file (no header)")
         (length,) = struct.unpack("<Q", raw_length)
         if length > MAX_HEADER_BYTES or length + 8 > size:
-            raise UnsafeFileError(f"{path}: safetensors header of {length:,} bytes does not fit the file "
-                                  f"({size:,} bytes); the file is truncated or corrupt")
+            raise UnsafeFileError(
+                f"{path}: safetensors header of {length:,} bytes does not fit the file "
+                f"({size:,} bytes); the file is truncated or corrupt"
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UnsafeFileError(f"{path}: the safetensors header is not valid JSON ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from None
+        raise UnsafeFileError(
+            f"{path}: the safetensors header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not isinstance(header, dict):
         raise UnsafeFileError(f"{path}: the safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise UnsafeFileError(f"{path}: safetensors metadata must map names to text")
     if len(header) > max_tensors:
-        raise UnsafeFileError(f"{path}: {len(header):,} tensors is more than this kind of file holds "
-                              f"({max_tensors:,} at most)")
+        raise UnsafeFileError(
+            f"{path}: {len(header):,} tensors is more than this kind of file holds ({max_tensors:,} at most)"
+        )
     data_size = size - 8 - length
     total = 0
     for name, entry in header.items():
@@ -123,25 +137,33 @@ def safetensors_header(path: Path, max_tensors: int, max_elements: int) -> tuple
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
             raise UnsafeFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+        ):
             raise UnsafeFileError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
             raise UnsafeFileError(f"{path}: tensor {name!r} points outside the file (truncated or corrupt)")
         elements = 1
         for d in shape:
             elements *= d
         total += elements
         if total > max_elements:
-            raise UnsafeFileError(f"{path}: the tensors hold more than {max_elements:,} numbers, far more than "
-                                  "this kind of file holds")
+            raise UnsafeFileError(
+                f"{path}: the tensors hold more than {max_elements:,} numbers, far more than this kind of file holds"
+            )
     return header, metadata
 
 
-def load_safetensors(path: Path, max_bytes: int, max_tensors: int, max_elements: int,
-                     keys: list[str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def load_safetensors(
+    path: Path, max_bytes: int, max_tensors: int, max_elements: int, keys: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors (all, or only `keys`) and metadata of a safetensors file, after checking its header."""
     from safetensors import SafetensorError, safe_open
 
@@ -172,8 +194,10 @@ def _check_torch_zip(path: Path, max_bytes: int) -> None:
         if not TORCH_ZIP_MEMBER.match(member.filename):
             raise UnsafeFileError(f"{path}: unexpected archive member {member.filename!r}; not a PyTorch file")
         if member.compress_type != zipfile.ZIP_STORED and member.file_size > 100 * max(member.compress_size, 1):
-            raise UnsafeFileError(f"{path}: archive member {member.filename!r} expands "
-                                  f"{member.file_size // max(member.compress_size, 1):,}x (a zip bomb)")
+            raise UnsafeFileError(
+                f"{path}: archive member {member.filename!r} expands "
+                f"{member.file_size // max(member.compress_size, 1):,}x (a zip bomb)"
+            )
         total += member.file_size
     if total > max_bytes:
         raise UnsafeFileError(f"{path}: the archive expands to {total:,} bytes, more than {max_bytes:,}")
@@ -198,9 +222,22 @@ def load_torch_pickle(path: Path, max_bytes: int) -> Any:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeFileError(f"{path}: refused: the file contains objects other than tensors and plain data, "
-                              f"which could run code when loaded ({first[:300]})") from None
-    except (*_ZIP_ERRORS, RuntimeError, KeyError, TypeError, AttributeError, IndexError, MemoryError,
-            OverflowError, RecursionError) as exc:
-        raise UnsafeFileError(f"{path}: cannot read this PyTorch file; it is truncated or corrupt "
-                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise UnsafeFileError(
+            f"{path}: refused: the file contains objects other than tensors and plain data, "
+            f"which could run code when loaded ({first[:300]})"
+        ) from None
+    except (
+        *_ZIP_ERRORS,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        MemoryError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
+        raise UnsafeFileError(
+            f"{path}: cannot read this PyTorch file; it is truncated or corrupt "
+            f"({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None

@@ -27,10 +27,20 @@ class Base:
 
 
 # A1111's schedule types: API name -> label. Those diffusers can draw map to a config key.
-SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-             "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
-             "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal", "ddim": "DDIM",
-             "beta": "Beta"}
+SCHEDULES = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
 _SIGMAS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}
 
 _UKE = ("uniform", "karras", "exponential")
@@ -40,10 +50,16 @@ BASES = (
     Base("DPM++ 2M", "DPMSolverMultistepScheduler", _DPMPP, _UKE, "karras"),
     Base("DPM++ SDE", "DPMSolverSDEScheduler", (), ("uniform", "karras"), "karras"),
     Base("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _DPMPP_SDE, _UKE, "exponential"),
-    Base("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", (*_DPMPP_SDE, ("solver_type", "heun")), _UKE,
-         "exponential"),
-    Base("DPM++ 3M SDE", "DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3)),
-         _UKE, "exponential"),
+    Base(
+        "DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", (*_DPMPP_SDE, ("solver_type", "heun")), _UKE, "exponential"
+    ),
+    Base(
+        "DPM++ 3M SDE",
+        "DPMSolverMultistepScheduler",
+        (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3)),
+        _UKE,
+        "exponential",
+    ),
     Base("Euler a", "EulerAncestralDiscreteScheduler"),
     Base("Euler", "EulerDiscreteScheduler", (), _UKE),
     Base("LMS", "LMSDiscreteScheduler", (), _UKE),
@@ -102,8 +118,9 @@ def _with_schedule(words: str) -> tuple[str, str] | None:
     return None
 
 
-def resolve(sampler: str, schedule: str | None, sampler_field: str = "sampler_name",
-            schedule_field: str = "scheduler") -> str:
+def resolve(
+    sampler: str, schedule: str | None, sampler_field: str = "sampler_name", schedule_field: str = "scheduler"
+) -> str:
     """The canonical name for an A1111 request's sampler and schedule type, as A1111 1.10 picks them: a schedule
     in the sampler's name wins ("DPM++ 2M Karras"), else the schedule field, and "Automatic" (or none) is the
     sampler's own default. An unknown sampler or a schedule diffusers cannot draw for it is an error naming it."""
@@ -115,14 +132,16 @@ def resolve(sampler: str, schedule: str | None, sampler_field: str = "sampler_na
     if base is None:
         raise OptionError(sampler_field, sampler, f"unknown sampler; choose one of: {', '.join(b.name for b in BASES)}")
     if chosen is None:
-        raise OptionError(schedule_field, schedule, f"unknown schedule type; choose one of: "
-                                                    f"{', '.join(SCHEDULES.values())}")
+        raise OptionError(
+            schedule_field, schedule, f"unknown schedule type; choose one of: {', '.join(SCHEDULES.values())}"
+        )
     if chosen == "automatic":
         chosen = _BASE[base].automatic
     if chosen not in _BASE[base].schedules:
         can = ", ".join(SCHEDULES[s] for s in ("automatic", *_BASE[base].schedules))
-        raise OptionError(schedule_field, SCHEDULES[chosen], f"tistudio cannot draw {base} on this schedule; "
-                                                             f"choose one of: {can}")
+        raise OptionError(
+            schedule_field, SCHEDULES[chosen], f"tistudio cannot draw {base} on this schedule; choose one of: {can}"
+        )
     return joined(base, chosen)
 
 

@@ -43,8 +43,9 @@ class Schedule:
 
 
 def _fail(text: str, where: str, fix: str) -> OptionError:
-    return OptionError("learning_rate", text, f"{where}: {fix}; write a number such as 0.005, or a schedule "
-                       f"such as '{EXAMPLE}'")
+    return OptionError(
+        "learning_rate", text, f"{where}: {fix}; write a number such as 0.005, or a schedule such as '{EXAMPLE}'"
+    )
 
 
 def _parse_rate(text: str, rate_text: str, item: str, position: int) -> float:
@@ -82,8 +83,9 @@ def parse_schedule(text: str, max_steps: int, start_step: int = 0) -> Schedule:
         try:
             step = int(step_text)
         except ValueError:
-            raise _fail(text, f"item {position} '{item}'", f"the step '{step_text}' is not a whole number "
-                        "(write 1000, not 1e3)") from None
+            raise _fail(
+                text, f"item {position} '{item}'", f"the step '{step_text}' is not a whole number (write 1000, not 1e3)"
+            ) from None
         if step == -1:
             if max_steps > start_step:
                 pairs.append((rate, max_steps))
@@ -98,7 +100,11 @@ def parse_schedule(text: str, max_steps: int, start_step: int = 0) -> Schedule:
                 break
     if not pairs:
         if position:
-            raise OptionError("learning_rate", text, f"every step in the schedule is already done (the embedding "
-                              f"is at step {start_step}); add a final rate without a step, e.g. '{text}, 1e-5'")
+            raise OptionError(
+                "learning_rate",
+                text,
+                f"every step in the schedule is already done (the embedding "
+                f"is at step {start_step}); add a final rate without a step, e.g. '{text}, 1e-5'",
+            )
         raise _fail(text, "empty", "give a learning rate")
     return Schedule(tuple(pairs))

@@ -40,11 +40,19 @@ def load_template(spec: str) -> tuple[str, ...]:
         raise OptionError("template", spec, "the template has no lines; write one prompt per line with [name]")
     with_name = [line for line in lines if "[name]" in line]
     if not with_name:
-        raise OptionError("template", spec, "no line contains [name], so the embedding would never be in the "
-                          "prompt and could learn nothing; add [name] where the subject goes")
+        raise OptionError(
+            "template",
+            spec,
+            "no line contains [name], so the embedding would never be in the "
+            "prompt and could learn nothing; add [name] where the subject goes",
+        )
     if len(with_name) < len(lines):
-        log.warning("template %s: %d of %d lines have no [name]; those samples teach the embedding nothing",
-                    spec, len(lines) - len(with_name), len(lines))
+        log.warning(
+            "template %s: %d of %d lines have no [name]; those samples teach the embedding nothing",
+            spec,
+            len(lines) - len(with_name),
+            len(lines),
+        )
     return lines
 
 
@@ -52,8 +60,14 @@ def split_tags(caption: str) -> list[str]:
     return [tag for tag in caption.split(",") if tag.strip()]
 
 
-def fill_template(line: str, name: str, caption: str, rng: random.Random | None = None,
-                  shuffle_tags: bool = False, tag_dropout: float = 0.0) -> str:
+def fill_template(
+    line: str,
+    name: str,
+    caption: str,
+    rng: random.Random | None = None,
+    shuffle_tags: bool = False,
+    tag_dropout: float = 0.0,
+) -> str:
     """Fill one template line as A1111 does: [filewords] first (tags optionally dropped/shuffled), then [name]."""
     tags = split_tags(caption)
     if rng is not None and tag_dropout > 0:

@@ -41,22 +41,35 @@ from tistudio.train.runfolder import read_eval_log
 log = logging.getLogger(__name__)
 
 NAME = "tomtut"
-PROMPTS = ["a photo of tomtut, smiling, on a beach", "a painting of tomtut, smiling", "a photo of tomtut, at night",
-           "a painting of tomtut, serious, in a forest"]
+PROMPTS = [
+    "a photo of tomtut, smiling, on a beach",
+    "a painting of tomtut, smiling",
+    "a photo of tomtut, at night",
+    "a painting of tomtut, serious, in a forest",
+]
 TEMPLATE = "a photo of [name], [filewords]\na photo of [name]\n"
 STEPS = 200
 # What suits the demo's 64-pixel world: its story's steps and previews (A1111's 3000 steps with a preview every 500
 # would take 25 minutes for six previews), few sampler steps at its guidance. `serve --model demo` fills its forms
 # with these.
-TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": STEPS, "batch_size": 4, "eval_every": 25, "preview_every": 50,
-                                  "save_every": 50, "preview_steps": 20, "preview_cfg": world.GUIDANCE,
-                                  "preview_seed": 7}
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "max_steps": STEPS,
+    "batch_size": 4,
+    "eval_every": 25,
+    "preview_every": 50,
+    "save_every": 50,
+    "preview_steps": 20,
+    "preview_cfg": world.GUIDANCE,
+    "preview_seed": 7,
+}
 GENERATE_DEFAULTS: dict[str, Any] = {"steps": 25, "cfg": world.GUIDANCE, "sampler": "DDIM"}
 DEMO_MODELS = {family: spec for spec, family in DEMOS.items()}  # the demo model of each family
-BANNER = ("The demo runs on tistudio's <b>small world model</b>: the architecture of Stable Diffusion, trained on a "
-          "synthetic world of cartoon people, so that text controls its 64-pixel pictures. The person in the photos "
-          "below was never in its training. Repeat the story with a real checkpoint and your own photos using the "
-          "commands at the end of this page.")
+BANNER = (
+    "The demo runs on tistudio's <b>small world model</b>: the architecture of Stable Diffusion, trained on a "
+    "synthetic world of cartoon people, so that text controls its 64-pixel pictures. The person in the photos "
+    "below was never in its training. Repeat the story with a real checkpoint and your own photos using the "
+    "commands at the end of this page."
+)
 
 
 @dataclass
@@ -75,18 +88,22 @@ class DemoResult:
     def summary(self) -> str:
         shares = ""
         if self.share_before is not None and self.share_after is not None:
-            shares = (f" Pictures from prompts and seeds never used in training that show the person: "
-                      f"{self.share_before:.0%} before training, {self.share_after:.0%} after.")
+            shares = (
+                f" Pictures from prompts and seeds never used in training that show the person: "
+                f"{self.share_before:.0%} before training, {self.share_after:.0%} after."
+            )
         best = f" The likeness picked step {self.best_step} as the best." if self.best_step else ""
-        return "\n".join([
-            f"tistudio demo finished in {self.seconds:.0f} s: trained '{NAME}' for {self.steps} steps (in two "
-            f"sittings: the second resumed the first), {len(self.images)} generated images.{shares}{best}",
-            f"  report:    {self.report}",
-            f"  embedding: {self.embedding}",
-            f"  images:    {self.images[0].parent if self.images else '-'}",
-            "The demo model is tistudio's small world model (64-pixel cartoons): it shows that training learns the "
-            "person; real photos need a real checkpoint.",
-        ])
+        return "\n".join(
+            [
+                f"tistudio demo finished in {self.seconds:.0f} s: trained '{NAME}' for {self.steps} steps (in two "
+                f"sittings: the second resumed the first), {len(self.images)} generated images.{shares}{best}",
+                f"  report:    {self.report}",
+                f"  embedding: {self.embedding}",
+                f"  images:    {self.images[0].parent if self.images else '-'}",
+                "The demo model is tistudio's small world model (64-pixel cartoons): it shows that training learns the "
+                "person; real photos need a real checkpoint.",
+            ]
+        )
 
 
 def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "") -> Path:
@@ -103,8 +120,11 @@ def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "")
         if masks:
             from tistudio.train.masks import head_and_shoulders
 
-            mask = (world.person_mask(world.HELD_OUT, scene) if masks == "exact" else
-                    head_and_shoulders(image.size, world.face_box(scene)))
+            mask = (
+                world.person_mask(world.HELD_OUT, scene)
+                if masks == "exact"
+                else head_and_shoulders(image.size, world.face_box(scene))
+            )
             mask.save(folder / f"tomtut-{index:02d}.mask.png")
         place = {"plain": "", "beach": ", on a beach", "forest": ", in a forest"}[scene.scene]
         write_text(path.with_suffix(".txt"), f"{scene.expression}{place}\n")
@@ -131,16 +151,25 @@ def _commands(out: Path, steps: int, spec: str = "demo") -> str:
         "--model ~/models/v1-5-pruned-emaonly.safetensors --sampler 'DPM++ 2M Karras' --steps 20 --cfg 7 --seed 42 "
         "--batch 4",
     ]
-    return ("<h2>Repeat it</h2><p>This demo, step by step:</p><pre>" + html.escape("\n".join(demo)) + "</pre>"
-            "<p>With a real checkpoint (a diffusers folder, a .safetensors/.ckpt file or a Hub id) and your own "
-            "10-30 photos (there is no trait reader there: the step kept is the lowest fixed-batch loss; the same "
-            "commands on the demo model do that too):</p><pre>" + html.escape("\n".join(real)) + "</pre>"
-            "<p>Copy <code>embeddings/tomtut.safetensors</code> into A1111's or ComfyUI's embeddings folder to use "
-            "the word there too.</p>")
+    return (
+        "<h2>Repeat it</h2><p>This demo, step by step:</p><pre>" + html.escape("\n".join(demo)) + "</pre>"
+        "<p>With a real checkpoint (a diffusers folder, a .safetensors/.ckpt file or a Hub id) and your own "
+        "10-30 photos (there is no trait reader there: the step kept is the lowest fixed-batch loss; the same "
+        "commands on the demo model do that too):</p><pre>" + html.escape("\n".join(real)) + "</pre>"
+        "<p>Copy <code>embeddings/tomtut.safetensors</code> into A1111's or ComfyUI's embeddings folder to use "
+        "the word there too.</p>"
+    )
 
 
-def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS, family: str = "sd1",
-             on_progress: Callable[[Any], None] | None = None, stop: threading.Event | None = None) -> DemoResult:
+def run_demo(
+    out: Path,
+    *,
+    cache_dir: Path,
+    steps: int = STEPS,
+    family: str = "sd1",
+    on_progress: Callable[[Any], None] | None = None,
+    stop: threading.Event | None = None,
+) -> DemoResult:
     """The demo on the world model of `family` ("sd1", or "sdxl" for its SDXL-architecture variant)."""
     started = time.monotonic()
     spec = DEMO_MODELS[family]
@@ -150,53 +179,107 @@ def run_demo(out: Path, *, cache_dir: Path, steps: int = STEPS, family: str = "s
     model = load_model(CreateOptions(model=spec), cache_dir)
     folder = demo_model_dir(cache_dir, family)
     embeddings = out / "embeddings"
-    create_embedding(CreateOptions(model=spec, name=NAME, vectors=4, overwrite=True,
-                                   embeddings_dir=str(embeddings)), cache_dir=cache_dir, model=model)
+    create_embedding(
+        CreateOptions(model=spec, name=NAME, vectors=4, overwrite=True, embeddings_dir=str(embeddings)),
+        cache_dir=cache_dir,
+        model=model,
+    )
     # The likeness: the reader knows the person only from the training photos, and looks at pictures from prompts
     # (paintings, night) and seeds that training never uses. It also counts the pictures that show the person.
     counted: list[float] = []
-    scorer = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME,
-                                  on_pictures=lambda shown, _: counted.append(sum(shown) / len(shown)))
-    common = dict(model=spec, embedding=NAME, dataset=str(photos), embeddings_dir=str(embeddings),
-                  run_dir=str(out / "run"), template=str(template),
-                  **{k: v for k, v in TRAIN_DEFAULTS.items() if k != "max_steps"})
-    first = train(TrainOptions(**common, max_steps=max(1, steps // 2)), cache_dir=cache_dir, model=model,
-                  on_progress=on_progress, stop=stop, likeness=scorer)
+    scorer = world.photo_likeness(
+        folder,
+        [Image.open(p) for p in sorted(photos.glob("*.png"))],
+        NAME,
+        on_pictures=lambda shown, _: counted.append(sum(shown) / len(shown)),
+    )
+    common = dict(
+        model=spec,
+        embedding=NAME,
+        dataset=str(photos),
+        embeddings_dir=str(embeddings),
+        run_dir=str(out / "run"),
+        template=str(template),
+        **{k: v for k, v in TRAIN_DEFAULTS.items() if k != "max_steps"},
+    )
+    first = train(
+        TrainOptions(**common, max_steps=max(1, steps // 2)),
+        cache_dir=cache_dir,
+        model=model,
+        on_progress=on_progress,
+        stop=stop,
+        likeness=scorer,
+    )
     result = first
     if not first.stopped:
-        result = train(TrainOptions(**common, max_steps=steps), cache_dir=cache_dir, model=model,
-                       on_progress=on_progress, stop=stop, likeness=scorer)
+        result = train(
+            TrainOptions(**common, max_steps=steps),
+            cache_dir=cache_dir,
+            model=model,
+            on_progress=on_progress,
+            stop=stop,
+            likeness=scorer,
+        )
     images = []
     for index, prompt in enumerate(PROMPTS):
         if stop is not None and stop.is_set():
             break
-        images += generate(GenerateOptions(model=spec, prompt=prompt, seed=42 + index, steps=25,
-                                           cfg=world.GUIDANCE, sampler="DDIM", batch=2, embeddings_dir=str(embeddings),
-                                           out_dir=str(out / "images")),
-                           cache_dir=cache_dir, model=model)
+        images += generate(
+            GenerateOptions(
+                model=spec,
+                prompt=prompt,
+                seed=42 + index,
+                steps=25,
+                cfg=world.GUIDANCE,
+                sampler="DDIM",
+                batch=2,
+                embeddings_dir=str(embeddings),
+                out_dir=str(out / "images"),
+            ),
+            cache_dir=cache_dir,
+            model=model,
+        )
     evaluations = read_eval_log(out / "run" / "eval.csv")
     # One count per evaluation, in order (the second sitting keeps the first's evaluations and adds its own).
     shares = counted if len(counted) == len(evaluations) else []
     best = result.best_step
     steps_read = [s for s, _, _ in evaluations]
-    chosen = (shares[steps_read.index(best if best in steps_read else steps_read[-1])] if shares else None)
-    cells = "".join(f"<figure><img src='{data_uri(image.path)}' alt=''><figcaption>{html.escape(image.infotext)}"
-                    f"</figcaption></figure>" for image in images if image.path)
-    photo_cells = "".join(f"<figure><img src='{data_uri(p)}' alt=''><figcaption>{html.escape(p.name)}"
-                          f"</figcaption></figure>" for p in sorted(photos.glob("*.png")))
+    chosen = shares[steps_read.index(best if best in steps_read else steps_read[-1])] if shares else None
+    cells = "".join(
+        f"<figure><img src='{data_uri(image.path)}' alt=''><figcaption>{html.escape(image.infotext)}"
+        f"</figcaption></figure>"
+        for image in images
+        if image.path
+    )
+    photo_cells = "".join(
+        f"<figure><img src='{data_uri(p)}' alt=''><figcaption>{html.escape(p.name)}</figcaption></figure>"
+        for p in sorted(photos.glob("*.png"))
+    )
     measured = ""
     if shares:
-        measured = (f"<p>Of the 64 pictures drawn at every evaluation from prompts and seeds never used in training "
-                    f"(paintings, night; guidance {world.GUIDANCE:g}, like the images below), <b>{shares[0]:.0%}</b> "
-                    f"showed the person before training and <b>{chosen:.0%}</b> with the embedding that was kept "
-                    f"(the same pictures chose it; tistudio's benchmark checks the choice on pictures of its own).</p>")
-    extra = (f"<h2>Training photos</h2><p>The person: {html.escape(world.HELD_OUT.describe())} - a combination the "
-             f"model never saw.</p><div class='grid'>{photo_cells}</div>{measured}"
-             f"<h2>Generated with the embedding</h2><div class='grid'>{cells}</div>{_commands(out, steps, spec)}")
+        measured = (
+            f"<p>Of the 64 pictures drawn at every evaluation from prompts and seeds never used in training "
+            f"(paintings, night; guidance {world.GUIDANCE:g}, like the images below), <b>{shares[0]:.0%}</b> "
+            f"showed the person before training and <b>{chosen:.0%}</b> with the embedding that was kept "
+            f"(the same pictures chose it; tistudio's benchmark checks the choice on pictures of its own).</p>"
+        )
+    extra = (
+        f"<h2>Training photos</h2><p>The person: {html.escape(world.HELD_OUT.describe())} - a combination the "
+        f"model never saw.</p><div class='grid'>{photo_cells}</div>{measured}"
+        f"<h2>Generated with the embedding</h2><div class='grid'>{cells}</div>{_commands(out, steps, spec)}"
+    )
     report = write_run_report(out / "run", NAME, title="tistudio demo", banner=BANNER, extra_sections=extra)
     final_report = out / "report.html"
     write_bytes(final_report, report.read_bytes())
-    return DemoResult(out_dir=out, report=final_report, embedding=result.embedding_path,
-                      images=[i.path for i in images if i.path], seconds=time.monotonic() - started,
-                      steps=result.step, share_before=shares[0] if shares else None, share_after=chosen,
-                      best_step=best, previews=first.previews + (result.previews if result is not first else []))
+    return DemoResult(
+        out_dir=out,
+        report=final_report,
+        embedding=result.embedding_path,
+        images=[i.path for i in images if i.path],
+        seconds=time.monotonic() - started,
+        steps=result.step,
+        share_before=shares[0] if shares else None,
+        share_after=chosen,
+        best_step=best,
+        previews=first.previews + (result.previews if result is not first else []),
+    )

@@ -24,8 +24,13 @@ from PIL import Image, ImageDraw, ImageFilter
 SIZE = 64
 DRAW = 128  # drawn at 2x, then reduced with Lanczos for smooth edges
 
-HAIR = {"black": (28, 24, 24), "brown": (112, 68, 34), "blond": (238, 204, 102), "red": (204, 58, 28),
-        "white": (236, 236, 236)}
+HAIR = {
+    "black": (28, 24, 24),
+    "brown": (112, 68, 34),
+    "blond": (238, 204, 102),
+    "red": (204, 58, 28),
+    "white": (236, 236, 236),
+}
 HAIR_LENGTH = ("short", "long")
 SKIN = {"light": (246, 212, 182), "tan": (206, 150, 104), "dark": (118, 74, 48)}
 EXPRESSIONS = ("smiling", "serious")
@@ -33,10 +38,48 @@ SCENES = ("plain", "beach", "forest", "night")
 STYLES = ("photo", "painting")
 FRAME = (176, 136, 40)  # a painting's gold frame
 SHIRTS = ((70, 90, 150), (150, 60, 70), (80, 120, 80), (110, 110, 120))
-NAMES = ("james", "mary", "john", "linda", "robert", "susan", "michael", "karen", "david", "lisa", "william",
-         "nancy", "richard", "betty", "thomas", "sandra", "charles", "ashley", "daniel", "emily", "matthew", "anna",
-         "anthony", "laura", "mark", "sarah", "paul", "julia", "steven", "emma", "andrew", "olivia", "peter",
-         "sophia", "george", "grace", "kevin", "alice", "brian", "helen")
+NAMES = (
+    "james",
+    "mary",
+    "john",
+    "linda",
+    "robert",
+    "susan",
+    "michael",
+    "karen",
+    "david",
+    "lisa",
+    "william",
+    "nancy",
+    "richard",
+    "betty",
+    "thomas",
+    "sandra",
+    "charles",
+    "ashley",
+    "daniel",
+    "emily",
+    "matthew",
+    "anna",
+    "anthony",
+    "laura",
+    "mark",
+    "sarah",
+    "paul",
+    "julia",
+    "steven",
+    "emma",
+    "andrew",
+    "olivia",
+    "peter",
+    "sophia",
+    "george",
+    "grace",
+    "kevin",
+    "alice",
+    "brian",
+    "helen",
+)
 TRAIT_NAMES = ("hair", "length", "skin", "glasses", "beard")
 
 
@@ -65,8 +108,13 @@ HELD_OUT = Person(hair="red", length="long", skin="dark", glasses=True, beard=Tr
 
 def random_person(rng: random.Random, allow_held_out: bool = False) -> Person:
     while True:
-        person = Person(hair=rng.choice(list(HAIR)), length=rng.choice(HAIR_LENGTH), skin=rng.choice(list(SKIN)),
-                        glasses=rng.random() < 0.5, beard=rng.random() < 0.5)
+        person = Person(
+            hair=rng.choice(list(HAIR)),
+            length=rng.choice(HAIR_LENGTH),
+            skin=rng.choice(list(SKIN)),
+            glasses=rng.random() < 0.5,
+            beard=rng.random() < 0.5,
+        )
         if allow_held_out or person != HELD_OUT:
             return person
 
@@ -84,9 +132,16 @@ class Scene:
 
 
 def random_scene(rng: random.Random, scenes: tuple[str, ...] = SCENES, styles: tuple[str, ...] = STYLES) -> Scene:
-    return Scene(expression=rng.choice(EXPRESSIONS), scene=rng.choice(scenes), style=rng.choice(styles),
-                 dx=rng.uniform(-5, 5), dy=rng.uniform(-4, 4), scale=rng.uniform(0.9, 1.1),
-                 light=rng.uniform(0.8, 1.15), shirt=rng.randrange(len(SHIRTS)))
+    return Scene(
+        expression=rng.choice(EXPRESSIONS),
+        scene=rng.choice(scenes),
+        style=rng.choice(styles),
+        dx=rng.uniform(-5, 5),
+        dy=rng.uniform(-4, 4),
+        scale=rng.uniform(0.9, 1.1),
+        light=rng.uniform(0.8, 1.15),
+        shirt=rng.randrange(len(SHIRTS)),
+    )
 
 
 def caption(person: Person | None, scene: Scene, name: str | None = None) -> str:
@@ -185,15 +240,24 @@ def _figure(draw: ImageDraw.ImageDraw, person: Person, scene: Scene, silhouette:
     for side in (-1, 1):
         ex = cx + side * 0.4 * r
         if person.glasses:  # thick black frames with pale blue lenses
-            draw.ellipse([ex - 0.33 * r, eye_y - 0.28 * r, ex + 0.33 * r, eye_y + 0.28 * r],
-                         fill=_shade((172, 214, 242), light), outline=(10, 10, 14), width=max(2, round(0.12 * r)))
+            draw.ellipse(
+                [ex - 0.33 * r, eye_y - 0.28 * r, ex + 0.33 * r, eye_y + 0.28 * r],
+                fill=_shade((172, 214, 242), light),
+                outline=(10, 10, 14),
+                width=max(2, round(0.12 * r)),
+            )
         draw.ellipse([ex - 0.09 * r, eye_y - 0.09 * r, ex + 0.09 * r, eye_y + 0.09 * r], fill=(20, 20, 24))
     if person.glasses:
         draw.line([cx - 0.1 * r, eye_y, cx + 0.1 * r, eye_y], fill=(10, 10, 14), width=max(2, round(0.1 * r)))
     mouth_y = cy + 0.42 * r
     if scene.expression == "smiling":
-        draw.arc([cx - 0.3 * r, mouth_y - 0.25 * r, cx + 0.3 * r, mouth_y + 0.12 * r], 20, 160, fill=(150, 30, 40),
-                 width=max(2, round(0.08 * r)))
+        draw.arc(
+            [cx - 0.3 * r, mouth_y - 0.25 * r, cx + 0.3 * r, mouth_y + 0.12 * r],
+            20,
+            160,
+            fill=(150, 30, 40),
+            width=max(2, round(0.08 * r)),
+        )
     else:
         draw.line([cx - 0.22 * r, mouth_y, cx + 0.22 * r, mouth_y], fill=(120, 40, 40), width=max(2, round(0.06 * r)))
 
@@ -236,10 +300,20 @@ def trait_reader_module() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(64, 96, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-                nn.Conv2d(96, 128, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+                nn.Conv2d(3, 32, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 64, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(64, 96, 3, padding=1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(96, 128, 3, padding=1),
+                nn.GELU(),
+                nn.AdaptiveAvgPool2d(2),
+                nn.Flatten(),
+            )
             self.hair = nn.Linear(512, len(HAIR))
             self.length = nn.Linear(512, len(HAIR_LENGTH))
             self.skin = nn.Linear(512, len(SKIN))
@@ -254,29 +328,34 @@ def trait_reader_module() -> Any:
 
 
 def decode_traits(logits: dict[str, Any], index: int) -> Person:
-    return Person(hair=list(HAIR)[int(logits["hair"][index].argmax())],
-                  length=HAIR_LENGTH[int(logits["length"][index].argmax())],
-                  skin=list(SKIN)[int(logits["skin"][index].argmax())],
-                  glasses=bool(int(logits["glasses"][index].argmax())),
-                  beard=bool(int(logits["beard"][index].argmax())))
+    return Person(
+        hair=list(HAIR)[int(logits["hair"][index].argmax())],
+        length=HAIR_LENGTH[int(logits["length"][index].argmax())],
+        skin=list(SKIN)[int(logits["skin"][index].argmax())],
+        glasses=bool(int(logits["glasses"][index].argmax())),
+        beard=bool(int(logits["beard"][index].argmax())),
+    )
 
 
 def trait_targets(people: list[Person]) -> dict[str, Any]:
     import torch
 
-    return {"hair": torch.tensor([list(HAIR).index(p.hair) for p in people]),
-            "length": torch.tensor([HAIR_LENGTH.index(p.length) for p in people]),
-            "skin": torch.tensor([list(SKIN).index(p.skin) for p in people]),
-            "glasses": torch.tensor([int(p.glasses) for p in people]),
-            "beard": torch.tensor([int(p.beard) for p in people])}
+    return {
+        "hair": torch.tensor([list(HAIR).index(p.hair) for p in people]),
+        "length": torch.tensor([HAIR_LENGTH.index(p.length) for p in people]),
+        "skin": torch.tensor([list(SKIN).index(p.skin) for p in people]),
+        "glasses": torch.tensor([int(p.glasses) for p in people]),
+        "beard": torch.tensor([int(p.beard) for p in people]),
+    }
 
 
 def to_tensor(images: list[Image.Image]) -> Any:
     import numpy as np
     import torch
 
-    array = np.stack([np.asarray(i.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
-                      for i in images])
+    array = np.stack(
+        [np.asarray(i.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32) for i in images]
+    )
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -286,8 +365,12 @@ GUIDANCE = 3.0  # classifier-free guidance of the demo's pictures and of the lik
 LIKENESS_SEEDS = tuple(range(500, 516))
 
 # Prompts the demo's person is never trained with (the photos show no night and no painting).
-EVAL_PROMPTS = ("a painting of {name}, smiling", "a photo of {name}, serious, at night",
-                "a painting of {name}, serious, in a forest", "a photo of {name}, smiling, at night")
+EVAL_PROMPTS = (
+    "a painting of {name}, smiling",
+    "a photo of {name}, serious, at night",
+    "a painting of {name}, serious, in a forest",
+    "a photo of {name}, smiling, at night",
+)
 
 
 def load_trait_reader(folder: Any) -> Any:
@@ -340,18 +423,26 @@ def read_person(reader: Any, photos: list[Image.Image]) -> Person:
     return Person(**{trait: majority(trait) for trait in TRAIT_NAMES})
 
 
-def photo_likeness(folder: Any, photos: list[Image.Image], name: str, on_pictures: Any = None,
-                   cfg: float = GUIDANCE) -> Any:
+def photo_likeness(
+    folder: Any, photos: list[Image.Image], name: str, on_pictures: Any = None, cfg: float = GUIDANCE
+) -> Any:
     """The likeness a trainer can measure on this world: the person read from the training photos, 64 pictures
     (EVAL_PROMPTS x LIKENESS_SEEDS) read as the reader's average probability that they show that person."""
     person = read_person(load_trait_reader(folder), photos)
-    return likeness_scorer(folder, person, name, seeds=LIKENESS_SEEDS, cfg=cfg, on_pictures=on_pictures,
-                           chances=True)
+    return likeness_scorer(folder, person, name, seeds=LIKENESS_SEEDS, cfg=cfg, on_pictures=on_pictures, chances=True)
 
 
-def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, ...] = EVAL_PROMPTS,
-                    seeds: tuple[int, ...] = tuple(range(1000, 1008)), steps: int = 20, cfg: float = GUIDANCE,
-                    on_pictures: Any = None, chances: bool = False) -> Any:
+def likeness_scorer(
+    folder: Any,
+    person: Person,
+    name: str,
+    prompts: tuple[str, ...] = EVAL_PROMPTS,
+    seeds: tuple[int, ...] = tuple(range(1000, 1008)),
+    steps: int = 20,
+    cfg: float = GUIDANCE,
+    on_pictures: Any = None,
+    chances: bool = False,
+) -> Any:
     """score(model, encoder) -> the share of pictures, from unseen prompts and seeds, that show `person` (with
     `chances`: the reader's probability that a picture does, averaged - the same pictures read more finely).
 
@@ -368,8 +459,17 @@ def likeness_scorer(folder: Any, person: Person, name: str, prompts: tuple[str, 
         renderer = Renderer(model, encoder)
         images = []
         for prompt in prompts:
-            images += renderer.render(SamplingParams(prompt=prompt.format(name=name), steps=steps, sampler="DDIM",
-                                                     cfg=cfg, width=SIZE, height=SIZE, seeds=tuple(seeds)))
+            images += renderer.render(
+                SamplingParams(
+                    prompt=prompt.format(name=name),
+                    steps=steps,
+                    sampler="DDIM",
+                    cfg=cfg,
+                    width=SIZE,
+                    height=SIZE,
+                    seeds=tuple(seeds),
+                )
+            )
         logits = read_logits(reader, images)
         shown = [decode_traits(logits, i) == person for i in range(len(images))]
         probabilities = person_chances(logits, person)
@@ -391,8 +491,14 @@ def _scene_features(image: Image.Image) -> list[float]:
     import numpy as np
 
     pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32) / 255.0
-    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[3:-3, :3].reshape(-1, 3),
-                           pixels[3:-3, -3:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [
+            pixels[:3].reshape(-1, 3),
+            pixels[-3:].reshape(-1, 3),
+            pixels[3:-3, :3].reshape(-1, 3),
+            pixels[3:-3, -3:].reshape(-1, 3),
+        ]
+    )
     strips = [pixels[4:8, 4:60], pixels[8:30, 4:7], pixels[8:30, 57:60]]
     return [float(v) for v in np.concatenate([ring.mean(0), *[np.median(p.reshape(-1, 3), 0) for p in strips]])]
 
@@ -409,9 +515,11 @@ class SceneReader:
     def read(self, images: list[Image.Image]) -> list[tuple[str, str]]:
         """(scene, style) of each picture: the style from the ring's colour; the place from the strips', each
         place's distance summed over its two nearest strips (long hair or a large head may cover one)."""
+
         def distance(features: list[float], centre: tuple[float, ...], part: slice) -> float:
-            return sum(((f - c) / s) ** 2 for f, c, s in zip(features[part], centre[part], self.scale[part],
-                                                            strict=True))
+            return sum(
+                ((f - c) / s) ** 2 for f, c, s in zip(features[part], centre[part], self.scale[part], strict=True)
+            )
 
         def place(features: list[float], label: str) -> float:
             strips = sorted(distance(features, self.scene_centres[label], slice(i, i + 3)) for i in (3, 6, 9))
@@ -420,8 +528,12 @@ class SceneReader:
         read = []
         for image in images:
             features = _scene_features(image)
-            read.append((min(SCENES, key=lambda label: place(features, label)),
-                         min(STYLES, key=lambda label: distance(features, self.style_centres[label], slice(0, 3)))))
+            read.append(
+                (
+                    min(SCENES, key=lambda label: place(features, label)),
+                    min(STYLES, key=lambda label: distance(features, self.style_centres[label], slice(0, 3))),
+                )
+            )
         return read
 
 
@@ -435,11 +547,15 @@ def fit_scene_reader(count: int = 400, seed: int = 11) -> SceneReader:
     scale = tuple(float(v) for v in np.maximum(features.std(0), 1e-3))
 
     def centres(labels: list[str], values: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
-        return {value: tuple(float(v) for v in features[[label == value for label in labels]].mean(0))
-                for value in values}
+        return {
+            value: tuple(float(v) for v in features[[label == value for label in labels]].mean(0)) for value in values
+        }
 
-    return SceneReader(scene_centres=centres([scene.scene for _, scene in drawn], SCENES),
-                       style_centres=centres([scene.style for _, scene in drawn], STYLES), scale=scale)
+    return SceneReader(
+        scene_centres=centres([scene.scene for _, scene in drawn], SCENES),
+        style_centres=centres([scene.style for _, scene in drawn], STYLES),
+        scale=scale,
+    )
 
 
 def prompt_scene(prompt: str) -> tuple[str, str]:

@@ -77,8 +77,10 @@ class Embedding:
     def tensor(self) -> torch.Tensor:
         """The [n, width] vectors of an SD1/SD2 embedding."""
         if self.is_sdxl:
-            raise EmbeddingError(f"embedding {self.name!r} is an SDXL embedding (clip_l + clip_g), with a vector set "
-                                 "per text encoder; it has no single SD 1.x/2.x tensor")
+            raise EmbeddingError(
+                f"embedding {self.name!r} is an SDXL embedding (clip_l + clip_g), with a vector set "
+                "per text encoder; it has no single SD 1.x/2.x tensor"
+            )
         return self.vectors[SINGLE]
 
     def fits(self) -> str:
@@ -149,31 +151,48 @@ def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedd
             count = len(params) if isinstance(params, dict) else 0
             raise EmbeddingError(f"{path}: an A1111 embedding holds exactly one term; this one holds {count}")
         vectors = _check_tensor(path, "string_to_param", next(iter(params.values())))
-        return Embedding(name=name, vectors={SINGLE: vectors}, step=_int_or_zero(data.get("step")),
-                         model_hash=_text_or_none(data.get("sd_checkpoint")),
-                         model_name=_text_or_none(data.get("sd_checkpoint_name")),
-                         meta={"internal_name": str(data.get("name", ""))[:200]}, source_format=f"a1111 ({kind})")
+        return Embedding(
+            name=name,
+            vectors={SINGLE: vectors},
+            step=_int_or_zero(data.get("step")),
+            model_hash=_text_or_none(data.get("sd_checkpoint")),
+            model_name=_text_or_none(data.get("sd_checkpoint_name")),
+            meta={"internal_name": str(data.get("name", ""))[:200]},
+            source_format=f"a1111 ({kind})",
+        )
     if all(key in data for key in SDXL_KEYS):
         vectors = {key: _check_tensor(path, key, data[key]) for key in SDXL_KEYS}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise EmbeddingError(f"{path}: clip_l and clip_g have different vector counts")
-        return Embedding(name=name, vectors=vectors, meta=meta, source_format=f"sdxl ({kind})",
-                         step=_int_or_zero(meta.get("step")))
+        return Embedding(
+            name=name, vectors=vectors, meta=meta, source_format=f"sdxl ({kind})", step=_int_or_zero(meta.get("step"))
+        )
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     for key in ("emb_params", "emp_params"):
         if key in tensors:
-            return Embedding(name=name, vectors={SINGLE: _check_tensor(path, key, tensors[key])},
-                             step=_int_or_zero(meta.get("step")), model_hash=_text_or_none(meta.get("sd_checkpoint")),
-                             model_name=_text_or_none(meta.get("sd_checkpoint_name")), meta=meta,
-                             source_format=("tistudio" if "tistudio_version" in meta else key) + f" ({kind})")
+            return Embedding(
+                name=name,
+                vectors={SINGLE: _check_tensor(path, key, tensors[key])},
+                step=_int_or_zero(meta.get("step")),
+                model_hash=_text_or_none(meta.get("sd_checkpoint")),
+                model_name=_text_or_none(meta.get("sd_checkpoint_name")),
+                meta=meta,
+                source_format=("tistudio" if "tistudio_version" in meta else key) + f" ({kind})",
+            )
     if len(data) == 1 and len(tensors) == 1:
         token, value = next(iter(tensors.items()))
-        return Embedding(name=name, vectors={SINGLE: _check_tensor(path, repr(token), value)},
-                         step=_int_or_zero(meta.get("step")), meta={**meta, "token": str(token)[:200]},
-                         source_format=f"diffusers ({kind})")
+        return Embedding(
+            name=name,
+            vectors={SINGLE: _check_tensor(path, repr(token), value)},
+            step=_int_or_zero(meta.get("step")),
+            meta={**meta, "token": str(token)[:200]},
+            source_format=f"diffusers ({kind})",
+        )
     keys = ", ".join(repr(k)[:40] for k in list(data)[:8])
-    raise EmbeddingError(f"{path}: not a textual-inversion embedding (keys: {keys}); expected A1111's "
-                         "string_to_param, emb_params, clip_l/clip_g or a single {token: vectors} entry")
+    raise EmbeddingError(
+        f"{path}: not a textual-inversion embedding (keys: {keys}); expected A1111's "
+        "string_to_param, emb_params, clip_l/clip_g or a single {token: vectors} entry"
+    )
 
 
 PNG_TEXT_BYTES = 64 * 1024 * 1024  # the most a text chunk may hold, unpacked
@@ -235,9 +254,11 @@ def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except (OSError, ValueError, SyntaxError, struct.error) as exc:  # PIL says "broken PNG" as a SyntaxError
             raise EmbeddingError(f"{path}: cannot read this PNG ({str(exc)[:200]})") from None
         if raw is None:
-            raise EmbeddingError(f"{path}: a PNG with no embedding in it: neither an 'sd-ti-embedding' text chunk "
-                                 f"nor data in its pixels (pictures over {pngdata.MAX_PIXELS // 10**6} MP are not "
-                                 "searched)")
+            raise EmbeddingError(
+                f"{path}: a PNG with no embedding in it: neither an 'sd-ti-embedding' text chunk "
+                f"nor data in its pixels (pictures over {pngdata.MAX_PIXELS // 10**6} MP are not "
+                "searched)"
+            )
 
     def tensors(obj: dict[str, Any]) -> Any:
         if "TORCHTENSOR" in obj:
@@ -250,8 +271,9 @@ def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         data = json.loads(raw, object_hook=tensors)
     except (ValueError, RecursionError) as exc:
-        raise EmbeddingError(f"{path}: the PNG's embedding chunk is not valid ({type(exc).__name__}: "
-                             f"{str(exc)[:200]})") from None
+        raise EmbeddingError(
+            f"{path}: the PNG's embedding chunk is not valid ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     return data, {}
 
 
@@ -264,15 +286,18 @@ def read_embedding(path: str | Path) -> Embedding:
         safeload.check_size(path, MAX_FILE_BYTES, "an embedding file")
         kind = safeload.sniff(path)
         if kind == safeload.SAFETENSORS:
-            data, meta = safeload.load_safetensors(path, MAX_FILE_BYTES, max_tensors=16,
-                                                   max_elements=4 * MAX_VECTORS * MAX_WIDTH)
+            data, meta = safeload.load_safetensors(
+                path, MAX_FILE_BYTES, max_tensors=16, max_elements=4 * MAX_VECTORS * MAX_WIDTH
+            )
         elif kind in (safeload.TORCH_ZIP, safeload.TORCH_LEGACY):
             data, meta = safeload.load_torch_pickle(path, MAX_FILE_BYTES), {}
         elif kind == safeload.PNG:
             data, meta = _png_embedding(path)
         else:
-            raise EmbeddingError(f"{path}: not an embedding file: its content is neither safetensors, a PyTorch "
-                                 "file nor a PNG, whatever its extension says")
+            raise EmbeddingError(
+                f"{path}: not an embedding file: its content is neither safetensors, a PyTorch "
+                "file nor a PNG, whatever its extension says"
+            )
     except UnsafeFileError as exc:
         raise EmbeddingError(str(exc)) from None
     embedding = _from_dict(path, data, meta, kind)
@@ -293,14 +318,23 @@ def _with_partner(first: Embedding, path: Path, partner: Path) -> Embedding:
     second = read_embedding(partner)
     l_vectors, g_vectors = first.vectors[SINGLE], second.vectors.get(SINGLE)
     # a pair names the same token at two widths; anything else beside the file is an embedding of its own
-    if (not second.source_format.startswith("diffusers") or second.meta.get("token") != first.meta.get("token")
-            or g_vectors is None or g_vectors.shape[1] == l_vectors.shape[1]):
+    if (
+        not second.source_format.startswith("diffusers")
+        or second.meta.get("token") != first.meta.get("token")
+        or g_vectors is None
+        or g_vectors.shape[1] == l_vectors.shape[1]
+    ):
         return first
     if l_vectors.shape[0] != g_vectors.shape[0]:
-        raise EmbeddingError(f"{path} and {partner.name}: diffusers' SDXL pair holds different vector counts "
-                             f"({l_vectors.shape[0]} and {g_vectors.shape[0]})")
-    return replace(first, vectors={"clip_l": l_vectors, "clip_g": g_vectors},
-                   source_format=f"diffusers sdxl pair ({first.source_format.split('(')[-1]}")
+        raise EmbeddingError(
+            f"{path} and {partner.name}: diffusers' SDXL pair holds different vector counts "
+            f"({l_vectors.shape[0]} and {g_vectors.shape[0]})"
+        )
+    return replace(
+        first,
+        vectors={"clip_l": l_vectors, "clip_g": g_vectors},
+        source_format=f"diffusers sdxl pair ({first.source_format.split('(')[-1]}",
+    )
 
 
 def header_info(path: Path) -> tuple[int, int] | None:
@@ -322,16 +356,18 @@ def metadata(embedding: Embedding, **extra: str) -> dict[str, str]:
     from tistudio import __version__
 
     meta = {k: v for k, v in embedding.meta.items() if k not in ("token", "internal_name")}
-    meta.update({
-        "name": embedding.name,
-        "step": str(embedding.step),
-        "vectors": str(embedding.count),
-        "width": str(embedding.width),
-        "tistudio_version": __version__,
-        "format": "pt",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.title": embedding.name,
-    })
+    meta.update(
+        {
+            "name": embedding.name,
+            "step": str(embedding.step),
+            "vectors": str(embedding.count),
+            "width": str(embedding.width),
+            "tistudio_version": __version__,
+            "format": "pt",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.title": embedding.name,
+        }
+    )
     if embedding.model_hash:
         meta["sd_checkpoint"] = embedding.model_hash
     if embedding.model_name:
@@ -343,12 +379,12 @@ def metadata(embedding: Embedding, **extra: str) -> dict[str, str]:
 def _finite(embedding: Embedding) -> None:
     for key, tensor in embedding.vectors.items():
         if not torch.isfinite(tensor).all():
-            raise EmbeddingError(f"refusing to write embedding {embedding.name!r}: its {key} vectors contain NaN "
-                                 "or infinite values")
+            raise EmbeddingError(
+                f"refusing to write embedding {embedding.name!r}: its {key} vectors contain NaN or infinite values"
+            )
 
 
-def write_embedding(embedding: Embedding, path: str | Path, single_key: str = "emb_params",
-                    **extra_meta: str) -> Path:
+def write_embedding(embedding: Embedding, path: str | Path, single_key: str = "emb_params", **extra_meta: str) -> Path:
     """Write the default format, atomically: safetensors with ``emb_params`` (one text encoder) or a tensor per
     encoder key (SDXL: clip_l, clip_g), and metadata. `single_key` names the one encoder's tensor: OneTrainer
     reads only its own ``emp_params`` (:data:`ONETRAINER_KEY`)."""
@@ -386,9 +422,11 @@ def a1111_data(embedding: Embedding) -> dict[str, Any]:
 def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
     """A1111's native .pt: a plain dict of six keys that its allowlist unpickler accepts."""
     if embedding.is_sdxl:
-        raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding: A1111 reads those from a "
-                             ".safetensors file with clip_l and clip_g, which is tistudio's own file (convert --to "
-                             "safetensors); its .pt format holds one tensor")
+        raise EmbeddingError(
+            f"embedding {embedding.name!r} is an SDXL embedding: A1111 reads those from a "
+            ".safetensors file with clip_l and clip_g, which is tistudio's own file (convert --to "
+            "safetensors); its .pt format holds one tensor"
+        )
     data = a1111_data(embedding)
     # PyTorch's legacy (non-zip) format: A1111's restricted loader refuses zip members it does not list, and
     # torch >= 2 adds .format_version and .storage_alignment to every zip it writes
@@ -397,6 +435,7 @@ def write_a1111_pt(embedding: Embedding, path: str | Path) -> Path:
 
 def a1111_json(embedding: Embedding) -> str:
     """The JSON A1111 keeps of an embedding in a PNG: its data, each tensor as {"TORCHTENSOR": lists}."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {"TORCHTENSOR": value.tolist()}
@@ -420,13 +459,18 @@ def card(embedding: Embedding, size: int = 512) -> Any:
     draw = ImageDraw.Draw(image)
     lines = [embedding.name, f"{embedding.count} vectors, step {embedding.step}", "textual inversion (tistudio)"]
     for row, line in enumerate(lines):
-        draw.text((24, 24 + 28 * row), line, fill=(230, 230, 230) if row == 0 else (160, 170, 190),
-                  font_size=24 if row == 0 else 16)
+        draw.text(
+            (24, 24 + 28 * row),
+            line,
+            fill=(230, 230, 230) if row == 0 else (160, 170, 190),
+            font_size=24 if row == 0 else 16,
+        )
     return image
 
 
-def write_png_embedding(embedding: Embedding, path: str | Path, image: Any = None, parameters: str = "",
-                        pixels: bool = True) -> Path:
+def write_png_embedding(
+    embedding: Embedding, path: str | Path, image: Any = None, parameters: str = "", pixels: bool = True
+) -> Path:
     """An embedding inside a PNG, as A1111 saves one: its `sd-ti-embedding` text chunk and, with `pixels`, the
     same data in two strips beside the picture (:mod:`pngdata`), which A1111 reads when a site has stripped the
     text. The picture (a preview, or a card naming the embedding) is the file people share."""
@@ -473,8 +517,10 @@ def find_embedding_file(spec: str, embeddings_dir: str | Path) -> Path:
         candidate = folder / f"{spec}{suffix}"
         if candidate.is_file():
             return candidate
-    raise EmbeddingError(f"embedding {spec!r}: no such file, and no {spec}.safetensors/.pt/.bin in {folder}; "
-                         f"create it first: tistudio create {spec} --init-text '...' --model ...")
+    raise EmbeddingError(
+        f"embedding {spec!r}: no such file, and no {spec}.safetensors/.pt/.bin in {folder}; "
+        f"create it first: tistudio create {spec} --init-text '...' --model ..."
+    )
 
 
 def list_embedding_files(folder: str | Path) -> dict[str, Path]:
@@ -487,8 +533,13 @@ def list_embedding_files(folder: str | Path) -> dict[str, Path]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*"), key=lambda p: (len(p.parts), str(p))):
-        if (path.suffix.lower() not in SUFFIXES or path.name.startswith(".") or path.name.endswith(".preview.png")
-                or not path.is_file() or path.stat().st_size == 0):
+        if (
+            path.suffix.lower() not in SUFFIXES
+            or path.name.startswith(".")
+            or path.name.endswith(".preview.png")
+            or not path.is_file()
+            or path.stat().st_size == 0
+        ):
             continue
         found.setdefault(path.stem, path)
     return found

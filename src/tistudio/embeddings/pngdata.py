@@ -63,12 +63,12 @@ def hide(picture: Any, payload: bytes) -> Any:
     data = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
     columns = -(-data.size // (height * 3))
     padded = np.zeros(height * columns * 3, dtype=np.uint8)  # zeros after the stream: zlib stops at its end
-    padded[:data.size] = data
+    padded[: data.size] = data
     mask = noise(padded.size)  # both strips are the same size, so they share the noise
     canvas = np.zeros((height, 2 * columns + width + 2, 3), dtype=np.uint8)
     canvas[:, :columns] = _strip(padded & 0x0F, mask, _shade(height, columns, 0))
-    canvas[:, columns + 1:columns + 1 + width] = rgb
-    canvas[:, columns + 2 + width:] = _strip(padded >> 4, mask, _shade(height, columns, 7))
+    canvas[:, columns + 1 : columns + 1 + width] = rgb
+    canvas[:, columns + 2 + width :] = _strip(padded >> 4, mask, _shade(height, columns, 7))
     return Image.fromarray(canvas, mode="RGB")
 
 
@@ -96,11 +96,11 @@ def find(path: Path) -> bytes | None:
     rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
     if rows.size == 0:
         return None
-    low = rgb[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] & 0x0F  # the reader's crop of black borders
+    low = rgb[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] & 0x0F  # the reader's crop of black borders
     dark = np.flatnonzero(low.sum(axis=(0, 2)) == 0)
     if dark.size < 2:
         return None
-    lower, upper = low[:, :dark[0]], low[:, dark[-1] + 1:]
+    lower, upper = low[:, : dark[0]], low[:, dark[-1] + 1 :]
     if lower.shape != upper.shape or lower.size == 0:
         return None
     mask = noise(upper.size)

@@ -68,8 +68,14 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[str, str], clip_skip: int = 1,
-             extra: Sequence[tuple[str, str]] = ()) -> str:
+def infotext(
+    params: SamplingParams,
+    seed: int,
+    model: SDModel,
+    ti_hashes: dict[str, str],
+    clip_skip: int = 1,
+    extra: Sequence[tuple[str, str]] = (),
+) -> str:
     """A1111's `parameters` text of one image, which its PNG Info tab, Civitai and prompt readers parse: the prompt,
     the negative prompt, then one line of settings in A1111 1.10's order, sampler and schedule type apart. A1111
     reads only the last line as settings, so anything else, such as a preview's embedding and step, is a field of
@@ -79,8 +85,12 @@ def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[
 
     sampler, schedule = split(params.sampler)
     fields: list[tuple[str, str]] = [
-        ("Steps", str(params.steps)), ("Sampler", sampler), ("Schedule type", schedule),
-        ("CFG scale", f"{params.cfg:g}"), ("Seed", str(seed)), ("Size", f"{params.width}x{params.height}"),
+        ("Steps", str(params.steps)),
+        ("Sampler", sampler),
+        ("Schedule type", schedule),
+        ("CFG scale", f"{params.cfg:g}"),
+        ("Seed", str(seed)),
+        ("Size", f"{params.width}x{params.height}"),
     ]
     if model.hash:
         fields.append(("Model hash", model.hash))
@@ -101,8 +111,12 @@ def infotext(params: SamplingParams, seed: int, model: SDModel, ti_hashes: dict[
 
 def initial_noise(seeds: list[int], height: int, width: int, scale: int, channels: int = 4) -> torch.Tensor:
     """Starting latents, one CPU generator per seed: the same seed gives the same noise everywhere."""
-    return torch.stack([torch.randn((channels, height // scale, width // scale),
-                                    generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds])
+    return torch.stack(
+        [
+            torch.randn((channels, height // scale, width // scale), generator=torch.Generator("cpu").manual_seed(seed))
+            for seed in seeds
+        ]
+    )
 
 
 def build_pipeline(model: SDModel, scheduler: Any) -> Any:
@@ -131,8 +145,9 @@ class Renderer:
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def render(self, params: SamplingParams, on_step: Callable[[int], None] | None = None,
-               stop: threading.Event | None = None) -> list[Image.Image]:
+    def render(
+        self, params: SamplingParams, on_step: Callable[[int], None] | None = None, stop: threading.Event | None = None
+    ) -> list[Image.Image]:
         model, seeds = self.model, list(params.seeds)
         self.pipe.scheduler = make_scheduler(params.sampler, model.scheduler_config, seed=seeds[0])
         positive = self.encoder.encode([params.prompt] * len(seeds)).to(model.dtype)
@@ -150,9 +165,17 @@ class Renderer:
                 pipe._interrupt = True
             return kwargs
 
-        result = self.pipe(**pipeline_inputs(positive, negative), latents=latents, generator=generators,
-                           num_inference_steps=params.steps, guidance_scale=params.cfg, height=params.height,
-                           width=params.width, output_type="pil", callback_on_step_end=callback)
+        result = self.pipe(
+            **pipeline_inputs(positive, negative),
+            latents=latents,
+            generator=generators,
+            num_inference_steps=params.steps,
+            guidance_scale=params.cfg,
+            height=params.height,
+            width=params.width,
+            output_type="pil",
+            callback_on_step_end=callback,
+        )
         return list(result.images)
 
     def _pad(self, conditioning: Conditioning, length: int, batch: int) -> Conditioning:
@@ -161,8 +184,11 @@ class Renderer:
             return conditioning
         empty = self.encoder.encode([""] * batch).hidden.to(hidden.dtype)
         repeats = (length - hidden.shape[1]) // empty.shape[1]
-        return Conditioning(hidden=torch.cat([hidden, *([empty] * repeats)], dim=1), pooled=conditioning.pooled,
-                            extra=conditioning.extra)
+        return Conditioning(
+            hidden=torch.cat([hidden, *([empty] * repeats)], dim=1),
+            pooled=conditioning.pooled,
+            extra=conditioning.extra,
+        )
 
 
 def pipeline_inputs(positive: Conditioning, negative: Conditioning) -> dict[str, Any]:
@@ -173,8 +199,9 @@ def pipeline_inputs(positive: Conditioning, negative: Conditioning) -> dict[str,
     return inputs
 
 
-def find_embeddings(encoder: PromptEncoder, folder: Path, texts: list[str],
-                    extra: dict[str, Embedding] | None = None) -> dict[str, tuple[Embedding, Path | None]]:
+def find_embeddings(
+    encoder: PromptEncoder, folder: Path, texts: list[str], extra: dict[str, Embedding] | None = None
+) -> dict[str, tuple[Embedding, Path | None]]:
     """The embeddings named in the texts: files of `folder` by stem, plus in-memory ones (`extra`)."""
     files = list_embedding_files(folder)
     candidates: dict[str, tuple[int, ...]] = {}
@@ -194,8 +221,7 @@ def find_embeddings(encoder: PromptEncoder, folder: Path, texts: list[str],
     return used
 
 
-def fitting(used: dict[str, tuple[Embedding, Path | None]], model: SDModel) -> dict[str, tuple[Embedding,
-                                                                                            Path | None]]:
+def fitting(used: dict[str, tuple[Embedding, Path | None]], model: SDModel) -> dict[str, tuple[Embedding, Path | None]]:
     """The embeddings a prompt names that fit the model; one that does not (an SD 1.5 embedding with an SDXL model,
     say) is skipped with a warning and its name stays plain words, as A1111 does, rather than failing the picture."""
     kept = {}
@@ -214,18 +240,24 @@ def check_fits(embedding: Embedding, model: SDModel) -> None:
     widths = model.widths
     if set(embedding.vectors) != set(widths):
         if embedding.is_sdxl:
-            raise EmbeddingError(f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); it does not "
-                                 f"fit {model.name} ({model.spec.label}): use it with an SDXL model")
-        raise EmbeddingError(f"embedding {embedding.name!r} ({embedding.fits()}) has vectors for "
-                             f"{', '.join(embedding.vectors)}, but the model {model.name} "
-                             f"({model.spec.label}) needs them for {', '.join(widths)}; use it with a model of its "
-                             "family")
+            raise EmbeddingError(
+                f"embedding {embedding.name!r} is an SDXL embedding (clip_l + clip_g); it does not "
+                f"fit {model.name} ({model.spec.label}): use it with an SDXL model"
+            )
+        raise EmbeddingError(
+            f"embedding {embedding.name!r} ({embedding.fits()}) has vectors for "
+            f"{', '.join(embedding.vectors)}, but the model {model.name} "
+            f"({model.spec.label}) needs them for {', '.join(widths)}; use it with a model of its "
+            "family"
+        )
     for key, width in widths.items():
         if embedding.vectors[key].shape[1] != width:
             size = f"{embedding.width} wide" if len(widths) == 1 else f"{embedding.vectors[key].shape[1]} wide in {key}"
             own = f"a {width}-wide text encoder" if len(widths) == 1 else f"a {width}-wide {key} text encoder"
-            raise EmbeddingError(f"embedding {embedding.name!r} is {size} ({embedding.fits()}) but the model "
-                                 f"{model.name} has {own}; use the embedding with a model of its family")
+            raise EmbeddingError(
+                f"embedding {embedding.name!r} is {size} ({embedding.fits()}) but the model "
+                f"{model.name} has {own}; use the embedding with a model of its family"
+            )
 
 
 def next_index(folder: Path) -> int:
@@ -248,9 +280,15 @@ def save_png(image: Image.Image, path: Path, text: str, chunks: dict[str, str] |
     return atomic_write(path, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
-def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None = None,
-             on_progress: Callable[[Progress], None] | None = None,
-             stop: threading.Event | None = None, save: bool = True) -> list[GeneratedImage]:
+def generate(
+    options: GenerateOptions,
+    *,
+    cache_dir: Path,
+    model: SDModel | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    save: bool = True,
+) -> list[GeneratedImage]:
     """Generate options.batch images options.batch_count times and (with save) write them as PNGs with their
     parameters. A stop keeps the batches finished (A1111's interrupt gives what was made) and drops the one drawn."""
     validate_generate(options)
@@ -261,13 +299,16 @@ def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None
     if width % model.vae_scale or height % model.vae_scale:
         raise OptionError("size", options.size, f"each side must be a multiple of {model.vae_scale}")
     encoder = PromptEncoder.for_model(model, options.clip_skip)
-    used = fitting(find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt]),
-                   model)
-    encoder.set_embeddings({name: {key: tensor.to(model.device) for key, tensor in emb.vectors.items()}
-                            for name, (emb, _) in used.items()})
+    used = fitting(
+        find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt]), model
+    )
+    encoder.set_embeddings(
+        {name: {key: tensor.to(model.device) for key, tensor in emb.vectors.items()} for name, (emb, _) in used.items()}
+    )
     if used:
-        log.info("using embeddings: %s", ", ".join(f"{n} ({e.count} vectors, step {e.step})"
-                                                    for n, (e, _) in used.items()))
+        log.info(
+            "using embeddings: %s", ", ".join(f"{n} ({e.count} vectors, step {e.step})" for n, (e, _) in used.items())
+        )
     hashes = {name: short_hash(path) for name, (_, path) in used.items() if path is not None}
     total = options.batch * options.batch_count
     seed = options.seed if options.seed >= 0 else random.SystemRandom().randrange(2**32 - total)
@@ -276,15 +317,28 @@ def generate(options: GenerateOptions, *, cache_dir: Path, model: SDModel | None
     index = next_index(out_dir) if save else 0
     for batch in range(options.batch_count):  # A1111's batch count: batches one after another, seeds running on
         first = seed + batch * options.batch
-        params = SamplingParams(prompt=options.prompt, negative_prompt=options.negative_prompt, steps=options.steps,
-                                sampler=sampler, cfg=options.cfg, width=width, height=height,
-                                seeds=tuple(first + i for i in range(options.batch)))
+        params = SamplingParams(
+            prompt=options.prompt,
+            negative_prompt=options.negative_prompt,
+            steps=options.steps,
+            sampler=sampler,
+            cfg=options.cfg,
+            width=width,
+            height=height,
+            seeds=tuple(first + i for i in range(options.batch)),
+        )
         done = batch * options.steps
-        images = renderer.render(params, stop=stop, on_step=lambda step, done=done: report(
-            Event.STEP, done + step, options.steps * options.batch_count))
+        images = renderer.render(
+            params,
+            stop=stop,
+            on_step=lambda step, done=done: report(Event.STEP, done + step, options.steps * options.batch_count),
+        )
         if stop is not None and stop.is_set():
-            log.info("stopped: %d of %d images were finished and kept; the batch being drawn was dropped",
-                     len(results), total)
+            log.info(
+                "stopped: %d of %d images were finished and kept; the batch being drawn was dropped",
+                len(results),
+                total,
+            )
             break
         for image, image_seed in zip(images, params.seeds, strict=True):
             text = infotext(params, image_seed, model, hashes, options.clip_skip)

@@ -47,8 +47,9 @@ def merge(style_text: str, prompt: str) -> str:
     return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
 
 
-def apply_styles(prompt: str, negative_prompt: str, names: list[str], styles: dict[str, Style],
-                 field: str = "styles") -> tuple[str, str]:
+def apply_styles(
+    prompt: str, negative_prompt: str, names: list[str], styles: dict[str, Style], field: str = "styles"
+) -> tuple[str, str]:
     """The prompt and negative prompt with the named styles applied in order; an unknown name is an error (A1111
     skips it silently, and the picture then lacks what the client asked for)."""
     for name in names:

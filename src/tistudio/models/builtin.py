@@ -35,30 +35,48 @@ TEXT_GAIN = 16.0
 def unet_config(family: str, native_size: int) -> dict[str, Any]:
     widths = [32, 32, 64, 64]
     return {
-        "sample_size": native_size // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "sample_size": native_size // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
         "block_out_channels": widths,
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
         "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "cross_attention_dim": TEXT_WIDTH, "norm_num_groups": 32,
+        "cross_attention_dim": TEXT_WIDTH,
+        "norm_num_groups": 32,
         "attention_head_dim": 8 if family == "sd1" else [max(1, w // 64) for w in widths],
-        "use_linear_projection": family == "sd2", "upcast_attention": family == "sd2",
+        "use_linear_projection": family == "sd2",
+        "upcast_attention": family == "sd2",
     }
 
 
 def vae_config(native_size: int) -> dict[str, Any]:
     return {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-        "block_out_channels": [32, 32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": native_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 32, 64, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "norm_num_groups": 32,
+        "sample_size": native_size,
         "scaling_factor": 0.18215,
     }
 
 
 def text_config(family: str) -> dict[str, Any]:
     return {
-        "vocab_size": 49408, "hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH, "num_hidden_layers": 2,
-        "num_attention_heads": TEXT_WIDTH // 64, "max_position_embeddings": 77, "projection_dim": TEXT_WIDTH,
-        "hidden_act": "quick_gelu" if family == "sd1" else "gelu", "bos_token_id": 0, "pad_token_id": 1,
+        "vocab_size": 49408,
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": TEXT_WIDTH // 64,
+        "max_position_embeddings": 77,
+        "projection_dim": TEXT_WIDTH,
+        "hidden_act": "quick_gelu" if family == "sd1" else "gelu",
+        "bos_token_id": 0,
+        "pad_token_id": 1,
         "eos_token_id": 2,
     }
 
@@ -74,20 +92,35 @@ def sdxl_unet_config(native_size: int) -> dict[str, Any]:
     takes the pooled vector and the six size numbers ("text_time")."""
     widths = [32, 32, 64, 64]
     return {
-        "sample_size": native_size // 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-        "block_out_channels": widths, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
-        "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"], "cross_attention_dim": sum(SDXL_WIDTHS),
-        "norm_num_groups": 32, "attention_head_dim": [max(1, w // 64) for w in widths], "use_linear_projection": True,
-        "addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_WIDTH,
+        "sample_size": native_size // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": widths,
+        "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+        "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"],
+        "cross_attention_dim": sum(SDXL_WIDTHS),
+        "norm_num_groups": 32,
+        "attention_head_dim": [max(1, w // 64) for w in widths],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_WIDTH,
         "projection_class_embeddings_input_dim": 6 * SDXL_TIME_WIDTH + SDXL_WIDTHS[1],
     }
 
 
 def sdxl_text_configs() -> tuple[dict[str, Any], dict[str, Any]]:
     """clip_l (CLIP ViT-L's kind: quick_gelu) and clip_g (OpenCLIP's: gelu, with a projection), tiny."""
+
     def config(width: int, act: str) -> dict[str, Any]:
-        return {**text_config("sd1"), "hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 1,
-                "projection_dim": width, "hidden_act": act}
+        return {
+            **text_config("sd1"),
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_attention_heads": 1,
+            "projection_dim": width,
+            "hidden_act": act,
+        }
 
     return config(SDXL_WIDTHS[0], "quick_gelu"), config(SDXL_WIDTHS[1], "gelu")
 
@@ -97,29 +130,70 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, native_size: int = 64, text_gai
     with a projection, for the pooled vector), a "text_time" UNet and an SDXL-style VAE config."""
     first, second = sdxl_text_configs()
     vae = {**vae_config(native_size), "scaling_factor": 0.13025, "force_upcast": True}
-    return save_sdxl_folder(folder, seed, first, second, sdxl_unet_config(native_size), vae, text_gain,
-                            "A tiny SDXL-architecture model with seeded random weights, built by tistudio for its "
-                            "tests. Its pictures are noise.\n")
+    return save_sdxl_folder(
+        folder,
+        seed,
+        first,
+        second,
+        sdxl_unet_config(native_size),
+        vae,
+        text_gain,
+        "A tiny SDXL-architecture model with seeded random weights, built by tistudio for its "
+        "tests. Its pictures are noise.\n",
+    )
 
 
 def sdxl_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """CLIP-L, OpenCLIP-bigG, UNet and VAE configs of full-size SDXL base 1.0 (for benchmarks, random weights)."""
-    base = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "pad_token_id": 1,
-            "eos_token_id": 2}
-    first = {**base, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-             "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"}
-    second = {**base, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-              "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}
-    unet = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-            "block_out_channels": [320, 640, 1280], "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
-            "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], "transformer_layers_per_block": [1, 2, 10],
-            "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
-            "norm_num_groups": 32, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-            "projection_class_embeddings_input_dim": 2816}
-    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-           "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 1024,
-           "scaling_factor": 0.13025, "force_upcast": True}
+    base = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
+    first = {
+        **base,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    }
+    second = {
+        **base,
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "projection_dim": 1280,
+        "hidden_act": "gelu",
+    }
+    unet = {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280],
+        "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+        "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 10],
+        "attention_head_dim": [5, 10, 20],
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "norm_num_groups": 32,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    }
+    vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+        "force_upcast": True,
+    }
     return first, second, unet, vae
 
 
@@ -127,13 +201,32 @@ def full_size_sdxl_dir(cache_dir: Path, seed: int = 0) -> Path:
     """Full-size SDXL architecture with seeded random weights (about 13.9 GB in float32), built once: honest for
     speed and memory, meaningless for pictures."""
     first, second, unet, vae = sdxl_configs()
-    return _build_once(Path(cache_dir) / "models" / f"sdxl-random-{seed}", lambda folder: save_sdxl_folder(
-        folder, seed, first, second, unet, vae, 1.0, "SDXL's architecture with seeded random weights, built by "
-        "tistudio's benchmarks. Honest for speed and memory; its pictures are noise.\n"))
+    return _build_once(
+        Path(cache_dir) / "models" / f"sdxl-random-{seed}",
+        lambda folder: save_sdxl_folder(
+            folder,
+            seed,
+            first,
+            second,
+            unet,
+            vae,
+            1.0,
+            "SDXL's architecture with seeded random weights, built by "
+            "tistudio's benchmarks. Honest for speed and memory; its pictures are noise.\n",
+        ),
+    )
 
 
-def save_sdxl_folder(folder: Path, seed: int, first: dict[str, Any], second: dict[str, Any], unet_config_: dict,
-                     vae_config_: dict, text_gain: float, note: str) -> Path:
+def save_sdxl_folder(
+    folder: Path,
+    seed: int,
+    first: dict[str, Any],
+    second: dict[str, Any],
+    unet_config_: dict,
+    vae_config_: dict,
+    text_gain: float,
+    note: str,
+) -> Path:
     """Build and write an SDXL-architecture diffusers folder (StableDiffusionXLPipeline's layout) with seeded random
     weights: each module is written as soon as it is made, so only one is in memory at a time."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -171,14 +264,23 @@ def write_sdxl_folder(folder: Path, first: Any, second: Any, unet: Any, vae: Any
     for slot in family_entry("sdxl").encoders:
         write_tokenizer(folder / slot.tokenizer, slot.pad_token)
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config("epsilon"))
-    write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-        "force_zeros_for_empty_prompt": False, "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers",
-                                                                            "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None], "feature_extractor": [None, None]})
+    write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": False,
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        },
+    )
     (folder / "TINY-MODEL.txt").write_text(note, "utf-8")
     return folder
 
@@ -190,8 +292,14 @@ def _gain(unet: Any, text_gain: float) -> None:
                 parameter.mul_(text_gain**0.5)
 
 
-def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_size: int = 64,
-                     prediction_type: str | None = None, text_gain: float = TEXT_GAIN) -> Path:
+def build_tiny_model(
+    folder: Path,
+    family: str = "sd1",
+    seed: int = 0,
+    native_size: int = 64,
+    prediction_type: str | None = None,
+    text_gain: float = TEXT_GAIN,
+) -> Path:
     """Write a tiny SD-architecture diffusers folder with seeded random weights.
 
     text_gain scales the cross-attention value and output projections (each by its square root), so that the
@@ -199,7 +307,6 @@ def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_si
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
 
     if family not in ("sd1", "sd2"):
         raise ValueError(f"family must be sd1 or sd2, not {family!r}")
@@ -213,14 +320,22 @@ def build_tiny_model(folder: Path, family: str = "sd1", seed: int = 0, native_si
     _gain(unet, text_gain)
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**vae_config(native_size))
-    return save_model_folder(folder, family, text_encoder, unet, vae, prediction,
-                             "A tiny Stable Diffusion model with seeded random weights, built by tistudio for its "
-                             "demo and tests.\nIt proves that the software works; its pictures are noise and mean "
-                             "nothing.\n")
+    return save_model_folder(
+        folder,
+        family,
+        text_encoder,
+        unet,
+        vae,
+        prediction,
+        "A tiny Stable Diffusion model with seeded random weights, built by tistudio for its "
+        "demo and tests.\nIt proves that the software works; its pictures are noise and mean "
+        "nothing.\n",
+    )
 
 
-def save_model_folder(folder: Path, family: str, text_encoder: Any, unet: Any, vae: Any, prediction: str,
-                      note: str) -> Path:
+def save_model_folder(
+    folder: Path, family: str, text_encoder: Any, unet: Any, vae: Any, prediction: str, note: str
+) -> Path:
     """Write modules, tokenizer, scheduler and model_index.json as a complete diffusers folder."""
     from tistudio.models.loading import pipeline_index, scheduler_config
     from tistudio.models.tokenizer import load_tokenizer, write_tokenizer
@@ -242,24 +357,50 @@ def save_model_folder(folder: Path, family: str, text_encoder: Any, unet: Any, v
 
 def sd15_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Text encoder, UNet and VAE configs of full-size Stable Diffusion 1.5 (for benchmarks with random weights)."""
-    text = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
-            "hidden_act": "quick_gelu", "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}
-    unet = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32}
-    vae = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-           "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 512,
-           "scaling_factor": 0.18215}
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 0,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+    }
+    unet = {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    }
+    vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
     return text, unet, vae
 
 
 def full_size_model_dir(cache_dir: Path, seed: int = 0) -> Path:
     """Full-size SD1.5 architecture with seeded random weights (about 4.3 GB), built once: honest for speed and
     memory, meaningless for pictures."""
+
     def build(folder: Path) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -269,9 +410,16 @@ def full_size_model_dir(cache_dir: Path, seed: int = 0) -> Path:
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_))
         unet = UNet2DConditionModel(**unet_config_)
         vae = AutoencoderKL(**vae_config_)
-        save_model_folder(folder, "sd1", text_encoder, unet, vae, "epsilon",
-                          "Stable Diffusion 1.5's architecture with seeded random weights, built by tistudio's "
-                          "benchmarks. Honest for speed and memory; its pictures are noise.\n")
+        save_model_folder(
+            folder,
+            "sd1",
+            text_encoder,
+            unet,
+            vae,
+            "epsilon",
+            "Stable Diffusion 1.5's architecture with seeded random weights, built by tistudio's "
+            "benchmarks. Honest for speed and memory; its pictures are noise.\n",
+        )
 
     return _build_once(Path(cache_dir) / "models" / f"sd15-random-{seed}", build)
 
@@ -298,8 +446,10 @@ def _build_once(target: Path, build: Any) -> Path:
 
 def random_model_dir(cache_dir: Path) -> Path:
     """The tiny model with random weights (what the tests use), built once into the cache."""
-    return _build_once(Path(cache_dir) / "models" / f"tiny-sd1-v{DEMO_VERSION}",
-                       lambda folder: build_tiny_model(folder, family="sd1", seed=0))
+    return _build_once(
+        Path(cache_dir) / "models" / f"tiny-sd1-v{DEMO_VERSION}",
+        lambda folder: build_tiny_model(folder, family="sd1", seed=0),
+    )
 
 
 # The shipped world models by family: the SD1 one (scripts/build_world_model.py) and its SDXL variant
@@ -319,13 +469,16 @@ def demo_model_dir(cache_dir: Path, family: str = "sd1") -> Path:
     weights, _ = world_files(family)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
     name = "world" if family == "sd1" else f"world-{family}"
-    return _build_once(Path(cache_dir) / "models" / f"{name}-{digest}",
-                       lambda folder: expand_world_model(folder, family))
+    return _build_once(
+        Path(cache_dir) / "models" / f"{name}-{digest}", lambda folder: expand_world_model(folder, family)
+    )
 
 
-WORLD_NOTE = ("tistudio's demo world model: a small {arch}-architecture model trained on a synthetic world of cartoon "
-              "people (see tistudio/demo/world.py and scripts/{script}). Text controls its pictures; they are 64x64 "
-              "cartoons, not photographs.\n")
+WORLD_NOTE = (
+    "tistudio's demo world model: a small {arch}-architecture model trained on a synthetic world of cartoon "
+    "people (see tistudio/demo/world.py and scripts/{script}). Text controls its pictures; they are 64x64 "
+    "cartoons, not photographs.\n"
+)
 
 
 def expand_world_model(folder: Path, family: str = "sd1") -> Path:
@@ -341,7 +494,7 @@ def expand_world_model(folder: Path, family: str = "sd1") -> Path:
     tensors, _ = load_safetensors(weights, 64 * 1024 * 1024, 10_000, 50_000_000)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
     unet = UNet2DConditionModel(**meta["unet"])
     unet.load_state_dict(part("unet."))
@@ -350,12 +503,20 @@ def expand_world_model(folder: Path, family: str = "sd1") -> Path:
     if family == "sdxl":
         first = _world_text(meta["text_l"], meta["token_tables"]["l"], part("text_l."), tensors, "text_l_", False)
         second = _world_text(meta["text_g"], meta["token_tables"]["g"], part("text_g."), tensors, "text_g_", True)
-        write_sdxl_folder(folder, first, second, unet, vae, WORLD_NOTE.format(arch="SDXL",
-                                                                              script="build_world_sdxl.py"))
+        write_sdxl_folder(
+            folder, first, second, unet, vae, WORLD_NOTE.format(arch="SDXL", script="build_world_sdxl.py")
+        )
     else:
         text = _world_text(meta["text"], meta["token_table"], part("text."), tensors, "text_", False)
-        save_model_folder(folder, "sd1", text, unet, vae, "epsilon",
-                          WORLD_NOTE.format(arch="Stable-Diffusion", script="build_world_model.py"))
+        save_model_folder(
+            folder,
+            "sd1",
+            text,
+            unet,
+            vae,
+            "epsilon",
+            WORLD_NOTE.format(arch="Stable-Diffusion", script="build_world_model.py"),
+        )
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in part("reader.").items()}, str(folder / "trait-reader.safetensors"))
@@ -363,15 +524,25 @@ def expand_world_model(folder: Path, family: str = "sd1") -> Path:
     return folder
 
 
-def _world_text(config: dict[str, Any], table_meta: dict[str, Any], state: dict[str, torch.Tensor],
-                tensors: dict[str, torch.Tensor], prefix: str, projection: bool) -> Any:
+def _world_text(
+    config: dict[str, Any],
+    table_meta: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    prefix: str,
+    projection: bool,
+) -> Any:
     """A world model's text encoder: its weights, and its token table rebuilt (the seeded rows the captions never
     use, the stored rows the captions do)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     text = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
-    table = torch.randn((config["vocab_size"], config["hidden_size"]),
-                        generator=torch.Generator().manual_seed(table_meta["seed"])) * table_meta["std"]
+    table = (
+        torch.randn(
+            (config["vocab_size"], config["hidden_size"]), generator=torch.Generator().manual_seed(table_meta["seed"])
+        )
+        * table_meta["std"]
+    )
     table[tensors[prefix + "token_ids"].long()] = tensors[prefix + "token_rows"].float()
     key = next(k for k in text.state_dict() if k.endswith("token_embedding.weight"))
     state[key] = table

@@ -35,9 +35,12 @@ class Conditioning:
     extra: Mapping[str, torch.Tensor] = field(default_factory=dict)  # further UNet inputs (SDXL's time_ids)
 
     def to(self, dtype: torch.dtype) -> Conditioning:
-        return replace(self, hidden=self.hidden.to(dtype),
-                       pooled=None if self.pooled is None else self.pooled.to(dtype),
-                       extra={key: value.to(dtype) for key, value in self.extra.items()})
+        return replace(
+            self,
+            hidden=self.hidden.to(dtype),
+            pooled=None if self.pooled is None else self.pooled.to(dtype),
+            extra={key: value.to(dtype) for key, value in self.extra.items()},
+        )
 
     def with_sizes(self, time_ids: torch.Tensor | None) -> Conditioning:
         """With SDXL's size and crop conditioning: [batch, 6] (original h, w; crop top, left; target h, w)."""
@@ -150,8 +153,9 @@ class _Stream:
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
 
-    def hidden(self, rows: list[list[int]], clip_skip: int, ends: list[int]) -> tuple[torch.Tensor,
-                                                                                      torch.Tensor | None]:
+    def hidden(
+        self, rows: list[list[int]], clip_skip: int, ends: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The hidden states this encoder conditions the UNet with (A1111's "Clip skip" = clip_skip), and, for the
         pooled slot, each row's pooled vector: the projection of the final hidden state at its end-of-text
         position `ends[i]`. (CLIP's own pooler takes the position of the highest token id, which is an embedding's
@@ -185,8 +189,9 @@ class PromptEncoder:
         self.streams = {key: _Stream(part) for key, part in text.items()}
         first = next(iter(self.streams.values()))
         if len({s.layer.vocab_size for s in self.streams.values()}) != 1:
-            raise EmbeddingError("the model's text encoders have different vocabularies; tistudio cannot splice "
-                                 "an embedding into them")
+            raise EmbeddingError(
+                "the model's text encoders have different vocabularies; tistudio cannot splice an embedding into them"
+            )
         self.tokenizer = first.part.tokenizer  # the encoders share CLIP's vocabulary: prompts are tokenized once
         self.vocab_size = first.layer.vocab_size
         self.clip_skip = clip_skip
@@ -217,12 +222,16 @@ class PromptEncoder:
     def _by_key(self, name: str, vectors: torch.Tensor | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if isinstance(vectors, torch.Tensor):
             if len(self.streams) != 1:
-                raise EmbeddingError(f"embedding {name!r}: this model has {len(self.streams)} text encoders "
-                                     f"({', '.join(self.streams)}); give its vectors for each")
+                raise EmbeddingError(
+                    f"embedding {name!r}: this model has {len(self.streams)} text encoders "
+                    f"({', '.join(self.streams)}); give its vectors for each"
+                )
             return {self.keys[0]: vectors}
         if set(vectors) != set(self.streams):
-            raise EmbeddingError(f"embedding {name!r} has vectors for {', '.join(vectors)}, but this model's text "
-                                 f"encoders are {', '.join(self.streams)}")
+            raise EmbeddingError(
+                f"embedding {name!r} has vectors for {', '.join(vectors)}, but this model's text "
+                f"encoders are {', '.join(self.streams)}"
+            )
         return vectors
 
     def set_embeddings(self, vectors: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]) -> None:
@@ -274,8 +283,7 @@ class PromptEncoder:
             if pooled_rows is not None:  # a prompt's pooled vector is its first chunk's (as A1111's)
                 pooled = pooled_rows[::count]
         hidden = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
-        return Conditioning(hidden=hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1]),
-                            pooled=pooled)
+        return Conditioning(hidden=hidden.reshape(len(prompts), count * (CHUNK + 2), hidden.shape[-1]), pooled=pooled)
 
 
 def _emphasis(hidden: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:

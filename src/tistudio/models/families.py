@@ -43,8 +43,11 @@ class Family:
     encoders: tuple[EncoderSlot, ...]
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class that generates with it
     # Further keyword arguments that pipeline is built with (besides the UNet, VAE, scheduler and text encoders).
-    pipeline_extras: tuple[tuple[str, Any], ...] = (("safety_checker", None), ("feature_extractor", None),
-                                                    ("requires_safety_checker", False))
+    pipeline_extras: tuple[tuple[str, Any], ...] = (
+        ("safety_checker", None),
+        ("feature_extractor", None),
+        ("requires_safety_checker", False),
+    )
     # The UNet is also conditioned on each image's original size, crop and target size (SDXL's time_ids).
     size_conditioning: bool = False
     # What a single checkpoint file (A1111's, ComfyUI's) of this family holds:
@@ -77,33 +80,62 @@ OPENCLIP_PAD = "!"
 CLIP = EncoderSlot("clip")
 OPEN_CLIP = EncoderSlot("clip", pad_token=OPENCLIP_PAD)  # SD2's OpenCLIP ViT-H, under the same key
 CLIP_L = EncoderSlot("clip_l", penultimate=True)  # CLIP ViT-L/14, 768 wide
-CLIP_G = EncoderSlot("clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True,
-                     pad_token=OPENCLIP_PAD)  # OpenCLIP bigG, 1280
+CLIP_G = EncoderSlot(
+    "clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True, pad_token=OPENCLIP_PAD
+)  # OpenCLIP bigG, 1280
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1's CLIP ViT-L in a checkpoint file
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2's OpenCLIP ViT-H
 XL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L, in transformers' layout
 XL_CLIP_G = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG, in OpenCLIP's
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "Stable Diffusion 1.x", (CLIP,), checkpoint_text=(CLIP_PREFIX,), unet_heads=8,
-                  text_activation="quick_gelu", prediction=("epsilon", "SD 1.x models predict noise")),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", (OPEN_CLIP,), checkpoint_text=(OPENCLIP_PREFIX,),
-                  text_layout="openclip", native_size_v=768, upcast_attention_v=True,
-                  prediction=("v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 "
-                              "base model"),
-                  epsilon_steps=(("875000", "SD 2.x base (global_step 875000)"),)),
-    "sdxl": Family("sdxl", "SDXL", (CLIP_L, CLIP_G), pipeline="StableDiffusionXLPipeline",
-                   pipeline_extras=(("add_watermarker", False),), size_conditioning=True,
-                   checkpoint_text=(XL_CLIP_L, XL_CLIP_G), text_layout="sdxl", native_size=1024, vae_scaling=0.13025,
-                   vae_force_upcast=True, unet_depth_list=True,
-                   prediction=("epsilon", "SDXL models predict noise unless the file says v (a v_pred key or "
-                               "modelspec metadata)")),
+    "sd1": Family(
+        "sd1",
+        "Stable Diffusion 1.x",
+        (CLIP,),
+        checkpoint_text=(CLIP_PREFIX,),
+        unet_heads=8,
+        text_activation="quick_gelu",
+        prediction=("epsilon", "SD 1.x models predict noise"),
+    ),
+    "sd2": Family(
+        "sd2",
+        "Stable Diffusion 2.x",
+        (OPEN_CLIP,),
+        checkpoint_text=(OPENCLIP_PREFIX,),
+        text_layout="openclip",
+        native_size_v=768,
+        upcast_attention_v=True,
+        prediction=("v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"),
+        epsilon_steps=(("875000", "SD 2.x base (global_step 875000)"),),
+    ),
+    "sdxl": Family(
+        "sdxl",
+        "SDXL",
+        (CLIP_L, CLIP_G),
+        pipeline="StableDiffusionXLPipeline",
+        pipeline_extras=(("add_watermarker", False),),
+        size_conditioning=True,
+        checkpoint_text=(XL_CLIP_L, XL_CLIP_G),
+        text_layout="sdxl",
+        native_size=1024,
+        vae_scaling=0.13025,
+        vae_force_upcast=True,
+        unet_depth_list=True,
+        prediction=("epsilon", "SDXL models predict noise unless the file says v (a v_pred key or modelspec metadata)"),
+    ),
 }
 
 
 def checkpoint_family(has: Callable[[str], bool]) -> Family | None:
     """The family whose text encoders a checkpoint file holds (`has(prefix)`: whether any key starts so)."""
-    return next((entry for entry in sorted(FAMILIES.values(), key=lambda f: -len(f.checkpoint_text))
-                 if entry.checkpoint_text and all(has(prefix) for prefix in entry.checkpoint_text)), None)
+    return next(
+        (
+            entry
+            for entry in sorted(FAMILIES.values(), key=lambda f: -len(f.checkpoint_text))
+            if entry.checkpoint_text and all(has(prefix) for prefix in entry.checkpoint_text)
+        ),
+        None,
+    )
 
 
 def folder_family(pipeline: str, activation: str) -> Family | None:

@@ -108,8 +108,10 @@ class SDModel:
         return float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR) or SD_SCALING_FACTOR)
 
     def describe(self) -> str:
-        return (f"{self.name} ({self.spec.label}, {self.prediction_type}, native {self.native_size}px, text width "
-                f"{self.width}, {self.device.type} {str(self.dtype).replace('torch.', '')})")
+        return (
+            f"{self.name} ({self.spec.label}, {self.prediction_type}, native {self.native_size}px, text width "
+            f"{self.width}, {self.device.type} {str(self.dtype).replace('torch.', '')})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,8 +148,9 @@ def parse_devices(text: str) -> tuple[str, ...]:
     for device in devices:
         match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d{1,3}))?", device)
         if not match or (match.group(1) != "cuda" and match.group(2)):
-            raise ModelError(f"devices={text!r}: {device!r} is not a device; write e.g. 'cuda:0,cuda:1', 'all' or "
-                             "'cpu'")
+            raise ModelError(
+                f"devices={text!r}: {device!r} is not a device; write e.g. 'cuda:0,cuda:1', 'all' or 'cpu'"
+            )
         if match.group(1) == "cuda" and int(match.group(2) or 0) >= count:
             seen = f"PyTorch sees {count} CUDA GPU{'s' if count != 1 else ''}" if count else "PyTorch sees no CUDA GPU"
             raise ModelError(f"devices={text!r}: {seen}, so there is no {device}; use --devices all or leave it out")
@@ -188,8 +191,10 @@ def source_kind(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
-            raise ModelError(f"model {spec!r}: a folder without model_index.json; expected a diffusers model folder "
-                             "(with unet/, vae/, text_encoder/, tokenizer/)")
+            raise ModelError(
+                f"model {spec!r}: a folder without model_index.json; expected a diffusers model folder "
+                "(with unet/, vae/, text_encoder/, tokenizer/)"
+            )
         return "folder"
     if path.is_file():
         return "file"
@@ -228,7 +233,8 @@ def model_hash(spec_path: Path, kind: str, cache_dir: Path | None) -> str | None
     if kind == "file":
         return _cached_sha256(spec_path, cache_dir)[:10]
     weights = sorted((spec_path / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
-        (spec_path / "unet").glob("diffusion_pytorch_model*.bin"))
+        (spec_path / "unet").glob("diffusion_pytorch_model*.bin")
+    )
     if not weights:
         return None
     combined = hashlib.sha256("".join(_cached_sha256(w, cache_dir) for w in weights).encode()).hexdigest()
@@ -250,8 +256,10 @@ def read_checkpoint(path: Path, text_only: bool = False) -> tuple[dict[str, torc
         if kind in (safeload.TORCH_ZIP, safeload.TORCH_LEGACY):
             data = safeload.load_torch_pickle(path, MAX_CHECKPOINT_BYTES)
         else:
-            raise ModelError(f"model {path}: not a checkpoint; its content is neither safetensors nor a PyTorch file "
-                             "(whatever the extension says)")
+            raise ModelError(
+                f"model {path}: not a checkpoint; its content is neither safetensors nor a PyTorch file "
+                "(whatever the extension says)"
+            )
     except UnsafeFileError as exc:
         raise ModelError(f"model {exc}") from None
     meta: dict[str, str] = {}
@@ -270,6 +278,7 @@ def read_checkpoint(path: Path, text_only: bool = False) -> tuple[dict[str, torc
 def classify_checkpoint(keys: set[str], path: Any) -> str:
     """The family key, from the text encoders the checkpoint holds (the families' table); a clear refusal for
     anything else."""
+
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
@@ -278,46 +287,60 @@ def classify_checkpoint(keys: set[str], path: Any) -> str:
         if found is not None:
             return found.key
         if has("conditioner.embedders.0.model."):
-            raise ModelError(f"model {path}: an SDXL refiner (its only text encoder is OpenCLIP-bigG); textual "
-                             "inversion needs an SDXL base model or one of its fine-tunes")
-        raise ModelError(f"model {path}: an SDXL checkpoint without both of its text encoders "
-                         "(conditioner.embedders.0, CLIP-L, and .1, OpenCLIP-bigG); use a full checkpoint")
+            raise ModelError(
+                f"model {path}: an SDXL refiner (its only text encoder is OpenCLIP-bigG); textual "
+                "inversion needs an SDXL base model or one of its fine-tunes"
+            )
+        raise ModelError(
+            f"model {path}: an SDXL checkpoint without both of its text encoders "
+            "(conditioner.embedders.0, CLIP-L, and .1, OpenCLIP-bigG); use a full checkpoint"
+        )
     if has("model.diffusion_model.joint_blocks.") or has("joint_blocks."):
-        raise ModelError(f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x, 2.x and SDXL are "
-                         "supported")
+        raise ModelError(
+            f"model {path}: this is a Stable Diffusion 3 checkpoint; only SD 1.x, 2.x and SDXL are supported"
+        )
     if has("model.diffusion_model.double_blocks.") or has("double_blocks."):
-        raise ModelError(f"model {path}: this is a Flux checkpoint; only Stable Diffusion 1.x, 2.x and SDXL are "
-                         "supported")
+        raise ModelError(
+            f"model {path}: this is a Flux checkpoint; only Stable Diffusion 1.x, 2.x and SDXL are supported"
+        )
     if not has(UNET + "input_blocks."):
         if has("down_blocks.") or has("unet."):
-            raise ModelError(f"model {path}: this single file holds diffusers-format weights of one component, not "
-                             "a whole checkpoint; pass the diffusers model folder instead")
-        raise ModelError(f"model {path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
-                         "is it a LoRA, a VAE or an embedding? --model needs a whole SD 1.x, 2.x or SDXL checkpoint")
+            raise ModelError(
+                f"model {path}: this single file holds diffusers-format weights of one component, not "
+                "a whole checkpoint; pass the diffusers model folder instead"
+            )
+        raise ModelError(
+            f"model {path}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file; "
+            "is it a LoRA, a VAE or an embedding? --model needs a whole SD 1.x, 2.x or SDXL checkpoint"
+        )
     if not has(VAE):
-        raise ModelError(f"model {path}: the checkpoint has no VAE weights (first_stage_model.*); use a full "
-                         "checkpoint")
+        raise ModelError(
+            f"model {path}: the checkpoint has no VAE weights (first_stage_model.*); use a full checkpoint"
+        )
     if found is not None:
         return found.key
-    raise ModelError(f"model {path}: the checkpoint has no text encoder weights (cond_stage_model.*); use a full "
-                     "checkpoint")
+    raise ModelError(
+        f"model {path}: the checkpoint has no text encoder weights (cond_stage_model.*); use a full checkpoint"
+    )
 
 
 def _levels(state: dict[str, torch.Tensor], prefix: str, pattern: str) -> list[int]:
-    found = {int(m.group(1)) for k in state if k.startswith(prefix) and (m := re.match(pattern, k[len(prefix):]))}
+    found = {int(m.group(1)) for k in state if k.startswith(prefix) and (m := re.match(pattern, k[len(prefix) :]))}
     return sorted(found)
 
 
 def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: int, v_pred: bool) -> dict[str, Any]:
     """The diffusers UNet config of an LDM-format UNet, read off its tensor shapes."""
+
     def shape(key: str) -> tuple[int, ...]:
         return tuple(state[UNET + key].shape)
 
     in_channels = shape("input_blocks.0.0.weight")[1]
     if in_channels != 4:
         kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(in_channels, f"{in_channels}-channel")
-        raise ModelError(f"this checkpoint is {kind}; textual inversion needs a plain text-to-image SD 1.x, 2.x or "
-                         "SDXL model")
+        raise ModelError(
+            f"this checkpoint is {kind}; textual inversion needs a plain text-to-image SD 1.x, 2.x or SDXL model"
+        )
     blocks = _levels(state, UNET + "input_blocks.", r"(\d+)\.")
     levels: list[list[tuple[int, bool]]] = [[]]
     for index in blocks[1:]:
@@ -356,8 +379,11 @@ def infer_unet_config(state: dict[str, torch.Tensor], family: str, native_size: 
     if UNET + "label_emb.0.0.weight" in state:  # SDXL: the pooled text vector and six size numbers, "text_time"
         pooled = int(state[XL_CLIP_G + "text_projection"].shape[1])
         inputs = int(state[UNET + "label_emb.0.0.weight"].shape[1])
-        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": (inputs - pooled) // 6,
-                 "projection_class_embeddings_input_dim": inputs}
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": (inputs - pooled) // 6,
+            "projection_class_embeddings_input_dim": inputs,
+        }
     return {
         **added,
         "_class_name": "UNet2DConditionModel",
@@ -425,23 +451,26 @@ def convert_sdxl_text(state: dict[str, torch.Tensor]) -> list[tuple[dict[str, An
 
 
 def _convert_clip(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    raw = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     out = {k.removeprefix("text_model."): v for k, v in raw.items()}
     out.pop("embeddings.position_ids", None)
     width = int(out["embeddings.token_embedding.weight"].shape[1])
     layers = len({int(m.group(1)) for k in out if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     inter = int(out["encoder.layers.0.mlp.fc1.weight"].shape[0])
-    vocab, positions = out["embeddings.token_embedding.weight"].shape[0], out[
-        "embeddings.position_embedding.weight"].shape[0]
+    vocab, positions = (
+        out["embeddings.token_embedding.weight"].shape[0],
+        out["embeddings.position_embedding.weight"].shape[0],
+    )
     return _text_config(vocab, positions, width, inter, layers, "quick_gelu"), out
 
 
-def _convert_openclip(state: dict[str, torch.Tensor], prefix: str,
-                      drop_last: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _convert_openclip(
+    state: dict[str, torch.Tensor], prefix: str, drop_last: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """OpenCLIP's text tower as a transformers CLIP text model. SD2 conditions on the penultimate layer, then the
     final layer norm, so its last layer is dropped (drop_last); SDXL's clip_g keeps every layer (the penultimate is
     taken at run time) and its text projection."""
-    raw = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    raw = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     width = int(raw["token_embedding.weight"].shape[1])
     total = len({int(m.group(1)) for k in raw if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
     layers = total - 1 if drop_last else total
@@ -455,8 +484,13 @@ def _convert_openclip(state: dict[str, torch.Tensor], prefix: str,
         "final_layer_norm.weight": raw["ln_final.weight"],
         "final_layer_norm.bias": raw["ln_final.bias"],
     }
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj"}
+    names = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+        "attn.out_proj": "self_attn.out_proj",
+    }
     for i in range(layers):
         block = f"transformer.resblocks.{i}."
         target = f"encoder.layers.{i}."
@@ -478,15 +512,25 @@ def _text_config(vocab: int, positions: int, width: int, inter: int, layers: int
     if width % 64 and width >= 64:
         raise ModelError(f"the checkpoint's text encoder is {width} wide, not a multiple of 64; unsupported")
     return {
-        "vocab_size": int(vocab), "hidden_size": width, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": max(1, width // 64), "max_position_embeddings": int(positions), "hidden_act": act,
-        "layer_norm_eps": 1e-05, "projection_dim": width, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+        "vocab_size": int(vocab),
+        "hidden_size": width,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, width // 64),
+        "max_position_embeddings": int(positions),
+        "hidden_act": act,
+        "layer_norm_eps": 1e-05,
+        "projection_dim": width,
+        "bos_token_id": 0,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
         "torch_dtype": "float32",
     }
 
 
-def detect_prediction_type(family: str, meta: dict[str, str], keys: set[str], path: Path,
-                           override: str) -> tuple[str, str]:
+def detect_prediction_type(
+    family: str, meta: dict[str, str], keys: set[str], path: Path, override: str
+) -> tuple[str, str]:
     """(prediction type, why) for a single-file checkpoint."""
     if override != "auto":
         return override, "set by --prediction-type"
@@ -516,10 +560,17 @@ def scheduler_config(prediction_type: str, zero_snr: bool = False) -> dict[str, 
     noise, as some v-prediction anime models were trained) and sampled from that last timestep ("trailing")."""
     return {
         "_class_name": "DDIMScheduler",
-        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-        "num_train_timesteps": 1000, "prediction_type": prediction_type, "set_alpha_to_one": False,
-        "steps_offset": 0 if zero_snr else 1, "timestep_spacing": "trailing" if zero_snr else "leading",
-        "trained_betas": None, **({"rescale_betas_zero_snr": True} if zero_snr else {}),
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction_type,
+        "set_alpha_to_one": False,
+        "steps_offset": 0 if zero_snr else 1,
+        "timestep_spacing": "trailing" if zero_snr else "leading",
+        "trained_betas": None,
+        **({"rescale_betas_zero_snr": True} if zero_snr else {}),
     }
 
 
@@ -538,29 +589,46 @@ def refuse_edm(keys: set[str], path: Path) -> None:
     inversion's; refuse them by name instead of training them wrongly."""
     if "edm_mean" in keys or "edm_vpred.sigma_max" in keys:
         kind = "Playground v2.5's EDM" if "edm_mean" in keys else "EDM v-prediction (CosXL-style)"
-        raise ModelError(f"model {path}: an SDXL-architecture model trained with {kind} noise schedule (an edm_* "
-                         "key); tistudio trains embeddings for the DDPM schedule of SDXL and its fine-tunes only")
+        raise ModelError(
+            f"model {path}: an SDXL-architecture model trained with {kind} noise schedule (an edm_* "
+            "key); tistudio trains embeddings for the DDPM schedule of SDXL and its fine-tunes only"
+        )
 
 
 def pipeline_index() -> dict[str, Any]:
     """model_index.json of a Stable Diffusion 1.x/2.x diffusers folder without a safety checker."""
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-            "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
 
 
-def write_config_folder(folder: Path, family: str, unet: dict[str, Any], vae: dict[str, Any],
-                        text: dict[str, Any], scheduler: dict[str, Any]) -> None:
+def write_config_folder(
+    folder: Path,
+    family: str,
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text: dict[str, Any],
+    scheduler: dict[str, Any],
+) -> None:
     """A weights-free diffusers folder: the configs from_single_file needs, written locally."""
     from tistudio.models.tokenizer import write_tokenizer
 
     write_json(folder / "model_index.json", pipeline_index())
     write_json(folder / "unet" / "config.json", unet)
     write_json(folder / "vae" / "config.json", vae)
-    write_json(folder / "text_encoder" / "config.json", {"architectures": ["CLIPTextModel"], "model_type":
-                                                          "clip_text_model", **text})
+    write_json(
+        folder / "text_encoder" / "config.json",
+        {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text},
+    )
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     write_tokenizer(folder / "tokenizer", family_entry(family).encoders[0].pad_token)
 
@@ -570,11 +638,14 @@ def write_config_folder(folder: Path, family: str, unet: dict[str, Any], vae: di
 
 
 def _check_loaded(module: torch.nn.Module, what: str, source: str) -> None:
-    missing = [name for name, p in list(module.named_parameters()) + list(module.named_buffers())
-               if p.device.type == "meta"]
+    missing = [
+        name for name, p in list(module.named_parameters()) + list(module.named_buffers()) if p.device.type == "meta"
+    ]
     if missing:
-        raise ModelError(f"model {source}: the checkpoint lacks {len(missing)} {what} weights (e.g. {missing[0]}); "
-                         "the file is incomplete or of an unsupported variant")
+        raise ModelError(
+            f"model {source}: the checkpoint lacks {len(missing)} {what} weights (e.g. {missing[0]}); "
+            "the file is incomplete or of an unsupported variant"
+        )
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -585,8 +656,9 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.to(device=device)
 
 
-def _load_single_file(path: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
-                      text_only: bool, work_dir: Path) -> SDModel:
+def _load_single_file(
+    path: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype, text_only: bool, work_dir: Path
+) -> SDModel:
     try:
         safeload.check_size(path, MAX_CHECKPOINT_BYTES, "a checkpoint")
     except UnsafeFileError as exc:
@@ -611,17 +683,33 @@ def _load_single_file(path: Path, options: ModelOptions, device: torch.device, d
     text = _single_file_text(converted, family, path, device, dtype)
     unet = vae = None
     if not text_only:
-        unet, vae = _single_file_unet_vae(state, family, converted[0][0], native, prediction, path, work_dir,
-                                          device, dtype)
+        unet, vae = _single_file_unet_vae(
+            state, family, converted[0][0], native, prediction, path, work_dir, device, dtype
+        )
     del state
-    return SDModel(text=text, vae=vae, unet=unet, scheduler_config=scheduler_config(prediction, zero_snr),
-                   family=family, prediction_type=prediction, native_size=native, device=device, dtype=dtype,
-                   source=str(path), name=path.stem,
-                   notes=[f"prediction type {prediction}: {why}", *([zero_why] if zero_why else [])])
+    return SDModel(
+        text=text,
+        vae=vae,
+        unet=unet,
+        scheduler_config=scheduler_config(prediction, zero_snr),
+        family=family,
+        prediction_type=prediction,
+        native_size=native,
+        device=device,
+        dtype=dtype,
+        source=str(path),
+        name=path.stem,
+        notes=[f"prediction type {prediction}: {why}", *([zero_why] if zero_why else [])],
+    )
 
 
-def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], family: str, path: Path,
-                      device: torch.device, dtype: torch.dtype) -> dict[str, TextEncoder]:
+def _single_file_text(
+    converted: list[tuple[dict[str, Any], dict[str, torch.Tensor]]],
+    family: str,
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, TextEncoder]:
     """The family's text encoders from their converted (config, weights), with the shipped tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -631,9 +719,12 @@ def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tens
     text = {}
     for slot, (config, weights) in zip(slots, converted, strict=True):
         module = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel)(CLIPTextConfig(**config))
-        result = module.load_state_dict(weights if not slot.pooled else
-                                        {("" if k.startswith("text_projection") else "text_model.") + k: v
-                                         for k, v in weights.items()}, strict=False)
+        result = module.load_state_dict(
+            weights
+            if not slot.pooled
+            else {("" if k.startswith("text_projection") else "text_model.") + k: v for k, v in weights.items()},
+            strict=False,
+        )
         if result.missing_keys:
             raise ModelError(f"model {path}: the text encoder lacks weights such as {result.missing_keys[0]}")
         tokenizer = load_tokenizer(slot.pad_token)
@@ -641,29 +732,39 @@ def _single_file_text(converted: list[tuple[dict[str, Any], dict[str, torch.Tens
     return text
 
 
-def _single_file_unet_vae(state: dict[str, torch.Tensor], family: str, text_config: dict[str, Any], native: int,
-                          prediction: str, path: Path, work_dir: Path, device: torch.device,
-                          dtype: torch.dtype) -> tuple[Any, Any]:
+def _single_file_unet_vae(
+    state: dict[str, torch.Tensor],
+    family: str,
+    text_config: dict[str, Any],
+    native: int,
+    prediction: str,
+    path: Path,
+    work_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Any, Any]:
     """The UNet and VAE through diffusers' single-file conversion, with configs read off the tensor shapes and
     written locally (nothing is downloaded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet_config = infer_unet_config(state, family, native, prediction == "v_prediction")
     vae_config = infer_vae_config(state, native, family)
-    digest = hashlib.sha256(json.dumps([unet_config, vae_config, text_config, family, prediction],
-                                       sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        json.dumps([unet_config, vae_config, text_config, family, prediction], sort_keys=True).encode()
+    ).hexdigest()[:16]
     folder = work_dir / "configs" / f"{family}-{digest}"
     if not (folder / "model_index.json").is_file():
         write_config_folder(folder, family, unet_config, vae_config, text_config, scheduler_config(prediction))
     try:
         cast = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        unet = UNet2DConditionModel.from_single_file(state, config=str(folder), subfolder="unet",
-                                                     local_files_only=True, **cast)
-        vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True,
-                                             **cast)
+        unet = UNet2DConditionModel.from_single_file(
+            state, config=str(folder), subfolder="unet", local_files_only=True, **cast
+        )
+        vae = AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae", local_files_only=True, **cast)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise ModelError(f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: "
-                         f"{str(exc)[:300]})") from None
+        raise ModelError(
+            f"model {path}: cannot convert the checkpoint's weights ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
     _check_loaded(unet, "UNet", str(path))
     _check_loaded(vae, "VAE", str(path))
     return _freeze(unet, device, dtype), _freeze(vae, device, dtype)
@@ -683,17 +784,22 @@ def _pipeline_class(folder: Path) -> str:
     name = str(data.get("_class_name", ""))
     if "XL" in name or "text_encoder_2" in data:
         if "Img2Img" in name or "Inpaint" in name or data.get("text_encoder", [None])[0] is None:
-            raise ModelError(f"model {folder}: an SDXL refiner or inpainting model ({name}); textual inversion "
-                             "needs a plain text-to-image SDXL base model (or one of its fine-tunes)")
+            raise ModelError(
+                f"model {folder}: an SDXL refiner or inpainting model ({name}); textual inversion "
+                "needs a plain text-to-image SDXL base model (or one of its fine-tunes)"
+            )
         if name and name != "StableDiffusionXLPipeline":
-            raise ModelError(f"model {folder}: a {name}; only the text-to-image StableDiffusionXLPipeline is "
-                             "supported among SDXL pipelines")
+            raise ModelError(
+                f"model {folder}: a {name}; only the text-to-image StableDiffusionXLPipeline is "
+                "supported among SDXL pipelines"
+            )
         return "StableDiffusionXLPipeline"
     if name and "StableDiffusion" not in name:
         raise ModelError(f"model {folder}: a {name}; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported")
     if "Inpaint" in name or "InstructPix2Pix" in name or "Upscale" in name or "StableDiffusion3" in name:
-        raise ModelError(f"model {folder}: a {name}; textual inversion needs a plain text-to-image SD 1.x/2.x or "
-                         "SDXL model")
+        raise ModelError(
+            f"model {folder}: a {name}; textual inversion needs a plain text-to-image SD 1.x/2.x or SDXL model"
+        )
     return name
 
 
@@ -710,8 +816,15 @@ def _folder_family(folder: Path) -> Family:
     return found
 
 
-def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtype: torch.dtype,
-                 text_only: bool, local_only: bool, name: str) -> SDModel:
+def _load_folder(
+    folder: Path,
+    options: ModelOptions,
+    device: torch.device,
+    dtype: torch.dtype,
+    text_only: bool,
+    local_only: bool,
+    name: str,
+) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -726,19 +839,21 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
         for slot in slots:
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=slot.tokenizer, local_files_only=local_only)
             kind = CLIPTextModelWithProjection if slot.pooled else CLIPTextModel
-            module = kind.from_pretrained(folder, subfolder=slot.text_encoder, local_files_only=local_only,
-                                          torch_dtype=dtype)
+            module = kind.from_pretrained(
+                folder, subfolder=slot.text_encoder, local_files_only=local_only, torch_dtype=dtype
+            )
             text[slot.key] = TextEncoder(slot, tokenizer, _freeze(module, device, dtype))
         family = entry.key
         unet = vae = None
         if not text_only:
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=local_only,
-                                                        torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=local_only,
-                                                torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", local_files_only=local_only, torch_dtype=dtype
+            )
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=local_only, torch_dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model {folder}: cannot load the diffusers folder ({type(exc).__name__}: "
-                         f"{str(exc)[:300]})") from None
+        raise ModelError(
+            f"model {folder}: cannot load the diffusers folder ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     try:
         sched = json.loads(scheduler_file.read_text("utf-8")) if scheduler_file.is_file() else {}
@@ -757,9 +872,17 @@ def _load_folder(folder: Path, options: ModelOptions, device: torch.device, dtyp
     return SDModel(
         text=text,
         vae=_freeze(vae, device, dtype) if vae is not None else None,
-        unet=_freeze(unet, device, dtype) if unet is not None else None, scheduler_config=config, family=family,
-        prediction_type=prediction, native_size=native, device=device, dtype=dtype, source=str(folder), name=name,
-        notes=[f"prediction type {prediction}: {why}"])
+        unet=_freeze(unet, device, dtype) if unet is not None else None,
+        scheduler_config=config,
+        family=family,
+        prediction_type=prediction,
+        native_size=native,
+        device=device,
+        dtype=dtype,
+        source=str(folder),
+        name=name,
+        notes=[f"prediction type {prediction}: {why}"],
+    )
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -767,15 +890,25 @@ def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
-                "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors",
-                "text_encoder_2/*.safetensors"]
+    patterns = [
+        "model_index.json",
+        "*/config.json",
+        "scheduler/*.json",
+        "tokenizer/*",
+        "tokenizer_2/*",
+        "unet/*.safetensors",
+        "vae/*.safetensors",
+        "text_encoder/*.safetensors",
+        "text_encoder_2/*.safetensors",
+    ]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        raise ModelError(f"model {repo_id!r}: not in the local Hugging Face cache and the Hub cannot be reached "
-                         "(HF_HUB_OFFLINE is set or there is no network); download it once or pass a local "
-                         "folder or checkpoint file") from None
+        raise ModelError(
+            f"model {repo_id!r}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network); download it once or pass a local "
+            "folder or checkpoint file"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelError(f"model {repo_id!r}: cannot download it from the Hugging Face Hub ({exc})") from None
 
@@ -790,8 +923,10 @@ def check_model_source(options: ModelOptions) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(options.model, "model_index.json"), str):
-            raise ModelError(f"model {options.model!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                             "set; download it once or pass a local folder or checkpoint file")
+            raise ModelError(
+                f"model {options.model!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                "set; download it once or pass a local folder or checkpoint file"
+            )
     return kind
 
 

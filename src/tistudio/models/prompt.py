@@ -88,7 +88,7 @@ class NameMatcher:
         best = None
         for sequence, (slot, count) in self.names.items():
             length = len(sequence)
-            if tuple(ids[position:position + length]) == sequence and (best is None or length > best[0]):
+            if tuple(ids[position : position + length]) == sequence and (best is None or length > best[0]):
                 best = (length, slot, count)
         return best
 
@@ -129,6 +129,6 @@ def names_in(text: str, tokenize: Callable[[str], list[int]], names: dict[str, t
         ids = tokenize(run_text)
         for name, sequence in names.items():
             n = len(sequence)
-            if name not in found and n and any(tuple(ids[i:i + n]) == sequence for i in range(len(ids) - n + 1)):
+            if name not in found and n and any(tuple(ids[i : i + n]) == sequence for i in range(len(ids) - n + 1)):
                 found.append(name)
     return found

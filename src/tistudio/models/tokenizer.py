@@ -24,8 +24,11 @@ def _byte_symbol_order() -> list[str]:
 
     Listed in the order CLIP's vocabulary lists them: the printable bytes first, then the remapped ones.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     remapped = [chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in set(printable))]
     return [chr(b) for b in printable] + remapped
 
@@ -43,8 +46,15 @@ def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def tokenizer_config(pad: str = EOS) -> dict[str, Any]:
     """The tokenizer's settings; `pad`: its padding token (an encoder slot's pad_token: CLIP pads with the end
     token, OpenCLIP with "!")."""
-    return {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": BOS, "eos_token": EOS,
-            "unk_token": EOS, "pad_token": pad, "do_lower_case": True}
+    return {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": pad,
+        "do_lower_case": True,
+    }
 
 
 def write_tokenizer(folder: Path, pad: str = EOS) -> None:
@@ -64,5 +74,6 @@ def load_tokenizer(pad: str = EOS) -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, bos_token=BOS, eos_token=EOS,
-                         unk_token=EOS, pad_token=pad)
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=77, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad
+    )

@@ -53,6 +53,8 @@ def image_format(head: bytes) -> str | None:
     if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"heif", b"mif1", b"msf1", b"hevc", b"avif"):
         return "HEIC"
     return None
+
+
 MAX_CAPTION_BYTES = 16_384
 NEUTRAL = (128, 128, 128)
 
@@ -87,8 +89,11 @@ class Dataset:
         return text
 
 
-CAMERA_NAME = re.compile(r"^(img|dsc|dscn|dscf|dcim|pxl|mvimg|photo|image|screenshot|screen shot|whatsapp image|"
-                         r"signal|vid|p)[\s_-]*\d", re.IGNORECASE)
+CAMERA_NAME = re.compile(
+    r"^(img|dsc|dscn|dscf|dcim|pxl|mvimg|photo|image|screenshot|screen shot|whatsapp image|"
+    r"signal|vid|p)[\s_-]*\d",
+    re.IGNORECASE,
+)
 
 
 def sidecar_caption(path: Path) -> str | None:
@@ -172,8 +177,9 @@ def read_image(path: Path, box: int = 0) -> tuple[Image.Image, tuple[int, int]]:
     return image, size
 
 
-def decode_image(path: Path, box: int = 0, alpha: bool = False
-                 ) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
+def decode_image(
+    path: Path, box: int = 0, alpha: bool = False
+) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
     """read_image's picture, with `alpha` also its transparency as a mask (mode L, the picture's size; None where
     the file has none or every pixel is opaque), and the file's size."""
     enable_heif()
@@ -234,8 +240,14 @@ def is_mask_file(name: str) -> bool:
 
 def mask_file(path: Path) -> Path | None:
     """The mask file beside a photo: IMAGE.mask.png, else OneTrainer's IMAGE-masklabel.png; None where neither is."""
-    return next((candidate for candidate in (path.with_name(path.stem + suffix) for suffix in MASK_SUFFIXES)
-                 if candidate.is_file()), None)
+    return next(
+        (
+            candidate
+            for candidate in (path.with_name(path.stem + suffix) for suffix in MASK_SUFFIXES)
+            if candidate.is_file()
+        ),
+        None,
+    )
 
 
 def photo_mask(path: Path, image: Image.Image, transparency: Image.Image | None) -> Image.Image | None:
@@ -249,8 +261,10 @@ def photo_mask(path: Path, image: Image.Image, transparency: Image.Image | None)
     except DatasetError as exc:
         raise DatasetError(f"its mask {candidate.name}: {exc}") from None
     if abs(mask.width * image.height - mask.height * image.width) > 0.02 * mask.width * image.height:
-        raise DatasetError(f"its mask {candidate.name} is {mask.width}x{mask.height}, the photo "
-                           f"{image.width}x{image.height}; a mask must have the photo's shape")
+        raise DatasetError(
+            f"its mask {candidate.name} is {mask.width}x{mask.height}, the photo "
+            f"{image.width}x{image.height}; a mask must have the photo's shape"
+        )
     return mask.convert("L").resize(image.size, Image.BILINEAR)
 
 
@@ -296,9 +310,17 @@ def load_dataset(folder: str | Path) -> Dataset:
             skipped.append((path, str(exc)))
             continue
         source_size, source_crop = sources.get(name, (None, None))
-        images.append(TrainImage(path=path, caption=caption_for(path), image=kept_part(image), original_size=size,
-                                 source_size=source_size, source_crop=source_crop,
-                                 mask=None if mask is None else kept_part(mask)))
+        images.append(
+            TrainImage(
+                path=path,
+                caption=caption_for(path),
+                image=kept_part(image),
+                original_size=size,
+                source_size=source_size,
+                source_crop=source_crop,
+                mask=None if mask is None else kept_part(mask),
+            )
+        )
     for path, reason in skipped:
         log.warning("skipped %s: %s", path.name, reason)
     if not images:
@@ -328,8 +350,10 @@ def prepared_sources(folder: Path) -> dict[str, tuple[tuple[int, int], tuple[int
             left, top, right, bottom = (int(v) for v in crop)
             for picture in pictures:
                 mirrored = (width - right, top, width - left, bottom)
-                found[picture] = ((width, height), mirrored if picture.endswith("-flip.png") else
-                                  (left, top, right, bottom))
+                found[picture] = (
+                    (width, height),
+                    mirrored if picture.endswith("-flip.png") else (left, top, right, bottom),
+                )
         return found
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}

@@ -166,7 +166,7 @@ def _crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         patch = torch.zeros((1, 3, y2 - y1, x2 - x1))
         sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
         if sx2 > sx1 and sy2 > sy1:
-            patch[:, :, sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[:, :, sy1:sy2, sx1:sx2]
+            patch[:, :, sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = image[:, :, sy1:sy2, sx1:sx2]
         out.append(F.interpolate(patch, size=(size, size), mode="area"))
     return torch.cat(out)
 
@@ -178,8 +178,9 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
 class FaceDetector:
     """MTCNN on the CPU. ``detect(image)`` returns the faces of a PIL image, most confident first."""
 
-    def __init__(self, min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-                 factor: float = 0.709) -> None:
+    def __init__(
+        self, min_face: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709
+    ) -> None:
         self.pnet = _load(_PNet(), "pnet")
         self.rnet = _load(_RNet(), "rnet")
         self.onet = _load(_ONet(), "onet")
@@ -193,8 +194,14 @@ class FaceDetector:
             rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), 1)  # LANCZOS
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1).unsqueeze(0)
         faces = self._detect(pixels)
-        return [Face(box=tuple(v / scale for v in f.box), score=f.score,  # type: ignore[arg-type]
-                     landmarks=tuple((x / scale, y / scale) for x, y in f.landmarks)) for f in faces]
+        return [
+            Face(
+                box=tuple(v / scale for v in f.box),
+                score=f.score,  # type: ignore[arg-type]
+                landmarks=tuple((x / scale, y / scale) for x, y in f.landmarks),
+            )
+            for f in faces
+        ]
 
     def _detect(self, image: torch.Tensor) -> list[Face]:
         _, _, height, width = image.shape

@@ -40,8 +40,9 @@ class FaceIdentity:
     def __init__(self) -> None:
         folder = extras.face_models_folder()
         if importlib.util.find_spec("dlib") is None or folder is None:
-            raise IdentityUnavailable(f"telling people apart needs the optional face-identity extra: {FACES} "
-                                      "(or prepare with --identity off)")
+            raise IdentityUnavailable(
+                f"telling people apart needs the optional face-identity extra: {FACES} (or prepare with --identity off)"
+            )
         import dlib
 
         self._rectangle = dlib.rectangle

@@ -120,7 +120,7 @@ def laplacian_variance(image: Image.Image) -> float:
     if grey.size != (side, side):
         grey = grey.resize((side, side), Image.BILINEAR)
     array = np.asarray(grey, dtype=np.float64)
-    lap = (-4 * array[1:-1, 1:-1] + array[:-2, 1:-1] + array[2:, 1:-1] + array[1:-1, :-2] + array[1:-1, 2:])
+    lap = -4 * array[1:-1, 1:-1] + array[:-2, 1:-1] + array[2:, 1:-1] + array[1:-1, :-2] + array[1:-1, 2:]
     return float(lap.var())
 
 
@@ -186,8 +186,11 @@ def focal_offset(image: Image.Image, side: int) -> tuple[int, int]:
     positions = sorted({round(span * k / 24) for k in range(25)})
     scores = []
     for position in positions:
-        part = (slice(None), slice(position, position + window)) if horizontal else \
-            (slice(position, position + window), slice(None))
+        part = (
+            (slice(None), slice(position, position + window))
+            if horizontal
+            else (slice(position, position + window), slice(None))
+        )
         histogram = np.bincount(values[part].ravel() // 8, minlength=32) / values[part].size
         entropy = -float(np.sum(histogram[histogram > 0] * np.log2(histogram[histogram > 0])))
         scores.append((float(edges[part].mean()), entropy))
@@ -202,8 +205,9 @@ def focal_offset(image: Image.Image, side: int) -> tuple[int, int]:
     return (offset, 0) if horizontal else (0, offset)
 
 
-def face_square(face_box: tuple[float, float, float, float], framing: str, width: int, height: int,
-                min_side: float = 0.0) -> tuple[int, ...]:
+def face_square(
+    face_box: tuple[float, float, float, float], framing: str, width: int, height: int, min_side: float = 0.0
+) -> tuple[int, ...]:
     """The square (x1, y1, x2, y2) that frames a face: the head, or head and shoulders, clamped to the image.
 
     The square is at least min_side wide (so that a small photo is framed wider rather than enlarged a lot)."""
@@ -264,8 +268,9 @@ def _save(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda temp: image.save(temp, format="PNG"))
 
 
-def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, detector: Any,
-                  identity: Any = None) -> Item:
+def process_photo(
+    source: Path, out: Path, stem: str, options: PrepareOptions, detector: Any, identity: Any = None
+) -> Item:
     """Crop, resize and measure one photo; writes its outputs (and captions) into `out`. With an `identity`
     (identity.FaceIdentity), the largest face is described, if it is large enough to tell who it is."""
     item = Item(source=source.name)
@@ -290,10 +295,15 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
             least = options.size / options.max_upscale / to_original  # widest enlargement allowed, in these pixels
             squares = [face_square(face.box, options.crop, width, height, min_side=least)]
             item.framing = options.crop
-            if squares[0][2] - squares[0][0] > face_square(face.box, options.crop, width, height)[2] - \
-                    face_square(face.box, options.crop, width, height)[0] + 1:
-                item.notes.append(f"framed wider than '{options.crop}' to avoid enlarging more than "
-                                  f"{options.max_upscale:g}x")
+            if (
+                squares[0][2] - squares[0][0]
+                > face_square(face.box, options.crop, width, height)[2]
+                - face_square(face.box, options.crop, width, height)[0]
+                + 1
+            ):
+                item.notes.append(
+                    f"framed wider than '{options.crop}' to avoid enlarging more than {options.max_upscale:g}x"
+                )
             item.face_fraction = round(face.height / (squares[0][2] - squares[0][0]), 3)
             if len(faces) > 1:
                 item.notes.append(f"{len(faces)} faces: used the largest")
@@ -313,9 +323,11 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     side_original = (squares[0][2] - squares[0][0]) * to_original
     item.upscale = round(options.size / side_original, 3)
     if item.upscale > options.max_upscale:
-        raise DatasetError(f"too small: the crop is {side_original:.0f} px and would need enlarging "
-                           f"{item.upscale:.1f}x to {options.size} px (at most {options.max_upscale:g}x); use a larger "
-                           "photo")
+        raise DatasetError(
+            f"too small: the crop is {side_original:.0f} px and would need enlarging "
+            f"{item.upscale:.1f}x to {options.size} px (at most {options.max_upscale:g}x); use a larger "
+            "photo"
+        )
     if item.upscale > WARN_UPSCALE:
         item.notes.append(f"small: enlarged {item.upscale:.1f}x")
     item.crop = tuple(round(v * to_original) for v in squares[0])  # type: ignore[assignment]
@@ -345,8 +357,9 @@ def process_photo(source: Path, out: Path, stem: str, options: PrepareOptions, d
     return item
 
 
-def square_masks(mask: Image.Image, squares: list[tuple[int, int, int, int]],
-                 options: PrepareOptions) -> list[Image.Image | None]:
+def square_masks(
+    mask: Image.Image, squares: list[tuple[int, int, int, int]], options: PrepareOptions
+) -> list[Image.Image | None]:
     """A photo's mask cut and resized as its squares were (and mirrored for their -flip copies), in the order of
     the outputs, so that training weighs the prepared pictures where the photo said its subject is."""
     cuts: list[Image.Image | None] = []
@@ -431,19 +444,34 @@ def _load_manifest(path: Path, options: PrepareOptions) -> dict[str, Any]:
     return data
 
 
-def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] | None = None,
-            stop: threading.Event | None = None, detector: Any = None, identity: Any = None) -> PrepareResult:
+def prepare(
+    options: PrepareOptions,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    detector: Any = None,
+    identity: Any = None,
+) -> PrepareResult:
     """Prepare (or update) a training set from a folder of photos; on_progress hears an Event.STEP per photo."""
     validate_prepare(options)
     report = Reporter(on_progress)
     photos, out = Path(options.photos).expanduser(), Path(options.out).expanduser()
     if not photos.is_dir():
-        raise DatasetError(f"photos folder {photos} does not exist" if not photos.exists() else
-                           f"photos {photos} is a file; pass the folder that holds your photos")
+        raise DatasetError(
+            f"photos folder {photos} does not exist"
+            if not photos.exists()
+            else f"photos {photos} is a file; pass the folder that holds your photos"
+        )
     if out.resolve() == photos.resolve() or photos.resolve() in out.resolve().parents:
         raise OptionError("out", str(out), "must be outside the photos folder, which tistudio never changes")
-    sources = sorted(p for p in photos.iterdir() if not p.name.startswith(".")
-                     and p.suffix.lower() not in CAPTION_SUFFIXES and not is_mask_file(p.name) and not p.is_dir())
+    sources = sorted(
+        p
+        for p in photos.iterdir()
+        if not p.name.startswith(".")
+        and p.suffix.lower() not in CAPTION_SUFFIXES
+        and not is_mask_file(p.name)
+        and not p.is_dir()
+    )
     if not sources:
         raise DatasetError(f"photos folder {photos} is empty; put 10-30 photos of your subject in it")
     if identity is None and options.crop != "center":
@@ -469,12 +497,21 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
             digest = ""
             log.debug("cannot hash %s: %s", source, exc)
         old = old_files.get(source.name)
-        if (old and digest and old.get("sha256") == digest and old.get("status") == "ok"
-                and all((out / name).is_file() for name in old.get("outputs", []))
-                and old.get("mask_sha256", "") == mask_digest(source)
-                and not undescribed(old, identity)):
-            item = Item(**{k: tuple(v) if k in ("original_size", "face_box", "crop", "background") and v else v
-                           for k, v in old.items()})
+        if (
+            old
+            and digest
+            and old.get("sha256") == digest
+            and old.get("status") == "ok"
+            and all((out / name).is_file() for name in old.get("outputs", []))
+            and old.get("mask_sha256", "") == mask_digest(source)
+            and not undescribed(old, identity)
+        ):
+            item = Item(
+                **{
+                    k: tuple(v) if k in ("original_size", "face_box", "crop", "background") and v else v
+                    for k, v in old.items()
+                }
+            )
             reused += 1
             for name in item.outputs:
                 taken.add(Path(name).stem.lower())
@@ -485,8 +522,7 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
             stem = _output_stem(source, taken)
             try:
                 if not source.is_file():
-                    raise DatasetError("not a regular file" if source.exists() else
-                                       "a broken or looping symbolic link")
+                    raise DatasetError("not a regular file" if source.exists() else "a broken or looping symbolic link")
                 item = process_photo(source, out, stem, options, detector, identity)
             except DatasetError as exc:
                 item = Item(source=source.name, status="skipped", reason=str(exc))
@@ -504,15 +540,24 @@ def prepare(options: PrepareOptions, *, on_progress: Callable[[Progress], None] 
         if name not in {i.source for i in items}:
             log.info("%s is no longer in the photos folder; its outputs were removed", name)
     verdict = assess(items)
-    write_json(manifest_path, {"version": MANIFEST_VERSION, "tool": "tistudio prepare", "options": _settings(options),
-                               "photos": str(photos), "verdict": verdict,
-                               "files": {item.source: asdict(item) for item in items}})
+    write_json(
+        manifest_path,
+        {
+            "version": MANIFEST_VERSION,
+            "tool": "tistudio prepare",
+            "options": _settings(options),
+            "photos": str(photos),
+            "verdict": verdict,
+            "files": {item.source: asdict(item) for item in items},
+        },
+    )
     report = write_report(out, items, verdict, options)
     if items and not any(i.status == "ok" for i in items) and (stop is None or not stop.is_set()):
         reasons = "; ".join(f"{i.source}: {i.reason}" for i in items[:3])
         raise DatasetError(f"none of the {len(items)} files in {photos} is a usable photo ({reasons}); see {report}")
-    return PrepareResult(out=out, items=items, verdict=verdict, processed=processed, reused=reused,
-                         removed=removed, report=report)
+    return PrepareResult(
+        out=out, items=items, verdict=verdict, processed=processed, reused=reused, removed=removed, report=report
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,34 +594,45 @@ def assess(items: list[Item]) -> list[str]:
     findings: list[str] = []
     count = len(usable)
     if count < 5:
-        findings.append(f"Only {count} usable image{'s' if count != 1 else ''}: 10-30 photos with different poses, "
-                        "places and light work best.")
+        findings.append(
+            f"Only {count} usable image{'s' if count != 1 else ''}: 10-30 photos with different poses, "
+            "places and light work best."
+        )
     elif count > 100:
-        findings.append(f"{count} images is a lot: 10-30 varied photos are enough, and training takes longer per "
-                        "epoch with more.")
+        findings.append(
+            f"{count} images is a lot: 10-30 varied photos are enough, and training takes longer per epoch with more."
+        )
     if skipped:
-        findings.append(f"{_count(len(skipped), 'file was', 'files were')} left out: "
-                        + "; ".join(f"{i.source} ({i.reason})" for i in skipped[:5])
-                        + ("; ..." if len(skipped) > 5 else "") + ".")
+        findings.append(
+            f"{_count(len(skipped), 'file was', 'files were')} left out: "
+            + "; ".join(f"{i.source} ({i.reason})" for i in skipped[:5])
+            + ("; ..." if len(skipped) > 5 else "")
+            + "."
+        )
     if usable:
         findings += identity_findings(items)
         median = float(np.median([i.sharpness for i in usable]))
-        blurry = [i for i in usable if i.sharpness < max(BLUR_ABSOLUTE, BLUR_RELATIVE * median)
-                  and i.sharpness < median]
+        blurry = [
+            i for i in usable if i.sharpness < max(BLUR_ABSOLUTE, BLUR_RELATIVE * median) and i.sharpness < median
+        ]
         if blurry:
-            findings.append(f"{_count(len(blurry), 'image is', 'images are')} blurry: {_names(blurry)}; replace "
-                            f"{'it' if len(blurry) == 1 else 'them'} with sharp photos.")
+            findings.append(
+                f"{_count(len(blurry), 'image is', 'images are')} blurry: {_names(blurry)}; replace "
+                f"{'it' if len(blurry) == 1 else 'them'} with sharp photos."
+            )
         for group in duplicate_groups(usable):
             findings.append(f"{len(group)} are the same photo: {_names(group)}; keep one.")
         small = [i for i in usable if i.upscale > WARN_UPSCALE]
         if small:
-            findings.append(f"{_count(len(small), 'image is', 'images are')} small and had to be enlarged: "
-                            f"{_names(small)}.")
+            findings.append(
+                f"{_count(len(small), 'image is', 'images are')} small and had to be enlarged: {_names(small)}."
+            )
         no_face = [i for i in usable if i.framing in ("focal", "split")]
         with_face = [i for i in usable if i.face_box]
         if with_face and no_face:
-            findings.append(f"No face was found in {_names(no_face)}; "
-                            "they were cropped around their most detailed region.")
+            findings.append(
+                f"No face was found in {_names(no_face)}; they were cropped around their most detailed region."
+            )
         if len(with_face) >= 5:
             poses: dict[str, list[Item]] = {}
             for item in with_face:
@@ -584,8 +640,10 @@ def assess(items: list[Item]) -> list[str]:
             pose, same = max(poses.items(), key=lambda kv: len(kv[1]))
             if len(same) >= 0.8 * len(with_face):
                 turned = "straight at the camera" if pose == "frontal" else f"turned to the {pose}"
-                findings.append(f"{len(same)} of {len(with_face)} show the face {turned}: add some photos turned "
-                                "left and right, so the word learns the person rather than one pose.")
+                findings.append(
+                    f"{len(same)} of {len(with_face)} show the face {turned}: add some photos turned "
+                    "left and right, so the word learns the person rather than one pose."
+                )
         if count >= 5:
             clusters: list[list[Item]] = []
             for item in usable:
@@ -597,8 +655,10 @@ def assess(items: list[Item]) -> list[str]:
                     clusters.append([item])
             largest = max(clusters, key=len)
             if len(largest) >= 0.7 * count:
-                findings.append(f"{len(largest)} of {count} have much the same background: take photos in different "
-                                "places, or the background becomes part of the word.")
+                findings.append(
+                    f"{len(largest)} of {count} have much the same background: take photos in different "
+                    "places, or the background becomes part of the word."
+                )
     if not findings:
         return [f"Looks good: {count} sharp, distinct images with varied poses and backgrounds."]
     head = "Ready to train, with a few things to improve:" if count >= 5 else "Not ready yet:"
@@ -613,19 +673,28 @@ def identity_findings(items: list[Item]) -> list[str]:
     groups = tell_people_apart(items)
     described = sum(len(group) for group in groups)
     if len(groups) > 1 and 2 * len(groups[0]) <= described:
-        findings.append(f"The photos show {len(groups)} different people ("
-                        + "; ".join(_names(group, 3) for group in groups[:4]) + "): an embedding learns one person; "
-                        "keep only the photos of the one you mean.")
+        findings.append(
+            f"The photos show {len(groups)} different people ("
+            + "; ".join(_names(group, 3) for group in groups[:4])
+            + "): an embedding learns one person; "
+            "keep only the photos of the one you mean."
+        )
     elif len(groups) > 1:
         others = [item for group in groups[1:] for item in group]
-        findings.append(f"{_count(len(others), 'photo shows', 'photos show')} someone else than the rest: "
-                        + ", ".join(f"{i.source} ({i.person_distance:.2f} from the other faces; the same person is "
-                                    f"under {SAME_PERSON})" for i in others[:6])
-                        + f"; remove {'it' if len(others) == 1 else 'them'}, or the word learns a blend of people.")
+        findings.append(
+            f"{_count(len(others), 'photo shows', 'photos show')} someone else than the rest: "
+            + ", ".join(
+                f"{i.source} ({i.person_distance:.2f} from the other faces; the same person is under {SAME_PERSON})"
+                for i in others[:6]
+            )
+            + f"; remove {'it' if len(others) == 1 else 'them'}, or the word learns a blend of people."
+        )
     small = [i for i in items if i.status == "ok" and any("too small to tell who" in n for n in i.notes)]
     if small and described:
-        findings.append(f"The face in {_names(small)} is too small to tell who it is; closer photos let tistudio "
-                        "check that they show the same person.")
+        findings.append(
+            f"The face in {_names(small)} is too small to tell who it is; closer photos let tistudio "
+            "check that they show the same person."
+        )
     return findings
 
 
@@ -639,12 +708,19 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
     rows = []
     for item in items:
         if item.status != "ok":
-            rows.append(f"<tr class='bad'><td></td><td>{html.escape(item.source)}</td><td colspan=5>left out: "
-                        f"{html.escape(item.reason)}</td></tr>")
+            rows.append(
+                f"<tr class='bad'><td></td><td>{html.escape(item.source)}</td><td colspan=5>left out: "
+                f"{html.escape(item.reason)}</td></tr>"
+            )
             continue
         picture = out / next(o for o in item.outputs if o.endswith(".png"))
-        face = (f"{item.faces} found, {item.face_fraction:.0%} of the frame, {item.yaw}" if item.face_box
-                else "none" if options.crop != "center" else "not looked for") + who(item)
+        face = (
+            f"{item.faces} found, {item.face_fraction:.0%} of the frame, {item.yaw}"
+            if item.face_box
+            else "none"
+            if options.crop != "center"
+            else "not looked for"
+        ) + who(item)
         rows.append(
             f"<tr><td><img src='{data_uri(picture)}' alt='' width=96 height=96></td>"
             f"<td>{html.escape(item.source)}<br><span class='muted'>{item.original_size[0]}x{item.original_size[1]}"
@@ -652,16 +728,19 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
             "</span></td>"
             f"<td>{html.escape(face)}</td><td>{item.sharpness:.0f}</td><td>{item.upscale:.2f}x</td>"
             f"<td>{html.escape(item.caption) or '<span class=muted>none</span>'}</td>"
-            f"<td>{html.escape('; '.join(item.notes))}</td></tr>")
+            f"<td>{html.escape('; '.join(item.notes))}</td></tr>"
+        )
     usable = sum(1 for i in items if i.status == "ok")
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Prepared training set</title>"
-            f"<style>{STYLE} td,th{{border-bottom:1px solid #eee;padding:4px 8px;text-align:left}} "
-            f"tr.bad td{{color:#a33}}</style></head><body><h1>Prepared training set</h1>"
-            f"<p>{usable} of {len(items)} files usable, {options.size}px squares, crop: {options.crop}"
-            f"{', with mirrored copies' if options.flip else ''}.</p><h2>Verdict</h2><ul>"
-            + "".join(f"<li>{html.escape(line)}</li>" for line in verdict)
-            + "</ul><h2>Images</h2><table><tr><th></th><th>photo</th><th>face</th><th>sharpness</th>"
-            "<th>enlarged</th><th>caption</th><th>notes</th></tr>" + "".join(rows) + "</table></body></html>")
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Prepared training set</title>"
+        f"<style>{STYLE} td,th{{border-bottom:1px solid #eee;padding:4px 8px;text-align:left}} "
+        f"tr.bad td{{color:#a33}}</style></head><body><h1>Prepared training set</h1>"
+        f"<p>{usable} of {len(items)} files usable, {options.size}px squares, crop: {options.crop}"
+        f"{', with mirrored copies' if options.flip else ''}.</p><h2>Verdict</h2><ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in verdict)
+        + "</ul><h2>Images</h2><table><tr><th></th><th>photo</th><th>face</th><th>sharpness</th>"
+        "<th>enlarged</th><th>caption</th><th>notes</th></tr>" + "".join(rows) + "</table></body></html>"
+    )
     return write_text(out / "report.html", page)
 
 
@@ -673,8 +752,10 @@ def who(item: Item) -> str:
 
 def summary_lines(result: PrepareResult) -> list[str]:
     """The report for the terminal."""
-    lines = [f"prepared {len(result.usable)} of {len(result.items)} files into {result.out} "
-             f"({result.processed} processed, {result.reused} unchanged, {result.removed} old outputs removed)"]
+    lines = [
+        f"prepared {len(result.usable)} of {len(result.items)} files into {result.out} "
+        f"({result.processed} processed, {result.reused} unchanged, {result.removed} old outputs removed)"
+    ]
     for item in result.items:
         if item.status != "ok":
             lines.append(f"  left out  {item.source}: {item.reason}")

@@ -37,8 +37,9 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
     from tistudio.server.serving import ShuttingDownServer
 
     if host not in LOOPBACK_HOSTS and not config.auth:
-        raise OptionError("listen", host, "answering other computers needs a password: pass --auth USER:PASS or "
-                          "--auth-file FILE")
+        raise OptionError(
+            "listen", host, "answering other computers needs a password: pass --auth USER:PASS or --auth-file FILE"
+        )
     app = create_app(config)
     ShuttingDownServer(uvicorn_settings(app, config.limits, host, port), on_exit=app.state.server.close).run()
 
@@ -51,6 +52,13 @@ def uvicorn_settings(app: Any, limits: Limits, host: str, port: int) -> Any:
 
     from tistudio.server.serving import header_deadline_protocol
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          limit_concurrency=limits.connections, timeout_keep_alive=5,
-                          http=header_deadline_protocol(limits.header_seconds))
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        limit_concurrency=limits.connections,
+        timeout_keep_alive=5,
+        http=header_deadline_protocol(limits.header_seconds),
+    )

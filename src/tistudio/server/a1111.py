@@ -43,6 +43,7 @@ class Txt2Img:
 
 # -- reading JSON values ----------------------------------------------------------------------------------------
 
+
 def text(body: dict[str, Any], key: str, default: str = "") -> str:
     value = body.get(key)
     if value is None:
@@ -107,11 +108,20 @@ def refuse_unless(condition: bool, key: str, value: Any, why: str) -> None:
 
 # -- txt2img ----------------------------------------------------------------------------------------------------
 
+
 def _refuse_what_tistudio_cannot_draw(body: dict[str, Any]) -> None:
-    refuse_unless(not flag(body, "enable_hr", False), "enable_hr", True,
-                  "tistudio has no hires fix; generate at the size you want (send enable_hr false)")
-    refuse_unless(not flag(body, "restore_faces", False), "restore_faces", True,
-                  "tistudio has no face restoration; send restore_faces false")
+    refuse_unless(
+        not flag(body, "enable_hr", False),
+        "enable_hr",
+        True,
+        "tistudio has no hires fix; generate at the size you want (send enable_hr false)",
+    )
+    refuse_unless(
+        not flag(body, "restore_faces", False),
+        "restore_faces",
+        True,
+        "tistudio has no face restoration; send restore_faces false",
+    )
     refuse_unless(not flag(body, "tiling", False), "tiling", True, "tistudio cannot draw tiling images")
     strength = number(body, "subseed_strength", 0.0)
     refuse_unless(strength == 0, "subseed_strength", strength, "tistudio has no variation seeds; send 0")
@@ -119,17 +129,29 @@ def _refuse_what_tistudio_cannot_draw(body: dict[str, Any]) -> None:
         value = whole(body, key, -1, allow_zero=True)
         refuse_unless(value in (-1, 0), key, value, "tistudio cannot resize a seed's noise; send -1")
     eta = body.get("eta")
-    refuse_unless(eta is None or finite("eta", eta) == 1.0, "eta", eta,
-                  "tistudio's ancestral samplers draw at eta 1 (A1111's default); send 1 or leave it out")
+    refuse_unless(
+        eta is None or finite("eta", eta) == 1.0,
+        "eta",
+        eta,
+        "tistudio's ancestral samplers draw at eta 1 (A1111's default); send 1 or leave it out",
+    )
     for key, default in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", 0.0), ("s_noise", 1.0)):
         value = body.get(key)
-        refuse_unless(value is None or finite(key, value) == default, key, value,
-                      f"tistudio draws with A1111's default {key} ({default:g}); leave it out")
+        refuse_unless(
+            value is None or finite(key, value) == default,
+            key,
+            value,
+            f"tistudio draws with A1111's default {key} ({default:g}); leave it out",
+        )
     script = body.get("script_name")
     refuse_unless(not script, "script_name", script, "tistudio runs no A1111 scripts; leave it out")
     scripts = body.get("alwayson_scripts") or {}
-    refuse_unless(not scripts, "alwayson_scripts", ", ".join(map(str, scripts))[:80] if isinstance(scripts, dict)
-                  else scripts, "tistudio has no A1111 extensions (ControlNet, ADetailer, ...); send {}")
+    refuse_unless(
+        not scripts,
+        "alwayson_scripts",
+        ", ".join(map(str, scripts))[:80] if isinstance(scripts, dict) else scripts,
+        "tistudio has no A1111 extensions (ControlNet, ADetailer, ...); send {}",
+    )
     refiner = body.get("refiner_checkpoint")
     refuse_unless(not refiner, "refiner_checkpoint", refiner, "tistudio has no refiner pass; leave it out")
 
@@ -142,8 +164,7 @@ def _overrides(body: dict[str, Any], settings: Settings, model: dict[str, Any]) 
     return apply_options(overrides, Settings(settings.clip_skip), model, "override_settings.").clip_skip
 
 
-def apply_options(values: dict[str, Any], settings: Settings, model: dict[str, Any],
-                  prefix: str = "") -> Settings:
+def apply_options(values: dict[str, Any], settings: Settings, model: dict[str, Any], prefix: str = "") -> Settings:
     """A1111 options applied to `settings` (in place, and returned): the ones tistudio has are honoured, the
     served checkpoint may be named, and any other is refused naming it."""
     for key, value in values.items():
@@ -155,8 +176,12 @@ def apply_options(values: dict[str, Any], settings: Settings, model: dict[str, A
         elif key == "sd_model_checkpoint":
             wanted = str(value).split(" [")[0].strip().lower()
             served = {str(model["title"]).lower(), str(model["model_name"]).lower(), str(model["filename"]).lower()}
-            refuse_unless(wanted in served or wanted == str(model["title"]).split(" [")[0].lower(), name, value,
-                          f"this server serves {model['title']} only; start another server for another model")
+            refuse_unless(
+                wanted in served or wanted == str(model["title"]).split(" [")[0].lower(),
+                name,
+                value,
+                f"this server serves {model['title']} only; start another server for another model",
+            )
         elif key == "randn_source":
             refuse_unless(str(value).upper() == "CPU", name, value, "tistudio draws its noise on the CPU only")
         elif key == "eta_noise_seed_delta":
@@ -176,11 +201,18 @@ def txt2img_request(body: Any, settings: Settings, model: dict[str, Any], styles
     sampler = resolve(str(body.get("sampler_name") or body.get("sampler_index") or "Euler"), body.get("scheduler"))
     chosen = names(body, "styles")
     prompt, negative = apply_styles(text(body, "prompt"), text(body, "negative_prompt"), chosen, styles)
-    options = {"prompt": prompt, "negative_prompt": negative, "steps": whole(body, "steps", 50), "sampler": sampler,
-               "cfg": number(body, "cfg_scale", 7.0), "seed": whole(body, "seed", -1, allow_zero=True),
-               "size": f"{whole(body, 'width', 512)}x{whole(body, 'height', 512)}",
-               "batch": whole(body, "batch_size", 1), "batch_count": whole(body, "n_iter", 1),
-               "clip_skip": _overrides(body, settings, model)}
+    options = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": whole(body, "steps", 50),
+        "sampler": sampler,
+        "cfg": number(body, "cfg_scale", 7.0),
+        "seed": whole(body, "seed", -1, allow_zero=True),
+        "size": f"{whole(body, 'width', 512)}x{whole(body, 'height', 512)}",
+        "batch": whole(body, "batch_size", 1),
+        "batch_count": whole(body, "n_iter", 1),
+        "clip_skip": _overrides(body, settings, model),
+    }
     if options["seed"] < -1:
         options["seed"] = -1  # A1111 treats every negative seed as "random"
     if options["seed"] == -1:
@@ -188,8 +220,9 @@ def txt2img_request(body: Any, settings: Settings, model: dict[str, Any], styles
     return Txt2Img(options, chosen, flag(body, "send_images", True), flag(body, "save_images", False))
 
 
-def txt2img_info(request: Txt2Img, result: dict[str, Any], model: dict[str, Any], started: float,
-                 interrupted: bool) -> dict[str, Any]:
+def txt2img_info(
+    request: Txt2Img, result: dict[str, Any], model: dict[str, Any], started: float, interrupted: bool
+) -> dict[str, Any]:
     """A1111's `info` (a JSON string in its answer) for what was made."""
     import time
 
@@ -199,37 +232,67 @@ def txt2img_info(request: Txt2Img, result: dict[str, Any], model: dict[str, Any]
     count = len(images)
     base, schedule = split(options["sampler"])
     return {
-        "prompt": options["prompt"], "all_prompts": [options["prompt"]] * count,
-        "negative_prompt": options["negative_prompt"], "all_negative_prompts": [options["negative_prompt"]] * count,
-        "seed": seeds[0] if seeds else options["seed"], "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
-        "width": result.get("width") or 0, "height": result.get("height") or 0,
-        "sampler_name": base, "scheduler": schedule, "cfg_scale": options["cfg"], "steps": options["steps"],
-        "batch_size": options["batch"], "n_iter": options["batch_count"], "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model["model_name"], "sd_model_hash": model["hash"],
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
-        "infotexts": [image["infotext"] for image in images], "styles": request.styles,
+        "prompt": options["prompt"],
+        "all_prompts": [options["prompt"]] * count,
+        "negative_prompt": options["negative_prompt"],
+        "all_negative_prompts": [options["negative_prompt"]] * count,
+        "seed": seeds[0] if seeds else options["seed"],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * count,
+        "subseed_strength": 0,
+        "width": result.get("width") or 0,
+        "height": result.get("height") or 0,
+        "sampler_name": base,
+        "scheduler": schedule,
+        "cfg_scale": options["cfg"],
+        "steps": options["steps"],
+        "batch_size": options["batch"],
+        "n_iter": options["batch_count"],
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model["model_name"],
+        "sd_model_hash": model["hash"],
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [image["infotext"] for image in images],
+        "styles": request.styles,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
-        "clip_skip": options["clip_skip"], "is_using_inpainting_conditioning": False,
-        "interrupted": interrupted, "version": "tistudio",
+        "clip_skip": options["clip_skip"],
+        "is_using_inpainting_conditioning": False,
+        "interrupted": interrupted,
+        "version": "tistudio",
     }
 
 
 # -- training (A1111's Train tab: create/embedding and train/embedding) ----------------------------------------
 
+
 def create_request(body: Any) -> dict[str, Any]:
     """A1111's create/embedding (name, num_vectors_per_token, overwrite_old, init_text) as create options."""
     if not isinstance(body, dict):
         raise OptionError("body", type(body).__name__, "send a JSON object")
-    return {"name": text(body, "name"), "vectors": whole(body, "num_vectors_per_token", 1),
-            "overwrite": flag(body, "overwrite_old", False), "init_text": text(body, "init_text", "*")}
+    return {
+        "name": text(body, "name"),
+        "vectors": whole(body, "num_vectors_per_token", 1),
+        "overwrite": flag(body, "overwrite_old", False),
+        "init_text": text(body, "init_text", "*"),
+    }
 
 
 def _square(body: dict[str, Any], width_key: str, height_key: str) -> int:
     width, height = whole(body, width_key, 512), whole(body, height_key, 512)
-    refuse_unless(width == height, height_key, height,
-                  f"tistudio trains and previews square pictures; send {width_key} and {height_key} equal")
+    refuse_unless(
+        width == height,
+        height_key,
+        height,
+        f"tistudio trains and previews square pictures; send {width_key} and {height_key} equal",
+    )
     return width
 
 
@@ -242,15 +305,18 @@ def _clipping(body: dict[str, Any]) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise CannotApply("clip_grad_value", str(value)[:40], "tistudio clips at one number, not a schedule") \
-            from None
+        raise CannotApply("clip_grad_value", str(value)[:40], "tistudio clips at one number, not a schedule") from None
 
 
 def _template(body: dict[str, Any]) -> str:
     value = text(body, "template_filename", "style_filewords.txt")
     name = value[:-4] if value.lower().endswith(".txt") else value
-    refuse_unless(name in SHIPPED, "template_filename", value,
-                  f"choose one of: {', '.join(shipped + '.txt' for shipped in SHIPPED)}")
+    refuse_unless(
+        name in SHIPPED,
+        "template_filename",
+        value,
+        f"choose one of: {', '.join(shipped + '.txt' for shipped in SHIPPED)}",
+    )
     return name
 
 
@@ -260,26 +326,44 @@ def train_request(body: Any) -> tuple[dict[str, Any], str]:
     if not isinstance(body, dict):
         raise OptionError("body", type(body).__name__, "send a JSON object")
     refuse_unless(not flag(body, "varsize", False), "varsize", True, "tistudio trains at one size; send false")
-    refuse_unless(not flag(body, "use_weight", False), "use_weight", True,
-                  "tistudio does not weight the loss by the PNG alpha channel; send false")
-    refuse_unless(not flag(body, "preview_from_txt2img", False), "preview_from_txt2img", True,
-                  "tistudio has no txt2img tab to read; send the preview_* fields")
+    refuse_unless(
+        not flag(body, "use_weight", False),
+        "use_weight",
+        True,
+        "tistudio does not weight the loss by the PNG alpha channel; send false",
+    )
+    refuse_unless(
+        not flag(body, "preview_from_txt2img", False),
+        "preview_from_txt2img",
+        True,
+        "tistudio has no txt2img tab to read; send the preview_* fields",
+    )
     sampling = text(body, "latent_sampling_method", "once")
-    refuse_unless(sampling in ("once", "deterministic"), "latent_sampling_method", sampling,
-                  "tistudio encodes each picture once (its latent's mean); send 'once' or 'deterministic'")
+    refuse_unless(
+        sampling in ("once", "deterministic"),
+        "latent_sampling_method",
+        sampling,
+        "tistudio encodes each picture once (its latent's mean); send 'once' or 'deterministic'",
+    )
     size = _square(body, "training_width", "training_height")
     preview = _square(body, "preview_width", "preview_height")
     refuse_unless(preview == size, "preview_width", preview, "tistudio previews at the training size")
     learn = body.get("learn_rate", "0.005")
     seed = whole(body, "preview_seed", -1, allow_zero=True)
     options = {
-        "embedding": text(body, "embedding_name"), "learning_rate": str(learn),
-        "batch_size": whole(body, "batch_size", 1), "gradient_accumulation": whole(body, "gradient_step", 1),
-        "size": size, "max_steps": whole(body, "steps", 100_000), "clip_grad_norm": _clipping(body),
-        "shuffle_tags": flag(body, "shuffle_tags", False), "tag_dropout": number(body, "tag_drop_out", 0.0),
+        "embedding": text(body, "embedding_name"),
+        "learning_rate": str(learn),
+        "batch_size": whole(body, "batch_size", 1),
+        "gradient_accumulation": whole(body, "gradient_step", 1),
+        "size": size,
+        "max_steps": whole(body, "steps", 100_000),
+        "clip_grad_norm": _clipping(body),
+        "shuffle_tags": flag(body, "shuffle_tags", False),
+        "tag_dropout": number(body, "tag_drop_out", 0.0),
         "preview_every": whole(body, "create_image_every", 500, allow_zero=True),
         "save_every": whole(body, "save_embedding_every", 500, allow_zero=True),
-        "template": _template(body), "preview_prompt": text(body, "preview_prompt"),
+        "template": _template(body),
+        "preview_prompt": text(body, "preview_prompt"),
         "preview_negative_prompt": text(body, "preview_negative_prompt"),
         "preview_steps": whole(body, "preview_steps", 20),
         "preview_sampler": resolve(str(body.get("preview_sampler_name") or "Euler a"), None, "preview_sampler_name"),
@@ -302,5 +386,9 @@ def set_name(data_root: str, folders: tuple[Path, ...]) -> str:
                 return path.name
         except OSError:
             break
-    raise CannotApply("data_root", data_root, "tistudio trains on its workspace's sets: upload the photos as a set "
-                                              "(POST /api/photosets/NAME/photos) and send its name")
+    raise CannotApply(
+        "data_root",
+        data_root,
+        "tistudio trains on its workspace's sets: upload the photos as a set "
+        "(POST /api/photosets/NAME/photos) and send its name",
+    )

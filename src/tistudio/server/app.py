@@ -36,8 +36,9 @@ WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to sto
 def create_app(config: ServerConfig) -> FastAPI:
     workspace = Workspace(config.workspace)
     store = JobStore(workspace.jobs)
-    workers = Workers(store, Work(workspace, config).handlers(), config.devices,
-                      words=lambda text: for_page(text, workspace.root))
+    workers = Workers(
+        store, Work(workspace, config).handlers(), config.devices, words=lambda text: for_page(text, workspace.root)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -49,10 +50,17 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # FastAPI's /docs and /redoc load their scripts from a public CDN; tistudio fetches nothing at run time, so
     # /docs is its own page (routes/page.py) listing the API from /openapi.json.
-    app = FastAPI(title="tistudio", version=__version__, description="Textual-inversion training and generation.",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(SecurityMiddleware, auth=config.auth, listening=config.listening,
-                       max_body=config.limits.request_bytes)
+    app = FastAPI(
+        title="tistudio",
+        version=__version__,
+        description="Textual-inversion training and generation.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(
+        SecurityMiddleware, auth=config.auth, listening=config.listening, max_body=config.limits.request_bytes
+    )
     app.state.server = Server(config=config, workspace=workspace, store=store, workers=workers)
     app.add_exception_handler(TistudioError, user_error)
     app.add_exception_handler(RequestValidationError, malformed_request)
@@ -64,8 +72,17 @@ def create_app(config: ServerConfig) -> FastAPI:
 async def user_error(request: Request, exc: Exception) -> JSONResponse:
     """A user's error as JSON: 404 for what does not exist, 413 for what is too large, 507 for a full workspace,
     422 for an A1111 field tistudio cannot apply, else 400 (with the field)."""
-    status = 404 if isinstance(exc, NotFound) else 413 if isinstance(exc, TooLarge) else \
-        507 if isinstance(exc, TooFull) else 422 if isinstance(exc, CannotApply) else 400
+    status = (
+        404
+        if isinstance(exc, NotFound)
+        else 413
+        if isinstance(exc, TooLarge)
+        else 507
+        if isinstance(exc, TooFull)
+        else 422
+        if isinstance(exc, CannotApply)
+        else 400
+    )
     root = request.app.state.server.workspace.root
     body: dict[str, Any] = {"error": for_page(" ".join(str(exc).split()), root)}
     if isinstance(exc, OptionError):

@@ -20,8 +20,18 @@ from tistudio.server.workspace import Limits, Workspace
 from tistudio.storage import size_text
 
 # Fields the server decides; clients never send paths or pick the model.
-SERVER_FIELDS = {"model", "device", "precision", "prediction_type", "embeddings_dir", "run_dir", "out_dir",
-                 "photos", "out", "dataset"}
+SERVER_FIELDS = {
+    "model",
+    "device",
+    "precision",
+    "prediction_type",
+    "embeddings_dir",
+    "run_dir",
+    "out_dir",
+    "photos",
+    "out",
+    "dataset",
+}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -97,12 +107,21 @@ def schema(cls: type, hidden: set[str] = SERVER_FIELDS) -> list[dict[str, Any]]:
         meta = f.metadata
         # a server takes no paths, so a field's suggestions are its only choices here
         choices = meta.get("choices") or meta.get("suggestions")
-        out.append({"name": f.name, "type": kind, "default": f.default,
-                    "label": meta.get("label") or f.name.replace("_", " ").capitalize(),
-                    "help": meta.get("page_help") or meta.get("help", ""),
-                    "choices": list(choices) if choices else None, "minimum": meta.get("minimum"),
-                    "maximum": meta.get("maximum"), "required": bool(meta.get("required")),
-                    "advanced": bool(meta.get("advanced")), "widget": meta.get("widget", "")})
+        out.append(
+            {
+                "name": f.name,
+                "type": kind,
+                "default": f.default,
+                "label": meta.get("label") or f.name.replace("_", " ").capitalize(),
+                "help": meta.get("page_help") or meta.get("help", ""),
+                "choices": list(choices) if choices else None,
+                "minimum": meta.get("minimum"),
+                "maximum": meta.get("maximum"),
+                "required": bool(meta.get("required")),
+                "advanced": bool(meta.get("advanced")),
+                "widget": meta.get("widget", ""),
+            }
+        )
     return out
 
 
@@ -131,8 +150,11 @@ def public(options: Any) -> dict[str, Any]:
 def image_response(path: Path) -> FileResponse:
     if not path.is_file():
         raise not_found(path.name)
-    return FileResponse(path, media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
-                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+    return FileResponse(
+        path,
+        media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def read_capped(upload: UploadFile, limit: int) -> bytes:

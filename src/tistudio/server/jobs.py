@@ -52,9 +52,19 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "request": self.request, "status": self.status,
-                "created": self.created, "started": self.started, "finished": self.finished,
-                "progress": self.progress, "result": self.result, "error": self.error, "device": self.device}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "request": self.request,
+            "status": self.status,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "device": self.device,
+        }
 
     def resources(self) -> set[str]:
         """What the job writes or reads while it runs, which no other job may change meanwhile."""
@@ -81,11 +91,19 @@ class JobStore:
         for path in sorted(folder.glob("*.json")):
             try:
                 data = json.loads(path.read_text("utf-8"))
-                job = Job(id=data["id"], kind=data["kind"], request=data.get("request", {}),
-                          status=data.get("status", "failed"), created=data.get("created", 0.0),
-                          started=data.get("started"), finished=data.get("finished"),
-                          progress=data.get("progress", {}), result=data.get("result"), error=data.get("error"),
-                          device=str(data.get("device") or ""))
+                job = Job(
+                    id=data["id"],
+                    kind=data["kind"],
+                    request=data.get("request", {}),
+                    status=data.get("status", "failed"),
+                    created=data.get("created", 0.0),
+                    started=data.get("started"),
+                    finished=data.get("finished"),
+                    progress=data.get("progress", {}),
+                    result=data.get("result"),
+                    error=data.get("error"),
+                    device=str(data.get("device") or ""),
+                )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable job file %s (%s)", path, exc)
                 continue
@@ -105,8 +123,9 @@ class JobStore:
                 write_json(self.folder / f"{pending.id}.json", pending.public())
             except TistudioError as exc:
                 if pending.id not in self._unsaved:
-                    log.error("cannot save job %s (%s); it is kept in memory and saved once the disk allows",
-                              pending.id, exc)
+                    log.error(
+                        "cannot save job %s (%s); it is kept in memory and saved once the disk allows", pending.id, exc
+                    )
                 self._unsaved.add(pending.id)
                 return
             self._unsaved.discard(pending.id)
@@ -224,15 +243,21 @@ class Worker(threading.Thread):
             self.store.update(job, status="failed", error=self.pool.words(str(exc)), finished=time.time())
         except Exception as exc:  # a bug: keep serving, show it on the job, keep the traceback in the log
             log.exception("job %s failed", job.id)
-            self.store.update(job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}",
-                              finished=time.time())
+            self.store.update(
+                job, status="failed", error=f"internal error: {type(exc).__name__}: {exc}", finished=time.time()
+            )
 
 
 class Workers:
     """The server's workers, one per device, and the queue they share."""
 
-    def __init__(self, store: JobStore, handlers: dict[str, Handler], devices: tuple[str, ...] = ("",),
-                 words: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        handlers: dict[str, Handler],
+        devices: tuple[str, ...] = ("",),
+        words: Callable[[str], str] = str,
+    ) -> None:
         self.store, self.handlers = store, handlers
         self.words = words  # a job's error in the page's words (wording.for_page)
         self.queue: list[str] = []
@@ -273,8 +298,14 @@ class Workers:
         return next((w.model for w in self.workers if w.model is not None), None)
 
     def devices(self) -> list[dict[str, Any]]:
-        return [{"device": w.device or "default", "job": w.current.id if w.current else None,
-                 "model_loaded": w.model is not None} for w in self.workers]
+        return [
+            {
+                "device": w.device or "default",
+                "job": w.current.id if w.current else None,
+                "model_loaded": w.model is not None,
+            }
+            for w in self.workers
+        ]
 
     def running_on(self, resource: str) -> Job | None:
         return next((job for job in self.running if resource in job.resources()), None)

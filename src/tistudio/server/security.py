@@ -33,8 +33,12 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
 AUTH_FAILURES = 10  # wrong passwords from one address ...
 AUTH_WINDOW_S = 60.0  # ... within this many seconds, then 429 until the oldest is this old
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-RESPONSE_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
-                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+RESPONSE_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 def _host_name(host: str) -> str:
@@ -58,16 +62,22 @@ class SecurityMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
         if not self.listening and _host_name(host).lower() not in LOOPBACK_HOSTS:
-            await self._refuse(send, 403, f"Host {host!r} is not this computer; tistudio only answers requests "
-                                          "for 127.0.0.1 or localhost unless started with --listen")
+            await self._refuse(
+                send,
+                403,
+                f"Host {host!r} is not this computer; tistudio only answers requests "
+                "for 127.0.0.1 or localhost unless started with --listen",
+            )
             return
         method = scope.get("method", "GET")
         if method in UNSAFE_METHODS:
             origin = headers.get("origin")
             if headers.get("sec-fetch-site", "").lower() == "cross-site" or (
-                    origin is not None and origin != "null" and origin.split("://", 1)[-1] != host):
-                await self._refuse(send, 403, "cross-site request refused: only tistudio's own page may change "
-                                              "things on this server")
+                origin is not None and origin != "null" and origin.split("://", 1)[-1] != host
+            ):
+                await self._refuse(
+                    send, 403, "cross-site request refused: only tistudio's own page may change things on this server"
+                )
                 return
             if origin == "null":
                 await self._refuse(send, 403, "requests from sandboxed or file:// pages are refused")
@@ -76,15 +86,23 @@ class SecurityMiddleware:
             client = (scope.get("client") or ("?",))[0]
             wait = self._locked_out(client)
             if wait:
-                await self._refuse(send, 429, f"too many wrong passwords; try again in {wait} s",
-                                   [(b"retry-after", str(wait).encode())])
+                await self._refuse(
+                    send,
+                    429,
+                    f"too many wrong passwords; try again in {wait} s",
+                    [(b"retry-after", str(wait).encode())],
+                )
                 return
             header = headers.get("authorization", "")
             if not self._authorised(header):
                 if header:  # a browser's first request carries none: only a wrong password counts
                     self._failed(client)
-                await self._refuse(send, 401, "sign in: this server needs a user name and password",
-                                   [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')])
+                await self._refuse(
+                    send,
+                    401,
+                    "sign in: this server needs a user name and password",
+                    [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')],
+                )
                 return
         send = _with_headers(send)
         length = headers.get("content-length")
@@ -157,8 +175,7 @@ class SecurityMiddleware:
     @staticmethod
     async def _refuse(send: Any, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
         body = json.dumps({"error": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *(extra or [])]
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -36,8 +36,14 @@ def form_fields() -> dict[str, tuple[type, tuple[str, ...], str]]:
             if f.name in SERVER_FIELDS:
                 continue  # how the server was started: its flags are the right words
             choices = f.metadata.get("choices") or f.metadata.get("suggestions") or ()
-            fields.setdefault(f.name, (type(f.default), tuple(str(c) for c in choices),
-                                       f.metadata.get("label") or f.name.replace("_", " ").capitalize()))
+            fields.setdefault(
+                f.name,
+                (
+                    type(f.default),
+                    tuple(str(c) for c in choices),
+                    f.metadata.get("label") or f.name.replace("_", " ").capitalize(),
+                ),
+            )
     return fields
 
 
@@ -89,10 +95,10 @@ def _flags(text: str) -> str:
             continue
         kind, choices, _ = fields[name]
         value = _flag_value(match.group(2), kind, choices)
-        before = text[last:match.start()]
+        before = text[last : match.start()]
         verb = VERB_BEFORE.search(before)
         if verb is not None:
-            before = before[:verb.start()] + ("tick " if kind is bool else VERBS[verb.group(1)] + " ")
+            before = before[: verb.start()] + ("tick " if kind is bool else VERBS[verb.group(1)] + " ")
         out.append(before + f"“{label(name)}”" + (f" {value}" if value else ""))
         last = match.end() if value or match.group(2) is None else match.start(2) - 1
     return "".join(out) + text[last:]

@@ -41,8 +41,11 @@ class Work:
         from tistudio.prepare.preprocess import prepare
 
         name = job.request["set"]
-        options = PrepareOptions(**{k: v for k, v in job.request.items() if k != "set"},
-                                 photos=str(self.workspace.photo_set(name)), out=str(self.workspace.dataset(name)))
+        options = PrepareOptions(
+            **{k: v for k, v in job.request.items() if k != "set"},
+            photos=str(self.workspace.photo_set(name)),
+            out=str(self.workspace.dataset(name)),
+        )
         if not hasattr(worker, "detector"):
             from tistudio.prepare.faces import FaceDetector
 
@@ -59,14 +62,21 @@ class Work:
                 worker.face_identity = load_identity(options.identity)  # type: ignore[attr-defined]
             identity = worker.face_identity  # type: ignore[attr-defined]
         result = prepare(options, on_progress=progress, stop=job.stop, detector=worker.detector, identity=identity)
-        return {"set": name, "usable": len(result.usable), "total": len(result.items), "verdict": result.verdict,
-                "processed": result.processed, "reused": result.reused}
+        return {
+            "set": name,
+            "usable": len(result.usable),
+            "total": len(result.items),
+            "verdict": result.verdict,
+            "processed": result.processed,
+            "reused": result.reused,
+        }
 
     def create(self, job: Job, worker: Worker) -> dict[str, Any]:
         from tistudio.train.create import create_embedding
 
-        options = CreateOptions(**{**job.request, "model": self.config.model.model,
-                                   "embeddings_dir": str(self.workspace.embeddings)})
+        options = CreateOptions(
+            **{**job.request, "model": self.config.model.model, "embeddings_dir": str(self.workspace.embeddings)}
+        )
         path = create_embedding(options, cache_dir=self.config.cache_dir, model=self.model_for(worker, job))
         return {"embedding": options.name, "file": path.name}
 
@@ -78,13 +88,27 @@ class Work:
         dataset = self.workspace.dataset(job.request["set"])
         if not (dataset / "manifest.json").is_file():
             dataset = self.workspace.photo_set(job.request["set"])
-        options = TrainOptions(**request, model=self.config.model.model, dataset=str(dataset),
-                               embeddings_dir=str(self.workspace.embeddings), run_dir=str(self.workspace.run(name)))
+        options = TrainOptions(
+            **request,
+            model=self.config.model.model,
+            dataset=str(dataset),
+            embeddings_dir=str(self.workspace.embeddings),
+            run_dir=str(self.workspace.run(name)),
+        )
 
         def progress(p: Progress) -> None:
             if p.event == Event.STEP:
-                worker.store.event(job, "progress", step=p.step, total=p.total, loss=p.loss, lr=p.lr,
-                                   epoch=p.epoch, eta_s=p.eta_s, elapsed_s=p.elapsed_s)
+                worker.store.event(
+                    job,
+                    "progress",
+                    step=p.step,
+                    total=p.total,
+                    loss=p.loss,
+                    lr=p.lr,
+                    epoch=p.epoch,
+                    eta_s=p.eta_s,
+                    elapsed_s=p.elapsed_s,
+                )
             elif p.event == Event.PREVIEW and p.path:
                 file = Path(p.path).name
                 worker.store.event(job, "preview", step=p.step, url=f"/api/runs/{name}/previews/{file}")
@@ -93,17 +117,32 @@ class Work:
             elif p.event in (Event.SAVE, Event.START, Event.ENCODE):
                 worker.store.event(job, str(p.event), step=p.step, text=p.message)
 
-        result = train(options, cache_dir=self.config.cache_dir, model=self.model_for(worker, job),
-                       on_progress=progress, stop=job.stop)
-        return {"embedding": name, "step": result.step, "stopped": result.stopped,
-                "message": for_page(result.message, self.workspace.root), "last_loss": result.last_loss}
+        result = train(
+            options,
+            cache_dir=self.config.cache_dir,
+            model=self.model_for(worker, job),
+            on_progress=progress,
+            stop=job.stop,
+        )
+        return {
+            "embedding": name,
+            "step": result.step,
+            "stopped": result.stopped,
+            "message": for_page(result.message, self.workspace.root),
+            "last_loss": result.last_loss,
+        }
 
     def generate(self, job: Job, worker: Worker) -> dict[str, Any]:
         from tistudio.generate.images import generate
 
-        options = GenerateOptions(**{**job.request, "model": self.config.model.model,
-                                     "embeddings_dir": str(self.workspace.embeddings),
-                                     "out_dir": str(self.workspace.outputs)})
+        options = GenerateOptions(
+            **{
+                **job.request,
+                "model": self.config.model.model,
+                "embeddings_dir": str(self.workspace.embeddings),
+                "out_dir": str(self.workspace.outputs),
+            }
+        )
 
         def progress(p: Progress) -> None:
             worker.store.event(job, "progress", step=p.step, total=p.total, elapsed_s=p.elapsed_s)
@@ -111,6 +150,13 @@ class Work:
         model = self.model_for(worker, job)
         images = generate(options, cache_dir=self.config.cache_dir, model=model, on_progress=progress, stop=job.stop)
         width, height = images[0].image.size if images else (0, 0)
-        return {"images": [{"file": i.path.name, "url": f"/api/outputs/{i.path.name}", "seed": i.seed,
-                            "infotext": i.infotext} for i in images if i.path],
-                "width": width, "height": height, "model_hash": model.hash}
+        return {
+            "images": [
+                {"file": i.path.name, "url": f"/api/outputs/{i.path.name}", "seed": i.seed, "infotext": i.infotext}
+                for i in images
+                if i.path
+            ],
+            "width": width,
+            "height": height,
+            "model_hash": model.hash,
+        }

@@ -26,6 +26,7 @@ from tistudio.storage import size_text
 class TooFull(TistudioError):
     """The workspace's cap is reached (answered with 507, Insufficient Storage)."""
 
+
 FILE_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._ -]{0,119}\Z")
 
 
@@ -123,14 +124,19 @@ class Workspace:
             return
         used = self.used_bytes()
         if used + incoming > limits.workspace_bytes:
-            raise TooFull(f"the workspace is full: {size_text(used)} of the {size_text(limits.workspace_bytes)} "
-                          "this server allows are used; delete photo sets, embeddings or images to make room")
+            raise TooFull(
+                f"the workspace is full: {size_text(used)} of the {size_text(limits.workspace_bytes)} "
+                "this server allows are used; delete photo sets, embeddings or images to make room"
+            )
 
     def sets(self) -> list[str]:
-        return sorted(p.name for p in self.photos.iterdir()
-                      if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name))
+        return sorted(
+            p.name for p in self.photos.iterdir() if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name)
+        )
 
     def prepared(self) -> list[str]:
-        return sorted(p.name for p in self.datasets.iterdir()
-                      if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name)
-                      and (p / "manifest.json").is_file())
+        return sorted(
+            p.name
+            for p in self.datasets.iterdir()
+            if p.is_dir() and not p.is_symlink() and NAME_PATTERN.match(p.name) and (p / "manifest.json").is_file()
+        )

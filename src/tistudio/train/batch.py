@@ -86,14 +86,18 @@ def load_plan(path: Path, overrides: Mapping[str, Any] | None = None) -> list[Pl
     try:
         data = tomllib.loads(Path(path).read_text("utf-8"))
     except OSError as exc:
-        raise OptionError("plan", str(path), f"cannot be read ({exc.strerror or exc}); give a jobs .toml file or "
-                          "a folder of prepared sets") from exc
+        raise OptionError(
+            "plan",
+            str(path),
+            f"cannot be read ({exc.strerror or exc}); give a jobs .toml file or a folder of prepared sets",
+        ) from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptionError("plan", str(path), f"is not valid TOML ({exc}); see `tistudio train-many --help`") from exc
     unknown = sorted(set(data) - {"defaults", "job"})
     if unknown:
-        raise OptionError(f"{Path(path).name}: [{unknown[0]}]", data[unknown[0]], "a plan has [defaults] and "
-                          "[[job]] tables only")
+        raise OptionError(
+            f"{Path(path).name}: [{unknown[0]}]", data[unknown[0]], "a plan has [defaults] and [[job]] tables only"
+        )
     defaults, jobs = data.get("defaults", {}), data.get("job", [])
     if not isinstance(defaults, dict) or not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
         raise OptionError(Path(path).name, "", "write [defaults] as one table and each job as a [[job]] table")
@@ -103,21 +107,30 @@ def load_plan(path: Path, overrides: Mapping[str, Any] | None = None) -> list[Pl
         raise OptionError(f"{Path(path).name}: job", len(jobs), f"a plan has at most {MAX_JOBS:,} jobs")
     base = Path(path).resolve().parent
     given = resolve_paths(dict(overrides or {}), Path.cwd())  # the command line's paths are the shell's
-    plan = [make_job(i, {**defaults, **given, **job}, base, where=f"{Path(path).name} job {i + 1}")
-            for i, job in enumerate(jobs)]
+    plan = [
+        make_job(i, {**defaults, **given, **job}, base, where=f"{Path(path).name} job {i + 1}")
+        for i, job in enumerate(jobs)
+    ]
     check_distinct(plan)
     return plan
 
 
 def plan_from_folder(folder: Path, options: Mapping[str, Any]) -> list[PlannedJob]:
     """One job per prepared set (a subfolder) of `folder`, named after it, with `options` for every job."""
-    sets = sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if Path(folder).is_dir() else []
+    sets = (
+        sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+        if Path(folder).is_dir()
+        else []
+    )
     if not sets:
-        raise DatasetError(f"{folder} holds no folders of photos; give a folder with one prepared set per "
-                           "embedding (e.g. prepared/alice, prepared/bob) or a jobs .toml file")
-    plan = [make_job(i, {**options, "embedding": p.name, "dataset": str(p)}, Path.cwd(), where=f"set {p.name}")
-            for i, p in enumerate(sets)]
+        raise DatasetError(
+            f"{folder} holds no folders of photos; give a folder with one prepared set per "
+            "embedding (e.g. prepared/alice, prepared/bob) or a jobs .toml file"
+        )
+    plan = [
+        make_job(i, {**options, "embedding": p.name, "dataset": str(p)}, Path.cwd(), where=f"set {p.name}")
+        for i, p in enumerate(sets)
+    ]
     check_distinct(plan)
     return plan
 
@@ -134,8 +147,9 @@ def make_job(index: int, values: dict[str, Any], base: Path, where: str) -> Plan
         train = from_dict(TrainOptions, values)
         validate_train(train)
         model = {f.name: getattr(train, f.name) for f in dataclasses.fields(ModelOptions)}
-        create = from_dict(CreateOptions, {**model, **create_values, "name": train.embedding,
-                                           "embeddings_dir": train.embeddings_dir})
+        create = from_dict(
+            CreateOptions, {**model, **create_values, "name": train.embedding, "embeddings_dir": train.embeddings_dir}
+        )
         validate_create(create)
         if not Path(train.dataset).is_dir():
             raise OptionError("dataset", train.dataset, "no such folder; give the folder of the job's photos")
@@ -167,12 +181,18 @@ def check_distinct(plan: list[PlannedJob]) -> None:
     for job in plan:
         embedding = (str(Path(job.train.embeddings_dir).resolve()), job.name)
         if embedding in seen:
-            raise OptionError(f"job {job.index + 1}: embedding", job.name, f"job {seen[embedding] + 1} trains it "
-                              "too; give each job its own embedding name")
+            raise OptionError(
+                f"job {job.index + 1}: embedding",
+                job.name,
+                f"job {seen[embedding] + 1} trains it too; give each job its own embedding name",
+            )
         run = str(Path(job.train.run_dir).resolve())
         if run in seen:
-            raise OptionError(f"job {job.index + 1}: run_dir", job.train.run_dir, f"job {seen[run] + 1} uses it "
-                              "too; leave run_dir out (each job gets runs/NAME beside the plan)")
+            raise OptionError(
+                f"job {job.index + 1}: run_dir",
+                job.train.run_dir,
+                f"job {seen[run] + 1} uses it too; leave run_dir out (each job gets runs/NAME beside the plan)",
+            )
         seen[embedding] = seen[run] = job.index
 
 
@@ -180,14 +200,19 @@ def select(plan: list[PlannedJob], index: int | None = None, names: tuple[str, .
     """The jobs to run here: one by its 0-based index (an array job's task id), or those named, or all."""
     if index is not None:
         if not 0 <= index < len(plan):
-            raise OptionError("index", index, f"the plan has {len(plan)} jobs: use 0 to {len(plan) - 1} (e.g. a "
-                              f"Slurm array --array=0-{len(plan) - 1})")
+            raise OptionError(
+                "index",
+                index,
+                f"the plan has {len(plan)} jobs: use 0 to {len(plan) - 1} (e.g. a "
+                f"Slurm array --array=0-{len(plan) - 1})",
+            )
         return [plan[index]]
     if names:
         missing = sorted(set(names) - {job.name for job in plan})
         if missing:
-            raise OptionError("only", missing[0], f"no job trains it; the plan's embeddings are "
-                              f"{', '.join(job.name for job in plan)}")
+            raise OptionError(
+                "only", missing[0], f"no job trains it; the plan's embeddings are {', '.join(job.name for job in plan)}"
+            )
         return [job for job in plan if job.name in names]
     return plan
 
@@ -210,15 +235,22 @@ class Models:
         key = (options.model, options.device, options.precision, options.prediction_type)
         if key != self.key:
             self.model = None  # free the last one first
-            self.model = load_model(ModelOptions(**{f.name: getattr(options, f.name)
-                                                    for f in dataclasses.fields(ModelOptions)}), self.cache_dir)
+            self.model = load_model(
+                ModelOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(ModelOptions)}),
+                self.cache_dir,
+            )
             self.key = key
         return self.model
 
 
-def run_plan(jobs: list[PlannedJob], *, cache_dir: Path, stop: threading.Event | None = None,
-             on_progress: Callable[[PlannedJob, Progress], None] | None = None,
-             on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+def run_plan(
+    jobs: list[PlannedJob],
+    *,
+    cache_dir: Path,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[PlannedJob, Progress], None] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
     """Train the jobs in order. A stop (Ctrl-C) ends the current job at its next step, saved, and starts no more."""
     stop = stop or threading.Event()
     models = Models(cache_dir)
@@ -238,8 +270,13 @@ def run_plan(jobs: list[PlannedJob], *, cache_dir: Path, stop: threading.Event |
     return outcomes
 
 
-def run_job(job: PlannedJob, models: Models, cache_dir: Path, stop: threading.Event,
-            on_progress: Callable[[Progress], None] | None) -> Outcome:
+def run_job(
+    job: PlannedJob,
+    models: Models,
+    cache_dir: Path,
+    stop: threading.Event,
+    on_progress: Callable[[Progress], None] | None,
+) -> Outcome:
     """One job: create its embedding if it does not exist, then train (or resume) it; a finished one loads nothing."""
     from tistudio.embeddings.files import find_embedding_file
     from tistudio.train.create import create_embedding

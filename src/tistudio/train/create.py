@@ -26,11 +26,56 @@ log = logging.getLogger(__name__)
 
 # Common first names, each a single CLIP token: their mean is "a person" to the text encoder (Cross
 # Initialization, Pang et al. 2024, uses the same idea to learn faces in a few hundred steps instead of thousands).
-PERSON_NAMES = ("james", "mary", "john", "linda", "robert", "susan", "michael", "karen", "david", "lisa", "william",
-                "nancy", "richard", "betty", "thomas", "sandra", "charles", "ashley", "daniel", "emily", "matthew",
-                "anna", "anthony", "laura", "mark", "sarah", "paul", "julia", "steven", "emma", "andrew", "olivia",
-                "peter", "sophia", "george", "grace", "kevin", "alice", "brian", "helen", "jason", "kate", "eric",
-                "maria", "adam", "jessica", "ryan", "rachel")
+PERSON_NAMES = (
+    "james",
+    "mary",
+    "john",
+    "linda",
+    "robert",
+    "susan",
+    "michael",
+    "karen",
+    "david",
+    "lisa",
+    "william",
+    "nancy",
+    "richard",
+    "betty",
+    "thomas",
+    "sandra",
+    "charles",
+    "ashley",
+    "daniel",
+    "emily",
+    "matthew",
+    "anna",
+    "anthony",
+    "laura",
+    "mark",
+    "sarah",
+    "paul",
+    "julia",
+    "steven",
+    "emma",
+    "andrew",
+    "olivia",
+    "peter",
+    "sophia",
+    "george",
+    "grace",
+    "kevin",
+    "alice",
+    "brian",
+    "helen",
+    "jason",
+    "kate",
+    "eric",
+    "maria",
+    "adam",
+    "jessica",
+    "ryan",
+    "rachel",
+)
 
 
 def person_vectors(model: SDModel, count: int) -> dict[str, torch.Tensor]:
@@ -77,14 +122,19 @@ def check_new_name(name: str, model: SDModel, folder: Path, overwrite: bool) -> 
     ids = model.tokenizer(name, add_special_tokens=False, verbose=False).input_ids
     if len(ids) == 1:
         word = model.tokenizer.convert_ids_to_tokens(ids)[0].replace("</w>", "")
-        raise OptionError("name", name, f"'{word}' is already a word the model knows (token {ids[0]}), so prompts "
-                          "could not tell it from the embedding; pick a made-up word such as 'tomtut' or 'sks1'")
+        raise OptionError(
+            "name",
+            name,
+            f"'{word}' is already a word the model knows (token {ids[0]}), so prompts "
+            "could not tell it from the embedding; pick a made-up word such as 'tomtut' or 'sks1'",
+        )
     if overwrite:
         return
     existing = taken_name(folder, name)
     if existing is not None:
-        raise OptionError("name", name, f"an embedding with this name exists ({existing}); pick another name or "
-                          "pass --overwrite")
+        raise OptionError(
+            "name", name, f"an embedding with this name exists ({existing}); pick another name or pass --overwrite"
+        )
 
 
 def create_embedding(options: CreateOptions, *, cache_dir: Path, model: SDModel | None = None) -> Path:
@@ -97,14 +147,25 @@ def create_embedding(options: CreateOptions, *, cache_dir: Path, model: SDModel 
     vectors = init_vectors(model, options.init_text, options.vectors)
     person = person_start(options.init_text)
     start = "(person-like: the mean of first names)" if person else options.init_text
-    embedding = Embedding(name=options.name, vectors=vectors, step=0, model_hash=model.hash,
-                          model_name=model.name, meta={"init_text": start, "model_family": model.family})
+    embedding = Embedding(
+        name=options.name,
+        vectors=vectors,
+        step=0,
+        model_hash=model.hash,
+        model_name=model.name,
+        meta={"init_text": start, "model_family": model.family},
+    )
     path = write_embedding(embedding, folder / f"{options.name}.safetensors")
     if options.overwrite:
         for suffix in SUFFIXES:
             other = folder / f"{options.name}{suffix}"
             if other != path and other.is_file():
                 log.warning("%s also exists; it has the same name, so A1111 may load either", other)
-    log.info("created %s: %d vectors of width %d from %s", path, options.vectors, embedding.width,
-             "the person-like start" if person else repr(options.init_text))
+    log.info(
+        "created %s: %d vectors of width %d from %s",
+        path,
+        options.vectors,
+        embedding.width,
+        "the person-like start" if person else repr(options.init_text),
+    )
     return path

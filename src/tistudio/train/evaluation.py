@@ -96,9 +96,18 @@ class EvalBatch:
     time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
 
 
-def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...], name: str, seed: int,
-                     latent_shape: tuple[int, ...], draws: Denoiser, size: int = 32,
-                     sizes: torch.Tensor | None = None, stratified: bool = False) -> EvalBatch:
+def evaluation_batch(
+    count: int,
+    captions: list[str],
+    template: tuple[str, ...],
+    name: str,
+    seed: int,
+    latent_shape: tuple[int, ...],
+    draws: Denoiser,
+    size: int = 32,
+    sizes: torch.Tensor | None = None,
+    stratified: bool = False,
+) -> EvalBatch:
     """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts, drawn as
     the denoiser `draws` them. With `stratified`, the timesteps cover the schedule evenly (one drawn in each of
     `size` equal strata, the strata shuffled over the samples), so that a small batch does not happen to miss the
@@ -106,16 +115,23 @@ def evaluation_batch(count: int, captions: list[str], template: tuple[str, ...],
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
     indices = [i % count for i in range(size)]
-    prompts = [fill_template(template[i % len(template)], name, captions[index], rng)
-               for i, index in enumerate(indices)]
+    prompts = [
+        fill_template(template[i % len(template)], name, captions[index], rng) for i, index in enumerate(indices)
+    ]
     steps = draws.draw_timesteps(size, generator, stratified)
-    return EvalBatch(indices=indices, timesteps=steps, noise=draws.draw_noise((size, *latent_shape), generator),
-                     prompts=prompts, time_ids=None if sizes is None else sizes[torch.tensor(indices)])
+    return EvalBatch(
+        indices=indices,
+        timesteps=steps,
+        noise=draws.draw_noise((size, *latent_shape), generator),
+        prompts=prompts,
+        time_ids=None if sizes is None else sizes[torch.tensor(indices)],
+    )
 
 
 @torch.no_grad()
-def evaluation_loss(denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, chunk: int = 16,
-                    weights: torch.Tensor | None = None) -> float:
+def evaluation_loss(
+    denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, chunk: int = 16, weights: torch.Tensor | None = None
+) -> float:
     """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk), weighted as
     training is where the images have loss `weights` (train/masks.py)."""
     total = 0.0
@@ -124,9 +140,14 @@ def evaluation_loss(denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch,
         chosen = torch.tensor(batch.indices[part], device=latents.device)
         clean = latents[chosen]
         noise = batch.noise[part].to(latents.device)
-        loss = denoiser.loss(clean, batch.timesteps[part].to(latents.device), noise, batch.prompts[part],
-                             time_ids=None if batch.time_ids is None else batch.time_ids[part],
-                             weights=None if weights is None else weights[chosen])
+        loss = denoiser.loss(
+            clean,
+            batch.timesteps[part].to(latents.device),
+            noise,
+            batch.prompts[part],
+            time_ids=None if batch.time_ids is None else batch.time_ids[part],
+            weights=None if weights is None else weights[chosen],
+        )
         total += float(loss) * clean.shape[0]
     return total / len(batch.indices)
 
@@ -135,8 +156,13 @@ def evaluation_loss(denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch,
 # The rules
 
 
-def converged(losses: list[float], window: int = DVAR_WINDOW, threshold: float = DVAR_THRESHOLD,
-              flat: float = 0.05, ceiling: float | None = None) -> bool:
+def converged(
+    losses: list[float],
+    window: int = DVAR_WINDOW,
+    threshold: float = DVAR_THRESHOLD,
+    flat: float = 0.05,
+    ceiling: float | None = None,
+) -> bool:
     """DVAR's rule - the last `window` losses vary less than `threshold` times as much as all of them - plus a
     check that they have stopped falling: over the last window the mean fell by less than `flat` of the whole
     range. (The variance ratio alone also fires on a steady, noise-free decline once enough values are in.)
@@ -148,7 +174,7 @@ def converged(losses: list[float], window: int = DVAR_WINDOW, threshold: float =
     total = statistics.pvariance(losses)
     if total <= 0:
         return True
-    recent, before = losses[-window:], losses[-2 * window:-window]
+    recent, before = losses[-window:], losses[-2 * window : -window]
     falling = (statistics.fmean(before) - statistics.fmean(recent)) / (max(losses) - min(losses))
     return statistics.pvariance(recent) / total < threshold and falling < flat
 
@@ -229,9 +255,17 @@ class Evaluator:
     (best_likeness_step). Otherwise the loss chooses (best_step), which needs no images.
     """
 
-    def __init__(self, denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, log_path: Path,
-                 likeness: Likeness | None = None, likeness_every: int = 0, weights: torch.Tensor | None = None,
-                 spec: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        latents: torch.Tensor,
+        batch: EvalBatch,
+        log_path: Path,
+        likeness: Likeness | None = None,
+        likeness_every: int = 0,
+        weights: torch.Tensor | None = None,
+        spec: Mapping[str, Any] | None = None,
+    ) -> None:
         self.denoiser, self.latents, self.batch = denoiser, latents, batch
         self.model, self.encoder = denoiser.model, denoiser.encoder  # what a likeness draws its pictures with
         self.weights = weights
@@ -253,11 +287,15 @@ class Evaluator:
         if saved["meta"].get("neutral_loss") is not None:
             self.neutral = float(saved["meta"]["neutral_loss"])
         steps = [int(s) for s in saved["meta"].get("kept_steps", [])]
-        stacked = {key[len("kept."):]: tensor.to(torch.float32) for key, tensor in saved["tensors"].items()
-                   if key.startswith("kept.")}
+        stacked = {
+            key[len("kept.") :]: tensor.to(torch.float32)
+            for key, tensor in saved["tensors"].items()
+            if key.startswith("kept.")
+        }
         if steps and stacked and all(tensor.shape[0] == len(steps) for tensor in stacked.values()):
-            self.kept = {step: {key: tensor[i].clone() for key, tensor in stacked.items()}
-                         for i, step in enumerate(steps)}
+            self.kept = {
+                step: {key: tensor[i].clone() for key, tensor in stacked.items()} for i, step in enumerate(steps)
+            }
 
     def loss(self) -> float:
         return evaluation_loss(self.denoiser, self.latents, self.batch, weights=self.weights)
@@ -270,11 +308,15 @@ class Evaluator:
             return
         with trainable.using(neutral):
             self.neutral = self.loss()
-        log.info("fixed-batch loss of the person-like start: %.5f (the loss's drop is counted from it where it is "
-                 "below this run's start)", self.neutral)
+        log.info(
+            "fixed-batch loss of the person-like start: %.5f (the loss's drop is counted from it where it is "
+            "below this run's start)",
+            self.neutral,
+        )
 
-    def evaluate(self, step: int, trainable: Trainable, candidate: bool = True,
-                 last: bool = False) -> tuple[float, float | None]:
+    def evaluate(
+        self, step: int, trainable: Trainable, candidate: bool = True, last: bool = False
+    ) -> tuple[float, float | None]:
         """Evaluate and log; a `candidate` step may become the best (the untrained start is not one). The likeness
         is measured where it is due (and at the `last` step)."""
         loss = self.loss()
@@ -341,5 +383,7 @@ class Evaluator:
             return meta, {}
         steps = sorted(self.kept)
         keys = self.kept[steps[0]]
-        return ({**meta, "kept_steps": steps},
-                {f"kept.{key}": torch.stack([self.kept[s][key] for s in steps]) for key in keys})
+        return (
+            {**meta, "kept_steps": steps},
+            {f"kept.{key}": torch.stack([self.kept[s][key] for s in steps]) for key in keys},
+        )

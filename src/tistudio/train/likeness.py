@@ -23,8 +23,12 @@ from tistudio.prepare.identity import MIN_FACE_PX, SAME_PERSON, distance
 log = logging.getLogger(__name__)
 
 # Prompts no template uses; "{}" is the embedding's name.
-UNSEEN_PROMPTS = ("a painting of {}", "a photo of {} in a city at night", "a close-up photo of {}, smiling, outdoors",
-                  "a pencil drawing of {}")
+UNSEEN_PROMPTS = (
+    "a painting of {}",
+    "a photo of {} in a city at night",
+    "a close-up photo of {}, smiling, outdoors",
+    "a pencil drawing of {}",
+)
 MIN_REFERENCE_FACES = 2
 
 
@@ -56,9 +60,21 @@ class FaceLikeness:
 
     kind = "face identity"  # what a run's options.json and report call this likeness
 
-    def __init__(self, references: Sequence[np.ndarray], name: str, size: int, *, pictures: int, steps: int,
-                 every: int, detector: Any, identity: Any, cfg: float = 7.0, sampler: str = "DPM++ 2M Karras",
-                 negative: str = "blurry, lowres") -> None:
+    def __init__(
+        self,
+        references: Sequence[np.ndarray],
+        name: str,
+        size: int,
+        *,
+        pictures: int,
+        steps: int,
+        every: int,
+        detector: Any,
+        identity: Any,
+        cfg: float = 7.0,
+        sampler: str = "DPM++ 2M Karras",
+        negative: str = "blurry, lowres",
+    ) -> None:
         self.references, self.name, self.size = list(references), name, size
         self.pictures, self.steps, self.every, self.cfg, self.sampler = pictures, steps, every, cfg, sampler
         self.negative, self.detector, self.identity = negative, detector, identity
@@ -68,22 +84,35 @@ class FaceLikeness:
         """One SamplingParams per picture: the unseen prompts in turn, seeds 1000, 1001, ..."""
         from tistudio.generate.images import SamplingParams
 
-        return [SamplingParams(prompt=UNSEEN_PROMPTS[i % len(UNSEEN_PROMPTS)].format(self.name),
-                               negative_prompt=self.negative, steps=self.steps, sampler=self.sampler, cfg=self.cfg,
-                               width=self.size, height=self.size, seeds=(1000 + i,)) for i in range(self.pictures)]
+        return [
+            SamplingParams(
+                prompt=UNSEEN_PROMPTS[i % len(UNSEEN_PROMPTS)].format(self.name),
+                negative_prompt=self.negative,
+                steps=self.steps,
+                sampler=self.sampler,
+                cfg=self.cfg,
+                width=self.size,
+                height=self.size,
+                seeds=(1000 + i,),
+            )
+            for i in range(self.pictures)
+        ]
 
     def __call__(self, model: Any, encoder: Any) -> float:
         from tistudio.generate.images import Renderer
 
         if self.renderer is None or self.renderer.encoder is not encoder:
             self.renderer = Renderer(model, encoder)
-        scores = [picture_score(self.renderer.render(params)[0], self.references, self.detector, self.identity)
-                  for params in self.params()]
+        scores = [
+            picture_score(self.renderer.render(params)[0], self.references, self.detector, self.identity)
+            for params in self.params()
+        ]
         return float(np.mean(scores))
 
 
-def face_likeness(images: Sequence[Image.Image], name: str, size: int, *, pictures: int, steps: int,
-                  every: int) -> FaceLikeness | None:
+def face_likeness(
+    images: Sequence[Image.Image], name: str, size: int, *, pictures: int, steps: int, every: int
+) -> FaceLikeness | None:
     """The face likeness of a run whose training images are `images`, or None (with the reason logged) where the
     extra is missing or the images hold too few faces to know the person by."""
     from tistudio.extras import faces_available
@@ -91,17 +120,28 @@ def face_likeness(images: Sequence[Image.Image], name: str, size: int, *, pictur
     from tistudio.prepare.identity import FaceIdentity
 
     if not faces_available():
-        log.info("the loss chooses the step to keep: judging pictures by face identity needs "
-                 "pip install 'tistudio[faces]'")
+        log.info(
+            "the loss chooses the step to keep: judging pictures by face identity needs pip install 'tistudio[faces]'"
+        )
         return None
     detector, identity = FaceDetector(), FaceIdentity()
     references = reference_faces(images, detector, identity)
     if len(references) < MIN_REFERENCE_FACES:
-        log.info("no face likeness: %d of %d training images show a face large enough to know the person by (a "
-                 "pet, an object or a style?); the fixed-batch loss chooses the step to keep",
-                 len(references), len(images))
+        log.info(
+            "no face likeness: %d of %d training images show a face large enough to know the person by (a "
+            "pet, an object or a style?); the fixed-batch loss chooses the step to keep",
+            len(references),
+            len(images),
+        )
         return None
-    log.info("face likeness every %d steps: %d pictures of %d sampler steps from unseen prompts, compared with the "
-             "faces of %d training images", every, pictures, steps, len(references))
-    return FaceLikeness(references, name, size, pictures=pictures, steps=steps, every=every, detector=detector,
-                        identity=identity)
+    log.info(
+        "face likeness every %d steps: %d pictures of %d sampler steps from unseen prompts, compared with the "
+        "faces of %d training images",
+        every,
+        pictures,
+        steps,
+        len(references),
+    )
+    return FaceLikeness(
+        references, name, size, pictures=pictures, steps=steps, every=every, detector=detector, identity=identity
+    )

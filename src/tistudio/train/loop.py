@@ -86,10 +86,17 @@ class TrainResult:
 # The job
 
 
-def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = None,
-          on_progress: Callable[[Progress], None] | None = None, stop: threading.Event | None = None,
-          likeness: Likeness | None = None, parallel: Parallel | None = None,
-          beside: Sequence[TrainableFactory] = ()) -> TrainResult:
+def train(
+    options: TrainOptions,
+    *,
+    cache_dir: Path,
+    model: SDModel | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    likeness: Likeness | None = None,
+    parallel: Parallel | None = None,
+    beside: Sequence[TrainableFactory] = (),
+) -> TrainResult:
     """Train (or resume) an embedding; returns where everything was written.
 
     `likeness(model, encoder)`, if given, scores the current vectors (e.g. by generating pictures and reading
@@ -106,14 +113,31 @@ def train(options: TrainOptions, *, cache_dir: Path, model: SDModel | None = Non
     validate_train(options)
     device = model.device if model is not None else resolve_device(parallel.device_choice(options.device))
     with process_group(parallel, device), ExitStack() as cleanup:  # cleanup: what the run opens and installs
-        return run_training(options, cache_dir=cache_dir, model=model, on_progress=on_progress, stop=stop,
-                            likeness=likeness, parallel=parallel, cleanup=cleanup, beside=beside)
+        return run_training(
+            options,
+            cache_dir=cache_dir,
+            model=model,
+            on_progress=on_progress,
+            stop=stop,
+            likeness=likeness,
+            parallel=parallel,
+            cleanup=cleanup,
+            beside=beside,
+        )
 
 
-def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | None,
-                 on_progress: Callable[[Progress], None] | None, stop: threading.Event | None,
-                 likeness: Likeness | None, parallel: Parallel, cleanup: ExitStack,
-                 beside: Sequence[TrainableFactory] = ()) -> TrainResult:
+def run_training(
+    options: TrainOptions,
+    *,
+    cache_dir: Path,
+    model: SDModel | None,
+    on_progress: Callable[[Progress], None] | None,
+    stop: threading.Event | None,
+    likeness: Likeness | None,
+    parallel: Parallel,
+    cleanup: ExitStack,
+    beside: Sequence[TrainableFactory] = (),
+) -> TrainResult:
     """train()'s stages, in the process group of a data-parallel run where there is one."""
     main = parallel.main
     report = Reporter(on_progress if main else None)
@@ -124,8 +148,15 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     point = resume_point(options)
     if point.finished:
         log.info("%s", point.finished)
-        return TrainResult(embedding_path=point.embedding_path, run_dir=point.run.path, start_step=point.step,
-                           step=point.step, stopped=False, last_loss=None, message=point.finished)
+        return TrainResult(
+            embedding_path=point.embedding_path,
+            run_dir=point.run.path,
+            start_step=point.step,
+            step=point.step,
+            stopped=False,
+            last_loss=None,
+            message=point.finished,
+        )
     name, start_step = point.name, point.step
     schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
     dataset = load_dataset(options.dataset)
@@ -138,8 +169,9 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
 
     # 3. What trains, and where the last sitting left it (each trainable's state checked against its own values).
     word = embedding_trainable(point.embedding, model, options, schedule)
-    trainable = Trainables([word, *(make(TrainableSetup(model, options, schedule, point.source, start_step))
-                                     for make in beside)])
+    trainable = Trainables(
+        [word, *(make(TrainableSetup(model, options, schedule, point.source, start_step)) for make in beside)]
+    )
     saved = point.run.load_state(start_step, trainable.parameters()) if start_step > 0 else None
     trainable.start(saved["tensors"] if saved else None)
     trainable.install(model, encoder)
@@ -153,8 +185,7 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         point.run.open(start_step)
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
-    masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None,
-                        start_step > 0)
+    masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None, start_step > 0)
     samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel)
 
     # 5. The optimizer, evaluation, previews and checkpoints.
@@ -162,16 +193,38 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
     guard = restore(optimizer, scaler, trainable, saved, name, start_step)
     if main and likeness is None and options.likeness != "off" and options.eval_every:
         likeness = face_likeness_of(dataset, name, size, options)
-    evaluator = make_evaluator(denoiser, samples, point.run, options, likeness, start_step, saved,
-                               trainable) if main else None
-    session = Session(options=options, point=point, schedule=schedule, parallel=parallel, report=report, stop=stop,
-                      denoiser=denoiser, trainable=trainable, optimizer=optimizer, scaler=scaler, guard=guard,
-                      samples=samples, evaluator=evaluator,
-                      result=TrainResult(embedding_path=point.target, run_dir=point.run.path, start_step=start_step,
-                                         step=start_step, stopped=False, last_loss=None,
-                                         skipped_images=dataset.skipped))
-    carried = ((lambda step: word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step))
-               if options.preview_embedded else None)
+    evaluator = (
+        make_evaluator(denoiser, samples, point.run, options, likeness, start_step, saved, trainable) if main else None
+    )
+    session = Session(
+        options=options,
+        point=point,
+        schedule=schedule,
+        parallel=parallel,
+        report=report,
+        stop=stop,
+        denoiser=denoiser,
+        trainable=trainable,
+        optimizer=optimizer,
+        scaler=scaler,
+        guard=guard,
+        samples=samples,
+        evaluator=evaluator,
+        result=TrainResult(
+            embedding_path=point.target,
+            run_dir=point.run.path,
+            start_step=start_step,
+            step=start_step,
+            stopped=False,
+            last_loss=None,
+            skipped_images=dataset.skipped,
+        ),
+    )
+    carried = (
+        (lambda step: word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step))
+        if options.preview_embedded
+        else None
+    )
     session.open_outputs(template, size, masking, cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
@@ -181,8 +234,19 @@ def run_training(options: TrainOptions, *, cache_dir: Path, model: SDModel | Non
         probe = partial(cuda_step_fits, stepping, samples, trainable) if scaler else None
         batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
         if main:
-            write_run_options(point, options, model, schedule, dataset, size, batch, evaluator, parallel,
-                              masking=describe_masking(masking, samples), judged=judged_by(evaluator))
+            write_run_options(
+                point,
+                options,
+                model,
+                schedule,
+                dataset,
+                size,
+                batch,
+                evaluator,
+                parallel,
+                masking=describe_masking(masking, samples),
+                judged=judged_by(evaluator),
+            )
         session.loop(stepping, batch)
 
     # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
@@ -220,23 +284,43 @@ class Session:
         """Each parameter group's learning rate at `step` (after the guard's halvings)."""
         return [group.schedule.rate_at(step) * self.guard.lr_factor for group in self.trainable.groups()]
 
-    def open_outputs(self, template: tuple[str, ...], size: int, masking: str, cleanup: ExitStack, summary: str,
-                     carried: Callable[[int], Embedding] | None) -> None:
+    def open_outputs(
+        self,
+        template: tuple[str, ...],
+        size: int,
+        masking: str,
+        cleanup: ExitStack,
+        summary: str,
+        carried: Callable[[int], Embedding] | None,
+    ) -> None:
         """The previewer (`carried`: the embedding a preview stores, --preview-embedded), TensorBoard, the loss log
         and the checkpointer; the start's evaluation and preview."""
         options, point, main, start = self.options, self.point, self.parallel.main, self.result.start_step
         if options.preview_every and main:
-            self.previewer = Previewer(self.denoiser.model, self.denoiser.encoder,
-                                       preview_params(options, template, point.name, size), point.run,
-                                       options.clip_skip, carried)
+            self.previewer = Previewer(
+                self.denoiser.model,
+                self.denoiser.encoder,
+                preview_params(options, template, point.name, size),
+                point.run,
+                options.clip_skip,
+                carried,
+            )
         if options.tensorboard and main:
             self.board = cleanup.enter_context(Board(point.run.path / "tensorboard", start))
             self.report.also(self.board.progress)
         self.losses = LossLog(point.run, self.guard, deferred=self.scaler is not None, writes=main, board=self.board)
-        self.checkpoints = Checkpointer(point.run, self.trainable, point.target,
-                                        ResumeState(self.trainable.parameters(), self.optimizer, self.scaler),
-                                        self.guard, self.evaluator, self.losses, start, writes=main,
-                                        meta={"loss_mask": masking})
+        self.checkpoints = Checkpointer(
+            point.run,
+            self.trainable,
+            point.target,
+            ResumeState(self.trainable.parameters(), self.optimizer, self.scaler),
+            self.guard,
+            self.evaluator,
+            self.losses,
+            start,
+            writes=main,
+            meta={"loss_mask": masking},
+        )
         if self.evaluator is not None and start == 0:
             evaluate(self.evaluator, self.trainable, 0, self.end, self.report)  # the untrained start, for the curve
         if self.previewer is not None:
@@ -252,11 +336,20 @@ class Session:
         agreed_stop = False  # several processes stop at a step they all agreed on (train/parallel.py)
         while step < self.end and not (agreed_stop if parallel.active else self.stop.is_set()):
             rates = self.rates(step)
-            micro_batches = (my_part(samples.draw(step, micro, batch * parallel.world, per_step, stepping), parallel,
-                                     batch) for micro in range(options.gradient_accumulation))
+            micro_batches = (
+                my_part(samples.draw(step, micro, batch * parallel.world, per_step, stepping), parallel, batch)
+                for micro in range(options.gradient_accumulation)
+            )
             try:
-                outcome = train_step(stepping, stepper, micro_batches, options.gradient_accumulation, rates,
-                                     self.stop.is_set(), abandon=None if parallel.active else self.stop)
+                outcome = train_step(
+                    stepping,
+                    stepper,
+                    micro_batches,
+                    options.gradient_accumulation,
+                    rates,
+                    self.stop.is_set(),
+                    abandon=None if parallel.active else self.stop,
+                )
             except PeerLost as lost:
                 raise peer_lost(lost, self.checkpoints, step, result, self.report, self.end) from lost
             if outcome is None:  # stopped between two micro-batches: the step is dropped, the last one is saved
@@ -268,8 +361,15 @@ class Session:
             epoch = (step * per_step - 1) // samples.count
             self.losses.add(LossRow(step, epoch, loss, rates[0], finite), self.checkpoints.saved_step)
             elapsed = time.monotonic() - started
-            self.report(Event.STEP, step, self.end, epoch=epoch, loss=self.losses.last_loss, lr=rates[0],
-                        eta_s=elapsed / (step - result.start_step) * (self.end - step))
+            self.report(
+                Event.STEP,
+                step,
+                self.end,
+                epoch=epoch,
+                loss=self.losses.last_loss,
+                lr=rates[0],
+                eta_s=elapsed / (step - result.start_step) * (self.end - step),
+            )
             if self.after_step(step):
                 break
 
@@ -286,8 +386,7 @@ class Session:
                 log.info("the fixed-batch loss has converged at step %d; stopping (--stop auto)", step)
                 return True
         if options.save_every and step % options.save_every == 0 and step < self.end:
-            self.checkpoints.save(step, copy=True, final=False, result=self.result, report=self.report,
-                                  total=self.end)
+            self.checkpoints.save(step, copy=True, final=False, result=self.result, report=self.report, total=self.end)
         if self.previewer is not None and step % options.preview_every == 0:
             preview(self.previewer, step, self.end, self.result, self.report)
         return False
@@ -299,8 +398,14 @@ class Session:
         result.stopped = step < self.end and result.converged_at is None
         if evaluator is not None and not result.stopped and not evaluation_due(step, options.eval_every):
             evaluate(evaluator, self.trainable, step, self.end, self.report, last=True)  # always a candidate
-        self.checkpoints.save(step, copy=bool(options.save_every) and not result.stopped, final=True, result=result,
-                              report=self.report, total=self.end)
+        self.checkpoints.save(
+            step,
+            copy=bool(options.save_every) and not result.stopped,
+            final=True,
+            result=result,
+            report=self.report,
+            total=self.end,
+        )
         best = evaluator.best if evaluator is not None else None
         if not result.stopped and options.final == "best" and best is not None and best.step != step:
             self.checkpoints.keep_best(best, step)  # NAME.safetensors holds the best step, NAME-last the last
@@ -315,8 +420,14 @@ class Session:
             self.board.close()  # before the caller hears DONE, so that the files are whole
         result.last_loss = self.losses.last_loss
         result.message = final_message(result, point.name, self.end, best, point, self.guard.discarded)
-        self.report(Event.STOPPED if result.stopped else Event.DONE, step, self.end, loss=result.last_loss,
-                    path=str(point.target), message=result.message)
+        self.report(
+            Event.STOPPED if result.stopped else Event.DONE,
+            step,
+            self.end,
+            loss=result.last_loss,
+            path=str(point.target),
+            message=result.message,
+        )
         return result
 
 
@@ -350,20 +461,32 @@ def resume_point(options: TrainOptions) -> ResumePoint:
     embedding = read_embedding(embedding_path)
     name = embedding.name
     run = run_folder(name, options.run_dir)
-    point = ResumePoint(name=name, embedding_path=embedding_path, embedding=embedding,
-                        target=embedding_path.with_suffix(".safetensors"), run=run, step=embedding.step)
+    point = ResumePoint(
+        name=name,
+        embedding_path=embedding_path,
+        embedding=embedding,
+        target=embedding_path.with_suffix(".safetensors"),
+        run=run,
+        step=embedding.step,
+    )
     last_step = embedding.meta_count("last_step") or 0
     trained_to = max(embedding.step, last_step)
     if trained_to >= options.max_steps:
-        point.finished = (f"{name} is already trained to step {trained_to}, which is not below max_steps="
-                          f"{options.max_steps}; raise --max-steps to train further")
+        point.finished = (
+            f"{name} is already trained to step {trained_to}, which is not below max_steps="
+            f"{options.max_steps}; raise --max-steps to train further"
+        )
         if last_step > embedding.step:
             point.finished += f" (it keeps step {embedding.step}, the best)"
         point.step = trained_to
     elif last_step > embedding.step:
         if run.last_path.is_file():
-            log.info("%s holds the best step %d; continuing from the last step %d", embedding_path.name,
-                     embedding.step, last_step)
+            log.info(
+                "%s holds the best step %d; continuing from the last step %d",
+                embedding_path.name,
+                embedding.step,
+                last_step,
+            )
             point.embedding = replace(read_embedding(run.last_path), name=name)
             point.step, point.continued_from = point.embedding.step, run.last_path
         else:
@@ -380,8 +503,14 @@ def check_model(point: ResumePoint, model: SDModel, options: TrainOptions) -> Pr
     embedding, name = point.embedding, point.name
     check_fits(embedding, model)
     if embedding.model_hash and model.hash and embedding.model_hash != model.hash:
-        log.warning("%s was made with model %s (hash %s) and is now trained with %s (hash %s)", name,
-                    embedding.model_name or "?", embedding.model_hash, model.name, model.hash)
+        log.warning(
+            "%s was made with model %s (hash %s) and is now trained with %s (hash %s)",
+            name,
+            embedding.model_name or "?",
+            embedding.model_hash,
+            model.name,
+            model.hash,
+        )
     encoder = PromptEncoder.for_model(model, options.clip_skip)
     if not encoder.token_ids(name):
         raise EmbeddingError(f"embedding name {name!r} gives no CLIP tokens; rename the file to a plain word")
@@ -400,8 +529,9 @@ def remove_stale_temporaries(target: Path, embedding_path: Path) -> None:
 
 
 @torch.no_grad()
-def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool,
-                   only: range | None = None) -> tuple[torch.Tensor, list[str]]:
+def encode_latents(
+    model: SDModel, dataset: Dataset, size: int, flip: bool, only: range | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor. `only`: the
     indices of the images to encode (a data-parallel process's share), all by default."""
     import numpy as np
@@ -414,7 +544,7 @@ def encode_latents(model: SDModel, dataset: Dataset, size: int, flip: bool,
         vae.float()
     latents, captions = [], []
     try:
-        for item in (dataset.images if only is None else [dataset.images[i] for i in only]):
+        for item in dataset.images if only is None else [dataset.images[i] for i in only]:
             picture = square(item.image, size)
             variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
             for variant in variants:
@@ -475,9 +605,14 @@ class Batch:
     weights: torch.Tensor | None = None  # each sample's loss weights (train/masks.py), or None: a plain mean
 
     def part(self, where: slice) -> Batch:
-        return Batch(clean=self.clean[where], timesteps=self.timesteps[where], noise=self.noise[where],
-                     prompts=self.prompts[where], time_ids=None if self.time_ids is None else self.time_ids[where],
-                     weights=None if self.weights is None else self.weights[where])
+        return Batch(
+            clean=self.clean[where],
+            timesteps=self.timesteps[where],
+            noise=self.noise[where],
+            prompts=self.prompts[where],
+            time_ids=None if self.time_ids is None else self.time_ids[where],
+            weights=None if self.weights is None else self.weights[where],
+        )
 
 
 @dataclass
@@ -500,23 +635,38 @@ class Samples:
         return int(self.latents.shape[0])
 
     def longest_prompt(self) -> str:
-        return max((fill_template(line, self.name, caption, random.Random(0)) for line in self.template
-                    for caption in self.captions), key=len)
+        return max(
+            (
+                fill_template(line, self.name, caption, random.Random(0))
+                for line in self.template
+                for caption in self.captions
+            ),
+            key=len,
+        )
 
     def draw(self, step: int, micro: int, batch: int, per_step: int, draws: Denoiser) -> Batch:
         """Micro-batch `micro` of optimizer step `step` (0-based), its timesteps and noise drawn as `draws` does."""
         indices = sample_indices(self.seed, step * per_step + micro * batch, batch, self.count)
         rng = random.Random(seed_for(self.seed, 2, step, micro))
-        prompts = [fill_template(rng.choice(self.template), self.name, self.captions[i], rng, self.shuffle_tags,
-                                 self.tag_dropout) for i in indices]
+        prompts = [
+            fill_template(
+                rng.choice(self.template), self.name, self.captions[i], rng, self.shuffle_tags, self.tag_dropout
+            )
+            for i in indices
+        ]
         generator = torch.Generator().manual_seed(seed_for(self.seed, 3, step, micro))
         t = draws.draw_timesteps(batch, generator)
         device = self.latents.device
         noise = draws.draw_noise((batch, *self.latents.shape[1:]), generator).to(device)
         chosen = torch.tensor(indices, device=device)
-        return Batch(clean=self.latents[chosen], timesteps=t.to(device), noise=noise, prompts=prompts,
-                     time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
-                     weights=None if self.weights is None else self.weights[chosen])
+        return Batch(
+            clean=self.latents[chosen],
+            timesteps=t.to(device),
+            noise=noise,
+            prompts=prompts,
+            time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
+            weights=None if self.weights is None else self.weights[chosen],
+        )
 
 
 def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
@@ -524,8 +674,15 @@ def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
     return batch.part(parallel.part(size)) if parallel.active else batch
 
 
-def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[str, ...], name: str,
-                   options: TrainOptions, parallel: Parallel | None = None) -> Samples:
+def encode_samples(
+    model: SDModel,
+    dataset: Dataset,
+    size: int,
+    template: tuple[str, ...],
+    name: str,
+    options: TrainOptions,
+    parallel: Parallel | None = None,
+) -> Samples:
     """The cached training samples. Several processes each encode their share of the images and exchange them."""
     parallel = parallel or Parallel()
     if parallel.active:
@@ -537,11 +694,20 @@ def encode_samples(model: SDModel, dataset: Dataset, size: int, template: tuple[
     else:
         latents, captions = encode_latents(model, dataset, size, options.flip)
     sizes = latent_sizes(model, dataset, size, options.flip)
-    weights = loss_weights(dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask,
-                           options.mask_background)
-    return Samples(latents=latents, captions=captions, template=template, name=name, seed=options.seed,
-                   shuffle_tags=options.shuffle_tags, tag_dropout=options.tag_dropout, sizes=sizes,
-                   weights=None if weights is None else weights.to(latents.device))
+    weights = loss_weights(
+        dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask, options.mask_background
+    )
+    return Samples(
+        latents=latents,
+        captions=captions,
+        template=template,
+        name=name,
+        seed=options.seed,
+        shuffle_tags=options.shuffle_tags,
+        tag_dropout=options.tag_dropout,
+        sizes=sizes,
+        weights=None if weights is None else weights.to(latents.device),
+    )
 
 
 def judged_by(evaluator: Evaluator | None) -> str:
@@ -564,37 +730,44 @@ def describe_masking(mode: str, samples: Samples) -> str:
 # 4. What trains, its optimizer and the resume state
 
 
-def embedding_trainable(embedding: Embedding, model: SDModel, options: TrainOptions,
-                        schedule: Schedule) -> EmbeddingTrainable:
+def embedding_trainable(
+    embedding: Embedding, model: SDModel, options: TrainOptions, schedule: Schedule
+) -> EmbeddingTrainable:
     """The embedding's vectors as the run trains them: stamped with the model, with norm control as asked."""
-    stamped = replace(embedding, model_hash=model.hash, model_name=model.name,
-                      meta={**embedding.meta, "model_family": model.family})
+    stamped = replace(
+        embedding, model_hash=model.hash, model_name=model.name, meta={**embedding.meta, "model_family": model.family}
+    )
     keys = tuple(embedding.vectors)
     limits = norm_limits(model, keys, options.max_norm) if options.max_norm else None
     fixed = norm_limits(model, keys, options.fixed_norm) if options.fixed_norm else None
-    return EmbeddingTrainable(stamped, model.device, schedule, norm_limits=limits, init_pull=options.init_pull,
-                              fixed_norms=fixed)
+    return EmbeddingTrainable(
+        stamped, model.device, schedule, norm_limits=limits, init_pull=options.init_pull, fixed_norms=fixed
+    )
 
 
-def make_optimizer(trainable: Trainable, model: SDModel, options: TrainOptions,
-                   step: int) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(
+    trainable: Trainable, model: SDModel, options: TrainOptions, step: int
+) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable's parameter groups (each at its own learning rate), and on CUDA a GradScaler, which
     skips non-finite steps on the device without a host sync (and scales fp16 losses)."""
     cuda = model.device.type == "cuda"
     parameters, groups = trainable.parameters(), trainable.groups()
     if [key for group in groups for key in group.keys] != list(parameters):
         raise TistudioError("a trainable's parameter groups must cover its parameters once, in their order")
-    optimizer = torch.optim.AdamW([{"params": [parameters[key] for key in group.keys],
-                                    "lr": group.schedule.rate_at(step)} for group in groups],
-                                  weight_decay=options.weight_decay, fused=True if cuda else None)
+    optimizer = torch.optim.AdamW(
+        [{"params": [parameters[key] for key in group.keys], "lr": group.schedule.rate_at(step)} for group in groups],
+        weight_decay=options.weight_decay,
+        fused=True if cuda else None,
+    )
     return optimizer, grad_scaler("cuda", model.dtype == torch.float16) if cuda else None
 
 
 def grad_scaler(device_type: str, fp16: bool) -> torch.amp.GradScaler:
     """The GradScaler of a GPU run: it scales fp16 losses (from 2^16, growing every 2000 good steps), and for bf16
     and fp32 (scale 1, never growing) only skips non-finite steps. `device_type` "cpu" is for the tests."""
-    return torch.amp.GradScaler(device_type, init_scale=2.0**16 if fp16 else 1.0,
-                                growth_interval=2000 if fp16 else 2**30)
+    return torch.amp.GradScaler(
+        device_type, init_scale=2.0**16 if fp16 else 1.0, growth_interval=2000 if fp16 else 2**30
+    )
 
 
 class NonFiniteGuard:
@@ -611,13 +784,19 @@ class NonFiniteGuard:
         self.discarded += 1
         self.in_a_row += 1
         self.lr_factor *= 0.5
-        log.warning("step %d: the loss or gradient was NaN or infinite; the step was discarded and the learning "
-                    "rate halved (now x%g)", step, self.lr_factor)
+        log.warning(
+            "step %d: the loss or gradient was NaN or infinite; the step was discarded and the learning "
+            "rate halved (now x%g)",
+            step,
+            self.lr_factor,
+        )
         if self.in_a_row >= self.limit:
-            raise TrainingDiverged(f"training stopped at step {step}: the loss or gradient was NaN or infinite "
-                                   f"{self.in_a_row} steps in a row even after lowering the learning rate; the "
-                                   f"embedding saved at step {saved_step} is intact; check the images and use a "
-                                   "lower learning rate (or --precision fp32)")
+            raise TrainingDiverged(
+                f"training stopped at step {step}: the loss or gradient was NaN or infinite "
+                f"{self.in_a_row} steps in a row even after lowering the learning rate; the "
+                f"embedding saved at step {saved_step} is intact; check the images and use a "
+                "lower learning rate (or --precision fp32)"
+            )
 
     def good(self) -> None:
         self.in_a_row = 0
@@ -626,8 +805,14 @@ class NonFiniteGuard:
         return {"lr_factor": self.lr_factor, "nonfinite_in_a_row": self.in_a_row}
 
 
-def restore(optimizer: torch.optim.Optimizer, scaler: Any, trainable: Trainable, saved: dict[str, Any] | None,
-            name: str, step: int) -> NonFiniteGuard:
+def restore(
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    trainable: Trainable,
+    saved: dict[str, Any] | None,
+    name: str,
+    step: int,
+) -> NonFiniteGuard:
     """Load the optimizer (and GradScaler) state of a resume, and the guard's; a fresh guard otherwise."""
     if step == 0:
         return NonFiniteGuard()
@@ -638,36 +823,55 @@ def restore(optimizer: torch.optim.Optimizer, scaler: Any, trainable: Trainable,
     if scaler is not None and saved["meta"].get("grad_scaler"):
         scaler.load_state_dict(saved["meta"]["grad_scaler"])
     log.info("resuming %s from step %d with its optimizer state", name, step)
-    return NonFiniteGuard(lr_factor=float(saved["meta"].get("lr_factor", 1.0)),
-                          in_a_row=int(saved["meta"].get("nonfinite_in_a_row", 0)))
+    return NonFiniteGuard(
+        lr_factor=float(saved["meta"].get("lr_factor", 1.0)), in_a_row=int(saved["meta"].get("nonfinite_in_a_row", 0))
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Evaluation, previews and checkpoints
 
 
-def make_evaluator(denoiser: Denoiser, samples: Samples, run: RunFolder, options: TrainOptions,
-                   likeness: Likeness | None, start_step: int, saved: dict[str, Any] | None,
-                   trainable: Trainable) -> Evaluator | None:
+def make_evaluator(
+    denoiser: Denoiser,
+    samples: Samples,
+    run: RunFolder,
+    options: TrainOptions,
+    likeness: Likeness | None,
+    start_step: int,
+    saved: dict[str, Any] | None,
+    trainable: Trainable,
+) -> Evaluator | None:
     """The fixed-batch evaluator (None with eval_every 0), with the history of a resumed run and the loss of the
     person-like start, from which the loss's drop is counted."""
     if not options.eval_every:
         return None
     spec = evaluation_spec(options, start_step, saved, run.eval_log)
-    batch = evaluation_batch(samples.count, samples.captions, samples.template, samples.name, options.seed,
-                             tuple(samples.latents.shape[1:]), denoiser, size=spec["samples"],
-                             sizes=samples.sizes, stratified=spec["stratified"])
+    batch = evaluation_batch(
+        samples.count,
+        samples.captions,
+        samples.template,
+        samples.name,
+        options.seed,
+        tuple(samples.latents.shape[1:]),
+        denoiser,
+        size=spec["samples"],
+        sizes=samples.sizes,
+        stratified=spec["stratified"],
+    )
     every = getattr(likeness, "every", 0)  # a face likeness has its own interval
-    evaluator = Evaluator(denoiser, samples.latents, batch, run.eval_log, likeness, every, weights=samples.weights,
-                          spec=spec)
+    evaluator = Evaluator(
+        denoiser, samples.latents, batch, run.eval_log, likeness, every, weights=samples.weights, spec=spec
+    )
     evaluator.open(start_step, saved)
     if evaluator.neutral is None:
         evaluator.measure_neutral(trainable)
     return evaluator
 
 
-def evaluation_spec(options: TrainOptions, start_step: int, saved: dict[str, Any] | None,
-                    eval_log: Path) -> dict[str, Any]:
+def evaluation_spec(
+    options: TrainOptions, start_step: int, saved: dict[str, Any] | None, eval_log: Path
+) -> dict[str, Any]:
     """The fixed batch's size and timestep draw: a resumed run keeps the one it began with (one whose resume state
     does not record it but whose eval.csv has rows began before it did: FORMER_EVAL_SIZE samples at random
     timesteps), so that its curve stays one curve; a new run takes eval_samples at random timesteps."""
@@ -684,13 +888,19 @@ def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptio
     """The run's face likeness (train/likeness.py), or None where the extra is missing or the photos show no face."""
     from tistudio.train.likeness import face_likeness
 
-    return face_likeness([square(item.image, size) for item in dataset.images], name, size,
-                         pictures=options.likeness_pictures, steps=options.likeness_steps,
-                         every=options.likeness_every)
+    return face_likeness(
+        [square(item.image, size) for item in dataset.images],
+        name,
+        size,
+        pictures=options.likeness_pictures,
+        steps=options.likeness_steps,
+        every=options.likeness_every,
+    )
 
 
-def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, report: Reporter,
-             last: bool = False) -> None:
+def evaluate(
+    evaluator: Evaluator, trainable: Trainable, step: int, total: int, report: Reporter, last: bool = False
+) -> None:
     loss, like = evaluator.evaluate(step, trainable, candidate=step > 0, last=last)
     shown = f"fixed-batch loss {loss:.5f}" + ("" if like is None else f", likeness {like:.2f}")
     report(Event.EVAL, step, total, loss=loss, likeness=like, message=shown)
@@ -698,17 +908,30 @@ def evaluate(evaluator: Evaluator, trainable: Trainable, step: int, total: int, 
 
 def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> SamplingParams:
     """The preview's sampling settings: the preview_* options, the template's first line by default."""
-    return SamplingParams(prompt=options.preview_prompt or preview_prompt(template, name),
-                          negative_prompt=options.preview_negative_prompt, steps=options.preview_steps,
-                          sampler=check_sampler(options.preview_sampler, "preview_sampler"), cfg=options.preview_cfg,
-                          width=size, height=size, seeds=(options.preview_seed,))
+    return SamplingParams(
+        prompt=options.preview_prompt or preview_prompt(template, name),
+        negative_prompt=options.preview_negative_prompt,
+        steps=options.preview_steps,
+        sampler=check_sampler(options.preview_sampler, "preview_sampler"),
+        cfg=options.preview_cfg,
+        width=size,
+        height=size,
+        seeds=(options.preview_seed,),
+    )
 
 
 class Previewer:
     """Draws the preview image of a step with the current vectors, through the loaded model."""
 
-    def __init__(self, model: SDModel, encoder: PromptEncoder, params: SamplingParams, run: RunFolder,
-                 clip_skip: int, carried: Callable[[int], Embedding] | None = None) -> None:
+    def __init__(
+        self,
+        model: SDModel,
+        encoder: PromptEncoder,
+        params: SamplingParams,
+        run: RunFolder,
+        clip_skip: int,
+        carried: Callable[[int], Embedding] | None = None,
+    ) -> None:
         self.model, self.params, self.run, self.clip_skip = model, params, run, clip_skip
         self.renderer = Renderer(model, encoder)
         self.carried = carried  # the embedding at a step, to store inside its preview (--preview-embedded)
@@ -716,14 +939,21 @@ class Previewer:
     def render(self, step: int) -> Path:
         path = self.run.preview_path(step)
         image = self.renderer.render(self.params)[0]
-        text = infotext(self.params, self.params.seeds[0], self.model, {}, self.clip_skip,
-                        extra=(("Embedding", self.run.name), ("Embedding step", str(step))))
+        text = infotext(
+            self.params,
+            self.params.seeds[0],
+            self.model,
+            {},
+            self.clip_skip,
+            extra=(("Embedding", self.run.name), ("Embedding step", str(step))),
+        )
         chunks = {"sd-ti-embedding": png_embedding_text(self.carried(step))} if self.carried else None
         return save_png(image, path, text, chunks)
 
 
-def preview(previewer: Previewer, step: int, total: int, result: TrainResult, report: Reporter,
-            skip_existing: bool = False) -> None:
+def preview(
+    previewer: Previewer, step: int, total: int, result: TrainResult, report: Reporter, skip_existing: bool = False
+) -> None:
     """A preview at `step` (at the start of a resumed run, only if that step has none yet)."""
     if skip_existing and previewer.run.preview_path(step).exists() and step == result.start_step:
         return
@@ -747,8 +977,9 @@ class LossLog:
     """loss.csv, written in batches: on a GPU the loss is read (a host-device sync) only every LOSS_FLUSH_STEPS
     steps, and the steps the GradScaler skipped as non-finite are accounted for then (`deferred`)."""
 
-    def __init__(self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True,
-                 board: Board | None = None) -> None:
+    def __init__(
+        self, run: RunFolder, guard: NonFiniteGuard, deferred: bool, writes: bool = True, board: Board | None = None
+    ) -> None:
         self.run, self.guard, self.deferred, self.writes, self.board = run, guard, deferred, writes, board
         self.pending: list[LossRow] = []
         self.last_loss: float | None = None
@@ -765,8 +996,9 @@ class LossLog:
         rows, self.pending = self.pending, []
         values = torch.stack([torch.stack([row.loss, row.finite.float()]) for row in rows]).tolist()
         if self.writes:
-            self.run.append_losses([f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}"
-                                    for row, (loss, _) in zip(rows, values, strict=True)])
+            self.run.append_losses(
+                [f"{row.step},{row.epoch},{loss:.6f},{row.lr:g}" for row, (loss, _) in zip(rows, values, strict=True)]
+            )
             if self.board is not None:
                 self.board.losses([(row.step, loss, row.lr) for row, (loss, _) in zip(rows, values, strict=True)])
         for loss, finite in values:
@@ -784,9 +1016,19 @@ class Checkpointer:
     """Saves the run at a step - copy, resume state, embedding, in the run folder's order - and keeps the best step
     at the end. In the other processes of a data-parallel run (`writes` False) it only keeps count."""
 
-    def __init__(self, run: RunFolder, trainable: Trainable, target: Path, state: ResumeState,
-                 guard: NonFiniteGuard, evaluator: Evaluator | None, losses: LossLog, start_step: int,
-                 writes: bool = True, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        run: RunFolder,
+        trainable: Trainable,
+        target: Path,
+        state: ResumeState,
+        guard: NonFiniteGuard,
+        evaluator: Evaluator | None,
+        losses: LossLog,
+        start_step: int,
+        writes: bool = True,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.run, self.trainable, self.target, self.state = run, trainable, target, state
         self.meta = dict(meta or {})  # what the run decided once and a resume keeps (the resolved loss mask)
         self.guard, self.evaluator, self.losses, self.writes = guard, evaluator, losses, writes
@@ -817,8 +1059,9 @@ class Checkpointer:
         meta = {"best_step": str(best.step), "last_step": str(last_step), "best_by": best.by}
         for path in (self.target, self.run.final_path):
             self.trainable.write(best.values, path, name=self.run.name, step=best.step, meta=meta)
-        self.trainable.write(self.trainable.snapshot(), self.run.last_path, name=f"{self.run.name}-last",
-                             step=last_step)
+        self.trainable.write(
+            self.trainable.snapshot(), self.run.last_path, name=f"{self.run.name}-last", step=last_step
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -892,8 +1135,9 @@ def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -
     return fits
 
 
-def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: Callable[[], Callable[[int], bool]]
-                 | None) -> int:
+def choose_batch(
+    options: TrainOptions, earlier: int | None, count: int, probe: Callable[[], Callable[[int], bool]] | None
+) -> int:
     """The micro-batch: as asked; or (0, automatic) what the run began with, else the largest that `probe()`'s
     test lets fit (GPUs), else 1 (CPU and Mac: nothing is probed there; A1111's default)."""
     if options.batch_size:
@@ -908,19 +1152,49 @@ def choose_batch(options: TrainOptions, earlier: int | None, count: int, probe: 
     return batch
 
 
-def write_run_options(point: ResumePoint, options: TrainOptions, model: SDModel, schedule: Schedule,
-                      dataset: Dataset, size: int, batch: int, evaluator: Evaluator | None,
-                      parallel: Parallel, masking: str = "", judged: str = "") -> None:
+def write_run_options(
+    point: ResumePoint,
+    options: TrainOptions,
+    model: SDModel,
+    schedule: Schedule,
+    dataset: Dataset,
+    size: int,
+    batch: int,
+    evaluator: Evaluator | None,
+    parallel: Parallel,
+    masking: str = "",
+    judged: str = "",
+) -> None:
     """options.json: the options as given and as resolved (what a later sitting and the report read)."""
-    write_json(point.run.path / "options.json", {"options": to_dict(options), "resolved": {
-        "embedding_file": str(point.embedding_path), "start_step": point.step, "end_step": schedule.end_step,
-        "schedule": [list(pair) for pair in schedule.pairs], "size": size, "batch_size": batch,
-        "processes": parallel.world, "global_batch": batch * parallel.world * options.gradient_accumulation,
-        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "model": model.describe(),
-        "model_hash": model.hash, "family": model.family, "prediction_type": model.prediction_type,
-        "images": len(dataset.images), "skipped_images": [[str(p), r] for p, r in dataset.skipped],
-        "compiled_unet": options.compile_unet, "loss_mask": masking, "likeness": judged,
-        "neutral_loss": None if evaluator is None else evaluator.neutral, "tistudio_version": __version__}})
+    write_json(
+        point.run.path / "options.json",
+        {
+            "options": to_dict(options),
+            "resolved": {
+                "embedding_file": str(point.embedding_path),
+                "start_step": point.step,
+                "end_step": schedule.end_step,
+                "schedule": [list(pair) for pair in schedule.pairs],
+                "size": size,
+                "batch_size": batch,
+                "processes": parallel.world,
+                "global_batch": batch * parallel.world * options.gradient_accumulation,
+                "device": str(model.device),
+                "dtype": str(model.dtype).replace("torch.", ""),
+                "model": model.describe(),
+                "model_hash": model.hash,
+                "family": model.family,
+                "prediction_type": model.prediction_type,
+                "images": len(dataset.images),
+                "skipped_images": [[str(p), r] for p, r in dataset.skipped],
+                "compiled_unet": options.compile_unet,
+                "loss_mask": masking,
+                "likeness": judged,
+                "neutral_loss": None if evaluator is None else evaluator.neutral,
+                "tistudio_version": __version__,
+            },
+        },
+    )
 
 
 @dataclass
@@ -935,9 +1209,15 @@ class Stepper:
     parallel: Parallel = field(default_factory=Parallel)
 
 
-def train_step(denoiser: Denoiser, stepper: Stepper, micro_batches: Iterator[Batch], accumulation: int,
-               rates: Sequence[float], stop_asked: bool = False, abandon: threading.Event | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+def train_step(
+    denoiser: Denoiser,
+    stepper: Stepper,
+    micro_batches: Iterator[Batch],
+    accumulation: int,
+    rates: Sequence[float],
+    stop_asked: bool = False,
+    abandon: threading.Event | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """One optimizer step over the micro-batches at each parameter group's learning rate (`rates`); returns the
     step's loss and whether it (and its gradient) were finite, both still on the device, and whether any process was
     asked to stop. A non-finite step is not applied (the GradScaler skips it on a GPU). Several processes average
@@ -981,8 +1261,9 @@ def train_step(denoiser: Denoiser, stepper: Stepper, micro_batches: Iterator[Bat
     return step_loss, finite, agreed_stop
 
 
-def peer_lost(lost: PeerLost, checkpoints: Checkpointer, step: int, result: TrainResult, report: Reporter,
-              total: int) -> PeerLost:
+def peer_lost(
+    lost: PeerLost, checkpoints: Checkpointer, step: int, result: TrainResult, report: Reporter, total: int
+) -> PeerLost:
     """Another process failed during step `step` + 1: the vectors and optimizer are still those of `step`, so
     process 0 saves them; the error says what is on disk."""
     if checkpoints.writes and step > checkpoints.saved_step:
@@ -995,8 +1276,7 @@ def peer_lost(lost: PeerLost, checkpoints: Checkpointer, step: int, result: Trai
 # 7. The end
 
 
-def final_message(result: TrainResult, name: str, end_step: int, best: Any, point: ResumePoint,
-                  discarded: int) -> str:
+def final_message(result: TrainResult, name: str, end_step: int, best: Any, point: ResumePoint, discarded: int) -> str:
     if result.stopped:
         message = f"stopped at step {result.step} of {end_step}; saved. Run the same train command to continue"
     elif result.converged_at is not None:
@@ -1004,8 +1284,9 @@ def final_message(result: TrainResult, name: str, end_step: int, best: Any, poin
     else:
         message = f"trained {name} to step {result.step}"
     if result.best_step is not None:
-        message += (f"; kept step {result.best_step} ({best.by}) as {point.target.name}, the last is "
-                    f"{point.run.last_path}")
+        message += (
+            f"; kept step {result.best_step} ({best.by}) as {point.target.name}, the last is {point.run.last_path}"
+        )
     if discarded:
         message += f" ({discarded} non-finite steps discarded)"
     return message

@@ -97,18 +97,33 @@ def face_masks(dataset: Dataset, mode: str, finder: FaceFinder) -> list[Image.Im
     found = {i: box for i, box in boxes.items() if box is not None}
     if mode == "auto" and len(found) < FACE_SHARE * len(boxes):
         if found:
-            log.info("a face in only %d of %d photos without a mask: the set is not of a face, so no face shapes "
-                     "weigh the loss", len(found), len(boxes))
+            log.info(
+                "a face in only %d of %d photos without a mask: the set is not of a face, so no face shapes "
+                "weigh the loss",
+                len(found),
+                len(boxes),
+            )
         return own
     if found:
-        log.info("head and shoulders weigh the loss in the %d of %d photos without a mask where a face was found",
-                 len(found), len(boxes))
-    return [head_and_shoulders(item.image.size, found[i]) if i in found else own[i]
-            for i, item in enumerate(dataset.images)]
+        log.info(
+            "head and shoulders weigh the loss in the %d of %d photos without a mask where a face was found",
+            len(found),
+            len(boxes),
+        )
+    return [
+        head_and_shoulders(item.image.size, found[i]) if i in found else own[i] for i, item in enumerate(dataset.images)
+    ]
 
 
-def loss_weights(dataset: Dataset, size: int, side: int, flip: bool, mode: str, background: float,
-                 find_face: FaceFinder | None = None) -> torch.Tensor | None:
+def loss_weights(
+    dataset: Dataset,
+    size: int,
+    side: int,
+    flip: bool,
+    mode: str,
+    background: float,
+    find_face: FaceFinder | None = None,
+) -> torch.Tensor | None:
     """[count, 1, side, side] weights in encode_latents' order (each image, then its mirror with `flip`), or None
     where no image has a mask (mode "off", or no mask given and none found). `mode`: "masks" uses the photos'
     masks; "face" also draws head-and-shoulders around the face found (`find_face`, the detector by default) in
@@ -124,12 +139,16 @@ def loss_weights(dataset: Dataset, size: int, side: int, flip: bool, mode: str, 
         if mode == "face":
             log.info("--loss-mask face: no face found in the photos, so every pixel weighs alike")
         return None
-    log.info("the loss is weighted toward the subject in %d of %d images (the rest weighs %g)", given, len(masks),
-             background)
+    log.info(
+        "the loss is weighted toward the subject in %d of %d images (the rest weighs %g)", given, len(masks), background
+    )
     rows = []
     for mask in masks:
         variants = [mask, ImageOps.mirror(mask)] if flip and mask is not None else [mask] * (2 if flip else 1)
         for variant in variants:
-            rows.append(np.ones((side, side), np.float32) if variant is None else
-                        latent_weights(variant, size, side, background))
+            rows.append(
+                np.ones((side, side), np.float32)
+                if variant is None
+                else latent_weights(variant, size, side, background)
+            )
     return torch.from_numpy(np.stack(rows)).unsqueeze(1)

@@ -61,8 +61,15 @@ class Denoiser(Protocol):
         """Noise of `shape` (CPU) from `generator`, drawn after the timesteps."""
         ...
 
-    def loss(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str],
-             time_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        clean: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        prompts: list[str],
+        time_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The mean loss of a batch of clean latents at timesteps t with this noise, conditioned on the prompts."""
         ...
 
@@ -71,8 +78,13 @@ class NoisePrediction:
     """DDPM denoising (Stable Diffusion 1.x, 2.x, SDXL): the UNet predicts the noise, or v, of latents noised along
     the model's alphas_cumprod; the loss is the mean squared error of that prediction."""
 
-    def __init__(self, model: SDModel, encoder: PromptEncoder, backbone: Any = None,
-                 schedule: tuple[torch.Tensor, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: SDModel,
+        encoder: PromptEncoder,
+        backbone: Any = None,
+        schedule: tuple[torch.Tensor, int] | None = None,
+    ) -> None:
         self.model, self.encoder = model, encoder
         self.backbone = model.unet if backbone is None else backbone
         alphas, self.timesteps = schedule if schedule is not None else noise_schedule(model)
@@ -85,8 +97,11 @@ class NoisePrediction:
         if not stratified:
             return torch.randint(0, self.timesteps, (count,), generator=generator)
         strata = torch.randperm(count, generator=generator)
-        return ((strata + torch.rand(count, generator=generator)) * self.timesteps / count).long().clamp(
-            max=self.timesteps - 1)
+        return (
+            ((strata + torch.rand(count, generator=generator)) * self.timesteps / count)
+            .long()
+            .clamp(max=self.timesteps - 1)
+        )
 
     def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=generator)
@@ -114,8 +129,15 @@ class NoisePrediction:
             time_ids = torch.tensor([size_ids(side, (0, 0), side)] * clean.shape[0])
         return conditioning.with_sizes(time_ids)
 
-    def loss(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: list[str],
-             time_ids: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        clean: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        prompts: list[str],
+        time_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean squared error of the prediction; `weights` [batch, 1, h, w] (train/masks.py; each image's average 1)
         weigh the squared error pixel by pixel."""
         noisy, objective = self.noisy(clean, t, noise), self.target(clean, t, noise)
@@ -133,6 +155,6 @@ def denoiser_for(model: SDModel, encoder: PromptEncoder) -> Denoiser:
 
 def batch_loss(denoiser: Denoiser, batch: Any) -> torch.Tensor:
     """The loss of a training micro-batch (anything with clean, timesteps, noise, prompts, time_ids, weights)."""
-    return denoiser.loss(batch.clean, batch.timesteps, batch.noise, batch.prompts, time_ids=batch.time_ids,
-                         weights=batch.weights)
-
+    return denoiser.loss(
+        batch.clean, batch.timesteps, batch.noise, batch.prompts, time_ids=batch.time_ids, weights=batch.weights
+    )

@@ -53,13 +53,21 @@ class Parallel:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             text = environ.get(key, "0")
             if not text.isdigit():
-                raise OptionError(key, text, "a launcher sets it to a whole number; start tistudio with torchrun "
-                                  "or accelerate launch, or unset WORLD_SIZE")
+                raise OptionError(
+                    key,
+                    text,
+                    "a launcher sets it to a whole number; start tistudio with torchrun "
+                    "or accelerate launch, or unset WORLD_SIZE",
+                )
             values[key] = int(text)
         world, rank = values["WORLD_SIZE"], values["RANK"]
         if world < 1 or rank >= world:
-            raise OptionError("RANK", rank, f"it must be below WORLD_SIZE={world}; start tistudio with torchrun or "
-                              "accelerate launch, or unset WORLD_SIZE")
+            raise OptionError(
+                "RANK",
+                rank,
+                f"it must be below WORLD_SIZE={world}; start tistudio with torchrun or "
+                "accelerate launch, or unset WORLD_SIZE",
+            )
         return cls(rank=rank, world=world, local_rank=values["LOCAL_RANK"])
 
     @property
@@ -79,8 +87,11 @@ class Parallel:
             raise OptionError("device", device, "Apple Metal runs one process; train without torchrun or use the CPU")
         if device in ("auto", "cuda") and torch.cuda.is_available():
             if self.local_rank >= torch.cuda.device_count():
-                raise OptionError("LOCAL_RANK", self.local_rank, f"this machine has {torch.cuda.device_count()} "
-                                  "GPUs; start at most that many processes per machine")
+                raise OptionError(
+                    "LOCAL_RANK",
+                    self.local_rank,
+                    f"this machine has {torch.cuda.device_count()} GPUs; start at most that many processes per machine",
+                )
             return f"cuda:{self.local_rank}"
         return "cpu" if device == "auto" else device
 
@@ -101,14 +112,19 @@ class Parallel:
         if not self.active:
             return stop
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        flat = torch.cat([*(g.detach().float().reshape(-1) for g in grads), loss.detach().float().reshape(1),
-                          torch.tensor([1.0 if stop else 0.0], device=loss.device)])
+        flat = torch.cat(
+            [
+                *(g.detach().float().reshape(-1) for g in grads),
+                loss.detach().float().reshape(1),
+                torch.tensor([1.0 if stop else 0.0], device=loss.device),
+            ]
+        )
         self._all_reduce(flat)
         flat /= self.world
         offset = 0
         for parameter, grad in zip(parameters, grads, strict=True):
             size = grad.numel()
-            parameter.grad = flat[offset:offset + size].view_as(grad).to(grad.dtype).clone()
+            parameter.grad = flat[offset : offset + size].view_as(grad).to(grad.dtype).clone()
             offset += size
         loss.copy_(flat[offset])
         return bool(flat[offset + 1] > 0)
@@ -136,7 +152,7 @@ class Parallel:
             return local
         rows = -(-count // self.world)
         padded = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded[:local.shape[0]] = local
+        padded[: local.shape[0]] = local
         pieces = [torch.empty_like(padded) for _ in range(self.world)]
         self._collective(lambda: torch.distributed.all_gather(pieces, padded))
         return torch.stack([pieces[i % self.world][i // self.world] for i in range(count)])
@@ -153,8 +169,10 @@ class Parallel:
         try:
             call()
         except (RuntimeError, ConnectionError) as error:  # gloo and NCCL report a lost peer as these
-            raise PeerLost(f"process {self.rank} of {self.world}: another process of this run stopped or failed "
-                           f"({short_reason(error)})") from error
+            raise PeerLost(
+                f"process {self.rank} of {self.world}: another process of this run stopped or failed "
+                f"({short_reason(error)})"
+            ) from error
 
 
 def short_reason(error: BaseException) -> str:

@@ -59,8 +59,14 @@ def read_loss_log(path: Path) -> list[dict[str, float]]:
     out = []
     for row in csv.DictReader(io.StringIO(path.read_text("utf-8", errors="replace"))):
         try:
-            out.append({"step": int(row["step"]), "epoch": int(row["epoch"]), "loss": float(row["loss"]),
-                        "lr": float(row["lr"])})
+            out.append(
+                {
+                    "step": int(row["step"]),
+                    "epoch": int(row["epoch"]),
+                    "loss": float(row["loss"]),
+                    "lr": float(row["lr"]),
+                }
+            )
         except (TypeError, ValueError, KeyError):
             continue
     return out
@@ -78,8 +84,7 @@ def read_eval_log(path: Path) -> list[tuple[int, float, float | None]]:
         for line in path.read_text("utf-8", errors="replace").splitlines()[1:]:
             parts = line.split(",")
             try:
-                rows.append((int(parts[0]), float(parts[1]),
-                             float(parts[2]) if len(parts) > 2 and parts[2] else None))
+                rows.append((int(parts[0]), float(parts[1]), float(parts[2]) if len(parts) > 2 and parts[2] else None))
             except (ValueError, IndexError):
                 continue
     return rows
@@ -125,8 +130,11 @@ class RunFolder:
         steps = []
         if folder.is_dir():
             for path in folder.iterdir():
-                tail = path.name[len(prefix):-len(suffix)] if path.name.startswith(prefix) and \
-                    path.name.endswith(suffix) else ""
+                tail = (
+                    path.name[len(prefix) : -len(suffix)]
+                    if path.name.startswith(prefix) and path.name.endswith(suffix)
+                    else ""
+                )
                 if tail.isdigit():
                     steps.append(int(tail))
         return sorted(steps)
@@ -184,8 +192,9 @@ class RunFolder:
     def trim_losses(self, step: int) -> None:
         """Keep the rows up to `step` (a killed run may have logged steps it never saved)."""
         rows = self.loss_log.read_text("utf-8", errors="replace").splitlines()
-        kept = [LOSS_HEADER] + [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step
-                                and len(r.split(",")) == 4]
+        kept = [LOSS_HEADER] + [
+            r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step and len(r.split(",")) == 4
+        ]
         if kept != rows:
             write_text(self.loss_log, "\n".join(kept) + "\n")
 
@@ -194,8 +203,16 @@ class RunFolder:
 
     # -- checkpoints and resume state --------------------------------------------------------------------------
 
-    def checkpoint(self, step: int, write: Callable[[Path, str], Path], state: ResumeState, target: Path, *,
-                   copy: bool, final: bool) -> Path | None:
+    def checkpoint(
+        self,
+        step: int,
+        write: Callable[[Path, str], Path],
+        state: ResumeState,
+        target: Path,
+        *,
+        copy: bool,
+        final: bool,
+    ) -> Path | None:
         """Save step `step`: a copy (if asked), the resume state, the embedding at `target` (and, if `final`, in the
         run folder), then delete older states - in that order, so a kill never leaves an embedding without its state.
         `write(path, name)` writes the embedding named `name` to `path`. Returns the copy's path."""
@@ -222,8 +239,13 @@ class RunFolder:
                     scalars.setdefault(key, {})[name] = value
         for key, value in state.tensors.items():
             tensors[key] = value.detach().to("cpu", torch.float32).contiguous()
-        meta = {"step": step, "vectors_sha256": vectors_digest(state.parameters), "tistudio_version": __version__,
-                "scalars": scalars, **state.meta}
+        meta = {
+            "step": step,
+            "vectors_sha256": vectors_digest(state.parameters),
+            "tistudio_version": __version__,
+            "scalars": scalars,
+            **state.meta,
+        }
         if state.scaler is not None:
             meta["grad_scaler"] = {k: v for k, v in state.scaler.state_dict().items() if isinstance(v, (int, float))}
         write_safetensors(self.states / f"state-{step}.safetensors", tensors)
@@ -240,9 +262,13 @@ class RunFolder:
         if not (meta_file.is_file() and tensor_file.is_file()):
             others = sorted(self.states.glob("state-*.json")) if self.states.is_dir() else []
             if others:
-                log.warning("no optimizer state for step %d in %s (found %s); starting a fresh optimizer, so the "
-                            "next steps will differ slightly from an uninterrupted run", step, self.states,
-                            ", ".join(p.stem for p in others))
+                log.warning(
+                    "no optimizer state for step %d in %s (found %s); starting a fresh optimizer, so the "
+                    "next steps will differ slightly from an uninterrupted run",
+                    step,
+                    self.states,
+                    ", ".join(p.stem for p in others),
+                )
             return None
         try:
             meta = json.loads(meta_file.read_text("utf-8"))
@@ -252,8 +278,10 @@ class RunFolder:
             log.warning("ignoring unreadable optimizer state %s (%s)", tensor_file, exc)
             return None
         if not isinstance(meta, dict) or meta.get("vectors_sha256") != vectors_digest(parameters):
-            log.warning("the optimizer state %s belongs to other vectors than this embedding's; starting a fresh "
-                        "optimizer", meta_file)
+            log.warning(
+                "the optimizer state %s belongs to other vectors than this embedding's; starting a fresh optimizer",
+                meta_file,
+            )
             return None
         return upgrade_state({"meta": meta, "tensors": tensors}, tuple(parameters))
 
@@ -278,8 +306,9 @@ class RunFolder:
         copy = self.copy_path(step)
         if not copy.is_file():
             saved = ", ".join(map(str, self.copy_steps())) or "none"
-            raise OptionError("step", step, f"there is no saved copy of {self.name} at step {step} "
-                              f"(saved steps: {saved})")
+            raise OptionError(
+                "step", step, f"there is no saved copy of {self.name} at step {step} (saved steps: {saved})"
+            )
         last = step
         if target.is_file():
             current = read_embedding(target)
@@ -313,21 +342,27 @@ def upgrade_state(saved: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any
     if "vectors" not in tensors or len(keys) != 1:
         return saved
     key = keys[0]
-    renamed = {(_UNKEYED[name].format(key) if name in _UNKEYED else f"optimizer.{key}.{name}"): value
-               for name, value in tensors.items()}
+    renamed = {
+        (_UNKEYED[name].format(key) if name in _UNKEYED else f"optimizer.{key}.{name}"): value
+        for name, value in tensors.items()
+    }
     scalars = saved["meta"].get("scalars", {})
     return {"meta": {**saved["meta"], "scalars": {key: scalars} if scalars else {}}, "tensors": renamed}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
-                      parameters: Mapping[str, torch.Tensor]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], parameters: Mapping[str, torch.Tensor]
+) -> None:
     """Load the optimizer state of a resume state (see RunFolder.load_state) for these parameters."""
     scalars = saved["meta"].get("scalars", {})
     state: dict[int, dict[str, Any]] = {}
     for index, (key, parameter) in enumerate(parameters.items()):
         prefix = f"optimizer.{key}."
-        entry = {name[len(prefix):]: value.to(parameter.device) for name, value in saved["tensors"].items()
-                 if name.startswith(prefix)}
+        entry = {
+            name[len(prefix) :]: value.to(parameter.device)
+            for name, value in saved["tensors"].items()
+            if name.startswith(prefix)
+        }
         entry.update(scalars.get(key, {}))
         if entry:
             state[index] = entry

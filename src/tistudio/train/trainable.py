@@ -89,8 +89,15 @@ class Trainable(Protocol):
         """Further tensors the resume state must keep (e.g. where training started); keys unique to this trainable."""
         ...
 
-    def write(self, values: Mapping[str, torch.Tensor], path: Path, *, name: str, step: int,
-              meta: Mapping[str, str] | None = None) -> Path:
+    def write(
+        self,
+        values: Mapping[str, torch.Tensor],
+        path: Path,
+        *,
+        name: str,
+        step: int,
+        meta: Mapping[str, str] | None = None,
+    ) -> Path:
         """Write values (the parameters, or a snapshot of them) as the file users get at `path` (the word's file;
         a trainable beside it writes its own file next to it), named `name`; returns the path written."""
         ...
@@ -104,12 +111,21 @@ class EmbeddingTrainable:
     direction only (--fixed-norm); `init_pull` weighs a pull toward the start.
     """
 
-    def __init__(self, embedding: Embedding, device: torch.device, schedule: Schedule, *,
-                 norm_limits: Mapping[str, float] | None = None, init_pull: float = 0.0,
-                 fixed_norms: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        embedding: Embedding,
+        device: torch.device,
+        schedule: Schedule,
+        *,
+        norm_limits: Mapping[str, float] | None = None,
+        init_pull: float = 0.0,
+        fixed_norms: Mapping[str, float] | None = None,
+    ) -> None:
         self.embedding, self.device, self.schedule = embedding, device, schedule
-        self.vectors = {key: torch.nn.Parameter(tensor.to(device, torch.float32).clone())
-                        for key, tensor in embedding.vectors.items()}
+        self.vectors = {
+            key: torch.nn.Parameter(tensor.to(device, torch.float32).clone())
+            for key, tensor in embedding.vectors.items()
+        }
         self.norm_limits = dict(norm_limits or {})
         self.fixed_norms = dict(fixed_norms or {})
         self.init_pull = init_pull
@@ -125,8 +141,11 @@ class EmbeddingTrainable:
         initial = initial_from_state(saved) if saved is not None else None
         if self.fixed_norms and initial is None:
             self.constrain()
-        self.initial = ({key: tensor.to(self.device) for key, tensor in initial.items()} if initial is not None
-                        else {key: vectors.detach().clone() for key, vectors in self.vectors.items()})
+        self.initial = (
+            {key: tensor.to(self.device) for key, tensor in initial.items()}
+            if initial is not None
+            else {key: vectors.detach().clone() for key, vectors in self.vectors.items()}
+        )
 
     @property
     def name(self) -> str:
@@ -201,14 +220,23 @@ class EmbeddingTrainable:
     def state(self) -> Tensors:
         return {f"init.{key}": tensor for key, tensor in self.initial.items()}
 
-    def as_embedding(self, values: Mapping[str, torch.Tensor], *, name: str, step: int,
-                     meta: Mapping[str, str] | None = None) -> Embedding:
+    def as_embedding(
+        self, values: Mapping[str, torch.Tensor], *, name: str, step: int, meta: Mapping[str, str] | None = None
+    ) -> Embedding:
         vectors = {key: tensor.detach().to("cpu", torch.float32).clone() for key, tensor in values.items()}
-        return replace(self.embedding, name=name, vectors=vectors, step=step,
-                       meta={**self.embedding.meta, **(meta or {})})
+        return replace(
+            self.embedding, name=name, vectors=vectors, step=step, meta={**self.embedding.meta, **(meta or {})}
+        )
 
-    def write(self, values: Mapping[str, torch.Tensor], path: Path, *, name: str, step: int,
-              meta: Mapping[str, str] | None = None) -> Path:
+    def write(
+        self,
+        values: Mapping[str, torch.Tensor],
+        path: Path,
+        *,
+        name: str,
+        step: int,
+        meta: Mapping[str, str] | None = None,
+    ) -> Path:
         return write_embedding(self.as_embedding(values, name=name, step=step, meta=meta), path)
 
 
@@ -279,14 +307,24 @@ class Trainables:
         neutrals = [part.neutral_start() for part in self.parts]
         if all(neutral is None for neutral in neutrals):
             return None
-        return {key: value for part, neutral in zip(self.parts, neutrals, strict=True)
-                for key, value in (part.start_values() if neutral is None else neutral).items()}
+        return {
+            key: value
+            for part, neutral in zip(self.parts, neutrals, strict=True)
+            for key, value in (part.start_values() if neutral is None else neutral).items()
+        }
 
     def state(self) -> Tensors:
         return {key: value for part in self.parts for key, value in part.state().items()}
 
-    def write(self, values: Mapping[str, torch.Tensor], path: Path, *, name: str, step: int,
-              meta: Mapping[str, str] | None = None) -> Path:
+    def write(
+        self,
+        values: Mapping[str, torch.Tensor],
+        path: Path,
+        *,
+        name: str,
+        step: int,
+        meta: Mapping[str, str] | None = None,
+    ) -> Path:
         written = path
         for part, own in reversed(list(self._split(values))):
             written = part.write(own, path, name=name, step=step, meta=meta)
@@ -310,7 +348,7 @@ TrainableFactory = Callable[[TrainableSetup], Trainable]
 
 def initial_from_state(tensors: Mapping[str, torch.Tensor]) -> Tensors | None:
     """The start an EmbeddingTrainable saved in its resume state (see state()), if it is there."""
-    found = {key[len("init."):]: tensor for key, tensor in tensors.items() if key.startswith("init.")}
+    found = {key[len("init.") :]: tensor for key, tensor in tensors.items() if key.startswith("init.")}
     return found or None
 
 

@@ -39,9 +39,14 @@ def served_model(server: Server) -> dict[str, Any]:
     name = model_name(server.config.model.model)
     loaded = server.workers.model
     short = getattr(loaded, "hash", None) if loaded is not None else None
-    return {"title": f"{name} [{short}]" if short else name, "model_name": name.rsplit(".", 1)[0]
-            if name.endswith((".safetensors", ".ckpt")) else name, "hash": short, "sha256": None,
-            "filename": name, "config": None}
+    return {
+        "title": f"{name} [{short}]" if short else name,
+        "model_name": name.rsplit(".", 1)[0] if name.endswith((".safetensors", ".ckpt")) else name,
+        "hash": short,
+        "sha256": None,
+        "filename": name,
+        "config": None,
+    }
 
 
 async def finished(server: Server, job: Job) -> None:
@@ -53,6 +58,7 @@ async def finished(server: Server, job: Job) -> None:
 
 
 # -- txt2img ----------------------------------------------------------------------------------------------------
+
 
 @router.post("/sdapi/v1/txt2img")
 async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
@@ -71,12 +77,14 @@ async def txt2img(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
             images.append(base64.b64encode(path.read_bytes()).decode("ascii"))
         if not request.save_images:  # A1111's API default: the pictures are sent, not kept
             path.unlink(missing_ok=True)
-    info = txt2img_info(request, result, served_model(server), job.started or time.time(),
-                        interrupted=job.status != "done")
+    info = txt2img_info(
+        request, result, served_model(server), job.started or time.time(), interrupted=job.status != "done"
+    )
     return {"images": images, "parameters": body, "info": json.dumps(info)}
 
 
 # -- A1111's Train tab ------------------------------------------------------------------------------------------
+
 
 @router.post("/sdapi/v1/create/embedding")
 async def create_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
@@ -101,11 +109,17 @@ async def train_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, 
     await finished(server, job)
     result = job.result or {}
     error = job.error if job.status == "failed" else None
-    return {"info": f"train embedding complete: filename: embeddings/{train.embedding}.safetensors error: {error}",
-            "step": result.get("step"), "message": result.get("message"), "status": job.status, "job": job.id}
+    return {
+        "info": f"train embedding complete: filename: embeddings/{train.embedding}.safetensors error: {error}",
+        "step": result.get("step"),
+        "message": result.get("message"),
+        "status": job.status,
+        "job": job.id,
+    }
 
 
 # -- what clients read ------------------------------------------------------------------------------------------
+
 
 @router.get("/sdapi/v1/embeddings")
 def embeddings(server: ServerDep) -> dict[str, Any]:
@@ -117,8 +131,13 @@ def embeddings(server: ServerDep) -> dict[str, Any]:
             emb = read_embedding(path)
         except TistudioError:
             continue
-        entry = {"step": emb.step, "sd_checkpoint": emb.model_hash, "sd_checkpoint_name": emb.model_name,
-                 "shape": emb.width, "vectors": emb.count}
+        entry = {
+            "step": emb.step,
+            "sd_checkpoint": emb.model_hash,
+            "sd_checkpoint_name": emb.model_name,
+            "shape": emb.width,
+            "vectors": emb.count,
+        }
         (loaded if width in (None, emb.width) else skipped)[name] = entry
     return {"loaded": loaded, "skipped": skipped}
 
@@ -135,14 +154,22 @@ def refresh_checkpoints() -> dict[str, Any]:
 
 @router.get("/sdapi/v1/samplers")
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": base.name, "aliases": [],
-             "options": {"scheduler": base.automatic} if base.automatic != "uniform" else {}} for base in BASES]
+    return [
+        {
+            "name": base.name,
+            "aliases": [],
+            "options": {"scheduler": base.automatic} if base.automatic != "uniform" else {},
+        }
+        for base in BASES
+    ]
 
 
 @router.get("/sdapi/v1/schedulers")
 def schedulers() -> list[dict[str, Any]]:
-    return [{"name": key, "label": SCHEDULES[key], "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for key in schedules_offered()]
+    return [
+        {"name": key, "label": SCHEDULES[key], "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for key in schedules_offered()
+    ]
 
 
 @router.get("/sdapi/v1/sd-models")
@@ -152,8 +179,10 @@ def sd_models(server: ServerDep) -> list[dict[str, Any]]:
 
 @router.get("/sdapi/v1/prompt-styles")
 def prompt_styles(server: ServerDep) -> list[dict[str, Any]]:
-    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
-            for s in read_styles(server.workspace.root / "styles.csv").values()]
+    return [
+        {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+        for s in read_styles(server.workspace.root / "styles.csv").values()
+    ]
 
 
 @router.get("/sdapi/v1/scripts")
@@ -164,9 +193,15 @@ def scripts() -> dict[str, list[str]]:
 @router.get("/sdapi/v1/options")
 def options(server: ServerDep) -> dict[str, Any]:
     model = served_model(server)
-    return {"sd_model_checkpoint": model["title"], "sd_checkpoint_hash": model["sha256"],
-            "CLIP_stop_at_last_layers": server.a1111.clip_skip, "randn_source": "CPU", "eta_noise_seed_delta": 0,
-            "sd_vae": "Automatic", "samples_format": "png"}
+    return {
+        "sd_model_checkpoint": model["title"],
+        "sd_checkpoint_hash": model["sha256"],
+        "CLIP_stop_at_last_layers": server.a1111.clip_skip,
+        "randn_source": "CPU",
+        "eta_noise_seed_delta": 0,
+        "sd_vae": "Automatic",
+        "samples_format": "png",
+    }
 
 
 @router.post("/sdapi/v1/options")
@@ -178,27 +213,46 @@ def set_options(body: dict[str, Any], server: ServerDep) -> None:
 
 # -- progress ---------------------------------------------------------------------------------------------------
 
+
 @router.get("/sdapi/v1/progress")
 def progress(server: ServerDep) -> dict[str, Any]:
     workers = server.workers
     current = workers.current
-    state = {"skipped": False, "interrupted": bool(current and current.stop.is_set()), "stopping_generation": False,
-             "job": "", "job_count": workers.waiting() + len(workers.running), "job_timestamp": "0", "job_no": 0,
-             "sampling_step": 0, "sampling_steps": 0}
+    state = {
+        "skipped": False,
+        "interrupted": bool(current and current.stop.is_set()),
+        "stopping_generation": False,
+        "job": "",
+        "job_count": workers.waiting() + len(workers.running),
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
     fraction, eta, text = 0.0, 0.0, None
     if current is not None:
         done, total = current.progress.get("step", 0), current.progress.get("total", 0) or 1
-        state.update(job=current.id, sampling_step=done, sampling_steps=total,
-                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.started or 0)))
+        state.update(
+            job=current.id,
+            sampling_step=done,
+            sampling_steps=total,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.started or 0)),
+        )
         fraction = min(1.0, done / total)
         elapsed = time.time() - (current.started or time.time())
         eta = float(current.progress.get("eta_s") or (elapsed / fraction - elapsed if fraction > 0 else 0.0))
         if current.kind == "train":
             loss = current.progress.get("loss")
             text = f"Training {current.request.get('embedding')}: step {done} of {total}" + (
-                f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-    return {"progress": fraction, "eta_relative": max(0.0, eta), "state": state, "current_image": None,
-            "textinfo": text}
+                f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+            )
+    return {
+        "progress": fraction,
+        "eta_relative": max(0.0, eta),
+        "state": state,
+        "current_image": None,
+        "textinfo": text,
+    }
 
 
 @router.post("/sdapi/v1/interrupt")

@@ -40,8 +40,9 @@ def embeddings(server: ServerDep) -> list[dict[str, Any]]:
 
 
 def create_options(body: Any, server: Server) -> CreateOptions:
-    options = options_from_body(CreateOptions, body, model=server.config.model.model,
-                                embeddings_dir=str(server.workspace.embeddings))
+    options = options_from_body(
+        CreateOptions, body, model=server.config.model.model, embeddings_dir=str(server.workspace.embeddings)
+    )
     validate_create(options)
     return options
 
@@ -65,18 +66,28 @@ def download(name: str, server: ServerDep) -> FileResponse:
 @router.delete("/api/embeddings/{name}")
 def delete_embedding(name: str, server: ServerDep) -> dict[str, Any]:
     path = embedding_path(server.workspace, name)
-    training = [job for job in server.store.all() if job.kind == "train" and job.status in ("queued", "running")
-                and str(job.request.get("embedding", "")).lower() == name.lower()]
+    training = [
+        job
+        for job in server.store.all()
+        if job.kind == "train"
+        and job.status in ("queued", "running")
+        and str(job.request.get("embedding", "")).lower() == name.lower()
+    ]
     if training:
-        raise OptionError("name", name, f"is being trained ({training[0].status}); stop that training first, "
-                                        "or its next save would bring the file back")
+        raise OptionError(
+            "name",
+            name,
+            f"is being trained ({training[0].status}); stop that training first, "
+            "or its next save would bring the file back",
+        )
     path.unlink()
     return {"deleted": name}
 
 
 @router.post("/api/embeddings/upload")
-async def upload_embedding(file: Annotated[UploadFile, File()], server: ServerDep,
-                           name: Annotated[str, Form()] = "") -> dict[str, Any]:
+async def upload_embedding(
+    file: Annotated[UploadFile, File()], server: ServerDep, name: Annotated[str, Form()] = ""
+) -> dict[str, Any]:
     from tistudio.storage import write_bytes
 
     folder = server.workspace.embeddings

@@ -17,16 +17,24 @@ router = APIRouter()
 def generate_options(body: Any, server: Server) -> GenerateOptions:
     """A client's generation request as options, within the server's limits."""
     workspace, limits = server.workspace, server.limits
-    options = options_from_body(GenerateOptions, body, model=server.config.model.model,
-                                embeddings_dir=str(workspace.embeddings), out_dir=str(workspace.outputs))
+    options = options_from_body(
+        GenerateOptions,
+        body,
+        model=server.config.model.model,
+        embeddings_dir=str(workspace.embeddings),
+        out_dir=str(workspace.outputs),
+    )
     validate_generate(options)
     if options.batch > limits.generate_batch:
         raise OptionError("batch", options.batch, f"this server allows at most {limits.generate_batch}")
     if options.steps > limits.generate_steps:
         raise OptionError("steps", options.steps, f"this server allows at most {limits.generate_steps}")
     if options.batch * options.batch_count > limits.generate_images:
-        raise OptionError("batch_count", options.batch_count, f"this server makes at most {limits.generate_images} "
-                                                              f"images a request (batch x batch count)")
+        raise OptionError(
+            "batch_count",
+            options.batch_count,
+            f"this server makes at most {limits.generate_images} images a request (batch x batch count)",
+        )
     size = parse_size(options.size)
     if size and max(size) > limits.generate_side:
         raise OptionError("size", options.size, f"this server allows at most {limits.generate_side} px a side")

@@ -49,15 +49,25 @@ def resume(job_id: str, server: ServerDep) -> dict[str, Any]:
         raise OptionError("job", job_id, f"is {found.status}; only a stopped, interrupted or failed job resumes")
     if found.kind == "train":
         name = str(found.request.get("embedding", ""))
-        busy = next((j for j in server.store.all() if j.kind == "train" and j.status in ("queued", "running")
-                     and j.request.get("embedding") == name), None)
+        busy = next(
+            (
+                j
+                for j in server.store.all()
+                if j.kind == "train" and j.status in ("queued", "running") and j.request.get("embedding") == name
+            ),
+            None,
+        )
         if busy is not None:
             raise OptionError("job", job_id, f"{name} is {busy.status} in another job already ({busy.id})")
         kept = kept_step(server, name)
         last = int(found.request.get("max_steps") or 0)
         if kept is not None and last and kept["last_step"] >= last:
-            raise OptionError("max_steps", last, f"{name} is already trained to step {kept['last_step']}; raise "
-                              "Max steps and start training to go further")
+            raise OptionError(
+                "max_steps",
+                last,
+                f"{name} is already trained to step {kept['last_step']}; raise "
+                "Max steps and start training to go further",
+            )
     return server.workers.submit(found.kind, dict(found.request)).public()
 
 
@@ -82,5 +92,6 @@ async def events(job_id: str, request: Request, server: ServerDep, after: int = 
                 if await request.is_disconnected():
                     return
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -17,8 +17,19 @@ from tistudio.prepare.dataset import CAPTION_SUFFIXES, image_format, is_mask_fil
 from tistudio.server.context import ServerDep, image_response, not_found, options_from_body, public, read_capped
 
 router = APIRouter()
-REPORTED = ("source", "status", "reason", "caption", "faces", "yaw", "face_fraction", "sharpness", "upscale",
-            "notes", "framing")
+REPORTED = (
+    "source",
+    "status",
+    "reason",
+    "caption",
+    "faces",
+    "yaw",
+    "face_fraction",
+    "sharpness",
+    "upscale",
+    "notes",
+    "framing",
+)
 
 
 def is_photo(path: Path) -> bool:
@@ -33,8 +44,13 @@ def photo_sets(server: ServerDep) -> list[dict[str, Any]]:
     out = []
     for name in workspace.sets():
         folder = workspace.photo_set(name)
-        out.append({"name": name, "photos": sum(1 for p in folder.iterdir() if is_photo(p)),
-                    "prepared": (workspace.dataset(name) / "manifest.json").is_file()})
+        out.append(
+            {
+                "name": name,
+                "photos": sum(1 for p in folder.iterdir() if is_photo(p)),
+                "prepared": (workspace.dataset(name) / "manifest.json").is_file(),
+            }
+        )
     return out
 
 
@@ -51,9 +67,18 @@ def photo_set(name: str, server: ServerDep) -> dict[str, Any]:
         raise not_found(f"photo set {name}")
     files = sorted(p for p in folder.iterdir() if is_photo(p))
     masks = {p: mask_file(p) for p in files}
-    return {"name": name, "photos": [{"file": p.name, "bytes": p.stat().st_size,
-                                      "url": f"/api/photosets/{name}/photos/{p.name}",
-                                      "mask": masks[p].name if masks[p] else None} for p in files]}
+    return {
+        "name": name,
+        "photos": [
+            {
+                "file": p.name,
+                "bytes": p.stat().st_size,
+                "url": f"/api/photosets/{name}/photos/{p.name}",
+                "mask": masks[p].name if masks[p] else None,
+            }
+            for p in files
+        ],
+    }
 
 
 @router.post("/api/photosets/{name}/photos")
@@ -92,8 +117,9 @@ async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limits:
         except UnicodeDecodeError:
             raise OptionError("files", upload.filename, "a caption file must be UTF-8 text") from None
     elif image_format(data[:32]) is None:
-        raise OptionError("files", upload.filename, "not a photo: its content is not JPEG, PNG, WebP, GIF, BMP, "
-                                                    "TIFF or HEIC")
+        raise OptionError(
+            "files", upload.filename, "not a photo: its content is not JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC"
+        )
     if target.exists() and target.read_bytes() != data:  # another photo that cleans to the same name
         stem, suffix, number = target.stem, target.suffix, 2
         while target.exists():
@@ -109,8 +135,9 @@ def photo(name: str, file: str, server: ServerDep, thumb: int = 0) -> Response:
     if not path.is_file():
         raise not_found(file)
     if thumb:
-        return Response(thumbnail(path, min(max(thumb, 32), 512)), media_type="image/jpeg",
-                        headers={"Cache-Control": "no-cache"})
+        return Response(
+            thumbnail(path, min(max(thumb, 32), 512)), media_type="image/jpeg", headers={"Cache-Control": "no-cache"}
+        )
     return image_response(path)
 
 
@@ -154,9 +181,13 @@ def dataset(name: str, server: ServerDep) -> dict[str, Any]:
     items = []
     for item in data.get("files", {}).values():
         pictures = [o for o in item.get("outputs", []) if o.endswith(".png")]
-        items.append({**{k: item.get(k) for k in REPORTED},
-                      "images": [f"/api/datasets/{name}/files/{o}" for o in pictures if not is_mask_file(o)],
-                      "masks": [f"/api/datasets/{name}/files/{o}" for o in pictures if is_mask_file(o)]})
+        items.append(
+            {
+                **{k: item.get(k) for k in REPORTED},
+                "images": [f"/api/datasets/{name}/files/{o}" for o in pictures if not is_mask_file(o)],
+                "masks": [f"/api/datasets/{name}/files/{o}" for o in pictures if is_mask_file(o)],
+            }
+        )
     return {"name": name, "verdict": data.get("verdict", []), "options": data.get("options", {}), "items": items}
 
 

@@ -37,10 +37,20 @@ def train_options(body: dict[str, Any], server: Server) -> tuple[str, TrainOptio
         if not folder.is_dir():
             raise OptionError("set", set_name, "no photo set or prepared set of this name")
     name = check_name(str(body.get("embedding", "")), "embedding")
-    options = options_from_body(TrainOptions, body, model=server.config.model.model, dataset=str(folder),
-                                embeddings_dir=str(workspace.embeddings), run_dir=str(workspace.run(name)))
-    for field, cap in (("max_steps", limits.train_steps), ("batch_size", limits.train_batch),
-                       ("size", limits.train_size), ("gradient_accumulation", limits.train_accumulation)):
+    options = options_from_body(
+        TrainOptions,
+        body,
+        model=server.config.model.model,
+        dataset=str(folder),
+        embeddings_dir=str(workspace.embeddings),
+        run_dir=str(workspace.run(name)),
+    )
+    for field, cap in (
+        ("max_steps", limits.train_steps),
+        ("batch_size", limits.train_batch),
+        ("size", limits.train_size),
+        ("gradient_accumulation", limits.train_accumulation),
+    ):
         if getattr(options, field) > cap:
             raise OptionError(field, getattr(options, field), f"this server allows at most {cap}")
     validate_train(options)
@@ -60,18 +70,27 @@ def run(name: str, server: ServerDep) -> dict[str, Any]:
     if not folder.path.is_dir():
         raise not_found(f"training run {name}")
     options = folder.options()
-    return {"name": name, "loss": read_loss_log(folder.loss_log),
-            "eval": [{"step": step, "loss": loss, "likeness": like} for step, loss, like in
-                     read_eval_log(folder.eval_log)],
-            "kept": kept_step(server, name),
-            "report": f"/api/runs/{name}/report" if (folder.path / "report.html").is_file() else None,
-            "previews": [{"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
-                         for s in folder.preview_steps()],
-            "copies": folder.copy_steps(),
-            # what the run recorded, without the server's paths (clients name things; the folders are the server's)
-            "options": {k: v for k, v in without_paths(options.get("options", {}), server.workspace.root,
-                                                       server.config.model.model).items() if k not in SERVER_FIELDS},
-            "resolved": without_paths(options.get("resolved", {}), server.workspace.root, server.config.model.model)}
+    return {
+        "name": name,
+        "loss": read_loss_log(folder.loss_log),
+        "eval": [{"step": step, "loss": loss, "likeness": like} for step, loss, like in read_eval_log(folder.eval_log)],
+        "kept": kept_step(server, name),
+        "report": f"/api/runs/{name}/report" if (folder.path / "report.html").is_file() else None,
+        "previews": [
+            {"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
+            for s in folder.preview_steps()
+        ],
+        "copies": folder.copy_steps(),
+        # what the run recorded, without the server's paths (clients name things; the folders are the server's)
+        "options": {
+            k: v
+            for k, v in without_paths(
+                options.get("options", {}), server.workspace.root, server.config.model.model
+            ).items()
+            if k not in SERVER_FIELDS
+        },
+        "resolved": without_paths(options.get("resolved", {}), server.workspace.root, server.config.model.model),
+    }
 
 
 def kept_step(server: Server, name: str) -> dict[str, Any] | None:
@@ -86,8 +105,11 @@ def kept_step(server: Server, name: str) -> dict[str, Any] | None:
     best_by = embedding.meta.get("best_by")
     if best_by == "chosen":  # use-step
         best_by = "you (Use this step)"
-    return {"step": embedding.step, "by": best_by or "the last step trained",
-            "last_step": embedding.meta_count("last_step") or embedding.step}
+    return {
+        "step": embedding.step,
+        "by": best_by or "the last step trained",
+        "last_step": embedding.meta_count("last_step") or embedding.step,
+    }
 
 
 @router.get("/api/runs/{name}/report")
@@ -96,9 +118,16 @@ def report(name: str, server: ServerDep) -> Response:
     path = server.workspace.file_in(server.workspace.run(name), "report.html")
     if not path.is_file():
         raise not_found(f"the report of {name}")
-    return Response(path.read_bytes(), media_type="text/html; charset=utf-8",
-                    headers={"Cache-Control": "no-cache", "Content-Security-Policy":
-                             "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"})
+    return Response(
+        path.read_bytes(),
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": (
+                "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+            ),
+        },
+    )
 
 
 @router.get("/api/runs/{name}/previews/{file}")
@@ -110,7 +139,7 @@ def preview(name: str, file: str, server: ServerDep) -> Response:
 def use_step(name: str, body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
     step = body.get("step") if isinstance(body, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise OptionError("step", step, "send the step of a saved copy, e.g. {\"step\": 500}")
+        raise OptionError("step", step, 'send the step of a saved copy, e.g. {"step": 500}')
     busy = server.workers.running_on(f"embedding:{name}")
     if busy is not None and busy.kind == "train":
         raise OptionError("step", step, f"{name} is training now; stop it first")
