@@ -220,31 +220,58 @@ def run_demo(
             stop=stop,
             likeness=scorer,
         )
-    images = []
-    for index, prompt in enumerate(PROMPTS):
-        if stop is not None and stop.is_set():
-            break
-        images += generate(
-            GenerateOptions(
-                model=spec,
-                prompt=prompt,
-                seed=42 + index,
-                steps=25,
-                cfg=world.GUIDANCE,
-                sampler="DDIM",
-                batch=2,
-                embeddings_dir=str(embeddings),
-                out_dir=str(out / "images"),
-            ),
-            cache_dir=cache_dir,
-            model=model,
-        )
+    images = demo_images(spec, embeddings, out / "images", cache_dir, model, stop)
     evaluations = read_eval_log(out / "run" / "eval.csv")
     # One count per evaluation, in order (the second sitting keeps the first's evaluations and adds its own).
     shares = counted if len(counted) == len(evaluations) else []
     best = result.best_step
     steps_read = [s for s, _, _ in evaluations]
     chosen = shares[steps_read.index(best if best in steps_read else steps_read[-1])] if shares else None
+    extra = demo_sections(out, photos, images, shares, chosen, steps, spec)
+    report = write_run_report(out / "run", NAME, title="tistudio demo", banner=BANNER, extra_sections=extra)
+    final_report = out / "report.html"
+    write_bytes(final_report, report.read_bytes())
+    return DemoResult(
+        out_dir=out,
+        report=final_report,
+        embedding=result.embedding_path,
+        images=[i.path for i in images if i.path],
+        seconds=time.monotonic() - started,
+        steps=result.step,
+        share_before=shares[0] if shares else None,
+        share_after=chosen,
+        best_step=best,
+        previews=first.previews + (result.previews if result is not first else []),
+    )
+
+
+def demo_images(
+    spec: str, embeddings: Path, folder: Path, cache_dir: Path, model: Any, stop: threading.Event | None
+) -> list[Any]:
+    """Two pictures of each of the demo's prompts with the trained word (until a stop)."""
+    images = []
+    for index, prompt in enumerate(PROMPTS):
+        if stop is not None and stop.is_set():
+            break
+        options = GenerateOptions(
+            model=spec,
+            prompt=prompt,
+            seed=42 + index,
+            steps=25,
+            cfg=world.GUIDANCE,
+            sampler="DDIM",
+            batch=2,
+            embeddings_dir=str(embeddings),
+            out_dir=str(folder),
+        )
+        images += generate(options, cache_dir=cache_dir, model=model)
+    return images
+
+
+def demo_sections(
+    out: Path, photos: Path, images: list[Any], shares: list[float], chosen: float | None, steps: int, spec: str
+) -> str:
+    """The demo report's own sections: the training photos, what was measured, and the generated pictures."""
     cells = "".join(
         f"<figure><img src='{data_uri(image.path)}' alt=''><figcaption>{html.escape(image.infotext)}"
         f"</figcaption></figure>"
@@ -268,18 +295,4 @@ def run_demo(
         f"model never saw.</p><div class='grid'>{photo_cells}</div>{measured}"
         f"<h2>Generated with the embedding</h2><div class='grid'>{cells}</div>{_commands(out, steps, spec)}"
     )
-    report = write_run_report(out / "run", NAME, title="tistudio demo", banner=BANNER, extra_sections=extra)
-    final_report = out / "report.html"
-    write_bytes(final_report, report.read_bytes())
-    return DemoResult(
-        out_dir=out,
-        report=final_report,
-        embedding=result.embedding_path,
-        images=[i.path for i in images if i.path],
-        seconds=time.monotonic() - started,
-        steps=result.step,
-        share_before=shares[0] if shares else None,
-        share_after=chosen,
-        best_step=best,
-        previews=first.previews + (result.previews if result is not first else []),
-    )
+    return extra

@@ -444,18 +444,9 @@ def _load_manifest(path: Path, options: PrepareOptions) -> dict[str, Any]:
     return data
 
 
-def prepare(
-    options: PrepareOptions,
-    *,
-    on_progress: Callable[[Progress], None] | None = None,
-    stop: threading.Event | None = None,
-    detector: Any = None,
-    identity: Any = None,
-) -> PrepareResult:
-    """Prepare (or update) a training set from a folder of photos; on_progress hears an Event.STEP per photo."""
-    validate_prepare(options)
-    report = Reporter(on_progress)
-    photos, out = Path(options.photos).expanduser(), Path(options.out).expanduser()
+def photo_sources(photos: Path, out: Path) -> list[Path]:
+    """The photos to prepare (not captions, masks, hidden files or folders), in order; refusals for a missing or
+    empty photos folder, and for an output folder inside it."""
     if not photos.is_dir():
         raise DatasetError(
             f"photos folder {photos} does not exist"
@@ -474,6 +465,79 @@ def prepare(
     )
     if not sources:
         raise DatasetError(f"photos folder {photos} is empty; put 10-30 photos of your subject in it")
+    return sources
+
+
+def prepare_photo(
+    source: Path,
+    out: Path,
+    old: dict[str, Any] | None,
+    taken: set[str],
+    options: PrepareOptions,
+    detector: Any,
+    identity: Any,
+) -> tuple[Item, bool]:
+    """One photo's item: the earlier one where the photo, its mask and its outputs are unchanged (False), else the
+    photo prepared again (True; its earlier outputs deleted first). Adds its output names to `taken`."""
+    try:
+        digest = file_sha256(source) if source.is_file() else ""
+    except OSError as exc:
+        digest = ""
+        log.debug("cannot hash %s: %s", source, exc)
+    if (
+        old
+        and digest
+        and old.get("sha256") == digest
+        and old.get("status") == "ok"
+        and all((out / name).is_file() for name in old.get("outputs", []))
+        and old.get("mask_sha256", "") == mask_digest(source)
+        and not undescribed(old, identity)
+    ):
+        tuples = ("original_size", "face_box", "crop", "background")
+        item = Item(**{k: tuple(v) if k in tuples and v else v for k, v in old.items()})
+        taken.update(Path(name).stem.lower() for name in item.outputs)
+        return item, False
+    for name in old.get("outputs", []) if old else ():
+        (out / name).unlink(missing_ok=True)
+    stem = _output_stem(source, taken)
+    try:
+        if not source.is_file():
+            raise DatasetError("not a regular file" if source.exists() else "a broken or looping symbolic link")
+        item = process_photo(source, out, stem, options, detector, identity)
+    except DatasetError as exc:
+        item = Item(source=source.name, status="skipped", reason=str(exc))
+    item.sha256 = digest
+    return item, True
+
+
+def remove_stale_outputs(out: Path, earlier: dict[str, Any], items: list[Item]) -> int:
+    """Delete the outputs of earlier items (the manifest's, and those it noted as stale) that no item keeps now;
+    returns how many."""
+    keep = {name for item in items for name in item.outputs}
+    removed = 0
+    for name, old in earlier.items():
+        for output in old.get("outputs", []):
+            if output not in keep and (out / output).is_file():
+                (out / output).unlink()
+                removed += 1
+        if name not in {i.source for i in items}:
+            log.info("%s is no longer in the photos folder; its outputs were removed", name)
+    return removed
+
+
+def prepare(
+    options: PrepareOptions,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    detector: Any = None,
+    identity: Any = None,
+) -> PrepareResult:
+    """Prepare (or update) a training set from a folder of photos; on_progress hears an Event.STEP per photo."""
+    validate_prepare(options)
+    report = Reporter(on_progress)
+    photos, out = Path(options.photos).expanduser(), Path(options.out).expanduser()
+    sources = photo_sources(photos, out)
     if identity is None and options.crop != "center":
         identity = load_identity(options.identity)  # before anything is written: --identity on may be refused
     out.mkdir(parents=True, exist_ok=True)
@@ -485,60 +549,17 @@ def prepare(
 
         detector = FaceDetector()
     items: list[Item] = []
-    taken: set[str] = set()
-    processed = reused = 0
-    keep_outputs: set[str] = set()
+    taken: set[str] = set()  # the output names given so far
+    processed = 0
     for index, source in enumerate(sources):
         if stop is not None and stop.is_set():
             break
-        try:
-            digest = file_sha256(source) if source.is_file() else ""
-        except OSError as exc:
-            digest = ""
-            log.debug("cannot hash %s: %s", source, exc)
-        old = old_files.get(source.name)
-        if (
-            old
-            and digest
-            and old.get("sha256") == digest
-            and old.get("status") == "ok"
-            and all((out / name).is_file() for name in old.get("outputs", []))
-            and old.get("mask_sha256", "") == mask_digest(source)
-            and not undescribed(old, identity)
-        ):
-            item = Item(
-                **{
-                    k: tuple(v) if k in ("original_size", "face_box", "crop", "background") and v else v
-                    for k, v in old.items()
-                }
-            )
-            reused += 1
-            for name in item.outputs:
-                taken.add(Path(name).stem.lower())
-        else:
-            if old:
-                for name in old.get("outputs", []):
-                    (out / name).unlink(missing_ok=True)
-            stem = _output_stem(source, taken)
-            try:
-                if not source.is_file():
-                    raise DatasetError("not a regular file" if source.exists() else "a broken or looping symbolic link")
-                item = process_photo(source, out, stem, options, detector, identity)
-            except DatasetError as exc:
-                item = Item(source=source.name, status="skipped", reason=str(exc))
-            item.sha256 = digest
-            processed += 1
-        keep_outputs.update(item.outputs)
+        item, fresh = prepare_photo(source, out, old_files.get(source.name), taken, options, detector, identity)
+        processed += fresh
         items.append(item)
         report(Event.STEP, index + 1, len(sources), message=source.name)
-    removed = 0
-    for name, old in {**previous.get("stale", {}), **old_files}.items():
-        for output in old.get("outputs", []):
-            if output not in keep_outputs and (out / output).is_file():
-                (out / output).unlink()
-                removed += 1
-        if name not in {i.source for i in items}:
-            log.info("%s is no longer in the photos folder; its outputs were removed", name)
+    reused = len(items) - processed
+    removed = remove_stale_outputs(out, {**previous.get("stale", {}), **old_files}, items)
     verdict = assess(items)
     write_json(
         manifest_path,

@@ -147,16 +147,7 @@ def run_training(
     template = load_template(options.template)
     point = resume_point(options)
     if point.finished:
-        log.info("%s", point.finished)
-        return TrainResult(
-            embedding_path=point.embedding_path,
-            run_dir=point.run.path,
-            start_step=point.step,
-            step=point.step,
-            stopped=False,
-            last_loss=None,
-            message=point.finished,
-        )
+        return nothing_to_train(point)
     name, start_step = point.name, point.step
     schedule = parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=start_step)
     dataset = load_dataset(options.dataset)
@@ -168,14 +159,7 @@ def run_training(
     size = options.size or model.native_size
 
     # 3. What trains, and where the last sitting left it (each trainable's state checked against its own values).
-    word = embedding_trainable(point.embedding, model, options, schedule)
-    trainable = Trainables(
-        [word, *(make(TrainableSetup(model, options, schedule, point.source, start_step)) for make in beside)]
-    )
-    saved = point.run.load_state(start_step, trainable.parameters()) if start_step > 0 else None
-    trainable.start(saved["tensors"] if saved else None)
-    trainable.install(model, encoder)
-    cleanup.callback(trainable.remove)
+    word, trainable, saved = make_trainables(point, model, encoder, options, schedule, beside, cleanup)
     denoiser = denoiser_for(model, encoder)
 
     # 4. Open the run folder; encode the images once.
@@ -211,43 +195,27 @@ def run_training(
         samples=samples,
         evaluator=evaluator,
         result=TrainResult(
-            embedding_path=point.target,
-            run_dir=point.run.path,
-            start_step=start_step,
-            step=start_step,
-            stopped=False,
-            last_loss=None,
-            skipped_images=dataset.skipped,
+            point.target, point.run.path, start_step, start_step, False, None, skipped_images=dataset.skipped
         ),
     )
-    carried = (
-        (lambda step: word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step))
-        if options.preview_embedded
-        else None
-    )
+    carried = partial(word_at, word, name) if options.preview_embedded else None
     session.open_outputs(template, size, masking, cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
-    with training_mode(model, options.gradient_checkpointing, options.channels_last):
-        # the training steps may use a compiled UNet; evaluation and previews use the model's own
-        stepping = denoiser.with_backbone(torch.compile(model.unet)) if options.compile_unet else denoiser
-        probe = partial(cuda_step_fits, stepping, samples, trainable) if scaler else None
-        batch = parallel.smallest(choose_batch(options, earlier_batch, samples.count, probe), model.device)
-        if main:
-            write_run_options(
-                point,
-                options,
-                model,
-                schedule,
-                dataset,
-                size,
-                batch,
-                evaluator,
-                parallel,
-                masking=describe_masking(masking, samples),
-                judged=judged_by(evaluator),
-            )
-        session.loop(stepping, batch)
+    record = partial(
+        write_run_options,
+        point,
+        options,
+        model,
+        schedule,
+        dataset,
+        size,
+        evaluator=evaluator,
+        parallel=parallel,
+        masking=describe_masking(masking, samples),
+        judged=judged_by(evaluator),
+    )
+    session.train(earlier_batch, record if main else None)
 
     # 7. Finish: save where we are (finished, converged, or stopped by the caller), keep the best step, report.
     return session.finish()
@@ -326,6 +294,20 @@ class Session:
         if self.previewer is not None:
             preview(self.previewer, start, self.end, self.result, self.report, skip_existing=True)
         self.report(Event.START, start, self.end, lr=self.rates(start)[0], message=summary)
+
+    def train(self, earlier_batch: int | None, record: Callable[[int], None] | None) -> None:
+        """In training mode: the batch size (as the run began, asked, or the largest that fits), recorded with the
+        options (`record(batch)`), then the loop. The steps may use a compiled UNet; evaluation and previews use
+        the model's own."""
+        options, model = self.options, self.denoiser.model
+        with training_mode(model, options.gradient_checkpointing, options.channels_last):
+            stepping = self.denoiser.with_backbone(torch.compile(model.unet)) if options.compile_unet else self.denoiser
+            probe = partial(cuda_step_fits, stepping, self.samples, self.trainable) if self.scaler else None
+            batch = choose_batch(options, earlier_batch, self.samples.count, probe)
+            batch = self.parallel.smallest(batch, model.device)
+            if record is not None:
+                record(batch)
+            self.loop(stepping, batch)
 
     def loop(self, stepping: Denoiser, batch: int) -> None:
         """Optimizer steps from the start step to the end, a stop, or --stop auto's convergence."""
@@ -452,6 +434,20 @@ class ResumePoint:
     def source(self) -> Path:
         """The file training continues from (what trains beside the word keeps its own file beside it)."""
         return self.continued_from or self.embedding_path
+
+
+def nothing_to_train(point: ResumePoint) -> TrainResult:
+    """The result of a run already trained to max_steps."""
+    log.info("%s", point.finished)
+    return TrainResult(
+        embedding_path=point.embedding_path,
+        run_dir=point.run.path,
+        start_step=point.step,
+        step=point.step,
+        stopped=False,
+        last_loss=None,
+        message=point.finished,
+    )
 
 
 def resume_point(options: TrainOptions) -> ResumePoint:
@@ -728,6 +724,33 @@ def describe_masking(mode: str, samples: Samples) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. What trains, its optimizer and the resume state
+
+
+def make_trainables(
+    point: ResumePoint,
+    model: SDModel,
+    encoder: PromptEncoder,
+    options: TrainOptions,
+    schedule: Schedule,
+    beside: Sequence[TrainableFactory],
+    cleanup: ExitStack,
+) -> tuple[EmbeddingTrainable, Trainables, dict[str, Any] | None]:
+    """The word's vectors and what trains beside them, begun where the last sitting left them (its resume state,
+    checked against the trainables as built from their files), installed in the model until the run ends; the word,
+    all of them, and the resume state (None: a new run, or a fresh optimizer)."""
+    word = embedding_trainable(point.embedding, model, options, schedule)
+    setup = TrainableSetup(model, options, schedule, point.source, point.step)
+    trainable = Trainables([word, *(make(setup) for make in beside)])
+    saved = point.run.load_state(point.step, trainable.parameters()) if point.step > 0 else None
+    trainable.start(saved["tensors"] if saved else None)
+    trainable.install(model, encoder)
+    cleanup.callback(trainable.remove)
+    return word, trainable, saved
+
+
+def word_at(word: EmbeddingTrainable, name: str, step: int) -> Embedding:
+    """The word's embedding now, named for `step` (what --preview-embedded stores inside a step's preview)."""
+    return word.as_embedding(word.snapshot(), name=f"{name}-{step}", step=step)
 
 
 def embedding_trainable(
