@@ -35,6 +35,15 @@ class EncoderSlot:
 
 
 @dataclass(frozen=True)
+class CheckpointText:
+    """How a single checkpoint file keeps one text encoder."""
+
+    prefix: str  # its keys' prefix
+    openclip: bool = False  # in OpenCLIP's layout (else transformers' CLIP)
+    drop_last: bool = False  # its last layer is dropped when read (SD2: the UNet was trained on the one before)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family: its text encoders, in the order their hidden states are concatenated, and its pipeline."""
 
@@ -51,8 +60,7 @@ class Family:
     # The UNet is also conditioned on each image's original size, crop and target size (SDXL's time_ids).
     size_conditioning: bool = False
     # What a single checkpoint file (A1111's, ComfyUI's) of this family holds:
-    checkpoint_text: tuple[str, ...] = ()  # the key prefixes of its text encoders (detection: all present)
-    text_layout: str = "clip"  # how they are kept: "clip" (transformers' CLIP), "openclip", "sdxl" (one of each)
+    checkpoint_text: tuple[CheckpointText, ...] = ()  # its text encoders, in `encoders`' order (detection: all)
     native_size: int = 512  # the size its pictures are trained at ...
     native_size_v: int = 0  # ... and at v prediction, where that differs (SD2's 768 models)
     vae_scaling: float = 0.18215  # the VAE's latent scaling factor
@@ -92,7 +100,7 @@ FAMILIES: dict[str, Family] = {
         "sd1",
         "Stable Diffusion 1.x",
         (CLIP,),
-        checkpoint_text=(CLIP_PREFIX,),
+        checkpoint_text=(CheckpointText(CLIP_PREFIX),),
         unet_heads=8,
         text_activation="quick_gelu",
         prediction=("epsilon", "SD 1.x models predict noise"),
@@ -101,8 +109,7 @@ FAMILIES: dict[str, Family] = {
         "sd2",
         "Stable Diffusion 2.x",
         (OPEN_CLIP,),
-        checkpoint_text=(OPENCLIP_PREFIX,),
-        text_layout="openclip",
+        checkpoint_text=(CheckpointText(OPENCLIP_PREFIX, openclip=True, drop_last=True),),
         native_size_v=768,
         upcast_attention_v=True,
         prediction=("v_prediction", "SD 2.x 768 models predict v; pass --prediction-type epsilon for a 512 base model"),
@@ -115,8 +122,7 @@ FAMILIES: dict[str, Family] = {
         pipeline="StableDiffusionXLPipeline",
         pipeline_extras=(("add_watermarker", False),),
         size_conditioning=True,
-        checkpoint_text=(XL_CLIP_L, XL_CLIP_G),
-        text_layout="sdxl",
+        checkpoint_text=(CheckpointText(XL_CLIP_L), CheckpointText(XL_CLIP_G, openclip=True)),
         native_size=1024,
         vae_scaling=0.13025,
         vae_force_upcast=True,
@@ -132,7 +138,7 @@ def checkpoint_family(has: Callable[[str], bool]) -> Family | None:
         (
             entry
             for entry in sorted(FAMILIES.values(), key=lambda f: -len(f.checkpoint_text))
-            if entry.checkpoint_text and all(has(prefix) for prefix in entry.checkpoint_text)
+            if entry.checkpoint_text and all(has(text.prefix) for text in entry.checkpoint_text)
         ),
         None,
     )

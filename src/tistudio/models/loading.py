@@ -33,10 +33,7 @@ from tistudio.config import ModelOptions
 from tistudio.errors import ModelError, UnsafeFileError
 from tistudio.models.conditioning import TextEncoder
 from tistudio.models.families import (
-    CLIP_PREFIX,
-    OPENCLIP_PREFIX,
     XL_CLIP_G,
-    XL_CLIP_L,
     Family,
     checkpoint_family,
     folder_family,
@@ -435,19 +432,14 @@ def infer_vae_config(state: dict[str, torch.Tensor], native_size: int, family: s
 
 
 def convert_text(state: dict[str, torch.Tensor], family: str) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) of each of the checkpoint's text encoders, by
-    how its family keeps them."""
-    layout = family_entry(family).text_layout
-    if layout == "sdxl":
-        return convert_sdxl_text(state)
-    if layout == "openclip":
-        return [_convert_openclip(state, OPENCLIP_PREFIX, drop_last=True)]
-    return [_convert_clip(state, CLIP_PREFIX)]
-
-
-def convert_sdxl_text(state: dict[str, torch.Tensor]) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """SDXL's two text encoders: CLIP ViT-L (as transformers keeps it) and OpenCLIP bigG with its projection."""
-    return [_convert_clip(state, XL_CLIP_L), _convert_openclip(state, XL_CLIP_G, drop_last=False)]
+    """(CLIPTextConfig kwargs, flattened CLIPTextModel state dict) of each of the checkpoint's text encoders, as its
+    family keeps them (the families' table)."""
+    return [
+        _convert_openclip(state, text.prefix, drop_last=text.drop_last)
+        if text.openclip
+        else _convert_clip(state, text.prefix)
+        for text in family_entry(family).checkpoint_text
+    ]
 
 
 def _convert_clip(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
