@@ -201,3 +201,17 @@ def test_trainables_refuse_overlapping_keys(sd1_model, tmp_path) -> None:
     )
     with pytest.raises(TistudioError, match="share the parameter keys"):
         Trainables([ConvInShift(setup), ConvInShift(setup)])
+
+
+def test_the_denoiser_is_chosen_by_the_objective_a_family_names(sd1_model) -> None:
+    from dataclasses import replace
+
+    from tistudio.errors import ModelError
+    from tistudio.models.conditioning import PromptEncoder
+    from tistudio.train.objective import NoisePrediction, denoiser_for
+
+    encoder = PromptEncoder.for_model(sd1_model)
+    assert isinstance(denoiser_for(sd1_model, encoder), NoisePrediction)
+    flowing = replace(sd1_model, spec=replace(sd1_model.spec, objective="flow"))
+    with pytest.raises(ModelError, match="'flow' objective"):
+        denoiser_for(flowing, encoder)

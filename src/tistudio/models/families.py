@@ -59,6 +59,8 @@ class Family:
     )
     # The UNet is also conditioned on each image's original size, crop and target size (SDXL's time_ids).
     size_conditioning: bool = False
+    # What its denoiser is trained to do (train/objective.py's OBJECTIVES): "noise" is DDPM's noise or v prediction.
+    objective: str = "noise"
     # What a single checkpoint file (A1111's, ComfyUI's) of this family holds:
     checkpoint_text: tuple[CheckpointText, ...] = ()  # its text encoders, in `encoders`' order (detection: all)
     native_size: int = 512  # the size its pictures are trained at ...

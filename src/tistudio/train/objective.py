@@ -14,10 +14,12 @@ How a run is judged - the fixed evaluation batch and the best-step rules - is in
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
+from tistudio.errors import ModelError
 from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel
 
@@ -148,9 +150,19 @@ class NoisePrediction:
         return ((prediction.float() - objective).pow(2) * weights.float()).mean()
 
 
+# The adapter of each kind of objective a family can name (models/families.py: Family.objective).
+OBJECTIVES: dict[str, Callable[[SDModel, PromptEncoder], Denoiser]] = {"noise": NoisePrediction}
+
+
 def denoiser_for(model: SDModel, encoder: PromptEncoder) -> Denoiser:
-    """The denoiser adapter of a loaded model (every family loaded today is a DDPM one)."""
-    return NoisePrediction(model, encoder)
+    """The denoiser adapter of a loaded model, by the objective its family names."""
+    try:
+        return OBJECTIVES[model.spec.objective](model, encoder)
+    except KeyError:
+        raise ModelError(
+            f"{model.spec.label} is trained with the {model.spec.objective!r} objective, which tistudio "
+            "cannot train with yet"
+        ) from None
 
 
 def batch_loss(denoiser: Denoiser, batch: Any) -> torch.Tensor:
