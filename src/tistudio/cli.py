@@ -23,7 +23,7 @@ from typing import Any
 
 from tistudio import __version__
 from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, PrepareOptions, TrainOptions
-from tistudio.errors import TistudioError
+from tistudio.errors import TistudioError, one_line
 from tistudio.progress import Event, Progress
 
 log = logging.getLogger("tistudio")
@@ -627,8 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet_third_party()
             return int(args.run(args) or 0)
     except TistudioError as exc:
-        message = " ".join(str(exc).split())
-        print(f"tistudio: error: {message}", file=sys.stderr)
+        print(f"tistudio: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tistudio: aborted", file=sys.stderr)

@@ -434,6 +434,8 @@ def check_fields(options: Any) -> None:
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
         _coerce(f, value)
+        if isinstance(value, str) and "\x00" in value:
+            raise OptionError(f.name, value, "contains a NUL character; send plain text")
         meta = f.metadata
         if meta.get("required") and value in ("", None):
             raise OptionError(f.name, value, "is required")

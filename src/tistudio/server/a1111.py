@@ -50,6 +50,8 @@ def text(body: dict[str, Any], key: str, default: str = "") -> str:
         return default
     if not isinstance(value, str):
         raise OptionError(key, type(value).__name__, "send text")
+    if "\x00" in value:
+        raise OptionError(key, value, "contains a NUL character; send plain text")
     return value
 
 
@@ -62,7 +64,7 @@ def finite(key: str, value: Any) -> float:
     except (ValueError, OverflowError):
         number = math.nan
     if not math.isfinite(number):
-        raise OptionError(key, str(value)[:40], "send a finite number")
+        raise OptionError(key, value, "send a finite number")
     return number
 
 
@@ -79,7 +81,7 @@ def whole(body: dict[str, Any], key: str, default: int, allow_zero: bool = False
         return default
     got = finite(key, value)
     if got != int(got) or abs(got) > 2**53:
-        raise OptionError(key, str(value)[:40], "send a whole number")
+        raise OptionError(key, value, "send a whole number")
     return int(got)
 
 
@@ -189,7 +191,7 @@ def apply_options(values: dict[str, Any], settings: Settings, model: dict[str, A
         elif key == "sd_vae":
             refuse_unless(str(value) in ("Automatic", "None"), name, value, "tistudio uses the model's own VAE")
         else:
-            raise CannotApply(name, str(value)[:40], "tistudio has no such setting; leave it out")
+            raise CannotApply(name, value, "tistudio has no such setting; leave it out")
     return settings
 
 
@@ -302,10 +304,20 @@ def _clipping(body: dict[str, Any]) -> float:
         return 0.0
     refuse_unless(mode == "norm", "clip_grad_mode", mode, "tistudio clips by norm only; send 'norm' or 'disabled'")
     value = body.get("clip_grad_value", "0.1")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise CannotApply("clip_grad_value", str(value)[:40], "tistudio clips at one number, not a schedule") from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return finite("clip_grad_value", value)
+    if not isinstance(value, str) or ":" in value or "," in value:
+        raise CannotApply("clip_grad_value", value, "tistudio clips at one number, not a schedule")
+    return finite("clip_grad_value", value.strip())
+
+
+def steps_of(body: dict[str, Any]) -> int:
+    """The step to train to: A1111's Train tab sends 100000 by default; left out, that. 0 or less is refused: it
+    would train nothing there, and nothing here should mean its opposite."""
+    steps = whole(body, "steps", 100_000, allow_zero=True)
+    if steps < 1:
+        raise OptionError("steps", steps, "send the step to train to, at least 1 (A1111's Train tab sends 100000)")
+    return steps
 
 
 def _template(body: dict[str, Any]) -> str:
@@ -356,7 +368,7 @@ def train_request(body: Any) -> tuple[dict[str, Any], str]:
         "batch_size": whole(body, "batch_size", 1),
         "gradient_accumulation": whole(body, "gradient_step", 1),
         "size": size,
-        "max_steps": whole(body, "steps", 100_000),
+        "max_steps": steps_of(body),
         "clip_grad_norm": _clipping(body),
         "shuffle_tags": flag(body, "shuffle_tags", False),
         "tag_dropout": number(body, "tag_drop_out", 0.0),

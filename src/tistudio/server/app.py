@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tistudio import __version__
-from tistudio.errors import OptionError, TistudioError
+from tistudio.errors import OptionError, TistudioError, one_line
 from tistudio.server.a1111 import CannotApply
 from tistudio.server.context import NotFound, Server, ServerConfig, TooLarge
 from tistudio.server.jobs import JobStore, Workers
@@ -84,7 +84,7 @@ async def user_error(request: Request, exc: Exception) -> JSONResponse:
         else 400
     )
     root = request.app.state.server.workspace.root
-    body: dict[str, Any] = {"error": for_page(" ".join(str(exc).split()), root)}
+    body: dict[str, Any] = {"error": for_page(one_line(str(exc)), root)}
     if isinstance(exc, OptionError):
         body["field"] = exc.field
     return JSONResponse(body, status_code=status)
