@@ -4,9 +4,14 @@ refused or bounded with one clear line."""
 
 from __future__ import annotations
 
+import base64
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from test_server import client_for
 from tistudio.cli import main
@@ -73,3 +78,77 @@ def test_a_nul_character_is_refused_in_every_text_option(client, capsys) -> None
     assert answer.status_code == 400 and answer.json()["field"] == "init_text"
     assert main(["generate", "a\x00b", "--model", "demo"]) == 2
     assert "NUL" in capsys.readouterr().err
+
+
+# -- PNG embeddings: bombs and bad base64 -------------------------------------------------------------------------
+
+BOMB_JSON = b'{"string_to_param": {"*": {"TORCHTENSOR": [' + b"0.0, " * 13_000_000 + b"0.0]}}}"  # 65 MB
+
+
+def bombs(folder: Path) -> dict[str, Path]:
+    """PNG embeddings whose data unpacks to 65 MB: in a zTXt chunk, and in the pixel strips A1111 reads."""
+    from PIL import Image, PngImagePlugin
+
+    from tistudio.embeddings import pngdata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(BOMB_JSON).decode("ascii"), zip=True)
+    Image.new("RGB", (8, 8)).save(folder / "ztxt.png", pnginfo=info)
+    pngdata.hide(Image.new("RGB", (64, 64)), BOMB_JSON).save(folder / "pixels.png")
+    return {"ztxt": folder / "ztxt.png", "pixels": folder / "pixels.png"}
+
+
+def bad_base64(folder: Path) -> dict[str, Path]:
+    from PIL import Image, PngImagePlugin
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, text in (("short", "abc"), ("accented", "é" * 12)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sd-ti-embedding", text)
+        files[name] = folder / f"{name}.png"
+        Image.new("RGB", (8, 8)).save(files[name], pnginfo=info)
+    return files
+
+
+def test_png_embedding_bombs_are_refused_before_they_are_decoded(tmp_path: Path) -> None:
+    files = bombs(tmp_path)
+    assert all(path.stat().st_size < 300_000 for path in files.values())  # 65 MB inside each
+    # A fresh process, its peak reset first (a forked one starts with its parent's): the time and memory of a refusal
+    child = (
+        "import re, sys, time\n"
+        "from pathlib import Path\n"
+        "from tistudio.embeddings.files import read_embedding\n"
+        "from tistudio.errors import EmbeddingError\n"
+        "def kb(field): return int(re.search(field + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])\n"
+        "Path('/proc/self/clear_refs').write_text('5')\n"
+        "before, started = kb('VmRSS'), time.monotonic()\n"
+        "try:\n"
+        "    read_embedding(Path(sys.argv[1]))\n"
+        "except EmbeddingError as exc:\n"
+        "    print((kb('VmHWM') - before) // 1024, round(time.monotonic() - started, 2), str(exc).replace(' ', '_'))\n"
+    )
+    for kind, path in files.items():
+        done = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout, (kind, done.stderr[-2000:])
+        growth_mb, seconds, message = done.stdout.split()
+        assert int(growth_mb) < 100 and float(seconds) < 2, (kind, growth_mb, seconds)
+        assert "more_than_an_embedding_can_be" in message, (kind, message)
+
+
+def test_one_bad_png_embedding_breaks_no_list_and_no_command(client, tmp_path: Path, capsys) -> None:
+    from tistudio.embeddings.files import Embedding, write_embedding
+
+    folder = Path(client.app.state.server.workspace.embeddings)
+    write_embedding(Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}, step=4), folder / "tomtut.pt")
+    broken = {**bad_base64(folder), **bombs(folder)}
+    assert [e["name"] for e in client.get("/api/embeddings").json() if e.get("vectors")] == ["tomtut"]
+    listed = client.get("/sdapi/v1/embeddings")
+    assert listed.status_code == 200 and set(listed.json()["loaded"]) == {"tomtut"}
+    for name, path in broken.items():
+        assert main(["inspect", str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        uploaded = client.post("/api/embeddings/upload", files={"file": (f"up{name}.png", path.read_bytes())})
+        assert uploaded.status_code == 400 and len(uploaded.content) < 2000, (name, uploaded.text[:300])

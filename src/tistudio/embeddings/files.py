@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from tistudio import safeload
+from tistudio.embeddings.pngdata import MAX_PAYLOAD
 from tistudio.errors import EmbeddingError, OptionError, UnsafeFileError
 from tistudio.storage import atomic_write, file_sha256, write_safetensors
 
@@ -195,7 +196,7 @@ def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedd
     )
 
 
-PNG_TEXT_BYTES = 64 * 1024 * 1024  # the most a text chunk may hold, unpacked
+PNG_TEXT_BYTES = 4 * (MAX_PAYLOAD // 3 + 1)  # the most an embedding's text chunk may hold: its JSON in base64
 
 
 def png_text_chunk(path: Path, key: str) -> str | None:
@@ -207,7 +208,10 @@ def png_text_chunk(path: Path, key: str) -> str | None:
         inflater = zlib.decompressobj()
         out = inflater.decompress(data, PNG_TEXT_BYTES)
         if inflater.unconsumed_tail:
-            raise EmbeddingError(f"{path}: a PNG text chunk unpacks to more than {PNG_TEXT_BYTES // 2**20} MB")
+            raise EmbeddingError(
+                f"{path}: its embedding text chunk unpacks to more than an embedding can be "
+                f"({PNG_TEXT_BYTES // 2**20} MB); it was not decoded"
+            )
         return out
 
     wanted = key.encode("latin-1")
@@ -222,8 +226,16 @@ def png_text_chunk(path: Path, key: str) -> str | None:
                 length, kind = struct.unpack(">I4s", head)
                 if kind == b"IEND":
                     return None
-                if kind not in (b"tEXt", b"zTXt", b"iTXt") or length > PNG_TEXT_BYTES:
+                if kind not in (b"tEXt", b"zTXt", b"iTXt"):
                     handle.seek(length + 4, 1)
+                    continue
+                if length > PNG_TEXT_BYTES + 80:  # its name and flags, then at most PNG_TEXT_BYTES
+                    if handle.read(len(wanted) + 1) == wanted + b"\0":
+                        raise EmbeddingError(
+                            f"{path}: its embedding text chunk holds {length:,} bytes, more than an embedding "
+                            "can be; it was not read"
+                        )
+                    handle.seek(length + 4 - len(wanted) - 1, 1)
                     continue
                 data = handle.read(length)
                 handle.seek(4, 1)  # the CRC
@@ -247,7 +259,12 @@ def _png_embedding(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     text = png_text_chunk(path, "sd-ti-embedding")
     if text:
-        raw = base64.b64decode(text, validate=False)
+        try:
+            raw = base64.b64decode(text, validate=False)
+        except ValueError as exc:  # binascii.Error too; non-ASCII text is a ValueError
+            raise EmbeddingError(f"{path}: its 'sd-ti-embedding' text chunk is not base64 ({str(exc)[:100]})") from None
+        if len(raw) > MAX_PAYLOAD:
+            raise EmbeddingError(f"{path}: its embedding text is larger than an embedding can be; it was not decoded")
     else:
         try:
             raw = pngdata.find(path)

@@ -20,7 +20,10 @@ import numpy as np
 
 LCG_A, LCG_C, LCG_M = 1664525, 1013904223, 2**32
 MAX_PIXELS = 3000 * 3000  # pictures larger than this are not decoded to look for data in them
-MAX_PAYLOAD = 64 * 1024 * 1024
+# The most an embedding's JSON (A1111's form: each tensor as nested lists) can be: 75 vectors of 2048 floats (SDXL's
+# 768 + 1280) at about 24 characters each is 3.7 MB. Anything that unpacks to more is not an embedding: it is refused
+# before it is decoded (a 48 KB PNG unpacking to 64 MB of JSON took 9 s and 1.45 GB to refuse).
+MAX_PAYLOAD = 5 * 1024 * 1024
 BLOCK = 4096
 
 
@@ -110,6 +113,8 @@ def find(path: Path) -> bytes | None:
         payload = inflater.decompress(joined.astype(np.uint8).tobytes(), MAX_PAYLOAD)
     except zlib.error:
         return None
-    if inflater.unconsumed_tail or not inflater.eof:
+    if inflater.unconsumed_tail:
+        raise ValueError(f"the data in its pixels unpacks to more than an embedding can be ({MAX_PAYLOAD // 2**20} MB)")
+    if not inflater.eof:
         return None
     return payload
