@@ -5,6 +5,7 @@ refused or bounded with one clear line."""
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import sys
 import time
@@ -152,3 +153,45 @@ def test_one_bad_png_embedding_breaks_no_list_and_no_command(client, tmp_path: P
         assert err.count("\n") == 1 and "Traceback" not in err, err
         uploaded = client.post("/api/embeddings/upload", files={"file": (f"up{name}.png", path.read_bytes())})
         assert uploaded.status_code == 400 and len(uploaded.content) < 2000, (name, uploaded.text[:300])
+
+
+# -- train-many plans ----------------------------------------------------------------------------------------------
+
+
+def plan_cases(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "nested arrays": "[defaults]\nx = " + "[" * 5000 + "]" * 5000 + "\n",
+        "nested tables": "[defaults]\nx = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n",
+        "deep dotted key": "[defaults]\n" + ".".join(["a"] * 1000) + " = 1\n",
+        "deep header": "[" + ".".join(["a"] * 1000) + "]\n",
+        "too large": "[defaults]\n" + "# padding\n" * 500_000,
+    }
+    cases = {}
+    for name, text in texts.items():
+        cases[name] = folder / f"{name.replace(' ', '-')}.toml"
+        cases[name].write_text(text, encoding="utf-8")
+    cases["named pipe"] = folder / "pipe.toml"
+    os.mkfifo(cases["named pipe"])
+    return cases
+
+
+def test_hostile_plans_are_refused_by_size_and_shape_before_parsing(tmp_path: Path, capsys) -> None:
+    for name, path in plan_cases(tmp_path).items():
+        started = time.monotonic()
+        assert main(["train-many", str(path), "--count"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "plan=" in err and len(err) < 600, (name, err)
+        assert time.monotonic() - started < 5, name
+
+
+def test_an_ordinary_plan_still_reads(tmp_path: Path, capsys) -> None:
+    (tmp_path / "prepared" / "alice").mkdir(parents=True)
+    plan = tmp_path / "jobs.toml"
+    plan.write_text(
+        "# a plan with strings and comments that look like nesting\n[defaults]\nmodel = 'demo'  # it's [[[{{{\n"
+        'max_steps = 10\npreview_prompt = """a photo of [name],\n  {in a [[[[[[[[[[ frame}"""\n[[job]]\n'
+        'embedding = "alice"\ndataset = "prepared/alice"\nlearning_rate = "0.005:5, 1e-3"\n',
+        encoding="utf-8",
+    )
+    assert main(["train-many", str(plan), "--count"]) == 0, capsys.readouterr().err

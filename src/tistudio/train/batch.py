@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 CREATE_KEYS = ("init_text", "vectors")  # create's options a job may give, for an embedding that does not exist
 PATH_KEYS = ("dataset", "embeddings_dir", "run_dir")
 MAX_JOBS = 10_000
+MAX_PLAN_BYTES = 4 * 1024 * 1024  # 10,000 jobs of a few options each fit in well under this
+MAX_PLAN_NESTING = 8  # arrays and inline tables inside each other (a plan needs 1 or 2)
+MAX_KEY_PARTS = 8  # parts of a dotted key (tomllib's memory grows with the square of it)
 
 
 @dataclass(frozen=True)
@@ -84,14 +87,16 @@ def load_plan(path: Path, overrides: Mapping[str, Any] | None = None) -> list[Pl
         import tomli as tomllib  # type: ignore[no-redef]
 
     try:
-        data = tomllib.loads(Path(path).read_text("utf-8"))
+        text = read_plan_text(Path(path))
+        check_plan_shape(text, Path(path).name)
+        data = tomllib.loads(text)
     except OSError as exc:
         raise OptionError(
             "plan",
             str(path),
             f"cannot be read ({exc.strerror or exc}); give a jobs .toml file or a folder of prepared sets",
         ) from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise OptionError("plan", str(path), f"is not valid TOML ({exc}); see `tistudio train-many --help`") from exc
     unknown = sorted(set(data) - {"defaults", "job"})
     if unknown:
@@ -113,6 +118,73 @@ def load_plan(path: Path, overrides: Mapping[str, Any] | None = None) -> list[Pl
     ]
     check_distinct(plan)
     return plan
+
+
+def read_plan_text(path: Path) -> str:
+    """A plan file's text: a regular file (a named pipe would wait forever) of at most MAX_PLAN_BYTES."""
+    import stat
+
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OptionError(
+            "plan", str(path), "is not a regular file; give a jobs .toml file or a folder of prepared sets"
+        )
+    if info.st_size > MAX_PLAN_BYTES:
+        raise OptionError("plan", str(path), f"is {info.st_size:,} bytes; a plan is at most {MAX_PLAN_BYTES:,}")
+    with open(path, "rb") as handle:
+        return handle.read(MAX_PLAN_BYTES + 1).decode("utf-8")
+
+
+def check_plan_shape(text: str, where: str) -> None:
+    """Refuse, before TOML is parsed, arrays or inline tables nested deeper than MAX_PLAN_NESTING (the parser
+    recurses into them) and dotted keys of more than MAX_KEY_PARTS parts (its memory grows with their square).
+    A small scanner: strings and comments are skipped; a key runs from a line's start, or from '{' or ',' in an
+    inline table, to its '='; a table header from its '[' to its ']'."""
+    stack: list[str] = []
+    quote, in_key, parts, line = "", True, 1, 1
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote:  # inside a string: find its end (basic strings have escapes)
+            if char == "\\" and quote[0] == '"':
+                i += 2
+                continue
+            if text.startswith(quote, i):
+                i += len(quote)
+                quote = ""
+                continue
+            line += char == "\n"
+            i += 1
+            continue
+        if char in "\"'":
+            quote = char * 3 if text.startswith(char * 3, i) else char
+            i += len(quote)
+            continue
+        if char == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        if char == "\n":
+            line += 1
+            in_key, parts = not stack, 1
+        elif char == "." and in_key:
+            parts += 1
+            if parts > MAX_KEY_PARTS:
+                raise OptionError("plan", f"{where} line {line}", f"a dotted key has more than {MAX_KEY_PARTS} parts")
+        elif char == "=" or (char == "]" and in_key and not stack):
+            in_key = False
+        elif char in "[{" and not (in_key and char == "[" and not stack):
+            stack.append(char)
+            if len(stack) > MAX_PLAN_NESTING:
+                raise OptionError(
+                    "plan", f"{where} line {line}", f"arrays and tables nest at most {MAX_PLAN_NESTING} deep"
+                )
+            in_key, parts = char == "{", 1
+        elif char in "]}" and stack:
+            stack.pop()
+        elif char == "," and stack and stack[-1] == "{":
+            in_key, parts = True, 1
+        i += 1
 
 
 def plan_from_folder(folder: Path, options: Mapping[str, Any]) -> list[PlannedJob]:
