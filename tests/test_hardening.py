@@ -195,3 +195,25 @@ def test_an_ordinary_plan_still_reads(tmp_path: Path, capsys) -> None:
         encoding="utf-8",
     )
     assert main(["train-many", str(plan), "--count"]) == 0, capsys.readouterr().err
+
+
+# -- what a killed write leaves behind ----------------------------------------------------------------------------
+
+
+def test_a_killed_uploads_temporary_is_never_listed_and_is_removed_at_start(tmp_path, tiny_sd1, cache_dir) -> None:
+    from PIL import Image
+
+    workspace = tmp_path / "ws"
+    folder = workspace / "photos" / "tomtut"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "one.png")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f".two.png.{dead.stdout.strip()}-0badf00d.tmp"  # what a SIGKILL during an upload leaves
+    live = folder / f".three.png.{os.getpid()}-0badf00d.tmp"  # a write in progress (this process runs)
+    for path in (stale, live):
+        path.write_bytes((folder / "one.png").read_bytes()[:50])
+    with client_for(workspace, tiny_sd1, cache_dir) as client:
+        assert not stale.exists() and live.exists()
+        live_listing = client.get("/api/photosets/tomtut").json()
+        assert [p["file"] for p in live_listing["photos"]] == ["one.png"]
+        assert [s["photos"] for s in client.get("/api/photosets").json() if s["name"] == "tomtut"] == [1]

@@ -129,6 +129,36 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def stale_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file of an atomic write (``.NAME.PID-XXXXXXXX.tmp``) whose process no longer
+    runs, or an upload's staging file (``.upload-NAME.tmp``, whose server has restarted)."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    if name.startswith(".upload-"):
+        return True
+    pid = name[:-4].rpartition(".")[2].partition("-")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False  # a process of another user's, or no pid at all: not ours to judge
+    return False  # its process still runs (this one, or another writing into the same folder)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the stale temporaries (stale_temporary) directly in `folder`; how many."""
+    removed = 0
+    for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+        if stale_temporary(path) and not path.is_symlink():
+            _remove_quietly(path)
+            removed += 1
+    return removed
+
+
 def _remove_quietly(path: Path) -> None:
     try:
         path.unlink()

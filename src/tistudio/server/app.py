@@ -35,6 +35,7 @@ WORKER_STOP_S = 300.0  # the longest a shutdown waits for the running job to sto
 
 def create_app(config: ServerConfig) -> FastAPI:
     workspace = Workspace(config.workspace)
+    workspace.remove_stale_temporaries()
     store = JobStore(workspace.jobs)
     workers = Workers(
         store, Work(workspace, config).handlers(), config.devices, words=lambda text: for_page(text, workspace.root)

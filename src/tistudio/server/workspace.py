@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tistudio.config import NAME_PATTERN, WINDOWS_RESERVED, check_name
 from tistudio.errors import OptionError, TistudioError
-from tistudio.storage import size_text
+from tistudio.storage import remove_stale_temporaries, size_text
 
 
 class TooFull(TistudioError):
@@ -108,6 +108,14 @@ class Workspace:
         if path.parent.resolve() != folder.resolve():
             raise OptionError("file", name, "must be a file directly in its folder")
         return path
+
+    def remove_stale_temporaries(self) -> int:
+        """At start: the temporaries that writes killed midway left (a SIGKILL during an upload), in the folders
+        whose files are listed - the embeddings, each photo set and prepared set, the outputs."""
+        folders = [self.embeddings, self.outputs]
+        for parent in (self.photos, self.datasets):
+            folders += [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()] if parent.is_dir() else []
+        return sum(remove_stale_temporaries(folder) for folder in folders)
 
     def used_bytes(self) -> int:
         """The bytes the workspace's files take (links not followed)."""

@@ -35,7 +35,12 @@ REPORTED = (
 def is_photo(path: Path) -> bool:
     """A set's photos are its files other than caption sidecars (photo.txt beside photo.jpg) and masks
     (photo.mask.png, OneTrainer's photo-masklabel.png: where the subject is; prepare and training read them)."""
-    return path.is_file() and path.suffix.lower() not in CAPTION_SUFFIXES and not is_mask_file(path.name)
+    return (
+        not path.name.startswith(".")  # hidden files, and the temporaries of writes in progress or killed
+        and path.is_file()
+        and path.suffix.lower() not in CAPTION_SUFFIXES
+        and not is_mask_file(path.name)
+    )
 
 
 @router.get("/api/photosets")
