@@ -217,3 +217,28 @@ def test_a_killed_uploads_temporary_is_never_listed_and_is_removed_at_start(tmp_
         live_listing = client.get("/api/photosets/tomtut").json()
         assert [p["file"] for p in live_listing["photos"]] == ["one.png"]
         assert [s["photos"] for s in client.get("/api/photosets").json() if s["name"] == "tomtut"] == [1]
+
+
+def test_links_planted_in_a_set_are_not_followed_by_its_jobs(client, photos, tmp_path) -> None:
+    from test_server import upload, wait
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((sorted(photos.glob("*.png"))[0]).read_bytes())
+    (outside / "hostname").write_text("the host's name", encoding="utf-8")
+    assert client.post("/api/photosets/tomtut").status_code == 200
+    assert len(upload(client, "tomtut", photos).json()["saved"]) == 6
+    folder = Path(client.app.state.server.workspace.photo_set("tomtut"))
+    first = sorted(folder.glob("*.png"))[0]
+    (folder / "planted.png").symlink_to(outside / "secret.png")
+    (folder / f"{first.stem}.txt").symlink_to(outside / "hostname")  # a caption from outside
+    refused = client.post("/api/photosets/tomtut/prepare", json={"size": 64})
+    assert refused.status_code == 400 and "figure.txt, planted.png)" in refused.json()["error"], refused.text
+    trained = client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut", "max_steps": 2, "size": 64})
+    assert trained.status_code == 400 and "symbolic links" in trained.json()["error"], trained.text
+    # a link planted after the route looked (a job queued before it): the job looks again when it runs
+    server = client.app.state.server
+    prepared = wait(client, server.workers.submit("prepare", {"set": "tomtut", "size": 64}).public())
+    assert prepared["status"] == "failed" and "symbolic links" in prepared["error"], prepared
+    dataset = Path(client.app.state.server.workspace.dataset("tomtut"))
+    assert not dataset.exists() or not any(dataset.iterdir())

@@ -43,7 +43,7 @@ class Work:
         name = job.request["set"]
         options = PrepareOptions(
             **{k: v for k, v in job.request.items() if k != "set"},
-            photos=str(self.workspace.photo_set(name)),
+            photos=str(self.workspace.without_links(self.workspace.photo_set(name), f"photo set {name}")),
             out=str(self.workspace.dataset(name)),
         )
         if not hasattr(worker, "detector"):
@@ -88,6 +88,7 @@ class Work:
         dataset = self.workspace.dataset(job.request["set"])
         if not (dataset / "manifest.json").is_file():
             dataset = self.workspace.photo_set(job.request["set"])
+        self.workspace.without_links(dataset, f"set {job.request['set']}")
         options = TrainOptions(
             **request,
             model=self.config.model.model,

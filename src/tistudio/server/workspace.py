@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tistudio.config import NAME_PATTERN, WINDOWS_RESERVED, check_name
-from tistudio.errors import OptionError, TistudioError
+from tistudio.errors import DatasetError, OptionError, TistudioError
 from tistudio.storage import remove_stale_temporaries, size_text
 
 
@@ -108,6 +108,19 @@ class Workspace:
         if path.parent.resolve() != folder.resolve():
             raise OptionError("file", name, "must be a file directly in its folder")
         return path
+
+    def without_links(self, folder: Path, what: str) -> Path:
+        """`folder` (a photo set or prepared set a job will read), refused if it holds symbolic links: one planted
+        there would have the job read a file outside the workspace (a picture, a caption, a mask) and the API then
+        serve what it made of it."""
+        links = sorted(p.name for p in folder.iterdir() if p.is_symlink()) if folder.is_dir() else []
+        if links:
+            shown = ", ".join(links[:3]) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
+            raise DatasetError(
+                f"{what} holds symbolic links ({shown}); the server reads only files inside its workspace: "
+                "remove them and upload the photos instead"
+            )
+        return folder
 
     def remove_stale_temporaries(self) -> int:
         """At start: the temporaries that writes killed midway left (a SIGKILL during an upload), in the folders

@@ -169,6 +169,7 @@ def prepare_set(name: str, server: ServerDep, body: dict[str, Any] | None = None
         body["size"] = native  # the served model's size, as the page's form says
     options = options_from_body(PrepareOptions, body, photos=str(folder), out=str(workspace.dataset(name)))
     validate_prepare(options)
+    workspace.without_links(folder, f"photo set {name}")  # and again when the job runs
     return server.workers.submit("prepare", {"set": name, **public(options)}).public()
 
 

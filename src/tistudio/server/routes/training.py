@@ -36,6 +36,7 @@ def train_options(body: dict[str, Any], server: Server) -> tuple[str, TrainOptio
         folder = workspace.photo_set(set_name)
         if not folder.is_dir():
             raise OptionError("set", set_name, "no photo set or prepared set of this name")
+    workspace.without_links(folder, f"set {set_name}")  # and again when the job runs
     name = check_name(str(body.get("embedding", "")), "embedding")
     options = options_from_body(
         TrainOptions,
