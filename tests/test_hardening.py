@@ -242,3 +242,42 @@ def test_links_planted_in_a_set_are_not_followed_by_its_jobs(client, photos, tmp
     assert prepared["status"] == "failed" and "symbolic links" in prepared["error"], prepared
     dataset = Path(client.app.state.server.workspace.dataset("tomtut"))
     assert not dataset.exists() or not any(dataset.iterdir())
+
+
+# -- a stop before the first step ---------------------------------------------------------------------------------
+
+
+def test_a_stop_while_the_images_are_encoded_acts_between_two_images(sd1_model, photos, tmp_path) -> None:
+    import threading
+
+    from test_train import new_embedding, options
+    from tistudio.embeddings.files import read_embedding
+    from tistudio.progress import Event
+    from tistudio.train import train
+
+    new_embedding(sd1_model, tmp_path / "emb")
+    before = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    stop, encoded = threading.Event(), []
+    real_encode = sd1_model.vae.encode
+
+    def encode(*args, **kwargs):
+        encoded.append(1)
+        stop.set()  # asked while the first image is being encoded
+        return real_encode(*args, **kwargs)
+
+    sd1_model.vae.encode = encode
+    try:
+        result = train(
+            options(photos, tmp_path / "emb", max_steps=5, flip=True, preview_every=1),
+            cache_dir=tmp_path,
+            model=sd1_model,
+            stop=stop,
+            on_progress=lambda p: encoded.append(p.event) if p.event == Event.STOPPED else None,
+        )
+    finally:
+        del sd1_model.vae.encode  # the instance attribute; the class's method again
+    assert result.stopped and result.step == 0 and "while encoding" in result.message
+    assert encoded.count(1) == 2 and Event.STOPPED in encoded  # one image and its mirror, then the stop
+    after = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    assert after.step == 0 and (after.tensor == before.tensor).all()
+    assert not list((tmp_path / "run" / "previews").glob("*.png"))

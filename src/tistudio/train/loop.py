@@ -170,7 +170,9 @@ def run_training(
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
     masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None, start_step > 0)
-    samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel)
+    samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel, stop)
+    if samples is None:  # a stop asked while encoding
+        return stopped_while_encoding(point, report, schedule.end_step)
 
     # 5. The optimizer, evaluation, previews and checkpoints.
     optimizer, scaler = make_optimizer(trainable, model, options, start_step)
@@ -291,7 +293,7 @@ class Session:
         )
         if self.evaluator is not None and start == 0:
             evaluate(self.evaluator, self.trainable, 0, self.end, self.report)  # the untrained start, for the curve
-        if self.previewer is not None:
+        if self.previewer is not None and not self.stop.is_set():
             preview(self.previewer, start, self.end, self.result, self.report, skip_existing=True)
         self.report(Event.START, start, self.end, lr=self.rates(start)[0], message=summary)
 
@@ -436,6 +438,14 @@ class ResumePoint:
         return self.continued_from or self.embedding_path
 
 
+def stopped_while_encoding(point: ResumePoint, report: Reporter, end_step: int) -> TrainResult:
+    """The result of a run stopped before its first step: nothing changed, the embedding is as it was."""
+    message = f"stopped while encoding the images, before step {point.step + 1}; nothing was trained or changed"
+    log.info("%s", message)
+    report(Event.STOPPED, point.step, end_step, path=str(point.embedding_path), message=message)
+    return TrainResult(point.embedding_path, point.run.path, point.step, point.step, True, None, message=message)
+
+
 def nothing_to_train(point: ResumePoint) -> TrainResult:
     """The result of a run already trained to max_steps."""
     log.info("%s", point.finished)
@@ -524,12 +534,22 @@ def remove_stale_temporaries(target: Path, embedding_path: Path) -> None:
         log.info("%s is kept as it is; the trained embedding is written to %s", embedding_path, target)
 
 
+class StopBeforeTraining(Exception):  # a signal, not an error
+    """A stop asked while the images were being encoded: nothing was trained."""
+
+
 @torch.no_grad()
 def encode_latents(
-    model: SDModel, dataset: Dataset, size: int, flip: bool, only: range | None = None
+    model: SDModel,
+    dataset: Dataset,
+    size: int,
+    flip: bool,
+    only: range | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor. `only`: the
-    indices of the images to encode (a data-parallel process's share), all by default."""
+    indices of the images to encode (a data-parallel process's share), all by default. A `stop` asked meanwhile
+    acts between two images (StopBeforeTraining): a large set at a large size takes minutes to encode."""
     import numpy as np
     from PIL import ImageOps
 
@@ -541,6 +561,8 @@ def encode_latents(
     latents, captions = [], []
     try:
         for item in dataset.images if only is None else [dataset.images[i] for i in only]:
+            if stop is not None and stop.is_set():
+                raise StopBeforeTraining
             picture = square(item.image, size)
             variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
             for variant in variants:
@@ -678,8 +700,11 @@ def encode_samples(
     name: str,
     options: TrainOptions,
     parallel: Parallel | None = None,
-) -> Samples:
-    """The cached training samples. Several processes each encode their share of the images and exchange them."""
+    stop: threading.Event | None = None,
+) -> Samples | None:
+    """The cached training samples. Several processes each encode their share of the images and exchange them. A
+    `stop` asked meanwhile acts between two images: None (one process; several stop together in the loop, at a step
+    they agree on)."""
     parallel = parallel or Parallel()
     if parallel.active:
         count, variants = len(dataset.images), 2 if options.flip else 1
@@ -688,7 +713,10 @@ def encode_samples(
         latents = parallel.gather_shares(mine, count).flatten(0, 1)
         captions = [item.caption for item in dataset.images for _ in range(variants)]
     else:
-        latents, captions = encode_latents(model, dataset, size, options.flip)
+        try:
+            latents, captions = encode_latents(model, dataset, size, options.flip, stop=stop)
+        except StopBeforeTraining:
+            return None
     sizes = latent_sizes(model, dataset, size, options.flip)
     weights = loss_weights(
         dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask, options.mask_background
