@@ -281,3 +281,40 @@ def test_a_stop_while_the_images_are_encoded_acts_between_two_images(sd1_model, 
     after = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
     assert after.step == 0 and (after.tensor == before.tensor).all()
     assert not list((tmp_path / "run" / "previews").glob("*.png"))
+
+
+# -- the workspace's cap, for what jobs write ---------------------------------------------------------------------
+
+
+def test_jobs_stop_saved_at_the_workspace_cap(tmp_path, tiny_sd1, cache_dir, photos) -> None:
+    from test_server import upload, wait
+    from tistudio.server.workspace import Limits, Workspace
+
+    workspace = tmp_path / "ws"
+    with client_for(workspace, tiny_sd1, cache_dir) as client:  # the photos, uncapped
+        assert len(upload(client, "tomtut", photos).json()["saved"]) == 6
+        created = client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy", "vectors": 2}).json()
+        assert wait(client, created)["status"] == "done"
+    used = Workspace(workspace).used_bytes()
+    cap = used + 8_000  # room for a photo or two of the 6 prepared with their mirrors (62 KB with the report)
+    with client_for(workspace, tiny_sd1, cache_dir, limits=Limits(workspace_bytes=cap)) as client:
+        prepared = wait(client, client.post("/api/photosets/tomtut/prepare", json={"size": 64, "flip": True}).json())
+        assert prepared["status"] == "stopped", prepared
+        assert "workspace is full" in prepared["result"]["stopped"]
+        assert prepared["result"]["total"] < 6 and (workspace / "datasets" / "tomtut" / "manifest.json").is_file()
+        over = Workspace(workspace).used_bytes() - cap
+        assert over < 40_000, over  # past the cap by the last photo's pictures at most
+        # full already: a training is refused before it writes anything
+        refused = wait(client, client.post("/api/train", json={"set": "tomtut", "embedding": "tomtut"}).json())
+        assert refused["status"] == "failed" and "workspace is full" in refused["error"]
+    cap = Workspace(workspace).used_bytes() + 150_000
+    with client_for(workspace, tiny_sd1, cache_dir, limits=Limits(workspace_bytes=cap)) as client:
+        body = {"set": "tomtut", "embedding": "tomtut", "max_steps": 400, "size": 64, "preview_every": 1}
+        trained = wait(client, client.post("/api/train", json={**body, "save_every": 1, "tensorboard": True}).json())
+        assert trained["status"] == "stopped" and "workspace is full" in trained["result"]["message"], trained
+        step = trained["result"]["step"]
+        assert 0 < step < 400
+        from tistudio.embeddings.files import read_embedding
+
+        assert read_embedding(workspace / "embeddings" / "tomtut.safetensors").step == step  # saved where it stopped
+        assert Workspace(workspace).used_bytes() - cap < 150_000

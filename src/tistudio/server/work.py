@@ -3,6 +3,7 @@ options for the workspace, calls the library, and turns its progress into the jo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,45 @@ from tistudio.progress import Event, Progress
 from tistudio.server.context import ServerConfig
 from tistudio.server.jobs import Job, Worker
 from tistudio.server.wording import for_page
-from tistudio.server.workspace import Workspace
+from tistudio.server.workspace import Limits, Workspace
+from tistudio.storage import size_text
+
+
+class QuotaWatch:
+    """The workspace's cap (--max-workspace-gb) for a job that writes: the job is refused before it starts where
+    the workspace is full already, and watched while it runs - at each write it reports, and every few seconds
+    between them (TensorBoard's logs, the loss log) - and stopped once the workspace passes the cap. A stopped job
+    saves where it is, as a stop from the page does; `reason` says why."""
+
+    EVERY_S = 2.0  # the longest between two looks at the workspace while a job runs
+    WRITES = (Event.SAVE, Event.PREVIEW, Event.EVAL, Event.START)
+
+    def __init__(
+        self, workspace: Workspace, limits: Limits, job: Job, worker: Worker, writes_per_step: bool = False
+    ) -> None:
+        self.workspace, self.limits, self.job, self.worker = workspace, limits, job, worker
+        self.writes_per_step = writes_per_step  # prepare writes a picture at each step
+        self.reason = ""
+        self.looked = 0.0
+        workspace.make_room(0, limits)
+
+    def __call__(self, progress: Progress) -> None:
+        cap = self.limits.workspace_bytes
+        if not cap or self.reason:
+            return
+        now = time.monotonic()
+        written = progress.event in self.WRITES or (self.writes_per_step and progress.event == Event.STEP)
+        if not written and now - self.looked < self.EVERY_S:
+            return
+        self.looked = now
+        used = self.workspace.used_bytes()
+        if used >= cap:
+            self.reason = (
+                f"stopped because the workspace is full: {size_text(used)} of the {size_text(cap)} this server "
+                "allows; what was done is saved. Delete photo sets, embeddings or images to make room, then go on"
+            )
+            self.job.stop.set()
+            self.worker.store.event(self.job, "message", text=self.reason)
 
 
 class Work:
@@ -51,7 +90,10 @@ class Work:
 
             worker.detector = FaceDetector()  # type: ignore[attr-defined]
 
+        quota = QuotaWatch(self.workspace, self.config.limits, job, worker, writes_per_step=True)
+
         def progress(p: Progress) -> None:
+            quota(p)
             worker.store.event(job, "progress", step=p.step, total=p.total, source=p.message)
 
         identity = None
@@ -69,6 +111,7 @@ class Work:
             "verdict": result.verdict,
             "processed": result.processed,
             "reused": result.reused,
+            **({"stopped": quota.reason} if quota.reason else {}),
         }
 
     def create(self, job: Job, worker: Worker) -> dict[str, Any]:
@@ -97,7 +140,10 @@ class Work:
             run_dir=str(self.workspace.run(name)),
         )
 
+        quota = QuotaWatch(self.workspace, self.config.limits, job, worker)
+
         def progress(p: Progress) -> None:
+            quota(p)
             if p.event == Event.STEP:
                 worker.store.event(
                     job,
@@ -129,7 +175,7 @@ class Work:
             "embedding": name,
             "step": result.step,
             "stopped": result.stopped,
-            "message": for_page(result.message, self.workspace.root),
+            "message": for_page(" ".join(filter(None, (quota.reason, result.message))), self.workspace.root),
             "last_loss": result.last_loss,
         }
 
