@@ -115,3 +115,48 @@ def test_a_kept_alive_connection_gets_the_deadline_again_for_its_next_request(po
         connection.sendall(b"GET / HTTP/1.1\r\n")  # the next request starts and stalls
         waited = closed_within(connection, 3.0)
     assert waited is not None and waited < 2.0
+
+
+def test_sockets_that_say_nothing_and_reconnect_do_not_keep_requests_out(port: int) -> None:
+    """A reconnecting slowloris: more silent sockets than the server's 8 connections, each reopened as soon as it is
+    closed. uvicorn answers 503 to a request that arrives while the connections are full; the newest connection
+    closes the longest-silent one, so real requests still get through."""
+    stop, silent = threading.Event(), []
+
+    def keep_connecting() -> None:
+        while not stop.is_set():
+            silent[:] = [s for s in silent if s.fileno() != -1]
+            try:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            connection.setblocking(False)
+            silent.append(connection)
+            try:
+                closed = [s for s in silent if s.recv(1) == b""]
+            except (BlockingIOError, ConnectionResetError):
+                closed = []
+            for s in closed:
+                s.close()
+            if len(silent) > 20:
+                time.sleep(0.005)
+
+    attackers = [threading.Thread(target=keep_connecting, daemon=True) for _ in range(2)]
+    for thread in attackers:
+        thread.start()
+    time.sleep(0.5)  # the connections are full of silent sockets
+    answers = []
+    for _ in range(30):
+        try:
+            answers.append(request(port, [b"z"], pause=0)[:12])
+        except OSError as exc:
+            answers.append(repr(exc).encode())
+        time.sleep(0.05)
+    stop.set()
+    for thread in attackers:
+        thread.join(5)
+    for connection in silent:
+        connection.close()
+    served = sum(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+    assert served >= 28, answers
