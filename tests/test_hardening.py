@@ -318,3 +318,113 @@ def test_jobs_stop_saved_at_the_workspace_cap(tmp_path, tiny_sd1, cache_dir, pho
 
         assert read_embedding(workspace / "embeddings" / "tomtut.safetensors").step == step  # saved where it stopped
         assert Workspace(workspace).used_bytes() - cap < 150_000
+
+
+# -- smaller -------------------------------------------------------------------------------------------------------
+
+
+def test_a_write_that_fails_mid_run_is_reported_on_a_line_of_its_own(
+    sd1_model, photos, tmp_path, monkeypatch, capsys
+) -> None:
+    from test_train import new_embedding
+    from tistudio.errors import StorageError
+    from tistudio.train import runfolder
+
+    new_embedding(sd1_model, tmp_path / "emb")
+    real_append, calls = runfolder.RunFolder.append_losses, []
+
+    def full_disk(self, lines):
+        calls.append(1)
+        if len(calls) == 3:
+            raise StorageError("cannot append to loss.csv: No space left on device")
+        return real_append(self, lines)
+
+    monkeypatch.setattr(runfolder.RunFolder, "append_losses", full_disk)
+    monkeypatch.setattr("tistudio.train.loop.load_model", lambda *a, **k: sd1_model)
+    code = main(
+        [
+            "train",
+            "tomtut",
+            "--model",
+            "x",
+            "--dataset",
+            str(photos),
+            "--embeddings-dir",
+            str(tmp_path / "emb"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--size",
+            "64",
+            "--steps",
+            "10",
+            "--preview-every",
+            "0",
+            "--eval-every",
+            "0",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert any(line.startswith("tistudio: error: cannot append") for line in err.split("\n")), repr(err[-300:])
+
+
+def test_a_file_where_tensorboard_logs_go_is_refused_before_training(sd1_model, photos, tmp_path) -> None:
+    from test_train import new_embedding, options
+    from tistudio.errors import StorageError
+    from tistudio.train import train
+
+    new_embedding(sd1_model, tmp_path / "emb")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(StorageError, match="is a file; TensorBoard"):
+        train(options(photos, tmp_path / "emb", tensorboard=True), cache_dir=tmp_path, model=sd1_model)
+
+
+def test_a_dangling_link_as_a_set_is_refused_not_a_500(client, tmp_path) -> None:
+    photos = Path(client.app.state.server.workspace.photos)
+    (photos / "ghost").symlink_to(tmp_path / "nowhere")
+    answer = client.post("/api/photosets/ghost/photos", files={"files": ("a.png", b"\x89PNG\r\n\x1a\n")})
+    assert answer.status_code == 400 and answer.json()["field"] == "set", answer.text
+
+
+@pytest.mark.parametrize("host", ["[::1]x", "[::1]:abc", "[::1]]", "[::1]@evil.example", "localhost:80:80"])
+def test_host_headers_that_only_begin_like_this_computer_are_refused(client, host: str) -> None:
+    assert client.get("/api/status", headers={"host": host}).status_code == 403
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:7860", "localhost", "[::1]:7860", "[::1]"])
+def test_this_computers_host_headers_are_answered(client, host: str) -> None:
+    assert client.get("/api/status", headers={"host": host}).status_code == 200
+
+
+def test_wrong_passwords_are_counted_per_user_name_from_any_address(tmp_path, tiny_sd1, cache_dir) -> None:
+    from tistudio.server.security import AUTH_FAILURES
+
+    def basic(user: str, password: str) -> dict:
+        return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    from fastapi.testclient import TestClient
+
+    from tistudio.config import ModelOptions
+    from tistudio.server import ServerConfig, create_app
+
+    app = create_app(
+        ServerConfig(tmp_path / "ws", ModelOptions(model=str(tiny_sd1)), cache_dir, auth=[("ann", "right")])
+    )
+    for index in range(AUTH_FAILURES):  # each guess from another address, as rotating 127.0.1.x did
+        one = TestClient(app, base_url="http://127.0.0.1:7860", client=(f"127.0.1.{index + 1}", 5000))
+        assert one.get("/api/status", headers=basic("ann", f"guess{index}")).status_code == 401
+    fresh = TestClient(app, base_url="http://127.0.0.1:7860", client=("127.0.1.200", 5000))
+    assert fresh.get("/api/status", headers=basic("ann", "right")).status_code == 429  # the account rests
+    assert fresh.get("/api/status", headers=basic("bob", "x")).status_code == 401  # another name does not
+    app.state.server.close()
+
+
+def test_forwarding_headers_are_not_believed_unless_told() -> None:
+    from tistudio.server import uvicorn_settings
+    from tistudio.server.workspace import Limits
+
+    plain = uvicorn_settings(None, Limits(), "127.0.0.1", 7860)
+    assert plain.proxy_headers is False
+    told = uvicorn_settings(None, Limits(), "127.0.0.1", 7860, trusted_proxies="10.0.0.5")
+    assert told.proxy_headers is True and told.forwarded_allow_ips == "10.0.0.5"

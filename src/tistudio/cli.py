@@ -154,6 +154,14 @@ def stop_on_signals(announce: bool = True) -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
+def close_bars() -> None:
+    """Close the progress bars a failed job left open (each ends its line)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class ProgressBar:
     """A job's Progress (progress.py) as one tqdm bar on stderr: opened at START or the first STEP (so errors before
     it print on a clean line), updated at each STEP with the loss and learning rate where there are any, closed at
@@ -383,6 +391,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listening=listening,
         limits=limits,
         devices=devices,
+        trusted_proxies=args.trusted_proxy,
     )
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(
@@ -594,6 +603,12 @@ def add_serve(command: Command) -> None:
         "CUDA GPU) or e.g. 'cuda:0,cuda:1'; jobs go to the next free one (default: one worker on "
         "--device)",
     )
+    server.add_argument(
+        "--trusted-proxy",
+        default="",
+        help="addresses of reverse proxies whose X-Forwarded-For names the client (comma-separated; default: none, "
+        "every client is its connection's address)",
+    )
     server.set_defaults(run=cmd_serve)
 
 
@@ -627,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet_third_party()
             return int(args.run(args) or 0)
     except TistudioError as exc:
+        close_bars()  # the error on its own line, not at the end of a half-drawn bar (a full disk mid-run)
         print(f"tistudio: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

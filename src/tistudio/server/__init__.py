@@ -41,13 +41,16 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
             "listen", host, "answering other computers needs a password: pass --auth USER:PASS or --auth-file FILE"
         )
     app = create_app(config)
-    ShuttingDownServer(uvicorn_settings(app, config.limits, host, port), on_exit=app.state.server.close).run()
+    settings = uvicorn_settings(app, config.limits, host, port, config.trusted_proxies)
+    ShuttingDownServer(settings, on_exit=app.state.server.close).run()
 
 
-def uvicorn_settings(app: Any, limits: Limits, host: str, port: int) -> Any:
+def uvicorn_settings(app: Any, limits: Limits, host: str, port: int, trusted_proxies: str = "") -> Any:
     """How `serve` runs uvicorn. limit_concurrency: past this many open connections and requests, new ones get a
     503 at once instead of piling up (a flood of idle sockets); idle keep-alive connections close after 5 s, and
-    connections whose request headers are not in within header_seconds are closed (slowloris)."""
+    connections whose request headers are not in within header_seconds are closed (slowloris). Forwarding
+    headers are read only from `trusted_proxies` (uvicorn's default believes any from 127.0.0.1, so a local
+    process could pose as many clients to the password lockout)."""
     import uvicorn
 
     from tistudio.server.serving import header_deadline_protocol
@@ -61,4 +64,6 @@ def uvicorn_settings(app: Any, limits: Limits, host: str, port: int) -> Any:
         limit_concurrency=limits.connections,
         timeout_keep_alive=5,
         http=header_deadline_protocol(limits.header_seconds),
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=trusted_proxies or None,
     )

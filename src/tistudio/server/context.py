@@ -44,6 +44,9 @@ class ServerConfig:
     listening: bool = False
     limits: Limits = field(default_factory=Limits)
     devices: tuple[str, ...] = ("",)  # one worker per device; "" is the model options' own device
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (comma-separated); "": none, the connection's
+    # own address is the client's (what the password lockout counts)
+    trusted_proxies: str = ""
 
 
 @dataclass

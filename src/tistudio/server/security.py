@@ -7,9 +7,11 @@
   (its Origin is not this server, or Sec-Fetch-Site says cross-site) is refused, so no page the user visits can
   drive the local server (CSRF). There is no CORS header at all, wildcard or otherwise.
 * **Auth** - with ``--auth`` or ``--auth-file``, every request needs HTTP Basic credentials (compared in constant
-  time). ``--listen`` refuses to start without them (see cli.py). A client that gives wrong ones
-  ``AUTH_FAILURES`` times within ``AUTH_WINDOW_S`` is answered 429 until the window has passed, so a password
-  cannot be guessed at network speed.
+  time). ``--listen`` refuses to start without them (see cli.py). A client address that gives wrong ones
+  ``AUTH_FAILURES`` times within ``AUTH_WINDOW_S`` is answered 429 until the window has passed, and so is a user
+  name that many wrong passwords were tried for, from any addresses (rotating 127.0.1.x gave 2,250 guesses a
+  second), so a password cannot be guessed at network speed. The address is the connection's own: forwarding
+  headers are trusted only from the proxies named with ``--trusted-proxy``.
 * **Size** - a request body larger than the server's cap is refused: before it is read where it states its
   length, and as soon as it passes the cap where it does not (chunked).
 * **Framing** - no other site may show the page in a frame (X-Frame-Options, CSP frame-ancestors) to trick clicks;
@@ -23,6 +25,7 @@ import binascii
 import hmac
 import json
 import math
+import re
 import time
 from collections import deque
 from typing import Any
@@ -41,10 +44,16 @@ RESPONSE_HEADERS = [
 ]
 
 
+HOST_HEADER = re.compile(r"\A(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/\s]+)(?::\d{1,5})?\Z")
+
+
 def _host_name(host: str) -> str:
-    if host.startswith("["):
-        return host.split("]")[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    """The name a Host header gives, without its port; "" where the header is not a plain name[:port] (a loopback
+    name followed by anything else - "[::1]x", "[::1]:abc" - is not this computer either)."""
+    if host == "::1":
+        return host
+    found = HOST_HEADER.match(host)
+    return found.group(1) if found else ""
 
 
 class SecurityMiddleware:
@@ -83,8 +92,9 @@ class SecurityMiddleware:
                 await self._refuse(send, 403, "requests from sandboxed or file:// pages are refused")
                 return
         if self.auth:
-            client = (scope.get("client") or ("?",))[0]
-            wait = self._locked_out(client)
+            header = headers.get("authorization", "")
+            client, user = (scope.get("client") or ("?",))[0], "user:" + _user_of(header)
+            wait = max(self._locked_out(client), self._locked_out(user) if header else 0)
             if wait:
                 await self._refuse(
                     send,
@@ -93,10 +103,10 @@ class SecurityMiddleware:
                     [(b"retry-after", str(wait).encode())],
                 )
                 return
-            header = headers.get("authorization", "")
             if not self._authorised(header):
                 if header:  # a browser's first request carries none: only a wrong password counts
                     self._failed(client)
+                    self._failed(user)
                 await self._refuse(
                     send,
                     401,
@@ -142,6 +152,7 @@ class SecurityMiddleware:
         return capped_receive, guarded_send
 
     def _failed(self, client: str) -> None:
+        """A wrong password from a client address, or for a user name ("user:NAME")."""
         now = time.monotonic()
         if len(self.failures) > 10_000:  # many addresses: forget those whose last failure is out of the window
             self.failures = {c: t for c, t in self.failures.items() if now - t[-1] < AUTH_WINDOW_S}
@@ -187,3 +198,13 @@ def _with_headers(send: Any) -> Any:
         await send(message)
 
     return send_with_headers
+
+
+def _user_of(header: str) -> str:
+    """The user name Basic credentials give ("" where they are not readable), at most 64 characters of it."""
+    if not header.lower().startswith("basic "):
+        return ""
+    try:
+        return base64.b64decode(header[6:].strip()[:4096], validate=True).decode("utf-8").partition(":")[0][:64]
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return ""

@@ -89,6 +89,8 @@ class Workspace:
 
     def _named(self, folder: Path, name: str, field: str) -> Path:
         path = folder / check_name(name, field)
+        if path.is_symlink():  # one leading out is refused by inside(); a dangling one too, before any mkdir
+            raise OptionError(field, name, "is a symbolic link in the workspace; the server keeps its own folders")
         self.inside(path)
         return path
 

@@ -467,6 +467,10 @@ def resume_point(options: TrainOptions) -> ResumePoint:
     embedding = read_embedding(embedding_path)
     name = embedding.name
     run = run_folder(name, options.run_dir)
+    if options.tensorboard:
+        from tistudio.train.tensorboard import check_folder
+
+        check_folder(run.path / "tensorboard")  # before any compute
     point = ResumePoint(
         name=name,
         embedding_path=embedding_path,

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tistudio.errors import StorageError
 from tistudio.progress import Event, Progress
+
+
+def check_folder(folder: Path) -> None:
+    """That the run's TensorBoard folder can be made or used (checked before training starts)."""
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"{folder} is a file; TensorBoard's logs go in a folder of that name: move the file away")
 
 
 class Board:
@@ -18,6 +25,7 @@ class Board:
     def __init__(self, folder: Path, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        check_folder(folder)
         self.writer: Any = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
 
     def losses(self, rows: list[tuple[int, float, float]]) -> None:
