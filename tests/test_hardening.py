@@ -428,3 +428,13 @@ def test_forwarding_headers_are_not_believed_unless_told() -> None:
     assert plain.proxy_headers is False
     told = uvicorn_settings(None, Limits(), "127.0.0.1", 7860, trusted_proxies="10.0.0.5")
     assert told.proxy_headers is True and told.forwarded_allow_ips == "10.0.0.5"
+
+
+def test_a_json_request_is_capped_apart_from_file_uploads(client) -> None:
+    big = b'{"set": "a", "embedding": "a", "learning_rate": "' + b"9" * (17 * 2**20) + b'"}'
+    answer = client.post("/api/train", content=big, headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "16 MB" in answer.json()["error"]
+    assert client.post("/api/train", content=big).status_code == 413  # no content type: read as JSON all the same
+    assert client.post("/api/photosets/a").status_code == 200
+    upload = client.post("/api/photosets/a/photos", files={"files": ("big.png", b"x" * (17 * 2**20))})
+    assert upload.status_code == 400 and "not a photo" in upload.json()["error"]  # read: the 16 MB cap is JSON's

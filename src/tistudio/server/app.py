@@ -60,7 +60,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(
-        SecurityMiddleware, auth=config.auth, listening=config.listening, max_body=config.limits.request_bytes
+        SecurityMiddleware,
+        auth=config.auth,
+        listening=config.listening,
+        max_body=config.limits.request_bytes,
+        max_json=config.limits.json_bytes,
     )
     app.state.server = Server(config=config, workspace=workspace, store=store, workers=workers)
     app.add_exception_handler(TistudioError, user_error)

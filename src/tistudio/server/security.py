@@ -57,11 +57,14 @@ def _host_name(host: str) -> str:
 
 
 class SecurityMiddleware:
-    def __init__(self, app: Any, auth: list[tuple[str, str]], listening: bool, max_body: int) -> None:
+    def __init__(
+        self, app: Any, auth: list[tuple[str, str]], listening: bool, max_body: int, max_json: int | None = None
+    ) -> None:
         self.app = app
         self.auth = auth
         self.listening = listening
         self.max_body = max_body
+        self.max_json = max_body if max_json is None else min(max_json, max_body)
         self.failures: dict[str, deque[float]] = {}  # by client address: when its wrong passwords came
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -115,16 +118,19 @@ class SecurityMiddleware:
                 )
                 return
         send = _with_headers(send)
+        # files come as multipart forms; anything else (JSON: parsed whole, it takes several times its size) is small
+        form = headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+        cap = self.max_body if form else self.max_json
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._refuse(send, 413, self._too_large())
+        if length is not None and length.isdigit() and int(length) > cap:
+            await self._refuse(send, 413, self._too_large(cap))
             return
-        await self.app(scope, *self._capped(receive, send))
+        await self.app(scope, *self._capped(receive, send, cap))
 
-    def _too_large(self) -> str:
-        return f"the request is larger than {size_text(self.max_body)}, the most this server accepts"
+    def _too_large(self, cap: int) -> str:
+        return f"the request is larger than {size_text(cap)}, the most this server accepts for it"
 
-    def _capped(self, receive: Any, send: Any) -> tuple[Any, Any]:
+    def _capped(self, receive: Any, send: Any, cap: int) -> tuple[Any, Any]:
         """receive and send for the app that count the body as it arrives (a chunked request states no length):
         past the cap the client gets a 413, the app sees the client gone, and what it would answer is dropped."""
         state = {"read": 0, "refused": False, "started": False}
@@ -135,10 +141,10 @@ class SecurityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 state["read"] += len(message.get("body", b""))
-                if state["read"] > self.max_body:
+                if state["read"] > cap:
                     state["refused"] = True
                     if not state["started"]:
-                        await self._refuse(send, 413, self._too_large())
+                        await self._refuse(send, 413, self._too_large(cap))
                     return {"type": "http.disconnect"}
             return message
 

@@ -36,6 +36,7 @@ class Limits:
 
     upload_bytes: int = 50 * 1024 * 1024  # one uploaded file
     request_bytes: int = 512 * 1024 * 1024  # one request (several photos at once)
+    json_bytes: int = 16 * 1024 * 1024  # one JSON request (options, prompts): parsing takes several times its size
     photos_per_set: int = 300
     embedding_bytes: int = 64 * 1024 * 1024
     train_steps: int = 100_000
