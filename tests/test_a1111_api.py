@@ -177,8 +177,8 @@ def a1111_train_body(name: str, data_root: str, steps: int) -> dict:
         "preview_sampler_name": "Euler a",
         "preview_cfg_scale": 7,
         "preview_seed": -1,
-        "preview_width": 64,
-        "preview_height": 64,
+        "preview_width": 512,  # the Train tab's defaults: A1111 reads them only with preview_from_txt2img
+        "preview_height": 512,
     }
 
 

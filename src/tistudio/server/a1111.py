@@ -358,8 +358,8 @@ def train_request(body: Any) -> tuple[dict[str, Any], str]:
         "tistudio encodes each picture once (its latent's mean); send 'once' or 'deterministic'",
     )
     size = _square(body, "training_width", "training_height")
-    preview = _square(body, "preview_width", "preview_height")
-    refuse_unless(preview == size, "preview_width", preview, "tistudio previews at the training size")
+    # preview_width/height: A1111 reads them only with preview_from_txt2img (refused above); previews are drawn at
+    # the training size, as A1111's are without it
     learn = body.get("learn_rate", "0.005")
     seed = whole(body, "preview_seed", -1, allow_zero=True)
     options = {
