@@ -438,3 +438,18 @@ def test_a_json_request_is_capped_apart_from_file_uploads(client) -> None:
     assert client.post("/api/photosets/a").status_code == 200
     upload = client.post("/api/photosets/a/photos", files={"files": ("big.png", b"x" * (17 * 2**20))})
     assert upload.status_code == 400 and "not a photo" in upload.json()["error"]  # read: the 16 MB cap is JSON's
+
+
+def test_a_plain_picture_in_the_embeddings_folder_leaves_its_word_plain(client) -> None:
+    """A1111 skips a picture without an embedding in it when it loads its folder; `cp some.png emb/beach.png` and
+    a prompt '... on a beach' had exited 2 here (the API answered 400). (Issue 33.)"""
+    from PIL import Image
+
+    folder = Path(client.app.state.server.workspace.embeddings)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), "blue").save(folder / "beach.png")
+    answer = client.post(
+        "/sdapi/v1/txt2img", json={"prompt": "a dog on a beach", "steps": 2, "width": 64, "height": 64}
+    )
+    assert answer.status_code == 200, answer.text[:300]
+    assert "TI hashes" not in answer.json()["info"]

@@ -202,7 +202,9 @@ def pipeline_inputs(positive: Conditioning, negative: Conditioning) -> dict[str,
 def find_embeddings(
     encoder: PromptEncoder, folder: Path, texts: list[str], extra: dict[str, Embedding] | None = None
 ) -> dict[str, tuple[Embedding, Path | None]]:
-    """The embeddings named in the texts: files of `folder` by stem, plus in-memory ones (`extra`)."""
+    """The embeddings named in the texts: files of `folder` by stem, plus in-memory ones (`extra`). A file that is
+    not a readable embedding - a plain picture that happens to share a prompt word's name, a damaged file - is
+    skipped with a warning and its name stays plain words, as A1111 skips it when it loads its folder."""
     files = list_embedding_files(folder)
     candidates: dict[str, tuple[int, ...]] = {}
     for name in [*files, *(extra or {})]:
@@ -210,14 +212,19 @@ def find_embeddings(
         if ids:
             candidates[name] = ids
     used: dict[str, tuple[Embedding, Path | None]] = {}
+    skipped: set[str] = set()
     for text in texts:
         for name in encoder.names_in(text, candidates):
-            if name in used:
+            if name in used or name in skipped:
                 continue
             if extra and name in extra:
                 used[name] = (extra[name], None)
-            else:
+                continue
+            try:
                 used[name] = (read_embedding(files[name]), files[name])
+            except EmbeddingError as exc:
+                log.warning("skipped %s: %s", files[name].name, exc)
+                skipped.add(name)
     return used
 
 
