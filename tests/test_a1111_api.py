@@ -4,6 +4,7 @@ HTTP (create, a blocking train followed through /progress, interrupt)."""
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -248,3 +249,28 @@ def test_a1111s_training_fields_tistudio_cannot_apply_are_refused(served) -> Non
         with pytest.raises(RuntimeError) as refused:
             api.custom_post("train/embedding", {**a1111_train_body("tomtut", "faces", 4), **change}, baseurl=True)
         assert refused.value.args[0] in (400, 422) and f'"field":"{named}"' in refused.value.args[1], change
+
+
+def test_the_routes_webuiapi_clients_call_next(served) -> None:
+    """png-info, skip, memory and the lists are served (empty where tistudio truly has none); img2img and
+    cmd-flags are refused in A1111's error shape, not a 404. (Issue 33.)"""
+    from PIL import Image, PngImagePlugin
+
+    api, _, base = served
+    picture = Image.new("RGB", (8, 8))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a photo of tomtut\nSteps: 20, Sampler: Euler a, Seed: 42")
+    info.add_text("sd-ti-embedding", "abc")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", pnginfo=info)
+    result = api.png_info(Image.open(io.BytesIO(buffer.getvalue())))
+    assert result.info.startswith("a photo of tomtut\nSteps: 20") and result.json["items"] == {"sd-ti-embedding": "abc"}
+    assert api.skip() == {}
+    assert api.get_sd_vae() == [] and api.get_loras() == [] and api.get_upscalers() == []
+    memory = api.get_memory()
+    assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and "cuda" in memory
+    for method, route in (("post", "img2img"), ("get", "cmd-flags")):
+        answer = getattr(requests, method)(f"{base}/sdapi/v1/{route}", json={}, timeout=10)
+        assert answer.status_code == 501 and answer.json()["error"] == "NotImplemented", (route, answer.text)
+    refused = requests.post(f"{base}/sdapi/v1/png-info", json={"image": "not a picture"}, timeout=10)
+    assert refused.status_code == 400 and refused.json()["field"] == "image"

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -260,3 +261,91 @@ def interrupt(server: ServerDep) -> dict[str, Any]:
     for running in server.workers.running:  # A1111 has one job at a time; here every running one stops
         running.stop.set()
     return {}
+
+
+@router.post("/sdapi/v1/skip")
+def skip(server: ServerDep) -> dict[str, Any]:
+    """A1111's Skip ends the picture being drawn and goes on with the next of the batch; a tistudio generation draws
+    a batch as one job, so Skip stops it as Interrupt does (the finished batches are kept)."""
+    return interrupt(server)
+
+
+# -- lists that are truly empty here, and what tistudio does not do -----------------------------------------------
+
+
+@router.get("/sdapi/v1/sd-vae")
+def vaes() -> list[dict[str, Any]]:
+    return []  # tistudio draws with the checkpoint's own VAE
+
+
+@router.get("/sdapi/v1/loras")
+def loras() -> list[dict[str, Any]]:
+    return []  # tistudio does not load LoRAs yet
+
+
+@router.get("/sdapi/v1/upscalers")
+def upscalers() -> list[dict[str, Any]]:
+    return []  # no upscaler: hires fix is refused (txt2img answers 422 naming enable_hr)
+
+
+@router.get("/sdapi/v1/memory")
+def memory() -> dict[str, Any]:
+    """A1111's memory report: the system's RAM (from /proc/meminfo where there is one) and CUDA's, in bytes."""
+    import torch
+
+    ram: dict[str, Any] = {"error": "unavailable on this system"}
+    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+        lines = Path("/proc/meminfo").read_text("ascii").splitlines()
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines if len(line.split()) > 1}
+        total, free = fields["MemTotal"], fields["MemAvailable"]
+        ram = {"free": free, "used": total - free, "total": total}
+    cuda: dict[str, Any] = {"error": "no CUDA device"}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        cuda = {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+        }
+    return {"ram": ram, "cuda": cuda}
+
+
+@router.post("/sdapi/v1/png-info")
+def png_info(body: dict[str, Any]) -> dict[str, Any]:
+    """A picture's text chunks, as A1111 answers them: its generation parameters ("info", the `parameters` chunk)
+    and the other chunks ("items"). Only PNG chunks are read (never the picture's pixels)."""
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    image = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(image, str) or not image:
+        raise OptionError("image", type(image).__name__, "send the picture as base64 text (a data URL is fine)")
+    try:
+        data = base64.b64decode(image.split(",", 1)[-1] if image.startswith("data:") else image, validate=False)
+        with Image.open(io.BytesIO(data)) as picture:
+            chunks = {str(k): str(v) for k, v in getattr(picture, "text", {}).items()}
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError):
+        raise OptionError("image", image, "is not a picture in base64") from None
+    info = chunks.pop("parameters", "")
+    return {"info": info, "items": chunks, "parameters": {}}
+
+
+def not_here(what: str) -> Any:
+    """A1111's error shape for what tistudio does not do."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(
+        {"error": "NotImplemented", "detail": f"tistudio does not do {what}", "body": "", "errors": ""},
+        status_code=501,
+    )
+
+
+@router.post("/sdapi/v1/img2img")
+def img2img() -> Any:
+    return not_here("img2img (it trains embeddings and draws with them through txt2img)")
+
+
+@router.get("/sdapi/v1/cmd-flags")
+def cmd_flags() -> Any:
+    return not_here("A1111's command-line flags (its own are `tistudio serve --help`)")
