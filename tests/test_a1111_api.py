@@ -274,3 +274,12 @@ def test_the_routes_webuiapi_clients_call_next(served) -> None:
         assert answer.status_code == 501 and answer.json()["error"] == "NotImplemented", (route, answer.text)
     refused = requests.post(f"{base}/sdapi/v1/png-info", json={"image": "not a picture"}, timeout=10)
     assert refused.status_code == 400 and refused.json()["field"] == "image"
+
+
+def test_creating_an_embedding_that_exists_is_refused_once_in_words(served) -> None:
+    _, _, base = served
+    body = {"name": "tomapi", "num_vectors_per_token": 1}
+    assert requests.post(f"{base}/sdapi/v1/create/embedding", json=body, timeout=60).status_code == 200
+    again = requests.post(f"{base}/sdapi/v1/create/embedding", json=body, timeout=60)
+    assert again.status_code == 400 and again.json()["field"] == "name"
+    assert again.json()["error"].count("tomapi") == 2, again.json()  # the name, and the file it names; said once

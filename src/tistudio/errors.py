@@ -52,6 +52,14 @@ class OptionError(TistudioError):
         super().__init__(f"{self.field}={shown(value)}: {fix}")
 
 
+class FieldError(OptionError):
+    """An error about a field whose message is already whole (e.g. a job's error, which named the field itself)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.value, self.fix = field, None, message
+        TistudioError.__init__(self, message)
+
+
 class DatasetError(TistudioError):
     """The training images cannot be used (missing folder, no readable image, ...)."""
 

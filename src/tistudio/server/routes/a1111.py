@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from tistudio.embeddings.files import list_embedding_files, read_embedding
-from tistudio.errors import OptionError, TistudioError
+from tistudio.errors import FieldError, OptionError, TistudioError
 from tistudio.generate.styles import read_styles
 from tistudio.samplers import BASES, SCHEDULES, schedules_offered
 from tistudio.server.a1111 import (
@@ -93,7 +93,9 @@ async def create_embedding(body: dict[str, Any], server: ServerDep) -> dict[str,
     job = server.workers.submit("create", public(options))
     await finished(server, job)
     if job.status != "done":
-        raise OptionError("name", options.name, job.error or f"the embedding was not created ({job.status})")
+        # 400 with the job's own words (A1111 answers 200 with "create embedding error: ..." in info; a client
+        # that checks the status should see the failure)
+        raise FieldError("name", job.error or f"the embedding {options.name!r} was not created ({job.status})")
     return {"info": f"create embedding filename: embeddings/{job.result['file']}"}
 
 
