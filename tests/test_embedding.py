@@ -458,3 +458,22 @@ def test_empty_file_and_nan_vectors_are_refused(tmp_path: Path) -> None:
             Embedding(name="n", vectors={"clip": torch.tensor([[float("inf")]])}), tmp_path / "n.safetensors"
         )
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_convert_never_replaces_an_earlier_conversion_silently(tmp_path: Path, capsys) -> None:
+    """diffusers and OneTrainer files share the name NAME.safetensors: a second conversion into the same folder is
+    refused naming the file, unless --overwrite. (Issue 33.)"""
+    from tistudio.cli import main
+
+    source = write_embedding(
+        Embedding(name="tomtut", vectors={"clip": torch.randn(2, 64)}), tmp_path / "src" / "tomtut.safetensors"
+    )
+    out = str(tmp_path / "out")
+    assert main(["convert", str(source), "--to", "diffusers", "--out-dir", out]) == 0
+    before = (tmp_path / "out" / "tomtut.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["convert", str(source), "--to", "onetrainer", "--out-dir", out]) == 2
+    assert "tomtut.safetensors is there already" in capsys.readouterr().err
+    assert (tmp_path / "out" / "tomtut.safetensors").read_bytes() == before
+    assert main(["convert", str(source), "--to", "onetrainer", "--out-dir", out, "--overwrite"]) == 0
+    assert (tmp_path / "out" / "tomtut.safetensors").read_bytes() != before

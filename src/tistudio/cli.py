@@ -23,7 +23,7 @@ from typing import Any
 
 from tistudio import __version__
 from tistudio.config import CreateOptions, GenerateOptions, ModelOptions, PrepareOptions, TrainOptions
-from tistudio.errors import TistudioError, one_line
+from tistudio.errors import OptionError, TistudioError, one_line
 from tistudio.progress import Event, Progress
 
 log = logging.getLogger("tistudio")
@@ -352,8 +352,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listening = args.listen or host not in LOOPBACK_HOSTS
     auth = read_auth(args.auth, args.auth_file)
     if listening and not auth:
-        from tistudio.errors import OptionError
-
         raise OptionError(
             "listen",
             host,
@@ -368,12 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_model_source(model)  # a missing model is said now, not at the first job
 
     if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
-        from tistudio.errors import OptionError
-
         raise OptionError("max_upload_mb", args.max_upload_mb, "must be a positive number of megabytes, e.g. 50")
     if not math.isfinite(args.max_workspace_gb) or args.max_workspace_gb < 0:
-        from tistudio.errors import OptionError
-
         raise OptionError(
             "max_workspace_gb", args.max_workspace_gb, "must be a number of gigabytes, e.g. 200 (0: no cap)"
         )
@@ -429,17 +423,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
 
     embedding = read_embedding(args.file)
-    out_dir = Path(args.out_dir)
+    suffix = {"a1111": ".pt", "png": ".png"}.get(args.to, ".safetensors")
+    path = Path(args.out_dir) / f"{embedding.name}{suffix}"
+    if path.exists() and not args.overwrite:  # an earlier conversion (diffusers and onetrainer share the name)
+        raise OptionError(
+            "out_dir", args.out_dir, f"{path.name} is there already; pass --overwrite, or another --out-dir"
+        )
     if args.to == "a1111":
-        path = write_a1111_pt(embedding, out_dir / f"{embedding.name}.pt")
+        path = write_a1111_pt(embedding, path)
     elif args.to == "png":
-        path = write_png_embedding(embedding, out_dir / f"{embedding.name}.png")
+        path = write_png_embedding(embedding, path)
     elif args.to == "diffusers":
-        path = write_diffusers(embedding, out_dir / f"{embedding.name}.safetensors")
+        path = write_diffusers(embedding, path)
     elif args.to == "onetrainer":
-        path = write_embedding(embedding, out_dir / f"{embedding.name}.safetensors", single_key=ONETRAINER_KEY)
+        path = write_embedding(embedding, path, single_key=ONETRAINER_KEY)
     else:
-        path = write_embedding(embedding, out_dir / f"{embedding.name}.safetensors")
+        path = write_embedding(embedding, path)
     print(path)
     return 0
 
@@ -630,6 +629,7 @@ def add_file_commands(command: Command) -> None:
         "(which A1111, Forge, ComfyUI and kohya read)",
     )
     convert.add_argument("--out-dir", default="converted", help="output folder (default: %(default)s)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a file of the same name in the folder")
     convert.set_defaults(run=cmd_convert)
 
 
