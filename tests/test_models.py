@@ -182,3 +182,14 @@ def test_other_diffusers_pipelines_are_refused_before_loading(class_name, messag
     (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     with pytest.raises(ModelError, match=message):
         load_model(ModelOptions(model=str(tmp_path / "m")), cache_dir)
+
+
+def test_a_text_only_load_knows_the_native_size(tiny_sd1, cache_dir) -> None:
+    """Creating an embedding loads the text encoders alone; it logged the family's 512 px (1024 for SDXL) for the
+    demo models, whose pictures are 64 px. (Issue 33.)"""
+    from tistudio.config import ModelOptions
+    from tistudio.models.loading import load_model
+
+    whole = load_model(ModelOptions(model=str(tiny_sd1)), cache_dir)
+    text = load_model(ModelOptions(model=str(tiny_sd1)), cache_dir, text_only=True)
+    assert text.unet is None and text.native_size == whole.native_size == 64

@@ -808,6 +808,17 @@ def _folder_family(folder: Path) -> Family:
     return found
 
 
+def _folder_native(folder: Path, entry: Family, prediction: str) -> int:
+    """A diffusers folder's native size from its UNet and VAE configs (read without the weights, so that a
+    text-only load - creating an embedding - says it too); the family's where they cannot be read."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text("utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text("utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return entry.native(prediction)
+
+
 def _load_folder(
     folder: Path,
     options: ModelOptions,
@@ -857,10 +868,7 @@ def _load_folder(
         prediction, why = options.prediction_type, "set by --prediction-type"
     config = {**scheduler_config(prediction), **{k: v for k, v in sched.items() if not k.startswith("_")}}
     config["prediction_type"] = prediction
-    if unet is not None and vae is not None:
-        native = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-    else:
-        native = entry.native(prediction)
+    native = _folder_native(folder, entry, prediction)
     return SDModel(
         text=text,
         vae=_freeze(vae, device, dtype) if vae is not None else None,
