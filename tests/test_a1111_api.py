@@ -283,3 +283,15 @@ def test_creating_an_embedding_that_exists_is_refused_once_in_words(served) -> N
     again = requests.post(f"{base}/sdapi/v1/create/embedding", json=body, timeout=60)
     assert again.status_code == 400 and again.json()["field"] == "name"
     assert again.json()["error"].count("tomapi") == 2, again.json()  # the name, and the file it names; said once
+
+
+def test_embeddings_that_do_not_fit_are_skipped_before_the_model_is_loaded(served) -> None:
+    """A fresh SD1 server listed a 2048-wide SDXL file as loaded until its first generation. (Issue 33.)"""
+    api, workspace, _ = served
+    write_embedding(
+        Embedding(name="xlface", vectors={"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}),
+        workspace / "embeddings" / "xlface.safetensors",
+    )
+    listed = api.get_embeddings()
+    assert set(listed["loaded"]) == {"tomtut"} and set(listed["skipped"]) == {"xlface"}
+    assert listed["skipped"]["xlface"]["shape"] == 2048

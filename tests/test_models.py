@@ -193,3 +193,12 @@ def test_a_text_only_load_knows_the_native_size(tiny_sd1, cache_dir) -> None:
     whole = load_model(ModelOptions(model=str(tiny_sd1)), cache_dir)
     text = load_model(ModelOptions(model=str(tiny_sd1)), cache_dir, text_only=True)
     assert text.unet is None and text.native_size == whole.native_size == 64
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sd1-ckpt"])
+def test_the_width_embeddings_need_is_read_without_loading_weights(kind, single_files, cache_dir) -> None:
+    from tistudio.models.loading import model_width
+
+    options = ModelOptions(model=str(single_files[kind]))
+    expected = None if kind.endswith("ckpt") else load_model(options, cache_dir, text_only=True).width
+    assert model_width(options, cache_dir) == expected  # a pickled .ckpt is not opened for it

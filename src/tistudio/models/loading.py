@@ -30,7 +30,7 @@ import torch
 
 from tistudio import safeload
 from tistudio.config import ModelOptions
-from tistudio.errors import ModelError, UnsafeFileError
+from tistudio.errors import ModelError, TistudioError, UnsafeFileError
 from tistudio.models.conditioning import TextEncoder
 from tistudio.models.families import (
     XL_CLIP_G,
@@ -959,3 +959,44 @@ def load_model(options: ModelOptions, cache_dir: Path, text_only: bool = False) 
     for note in model.notes:
         log.info("%s", note)
     return model
+
+
+def model_width(options: ModelOptions, cache_dir: Path) -> int | None:
+    """The width an embedding must have for this model (its text encoders' together), read from configs or a
+    checkpoint's header without loading any weights; None where that cannot be told so (a pickled .ckpt, a Hub id
+    not in the cache, an unreadable file)."""
+    try:
+        kind = source_kind(options.model)
+        if kind == "demo":
+            from tistudio.models.builtin import demo_model_dir
+
+            return _folder_width(demo_model_dir(cache_dir, DEMOS[options.model]))
+        if kind == "folder":
+            return _folder_width(Path(options.model).expanduser())
+        if kind == "file":
+            return _file_width(Path(options.model).expanduser())
+    except (TistudioError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def _folder_width(folder: Path) -> int:
+    entry = _folder_family(folder)
+    return sum(
+        int(json.loads((folder / slot.text_encoder / "config.json").read_text("utf-8"))["hidden_size"])
+        for slot in entry.encoders
+    )
+
+
+def _file_width(path: Path) -> int | None:
+    if safeload.sniff(path) != safeload.SAFETENSORS:
+        return None
+    header, _ = safeload.safetensors_header(path, 100_000, 20 * 1024**3)
+    entry = family_entry(classify_checkpoint(set(header), path))
+    widths = [
+        int(info["shape"][-1])
+        for text in entry.checkpoint_text
+        for key, info in header.items()
+        if key.startswith(text.prefix) and key.endswith("token_embedding.weight") and isinstance(info, dict)
+    ]
+    return sum(widths) if len(widths) == len(entry.checkpoint_text) else None

@@ -59,6 +59,18 @@ class Server:
     store: JobStore
     workers: Workers
     a1111: Settings = field(default_factory=Settings)  # what A1111 clients set through /sdapi/v1/options
+    read_width: list[int | None] = field(default_factory=list)  # the served model's width, once read (empty: not yet)
+
+    def model_width(self) -> int | None:
+        """The width embeddings must have for the served model: the loaded model's, or - before the first job
+        loads it - read from its configs or header (models/loading.py: model_width), once."""
+        if self.workers.model is not None:
+            return int(self.workers.model.width)
+        if not self.read_width:
+            from tistudio.models.loading import model_width
+
+            self.read_width.append(model_width(self.config.model, self.config.cache_dir))
+        return self.read_width[0]
 
     @property
     def limits(self) -> Limits:

@@ -126,8 +126,7 @@ async def train_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, 
 
 @router.get("/sdapi/v1/embeddings")
 def embeddings(server: ServerDep) -> dict[str, Any]:
-    model = server.workers.model
-    width = model.width if model is not None else None
+    width = server.model_width()  # an SDXL file on an SD1 server is skipped before the model is loaded too
     loaded, skipped = {}, {}
     for name, path in sorted(list_embedding_files(server.workspace.embeddings).items()):
         try:
