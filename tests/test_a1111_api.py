@@ -210,6 +210,10 @@ def test_a1111s_train_tab_scripted_through_webuiapi(served, photos) -> None:
         time.sleep(0.05)
     assert answers[0].info == "train embedding complete: filename: embeddings/newface.safetensors error: None"
     assert last_step(workspace) == 4
+    said = answers[0].json  # which step the embeddings folder holds, and why (A1111 keeps the last; tistudio the best)
+    assert said["last_step"] == 4 and said["kept_step"] <= 4 and said["kept_because"].startswith("it ")
+    entry = api.get_embeddings()["loaded"]["newface"]
+    assert (entry["kept_step"], entry["kept_because"]) == (said["kept_step"], said["kept_because"])
     assert seen and seen[-1]["textinfo"].startswith("Training newface: step") and seen[-1]["progress"] > 0
     # "Save images with embedding in PNG chunks": each preview is the embedding at its step, as A1111 loads it
     run = workspace / "runs" / "newface"
@@ -295,3 +299,14 @@ def test_embeddings_that_do_not_fit_are_skipped_before_the_model_is_loaded(serve
     listed = api.get_embeddings()
     assert set(listed["loaded"]) == {"tomtut"} and set(listed["skipped"]) == {"xlface"}
     assert listed["skipped"]["xlface"]["shape"] == 2048
+
+
+def test_the_kept_step_is_said_with_its_reason() -> None:
+    from tistudio.server.routes.a1111 import kept
+
+    vectors = {"clip": torch.randn(2, 64)}
+    best = Embedding(name="a", vectors=vectors, step=300, meta={"last_step": "500", "best_by": "the highest likeness"})
+    assert kept(best) == {"kept_step": 300, "kept_because": "it had the highest likeness", "last_step": 500}
+    chosen = Embedding(name="a", vectors=vectors, step=50, meta={"last_step": "400", "best_by": "chosen"})
+    assert kept(chosen)["kept_because"] == "it was chosen with use-step"
+    assert kept(Embedding(name="a", vectors=vectors, step=7))["kept_because"] == "it is the last step trained"

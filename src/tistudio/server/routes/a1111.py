@@ -112,13 +112,27 @@ async def train_embedding(body: dict[str, Any], server: ServerDep) -> dict[str, 
     await finished(server, job)
     result = job.result or {}
     error = job.error if job.status == "failed" else None
-    return {
+    answer = {
         "info": f"train embedding complete: filename: embeddings/{train.embedding}.safetensors error: {error}",
         "step": result.get("step"),
         "message": result.get("message"),
         "status": job.status,
         "job": job.id,
     }
+    with contextlib.suppress(TistudioError):  # which step the file in the embeddings folder holds, and why
+        answer.update(kept(read_embedding(workspace.embeddings / f"{train.embedding}.safetensors")))
+    return answer
+
+
+def kept(embedding: Any) -> dict[str, Any]:
+    """Which step an embedding file holds and why: A1111 keeps the last step in its embeddings folder, tistudio the
+    best (the last is then the run's NAME-last.safetensors, and training further continues from it)."""
+    last = embedding.meta_count("last_step")
+    if last is None or last <= embedding.step:
+        return {"kept_step": embedding.step, "kept_because": "it is the last step trained", "last_step": embedding.step}
+    why = embedding.meta.get("best_by") or "it was chosen"
+    because = "it was chosen with use-step" if why == "chosen" else f"it had {why}"
+    return {"kept_step": embedding.step, "kept_because": because, "last_step": last}
 
 
 # -- what clients read ------------------------------------------------------------------------------------------
@@ -139,6 +153,7 @@ def embeddings(server: ServerDep) -> dict[str, Any]:
             "sd_checkpoint_name": emb.model_name,
             "shape": emb.width,
             "vectors": emb.count,
+            **kept(emb),
         }
         (loaded if width in (None, emb.width) else skipped)[name] = entry
     return {"loaded": loaded, "skipped": skipped}
