@@ -310,3 +310,21 @@ def test_the_kept_step_is_said_with_its_reason() -> None:
     chosen = Embedding(name="a", vectors=vectors, step=50, meta={"last_step": "400", "best_by": "chosen"})
     assert kept(chosen)["kept_because"] == "it was chosen with use-step"
     assert kept(Embedding(name="a", vectors=vectors, step=7))["kept_because"] == "it is the last step trained"
+
+
+def test_progress_counts_jobs_as_a1111_does() -> None:
+    """n_iter 3 of 150 steps is 3 jobs of 150 sampling steps (it read 1 job of 450); a training counts its steps as
+    jobs (job_no stayed 0). (Issue 33.)"""
+    from tistudio.server.jobs import Job
+    from tistudio.server.routes.a1111 import progress_counts
+
+    drawing = Job(id="g", kind="generate", request={"batch_count": 3, "steps": 150})
+    assert progress_counts(drawing, 200, 450) == {
+        "job_count": 3,
+        "job_no": 1,
+        "sampling_step": 50,
+        "sampling_steps": 150,
+    }
+    assert progress_counts(drawing, 450, 450)["job_no"] == 2
+    training = Job(id="t", kind="train", request={})
+    assert progress_counts(training, 7, 40) == {"job_count": 40, "job_no": 7, "sampling_step": 7, "sampling_steps": 40}

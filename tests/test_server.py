@@ -148,6 +148,9 @@ def test_the_a1111_subset(client, tmp_path) -> None:
         "sd_checkpoint_name": None,
         "shape": 64,
         "vectors": 2,
+        "kept_step": 40,
+        "kept_because": "it is the last step trained",
+        "last_step": 40,
     }
     assert "wide" in embeddings["skipped"]
     progress = client.get("/sdapi/v1/progress").json()

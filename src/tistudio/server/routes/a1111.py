@@ -249,12 +249,8 @@ def progress(server: ServerDep) -> dict[str, Any]:
     fraction, eta, text = 0.0, 0.0, None
     if current is not None:
         done, total = current.progress.get("step", 0), current.progress.get("total", 0) or 1
-        state.update(
-            job=current.id,
-            sampling_step=done,
-            sampling_steps=total,
-            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.started or 0)),
-        )
+        state.update(job=current.id, job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.started or 0)))
+        state.update(progress_counts(current, done, total))
         fraction = min(1.0, done / total)
         elapsed = time.time() - (current.started or time.time())
         eta = float(current.progress.get("eta_s") or (elapsed / fraction - elapsed if fraction > 0 else 0.0))
@@ -270,6 +266,17 @@ def progress(server: ServerDep) -> dict[str, Any]:
         "current_image": None,
         "textinfo": text,
     }
+
+
+def progress_counts(job: Job, done: int, total: int) -> dict[str, int]:
+    """A1111's counters: a generation of n_iter batches is n_iter jobs of `steps` sampling steps each (job_no the
+    batch being drawn); a training is one job per step (job_no the steps done), as A1111's Train tab counts."""
+    if job.kind == "train":
+        return {"job_count": total, "job_no": done, "sampling_step": done, "sampling_steps": total}
+    batches = max(1, int(job.request.get("batch_count") or 1))
+    per = max(1, total // batches)
+    batch = min(done // per, batches - 1)
+    return {"job_count": batches, "job_no": batch, "sampling_step": done - batch * per, "sampling_steps": per}
 
 
 @router.post("/sdapi/v1/interrupt")
