@@ -477,3 +477,15 @@ def test_convert_never_replaces_an_earlier_conversion_silently(tmp_path: Path, c
     assert (tmp_path / "out" / "tomtut.safetensors").read_bytes() == before
     assert main(["convert", str(source), "--to", "onetrainer", "--out-dir", out, "--overwrite"]) == 0
     assert (tmp_path / "out" / "tomtut.safetensors").read_bytes() != before
+
+
+def test_a_onetrainer_files_tensors_tistudio_does_not_use_are_said(tmp_path: Path, caplog) -> None:
+    """OneTrainer may keep emp_params_out beside emp_params; it was dropped without a word. (Issue 33.)"""
+    from tistudio.embeddings.files import describe
+
+    path = tmp_path / "ot.safetensors"
+    save_file({"emp_params": torch.randn(2, 64), "emp_params_out": torch.randn(2, 64)}, str(path))
+    embedding = read_embedding(path)
+    assert embedding.tensor.shape == (2, 64)
+    assert describe(embedding, path)["unused_tensors"] == "emp_params_out"
+    assert "emp_params_out" in caplog.text and "not used" in caplog.text

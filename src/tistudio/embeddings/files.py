@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import struct
@@ -34,6 +35,8 @@ from tistudio import safeload
 from tistudio.embeddings.pngdata import MAX_PAYLOAD
 from tistudio.errors import EmbeddingError, OptionError, UnsafeFileError
 from tistudio.storage import atomic_write, file_sha256, write_safetensors
+
+log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_VECTORS = 75
@@ -171,13 +174,17 @@ def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedd
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     for key in ("emb_params", "emp_params"):
         if key in tensors:
+            unused = sorted(str(other)[:40] for other in tensors if other != key)
+            if unused:  # e.g. OneTrainer's emp_params_out: vectors for the text encoder's output, which A1111,
+                # ComfyUI and tistudio have no place for
+                log.warning("%s: uses %s; %s not used (no tool but OneTrainer reads it)", path.name, key, unused)
             return Embedding(
                 name=name,
                 vectors={SINGLE: _check_tensor(path, key, tensors[key])},
                 step=_int_or_zero(meta.get("step")),
                 model_hash=_text_or_none(meta.get("sd_checkpoint")),
                 model_name=_text_or_none(meta.get("sd_checkpoint_name")),
-                meta=meta,
+                meta={**meta, "unused_tensors": ", ".join(unused)} if unused else meta,
                 source_format=("tistudio" if "tistudio_version" in meta else key) + f" ({kind})",
             )
     if len(data) == 1 and len(tensors) == 1:
@@ -586,7 +593,7 @@ def describe(embedding: Embedding, path: Path | None = None) -> dict[str, Any]:
     if path is not None:
         info["file"] = str(path)
         info["ti_hash"] = short_hash(path)
-    for key in ("init_text", "model_family", "token", "internal_name"):
+    for key in ("init_text", "model_family", "token", "internal_name", "unused_tensors"):
         if embedding.meta.get(key):
             info[key] = embedding.meta[key]
     return info
