@@ -489,3 +489,23 @@ def test_a_onetrainer_files_tensors_tistudio_does_not_use_are_said(tmp_path: Pat
     assert embedding.tensor.shape == (2, 64)
     assert describe(embedding, path)["unused_tensors"] == "emp_params_out"
     assert "emp_params_out" in caplog.text and "not used" in caplog.text
+
+
+def test_a_png_embedding_is_called_by_the_name_inside_it_as_in_a1111(tmp_path: Path, sd1_model, cache_dir) -> None:
+    """A1111 registers a picture's embedding by the name in its data: `a1111_png_text.png` holding `a1111_png` is
+    the word `a1111_png` (the prompt `a1111_png` had silently used nothing). (Issue 33.)"""
+    from tistudio.config import GenerateOptions
+    from tistudio.embeddings.files import prompt_words
+    from tistudio.generate import generate
+
+    data = {"string_to_param": {"*": {"TORCHTENSOR": vectors(2, 64).tolist()}}, "name": "a1111_png", "step": 3}
+    info = PngInfo()
+    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(data).encode()).decode())
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a1111_png_text.png", pnginfo=info)
+    assert read_embedding(folder / "a1111_png_text.png").name == "a1111_png"
+    assert prompt_words(folder) == {"a1111_png": folder / "a1111_png_text.png"}
+    options = dict(model="-", steps=1, size="64x64", embeddings_dir=str(folder), out_dir=str(tmp_path / "out"))
+    image = generate(GenerateOptions(prompt="a photo of a1111_png", **options), cache_dir=cache_dir, model=sd1_model)
+    assert "TI hashes" in image[0].infotext and "a1111_png:" in image[0].infotext

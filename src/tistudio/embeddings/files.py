@@ -20,6 +20,7 @@ A1111's embeddings hidden in a PNG text chunk, and SDXL ``clip_l``/``clip_g`` fi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from tistudio import safeload
+from tistudio.config import NAME_PATTERN
 from tistudio.embeddings.pngdata import MAX_PAYLOAD
 from tistudio.errors import EmbeddingError, OptionError, UnsafeFileError
 from tistudio.storage import atomic_write, file_sha256, write_safetensors
@@ -325,6 +327,9 @@ def read_embedding(path: str | Path) -> Embedding:
     except UnsafeFileError as exc:
         raise EmbeddingError(str(exc)) from None
     embedding = _from_dict(path, data, meta, kind)
+    inner = embedding.meta.get("internal_name", "")
+    if kind == safeload.PNG and inner != embedding.name and NAME_PATTERN.match(inner):
+        embedding = replace(embedding, name=inner)  # A1111 registers a picture's embedding by the name inside it
     partner = diffusers_partner(path)
     if embedding.source_format.startswith("diffusers") and partner.is_file():
         return _with_partner(embedding, path, partner)
@@ -567,6 +572,23 @@ def list_embedding_files(folder: str | Path) -> dict[str, Path]:
             continue
         found.setdefault(path.stem, path)
     return found
+
+
+def prompt_words(folder: str | Path) -> dict[str, Path]:
+    """The embedding files of a folder by the word a prompt calls each with, as A1111 registers them: the file
+    stem, or for a PNG with an embedding text chunk the name inside it (`a1111_png_text.png` holding `a1111_png`
+    is `a1111_png`). A PNG whose embedding is only in its pixels keeps its stem (finding it there decodes the
+    picture, which a listing does not do)."""
+    words: dict[str, Path] = {}
+    for stem, path in list_embedding_files(folder).items():
+        word = stem
+        if path.suffix.lower() == ".png":
+            with contextlib.suppress(EmbeddingError, ValueError, AttributeError, RecursionError):
+                text = png_text_chunk(path, "sd-ti-embedding")
+                inner = json.loads(base64.b64decode(text or "", validate=False)).get("name") if text else None
+                word = inner if isinstance(inner, str) and NAME_PATTERN.match(inner) else stem
+        words.setdefault(word, path)
+    return words
 
 
 def taken_name(folder: str | Path, name: str) -> Path | None:

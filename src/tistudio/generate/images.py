@@ -28,7 +28,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tistudio.config import GenerateOptions, parse_size, validate_generate
-from tistudio.embeddings.files import Embedding, list_embedding_files, read_embedding, short_hash
+from tistudio.embeddings.files import Embedding, prompt_words, read_embedding, short_hash
 from tistudio.errors import EmbeddingError, OptionError
 from tistudio.models.conditioning import Conditioning, PromptEncoder
 from tistudio.models.loading import SDModel, load_model
@@ -205,7 +205,7 @@ def find_embeddings(
     """The embeddings named in the texts: files of `folder` by stem, plus in-memory ones (`extra`). A file that is
     not a readable embedding - a plain picture that happens to share a prompt word's name, a damaged file - is
     skipped with a warning and its name stays plain words, as A1111 skips it when it loads its folder."""
-    files = list_embedding_files(folder)
+    files = prompt_words(folder)
     candidates: dict[str, tuple[int, ...]] = {}
     for name in [*files, *(extra or {})]:
         ids = encoder.token_ids(name)

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from tistudio.embeddings.files import list_embedding_files, read_embedding
+from tistudio.embeddings.files import prompt_words, read_embedding
 from tistudio.errors import FieldError, OptionError, TistudioError
 from tistudio.generate.styles import read_styles
 from tistudio.samplers import BASES, SCHEDULES, schedules_offered
@@ -142,7 +142,7 @@ def kept(embedding: Any) -> dict[str, Any]:
 def embeddings(server: ServerDep) -> dict[str, Any]:
     width = server.model_width()  # an SDXL file on an SD1 server is skipped before the model is loaded too
     loaded, skipped = {}, {}
-    for name, path in sorted(list_embedding_files(server.workspace.embeddings).items()):
+    for name, path in sorted(prompt_words(server.workspace.embeddings).items()):
         try:
             emb = read_embedding(path)
         except TistudioError:
