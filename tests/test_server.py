@@ -315,7 +315,8 @@ def test_uploads_and_requests_are_capped(tmp_path, tiny_sd1, cache_dir, photos) 
         big = client.post("/api/photosets/a/photos", files=[("files", ("big.png", b"x" * 5000, "image/png"))])
         assert big.status_code == 413 and "larger than 1.95 KB" in big.json()["error"]  # 2000 bytes, not "0 MB"
         many = [("files", (f"{i}.png", b"x", "image/png")) for i in range(4)]
-        assert client.post("/api/photosets/a/photos", files=many).status_code == 400
+        too_many = client.post("/api/photosets/a/photos", files=many)
+        assert too_many.status_code == 400 and "a holds 0, so at most 3 more" in too_many.json()["error"]
         assert client.post("/api/generate", json={"prompt": "x", "batch": 3}).json()["field"] == "batch"
         assert client.post("/api/train", json={"set": "a", "embedding": "a", "max_steps": 51}).status_code == 400
         for field, value in (("size", 2048), ("gradient_accumulation", 1024)):  # each within the options' range
@@ -662,3 +663,29 @@ def test_a_photos_mask_travels_through_the_api_and_is_never_a_photo(client, phot
     gone = client.delete(f"/api/photosets/masked/photos/{first.name}").json()
     assert gone == {"deleted": first.name, "mask": f"{first.stem}.mask.png"}
     assert len(client.get("/api/photosets/masked").json()["photos"]) == count - 1
+
+
+def test_what_a_person_trips_over_first_in_the_photo_sets(client, photos) -> None:
+    """(Issue 33.) A training of an empty set is refused before it is queued (it failed later, grey, and then offered
+    'Resume from step 0'); 'TomTut' beside 'tomtut' is refused; the upload answer counts photos apart from captions
+    ('Added 6' when 5 photos appeared) and gives each refusal's reason without a 'files=' prefix; the cap says how
+    many the set holds."""
+    created = client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy", "vectors": 1}).json()
+    assert wait(client, created)["status"] == "done"
+    assert client.post("/api/photosets/empty").status_code == 200
+    refused = client.post("/api/train", json={"set": "empty", "embedding": "tomtut"})
+    assert refused.status_code == 400 and refused.json()["field"] == "set" and "no photos" in refused.json()["error"]
+    assert client.post("/api/photosets/tomtut").status_code == 200
+    twin = client.post("/api/photosets/TomTut")
+    assert twin.status_code == 400 and "only in case" in twin.json()["error"]
+    pictures = sorted(photos.glob("*.png"))[:2]
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in pictures]
+    files += [
+        ("files", ("one.txt", b"a caption", "text/plain")),
+        ("files", ("doc.pdf", b"%PDF-1.4", "application/pdf")),
+    ]
+    answer = client.post("/api/photosets/tomtut/photos", files=files).json()
+    assert (answer["photos"], answer["captions"]) == (2, 1)
+    assert answer["refused"] == [
+        {"file": "doc.pdf", "reason": "not a photo: its content is not JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC"}
+    ]

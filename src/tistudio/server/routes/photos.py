@@ -59,9 +59,21 @@ def photo_sets(server: ServerDep) -> list[dict[str, Any]]:
     return out
 
 
+def set_folder(server: Any, name: str) -> Path:
+    """The photo set `name`, made if it is new; refused where it differs from an existing set only in case
+    ('TomTut' beside 'tomtut': one word in a prompt, and embeddings refuse such twins too)."""
+    folder = server.workspace.photo_set(name)
+    if not folder.is_dir():
+        twin = next((other for other in server.workspace.sets() if other.lower() == name.lower()), None)
+        if twin is not None:
+            raise OptionError("set", name, f"differs from the set {twin!r} only in case; use {twin!r}")
+        folder.mkdir(exist_ok=True)
+    return folder
+
+
 @router.post("/api/photosets/{name}")
 def new_set(name: str, server: ServerDep) -> dict[str, Any]:
-    server.workspace.photo_set(name).mkdir(exist_ok=True)
+    set_folder(server, name)
     return {"name": name, "photos": 0, "prepared": False}
 
 
@@ -91,23 +103,29 @@ async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], s
     """Each file is kept or refused on its own: photos by content (any name, accents and all, made safe), caption
     sidecars (.txt) as text; refused files are named with the reason. Nothing kept: the refusal is the answer."""
     workspace, limits = server.workspace, server.limits
-    folder = workspace.photo_set(name)
-    folder.mkdir(exist_ok=True)
+    folder = set_folder(server, name)
     existing = sum(1 for p in folder.iterdir() if is_photo(p))
     if existing + len(files) > limits.photos_per_set:
-        raise OptionError("files", len(files), f"a photo set holds at most {limits.photos_per_set} photos")
+        raise OptionError(
+            "files",
+            len(files),
+            f"a photo set holds at most {limits.photos_per_set} photos; {name} holds {existing}, so at most "
+            f"{max(0, limits.photos_per_set - existing)} more can be added",
+        )
     saved, refused, first_error = [], [], None
     for upload in files:
         try:
             saved.append(await _keep_upload(workspace, folder, upload, limits))
-        except TistudioError as exc:
+        except TistudioError as exc:  # the reason alone: the answer names the file beside it
             first_error = first_error or exc
-            refused.append({"file": upload.filename or "", "reason": " ".join(str(exc).split())})
+            reason = exc.fix if isinstance(exc, OptionError) and exc.field == "files" else str(exc)
+            refused.append({"file": upload.filename or "", "reason": " ".join(reason.split())})
     if not saved and first_error is not None:
         if len(refused) > 1:
             raise OptionError("files", len(refused), "; ".join(f"{r['file']}: {r['reason']}" for r in refused)[:900])
         raise first_error
-    return {"saved": saved, "refused": refused}
+    photos = [file for file in saved if Path(file).suffix.lower() not in CAPTION_SUFFIXES]
+    return {"saved": saved, "photos": len(photos), "captions": len(saved) - len(photos), "refused": refused}
 
 
 async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limits: Any) -> str:

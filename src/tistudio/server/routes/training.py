@@ -20,6 +20,7 @@ from tistudio.server.context import (
     options_from_body,
     public,
 )
+from tistudio.server.routes.photos import is_photo
 from tistudio.server.wording import without_paths
 from tistudio.train.runfolder import RunFolder, read_eval_log, read_loss_log
 
@@ -56,6 +57,8 @@ def train_options(body: dict[str, Any], server: Server) -> tuple[str, TrainOptio
             raise OptionError(field, getattr(options, field), f"this server allows at most {cap}")
     validate_train(options)
     embedding_path(workspace, name)
+    if folder == workspace.photo_set(set_name) and not any(is_photo(p) for p in folder.iterdir()):
+        raise OptionError("set", set_name, "holds no photos yet; upload photos of the subject to it first")
     return set_name, options
 
 

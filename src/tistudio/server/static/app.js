@@ -315,7 +315,9 @@ async function upload(files) {
     const answer = await api("POST", `/api/photosets/${state.set}/photos`, data);
     if (answer.refused && answer.refused.length) {
       const which = answer.refused.map((r) => `${r.file}: ${r.reason}`).join("; ");
-      showError("#upload-error", new Error(`Added ${answer.saved.length}; not added: ${which}`));
+      const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+      const added = plural(answer.photos, "photo") + (answer.captions ? ` and ${plural(answer.captions, "caption")}` : "");
+      showError("#upload-error", new Error(`Added ${added}. Not added: ${which}`));
     }
   } catch (e) {
     showError("#upload-error", e);
