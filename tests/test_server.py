@@ -689,3 +689,11 @@ def test_what_a_person_trips_over_first_in_the_photo_sets(client, photos) -> Non
     assert answer["refused"] == [
         {"file": "doc.pdf", "reason": "not a photo: its content is not JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC"}
     ]
+
+
+def test_a_picture_uploaded_as_an_embedding_is_refused_by_its_own_name(client, photos) -> None:
+    """It was refused naming the server's staging file (.upload-NAME.tmp). (Issue 33.)"""
+    picture = sorted(photos.glob("*.png"))[0].read_bytes()
+    answer = client.post("/api/embeddings/upload", files={"file": ("holiday.png", picture)})
+    assert answer.status_code == 400 and "holiday.png" in answer.json()["error"], answer.json()
+    assert ".tmp" not in answer.json()["error"] and ".upload-" not in answer.json()["error"]

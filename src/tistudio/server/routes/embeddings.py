@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from tistudio.config import CreateOptions, check_name, validate_create
 from tistudio.embeddings.files import describe, import_embedding, list_embedding_files, read_embedding
-from tistudio.errors import OptionError, TistudioError
+from tistudio.errors import EmbeddingError, OptionError, TistudioError
 from tistudio.server.context import Server, ServerDep, embedding_path, options_from_body, public, read_capped
 from tistudio.server.workspace import clean_file_name
 
@@ -98,6 +98,8 @@ async def upload_embedding(
     await asyncio.to_thread(write_bytes, staging, data)
     try:  # reading and checking the file is blocking work: off the event loop, so other requests go on
         saved = await asyncio.to_thread(import_embedding, staging, folder, name)
+    except EmbeddingError as exc:  # named as the client sent it, not as the staging file it was read from
+        raise EmbeddingError(str(exc).replace(str(staging), file.filename or name)) from None
     finally:
         staging.unlink(missing_ok=True)
     return await asyncio.to_thread(shown, saved)
