@@ -169,6 +169,7 @@ def test_training_makes_the_person_appear(world_model, tmp_path) -> None:
     )
     judge = world.likeness_scorer(folder, world.HELD_OUT, NAME)  # seeds 1000-1007: never the trainer's
     trainers = world.photo_likeness(folder, [Image.open(p) for p in sorted(photos.glob("*.png"))], NAME)
+    assert trainers.kind.startswith("the demo world's trait reader")  # what the run report says judged the pictures
     shares: list[float] = []
 
     def likeness(model, encoder) -> float:

@@ -429,7 +429,10 @@ def photo_likeness(
     """The likeness a trainer can measure on this world: the person read from the training photos, 64 pictures
     (EVAL_PROMPTS x LIKENESS_SEEDS) read as the reader's average probability that they show that person."""
     person = read_person(load_trait_reader(folder), photos)
-    return likeness_scorer(folder, person, name, seeds=LIKENESS_SEEDS, cfg=cfg, on_pictures=on_pictures, chances=True)
+    score = likeness_scorer(folder, person, name, seeds=LIKENESS_SEEDS, cfg=cfg, on_pictures=on_pictures, chances=True)
+    # what options.json and the run report say judged the pictures (the demo report said "the caller's measure")
+    score.kind = "the demo world's trait reader (the person in 64 pictures from unseen prompts)"
+    return score
 
 
 def likeness_scorer(
