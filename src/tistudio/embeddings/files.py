@@ -144,7 +144,7 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _from_dict(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedding:
+def from_data(path: Path, data: Any, meta: dict[str, str], kind: str) -> Embedding:
     """Dispatch on the content of a loaded file (A1111's order: string_to_param, SDXL, single tensor)."""
     name = path.stem
     if not isinstance(data, dict):
@@ -326,7 +326,7 @@ def read_embedding(path: str | Path) -> Embedding:
             )
     except UnsafeFileError as exc:
         raise EmbeddingError(str(exc)) from None
-    embedding = _from_dict(path, data, meta, kind)
+    embedding = from_data(path, data, meta, kind)
     inner = embedding.meta.get("internal_name", "")
     if kind == safeload.PNG and inner != embedding.name and NAME_PATTERN.match(inner):
         embedding = replace(embedding, name=inner)  # A1111 registers a picture's embedding by the name inside it

@@ -32,6 +32,7 @@ class EncoderSlot:
     # This encoder's projection of its end-of-text position is the pooled text vector (SDXL's clip_g: text_embeds).
     pooled: bool = False
     pad_token: str = "<|endoftext|>"  # its tokenizer's padding token (OpenCLIP's encoders pad with "!")
+    lora_prefix: str = "lora_te"  # how LoRA files (kohya's layout) name this encoder's layers
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,15 @@ class Family:
 OPENCLIP_PAD = "!"
 CLIP = EncoderSlot("clip")
 OPEN_CLIP = EncoderSlot("clip", pad_token=OPENCLIP_PAD)  # SD2's OpenCLIP ViT-H, under the same key
-CLIP_L = EncoderSlot("clip_l", penultimate=True)  # CLIP ViT-L/14, 768 wide
+CLIP_L = EncoderSlot("clip_l", penultimate=True, lora_prefix="lora_te1")  # CLIP ViT-L/14, 768 wide
 CLIP_G = EncoderSlot(
-    "clip_g", "text_encoder_2", "tokenizer_2", penultimate=True, pooled=True, pad_token=OPENCLIP_PAD
+    "clip_g",
+    "text_encoder_2",
+    "tokenizer_2",
+    penultimate=True,
+    pooled=True,
+    pad_token=OPENCLIP_PAD,
+    lora_prefix="lora_te2",
 )  # OpenCLIP bigG, 1280
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1's CLIP ViT-L in a checkpoint file
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2's OpenCLIP ViT-H
