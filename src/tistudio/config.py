@@ -20,6 +20,8 @@ from tistudio.extras import FACES, check_tensorboard, faces_available
 from tistudio.samplers import SAMPLERS, check_sampler
 from tistudio.templates import SHIPPED
 
+LORA_TARGETS = ("attention", "cross-attention")  # models/lora.py TARGETS
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
@@ -295,6 +297,37 @@ class TrainOptions(ModelOptions):
         maximum=1.0,
         advanced=True,
     )
+    # Pivotal tuning: a LoRA of this rank (low-rank changes of the UNet's attention projections) trains beside the
+    # word, still called by typing the word; the word alone can only point at what the model already draws. 0: the
+    # word alone (a plain embedding). Written to loras_dir/NAME.safetensors with the word bundled (A1111 loads both
+    # from <lora:NAME:1>); NAME.safetensors in embeddings_dir stays the word alone and names its LoRA.
+    lora_rank: int = option(0, "train a LoRA of this rank beside the word (0: the word alone)", minimum=0, maximum=256)
+    # The LoRA's scale is lora_alpha / lora_rank (kohya's alpha); 0 takes the rank (a scale of 1).
+    lora_alpha: float = option(
+        0.0,
+        "LoRA alpha: its changes are scaled by alpha / rank (0: the rank)",
+        minimum=0.0,
+        maximum=4096.0,
+        advanced=True,
+    )
+    # The LoRA's own learning rate or schedule, in the same grammar as learning_rate.
+    lora_learning_rate: str = option(
+        "1e-4", "LoRA learning rate or schedule", widget="wide", advanced=True, label="LoRA learning rate"
+    )
+    # The share of the steps the word trains alone before the LoRA joins (the word first, then both).
+    lora_start: float = option(
+        0.0,
+        "share of the steps the word trains alone before the LoRA joins",
+        minimum=0.0,
+        maximum=0.99,
+        advanced=True,
+        label="LoRA joins after",
+    )
+    # attention: self- and cross-attention's q, k, v and out projections; cross-attention: only where the prompt enters.
+    lora_targets: str = option(
+        "attention", "UNet layers the LoRA changes", choices=LORA_TARGETS, advanced=True, label="LoRA targets"
+    )
+    loras_dir: str = option("loras", "folder of LoRA files (A1111's models/Lora)", advanced=True)
     # Recompute the UNet's activations during the backward pass instead of keeping them: much less memory for
     # large sizes and batches, about a third more compute per step. Results are the same.
     gradient_checkpointing: bool = option(False, "save memory by recomputing UNet activations (slower)", advanced=True)
@@ -343,6 +376,9 @@ class GenerateOptions(ModelOptions):
         1, "batches one after another (A1111's batch count)", minimum=1, maximum=100, advanced=True
     )
     embeddings_dir: str = option("embeddings", "folder of embeddings")
+    # LoRAs to apply besides those the prompt calls (<lora:NAME:WEIGHT>) and those its embeddings were trained with.
+    lora: str = option("", "LoRAs to apply: NAME or NAME:WEIGHT, comma-separated (as <lora:NAME:WEIGHT> in a prompt)")
+    loras_dir: str = option("loras", "folder of LoRA files (A1111's models/Lora)", advanced=True)
     out_dir: str = option("outputs", "folder for the images")
 
 
@@ -507,6 +543,7 @@ def validate_train(options: TrainOptions) -> None:
     if options.size and (options.size < 64 or options.size % 8):
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
+    parse_schedule(options.lora_learning_rate, max_steps=options.max_steps, field_name="lora_learning_rate")
     load_template(options.template)
     if options.fixed_norm and options.max_norm:
         raise OptionError(

@@ -42,9 +42,9 @@ class Schedule:
         return self.pairs[-1][0]
 
 
-def _fail(text: str, where: str, fix: str) -> OptionError:
+def _fail(text: str, where: str, fix: str, field_name: str = "learning_rate") -> OptionError:
     return OptionError(
-        "learning_rate", text, f"{where}: {fix}; write a number such as 0.005, or a schedule such as '{EXAMPLE}'"
+        field_name, text, f"{where}: {fix}; write a number such as 0.005, or a schedule such as '{EXAMPLE}'"
     )
 
 
@@ -60,8 +60,17 @@ def _parse_rate(text: str, rate_text: str, item: str, position: int) -> float:
     return rate
 
 
-def parse_schedule(text: str, max_steps: int, start_step: int = 0) -> Schedule:
-    """Parse a rate or schedule string for a run from `start_step` to `max_steps`."""
+def parse_schedule(text: str, max_steps: int, start_step: int = 0, field_name: str = "learning_rate") -> Schedule:
+    """Parse a rate or schedule string for a run from `start_step` to `max_steps` (the option `field_name`)."""
+    try:
+        return _parse(text, max_steps, start_step)
+    except OptionError as exc:
+        if field_name == "learning_rate":
+            raise
+        raise OptionError(field_name, text, exc.fix) from None
+
+
+def _parse(text: str, max_steps: int, start_step: int) -> Schedule:
     if not isinstance(text, str) or not text.strip():
         raise _fail(str(text), "empty", "give a learning rate")
     pairs: list[tuple[float, int]] = []

@@ -42,6 +42,7 @@ from tistudio.schedule import Schedule, parse_schedule
 from tistudio.storage import write_json
 from tistudio.templates import fill_template, load_template, preview_prompt
 from tistudio.train.evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
+from tistudio.train.lora import LoraTrainable, check_resumable
 from tistudio.train.masks import loss_weights, mask_mode
 from tistudio.train.objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
 from tistudio.train.parallel import Parallel, PeerLost, process_group
@@ -479,6 +480,7 @@ def resume_point(options: TrainOptions) -> ResumePoint:
         run=run,
         step=embedding.step,
     )
+    check_resumable(embedding, options)
     last_step = embedding.meta_count("last_step") or 0
     trained_to = max(embedding.step, last_step)
     if trained_to >= options.max_steps:
@@ -771,8 +773,9 @@ def make_trainables(
     checked against the trainables as built from their files), installed in the model until the run ends; the word,
     all of them, and the resume state (None: a new run, or a fresh optimizer)."""
     word = embedding_trainable(point.embedding, model, options, schedule)
-    setup = TrainableSetup(model, options, schedule, point.source, point.step)
-    trainable = Trainables([word, *(make(setup) for make in beside)])
+    setup = TrainableSetup(model, options, schedule, point.source, point.step, word, point.target, point.run.path)
+    makers = [*([LoraTrainable] if options.lora_rank else []), *beside]
+    trainable = Trainables([word, *(make(setup) for make in makers)])
     saved = point.run.load_state(point.step, trainable.parameters()) if point.step > 0 else None
     trainable.start(saved["tensors"] if saved else None)
     trainable.install(model, encoder)

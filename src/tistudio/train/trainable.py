@@ -98,8 +98,9 @@ class Trainable(Protocol):
         step: int,
         meta: Mapping[str, str] | None = None,
     ) -> Path:
-        """Write values (the parameters, or a snapshot of them) as the file users get at `path` (the word's file;
-        a trainable beside it writes its own file next to it), named `name`; returns the path written."""
+        """Write values (the parameters, or a snapshot of them; all the run's, by key: a part writes its own) as the
+        file users get at `path` (the word's file; a trainable beside it writes its own file next to it), named
+        `name`; returns the path written."""
         ...
 
 
@@ -223,7 +224,7 @@ class EmbeddingTrainable:
     def as_embedding(
         self, values: Mapping[str, torch.Tensor], *, name: str, step: int, meta: Mapping[str, str] | None = None
     ) -> Embedding:
-        vectors = {key: tensor.detach().to("cpu", torch.float32).clone() for key, tensor in values.items()}
+        vectors = {key: values[key].detach().to("cpu", torch.float32).clone() for key in self.vectors}
         return replace(
             self.embedding, name=name, vectors=vectors, step=step, meta={**self.embedding.meta, **(meta or {})}
         )
@@ -326,21 +327,25 @@ class Trainables:
         meta: Mapping[str, str] | None = None,
     ) -> Path:
         written = path
-        for part, own in reversed(list(self._split(values))):
-            written = part.write(own, path, name=name, step=step, meta=meta)
+        for part in reversed(self.parts):  # each part writes its own keys; a part may bundle others' (a LoRA the word)
+            written = part.write(values, path, name=name, step=step, meta=meta)
         return written
 
 
 @dataclass(frozen=True)
 class TrainableSetup:
     """What a trainable beside the word is made from: the loaded model, the run's options and main learning-rate
-    schedule, the word's file the run continues from (a trainable's own file is beside it) and its step."""
+    schedule, the word's file the run continues from (a trainable's own file is beside it) and its step; the word
+    itself, the word's file the run writes (its target) and the run folder."""
 
     model: Any
     options: Any  # config.TrainOptions
     schedule: Schedule
     source: Path
     step: int
+    word: EmbeddingTrainable | None = None
+    target: Path | None = None
+    run_path: Path | None = None
 
 
 TrainableFactory = Callable[[TrainableSetup], Trainable]
