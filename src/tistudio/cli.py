@@ -413,22 +413,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from tistudio.embeddings.bundle import is_lora, plain_lora_path, read_lora, split_bundle
+    from tistudio.embeddings.files import read_embedding
+
+    if is_lora(Path(args.file)):  # a LoRA with its words bundled: the LoRA alone, and each word in the format asked
+        lora = read_lora(args.file)
+        free_to_write(plain_lora_path(Path(args.out_dir), lora.name), args)
+        print(split_bundle(lora, Path(args.out_dir)))
+        for word in lora.words.values():
+            print(convert_embedding(word, args))
+        return 0
+    print(convert_embedding(read_embedding(args.file), args))
+    return 0
+
+
+def free_to_write(path: Path, args: argparse.Namespace) -> None:
+    if path.exists() and not args.overwrite:  # an earlier conversion (diffusers and onetrainer share the name)
+        raise OptionError(
+            "out_dir", args.out_dir, f"{path.name} is there already; pass --overwrite, or another --out-dir"
+        )
+
+
+def convert_embedding(embedding: Any, args: argparse.Namespace) -> Path:
     from tistudio.embeddings.files import (
         ONETRAINER_KEY,
-        read_embedding,
         write_a1111_pt,
         write_diffusers,
         write_embedding,
         write_png_embedding,
     )
 
-    embedding = read_embedding(args.file)
     suffix = {"a1111": ".pt", "png": ".png"}.get(args.to, ".safetensors")
     path = Path(args.out_dir) / f"{embedding.name}{suffix}"
-    if path.exists() and not args.overwrite:  # an earlier conversion (diffusers and onetrainer share the name)
-        raise OptionError(
-            "out_dir", args.out_dir, f"{path.name} is there already; pass --overwrite, or another --out-dir"
-        )
+    free_to_write(path, args)
     if args.to == "a1111":
         path = write_a1111_pt(embedding, path)
     elif args.to == "png":
@@ -439,8 +456,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         path = write_embedding(embedding, path, single_key=ONETRAINER_KEY)
     else:
         path = write_embedding(embedding, path)
-    print(path)
-    return 0
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -617,8 +633,12 @@ def add_file_commands(command: Command) -> None:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=cmd_inspect)
 
-    convert = command("convert", help="write an embedding in another tool's format")
-    convert.add_argument("file", help="embedding file of any supported format")
+    convert = command("convert", help="write an embedding (or a LoRA's bundled words) in another tool's format")
+    convert.add_argument(
+        "file",
+        help="embedding file of any supported format, or a LoRA with bundled words (pivotal tuning's "
+        "loras/NAME.safetensors: written as NAME.lora.safetensors, the LoRA alone, and each word as --to says)",
+    )
     convert.add_argument(
         "--to",
         required=True,

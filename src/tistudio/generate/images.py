@@ -7,7 +7,8 @@ seed gives the same image on any device and in any batch. Each PNG carries A1111
 (prompt, Negative prompt, Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, TI hashes, Version).
 
 Pictures are drawn by the diffusers pipeline the model's family names (models/families.py), fed with tistudio's own
-prompt encodings, so that A1111's prompt syntax and the embeddings work the same in every family.
+prompt encodings, so that A1111's prompt syntax and the embeddings work the same in every family. LoRAs are called
+as in A1111 (``<lora:NAME:weight>``; generate/networks.py), and an embedding trained with one calls it itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import random
 import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,19 @@ from PIL.PngImagePlugin import PngInfo
 from tistudio.config import GenerateOptions, parse_size, validate_generate
 from tistudio.embeddings.files import Embedding, prompt_words, read_embedding, short_hash
 from tistudio.errors import EmbeddingError, OptionError
+from tistudio.generate.networks import (
+    LoadedLora,
+    auto_calls,
+    bundled_words,
+    load_called,
+    lora_hashes,
+    model_networks,
+    option_calls,
+    take_networks,
+)
 from tistudio.models.conditioning import Conditioning, PromptEncoder
 from tistudio.models.loading import SDModel, load_model
+from tistudio.models.lora import merged
 from tistudio.progress import Event, Progress, Reporter
 from tistudio.samplers import check_sampler, make_scheduler, split
 from tistudio.storage import atomic_write
@@ -287,6 +299,34 @@ def save_png(image: Image.Image, path: Path, text: str, chunks: dict[str, str] |
     return atomic_write(path, lambda temp: image.save(temp, format="PNG", pnginfo=info))
 
 
+@dataclass
+class Calls:
+    """The LoRAs a generation calls: from its prompt's tags, --lora, and the LoRAs its embeddings were trained with."""
+
+    prompt: str  # what the text encoder reads (the tags taken out)
+    shown: str  # what the infotext says (the prompt as written, with the LoRAs called for its embeddings)
+    loaded: list[LoadedLora]
+    words: dict[str, Embedding]  # the called LoRAs' bundled words (those the embeddings folder lacks)
+    folder: Path
+
+    @classmethod
+    def of(cls, options: GenerateOptions, embeddings_dir: Path) -> Calls:
+        prompt, calls = take_networks(options.prompt)
+        calls += option_calls(options.lora)
+        folder = Path(options.loras_dir)
+        loaded = load_called(calls, folder)
+        shown = " ".join([options.prompt, *(call.tag for call in option_calls(options.lora))])
+        return cls(prompt, shown, loaded, bundled_words(loaded, set(prompt_words(embeddings_dir))), folder)
+
+    def add_auto(self, used: dict[str, tuple[Embedding, Path | None]]) -> None:
+        """Call the LoRAs the prompt's embeddings were trained with (and show the calls in the infotext)."""
+        auto = auto_calls(used, [lora.call for lora in self.loaded], self.folder)
+        self.loaded += load_called(auto, self.folder)
+        for call in auto:
+            log.info("using %s, the LoRA %s was trained with", call.tag, call.name)
+        self.shown = " ".join([self.shown, *(call.tag for call in auto)])
+
+
 def generate(
     options: GenerateOptions,
     *,
@@ -306,9 +346,12 @@ def generate(
     if width % model.vae_scale or height % model.vae_scale:
         raise OptionError("size", options.size, f"each side must be a multiple of {model.vae_scale}")
     encoder = PromptEncoder.for_model(model, options.clip_skip)
+    calls = Calls.of(options, Path(options.embeddings_dir))
     used = fitting(
-        find_embeddings(encoder, Path(options.embeddings_dir), [options.prompt, options.negative_prompt]), model
+        find_embeddings(encoder, Path(options.embeddings_dir), [calls.prompt, options.negative_prompt], calls.words),
+        model,
     )
+    calls.add_auto(used)
     encoder.set_embeddings(
         {name: {key: tensor.to(model.device) for key, tensor in emb.vectors.items()} for name, (emb, _) in used.items()}
     )
@@ -317,6 +360,25 @@ def generate(
             "using embeddings: %s", ", ".join(f"{n} ({e.count} vectors, step {e.step})" for n, (e, _) in used.items())
         )
     hashes = {name: short_hash(path) for name, (_, path) in used.items() if path is not None}
+    with merged(model, model_networks(model, calls.loaded)):
+        return _draw(options, model, encoder, sampler, (width, height), hashes, calls, on_progress, stop, save)
+
+
+def _draw(
+    options: GenerateOptions,
+    model: SDModel,
+    encoder: PromptEncoder,
+    sampler: str,
+    size: tuple[int, int],
+    hashes: dict[str, str],
+    calls: Calls,
+    on_progress: Callable[[Progress], None] | None,
+    stop: threading.Event | None,
+    save: bool,
+) -> list[GeneratedImage]:
+    """generate()'s batches, once the model, its embeddings and LoRAs are in place."""
+    width, height = size
+    extra = [("Lora hashes", lora_hashes(calls.loaded))] if calls.loaded else []
     total = options.batch * options.batch_count
     seed = options.seed if options.seed >= 0 else random.SystemRandom().randrange(2**32 - total)
     renderer, report = Renderer(model, encoder), Reporter(on_progress)
@@ -325,7 +387,7 @@ def generate(
     for batch in range(options.batch_count):  # A1111's batch count: batches one after another, seeds running on
         first = seed + batch * options.batch
         params = SamplingParams(
-            prompt=options.prompt,
+            prompt=calls.prompt,
             negative_prompt=options.negative_prompt,
             steps=options.steps,
             sampler=sampler,
@@ -348,7 +410,7 @@ def generate(
             )
             break
         for image, image_seed in zip(images, params.seeds, strict=True):
-            text = infotext(params, image_seed, model, hashes, options.clip_skip)
+            text = infotext(replace(params, prompt=calls.shown), image_seed, model, hashes, options.clip_skip, extra)
             path = save_png(image, out_dir / f"{index + len(results):05d}-{image_seed}.png", text) if save else None
             results.append(GeneratedImage(path=path, seed=image_seed, infotext=text, image=image))
     return results
