@@ -292,3 +292,90 @@ def comfyui_load_embed(folder: Path, name: str, size: int, key: str | None) -> A
     if out.shape[-1] != size:
         raise AssertionError(f"embedding:{name} is {out.shape[-1]} wide; this encoder takes {size}")
     return out
+
+
+def a1111_compvis_layers(ldm_state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """A1111's network_layer_mapping for a checkpoint's UNet (assign_network_names_to_compvis_modules: each module of
+    sd_model.model by its dotted name with '_' for '.'), from the checkpoint's keys: name -> the weight's shape."""
+    return {
+        key[len("model.") : -len(".weight")].replace(".", "_"): tuple(value.shape)
+        for key, value in ldm_state.items()
+        if key.startswith("model.diffusion_model.") and key.endswith(".weight")
+    }
+
+
+def a1111_convert_diffusers_name_to_compvis(key: str) -> str:
+    """networks.py's convert_diffusers_name_to_compvis, for the UNet's names (its regexes, in its order)."""
+    resnet = {
+        "conv1": "in_layers_2",
+        "conv2": "out_layers_3",
+        "norm1": "in_layers_0",
+        "norm2": "out_layers_0",
+        "time_emb_proj": "emb_layers_1",
+        "conv_shortcut": "skip_connection",
+    }
+    rules = [
+        (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[0]}"),
+        (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[0]}"),
+        (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"),
+        (
+            r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+                + (resnet.get(m[3], m[3]) if m[1] == "resnets" else m[3])
+            ),
+        ),
+        (
+            r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_"
+                + (resnet.get(m[2], m[2]) if m[0] == "resnets" else m[2])
+            ),
+        ),
+        (
+            r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+            lambda m: (
+                f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+                + (resnet.get(m[3], m[3]) if m[1] == "resnets" else m[3])
+            ),
+        ),
+    ]
+    for pattern, build in rules:
+        match = re.match(pattern, key)
+        if match:
+            return build([int(x) if re.match(r"\d+", x) else x for x in match.groups()])
+    return key
+
+
+def a1111_load_network(path: Path, layers: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], list[str], dict]:
+    """networks.py's load_network as an oracle: (matched modules {compvis name: {network part: tensor}}, keys that
+    matched no module, bundled embeddings {name: (name, vectors, step)} made by create_embedding_from_data). A module
+    is a LoRA module only with both lora_up.weight and lora_down.weight (network_lora.ModuleTypeLora), or the load
+    fails."""
+    from safetensors.torch import load_file
+
+    matched: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    bundle: dict[str, dict[str, Any]] = {}
+    for key_network, weight in load_file(path).items():
+        without_parts, _, network_part = key_network.partition(".")
+        if without_parts == "bundle_emb":
+            emb_name, vec_name = network_part.split(".", 1)
+            emb = bundle.get(emb_name, {})
+            if vec_name.split(".")[0] == "string_to_param":
+                _, k2 = vec_name.split(".", 1)
+                emb["string_to_param"] = {k2: weight}
+            else:
+                emb[vec_name] = weight
+            bundle[emb_name] = emb
+        key = a1111_convert_diffusers_name_to_compvis(without_parts)
+        if key not in layers and "lora_unet" in without_parts:  # "SDXL loras seem to already have correct compvis keys"
+            key = without_parts.replace("lora_unet", "diffusion_model")
+        if key not in layers:
+            failed.append(key_network)
+            continue
+        matched.setdefault(key, {})[network_part] = weight
+    for parts in matched.values():
+        if not ("lora_up.weight" in parts and "lora_down.weight" in parts):
+            raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(parts)}")
+    return matched, failed, {name: a1111_embedding_from_data(data, name) for name, data in bundle.items()}
