@@ -270,7 +270,7 @@ def test_the_routes_webuiapi_clients_call_next(served) -> None:
     result = api.png_info(Image.open(io.BytesIO(buffer.getvalue())))
     assert result.info.startswith("a photo of tomtut\nSteps: 20") and result.json["items"] == {"sd-ti-embedding": "abc"}
     assert api.skip() == {}
-    assert api.get_sd_vae() == [] and api.get_loras() == [] and api.get_upscalers() == []
+    assert api.get_sd_vae() == [] and api.get_upscalers() == []
     memory = api.get_memory()
     assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and "cuda" in memory
     for method, route in (("post", "img2img"), ("get", "cmd-flags")):
@@ -278,6 +278,35 @@ def test_the_routes_webuiapi_clients_call_next(served) -> None:
         assert answer.status_code == 501 and answer.json()["error"] == "NotImplemented", (route, answer.text)
     refused = requests.post(f"{base}/sdapi/v1/png-info", json={"image": "not a picture"}, timeout=10)
     assert refused.status_code == 400 and refused.json()["field"] == "image"
+
+
+def test_loras_are_listed_and_called_from_prompts_as_a1111_does(served, sd1_model) -> None:
+    """A LoRA with its word bundled, put in the workspace's LoRA folder: listed with its metadata (no server
+    path), called by <lora:NAME:weight> in a txt2img prompt, its word working and its hash in the infotext."""
+    from tistudio.embeddings.bundle import lora_hash, write_lora
+    from tistudio.models.lora import target_layers
+
+    api, workspace, base = served
+    tensors = {}
+    generator = torch.Generator().manual_seed(3)
+    for name, module in target_layers(sd1_model.unet, "attention").items():
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator) * 0.3
+        tensors[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator) * 0.3
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    word = Embedding(name="hatted", vectors={"clip": torch.randn(2, 64, generator=generator)})
+    path = write_lora(workspace / "loras" / "hatted.safetensors", tensors, [word], {"ss_output_name": "hatted"})
+    listed = api.get_loras()
+    assert [(x["name"], x["alias"], x["path"]) for x in listed] == [("hatted", "hatted", "hatted.safetensors")]
+    assert listed[0]["metadata"]["ss_output_name"] == "hatted"
+    assert requests.post(f"{base}/sdapi/v1/refresh-loras", timeout=10).status_code == 200
+    called = api.txt2img(prompt="a photo of hatted <lora:hatted:0.8>", seed=5, steps=2, width=64, height=64)
+    plain = api.txt2img(prompt="a photo of hatted", seed=5, steps=2, width=64, height=64)
+    settings = settings_of(called)
+    assert settings["Lora hashes"] == f"hatted: {lora_hash(path)}" and "Lora hashes" not in settings_of(plain)
+    assert settings["Prompt"] == "a photo of hatted <lora:hatted:0.8>"
+    assert called.image.tobytes() != plain.image.tobytes()
+    missing = requests.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "<lora:nobody:1>", "steps": 2}, timeout=30)
+    assert missing.status_code in (400, 422) and "nobody" in missing.text
 
 
 def test_creating_an_embedding_that_exists_is_refused_once_in_words(served) -> None:

@@ -338,7 +338,7 @@ def cmd_use_step(args: argparse.Namespace) -> int:
 
     name = check_name(args.name)
     target = Path(args.embeddings_dir) / f"{name}.safetensors"
-    path = run_folder(name, args.run_dir).use_step(args.step, target)
+    path = run_folder(name, args.run_dir).use_step(args.step, target, Path(args.loras_dir))
     print(f"{path} is now step {args.step} of {name}")
     return 0
 
@@ -587,6 +587,9 @@ def add_use_step(command: Command) -> None:
         "--embeddings-dir", "--embeddings", default="embeddings", help="folder of embeddings (default: %(default)s)"
     )
     use_step.add_argument("--run-dir", default="", help="run folder (default: runs/NAME)")
+    use_step.add_argument(
+        "--loras-dir", default="loras", help="folder of LoRAs, for a word trained with one (default: %(default)s)"
+    )
     use_step.set_defaults(run=cmd_use_step)
 
 

@@ -219,3 +219,19 @@ def split_bundle(lora: LoraFile, folder: Path) -> Path:
         {key: tensor.detach().to("cpu").contiguous() for key, tensor in lora.tensors.items()},
         lora.meta,
     )
+
+
+def copy_renamed(source: Path, target: Path, name: str, meta: dict[str, str] | None = None) -> Path:
+    """A LoRA file written again at `target` with its bundled word named `name` (a run folder's step copy made the
+    LoRA users call, or the other way round); `meta` changes its metadata (None values remove keys)."""
+    from dataclasses import replace
+
+    lora = read_lora(source)
+    words = [replace(word, name=name) for word in lora.words.values()]
+    info = {**lora.meta, "name": name, "word": name, "ss_output_name": name, "modelspec.title": name}
+    for key, value in (meta or {}).items():
+        if value is None:
+            info.pop(key, None)
+        else:
+            info[key] = value
+    return write_lora(target, lora.tensors, words, info)

@@ -118,7 +118,8 @@ def load_called(calls: list[LoraCall], folder: Path) -> list[LoadedLora]:
             raise OptionError(
                 "lora" if call.auto else "prompt",
                 f"<lora:{name}>",
-                f"no LoRA file {name}.safetensors in {folder} (there: {known}); put it there or fix the name",
+                f"no LoRA file {name}.safetensors in the LoRA folder {folder.name} (there: {known}); put it there "
+                "or fix the name",
             )
         loaded.append(LoadedLora(call, read_lora(path), path))
     return loaded

@@ -26,6 +26,7 @@ SERVER_FIELDS = {
     "precision",
     "prediction_type",
     "embeddings_dir",
+    "loras_dir",
     "run_dir",
     "out_dir",
     "photos",

@@ -137,6 +137,7 @@ class Work:
             model=self.config.model.model,
             dataset=str(dataset),
             embeddings_dir=str(self.workspace.embeddings),
+            loras_dir=str(self.workspace.loras),
             run_dir=str(self.workspace.run(name)),
         )
 
@@ -187,6 +188,7 @@ class Work:
                 **job.request,
                 "model": self.config.model.model,
                 "embeddings_dir": str(self.workspace.embeddings),
+                "loras_dir": str(self.workspace.loras),
                 "out_dir": str(self.workspace.outputs),
             }
         )

@@ -4,6 +4,7 @@ name things (a photo set, an embedding, a file inside a set), never paths.
     WORKSPACE/photos/SET/...        uploaded photos, as the client sent them
     WORKSPACE/datasets/SET/...      `prepare` output: the training set, manifest.json, report.html
     WORKSPACE/embeddings/NAME.safetensors
+    WORKSPACE/loras/NAME.safetensors       LoRAs trained beside words (pivotal tuning), with the word bundled
     WORKSPACE/runs/NAME/...         training runs (previews, copies, loss.csv, resume state)
     WORKSPACE/outputs/...           generated images
     WORKSPACE/jobs/ID.json          the job list, kept across restarts
@@ -74,10 +75,11 @@ class Workspace:
         self.photos = self.root / "photos"
         self.datasets = self.root / "datasets"
         self.embeddings = self.root / "embeddings"
+        self.loras = self.root / "loras"
         self.runs = self.root / "runs"
         self.outputs = self.root / "outputs"
         self.jobs = self.root / "jobs"
-        for folder in (self.photos, self.datasets, self.embeddings, self.runs, self.outputs, self.jobs):
+        for folder in (self.photos, self.datasets, self.embeddings, self.loras, self.runs, self.outputs, self.jobs):
             folder.mkdir(parents=True, exist_ok=True)
 
     def inside(self, path: Path) -> Path:
@@ -128,7 +130,7 @@ class Workspace:
     def remove_stale_temporaries(self) -> int:
         """At start: the temporaries that writes killed midway left (a SIGKILL during an upload), in the folders
         whose files are listed - the embeddings, each photo set and prepared set, the outputs."""
-        folders = [self.embeddings, self.outputs]
+        folders = [self.embeddings, self.loras, self.outputs]
         for parent in (self.photos, self.datasets):
             folders += [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink()] if parent.is_dir() else []
         return sum(remove_stale_temporaries(folder) for folder in folders)

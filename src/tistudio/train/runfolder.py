@@ -296,11 +296,17 @@ class RunFolder:
 
     # -- using a saved step ------------------------------------------------------------------------------------
 
-    def use_step(self, step: int, target: Path) -> Path:
+    def lora_path(self, word_file: Path) -> Path:
+        """The LoRA a run folder's word file goes with (pivotal tuning: train/lora.py writes it)."""
+        return self.path / "loras" / word_file.name
+
+    def use_step(self, step: int, target: Path, loras_dir: Path | None = None) -> Path:
         """Make the copy saved at `step` the embedding at `target` (A1111's way: pick the step whose previews
         look best). Nothing is lost: the embedding it replaces is kept as the copy of its own step, and the run's
         last step stays where training resumes from (NAME-last.safetensors, named in the embedding's
-        last_step), so training further continues the run rather than restarting at `step`."""
+        last_step), so training further continues the run rather than restarting at `step`. A word trained with a
+        LoRA brings that step's LoRA to loras_dir (default: loras, as training's), the same way."""
+        from tistudio.embeddings.bundle import copy_renamed
         from tistudio.embeddings.files import read_embedding, write_embedding
 
         copy = self.copy_path(step)
@@ -309,20 +315,33 @@ class RunFolder:
             raise OptionError(
                 "step", step, f"there is no saved copy of {self.name} at step {step} (saved steps: {saved})"
             )
+        chosen = read_embedding(copy)
+        lora = Path(loras_dir or "loras") / target.name
+        with_lora = bool(chosen.meta.get("lora"))
+        if with_lora and not self.lora_path(copy).is_file():
+            raise OptionError("step", step, f"the LoRA of step {step} is missing ({self.lora_path(copy)})")
         last = step
         if target.is_file():
             current = read_embedding(target)
             backup = self.copy_path(current.step)
             if not backup.exists():
+                if with_lora and lora.is_file():
+                    copy_renamed(lora, self.lora_path(backup), f"{self.name}-{current.step}")
                 write_embedding(replace(current, name=f"{self.name}-{current.step}"), backup)
             last = max(step, current.meta_count("last_step") or 0)
             if current.step > last:  # the embedding is the run's last step: resume from it
                 last = current.step
+                if with_lora and lora.is_file():
+                    copy_renamed(lora, self.lora_path(self.last_path), f"{self.name}-last")
                 write_embedding(replace(current, name=f"{self.name}-last"), self.last_path)
-        chosen = read_embedding(copy)
         meta = {k: v for k, v in chosen.meta.items() if k not in ("best_step", "best_by", "last_step")}
         if last > step:
             meta.update(best_step=str(step), best_by="chosen", last_step=str(last))
+        if with_lora:
+            marks: dict[str, str | None] = {"step": str(step), "best_step": None, "best_by": None, "last_step": None}
+            if last > step:
+                marks.update(best_step=str(step), best_by="chosen", last_step=str(last))
+            copy_renamed(self.lora_path(copy), lora, self.name, marks)
         return write_embedding(replace(chosen, name=self.name, step=step, meta=meta), target)
 
 

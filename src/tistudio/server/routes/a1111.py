@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from tistudio.embeddings.files import prompt_words, read_embedding
-from tistudio.errors import FieldError, OptionError, TistudioError
+from tistudio.errors import FieldError, OptionError, TistudioError, UnsafeFileError
 from tistudio.generate.styles import read_styles
 from tistudio.samplers import BASES, SCHEDULES, schedules_offered
 from tistudio.server.a1111 import (
@@ -296,14 +296,31 @@ def skip(server: ServerDep) -> dict[str, Any]:
 # -- lists that are truly empty here, and what tistudio does not do -----------------------------------------------
 
 
+@router.get("/sdapi/v1/loras")
+def loras(server: ServerDep) -> list[dict[str, Any]]:
+    """A1111's Lora extension's list (scripts/api.py): name, alias, path and the file's metadata - the path as the
+    file's name in the workspace's LoRA folder, never the server's folders."""
+    from tistudio.embeddings.bundle import list_lora_files
+    from tistudio.safeload import safetensors_header
+
+    found = []
+    for name, path in list_lora_files(server.workspace.loras).items():
+        meta: dict[str, str] = {}
+        with contextlib.suppress(OSError, UnsafeFileError):
+            meta = safetensors_header(path, 20_000, 2**31)[1]
+        alias = meta.get("ss_output_name", name)
+        found.append({"name": name, "alias": alias, "path": path.name, "metadata": meta})
+    return found
+
+
+@router.post("/sdapi/v1/refresh-loras")
+def refresh_loras() -> None:
+    return None  # the folder is read at every request
+
+
 @router.get("/sdapi/v1/sd-vae")
 def vaes() -> list[dict[str, Any]]:
     return []  # tistudio draws with the checkpoint's own VAE
-
-
-@router.get("/sdapi/v1/loras")
-def loras() -> list[dict[str, Any]]:
-    return []  # tistudio does not load LoRAs yet
 
 
 @router.get("/sdapi/v1/upscalers")

@@ -22,6 +22,7 @@ def generate_options(body: Any, server: Server) -> GenerateOptions:
         body,
         model=server.config.model.model,
         embeddings_dir=str(workspace.embeddings),
+        loras_dir=str(workspace.loras),
         out_dir=str(workspace.outputs),
     )
     validate_generate(options)

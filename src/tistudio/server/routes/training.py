@@ -45,6 +45,7 @@ def train_options(body: dict[str, Any], server: Server) -> tuple[str, TrainOptio
         model=server.config.model.model,
         dataset=str(folder),
         embeddings_dir=str(workspace.embeddings),
+        loras_dir=str(workspace.loras),
         run_dir=str(workspace.run(name)),
     )
     for field, cap in (
@@ -147,5 +148,7 @@ def use_step(name: str, body: dict[str, Any], server: ServerDep) -> dict[str, An
     busy = server.workers.running_on(f"embedding:{name}")
     if busy is not None and busy.kind == "train":
         raise OptionError("step", step, f"{name} is training now; stop it first")
-    RunFolder(server.workspace.run(name), name).use_step(step, server.workspace.embeddings / f"{name}.safetensors")
+    RunFolder(server.workspace.run(name), name).use_step(
+        step, server.workspace.embeddings / f"{name}.safetensors", server.workspace.loras
+    )
     return {"embedding": name, "step": step}
