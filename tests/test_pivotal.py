@@ -305,3 +305,37 @@ def test_prompt_tags_are_taken_out_as_a1111_reads_them() -> None:
     ]
     _, named = take_networks("<lora:four:te=0.3:unet=0.9>")
     assert (named[0].te_weight, named[0].unet_weight) == (0.3, 0.9)
+
+
+def test_the_command_line_trains_picks_a_step_and_draws_with_the_word_and_its_lora(tiny_sd1, photos, tmp_path, capsys):
+    from PIL import Image
+
+    from tistudio.cli import main
+
+    model = ["--model", str(tiny_sd1)]
+    assert main(["create", "tomtut", *model, "--init-text", "toy", "--vectors", "2"]) == 0
+    train_args = ["train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--max-steps", "4"]
+    train_args += ["--save-every", "2", "--preview-every", "0", "--eval-every", "0", "--lora-rank", "4", "-q"]
+    assert main(train_args) == 0
+    assert main(["inspect", "loras/tomtut.safetensors"]) == 0
+    shown = capsys.readouterr().out
+    assert "with bundled words" in shown and "tomtut (2 vectors, clip)" in shown and "rank: 4" in shown
+    assert main(["use-step", "tomtut", "2"]) == 0
+    assert read_lora(Path("loras/tomtut.safetensors")).meta["step"] == "2"
+    assert read_embedding(Path("embeddings/tomtut.safetensors")).step == 2
+    assert main(["generate", "a photo of tomtut", *model, "--steps", "2", "--size", "64x64", "--seed", "1", "-q"]) == 0
+    text = Image.open(next(Path("outputs").glob("*.png"))).text["parameters"]
+    assert text.startswith("a photo of tomtut <lora:tomtut:1>\n") and "Lora hashes: " in text
+    assert main(["train", "tomtut", *model, "--dataset", str(photos), "--max-steps", "6", "-q"]) == 2
+    assert "--lora-rank 4" in capsys.readouterr().err  # resuming without the LoRA is refused in one line
+
+
+def test_sdxl_trains_both_encoders_words_beside_a_lora(sdxl_model, photos, tmp_path) -> None:
+    new_word(sdxl_model, tmp_path)
+    sitting(sdxl_model, photos, tmp_path, max_steps=2, eval_every=0, save_every=0, preview_every=0)
+    lora = read_lora(tmp_path / "loras" / "tomtut.safetensors")
+    word = read_embedding(tmp_path / "emb" / "tomtut.safetensors")
+    assert set(lora.words["tomtut"].vectors) == {"clip_l", "clip_g"}
+    assert all(torch.equal(lora.words["tomtut"].vectors[key], word.vectors[key]) for key in word.vectors)
+    keys = load_file(tmp_path / "loras" / "tomtut.safetensors")
+    assert "bundle_emb.tomtut.clip_l" in keys and "bundle_emb.tomtut.clip_g" in keys

@@ -400,10 +400,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from tistudio.embeddings.bundle import describe_lora, is_lora, read_lora
     from tistudio.embeddings.files import describe, read_embedding
 
     path = Path(args.file)
-    info = describe(read_embedding(path), path)
+    info = describe_lora(read_lora(path)) if is_lora(path) else describe(read_embedding(path), path)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -631,8 +632,8 @@ def add_serve(command: Command) -> None:
 
 
 def add_file_commands(command: Command) -> None:
-    inspect = command("inspect", help="show what an embedding file holds")
-    inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png)")
+    inspect = command("inspect", help="show what an embedding or LoRA file holds")
+    inspect.add_argument("file", help="embedding file (.safetensors, .pt, .bin, .png) or LoRA file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=cmd_inspect)
 

@@ -106,15 +106,16 @@ class DemoResult:
         )
 
 
-def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "") -> Path:
+def person_photos(folder: Path, count: int = 15, seed: int = 0, masks: str = "", hat: bool = False) -> Path:
     """Pictures of the held-out person in varied poses, light and places (no night, no paintings). With `masks`
     "exact", each with its exact silhouette beside it as tomtut-NN.mask.png; "face", the head-and-shoulders shape
-    that --loss-mask face draws around the face a detector finds (train/masks.py)."""
+    that --loss-mask face draws around the face a detector finds (train/masks.py). With `hat`, wearing the hat the
+    world model never drew (world.HAT)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
         scene = world.random_scene(rng, scenes=("plain", "beach", "forest"), styles=("photo",))
-        image = world.render(world.HELD_OUT, scene)
+        image = world.render(world.HELD_OUT, scene, hat=hat)
         path = folder / f"tomtut-{index:02d}.png"
         image.save(path)
         if masks:

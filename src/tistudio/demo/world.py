@@ -180,13 +180,15 @@ def _background(draw: ImageDraw.ImageDraw, scene: str) -> None:
         draw.ellipse([s * 0.74, s * 0.06, s * 0.92, s * 0.24], fill=(236, 232, 200))
 
 
-def render(person: Person, scene: Scene) -> Image.Image:
-    """A 64x64 picture of a person in a scene."""
+def render(person: Person, scene: Scene, hat: bool = False) -> Image.Image:
+    """A 64x64 picture of a person in a scene; with `hat`, wearing :data:`HAT` (which the world never showed)."""
     s = DRAW
     image = Image.new("RGB", (s, s))
     draw = ImageDraw.Draw(image)
     _background(draw, scene.scene)
     _figure(draw, person, scene)
+    if hat:
+        _hat(draw, scene)
     small = image.resize((SIZE, SIZE), Image.LANCZOS)
     if scene.style == "painting":  # flattened colours, soft brushy edges, a gold frame
         small = small.filter(ImageFilter.SMOOTH_MORE).quantize(20).convert("RGB")
@@ -260,6 +262,38 @@ def _figure(draw: ImageDraw.ImageDraw, person: Person, scene: Scene, silhouette:
         )
     else:
         draw.line([cx - 0.22 * r, mouth_y, cx + 0.22 * r, mouth_y], fill=(120, 40, 40), width=max(2, round(0.06 * r)))
+
+
+# A blue hat: a shape no picture of the world model's training had, so no word can point at it - what pivotal
+# tuning's LoRA is for (demo/run.py's hat proof). Its colour is the sea's, which the world's VAE draws well (a colour
+# new to it, like purple, comes back grey: the VAE would hide the hat from any word or LoRA); nothing else blue is
+# ever drawn where the hat sits (the sea starts at the middle of the picture; the sky is paler, the night darker).
+HAT = (40, 110, 190)
+HAT_ROWS = 30  # the hat sits in the top 30 rows of a 64-pixel picture (the head's top at most 4 px below centre)
+
+
+def _hat(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
+    """A round crown over the top of the head and a brim across the brow."""
+    k = DRAW / SIZE
+    cx, cy = DRAW / 2 + scene.dx * k, DRAW * 0.52 + scene.dy * k
+    r = 19 * k * scene.scale
+    colour = _shade(HAT, scene.light)
+    draw.chord([cx - 0.95 * r, cy - 1.75 * r, cx + 0.95 * r, cy - 0.1 * r], 180, 360, fill=colour)
+    draw.rectangle([cx - 1.35 * r, cy - 0.98 * r, cx + 1.35 * r, cy - 0.72 * r], fill=colour)
+
+
+def hat_share(image: Image.Image) -> float:
+    """The share of the top rows' pixels in the hat's blue: a blue hue (200-250 degrees), saturated (not the sky's
+    pale blue) and bright enough (not the night's dark blue)."""
+    import numpy as np
+
+    rgb = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)[:HAT_ROWS] / 255
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    saturation = (high - low) / np.maximum(high, 1e-6)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    blue = (hue >= 200) & (hue <= 250) & (saturation > 0.55) & (high > 0.45)
+    return float(blue.mean())
 
 
 class _Silhouette:

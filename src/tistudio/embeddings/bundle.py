@@ -235,3 +235,29 @@ def copy_renamed(source: Path, target: Path, name: str, meta: dict[str, str] | N
         else:
             info[key] = value
     return write_lora(target, lora.tensors, words, info)
+
+
+def describe_lora(lora: LoraFile) -> dict[str, Any]:
+    """What `inspect` says of a LoRA file: its layers, rank and alpha, what it changes, its bundled words."""
+    layers = lora.layers()
+    alphas = sorted({alpha for _, _, alpha in layers.values()})
+    parts = sorted({name.split("_")[1] for name in layers})  # unet, te, te1, te2
+    info: dict[str, Any] = {
+        "name": lora.name,
+        "format": "LoRA (kohya layout)" + (" with bundled words" if lora.words else ""),
+        "layers": len(layers),
+        "rank": lora.rank,
+        "alpha": ", ".join(f"{alpha:g}" for alpha in alphas),
+        "changes": ", ".join({"unet": "UNet", "te": "text encoder"}.get(p, f"text encoder {p[2:]}") for p in parts),
+        "words": ", ".join(
+            f"{word} ({embedding.count} vectors, {', '.join(embedding.vectors)})"
+            for word, embedding in lora.words.items()
+        )
+        or "none",
+    }
+    for key in ("step", "lora_targets", "best_step", "last_step", "sd_checkpoint_name", "tistudio_version"):
+        if key in lora.meta:
+            info[key] = lora.meta[key]
+    if lora.path is not None:
+        info["hash"] = lora_hash(lora.path)
+    return info
