@@ -7,6 +7,7 @@ inversion example on the same model folder and settings.
     python bench/speed.py --model sd15 --size 512 --batch 1,4,8 --device cuda --precision bf16 --peer ...
     python bench/speed.py --model sdxl --size 512 --steps 2 --warmup 1 --checkpointing   # SDXL, on a CPU
     python bench/speed.py --model sdxl --size 1024 --device cuda --precision bf16 --processes 1,2,8   # scaling
+    python bench/speed.py --model sd15 --size 256 --lora-ranks 0,8        # pivotal tuning's step against the word's
 
 --model is `tiny` (the tests' random tiny model), `sd15` (Stable Diffusion 1.5's full architecture with seeded random
 weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), `sdxl` (SDXL
@@ -173,6 +174,8 @@ def child_ours(spec: dict) -> dict:
             seed=0,
             compile_unet=spec.get("compile", False),
             gradient_checkpointing=spec.get("checkpointing", False),
+            lora_rank=spec.get("lora_rank", 0),
+            loras_dir=str(work / "loras"),
         ),
         cache_dir=work,
         on_progress=lambda p: events.append((p.event, time.perf_counter())),
@@ -459,6 +462,12 @@ def main() -> int:
         help="tistudio's data-parallel process counts, comma-separated "
         "(default: %(default)s; e.g. 1,2,8 on an 8-GPU machine)",
     )
+    parser.add_argument(
+        "--lora-ranks",
+        default="0",
+        help="tistudio's LoRA ranks beside the word, comma-separated (default: %(default)s: the word alone; "
+        "e.g. 0,8 to compare a pivotal-tuning step with an embedding step)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.child:
@@ -489,17 +498,22 @@ def main() -> int:
             "gen_steps": args.gen_steps,
             "gen_images": args.gen_images,
         }
-        contenders = [("ours", int(p)) for p in args.processes.split(",")] + ([("peer", 1)] if args.peer else [])
+        ranks = [int(r) for r in args.lora_ranks.split(",")]
+        contenders = [("ours", int(p), rank) for p in args.processes.split(",") for rank in ranks]
+        contenders += [("peer", 1, 0)] if args.peer else []
         for batch in (int(b) for b in args.batch.split(",")):
-            for kind, processes in contenders:
-                label = f"{kind}-{batch}" + (f"-x{processes}" if processes > 1 else "")
-                spec = {**base, "batch": batch, "work": str(work / label)}
+            for kind, processes, rank in contenders:
+                label = (
+                    f"{kind}-{batch}" + (f"-x{processes}" if processes > 1 else "") + (f"-lora{rank}" if rank else "")
+                )
+                spec = {**base, "batch": batch, "work": str(work / label), "lora_rank": rank}
                 Path(spec["work"]).mkdir()
-                print(f"... {kind}, batch {batch}, {processes} process(es)", file=sys.stderr, flush=True)
+                print(f"... {label}, {processes} process(es)", file=sys.stderr, flush=True)
+                who = kind if processes == 1 else f"ours x{processes}"
                 rows.append(
                     {
                         "what": "train",
-                        "who": kind if processes == 1 else f"ours x{processes}",
+                        "who": who + (f" + LoRA {rank}" if rank else ""),
                         "batch": batch,
                         **run_child(kind, spec, work / f"{label}.log", processes),
                     }

@@ -305,6 +305,12 @@ def test_loras_are_listed_and_called_from_prompts_as_a1111_does(served, sd1_mode
     assert settings["Lora hashes"] == f"hatted: {lora_hash(path)}" and "Lora hashes" not in settings_of(plain)
     assert settings["Prompt"] == "a photo of hatted <lora:hatted:0.8>"
     assert called.image.tobytes() != plain.image.tobytes()
+    page_list = requests.get(f"{base}/api/loras", timeout=10).json()  # what the page shows
+    assert (
+        page_list[0]["name"] == "hatted" and page_list[0]["rank"] == 2 and "hatted (2 vectors" in page_list[0]["words"]
+    )
+    assert requests.get(f"{base}/api/loras/hatted/file", timeout=10).content == path.read_bytes()
+    assert requests.get(f"{base}/api/loras/nobody/file", timeout=10).status_code == 404
     missing = requests.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "<lora:nobody:1>", "steps": 2}, timeout=30)
     assert missing.status_code in (400, 422) and "nobody" in missing.text
 

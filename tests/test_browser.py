@@ -427,3 +427,47 @@ def test_the_demo_server_offers_the_demos_settings(browser, tmp_path, cache_dir)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_page_shows_a_word_trained_with_a_lora_and_offers_its_file(browser, tmp_path, cache_dir, tiny_sd1) -> None:
+    """Pivotal tuning on the page: the embeddings table says the word has a LoRA (and when its file is gone), and a
+    button downloads the LoRA A1111 loads with the word."""
+    import torch
+
+    from tistudio.embeddings.bundle import write_lora
+    from tistudio.embeddings.files import Embedding, write_embedding
+
+    port = free_port()
+    workspace = tmp_path / f"ws-{port}"
+    word = Embedding(
+        name="hatted", vectors={"clip": torch.randn(2, 64)}, step=8, meta={"lora": "hatted", "lora_rank": "4"}
+    )
+    write_embedding(word, workspace / "embeddings" / "hatted.safetensors")
+    down, up = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight", "lora_up.weight"
+    lora = write_lora(
+        workspace / "loras" / "hatted.safetensors",
+        {down: torch.zeros(4, 64), down.replace("lora_down.weight", up): torch.zeros(64, 4)},
+        [word],
+        {},
+    )
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, port=port)
+    try:
+        page = browser.new_page()
+        page.goto(f"{base}/#embeddings")
+        row = page.locator("#embedding-table tbody tr", has_text="hatted")
+        row.wait_for()
+        assert "2 × 64 + LoRA rank 4" in row.inner_text()
+        with page.expect_download() as download:
+            row.get_by_role("button", name="Download LoRA").click()
+        assert Path(download.value.path()).read_bytes() == lora.read_bytes()
+        lora.unlink()
+        page.reload()
+        row = page.locator("#embedding-table tbody tr", has_text="hatted")
+        row.wait_for()
+        assert (
+            "(its file is missing)" in row.inner_text() and row.get_by_role("button", name="Download LoRA").count() == 0
+        )
+        shot(page, "6-word-with-lora")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -615,7 +615,7 @@ def describe(embedding: Embedding, path: Path | None = None) -> dict[str, Any]:
     if path is not None:
         info["file"] = str(path)
         info["ti_hash"] = short_hash(path)
-    for key in ("init_text", "model_family", "token", "internal_name", "unused_tensors"):
+    for key in ("init_text", "model_family", "token", "internal_name", "unused_tensors", "lora", "lora_rank"):
         if embedding.meta.get(key):
             info[key] = embedding.meta[key]
     return info

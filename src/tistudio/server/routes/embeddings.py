@@ -10,9 +10,18 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse
 
 from tistudio.config import CreateOptions, check_name, validate_create
+from tistudio.embeddings.bundle import describe_lora, list_lora_files, read_lora
 from tistudio.embeddings.files import describe, import_embedding, list_embedding_files, read_embedding
 from tistudio.errors import EmbeddingError, OptionError, TistudioError
-from tistudio.server.context import Server, ServerDep, embedding_path, options_from_body, public, read_capped
+from tistudio.server.context import (
+    Server,
+    ServerDep,
+    embedding_path,
+    not_found,
+    options_from_body,
+    public,
+    read_capped,
+)
 from tistudio.server.workspace import clean_file_name
 
 router = APIRouter()
@@ -35,8 +44,39 @@ def embeddings(server: ServerDep) -> list[dict[str, Any]]:
         except TistudioError as exc:
             info = {"name": name, "error": str(exc)}
         info["run"] = (server.workspace.runs / name / "loss.csv").is_file()
+        info["lora"] = lora_of(server, info)
         out.append(info)
     return out
+
+
+def lora_of(server: Server, info: dict[str, Any]) -> dict[str, Any] | None:
+    """The LoRA a word was trained with (pivotal tuning): its rank, file name and whether the file is there."""
+    name = info.get("lora")
+    if not isinstance(name, str) or not name:
+        return None
+    present = (server.workspace.loras / f"{name}.safetensors").is_file()
+    return {"name": name, "rank": info.get("lora_rank", ""), "file": f"{name}.safetensors", "present": present}
+
+
+@router.get("/api/loras")
+def loras(server: ServerDep) -> list[dict[str, Any]]:
+    """The workspace's LoRAs as inspect describes them (no server paths)."""
+    out = []
+    for name, path in sorted(list_lora_files(server.workspace.loras).items()):
+        try:
+            server.workspace.inside(path)
+            out.append(describe_lora(read_lora(path)))
+        except TistudioError as exc:
+            out.append({"name": name, "error": str(exc)})
+    return out
+
+
+@router.get("/api/loras/{name}/file")
+def download_lora(name: str, server: ServerDep) -> FileResponse:
+    path = server.workspace.inside(server.workspace.loras / f"{check_name(name)}.safetensors")
+    if not path.is_file():
+        raise not_found(f"LoRA {name}")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 def create_options(body: Any, server: Server) -> CreateOptions:

@@ -412,12 +412,15 @@ async function loadEmbeddings() {
     row.innerHTML = "<td></td><td></td><td></td><td></td><td></td><td></td>";
     const cells = row.children;
     cells[0].textContent = item.name;
-    cells[1].textContent = item.error ? "-" : `${item.vectors} × ${item.width}`;
+    cells[1].textContent = item.error ? "-" : `${item.vectors} × ${item.width}` + (item.lora
+      ? ` + LoRA rank ${item.lora.rank}${item.lora.present ? "" : " (its file is missing)"}` : "");
     cells[2].textContent = item.error ? "-" : item.step;
     cells[3].textContent = item.error || item.fits;
     cells[4].textContent = item.ti_hash || "";
     const actions = [["Inspect", "secondary", () => inspect(item.name)],
       ["Download", "secondary", () => { window.location = `/api/embeddings/${item.name}/file`; }],
+      ...(item.lora && item.lora.present ? [["Download LoRA", "secondary",
+        () => { window.location = `/api/loras/${item.lora.name}/file`; }]] : []),
       ["Train", "", () => { state.trainEmbedding = item.name; window.location.hash = "#train"; }],
       ["Delete", "danger", async () => {
         if (!window.confirm(`Delete the embedding ${item.name}? Its training run stays.`)) return;
