@@ -66,6 +66,7 @@ def run_arm(label: str, rank: int, lora_lr: str, args, cache: Path, model, folde
     from tistudio.demo.run import NAME, TEMPLATE, person_photos
     from tistudio.train.create import create_embedding
     from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
 
     reader, scenes = world.load_trait_reader(folder), world.fit_scene_reader()
     with tempfile.TemporaryDirectory() as scratch:
@@ -106,7 +107,7 @@ def run_arm(label: str, rank: int, lora_lr: str, args, cache: Path, model, folde
         started = time.monotonic()
         result = train(options, cache_dir=cache, model=model, likeness=likeness)
         seconds = time.monotonic() - started
-        steps = [0, *range(args.every, args.steps + 1, args.every)][: len(curve)]
+        steps = [step for step, _, like in read_eval_log(work / "run" / "eval.csv") if like is not None]
     return {
         "arm": label,
         "rank": rank,
@@ -128,11 +129,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-hat", action="store_true", help="the plain held-out person (no hat)")
     parser.add_argument("--skip-word", action="store_true", help="no word-alone arm")
+    parser.add_argument("--rank-list", default="", help="comma-separated ranks instead of --rank (one arm each)")
     parser.add_argument("--out", default="bench/results/pivotal.json")
     args = parser.parse_args()
     cache, model, folder = demo_world()
     arms = [] if args.skip_word else [("word alone", 0, "1e-4")]
-    arms += [(f"word + rank-{args.rank} LoRA, lr {lr}", args.rank, lr) for lr in args.lora_lrs.split(",") if lr]
+    ranks = [int(r) for r in args.rank_list.split(",")] if args.rank_list else [args.rank]
+    arms += [
+        (f"word + rank-{rank} LoRA ({args.targets}), lr {lr}", rank, lr)
+        for rank in ranks
+        for lr in args.lora_lrs.split(",")
+        if lr
+    ]
     results = []
     for label, rank, lr in arms:
         results.append(run_arm(label, rank, lr, args, cache, model, folder))

@@ -195,6 +195,54 @@ def test_two_processes_train_the_vectors_one_process_trains(
     ]
 
 
+def test_two_processes_train_the_word_and_its_lora_as_one_process_does(
+    tiny_sd1, sd1_model, photos, tmp_path, cache_dir
+) -> None:
+    """Pivotal tuning under torchrun: every process starts the same LoRA (seeded), their gradients are averaged with
+    the word's, and process 0 writes the LoRA the one-process run writes."""
+    from safetensors.torch import load_file
+
+    template = new_embedding(sd1_model, tmp_path / "template")
+    one, two = tmp_path / "one", tmp_path / "two"
+    copies(template, one, two)
+    lora = ["--lora-rank", "2", "--lora-learning-rate", "0.01"]
+    done = torchrun(
+        cache_dir,
+        *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "4", *lora),
+        "--loras-dir",
+        str(two / "loras"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(
+        TrainOptions(
+            model="unused",
+            embedding="tomtut",
+            dataset=str(photos),
+            embeddings_dir=str(one / "emb"),
+            run_dir=str(one / "run"),
+            loras_dir=str(one / "loras"),
+            size=64,
+            batch_size=2,
+            gradient_accumulation=2,
+            flip=True,
+            save_every=3,
+            eval_every=2,
+            preview_every=0,
+            max_steps=4,
+            learning_rate="0.005",
+            lora_rank=2,
+            lora_learning_rate="0.01",
+        ),
+        cache_dir=cache_dir,
+        model=sd1_model,
+    )
+    a, b = (load_file(folder / "loras" / "tomtut.safetensors") for folder in (one, two))
+    assert a.keys() == b.keys()
+    assert sum(float(a[key].abs().sum()) for key in a if key.endswith("lora_up.weight")) > 0
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=TOLERANCE, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
 def test_a_two_process_run_resumes_exactly_on_two_or_on_one(tiny_sd1, sd1_model, photos, tmp_path, cache_dir) -> None:
     template = new_embedding(sd1_model, tmp_path / "template")
     straight, resumed, on_one = tmp_path / "straight", tmp_path / "resumed", tmp_path / "on-one"
