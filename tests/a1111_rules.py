@@ -379,3 +379,13 @@ def a1111_load_network(path: Path, layers: dict[str, tuple[int, ...]]) -> tuple[
         if not ("lora_up.weight" in parts and "lora_down.weight" in parts):
             raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(parts)}")
     return matched, failed, {name: a1111_embedding_from_data(data, name) for name, data in bundle.items()}
+
+
+def comfyui_lora_unet_names(diffusers_unet_keys: list[str]) -> set[str]:
+    """comfy/lora.py's model_lora_keys_unet, its kohya-diffusers part: for every diffusers UNet weight key that
+    unet_to_diffusers maps (all of them), 'lora_unet_' + the key without '.weight', dots made '_'."""
+    return {
+        "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        for key in diffusers_unet_keys
+        if key.endswith(".weight")
+    }

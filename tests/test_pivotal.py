@@ -10,7 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from a1111_rules import a1111_compvis_layers, a1111_load_network, parse_generation_parameters
+from a1111_rules import (
+    a1111_compvis_layers,
+    a1111_load_network,
+    comfyui_lora_unet_names,
+    parse_generation_parameters,
+)
 from ldm_export import unet_to_ldm
 from tistudio.config import CreateOptions, GenerateOptions, TrainOptions
 from tistudio.embeddings.bundle import lora_hash, read_lora
@@ -117,7 +122,7 @@ def test_the_word_and_its_lora_train_together_into_the_files_people_use(sd1_mode
         },
     ],
 )
-def test_a1111s_lora_loader_finds_every_layer_of_a_real_layout(layout, tmp_path) -> None:
+def test_a1111s_and_comfyuis_lora_loaders_find_every_layer_of_a_real_layout(layout, tmp_path) -> None:
     """Real SD1 and SDXL UNets have two resnets per level, which A1111's name conversion assumes (the tiny test
     models have one): every layer a trained LoRA writes must be a module of A1111's model, of the same shape."""
     from diffusers import UNet2DConditionModel
@@ -141,6 +146,7 @@ def test_a1111s_lora_loader_finds_every_layer_of_a_real_layout(layout, tmp_path)
         assert not failed and len(matched) == len(modules) > 0
         for key, parts in matched.items():
             assert (parts["lora_up.weight"].shape[0], parts["lora_down.weight"].shape[1]) == layers[key][:2]
+        assert set(modules) <= comfyui_lora_unet_names(list(unet.state_dict()))  # ComfyUI's LoraLoader finds each
 
 
 def test_a1111_registers_the_bundled_word_of_a_trained_lora(tiny_sd1, trained) -> None:

@@ -20,7 +20,7 @@ from tistudio.extras import FACES, check_tensorboard, faces_available
 from tistudio.samplers import SAMPLERS, check_sampler
 from tistudio.templates import SHIPPED
 
-LORA_TARGETS = ("attention", "cross-attention")  # models/lora.py TARGETS
+LORA_TARGETS = ("attention", "cross-attention", "prompt")  # models/lora.py TARGETS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -28,10 +28,9 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # Which UNet layers a trained LoRA changes, by name: the attention projections (self- and cross-attention: the
 # default, as diffusers' and kohya's LoRA trainers do), or the cross-attention's alone (where the prompt enters).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "attention": tuple(
-        f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")
-    ),
-    "cross-attention": tuple(f"attn2.{proj}" for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "attention": tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in PROJECTIONS),
+    "cross-attention": tuple(f"attn2.{proj}" for proj in PROJECTIONS),
+    "prompt": ("attn2.to_k", "attn2.to_v"),  # only the layers that read the prompt: its tokens' keys and values
 }
 _SGM_INPUT = re.compile(r"lora_unet_input_blocks_(\d+)_1_(.+)")
 _SGM_MIDDLE = re.compile(r"lora_unet_middle_block_1_(.+)")
