@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tistudio import safeload
-from tistudio.embeddings.files import Embedding, a1111_data, from_data
+from tistudio.embeddings.files import Embedding, a1111_data, files_by_stem, from_data
 from tistudio.errors import EmbeddingError, UnsafeFileError
 from tistudio.storage import write_safetensors
 
@@ -177,19 +177,7 @@ def is_lora(path: Path) -> bool:
 def list_lora_files(folder: str | Path) -> dict[str, Path]:
     """LoRA files in a folder and its sub-folders by file stem (A1111's <lora:NAME>); hidden and empty files, and
     files of other extensions, are skipped."""
-    folder = Path(folder)
-    found: dict[str, Path] = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.rglob("*"), key=lambda p: (len(p.parts), str(p))):
-        if (
-            path.suffix.lower() in SUFFIXES
-            and not path.name.startswith(".")
-            and path.is_file()
-            and path.stat().st_size > 0
-        ):
-            found.setdefault(path.stem, path)
-    return found
+    return files_by_stem(folder, SUFFIXES)
 
 
 def lora_hash(path: Path) -> str:

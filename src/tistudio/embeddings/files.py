@@ -552,26 +552,32 @@ def find_embedding_file(spec: str, embeddings_dir: str | Path) -> Path:
     )
 
 
-def list_embedding_files(folder: str | Path) -> dict[str, Path]:
-    """Embedding files in a folder and its sub-folders, by file stem (A1111: the stem is the prompt word).
-
-    Skipped: hidden files, zero-byte files, ``*.preview.png``, and files of other extensions.
-    """
+def files_by_stem(folder: str | Path, suffixes: tuple[str, ...], skip_ending: str = "") -> dict[str, Path]:
+    """The files of a folder and its sub-folders with these suffixes, by file stem, shallowest first (A1111's way of
+    listing its embeddings and LoRAs). Skipped: hidden files, zero-byte files, names ending in `skip_ending`."""
     folder = Path(folder)
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
     for path in sorted(folder.rglob("*"), key=lambda p: (len(p.parts), str(p))):
         if (
-            path.suffix.lower() not in SUFFIXES
+            path.suffix.lower() not in suffixes
             or path.name.startswith(".")
-            or path.name.endswith(".preview.png")
+            or (skip_ending and path.name.endswith(skip_ending))
             or not path.is_file()
             or path.stat().st_size == 0
         ):
             continue
         found.setdefault(path.stem, path)
     return found
+
+
+def list_embedding_files(folder: str | Path) -> dict[str, Path]:
+    """Embedding files in a folder and its sub-folders, by file stem (A1111: the stem is the prompt word).
+
+    Skipped: hidden files, zero-byte files, ``*.preview.png``, and files of other extensions.
+    """
+    return files_by_stem(folder, SUFFIXES, ".preview.png")
 
 
 def prompt_words(folder: str | Path) -> dict[str, Path]:
