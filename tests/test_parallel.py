@@ -101,6 +101,27 @@ def new_embedding(model, folder: Path) -> Path:
     )
 
 
+def one_process(model, photos: Path, folder: Path, cache_dir: Path, **changes) -> None:
+    """What the two-process runs are compared with: one process, batch 2 and gradient accumulation 2 (the global
+    batch of batch 1 on each of two processes with the CLI's SETTINGS)."""
+    settings = dict(
+        model="unused",
+        embedding="tomtut",
+        dataset=str(photos),
+        embeddings_dir=str(folder / "emb"),
+        run_dir=str(folder / "run"),
+        size=64,
+        batch_size=2,
+        gradient_accumulation=2,
+        flip=True,
+        save_every=3,
+        eval_every=2,
+        preview_every=0,
+        learning_rate="0.005",
+    )
+    train(TrainOptions(**{**settings, **changes}), cache_dir=cache_dir, model=model)
+
+
 def copies(template: Path, *folders: Path) -> None:
     for folder in folders:
         (folder / "emb").mkdir(parents=True)
@@ -159,26 +180,7 @@ def test_two_processes_train_the_vectors_one_process_trains(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained tomtut to step 6") == 1  # process 0 alone reports
-    train(
-        TrainOptions(
-            model="unused",
-            embedding="tomtut",
-            dataset=str(photos),
-            embeddings_dir=str(one / "emb"),
-            run_dir=str(one / "run"),
-            size=64,
-            batch_size=2,
-            gradient_accumulation=2,
-            flip=True,
-            save_every=3,
-            eval_every=2,
-            preview_every=0,
-            max_steps=6,
-            learning_rate="0.005",
-        ),
-        cache_dir=cache_dir,
-        model=sd1_model,
-    )
+    one_process(sd1_model, photos, one, cache_dir, max_steps=6)
     a, b = vectors(one), vectors(two)
     assert a.step == b.step == 6
     assert torch.allclose(a.tensor, b.tensor, atol=TOLERANCE, rtol=0), (a.tensor - b.tensor).abs().max()
@@ -213,28 +215,15 @@ def test_two_processes_train_the_word_and_its_lora_as_one_process_does(
         str(two / "loras"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    train(
-        TrainOptions(
-            model="unused",
-            embedding="tomtut",
-            dataset=str(photos),
-            embeddings_dir=str(one / "emb"),
-            run_dir=str(one / "run"),
-            loras_dir=str(one / "loras"),
-            size=64,
-            batch_size=2,
-            gradient_accumulation=2,
-            flip=True,
-            save_every=3,
-            eval_every=2,
-            preview_every=0,
-            max_steps=4,
-            learning_rate="0.005",
-            lora_rank=2,
-            lora_learning_rate="0.01",
-        ),
-        cache_dir=cache_dir,
-        model=sd1_model,
+    one_process(
+        sd1_model,
+        photos,
+        one,
+        cache_dir,
+        max_steps=4,
+        loras_dir=str(one / "loras"),
+        lora_rank=2,
+        lora_learning_rate="0.01",
     )
     a, b = (load_file(folder / "loras" / "tomtut.safetensors") for folder in (one, two))
     assert a.keys() == b.keys()

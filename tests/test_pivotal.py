@@ -17,6 +17,7 @@ from a1111_rules import (
     parse_generation_parameters,
 )
 from ldm_export import unet_to_ldm
+from test_trainables import options as seam_options
 from tistudio.config import CreateOptions, GenerateOptions, TrainOptions
 from tistudio.embeddings.bundle import lora_hash, read_lora
 from tistudio.embeddings.files import read_embedding
@@ -30,28 +31,9 @@ from tistudio.train.loop import train
 
 
 def options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(
-        model="unused",
-        embedding="tomtut",
-        dataset=str(photos),
-        embeddings_dir=str(folder / "emb"),
-        run_dir=str(folder / "run"),
-        loras_dir=str(folder / "loras"),
-        size=64,
-        batch_size=2,
-        max_steps=6,
-        eval_every=2,
-        eval_samples=4,
-        save_every=2,
-        preview_every=3,
-        preview_steps=2,
-        learning_rate="0.005",
-        lora_rank=4,
-        lora_learning_rate="0.01",
-        likeness="off",
-    )
-    base.update(changes)
-    return TrainOptions(**base)
+    """The trainable seam's tiny run (tests/test_trainables.py) with a rank-4 LoRA beside the word."""
+    lora = {"loras_dir": str(folder / "loras"), "lora_rank": 4, "lora_learning_rate": "0.01"}
+    return seam_options(photos, folder, **{**lora, **changes})
 
 
 def new_word(model, folder: Path) -> None:
