@@ -107,6 +107,7 @@ def test_prepare_says_when_a_set_holds_several_people(tmp_path) -> None:
         )
         for line in result.verdict
     ), result.verdict
+    assert result.verdict[0] == "Not ready yet:"  # not "Ready to train" above "2 different people" (issue 33)
 
 
 @needs_extra

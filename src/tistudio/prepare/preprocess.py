@@ -682,8 +682,12 @@ def assess(items: list[Item]) -> list[str]:
                 )
     if not findings:
         return [f"Looks good: {count} sharp, distinct images with varied poses and backgrounds."]
-    head = "Ready to train, with a few things to improve:" if count >= 5 else "Not ready yet:"
+    several_people = any(MANY_PEOPLE in finding for finding in findings)  # not "ready" above that (issue 33)
+    head = "Ready to train, with a few things to improve:" if count >= 5 and not several_people else "Not ready yet:"
     return [head, *findings]
+
+
+MANY_PEOPLE = "different people ("  # how the finding that no one person stands out reads
 
 
 def identity_findings(items: list[Item]) -> list[str]:
@@ -695,7 +699,7 @@ def identity_findings(items: list[Item]) -> list[str]:
     described = sum(len(group) for group in groups)
     if len(groups) > 1 and 2 * len(groups[0]) <= described:
         findings.append(
-            f"The photos show {len(groups)} different people ("
+            f"The photos show {len(groups)} {MANY_PEOPLE}"
             + "; ".join(_names(group, 3) for group in groups[:4])
             + "): an embedding learns one person; "
             "keep only the photos of the one you mean."
