@@ -261,11 +261,29 @@ def test_a_listening_server_asks_for_a_password(browser, tmp_path, cache_dir, ti
     try:
         anonymous = browser.new_context()
         assert anonymous.request.get(base).status == 401  # a page load would show the browser's sign-in prompt
+        # What a browser shows once its sign-in prompt is cancelled is this answer's body (headless Chromium aborts
+        # instead of prompting): words on a page, not raw JSON (issue 33); the page's own API calls still get JSON.
+        cancelled = anonymous.request.get(base, headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+        assert cancelled.status == 401 and cancelled.headers["content-type"].startswith("text/html")
+        shown = anonymous.new_page()
+        shown.set_content(cancelled.text())
+        assert "Sign-in needed" in shown.inner_text("h1") and "{" not in shown.inner_text("body")
+        assert anonymous.request.get(f"{base}/api/status").json()["error"].startswith("sign in")
+
         context = browser.new_context(http_credentials={"username": "ann", "password": "s3cret"})
         page = context.new_page()
         assert page.goto(base).status == 200
         page.wait_for_selector("#sets-empty")  # the page loaded and talked to the API with the password
         shot(page, "5-signed-in")
+        import base64
+
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"ann:wrong").decode()}
+        for _ in range(11):
+            anonymous.request.get(f"{base}/api/status", headers=wrong)
+        locked = context.new_page()
+        answer = locked.goto(base)
+        assert answer.status == 429  # locked out, even with the right password for a while: said on a page too
+        assert "Too many wrong passwords" in locked.inner_text("h1") and "try again in" in locked.inner_text("body")
     finally:
         server.terminate()
         server.wait(timeout=30)

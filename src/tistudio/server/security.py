@@ -98,12 +98,14 @@ class SecurityMiddleware:
             header = headers.get("authorization", "")
             client, user = (scope.get("client") or ("?",))[0], "user:" + _user_of(header)
             wait = max(self._locked_out(client), self._locked_out(user) if header else 0)
+            page = "text/html" in headers.get("accept", "")  # a browser loading the page, not the page's API calls
             if wait:
                 await self._refuse(
                     send,
                     429,
                     f"too many wrong passwords; try again in {wait} s",
                     [(b"retry-after", str(wait).encode())],
+                    page=page,
                 )
                 return
             if not self._authorised(header):
@@ -115,6 +117,7 @@ class SecurityMiddleware:
                     401,
                     "sign in: this server needs a user name and password",
                     [(b"www-authenticate", b'Basic realm="tistudio", charset="UTF-8"')],
+                    page=page,
                 )
                 return
         send = _with_headers(send)
@@ -190,11 +193,35 @@ class SecurityMiddleware:
         return matched
 
     @staticmethod
-    async def _refuse(send: Any, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = json.dumps({"error": message}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    async def _refuse(
+        send: Any, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None, page: bool = False
+    ) -> None:
+        """The refusal as JSON ({"error": ...}) for API clients, or as a short page for a browser loading the page
+        (after the sign-in prompt is cancelled, or while a client is locked out) instead of raw JSON."""
+        if page:
+            body, kind = refusal_page(status, message).encode(), b"text/html; charset=utf-8"
+        else:
+            body, kind = json.dumps({"error": message}).encode(), b"application/json"
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), *(extra or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def refusal_page(status: int, message: str) -> str:
+    """The page a browser shows when it is refused: what happened and what to do, in words."""
+    from html import escape
+
+    title = "Sign-in needed" if status == 401 else "Too many wrong passwords"
+    todo = (
+        "Reload the page and sign in with the user name and password this server was started with."
+        if status == 401
+        else "Wait, then reload the page and sign in again."
+    )
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>tistudio: {title}</title>"
+        "<body style='font:16px system-ui,sans-serif;max-width:36em;margin:3em auto;padding:0 1em'>"
+        f"<h1>{title}</h1><p>This tistudio server says: {escape(message)}.</p><p>{todo}</p></body>"
+    )
 
 
 def _with_headers(send: Any) -> Any:
