@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -486,6 +487,98 @@ def test_the_page_shows_a_word_trained_with_a_lora_and_offers_its_file(browser, 
             "(its file is missing)" in row.inner_text() and row.get_by_role("button", name="Download LoRA").count() == 0
         )
         shot(page, "6-word-with-lora")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def tab_to(page, selector: str, limit: int = 80) -> int:
+    """Press Tab until the element `selector` has the focus; the number of presses (fails if it is never reached)."""
+    for presses in range(1, limit + 1):
+        page.keyboard.press("Tab")
+        if page.evaluate("(s) => document.activeElement === document.querySelector(s)", selector):
+            return presses
+    raise AssertionError(f"{selector} is not reached by Tab in {limit} presses")
+
+
+def test_the_whole_path_by_keyboard_alone_and_a_reload_keeps_the_place(
+    browser, tmp_path, cache_dir, tiny_sd1, photos
+) -> None:
+    """Issue 33: Tab reaches every control, Enter (Ctrl+Enter in the prompt) submits each form, the drop zone opens
+    the file chooser, and a reload keeps the set shown and the prompt written."""
+    from playwright.sync_api import expect
+
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1)
+    errors: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base)
+        expect(page.locator("#sets-empty")).to_be_visible()
+
+        # Photos: name a set and press Enter; Enter on the drop zone opens the file chooser.
+        tab_to(page, "#new-set")
+        page.keyboard.type("../etc")
+        page.keyboard.press("Enter")
+        expect(page.locator("#set-error")).to_contain_text("one word of letters")  # said, not "Not Found"
+        page.fill("#new-set", "")
+        page.focus("#new-set")
+        page.keyboard.type("kbd")
+        page.keyboard.press("Enter")
+        expect(page.locator("#set-select")).to_have_value("kbd")
+        page.focus("#set-select")
+        tab_to(page, "#dropzone")
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        chooser.value.set_files(sorted(str(p) for p in photos.glob("*.png")))
+        expect(page.locator("#photo-grid figure")).to_have_count(6)
+        expect(page.locator("#upload-note")).to_contain_text("Added 6 photos")
+        page.focus("#dropzone")
+        tab_to(page, "#choose-files")  # "choose files" itself is reachable too
+        with page.expect_file_chooser():
+            page.keyboard.press("Enter")
+
+        # A second, empty set created after it: a reload still shows the set chosen last, not the first one.
+        page.fill("#new-set", "aaa-empty")
+        page.press("#new-set", "Enter")
+        expect(page.locator("#set-select")).to_have_value("aaa-empty")
+        page.select_option("#set-select", "kbd")
+        page.reload()
+        expect(page.locator("#set-select")).to_have_value("kbd")
+        expect(page.locator("#photo-grid figure")).to_have_count(6)
+
+        # Embeddings: Enter in the name creates it.
+        page.goto(f"{base}/#embeddings")
+        page.focus("#create-form-name")
+        page.keyboard.type("kbd")
+        page.focus("#create-form-vectors")
+        page.keyboard.press("Control+A")
+        page.keyboard.type("1")
+        page.keyboard.press("Enter")
+        expect(page.locator("#embedding-table tbody tr")).to_have_count(1, timeout=60_000)
+
+        # Train: the set of the embedding's name is chosen (not the empty one first in order); Enter starts it.
+        page.goto(f"{base}/#train")
+        expect(page.locator("#train-form-set")).to_have_value("kbd")
+        for field, value in (("size", "64"), ("preview_every", "0"), ("save_every", "0"), ("max_steps", "2")):
+            page.fill(f"#train-form-{field}", value)
+        page.focus("#train-form-max_steps")
+        page.keyboard.press("Enter")
+        expect(page.locator("#train-status")).to_contain_text("to step 2", timeout=120_000)
+
+        # Generate: Ctrl+Enter in the prompt; the picture comes with a Download link; a reload keeps the prompt.
+        page.goto(f"{base}/#generate")
+        page.fill("#generate-form-steps", "2")
+        page.fill("#generate-form-size", "64x64")
+        page.focus("#generate-form-prompt")
+        page.keyboard.type("a photo of kbd")
+        page.keyboard.press("Control+Enter")
+        expect(page.locator("#gallery figure")).to_have_count(1, timeout=60_000)
+        download = page.locator("#gallery figure a", has_text="Download")
+        expect(download).to_have_attribute("download", re.compile(r"\.png$"))
+        page.reload()
+        expect(page.locator("#generate-form-prompt")).to_have_value("a photo of kbd")
+        assert not errors, errors
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -83,6 +83,31 @@ async function waitJob(id, once = false) {
   }
 }
 
+function submitOnEnter(container, button) {
+  // Enter in a one-line field (Ctrl+Enter or Cmd+Enter in a text area) presses the form's button, as a keyboard user
+  // expects; nothing happens while the button is disabled or hidden.
+  container.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || event.isComposing) return;
+    const target = event.target;
+    const oneLine = target.tagName === "INPUT" && !["checkbox", "radio", "file", "button"].includes(target.type);
+    const area = target.tagName === "TEXTAREA" && (event.ctrlKey || event.metaKey);
+    if (!oneLine && !area) return;
+    event.preventDefault();
+    if (!button.disabled && !button.hidden) button.click();
+  });
+}
+
+function remembered(key, value) {
+  // What the page keeps across a reload (the set shown, the prompt): localStorage where the browser allows it.
+  try {
+    if (value === undefined) return window.localStorage.getItem(`tistudio.${key}`) || "";
+    window.localStorage.setItem(`tistudio.${key}`, value);
+  } catch (e) { /* private mode: the page simply starts fresh */ }
+  return value;
+}
+
+const NAME_RULE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;  // config.NAME_PATTERN: a set's or an embedding's name
+
 function setProgress(id, fraction) {
   const bar = $(id);
   bar.hidden = fraction === null;
@@ -274,8 +299,11 @@ async function loadSets(select) {
   }
   $("#sets-empty").hidden = state.sets.length > 0;
   $("#set-panel").hidden = state.sets.length === 0;
-  state.set = select || state.set || (state.sets[0] && state.sets[0].name) || "";
-  if (state.set && !state.sets.some((s) => s.name === state.set)) state.set = state.sets[0] ? state.sets[0].name : "";
+  // the set asked for, else the one shown (or shown before a reload), else one with photos (a prepared one first)
+  const known = (name) => name && state.sets.some((s) => s.name === name);
+  const likely = state.sets.find((s) => s.prepared) || state.sets.find((s) => s.photos > 0) || state.sets[0];
+  state.set = [select, state.set, remembered("set")].find(known) || (likely ? likely.name : "");
+  if (state.set) remembered("set", state.set);
   picker.value = state.set;
   if (state.set) await loadSet();
 }
@@ -311,16 +339,26 @@ async function upload(files) {
   }
   const data = new FormData();
   for (const file of files) data.append("files", file, file.name);
+  const note = $("#upload-note");
+  note.hidden = false;
+  note.textContent = `Uploading ${files.length} file${files.length === 1 ? "" : "s"} to ${state.set}…`;
+  $("#dropzone").classList.add("busy");
   try {
     const answer = await api("POST", `/api/photosets/${state.set}/photos`, data);
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    const added = plural(answer.photos, "photo") + (answer.captions ? ` and ${plural(answer.captions, "caption")}` : "");
+    note.textContent = `Added ${added}.` + (answer.captions ? " Captions are used when Prepare's “Existing " +
+      "captions” copies, prepends or appends them; with “ignore” they stay unused." : "");
     if (answer.refused && answer.refused.length) {
       const which = answer.refused.map((r) => `${r.file}: ${r.reason}`).join("; ");
-      const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
-      const added = plural(answer.photos, "photo") + (answer.captions ? ` and ${plural(answer.captions, "caption")}` : "");
+      note.hidden = true;
       showError("#upload-error", new Error(`Added ${added}. Not added: ${which}`));
     }
   } catch (e) {
+    note.hidden = true;
     showError("#upload-error", e);
+  } finally {
+    $("#dropzone").classList.remove("busy");
   }
   await loadSets(state.set);
 }
@@ -371,12 +409,21 @@ async function runPrepare() {
 
 function setupPhotos() {
   prepareForm = renderForm($("#prepare-form"), state.schema.prepare);
-  $("#set-select").onchange = (e) => { state.set = e.target.value; loadSet(); };
+  $("#set-select").onchange = (e) => {
+    state.set = remembered("set", e.target.value);
+    showError("#upload-error", null);  // a message about another set's upload does not belong here
+    loadSet();
+  };
   $("#new-set-button").onclick = () => {
     showError("#set-error", null);
     const name = $("#new-set").value.trim();
     if (!name) {
       showError("#set-error", new Error("Give the set a name first, e.g. tomtut."));
+      return null;
+    }
+    if (!NAME_RULE.test(name)) {
+      showError("#set-error", new Error("A set's name is one word of letters, digits, '_' or '-' (at most 64 " +
+        "characters, starting with a letter or digit), e.g. tomtut."));
       return null;
     }
     const creating = (async () => {
@@ -391,10 +438,15 @@ function setupPhotos() {
     return creating;
   };
   const zone = $("#dropzone");
+  zone.onkeydown = (e) => {  // the drop zone is a button for the keyboard: Enter or Space opens the file chooser
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#file-input").click(); }
+  };
+  $("#choose-files").onclick = (e) => { e.preventDefault(); $("#file-input").click(); };
+  submitOnEnter($("#new-set"), $("#new-set-button"));
   zone.ondragover = (e) => { e.preventDefault(); zone.classList.add("over"); };
   zone.ondragleave = () => zone.classList.remove("over");
   zone.ondrop = (e) => { e.preventDefault(); zone.classList.remove("over"); upload(e.dataTransfer.files); };
-  $("#file-input").onchange = (e) => upload(e.target.files);
+  $("#file-input").onchange = (e) => { upload(e.target.files); e.target.value = ""; };
   $("#prepare-button").onclick = runPrepare;
 }
 
@@ -457,6 +509,8 @@ async function inspect(name) {
 
 function setupEmbeddings() {
   createForm = renderForm($("#create-form"), state.schema.create);
+  submitOnEnter($("#create-form"), $("#create-button"));
+  submitOnEnter($("#embedding-upload-name"), $("#embedding-upload-button"));
   $("#create-button").onclick = async () => {
     showError("#create-error", null); createForm.mark(null);
     $("#create-button").disabled = true;
@@ -542,8 +596,11 @@ function fillFromLastRun(name) {
   const job = trainJobs(name)[0];
   if (job) {
     for (const [key, value] of Object.entries(job.request)) if (key !== "embedding") trainForm.set(key, value);
-  } else if (state.sets.some((s) => s.name === name)) {
+  } else if (state.sets.some((s) => s.name === name && s.photos > 0)) {
     trainForm.set("set", name);
+  } else {  // never an empty set: a prepared one, else one with photos
+    const likely = state.sets.find((s) => s.prepared) || state.sets.find((s) => s.photos > 0);
+    if (likely) trainForm.set("set", likely.name);
   }
 }
 
@@ -608,9 +665,12 @@ function bindTrain(name) {
     $("#train-status").textContent = `${name} waits for its turn` + (other && other.status === "running"
       ? ` (${other.request.embedding} is training now)` : "") + "; Cancel takes it out of the queue.";
   } else if (!active) {
-    $("#train-status").textContent = jobSummary(latest, trained) +
-      (other ? ` ${other.request.embedding} is training now; a start here waits for it.` : "");
+    $("#train-status").textContent = [jobSummary(latest, trained),
+      other ? `${other.request.embedding} is training now; a start here waits for it.` : ""].filter(Boolean).join(" ");
   }
+  // a run that failed or was interrupted needs the user: say it in the error colour, not in grey
+  $("#train-status").classList.toggle("error", !active && Boolean(latest) && ["failed", "interrupted"]
+    .includes(latest.status));
   if (!active) setProgress("#train-progress", null);
   drawTimeline();
 }
@@ -658,9 +718,12 @@ function drawLoss() {
     <text x="${pad}" y="${height - 8}" font-size="11">step ${s0}</text>
     <text x="${width - 10}" y="${height - 8}" font-size="11" text-anchor="end">step ${s1}</text>
     ${line(values, "#9ecae1", 1)}${line(smooth, "#08519c", 2)}${evaluationMarks(run, x, y, s0, s1, v0, v1, height)}</svg>
-    <p class="muted">${points.length} steps, last loss ${values[values.length - 1].toFixed(4)}${
-      run.eval.length ? "; orange: the fixed-batch loss" : ""}${
-      run.eval.some((r) => r.likeness !== null) ? "; green, right axis: the likeness (0–100%)" : ""}</p>`;
+    <p class="legend"><span class="key" style="background:#9ecae1"></span>each step's loss
+      <span class="key" style="background:#08519c"></span>its running mean${run.eval.length
+      ? "<span class='key' style='background:#e6550d'></span>the fixed-batch loss" : ""}${
+      run.eval.some((r) => r.likeness !== null) ? "<span class='key' style='background:#31a354'></span>the " +
+      "likeness (right axis, 0–100%)" : ""}</p>
+    <p class="muted">${points.length} steps, last loss ${values[values.length - 1].toFixed(4)}</p>`;
   drawKept(run);
 }
 
@@ -787,6 +850,7 @@ function follow(job) {
 }
 
 function setupTrain() {
+  submitOnEnter($("#train-form"), $("#train-button"));
   $("#train-button").onclick = async () => {
     showError("#train-error", null); trainForm.mark(null);
     try {
@@ -827,6 +891,10 @@ function addImage(item, first) {
   figure.innerHTML = "<img alt=''><pre></pre><div class='row'></div>";
   figure.querySelector("img").src = item.url;
   figure.querySelector("pre").textContent = item.infotext;
+  const link = document.createElement("a");
+  link.href = item.url; link.download = item.url.split("/").pop(); link.textContent = "Download";
+  link.className = "button secondary";
+  figure.querySelector(".row").append(link);
   const seed = (item.infotext.match(/Seed: (\d+)/) || [])[1];
   if (seed) {
     const button = document.createElement("button");
@@ -898,19 +966,32 @@ async function loadGallery() {
 function setupGenerate() {
   generateForm = renderForm($("#generate-form"), state.schema.generate);
   for (const name of ["prompt", "negative_prompt"]) {
-    if (generateForm.inputs[name]) generateForm.inputs[name].input.addEventListener("input", showPromptWords);
+    const input = generateForm.inputs[name] && generateForm.inputs[name].input;
+    if (!input) continue;
+    if (remembered(name)) input.value = remembered(name);  // a reload keeps what was written
+    input.addEventListener("input", () => { remembered(name, input.value); showPromptWords(); });
   }
+  submitOnEnter($("#generate-form"), $("#generate-button"));
   const promptField = generateForm.inputs.prompt && generateForm.inputs.prompt.input.closest(".field");
   if (promptField) promptField.append($("#prompt-words"));
   $("#generate-button").onclick = async () => {
-    showError("#generate-error", null); generateForm.mark(null);
+    showError("#generate-error", null); generateForm.mark(null); $("#generate-note").hidden = true;
     $("#generate-button").disabled = true;
     try {
       const job = await api("POST", "/api/generate", generateForm.values());
       setProgress("#generate-progress", 0);
       const done = await watchJob(job, { progress: (e) => setProgress("#generate-progress", e.step / e.total) });
-      if (done.status !== "done") throw new Error(done.error || `generation ${done.status}`);
-      for (const image of done.result.images.slice().reverse()) addImage(image, true);
+      if (done.status === "cancelled" || done.status === "stopped") {
+        const kept = (done.result && done.result.images) || [];
+        for (const image of kept.slice().reverse()) addImage(image, true);
+        $("#generate-note").hidden = false;  // the user's own choice: a note, not an error
+        $("#generate-note").textContent = done.status === "cancelled" ? "Cancelled before it started."
+          : `Stopped; ${kept.length} finished image${kept.length === 1 ? " was" : "s were"} kept.`;
+      } else if (done.status !== "done") {
+        throw new Error(done.error || `generation ${done.status}`);
+      } else {
+        for (const image of done.result.images.slice().reverse()) addImage(image, true);
+      }
     } catch (e) { showError("#generate-error", e); generateForm.mark(e); }
     setProgress("#generate-progress", null);
     $("#generate-button").disabled = false;
