@@ -14,6 +14,7 @@ from tistudio.embeddings.files import Embedding, read_embedding, write_embedding
 from tistudio.errors import DatasetError, EmbeddingError, OptionError
 from tistudio.train.create import create_embedding
 from tistudio.train.loop import train
+from tistudio.train.runfolder import RunFolder
 
 
 def new_embedding(model, folder: Path, name: str = "tomtut", vectors: int = 2, init: str = "toy") -> Path:
@@ -153,6 +154,7 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(
     first = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model, stop=stop)
     assert len(calls) == 11, "the step went on after the stop"
     assert first.stopped and first.step == 3 and read_embedding(resumed / "tomtut.safetensors").step == 3
+    assert RunFolder(resumed.parent / "run", "tomtut").copy_steps() == [2, 3]  # the stop's step can be chosen later
     monkeypatch.setattr(NoisePrediction, "loss", real_loss)
     second = train(options(photos, resumed, **settings), cache_dir=resumed, model=sd1_model)
     assert second.start_step == 3 and second.step == 6

@@ -385,7 +385,7 @@ class Session:
             evaluate(evaluator, self.trainable, step, self.end, self.report, last=True)  # always a candidate
         self.checkpoints.save(
             step,
-            copy=bool(options.save_every) and not result.stopped,
+            copy=bool(options.save_every),  # a stop's step too: it can be chosen later ("Use this step", use-step)
             final=True,
             result=result,
             report=self.report,
