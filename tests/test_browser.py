@@ -175,6 +175,8 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         page.click("#preview-timeline figure[data-step='20'] button")
         expect(page.locator("#train-status")).to_contain_text("saved at step 20")
         expect(page.locator("#kept-step")).to_contain_text("keeps step 20")
+        # what the next Start does with that choice is said before it is pressed (issue 33)
+        expect(page.locator("#train-hint")).to_contain_text("continues from step 40, the last step trained, not from")
         page.click("nav a[data-tab=embeddings]")
         expect(page.locator("#embedding-table tbody tr td").nth(2)).to_have_text("20")
 
@@ -381,6 +383,9 @@ def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and
         server.kill()
         server.wait(timeout=30)
         expect(page.locator("#busy")).to_contain_text("does not answer", timeout=10_000)
+        # the queue says it is what the server said last, with no Stop that cannot act (issue 33)
+        expect(page.locator("#queue li").first).to_contain_text("last known; the server does not answer")
+        assert page.locator("#queue button").count() == 0
         server, _ = start_server(tmp_path, cache_dir, tiny_sd1, port=port)
         expect(page.locator("#train-status")).to_contain_text("was interrupted at step", timeout=30_000)
         saved = api(page, "GET", f"{base}/api/embeddings/tomtut")["step"]
@@ -389,6 +394,7 @@ def test_the_train_tab_tells_the_truth_after_reload_second_tab_queue_restart_and
         expect(page.locator("#train-form-embedding")).to_have_value("tomtut")
         page.reload()
         expect(page.locator("#resume-button")).to_have_text(f"Resume from step {saved} of 5000")
+        expect(page.locator("#train-hint")).to_contain_text("Resume runs the interrupted training again")
         shot(page, "6-interrupted")
         page.click("#resume-button")
         expect(page.locator("#resume-button")).to_be_hidden()

@@ -233,6 +233,12 @@ async function refreshStatus() {
   } catch (e) {
     state.offline = true;
     $("#busy").textContent = "the server does not answer; waiting for it to come back…";
+    // the queue is what the server said last: say so, and take away buttons that cannot act now
+    for (const item of document.querySelectorAll("#queue li")) {
+      item.classList.add("stale");
+      for (const button of item.querySelectorAll("button")) button.remove();
+      if (!item.dataset.stale) { item.dataset.stale = "1"; item.append(" — last known; the server does not answer"); }
+    }
     return;
   }
   if (state.offline) {  // it is back (perhaps restarted): show every tab as it is now
@@ -446,7 +452,11 @@ function setupPhotos() {
   zone.ondragover = (e) => { e.preventDefault(); zone.classList.add("over"); };
   zone.ondragleave = () => zone.classList.remove("over");
   zone.ondrop = (e) => { e.preventDefault(); zone.classList.remove("over"); upload(e.dataTransfer.files); };
-  $("#file-input").onchange = (e) => { upload(e.target.files); e.target.value = ""; };
+  $("#file-input").onchange = (e) => {
+    const files = [...e.target.files];  // the live list empties when the input is cleared for the next choice
+    e.target.value = "";
+    upload(files);
+  };
   $("#prepare-button").onclick = runPrepare;
 }
 
@@ -661,6 +671,8 @@ function bindTrain(name) {
     trained < last ? latest : null;
   $("#resume-button").hidden = !state.resumeJob;
   if (state.resumeJob) $("#resume-button").textContent = `Resume from step ${trained} of ${last}`;
+  $("#train-hint").textContent = active ? "" : startHint(fileRun.kept, trained, last);
+  $("#train-hint").hidden = !$("#train-hint").textContent;
   if (active && active.status === "queued") {
     $("#train-status").textContent = `${name} waits for its turn` + (other && other.status === "running"
       ? ` (${other.request.embedding} is training now)` : "") + "; Cancel takes it out of the queue.";
@@ -673,6 +685,23 @@ function bindTrain(name) {
     .includes(latest.status));
   if (!active) setProgress("#train-progress", null);
   drawTimeline();
+}
+
+function startHint(kept, trained, last) {
+  // What Start will do, said before it does it: where it continues from, and what happens to a chosen step.
+  const parts = [];
+  if (state.resumeJob) {
+    parts.push(`Resume runs the interrupted training again with its own settings, to step ${last}; Start training ` +
+      "uses the settings above.");
+  }
+  if (kept && kept.by.startsWith("you") && trained > kept.step) {
+    parts.push(`Start training continues from step ${trained}, the last step trained, not from step ${kept.step} ` +
+      `that you chose; step ${kept.step} stays the embedding until the run ends, when the step it keeps replaces it ` +
+      "(your choice stays in the run folder as its copy).");
+  } else if (trained > 0) {
+    parts.push(`Start training continues from step ${trained}, where the embedding's training stopped.`);
+  }
+  return parts.join(" ");
 }
 
 function jobSummary(job, trained) {
