@@ -175,6 +175,8 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         page.click("#preview-timeline figure[data-step='20'] button")
         expect(page.locator("#train-status")).to_contain_text("saved at step 20")
         expect(page.locator("#kept-step")).to_contain_text("keeps step 20")
+        # the test photos show no face: why no likeness judged them is on the page, not only in the log (issue 33)
+        expect(page.locator("#kept-step")).to_contain_text("Pictures were not judged by likeness: ")
         # what the next Start does with that choice is said before it is pressed (issue 33)
         expect(page.locator("#train-hint")).to_contain_text("continues from step 40, the last step trained, not from")
         page.click("nav a[data-tab=embeddings]")

@@ -162,6 +162,21 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(
     assert torch.equal(a.tensor, b.tensor), "the dropped step changed what the resume continued from"
 
 
+def test_why_no_likeness_judged_a_run_is_recorded_with_it(sd1_model, photos, tmp_path) -> None:
+    """The test photos show no face: options.json says why the loss chose the step, for the page and the report
+    (it was only in the log; issue 33)."""
+    import json
+
+    from tistudio.extras import faces_available
+
+    folder = tmp_path / "emb"
+    new_embedding(sd1_model, folder)
+    run(sd1_model, photos, folder, max_steps=2, eval_every=2, likeness="auto")
+    judged = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]["likeness"]
+    reason = "training images show a face large enough" if faces_available() else "needs pip install"
+    assert judged.startswith("none: the fixed-batch loss chooses the step (") and reason in judged, judged
+
+
 def test_a_resume_state_of_the_earlier_layout_still_resumes_exactly(sd1_model, photos, tmp_path) -> None:
     """Runs left by the release before states were kept by encoder key (one trained tensor under unkeyed names)."""
     import json

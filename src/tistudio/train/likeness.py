@@ -111,28 +111,35 @@ class FaceLikeness:
 
 
 def face_likeness(
-    images: Sequence[Image.Image], name: str, size: int, *, pictures: int, steps: int, every: int
+    images: Sequence[Image.Image],
+    name: str,
+    size: int,
+    *,
+    pictures: int,
+    steps: int,
+    every: int,
+    why_not: list[str] | None = None,
 ) -> FaceLikeness | None:
-    """The face likeness of a run whose training images are `images`, or None (with the reason logged) where the
-    extra is missing or the images hold too few faces to know the person by."""
+    """The face likeness of a run whose training images are `images`, or None (with the reason logged, and added to
+    `why_not` for the run's options and the page) where the extra is missing or the images hold too few faces to
+    know the person by."""
+    why_not = why_not if why_not is not None else []
     from tistudio.extras import faces_available
     from tistudio.prepare.faces import FaceDetector
     from tistudio.prepare.identity import FaceIdentity
 
     if not faces_available():
-        log.info(
-            "the loss chooses the step to keep: judging pictures by face identity needs pip install 'tistudio[faces]'"
-        )
+        why_not.append("judging pictures by face identity needs pip install 'tistudio[faces]'")
+        log.info("the loss chooses the step to keep: %s", why_not[-1])
         return None
     detector, identity = FaceDetector(), FaceIdentity()
     references = reference_faces(images, detector, identity)
     if len(references) < MIN_REFERENCE_FACES:
-        log.info(
-            "no face likeness: %d of %d training images show a face large enough to know the person by (a "
-            "pet, an object or a style?); the fixed-batch loss chooses the step to keep",
-            len(references),
-            len(images),
+        why_not.append(
+            f"no face likeness: {len(references)} of {len(images)} training images show a face large enough to know "
+            "the person by (a pet, an object or a style? faces of under 40 pixels are too small)"
         )
+        log.info("%s; the fixed-batch loss chooses the step to keep", why_not[-1])
         return None
     log.info(
         "face likeness every %d steps: %d pictures of %d sampler steps from unseen prompts, compared with the "

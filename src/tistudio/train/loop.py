@@ -178,8 +178,9 @@ def run_training(
     # 5. The optimizer, evaluation, previews and checkpoints.
     optimizer, scaler = make_optimizer(trainable, model, options, start_step)
     guard = restore(optimizer, scaler, trainable, saved, name, start_step)
+    unmeasured: list[str] = []  # why a face likeness cannot judge this run, said in options.json and on the page
     if main and likeness is None and options.likeness != "off" and options.eval_every:
-        likeness = face_likeness_of(dataset, name, size, options)
+        likeness = face_likeness_of(dataset, name, size, options, unmeasured)
     evaluator = (
         make_evaluator(denoiser, samples, point.run, options, likeness, start_step, saved, trainable) if main else None
     )
@@ -216,7 +217,7 @@ def run_training(
         evaluator=evaluator,
         parallel=parallel,
         masking=describe_masking(masking, samples),
-        judged=judged_by(evaluator),
+        judged=judged_by(evaluator, unmeasured),
     )
     session.train(earlier_batch, record if main else None)
 
@@ -740,13 +741,14 @@ def encode_samples(
     )
 
 
-def judged_by(evaluator: Evaluator | None) -> str:
+def judged_by(evaluator: Evaluator | None, why_not: Sequence[str] = ()) -> str:
     """What judges the pictures, for options.json and the report: "face identity" (train/likeness.py), "the caller's
-    measure" (a likeness passed to train(), as the demo's trait reader), or that the fixed-batch loss chooses."""
+    measure" (a likeness passed to train(), as the demo's trait reader), or that the fixed-batch loss chooses (and
+    why no likeness could, where that is known)."""
     if evaluator is None:
         return "none: no evaluations"
     if evaluator.likeness is None:
-        return "none: the fixed-batch loss chooses the step"
+        return "none: the fixed-batch loss chooses the step" + (f" ({why_not[0]})" if why_not else "")
     return getattr(evaluator.likeness, "kind", "the caller's measure")
 
 
@@ -942,8 +944,11 @@ def evaluation_spec(
     return {"samples": options.eval_samples, "stratified": False}
 
 
-def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptions) -> Likeness | None:
-    """The run's face likeness (train/likeness.py), or None where the extra is missing or the photos show no face."""
+def face_likeness_of(
+    dataset: Dataset, name: str, size: int, options: TrainOptions, why_not: list[str] | None = None
+) -> Likeness | None:
+    """The run's face likeness (train/likeness.py), or None where the extra is missing or the photos show no face
+    (the reason added to `why_not`)."""
     from tistudio.train.likeness import face_likeness
 
     return face_likeness(
@@ -953,6 +958,7 @@ def face_likeness_of(dataset: Dataset, name: str, size: int, options: TrainOptio
         pictures=options.likeness_pictures,
         steps=options.likeness_steps,
         every=options.likeness_every,
+        why_not=why_not,
     )
 
 

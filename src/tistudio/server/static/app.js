@@ -622,12 +622,13 @@ async function showRun(name) {
 }
 
 async function loadRun(name) {
-  Object.assign(fileRun, { name, loss: [], eval: [], previews: [], copies: [], kept: null, report: null });
+  Object.assign(fileRun, { name, loss: [], eval: [], previews: [], copies: [], kept: null, report: null,
+    resolved: null });
   if (name) {
     try {
       const run = await api("GET", `/api/runs/${name}`);
       Object.assign(fileRun, { loss: run.loss.map((r) => [r.step, r.loss]), eval: run.eval || [],
-        previews: run.previews, copies: run.copies, kept: run.kept, report: run.report });
+        previews: run.previews, copies: run.copies, kept: run.kept, report: run.report, resolved: run.resolved });
     } catch (e) {
       if (!/does not exist/.test(e.message)) showError("#train-error", e);
     }
@@ -789,6 +790,9 @@ function drawKept(run) {
       "dlib's same-person line)" : ` (likeness ${(100 * liked.likeness).toFixed(0)}%)`) : "") +
     `; the last step, ${kept.last_step}, is ` +
     "kept beside it." : `The embedding holds step ${kept.step}, the last step trained.`);
+  const judged = String((run.resolved || {}).likeness || "");
+  const why = judged.startsWith("none:") && judged.match(/\((.*)\)$/);
+  if (why) note.textContent += ` Pictures were not judged by likeness: ${why[1]}.`;  // not only in the server's log
   if (run.report) {
     const link = document.createElement("a");
     link.href = run.report;
