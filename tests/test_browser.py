@@ -555,6 +555,19 @@ def test_the_whole_path_by_keyboard_alone_and_a_reload_keeps_the_place(
         expect(page.locator("#set-select")).to_have_value("kbd")
         expect(page.locator("#photo-grid figure")).to_have_count(6)
 
+        # A caption is seen and written beside its photo (Enter saves); the empty set is deleted.
+        caption = page.locator("#photo-grid figure input.caption").first
+        caption.fill("smiling, on a beach")
+        caption.press("Enter")
+        expect(caption).to_have_attribute("title", "saved")
+        page.reload()
+        expect(page.locator("#photo-grid figure input.caption").first).to_have_value("smiling, on a beach")
+        page.select_option("#set-select", "aaa-empty")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-set-button")
+        expect(page.locator("#set-select option")).to_have_count(1)
+        expect(page.locator("#set-select")).to_have_value("kbd")
+
         # Embeddings: Enter in the name creates it.
         page.goto(f"{base}/#embeddings")
         page.focus("#create-form-name")

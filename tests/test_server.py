@@ -697,3 +697,42 @@ def test_a_picture_uploaded_as_an_embedding_is_refused_by_its_own_name(client, p
     answer = client.post("/api/embeddings/upload", files={"file": ("holiday.png", picture)})
     assert answer.status_code == 400 and "holiday.png" in answer.json()["error"], answer.json()
     assert ".tmp" not in answer.json()["error"] and ".upload-" not in answer.json()["error"]
+
+
+def test_captions_are_seen_and_edited_and_sets_renamed_and_deleted(client, photos, tmp_path) -> None:
+    """(Issue 33: what A1111 and kohya_ss GUI users look for next.) Each photo's caption is listed and can be
+    written or cleared; a set is renamed with its prepared set and deleted with it - never while a job uses it."""
+    picture = sorted(photos.glob("*.png"))[0]
+    client.post("/api/photosets/tomtut")
+    client.post("/api/photosets/tomtut/photos", files=[("files", (picture.name, picture.read_bytes(), "image/png"))])
+    shown = client.get("/api/photosets/tomtut").json()["photos"][0]
+    assert shown["caption"] is None
+    url = f"/api/photosets/tomtut/photos/{picture.name}/caption"
+    assert client.put(url, json={"text": "smiling,\n on a beach "}).json()["caption"] == "smiling, on a beach"
+    assert (tmp_path / "ws" / "photos" / "tomtut" / f"{picture.stem}.txt").read_text() == "smiling, on a beach\n"
+    assert client.get("/api/photosets/tomtut").json()["photos"][0]["caption"] == "smiling, on a beach"
+    assert client.put(url, json={"text": 5}).json()["field"] == "text"
+    assert client.put(url, json={"text": ""}).json()["caption"] == ""
+    assert not (tmp_path / "ws" / "photos" / "tomtut" / f"{picture.stem}.txt").exists()
+    assert client.put("/api/photosets/tomtut/photos/none.png/caption", json={"text": "x"}).status_code == 404
+
+    (tmp_path / "ws" / "datasets" / "tomtut").mkdir()
+    (tmp_path / "ws" / "datasets" / "tomtut" / "manifest.json").write_text("{}")
+    client.post("/api/photosets/other")
+    assert client.post("/api/photosets/tomtut/rename", json={"to": "Other"}).json()["field"] == "to"  # a case twin
+    assert client.post("/api/photosets/tomtut/rename", json={"to": "../x"}).json()["field"] == "to"
+    assert client.post("/api/photosets/tomtut/rename", json={"to": "tomtut2"}).json() == {"name": "tomtut2"}
+    assert (tmp_path / "ws" / "datasets" / "tomtut2" / "manifest.json").is_file()
+    assert [s["name"] for s in client.get("/api/photosets").json()] == ["other", "tomtut2"]
+
+    store = client.app.state.server.store
+    job = store.create("prepare", {"set": "tomtut2"})
+    busy = client.delete("/api/photosets/tomtut2")
+    assert busy.status_code == 400 and f"job {job.id} uses this set" in busy.json()["error"]
+    store.update(job, status="done")
+    assert client.delete("/api/photosets/tomtut2").json() == {"deleted": "tomtut2"}
+    assert (
+        not (tmp_path / "ws" / "photos" / "tomtut2").exists()
+        and not (tmp_path / "ws" / "datasets" / "tomtut2").exists()
+    )
+    assert client.delete("/api/photosets/tomtut2").status_code == 404

@@ -15,6 +15,7 @@ from tistudio.config import PrepareOptions, validate_prepare
 from tistudio.errors import OptionError, TistudioError
 from tistudio.prepare.dataset import CAPTION_SUFFIXES, image_format, is_mask_file, mask_file
 from tistudio.server.context import ServerDep, image_response, not_found, options_from_body, public, read_capped
+from tistudio.storage import write_bytes
 
 router = APIRouter()
 REPORTED = (
@@ -41,6 +42,18 @@ def is_photo(path: Path) -> bool:
         and path.suffix.lower() not in CAPTION_SUFFIXES
         and not is_mask_file(path.name)
     )
+
+
+def caption_of(photo: Path) -> str | None:
+    """The photo's caption sidecar (PHOTO.txt or PHOTO.caption), read as prepare reads it, or None."""
+    for suffix in sorted(CAPTION_SUFFIXES):
+        sidecar = photo.with_suffix(suffix)
+        if sidecar.is_file():
+            try:
+                return " ".join(sidecar.read_text("utf-8", errors="replace")[: 4 * MAX_CAPTION].split())
+            except OSError:
+                return None
+    return None
 
 
 @router.get("/api/photosets")
@@ -92,6 +105,7 @@ def photo_set(name: str, server: ServerDep) -> dict[str, Any]:
                 "bytes": p.stat().st_size,
                 "url": f"/api/photosets/{name}/photos/{p.name}",
                 "mask": masks[p].name if masks[p] else None,
+                "caption": caption_of(p),
             }
             for p in files
         ],
@@ -129,7 +143,6 @@ async def upload_photos(name: str, files: Annotated[list[UploadFile], File()], s
 
 
 async def _keep_upload(workspace: Any, folder: Path, upload: UploadFile, limits: Any) -> str:
-    from tistudio.storage import write_bytes
 
     target = workspace.file_in(folder, upload.filename or "")
     data = await read_capped(upload, limits.upload_bytes)
@@ -231,3 +244,82 @@ def thumbnail(path: Path, side: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
+
+
+# -- a set's captions, and the set itself -------------------------------------------------------------------------
+
+MAX_CAPTION = 2000  # characters: a caption is a line of tags or a sentence
+
+
+def set_in_use(server: Any, name: str) -> None:
+    """Refuse to change a set a job running or waiting reads."""
+    for job in server.store.all():
+        if job.status in ("running", "queued") and f"set:{name}" in job.resources():
+            raise OptionError(
+                "set", name, f"{job.kind} job {job.id} uses this set ({job.status}); stop or cancel it first"
+            )
+
+
+def existing_set(server: Any, name: str) -> Path:
+    folder = server.workspace.photo_set(name)
+    if not folder.is_dir():
+        raise not_found(f"photo set {name}")
+    return folder
+
+
+@router.put("/api/photosets/{name}/photos/{file}/caption")
+def set_caption(name: str, file: str, body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    """Write a photo's caption (PHOTO.txt beside it, which prepare's caption_action and [filewords] read); an empty
+    text removes it."""
+    photo = server.workspace.file_in(existing_set(server, name), file)
+    if not (photo.is_file() and is_photo(photo)):
+        raise not_found(file)
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str) or "\x00" in text:
+        raise OptionError("text", text, 'send the caption as text: {"text": "smiling, on a beach"}')
+    text = " ".join(text.split())  # one line, as captions are read
+    if len(text) > MAX_CAPTION:
+        raise OptionError("text", f"{len(text)} characters", f"a caption has at most {MAX_CAPTION} characters")
+    set_in_use(server, name)
+    sidecars = [photo.with_suffix(suffix) for suffix in sorted(CAPTION_SUFFIXES)]
+    sidecar = next((path for path in sidecars if path.is_file()), photo.with_suffix(".txt"))
+    if text:
+        write_bytes(sidecar, (text + "\n").encode("utf-8"))
+    else:
+        sidecar.unlink(missing_ok=True)
+    return {"file": photo.name, "caption": text}
+
+
+@router.delete("/api/photosets/{name}")
+def delete_set(name: str, server: ServerDep) -> dict[str, Any]:
+    """Delete a photo set and the prepared set made from it (embeddings and runs trained on it stay)."""
+    import shutil
+
+    folder = existing_set(server, name)
+    set_in_use(server, name)
+    for path in (folder, server.workspace.dataset(name)):
+        if path.is_symlink():  # a link planted in place of the folder: take the link away, not what it leads to
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)  # links inside are removed, never followed
+    return {"deleted": name}
+
+
+@router.post("/api/photosets/{name}/rename")
+def rename_set(name: str, body: dict[str, Any], server: ServerDep) -> dict[str, Any]:
+    """Rename a photo set and its prepared set."""
+    from tistudio.config import check_name
+
+    folder = existing_set(server, name)
+    new = check_name(str(body.get("to", "")) if isinstance(body, dict) else "", "to")
+    if new == name:
+        return {"name": name}
+    twin = next((other for other in server.workspace.sets() if other.lower() == new.lower()), None)
+    if twin is not None and twin != name:
+        raise OptionError("to", new, f"there is a set {twin!r} already; choose another name or delete it first")
+    set_in_use(server, name)
+    prepared = server.workspace.dataset(name)
+    folder.rename(server.workspace.photo_set(new))
+    if prepared.is_dir():
+        prepared.rename(server.workspace.dataset(new))
+    return {"name": new}

@@ -305,6 +305,7 @@ async function loadSets(select) {
   }
   $("#sets-empty").hidden = state.sets.length > 0;
   $("#set-panel").hidden = state.sets.length === 0;
+  $("#rename-set-button").hidden = $("#delete-set-button").hidden = state.sets.length === 0;
   // the set asked for, else the one shown (or shown before a reload), else one with photos (a prepared one first)
   const known = (name) => name && state.sets.some((s) => s.name === name);
   const likely = state.sets.find((s) => s.prepared) || state.sets.find((s) => s.photos > 0) || state.sets[0];
@@ -320,9 +321,23 @@ async function loadSet() {
   grid.innerHTML = "";
   for (const photo of set.photos) {
     const figure = document.createElement("figure");
-    figure.innerHTML = `<img alt="" loading="lazy"><figcaption></figcaption><button class="danger">Remove</button>`;
+    figure.innerHTML = `<img alt="" loading="lazy"><figcaption></figcaption><input class="caption"
+      placeholder="caption (Enter saves)"><button class="danger">Remove</button>`;
     figure.querySelector("img").src = `${photo.url}?thumb=264`;
     figure.querySelector("figcaption").textContent = photo.file;
+    const caption = figure.querySelector("input.caption");
+    caption.value = photo.caption || "";
+    caption.setAttribute("aria-label", `caption of ${photo.file}`);
+    const save = async () => {
+      if (caption.value === (caption.dataset.saved ?? (photo.caption || ""))) return;
+      try {
+        const answer = await api("PUT", `${photo.url}/caption`, { text: caption.value });
+        caption.value = answer.caption; caption.dataset.saved = answer.caption;
+        caption.classList.remove("invalid"); caption.title = "saved";
+      } catch (e) { caption.classList.add("invalid"); caption.title = e.message; showError("#upload-error", e); }
+    };
+    caption.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); save(); } });
+    caption.addEventListener("change", save);
     figure.querySelector("button").onclick = async () => {
       await api("DELETE", photo.url); loadSet();
     };
@@ -448,6 +463,26 @@ function setupPhotos() {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#file-input").click(); }
   };
   $("#choose-files").onclick = (e) => { e.preventDefault(); $("#file-input").click(); };
+  $("#rename-set-button").onclick = async () => {
+    showError("#set-error", null);
+    const to = window.prompt(`Rename the photo set ${state.set} to:`, state.set);
+    if (!to || to === state.set) return;
+    try {
+      const answer = await api("POST", `/api/photosets/${state.set}/rename`, { to: to.trim() });
+      await loadSets(remembered("set", answer.name));
+    } catch (e) { showError("#set-error", e); }
+  };
+  $("#delete-set-button").onclick = async () => {
+    showError("#set-error", null);
+    if (!window.confirm(`Delete the photo set ${state.set} and its prepared set? Embeddings trained on it stay.`)) {
+      return;
+    }
+    try {
+      await api("DELETE", `/api/photosets/${state.set}`);
+      state.set = ""; remembered("set", "");
+      await loadSets();
+    } catch (e) { showError("#set-error", e); }
+  };
   submitOnEnter($("#new-set"), $("#new-set-button"));
   zone.ondragover = (e) => { e.preventDefault(); zone.classList.add("over"); };
   zone.ondragleave = () => zone.classList.remove("over");
