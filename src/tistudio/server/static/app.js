@@ -917,7 +917,48 @@ function follow(job) {
   bindTrain(fileRun.name);
 }
 
+// Training presets: the Train form's settings (all but the embedding and the set) under a name, kept in this
+// browser (localStorage), as A1111 and kohya_ss GUI users keep theirs.
+function presets() {
+  try { return JSON.parse(remembered("presets") || "{}"); } catch (e) { return {}; }
+}
+
+function showPresets(selected = "") {
+  const picker = $("#preset-select");
+  picker.innerHTML = "<option value=''>(none)</option>";
+  for (const name of Object.keys(presets()).sort()) {
+    const option = document.createElement("option");
+    option.value = name; option.textContent = name; picker.append(option);
+  }
+  picker.value = selected;
+  $("#preset-delete").hidden = !selected;
+}
+
+function setupPresets() {
+  showPresets();
+  $("#preset-save").onclick = () => {
+    const name = (window.prompt("Save these training settings as the preset:", $("#preset-select").value) || "").trim();
+    if (!name) return;
+    const values = trainForm.values(false);
+    delete values.embedding; delete values.set;
+    remembered("presets", JSON.stringify({ ...presets(), [name.slice(0, 64)]: values }));
+    showPresets(name.slice(0, 64));
+  };
+  $("#preset-select").onchange = (e) => {
+    const chosen = presets()[e.target.value];
+    if (chosen) for (const [key, value] of Object.entries(chosen)) if (trainForm.inputs[key]) trainForm.set(key, value);
+    $("#preset-delete").hidden = !e.target.value;
+  };
+  $("#preset-delete").onclick = () => {
+    const all = presets();
+    delete all[$("#preset-select").value];
+    remembered("presets", JSON.stringify(all));
+    showPresets();
+  };
+}
+
 function setupTrain() {
+  setupPresets();
   submitOnEnter($("#train-form"), $("#train-button"));
   $("#train-button").onclick = async () => {
     showError("#train-error", null); trainForm.mark(null);
