@@ -191,6 +191,10 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         page.fill("#generate-form-batch", "2")
         page.click("#generate-button")
         expect(page.locator("#gallery figure")).to_have_count(2, timeout=60_000)
+        batch = page.locator("#generate-note a", has_text="Download them all (zip)")  # issue 33
+        with page.expect_download() as zipped:
+            batch.click()
+        assert Path(zipped.value.path()).read_bytes()[:2] == b"PK"
         text = page.locator("#gallery figure pre").first.inner_text()
         assert "a photo of tomtut on a beach" in text and 'TI hashes: "tomtut: ' in text
         seed = text.split("Seed: ")[1].split(",")[0]

@@ -736,3 +736,22 @@ def test_captions_are_seen_and_edited_and_sets_renamed_and_deleted(client, photo
         and not (tmp_path / "ws" / "datasets" / "tomtut2").exists()
     )
     assert client.delete("/api/photosets/tomtut2").status_code == 404
+
+
+def test_a_batch_of_pictures_downloads_as_one_zip(client, tmp_path) -> None:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    outputs = tmp_path / "ws" / "outputs"
+    for name in ("00000-1.png", "00001-2.png"):
+        Image.new("RGB", (8, 8)).save(outputs / name)
+    answer = client.get("/api/outputs.zip", params={"files": "00000-1.png,00001-2.png"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        assert archive.namelist() == ["00000-1.png", "00001-2.png"]
+        assert archive.read("00000-1.png") == (outputs / "00000-1.png").read_bytes()
+    assert client.get("/api/outputs.zip", params={"files": "00000-1.png,../ws/x.png"}).status_code in (400, 404)
+    assert client.get("/api/outputs.zip", params={"files": "nope.png"}).status_code == 404
+    assert client.get("/api/outputs.zip", params={"files": ",".join(["a.png"] * 101)}).json()["field"] == "files"

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from tistudio.config import GenerateOptions, parse_size, validate_generate
 from tistudio.errors import OptionError
-from tistudio.server.context import Server, ServerDep, image_response, options_from_body, public
+from tistudio.server.context import Server, ServerDep, image_response, not_found, options_from_body, public
 
 router = APIRouter()
 
@@ -64,6 +64,31 @@ def outputs(server: ServerDep, limit: int = 100) -> list[dict[str, Any]]:
             text = ""
         out.append({"file": path.name, "url": f"/api/outputs/{path.name}", "infotext": text})
     return out
+
+
+@router.get("/api/outputs.zip")
+def outputs_zip(files: str, server: ServerDep) -> Response:
+    """Several generated pictures as one zip (a batch's download): `files` names them, comma-separated."""
+    import io
+    import zipfile
+
+    names = [name for name in files.split(",") if name]
+    if len(names) > 100:
+        raise OptionError("files", f"{len(names)} pictures", "a zip holds at most 100 pictures; ask for fewer")
+    if not names:
+        raise OptionError("files", files, "name the pictures, comma-separated: files=00001-5.png,00002-6.png")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+        for name in names:
+            path = server.workspace.file_in(server.workspace.outputs, name)
+            if not path.is_file():
+                raise not_found(name)
+            archive.write(path, path.name)
+    return Response(
+        buffer.getvalue(),
+        media_type="application/zip",
+        headers={"Content-Disposition": 'attachment; filename="tistudio-pictures.zip"'},
+    )
 
 
 @router.get("/api/outputs/{file}")

@@ -707,8 +707,7 @@ function bindTrain(name) {
     trained < last ? latest : null;
   $("#resume-button").hidden = !state.resumeJob;
   if (state.resumeJob) $("#resume-button").textContent = `Resume from step ${trained} of ${last}`;
-  $("#train-hint").textContent = active ? "" : startHint(fileRun.kept, trained, last);
-  $("#train-hint").hidden = !$("#train-hint").textContent;
+  showStartHint();
   if (active && active.status === "queued") {
     $("#train-status").textContent = `${name} waits for its turn` + (other && other.status === "running"
       ? ` (${other.request.embedding} is training now)` : "") + "; Cancel takes it out of the queue.";
@@ -721,6 +720,14 @@ function bindTrain(name) {
     .includes(latest.status));
   if (!active) setProgress("#train-progress", null);
   drawTimeline();
+}
+
+function showStartHint() {
+  // Called when the job bound to the tab or the run's kept step changes (a "Use this step" reloads the latter).
+  const kept = fileRun.kept, trained = kept ? kept.last_step : 0;
+  const last = state.resumeJob ? Number(state.resumeJob.request.max_steps) || 0 : 0;
+  $("#train-hint").textContent = state.bound ? "" : startHint(kept, trained, last);
+  $("#train-hint").hidden = !$("#train-hint").textContent;
 }
 
 function startHint(kept, trained, last) {
@@ -814,6 +821,7 @@ function evaluationMarks(run, x, y, s0, s1, v0, v1, height) {
 }
 
 function drawKept(run) {
+  showStartHint();
   const kept = run.kept, note = $("#kept-step");
   if (!kept || run.training || !run.loss.length) { note.hidden = true; return; }
   const best = kept.step !== kept.last_step;
@@ -1100,6 +1108,13 @@ function setupGenerate() {
         throw new Error(done.error || `generation ${done.status}`);
       } else {
         for (const image of done.result.images.slice().reverse()) addImage(image, true);
+        if (done.result.images.length > 1) {  // the whole batch in one file
+          const names = done.result.images.map((image) => image.url.split("/").pop()).join(",");
+          const note = $("#generate-note");
+          note.hidden = false;
+          note.innerHTML = `${done.result.images.length} pictures. <a download href="/api/outputs.zip?files=${
+            encodeURIComponent(names)}">Download them all (zip)</a>`;
+        }
       }
     } catch (e) { showError("#generate-error", e); generateForm.mark(e); }
     setProgress("#generate-progress", null);
