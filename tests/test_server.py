@@ -755,3 +755,18 @@ def test_a_batch_of_pictures_downloads_as_one_zip(client, tmp_path) -> None:
     assert client.get("/api/outputs.zip", params={"files": "00000-1.png,../ws/x.png"}).status_code in (400, 404)
     assert client.get("/api/outputs.zip", params={"files": "nope.png"}).status_code == 404
     assert client.get("/api/outputs.zip", params={"files": ",".join(["a.png"] * 101)}).json()["field"] == "files"
+
+
+def test_a_steps_previews_of_several_prompts_are_all_served(client, tmp_path) -> None:
+    from PIL import Image
+
+    previews = tmp_path / "ws" / "runs" / "tomtut" / "previews"
+    previews.mkdir(parents=True)
+    for name in ("tomtut-5.png", "tomtut-5-2.png", "tomtut-5-3.png", "tomtut-10.png"):
+        Image.new("RGB", (8, 8)).save(previews / name)
+    run = client.get("/api/runs/tomtut").json()
+    assert [(p["step"], p["more"]) for p in run["previews"]] == [
+        (5, ["/api/runs/tomtut/previews/tomtut-5-2.png", "/api/runs/tomtut/previews/tomtut-5-3.png"]),
+        (10, []),
+    ]
+    assert client.get(run["previews"][0]["more"][1]).status_code == 200

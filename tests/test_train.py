@@ -162,6 +162,31 @@ def test_a_stop_acts_within_one_micro_batch_and_the_run_still_resumes_exactly(
     assert torch.equal(a.tensor, b.tensor), "the dropped step changed what the resume continued from"
 
 
+def test_several_preview_prompts_draw_a_picture_each_at_every_preview(sd1_model, photos, tmp_path) -> None:
+    """(Issue 33: more than one preview prompt.) One per line: NAME-STEP.png for the first, NAME-STEP-2.png ..."""
+    from PIL import Image
+
+    from tistudio.config import validate_train
+
+    folder = tmp_path / "emb"
+    new_embedding(sd1_model, folder)
+    prompts = "a photo of tomtut\n\n  a painting of tomtut on a beach  \n"
+    run(sd1_model, photos, folder, max_steps=2, preview_every=2, preview_steps=2, preview_prompt=prompts)
+    previews = tmp_path / "run" / "previews"
+    assert sorted(p.name for p in previews.iterdir()) == [
+        "tomtut-0-2.png",
+        "tomtut-0.png",
+        "tomtut-2-2.png",
+        "tomtut-2.png",
+    ]
+    with Image.open(previews / "tomtut-2-2.png") as image:
+        assert image.text["parameters"].startswith("a painting of tomtut on a beach\n")
+    folder_run = RunFolder(tmp_path / "run", "tomtut")
+    assert folder_run.preview_steps() == [0, 2] and folder_run.more_previews(2) == [previews / "tomtut-2-2.png"]
+    with pytest.raises(OptionError, match="at most 8 preview prompts"):
+        validate_train(options(photos, folder, preview_prompt="\n".join(f"prompt {i}" for i in range(9))))
+
+
 def test_why_no_likeness_judged_a_run_is_recorded_with_it(sd1_model, photos, tmp_path) -> None:
     """The test photos show no face: options.json says why the loss chose the step, for the page and the report
     (it was only in the log; issue 33)."""

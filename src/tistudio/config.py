@@ -84,6 +84,14 @@ CFG_RANGE = {"minimum": 1.0, "maximum": 30.0}
 MAX_PROMPT_CHARS = 8000
 
 
+MAX_PREVIEW_PROMPTS = 8  # previews per step: one picture each
+
+
+def preview_prompts(text: str) -> list[str]:
+    """preview_prompt's prompts: one per non-empty line (a preview of each is drawn at every preview step)."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
 def check_prompt(text: str, field_name: str = "prompt") -> str:
     if len(text or "") > MAX_PROMPT_CHARS:
         raise OptionError(
@@ -170,10 +178,14 @@ class TrainOptions(ModelOptions):
     preview_every: int = option(500, "save a preview image every N steps (0: off)", minimum=0)
     # Save a copy of the embedding every N steps (0: never); resume state is saved with it.
     save_every: int = option(500, "save an embedding copy every N steps (0: off)", minimum=0)
-    # Preview prompt; empty means the template's first line with the name.
+    # Preview prompt; empty means the template's first line with the name. Several, one per line (at most
+    # MAX_PREVIEW_PROMPTS): a picture of each at every preview step (NAME-STEP.png, NAME-STEP-2.png, ...).
     # The preview_* fields are a preview's SamplingParams (generate/images.py), as flags of their own.
     preview_prompt: str = option(
-        "", "preview prompt (default: the template's first line)", widget="wide", check=check_prompt
+        "",
+        "preview prompt (default: the template's first line); several, one per line, draw a picture each",
+        widget="textarea",
+        check=check_prompt,
     )
     preview_negative_prompt: str = option("", "preview negative prompt", advanced=True, check=check_prompt)
     # A fixed seed makes previews comparable across steps.
@@ -544,6 +556,12 @@ def validate_train(options: TrainOptions) -> None:
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     parse_schedule(options.lora_learning_rate, max_steps=options.max_steps, field_name="lora_learning_rate")
+    if len(preview_prompts(options.preview_prompt)) > MAX_PREVIEW_PROMPTS:
+        raise OptionError(
+            "preview_prompt",
+            f"{len(preview_prompts(options.preview_prompt))} prompts",
+            f"at most {MAX_PREVIEW_PROMPTS} preview prompts, one per line (each costs a picture at every preview)",
+        )
     load_template(options.template)
     if options.fixed_norm and options.max_norm:
         raise OptionError(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from tistudio import __version__
-from tistudio.config import TrainOptions, to_dict, validate_train
+from tistudio.config import TrainOptions, preview_prompts, to_dict, validate_train
 from tistudio.embeddings.files import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from tistudio.errors import EmbeddingError, TistudioError
 from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
@@ -970,18 +970,23 @@ def evaluate(
     report(Event.EVAL, step, total, loss=loss, likeness=like, message=shown)
 
 
-def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> SamplingParams:
-    """The preview's sampling settings: the preview_* options, the template's first line by default."""
-    return SamplingParams(
-        prompt=options.preview_prompt or preview_prompt(template, name),
-        negative_prompt=options.preview_negative_prompt,
-        steps=options.preview_steps,
-        sampler=check_sampler(options.preview_sampler, "preview_sampler"),
-        cfg=options.preview_cfg,
-        width=size,
-        height=size,
-        seeds=(options.preview_seed,),
-    )
+def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> list[SamplingParams]:
+    """The previews' sampling settings, one per prompt: the preview_* options, each line of preview_prompt (the
+    template's first line by default)."""
+    prompts = preview_prompts(options.preview_prompt) or [preview_prompt(template, name)]
+    return [
+        SamplingParams(
+            prompt=prompt,
+            negative_prompt=options.preview_negative_prompt,
+            steps=options.preview_steps,
+            sampler=check_sampler(options.preview_sampler, "preview_sampler"),
+            cfg=options.preview_cfg,
+            width=size,
+            height=size,
+            seeds=(options.preview_seed,),
+        )
+        for prompt in prompts
+    ]
 
 
 class Previewer:
@@ -991,7 +996,7 @@ class Previewer:
         self,
         model: SDModel,
         encoder: PromptEncoder,
-        params: SamplingParams,
+        params: list[SamplingParams],
         run: RunFolder,
         clip_skip: int,
         carried: Callable[[int], Embedding] | None = None,
@@ -1001,18 +1006,21 @@ class Previewer:
         self.carried = carried  # the embedding at a step, to store inside its preview (--preview-embedded)
 
     def render(self, step: int) -> Path:
-        path = self.run.preview_path(step)
-        image = self.renderer.render(self.params)[0]
-        text = infotext(
-            self.params,
-            self.params.seeds[0],
-            self.model,
-            {},
-            self.clip_skip,
-            extra=(("Embedding", self.run.name), ("Embedding step", str(step))),
-        )
-        chunks = {"sd-ti-embedding": png_embedding_text(self.carried(step))} if self.carried else None
-        return save_png(image, path, text, chunks)
+        """The step's previews, one per prompt (NAME-STEP.png, then NAME-STEP-2.png, ...); the first's path."""
+        paths = []
+        for number, params in enumerate(self.params, start=1):
+            image = self.renderer.render(params)[0]
+            text = infotext(
+                params,
+                params.seeds[0],
+                self.model,
+                {},
+                self.clip_skip,
+                extra=(("Embedding", self.run.name), ("Embedding step", str(step))),
+            )
+            chunks = {"sd-ti-embedding": png_embedding_text(self.carried(step))} if self.carried else None
+            paths.append(save_png(image, self.run.preview_path(step, number), text, chunks))
+        return paths[0]
 
 
 def preview(

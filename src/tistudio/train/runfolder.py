@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from tistudio.config import MAX_PREVIEW_PROMPTS
 from tistudio.errors import OptionError, UnsafeFileError
 from tistudio.storage import append_line, write_json, write_safetensors, write_text
 
@@ -114,8 +115,21 @@ class RunFolder:
     def copy_path(self, step: int) -> Path:
         return self.path / "embeddings" / f"{self.name}-{step}.safetensors"
 
-    def preview_path(self, step: int) -> Path:
-        return self.path / "previews" / f"{self.name}-{step}.png"
+    def preview_path(self, step: int, number: int = 1) -> Path:
+        """A step's preview: NAME-STEP.png for the first prompt, NAME-STEP-N.png for the Nth of several."""
+        return (
+            self.path / "previews" / (f"{self.name}-{step}.png" if number == 1 else f"{self.name}-{step}-{number}.png")
+        )
+
+    def more_previews(self, step: int) -> list[Path]:
+        """The step's previews of the further prompts (NAME-STEP-2.png, ...), in order."""
+        found = []
+        for number in range(2, MAX_PREVIEW_PROMPTS + 1):
+            path = self.preview_path(step, number)
+            if not path.is_file():
+                break
+            found.append(path)
+        return found
 
     @property
     def final_path(self) -> Path:

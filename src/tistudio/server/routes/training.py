@@ -82,7 +82,12 @@ def run(name: str, server: ServerDep) -> dict[str, Any]:
         "kept": kept_step(server, name),
         "report": f"/api/runs/{name}/report" if (folder.path / "report.html").is_file() else None,
         "previews": [
-            {"step": s, "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}"}
+            {
+                "step": s,
+                "url": f"/api/runs/{name}/previews/{folder.preview_path(s).name}",
+                # the step's pictures of further preview prompts (one per line of preview_prompt)
+                "more": [f"/api/runs/{name}/previews/{path.name}" for path in folder.more_previews(s)],
+            }
             for s in folder.preview_steps()
         ],
         "copies": folder.copy_steps(),

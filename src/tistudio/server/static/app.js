@@ -861,6 +861,11 @@ function drawTimeline() {
     Object.assign(figure.dataset, { step: preview.step, url: preview.url, use: usable });
     figure.innerHTML = `<img alt="step ${preview.step}"><figcaption>step ${preview.step}</figcaption>`;
     figure.querySelector("img").src = preview.url;
+    for (const [index, url] of (preview.more || []).entries()) {  // the further preview prompts' pictures
+      const extra = document.createElement("img");
+      extra.className = "more"; extra.src = url; extra.alt = `step ${preview.step}, preview prompt ${index + 2}`;
+      figure.querySelector("figcaption").before(extra);
+    }
     if (usable) {
       const button = document.createElement("button");
       button.textContent = "Use this step";
