@@ -455,6 +455,28 @@ def test_the_demo_server_offers_the_demos_settings(browser, tmp_path, cache_dir)
         expect(page.locator("#prompt-words")).to_contain_text("No embeddings yet")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         shot(page, "7-demo-390px")
+        # Issue 33 at phone width: every tab's name shows whole; an embedding with a 64-character name, inspected,
+        # keeps its buttons in view and their names readable; a long refused name wraps instead of widening.
+        nav_right = page.evaluate(
+            "Math.max(...[...document.querySelectorAll('nav a')].map(a => a.getBoundingClientRect().right))"
+        )
+        assert nav_right <= 390, f"the tabs run to {nav_right} px"
+        page.click("nav a[data-tab=embeddings]")
+        page.fill("#create-form-name", "t" + "x" * 63)
+        page.fill("#create-form-init_text", "person")
+        page.click("#create-button")
+        row = page.locator("#embedding-table tbody tr").first
+        row.wait_for(timeout=60_000)
+        row.get_by_role("button", name="Inspect").click()
+        expect(page.locator("#embedding-details")).to_be_visible()
+        for button in row.get_by_role("button").all():
+            box = button.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        page.fill("#create-form-name", "y" * 200)
+        page.click("#create-button")
+        expect(page.locator("#create-error")).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        shot(page, "8-embeddings-390px")
     finally:
         server.terminate()
         server.wait(timeout=30)
