@@ -255,7 +255,10 @@ def test_without_faces_in_the_photos_the_loss_chooses_and_says_so(sd1_model, pho
     assert "the fixed-batch loss chooses the step to keep" in caplog.text
     assert result.best_step in (None, 2)
     resolved = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]
-    assert resolved["likeness"] == "none: the fixed-batch loss chooses the step"
+    assert resolved["likeness"] == (  # and why, for the page and the report (issue 33)
+        "none: the fixed-batch loss chooses the step (no face likeness: 0 of 6 training images show a face large "
+        "enough to know the person by (a pet, an object or a style? faces of under 40 pixels are too small))"
+    )
 
 
 def test_likeness_on_without_the_extra_is_refused_before_any_work(monkeypatch) -> None:
