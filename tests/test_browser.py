@@ -547,6 +547,9 @@ def test_the_whole_path_by_keyboard_alone_and_a_reload_keeps_the_place(
     try:
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # Playwright intercepts file choosers once a listener exists; registered late, inside expect_file_chooser,
+        # the first chooser could open before the interception did (seen in CI)
+        page.on("filechooser", lambda chooser: None)
         page.goto(base)
         expect(page.locator("#sets-empty")).to_be_visible()
 

@@ -492,7 +492,12 @@ def test_symlinks_planted_in_the_workspace_lead_nowhere(client, tmp_path) -> Non
     assert listed.status_code == 200 and "linked" not in listed.text  # the list still works, without the link
     embeddings = client.get("/api/embeddings").json()
     assert embeddings == [
-        {"name": "stolen", "error": "path='stolen.safetensors': leads outside the workspace", "run": False}
+        {
+            "name": "stolen",
+            "error": "path='stolen.safetensors': leads outside the workspace",
+            "run": False,
+            "lora": None,
+        }
     ]  # listed with its reason, its contents never read
 
 
