@@ -129,7 +129,9 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora-lrs", default="1e-4,1e-3", help="comma-separated LoRA learning rates")
-    parser.add_argument("--lora-start", type=float, default=0.0)
+    parser.add_argument(
+        "--lora-start", type=float, default=0.0, help="tistudio's default is 0.5; 0: both from the start"
+    )
     parser.add_argument("--targets", default="attention")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-hat", action="store_true", help="the plain held-out person (no hat)")
