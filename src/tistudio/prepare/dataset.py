@@ -96,21 +96,25 @@ CAMERA_NAME = re.compile(
 )
 
 
+def caption_file(path: Path) -> Path | None:
+    """The caption file beside an image that is read for it: IMAGE.txt, else IMAGE.caption; None if neither."""
+    return next((p for p in (path.with_suffix(".txt"), path.with_suffix(".caption")) if p.is_file()), None)
+
+
 def sidecar_caption(path: Path) -> str | None:
     """The text of IMAGE.txt (or IMAGE.caption) beside an image, at most MAX_CAPTION_BYTES; None if there is none
     or it cannot be read."""
-    for suffix in (".txt", ".caption"):
-        sidecar = path.with_suffix(suffix)
-        if sidecar.is_file():
-            try:
-                if sidecar.stat().st_size > MAX_CAPTION_BYTES:
-                    log.warning("%s: caption over %d bytes, using the first part", sidecar, MAX_CAPTION_BYTES)
-                with open(sidecar, "rb") as handle:
-                    raw = handle.read(MAX_CAPTION_BYTES)
-                return raw.decode("utf-8", errors="replace").strip()
-            except OSError as exc:
-                log.warning("%s: cannot read the caption (%s); using the file name", sidecar, exc)
-            return None
+    sidecar = caption_file(path)
+    if sidecar is None:
+        return None
+    try:
+        if sidecar.stat().st_size > MAX_CAPTION_BYTES:
+            log.warning("%s: caption over %d bytes, using the first part", sidecar, MAX_CAPTION_BYTES)
+        with open(sidecar, "rb") as handle:
+            raw = handle.read(MAX_CAPTION_BYTES)
+        return raw.decode("utf-8", errors="replace").strip()
+    except OSError as exc:
+        log.warning("%s: cannot read the caption (%s); using the file name", sidecar, exc)
     return None
 
 

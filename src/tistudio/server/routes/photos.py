@@ -13,7 +13,14 @@ from fastapi.responses import Response
 
 from tistudio.config import PrepareOptions, validate_prepare
 from tistudio.errors import OptionError, TistudioError
-from tistudio.prepare.dataset import CAPTION_SUFFIXES, image_format, is_mask_file, mask_file
+from tistudio.prepare.dataset import (
+    CAPTION_SUFFIXES,
+    caption_file,
+    image_format,
+    is_mask_file,
+    mask_file,
+    sidecar_caption,
+)
 from tistudio.server.context import ServerDep, image_response, not_found, options_from_body, public, read_capped
 from tistudio.storage import write_bytes
 
@@ -45,15 +52,9 @@ def is_photo(path: Path) -> bool:
 
 
 def caption_of(photo: Path) -> str | None:
-    """The photo's caption sidecar (PHOTO.txt or PHOTO.caption), read as prepare reads it, or None."""
-    for suffix in sorted(CAPTION_SUFFIXES):
-        sidecar = photo.with_suffix(suffix)
-        if sidecar.is_file():
-            try:
-                return " ".join(sidecar.read_text("utf-8", errors="replace")[: 4 * MAX_CAPTION].split())
-            except OSError:
-                return None
-    return None
+    """The photo's caption as prepare and training read it (dataset.sidecar_caption), on one line; None if none."""
+    text = sidecar_caption(photo)
+    return " ".join(text.split()) if text is not None else None
 
 
 @router.get("/api/photosets")
@@ -281,8 +282,7 @@ def set_caption(name: str, file: str, body: dict[str, Any], server: ServerDep) -
     if len(text) > MAX_CAPTION:
         raise OptionError("text", f"{len(text)} characters", f"a caption has at most {MAX_CAPTION} characters")
     set_in_use(server, name)
-    sidecars = [photo.with_suffix(suffix) for suffix in sorted(CAPTION_SUFFIXES)]
-    sidecar = next((path for path in sidecars if path.is_file()), photo.with_suffix(".txt"))
+    sidecar = caption_file(photo) or photo.with_suffix(".txt")  # the file the caption is read from
     if text:
         write_bytes(sidecar, (text + "\n").encode("utf-8"))
     else:
