@@ -29,6 +29,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tistudio.config import GenerateOptions, parse_size, validate_generate
+from tistudio.embeddings.bundle import list_lora_files
 from tistudio.embeddings.files import Embedding, prompt_words, read_embedding, short_hash
 from tistudio.errors import EmbeddingError, OptionError
 from tistudio.generate.networks import (
@@ -308,20 +309,23 @@ class Calls:
     loaded: list[LoadedLora]
     words: dict[str, Embedding]  # the called LoRAs' bundled words (those the embeddings folder lacks)
     folder: Path
+    files: dict[str, Path]  # the LoRA folder's files by name, listed once
 
     @classmethod
     def of(cls, options: GenerateOptions, embeddings_dir: Path) -> Calls:
         prompt, calls = take_networks(options.prompt)
-        calls += option_calls(options.lora)
+        extra = option_calls(options.lora)
         folder = Path(options.loras_dir)
-        loaded = load_called(calls, folder)
-        shown = " ".join([options.prompt, *(call.tag for call in option_calls(options.lora))])
-        return cls(prompt, shown, loaded, bundled_words(loaded, set(prompt_words(embeddings_dir))), folder)
+        files = list_lora_files(folder)
+        loaded = load_called(calls + extra, folder, files)
+        shown = " ".join([options.prompt, *(call.tag for call in extra)])
+        words = bundled_words(loaded, set(prompt_words(embeddings_dir)))
+        return cls(prompt, shown, loaded, words, folder, files)
 
     def add_auto(self, used: dict[str, tuple[Embedding, Path | None]]) -> None:
         """Call the LoRAs the prompt's embeddings were trained with (and show the calls in the infotext)."""
-        auto = auto_calls(used, [lora.call for lora in self.loaded], self.folder)
-        self.loaded += load_called(auto, self.folder)
+        auto = auto_calls(used, [lora.call for lora in self.loaded], self.folder, self.files)
+        self.loaded += load_called(auto, self.folder, self.files)
         for call in auto:
             log.info("using %s, the LoRA %s was trained with", call.tag, call.name)
         self.shown = " ".join([self.shown, *(call.tag for call in auto)])

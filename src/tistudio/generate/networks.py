@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tistudio.embeddings.bundle import LoraFile, list_lora_files, lora_hash, read_lora
+from tistudio.embeddings.bundle import LoraFile, lora_hash, read_lora
 from tistudio.embeddings.files import Embedding
 from tistudio.errors import EmbeddingError, OptionError
 from tistudio.models.lora import UNET, LoraLayer, layer_of, model_layers
@@ -106,9 +106,9 @@ class LoadedLora:
         return lora_hash(self.path)
 
 
-def load_called(calls: list[LoraCall], folder: Path) -> list[LoadedLora]:
-    """The called LoRAs' files from the LoRA folder (the last call of a name wins, as in A1111)."""
-    files = list_lora_files(folder)
+def load_called(calls: list[LoraCall], folder: Path, files: dict[str, Path]) -> list[LoadedLora]:
+    """The called LoRAs' files from the LoRA folder, listed in `files` (list_lora_files); the last call of a name
+    wins, as in A1111."""
     by_name = {call.name: call for call in calls}
     loaded = []
     for name, call in by_name.items():
@@ -139,10 +139,12 @@ def bundled_words(loaded: list[LoadedLora], folder_words: set[str]) -> dict[str,
     return words
 
 
-def auto_calls(used: dict[str, tuple[Embedding, Path | None]], calls: list[LoraCall], folder: Path) -> list[LoraCall]:
-    """Calls of the LoRAs the prompt's embeddings were trained with, where the prompt does not call them itself."""
+def auto_calls(
+    used: dict[str, tuple[Embedding, Path | None]], calls: list[LoraCall], folder: Path, files: dict[str, Path]
+) -> list[LoraCall]:
+    """Calls of the LoRAs the prompt's embeddings were trained with, where the prompt does not call them itself
+    (`files`: the LoRA folder's, list_lora_files)."""
     called = {call.name for call in calls}
-    files = list_lora_files(folder)
     found = []
     for word, (embedding, _) in used.items():
         name = embedding.meta.get("lora", "")

@@ -115,10 +115,6 @@ class LoraLayer:
         return change * self.scale
 
 
-class ShapeMismatch(ValueError):
-    """A LoRA layer does not fit the model layer of its name (another model's file)."""
-
-
 @contextmanager
 def merged(model: Any, networks: Sequence[tuple[Mapping[str, LoraLayer], float]]) -> Iterator[None]:
     """While inside: each network's layers (by model layer name, see layer_of) merged into the model's weights at

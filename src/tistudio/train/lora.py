@@ -19,36 +19,32 @@ from pathlib import Path
 
 import torch
 
+from tistudio.config import TrainOptions
 from tistudio.embeddings.bundle import ALPHA, DOWN, UP, lora_metadata, read_lora, write_lora
-from tistudio.embeddings.files import Embedding
+from tistudio.embeddings.files import Embedding, whole_number
 from tistudio.errors import OptionError, TistudioError
 from tistudio.models.lora import Hooked, target_layers
 from tistudio.schedule import Schedule, parse_schedule
 from tistudio.train.trainable import EmbeddingTrainable, ParameterGroup, Tensors, TrainableSetup
 
-LORA_META = ("lora", "lora_rank", "lora_targets")  # what the word's file says of its LoRA
 
-
-def lora_schedule(options: object, start_step: int) -> Schedule:
+def lora_schedule(options: TrainOptions, start_step: int) -> Schedule:
     """The LoRA's learning rate: lora_learning_rate, at 0 until the step lora_start of the steps have passed."""
-    max_steps = options.max_steps  # type: ignore[attr-defined]
+    max_steps = options.max_steps
     rates = parse_schedule(
-        options.lora_learning_rate,  # type: ignore[attr-defined]
-        max_steps=max_steps,
-        start_step=start_step,
-        field_name="lora_learning_rate",
+        options.lora_learning_rate, max_steps=max_steps, start_step=start_step, field_name="lora_learning_rate"
     )
-    joins = math.floor(options.lora_start * max_steps)  # type: ignore[attr-defined]
+    joins = math.floor(options.lora_start * max_steps)
     if joins <= start_step:
         return rates
     later = tuple((rate, end) for rate, end in rates.pairs if end > joins)
     return Schedule(((0.0, joins), *later)) if later else Schedule(((0.0, max_steps),))
 
 
-def check_resumable(embedding: Embedding, options: object) -> None:
+def check_resumable(embedding: Embedding, options: TrainOptions) -> None:
     """A word trained with a LoRA goes on training with one of the same rank (before any compute)."""
     rank = embedding.meta_count("lora_rank") or 0
-    wanted = options.lora_rank  # type: ignore[attr-defined]
+    wanted = options.lora_rank
     if rank and wanted != rank:
         raise OptionError(
             "lora_rank",
@@ -112,10 +108,11 @@ class LoraTrainable:
                 "embedding to start again"
             )
         lora = read_lora(source)
-        saved_step = int(lora.meta.get("step", "-1")) if lora.meta.get("step", "").isdigit() else -1
+        saved_step = whole_number(lora.meta.get("step"))
         if saved_step != step:
             raise TistudioError(
-                f"{source} is the LoRA of step {saved_step}, not of step {step} where {self.word.name} continues; "
+                f"{source} is the LoRA of step {saved_step if saved_step is not None else '?'}, not of step {step} "
+                f"where {self.word.name} continues; "
                 "put back the LoRA saved with it"
             )
         tensors = {}
