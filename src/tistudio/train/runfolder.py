@@ -348,14 +348,14 @@ class RunFolder:
                 if with_lora and lora.is_file():
                     copy_renamed(lora, self.lora_path(self.last_path), f"{self.name}-last")
                 write_embedding(replace(current, name=f"{self.name}-last"), self.last_path)
-        meta = {k: v for k, v in chosen.meta.items() if k not in ("best_step", "best_by", "last_step")}
+        # what the chosen step's files say of it: the chosen step, and the last step where training goes on from
+        marks: dict[str, str | None] = {"best_step": None, "best_by": None, "last_step": None}
         if last > step:
-            meta.update(best_step=str(step), best_by="chosen", last_step=str(last))
+            marks.update(best_step=str(step), best_by="chosen", last_step=str(last))
+        meta = {k: v for k, v in chosen.meta.items() if k not in marks}
+        meta.update({k: v for k, v in marks.items() if v is not None})
         if with_lora:
-            marks: dict[str, str | None] = {"step": str(step), "best_step": None, "best_by": None, "last_step": None}
-            if last > step:
-                marks.update(best_step=str(step), best_by="chosen", last_step=str(last))
-            copy_renamed(self.lora_path(copy), lora, self.name, marks)
+            copy_renamed(self.lora_path(copy), lora, self.name, {"step": str(step), **marks})
         return write_embedding(replace(chosen, name=self.name, step=step, meta=meta), target)
 
 
