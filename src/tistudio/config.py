@@ -313,7 +313,9 @@ class TrainOptions(ModelOptions):
     # word, still called by typing the word; the word alone can only point at what the model already draws. 0: the
     # word alone (a plain embedding). Written to loras_dir/NAME.safetensors with the word bundled (A1111 loads both
     # from <lora:NAME:1>); NAME.safetensors in embeddings_dir stays the word alone and names its LoRA.
-    lora_rank: int = option(0, "train a LoRA of this rank beside the word (0: the word alone)", minimum=0, maximum=256)
+    lora_rank: int = option(
+        0, "train a LoRA of this rank beside the word (0: the word alone)", minimum=0, maximum=256, label="LoRA rank"
+    )
     # The LoRA's scale is lora_alpha / lora_rank (kohya's alpha); 0 takes the rank (a scale of 1).
     lora_alpha: float = option(
         0.0,
@@ -321,6 +323,7 @@ class TrainOptions(ModelOptions):
         minimum=0.0,
         maximum=4096.0,
         advanced=True,
+        label="LoRA alpha",
     )
     # The LoRA's own learning rate or schedule, in the same grammar as learning_rate.
     lora_learning_rate: str = option(
@@ -391,7 +394,9 @@ class GenerateOptions(ModelOptions):
     )
     embeddings_dir: str = option("embeddings", "folder of embeddings")
     # LoRAs to apply besides those the prompt calls (<lora:NAME:WEIGHT>) and those its embeddings were trained with.
-    lora: str = option("", "LoRAs to apply: NAME or NAME:WEIGHT, comma-separated (as <lora:NAME:WEIGHT> in a prompt)")
+    lora: str = option(
+        "", "LoRAs to apply: NAME or NAME:WEIGHT, comma-separated (as <lora:NAME:WEIGHT> in a prompt)", label="LoRAs"
+    )
     loras_dir: str = option("loras", "folder of LoRA files (A1111's models/Lora)", advanced=True)
     out_dir: str = option("outputs", "folder for the images")
 
