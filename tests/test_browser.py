@@ -179,6 +179,10 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         expect(page.locator("#kept-step")).to_contain_text("Pictures were not judged by likeness: ")
         # what the next Start does with that choice is said before it is pressed (issue 33)
         expect(page.locator("#train-hint")).to_contain_text("continues from step 40, the last step trained, not from")
+        expect(page.locator("#train-hint")).to_contain_text("To go on from step 20 instead, set Continue from to kept")
+        page.select_option("#train-form-continue_from", "kept")  # and the user can choose it
+        expect(page.locator("#train-hint")).to_contain_text("continues from step 20, the step the embedding holds")
+        page.select_option("#train-form-continue_from", "last")
         page.click("nav a[data-tab=embeddings]")
         expect(page.locator("#embedding-table tbody tr td").nth(2)).to_have_text("20")
 
@@ -469,6 +473,9 @@ def test_the_demo_server_offers_the_demos_settings(browser, tmp_path, cache_dir)
         row.wait_for(timeout=60_000)
         row.get_by_role("button", name="Inspect").click()
         expect(page.locator("#embedding-details")).to_be_visible()
+        # the stacked cells say which column each is (the header row is hidden at this width)
+        step = row.locator("td").nth(2)
+        assert page.evaluate("c => getComputedStyle(c, '::before').content", step.element_handle()) == '"step: "'
         for button in row.get_by_role("button").all():
             box = button.bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box

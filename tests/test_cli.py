@@ -215,6 +215,35 @@ def test_use_step_makes_a_saved_step_the_embedding_and_training_still_continues_
     assert [int(line.split(",")[0]) for line in log] == list(range(1, 10))
 
 
+def test_continue_from_kept_trains_on_from_the_chosen_step_and_sets_the_later_steps_aside(
+    tiny_sd1: Path, photos: Path, tmp_path: Path, cache_dir: Path, capsys
+) -> None:
+    base, model = ["--cache-dir", str(cache_dir)], ["--model", str(tiny_sd1)]
+    train = [*base, "train", "tomtut", *model, "--dataset", str(photos), "--size", "64", "--batch-size", "2"]
+    train += ["--preview-every", "3", "--preview-steps", "1", "--save-every", "3", "--eval-every", "3"]
+    assert main([*base, "create", "tomtut", *model, "--init-text", "toy"]) == 0
+    assert main([*train, "--steps", "6", "--final", "last"]) == 0
+    run = tmp_path / "runs" / "tomtut"
+    abandoned = read_embedding(run / "embeddings" / "tomtut-6.safetensors")
+    assert main([*base, "use-step", "tomtut", "3"]) == 0
+    capsys.readouterr()
+
+    assert main([*train, "--steps", "9", "--final", "last", "--continue-from", "kept"]) == 0
+    assert "holds step 3; continuing from it, not from the last step 6" in capsys.readouterr().err
+    # the branch: steps 4-9 trained from step 3's vectors; what the run had after step 3 is kept aside, whole
+    (aside,) = run.glob("after-3-*")
+    assert read_embedding(aside / "embeddings" / "tomtut-6.safetensors").tensor.equal(abandoned.tensor)
+    assert (aside / "previews" / "tomtut-6.png").is_file() and (aside / "tomtut-last.safetensors").is_file()
+    assert [line.split(",")[0] for line in (aside / "loss.csv").read_text().splitlines()[1:]] == list("123456")
+    redone = read_embedding(run / "embeddings" / "tomtut-6.safetensors")
+    assert redone.step == 6 and not redone.tensor.equal(abandoned.tensor)
+    for log, steps in (("loss.csv", range(1, 10)), ("eval.csv", (0, 3, 6, 9))):
+        assert [int(row.split(",")[0]) for row in (run / log).read_text().splitlines()[1:]] == list(steps)
+    final = read_embedding(tmp_path / "embeddings" / "tomtut.safetensors")
+    assert final.step == 9 and "last_step" not in final.meta and "best_by" not in final.meta
+    assert sorted(p.name for p in (run / "previews").iterdir()) == [f"tomtut-{s}.png" for s in (0, 3, 6, 9)]
+
+
 def test_the_command_leaves_the_library_logger_as_it_found_it(tmp_path: Path, capsys) -> None:
     """main() used in-process (a notebook, a test) must not keep printing the library's log lines after it."""
     import logging

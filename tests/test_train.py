@@ -487,6 +487,9 @@ def test_a_resumed_run_keeps_the_fixed_batch_it_began_with(sd1_model, photos, tm
     old = json.loads(saved.read_text())
     del old["eval_batch"]
     saved.write_text(json.dumps(old))
+    options = json.loads((earlier.parent / "run" / "options.json").read_text())  # nor in options.json then
+    del options["resolved"]["eval_batch"]
+    (earlier.parent / "run" / "options.json").write_text(json.dumps(options))
     run(sd1_model, photos, earlier, eval_samples=4, **settings)
     state = json.loads((earlier.parent / "run" / "state" / "state-6.json").read_text())
     assert state["eval_batch"] == {"samples": 16, "stratified": False}

@@ -174,6 +174,15 @@ class TrainOptions(ModelOptions):
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
     max_steps: int = option(3000, "train until this step", minimum=1, maximum=10_000_000)
+    # Where training goes on from when the embedding holds an earlier step than the run's last (one picked with
+    # use-step or "Use this step", or the best step a finished run kept): "last" - the last step trained, so the
+    # run goes on as it was; "kept" - the step the embedding holds, with a fresh optimizer: the later steps'
+    # copies, previews and LoRAs, the last step and the logs are first moved into RUN/after-STEP-TIME.
+    continue_from: str = option(
+        "last",
+        "where training goes on from when the embedding holds an earlier step: the last step trained, or the kept one",
+        choices=("last", "kept"),
+    )
     # Render a preview image every N steps (0: never).
     preview_every: int = option(500, "save a preview image every N steps (0: off)", minimum=0)
     # Save a copy of the embedding every N steps (0: never); resume state is saved with it.

@@ -46,7 +46,14 @@ from tistudio.train.lora import LoraTrainable, check_resumable
 from tistudio.train.masks import loss_weights, mask_mode
 from tistudio.train.objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
 from tistudio.train.parallel import Parallel, PeerLost, process_group
-from tistudio.train.runfolder import ResumeState, RunFolder, read_eval_log, restore_optimizer, run_folder
+from tistudio.train.runfolder import (
+    STEP_MARKS,
+    ResumeState,
+    RunFolder,
+    read_eval_log,
+    restore_optimizer,
+    run_folder,
+)
 from tistudio.train.tensorboard import Board
 from tistudio.train.trainable import (
     EmbeddingTrainable,
@@ -167,7 +174,7 @@ def run_training(
     earlier_batch = point.run.resolved_batch(parallel.world) if start_step > 0 else None  # a resume keeps its batch
     parallel.barrier(model.device)  # every process has read the run folder before process 0 changes it
     if main:
-        point.run.open(start_step)
+        point.run.open(start_step, set_aside=point.set_aside)
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
     masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None, start_step > 0)
@@ -433,6 +440,7 @@ class ResumePoint:
     step: int
     finished: str = ""  # why there is nothing to train, if there is not
     continued_from: Path | None = None  # the file `embedding` was read from, where it is not embedding_path
+    set_aside: bool = False  # continue from the kept step: the run's later steps are moved aside first
 
     @property
     def source(self) -> Path:
@@ -483,6 +491,8 @@ def resume_point(options: TrainOptions) -> ResumePoint:
     )
     check_resumable(embedding, options)
     last_step = embedding.meta_count("last_step") or 0
+    if options.continue_from == "kept" and last_step > embedding.step:
+        return from_kept_step(point, last_step, options)
     trained_to = max(embedding.step, last_step)
     if trained_to >= options.max_steps:
         point.finished = (
@@ -504,6 +514,27 @@ def resume_point(options: TrainOptions) -> ResumePoint:
             point.step, point.continued_from = point.embedding.step, run.last_path
         else:
             log.warning("%s is missing; continuing from the kept best step %d", run.last_path, embedding.step)
+    return point
+
+
+def from_kept_step(point: ResumePoint, last_step: int, options: TrainOptions) -> ResumePoint:
+    """The resume point of --continue-from kept: the step the embedding holds, as a fresh branch of the run (the
+    steps after it are set aside when the run folder opens)."""
+    embedding = point.embedding
+    if embedding.step >= options.max_steps:
+        point.finished = (
+            f"{point.name} holds step {embedding.step}, which is not below max_steps={options.max_steps}; raise "
+            "--max-steps to train further"
+        )
+        return point
+    log.info(
+        "%s holds step %d; continuing from it, not from the last step %d (steps after it are set aside)",
+        point.embedding_path.name,
+        embedding.step,
+        last_step,
+    )
+    unmarked = {k: v for k, v in embedding.meta.items() if k not in STEP_MARKS}
+    point.embedding, point.set_aside = replace(embedding, meta=unmarked), True
     return point
 
 
@@ -778,7 +809,8 @@ def make_trainables(
     setup = TrainableSetup(model, options, schedule, point.source, point.step, word, point.target, point.run.path)
     makers = [*([LoraTrainable] if options.lora_rank else []), *beside]
     trainable = Trainables([word, *(make(setup) for make in makers)])
-    saved = point.run.load_state(point.step, trainable.parameters()) if point.step > 0 else None
+    # a run continued from an earlier step has no state of it (only the last step's is kept): a fresh optimizer
+    saved = point.run.load_state(point.step, trainable.parameters()) if point.step > 0 and not point.set_aside else None
     trainable.start(saved["tensors"] if saved else None)
     trainable.install(model, encoder)
     cleanup.callback(trainable.remove)
@@ -906,7 +938,7 @@ def make_evaluator(
     person-like start, from which the loss's drop is counted."""
     if not options.eval_every:
         return None
-    spec = evaluation_spec(options, start_step, saved, run.eval_log)
+    spec = evaluation_spec(options, start_step, saved, run)
     batch = evaluation_batch(
         samples.count,
         samples.captions,
@@ -924,22 +956,28 @@ def make_evaluator(
         denoiser, samples.latents, batch, run.eval_log, likeness, every, weights=samples.weights, spec=spec
     )
     evaluator.open(start_step, saved)
+    if saved is None and any(row[0] == start_step > 0 for row in evaluator.history):
+        evaluator.kept[start_step] = trainable.snapshot()  # no state (a branch from a kept step): its start can win
     if evaluator.neutral is None:
         evaluator.measure_neutral(trainable)
     return evaluator
 
 
 def evaluation_spec(
-    options: TrainOptions, start_step: int, saved: dict[str, Any] | None, eval_log: Path
+    options: TrainOptions, start_step: int, saved: dict[str, Any] | None, run: RunFolder
 ) -> dict[str, Any]:
     """The fixed batch's size and timestep draw: a resumed run keeps the one it began with (one whose resume state
     does not record it but whose eval.csv has rows began before it did: FORMER_EVAL_SIZE samples at random
     timesteps), so that its curve stays one curve; a new run takes eval_samples at random timesteps."""
     if start_step > 0:
-        recorded = saved["meta"].get("eval_batch") if saved is not None else None
-        if isinstance(recorded, dict) and isinstance(recorded.get("samples"), int):
-            return {"samples": recorded["samples"], "stratified": bool(recorded.get("stratified"))}
-        if any(row[0] <= start_step for row in read_eval_log(eval_log)):
+        # the resume state's record, else options.json's (a run continued from an earlier step has no state)
+        for recorded in (
+            (saved["meta"] if saved else {}).get("eval_batch"),
+            run.options().get("resolved", {}).get("eval_batch"),
+        ):
+            if isinstance(recorded, dict) and isinstance(recorded.get("samples"), int):
+                return {"samples": recorded["samples"], "stratified": bool(recorded.get("stratified"))}
+        if any(row[0] <= start_step for row in read_eval_log(run.eval_log)):
             return {"samples": FORMER_EVAL_SIZE, "stratified": False}
     return {"samples": options.eval_samples, "stratified": False}
 
@@ -1263,6 +1301,7 @@ def write_run_options(
                 "loss_mask": masking,
                 "likeness": judged,
                 "neutral_loss": None if evaluator is None else evaluator.neutral,
+                "eval_batch": None if evaluator is None else evaluator.spec,
                 "tistudio_version": __version__,
             },
         },

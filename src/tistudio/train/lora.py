@@ -25,6 +25,7 @@ from tistudio.embeddings.files import Embedding, whole_number
 from tistudio.errors import OptionError, TistudioError
 from tistudio.models.lora import Hooked, target_layers
 from tistudio.schedule import Schedule, parse_schedule
+from tistudio.train.runfolder import STEP_MARKS
 from tistudio.train.trainable import EmbeddingTrainable, ParameterGroup, Tensors, TrainableSetup
 
 
@@ -215,6 +216,6 @@ class LoraTrainable:
             "modelspec.title": name,
             **({"sd_checkpoint": self.model_hash} if self.model_hash else {}),
             **({"sd_checkpoint_name": self.model_name} if self.model_name else {}),
-            **{key: value for key, value in (meta or {}).items() if key in ("best_step", "last_step", "best_by")},
+            **{key: value for key, value in (meta or {}).items() if key in STEP_MARKS},
         }
         return write_lora(self.beside(path), tensors, [word], lora_metadata(self.rank, self.alpha, info))

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 LOSS_HEADER = "step,epoch,loss,lr"
 EVAL_HEADER = "step,eval_loss,likeness"
 MAX_STATE_BYTES = 64 * 1024 * 1024
+# The marks a word file carries when it holds an earlier step than its run's last (use_step, or the best kept).
+STEP_MARKS = ("best_step", "best_by", "last_step")
 
 
 def vectors_digest(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
@@ -188,8 +191,11 @@ class RunFolder:
 
     # -- opening, logging --------------------------------------------------------------------------------------
 
-    def open(self, start_step: int) -> None:
-        """Prepare the folder: a fresh start (step 0) moves an earlier run aside; a resume trims the loss log."""
+    def open(self, start_step: int, *, set_aside: bool = False) -> None:
+        """Prepare the folder: a fresh start (step 0) moves an earlier run aside; a resume trims the loss log (and,
+        with `set_aside`, first moves the steps after `start_step` aside: a branch from an earlier step)."""
+        if set_aside and start_step > 0:
+            self.set_aside_after(start_step)
         if start_step == 0 and any((self.path / p).exists() for p in ("loss.csv", "state", "previews", "embeddings")):
             archived = self.path.with_name(f"{self.path.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(archived)
@@ -202,6 +208,31 @@ class RunFolder:
             write_text(self.loss_log, LOSS_HEADER + "\n")
         else:
             self.trim_losses(start_step)
+
+    def set_aside_after(self, step: int) -> Path:
+        """Move what the run saved after `step` into RUN/after-STEP-TIME (copies, LoRAs, previews, the last step,
+        resume states), with a copy of the logs whole, so that training can go on from `step` and lose nothing."""
+        aside = self.path / f"after-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        later = re.compile(rf"^{re.escape(self.name)}-(\d+)(-\d+)?\.(safetensors|pt|png)$")
+        moved = 0
+        for folder in ("embeddings", "loras", "previews"):
+            for path in sorted((self.path / folder).iterdir()) if (self.path / folder).is_dir() else ():
+                found = later.match(path.name)
+                if found and int(found.group(1)) > step:
+                    (aside / folder).mkdir(parents=True, exist_ok=True)
+                    path.rename(aside / folder / path.name)
+                    moved += 1
+        for path in (self.last_path, self.path / "loras" / self.last_path.name, self.final_path, self.states):
+            if path.exists():
+                aside.mkdir(parents=True, exist_ok=True)
+                path.rename(aside / path.name)
+                moved += 1
+        for log_file in (self.loss_log, self.eval_log):
+            if log_file.is_file():
+                aside.mkdir(parents=True, exist_ok=True)
+                write_text(aside / log_file.name, log_file.read_text("utf-8", errors="replace"))
+        log.info("continuing %s from step %d: %d later files moved to %s", self.name, step, moved, aside)
+        return aside
 
     def trim_losses(self, step: int) -> None:
         """Keep the rows up to `step` (a killed run may have logged steps it never saved)."""
@@ -349,7 +380,7 @@ class RunFolder:
                     copy_renamed(lora, self.lora_path(self.last_path), f"{self.name}-last")
                 write_embedding(replace(current, name=f"{self.name}-last"), self.last_path)
         # what the chosen step's files say of it: the chosen step, and the last step where training goes on from
-        marks: dict[str, str | None] = {"best_step": None, "best_by": None, "last_step": None}
+        marks: dict[str, str | None] = dict.fromkeys(STEP_MARKS)
         if last > step:
             marks.update(best_step=str(step), best_by="chosen", last_step=str(last))
         meta = {k: v for k, v in chosen.meta.items() if k not in marks}

@@ -508,6 +508,8 @@ async function loadEmbeddings() {
     const row = document.createElement("tr");
     row.innerHTML = "<td></td><td></td><td></td><td></td><td></td><td></td>";
     const cells = row.children;
+    // each cell names its column, which a phone-width page shows beside it once the cells stack (style.css)
+    $("#embedding-table thead tr").querySelectorAll("th").forEach((th, i) => { cells[i].dataset.label = th.textContent; });
     cells[0].textContent = item.name;
     cells[1].textContent = item.error ? "-" : `${item.vectors} × ${item.width}` + (item.lora
       ? ` + LoRA rank ${item.lora.rank}${item.lora.present ? "" : " (its file is missing)"}` : "");
@@ -624,6 +626,7 @@ async function refreshTrainChoices() {
   } else {
     fillFromLastRun(chosen);
   }
+  trainForm.inputs.continue_from.input.addEventListener("change", showStartHint);
   trainForm.inputs.embedding.input.onchange = () => {
     const name = trainForm.values(false).embedding;
     fillFromLastRun(name);
@@ -640,7 +643,10 @@ function fillFromLastRun(name) {
   // Resume go on with the same; an embedding never trained gets the set of its name, if there is one.
   const job = trainJobs(name)[0];
   if (job) {
-    for (const [key, value] of Object.entries(job.request)) if (key !== "embedding") trainForm.set(key, value);
+    // where to continue from is chosen each time: a branch from the kept step is never repeated unasked
+    for (const [key, value] of Object.entries(job.request)) {
+      if (key !== "embedding" && key !== "continue_from") trainForm.set(key, value);
+    }
   } else if (state.sets.some((s) => s.name === name && s.photos > 0)) {
     trainForm.set("set", name);
   } else {  // never an empty set: a prepared one, else one with photos
@@ -737,10 +743,16 @@ function startHint(kept, trained, last) {
     parts.push(`Resume runs the interrupted training again with its own settings, to step ${last}; Start training ` +
       "uses the settings above.");
   }
-  if (kept && kept.by.startsWith("you") && trained > kept.step) {
+  const from = trainForm ? trainForm.values(false).continue_from : "last";
+  if (kept && trained > kept.step && from === "kept") {
+    parts.push(`Start training continues from step ${kept.step}, the step the embedding holds, with a fresh ` +
+      `optimizer; what the run saved after it (steps ${kept.step + 1}–${trained}) is moved into the run folder's ` +
+      `after-${kept.step} folder first.`);
+  } else if (kept && trained > kept.step) {
     parts.push(`Start training continues from step ${trained}, the last step trained, not from step ${kept.step} ` +
-      `that you chose; step ${kept.step} stays the embedding until the run ends, when the step it keeps replaces it ` +
-      "(your choice stays in the run folder as its copy).");
+      `that ${kept.by.startsWith("you") ? "you chose" : "the run kept"}; step ${kept.step} stays the embedding until ` +
+      "the run ends, when the step it keeps replaces it (it stays in the run folder as its copy). To go on from " +
+      `step ${kept.step} instead, set Continue from to kept.`);
   } else if (trained > 0) {
     parts.push(`Start training continues from step ${trained}, where the embedding's training stopped.`);
   }
