@@ -89,12 +89,11 @@ def run_seed(seed: int, steps: int, batch_seeds: int, cache: Path, model, folder
     samples = encode_samples(model, load_dataset(photos), model.native_size, template, NAME, options)
     batches = {
         (size, stratified, b): evaluation_batch(
-            samples.count,
+            samples.latents,
             samples.captions,
             template,
             NAME,
             100 + b,
-            tuple(samples.latents.shape[1:]),
             NoisePrediction(model, PromptEncoder.for_model(model)),
             size=size,
             stratified=stratified,

@@ -322,18 +322,18 @@ def test_evaluations_thin_out_in_stages_and_the_last_step_is_still_evaluated(sd1
 def test_a_stratified_fixed_batch_covers_the_whole_schedule(sd1_model) -> None:
     from tistudio.models.conditioning import PromptEncoder
     from tistudio.train.evaluation import evaluation_batch
+    from tistudio.train.latents import Rows
     from tistudio.train.objective import NoisePrediction
 
     draws = NoisePrediction(sd1_model, PromptEncoder.for_model(sd1_model))
     assert draws.timesteps == 1000
     for size in (4, 8, 16):
         batch = evaluation_batch(
-            5,
+            Rows([torch.zeros(4, 8, 8)] * 5),
             ["a"] * 5,
             ("a photo of [name]",),
             "tomtut",
             seed=3,
-            latent_shape=(4, 8, 8),
             draws=draws,
             size=size,
             stratified=True,
@@ -341,12 +341,11 @@ def test_a_stratified_fixed_batch_covers_the_whole_schedule(sd1_model) -> None:
         strata = sorted(int(t) * size // 1000 for t in batch.timesteps)
         assert strata == list(range(size)), strata  # one timestep in each 1/size of the schedule
         again = evaluation_batch(
-            5,
+            Rows([torch.zeros(4, 8, 8)] * 5),
             ["a"] * 5,
             ("a photo of [name]",),
             "tomtut",
             seed=3,
-            latent_shape=(4, 8, 8),
             draws=draws,
             size=size,
             stratified=True,

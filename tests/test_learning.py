@@ -36,12 +36,11 @@ def test_training_lowers_the_fixed_batch_loss_by_a_margin_broken_trainers_cannot
     encoder = PromptEncoder.for_model(sd1_model)
     denoiser = NoisePrediction(sd1_model, encoder)
     batch = evaluation_batch(
-        latents.shape[0],
+        latents,
         captions,
         load_template("subject"),
         "tomtut",
         seed=7,
-        latent_shape=tuple(latents.shape[1:]),
         draws=denoiser,
         size=64,
     )

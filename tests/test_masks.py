@@ -64,7 +64,7 @@ def test_weights_average_one_favour_the_subject_and_mirror_with_flip(photos) -> 
     half.paste(255, (0, 0, size[0] // 2, size[1]))  # the left half is the subject
     half.save(files[0].with_name(files[0].stem + ".mask.png"))
     dataset = load_dataset(photos)
-    weights = loss_weights(dataset, 64, 8, flip=True, mode="masks", background=0.1)
+    weights = torch.stack(loss_weights(dataset, 64, 8, flip=True, mode="masks", background=0.1))
     assert weights.shape == (2 * len(files), 1, 8, 8)
     assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(2 * len(files)), atol=1e-5)
     masked, mirrored = weights[0, 0], weights[1, 0]
@@ -84,14 +84,14 @@ def test_no_mask_means_no_weights_and_face_mode_draws_around_the_face_found(phot
         w, h = picture.size
         return (0.4 * w, 0.25 * h, 0.6 * w, 0.5 * h)
 
-    weights = loss_weights(dataset, 64, 16, flip=False, mode="face", background=0.1, find_face=finder)
+    weights = torch.stack(loss_weights(dataset, 64, 4, flip=False, mode="face", background=0.1, find_face=finder))
     assert len(found) == len(dataset.images)
     grid = weights[0, 0]
     assert grid[5, 8] > 1.5 and grid[0, 0] < 0.5  # the face heavy, a corner light
     shape = np.asarray(head_and_shoulders((100, 100), (40, 25, 60, 50)))
     assert shape[37, 50] == 255 and shape[5, 5] == 0 and shape[80, 50] == 255  # face, corner, shoulders
     assert (
-        loss_weights(dataset, 64, 16, flip=False, mode="face", background=0.1, find_face=lambda picture: None) is None
+        loss_weights(dataset, 64, 4, flip=False, mode="face", background=0.1, find_face=lambda picture: None) is None
     )  # no face anywhere: the plain loss
 
 
@@ -189,7 +189,7 @@ def test_face_mode_finds_the_face_of_a_real_photo_and_weighs_it(tmp_path) -> Non
     box = face_finder()(photo)
     assert box is not None
     x1, y1, x2, y2 = box
-    weights = loss_weights(load_dataset(folder), 256, 32, flip=False, mode="face", background=0.1)
+    weights = torch.stack(loss_weights(load_dataset(folder), 256, 8, flip=False, mode="face", background=0.1))
     grid = weights[0, 0]
     # the training square is the photo's centre square; the face's centre there, in latent cells
     side, (w, h) = 256, photo.size
@@ -217,8 +217,10 @@ def test_auto_draws_face_shapes_only_in_a_set_of_faces(photos) -> None:
         is None
     )
     # a face in most photos: those are weighted toward head and shoulders, the rest weigh every pixel alike
-    weights = loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1, find_face=faces_in(count - 1))
-    assert weights is not None and weights.shape == (count, 1, 8, 8)
+    found = loss_weights(dataset, 64, 8, flip=False, mode="auto", background=0.1, find_face=faces_in(count - 1))
+    assert found is not None
+    weights = torch.stack(found)
+    assert weights.shape == (count, 1, 8, 8)
     assert all(weights[i].std() > 0.1 for i in range(count - 1)) and torch.equal(weights[-1], torch.ones(1, 8, 8))
     # "face" draws wherever a face is found, however few
     assert loss_weights(dataset, 64, 8, flip=False, mode="face", background=0.1, find_face=faces_in(1)) is not None

@@ -288,12 +288,11 @@ def test_training_lowers_the_fixed_batch_loss_more_than_random_moves_of_the_same
     encoder = PromptEncoder.for_model(sdxl_model)
     denoiser = NoisePrediction(sdxl_model, encoder)
     batch = evaluation_batch(
-        latents.shape[0],
+        latents,
         captions,
         load_template("subject"),
         "tomtut",
         seed=7,
-        latent_shape=tuple(latents.shape[1:]),
         draws=denoiser,
         size=64,
         sizes=latent_sizes(sdxl_model, dataset, 64, flip=False),

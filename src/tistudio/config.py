@@ -172,6 +172,15 @@ class TrainOptions(ModelOptions):
     )
     # Training resolution in pixels (square); 0 means the model's native size (512 SD1, 768 SD2-v).
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
+    # Aspect-ratio buckets (prepare/buckets.py): "on" trains each photo at the size of about size x size nearest
+    # its aspect (384x640 ... 640x384 for 512, SDXL's list for 1024), every micro-batch from one bucket; "off"
+    # centre-crops squares; "auto" is on for every family (SDXL was trained on buckets, and on the demo world a
+    # tall photo's whole figure is what a square crop threw away). A resumed run keeps the choice it began with.
+    buckets: str = option(
+        "auto",
+        "aspect-ratio buckets: train each photo at its own shape (on), or in squares (off)",
+        choices=("auto", "on", "off"),
+    )
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
     max_steps: int = option(3000, "train until this step", minimum=1, maximum=10_000_000)
     # Where training goes on from when the embedding holds an earlier step than the run's last (one picked with
@@ -418,8 +427,15 @@ class PrepareOptions:
     photos: str = option("", "folder of photos (JPEG, PNG, WebP, HEIC, ...)", required=True, positional=True)
     # Where the prepared images, their captions, manifest.json and report.html go.
     out: str = option("", "output folder for the training set", required=True, positional=True)
-    # Side of the square output images; the model's size (512 for SD1, 768 for SD2-v).
-    size: int = option(512, "output size in pixels (square)", minimum=64, maximum=2048)
+    # The training size in pixels; the model's size (512 for SD1, 768 for SD2-v, 1024 for SDXL). Squares of it
+    # with buckets off; with buckets on, pictures of about its area in the photo's aspect-ratio bucket.
+    size: int = option(512, "output size in pixels (the square's side, or the buckets' area)", minimum=64, maximum=2048)
+    # on: each picture keeps its photo's shape - the crop around the face (or detail) takes the bucket nearest the
+    # photo's aspect (prepare/buckets.py: 384x640 ... 640x384 at 512) and reaches where the photo has room (the
+    # body below a face in a portrait); off: squares, as before buckets.
+    buckets: str = option(
+        "on", "keep each photo's shape in an aspect-ratio bucket (on) or cut squares (off)", choices=("on", "off")
+    )
     # face: the face and a little around it; head-and-shoulders: more of the person; center: a plain centre crop.
     crop: str = option("face", "how to frame each photo", choices=("face", "head-and-shoulders", "center"))
     # Also write a mirrored copy of every image.

@@ -36,6 +36,8 @@ from PIL import Image, ImageFilter, ImageOps
 
 from tistudio.config import PrepareOptions, validate_prepare
 from tistudio.errors import DatasetError, OptionError
+from tistudio.prepare.buckets import bucket_sizes
+from tistudio.prepare.buckets import describe as describe_buckets
 from tistudio.prepare.dataset import (
     CAPTION_SUFFIXES,
     decode_image,
@@ -90,6 +92,7 @@ class Item:
     other_person: bool = False  # the face is not the set's main person's
     mask: str = ""  # where the photo's mask came from ("alpha channel", or its mask file's name); "" none
     mask_sha256: str = ""  # the mask file's hash (a changed mask is prepared again, like a changed photo)
+    bucket: tuple[int, int] | None = None  # the pictures' (width, height): the photo's bucket, or the square
 
 
 @dataclass
@@ -284,12 +287,14 @@ def process_photo(
     item.original_size = original
     to_original = original[0] / image.width  # read_image may have reduced a very large photo
     width, height = image.size
-    squares: list[tuple[int, int, int, int]] = []
+    squares: list[tuple[int, ...]] = []
+    face_box = None  # the largest face, in `image`'s pixels
     if options.crop != "center" and detector is not None:
         faces = [f for f in detector.detect(image) if f.score >= FACE_SCORE]
         item.faces = len(faces)
         if faces:
             face = max(faces, key=lambda f: f.width * f.height)
+            face_box = face.box
             item.face_box = tuple(round(v * to_original, 1) for v in face.box)  # type: ignore[assignment]
             item.yaw = face.yaw()
             least = options.size / options.max_upscale / to_original  # widest enlargement allowed, in these pixels
@@ -320,12 +325,16 @@ def process_photo(
             left, top = focal_offset(image, side)
             squares, item.framing = [(left, top, left + side, top + side)], "focal"
             item.notes.append("no face found: cropped around the most detailed region")
+    bucket = (options.size, options.size)
+    if options.buckets == "on" and item.framing != "split":
+        bucket, squares[0] = bucket_frame(squares[0], item.framing, width, height, options.size, face_box)
+    item.bucket = bucket
     side_original = (squares[0][2] - squares[0][0]) * to_original
-    item.upscale = round(options.size / side_original, 3)
+    item.upscale = round(bucket[0] / side_original, 3)
     if item.upscale > options.max_upscale:
         raise DatasetError(
             f"too small: the crop is {side_original:.0f} px and would need enlarging "
-            f"{item.upscale:.1f}x to {options.size} px (at most {options.max_upscale:g}x); use a larger "
+            f"{item.upscale:.1f}x to {bucket[0]} px (at most {options.max_upscale:g}x); use a larger "
             "photo"
         )
     if item.upscale > WARN_UPSCALE:
@@ -336,7 +345,7 @@ def process_photo(
     item.look = thumbnail_look(image)
     outputs = []
     for index, square in enumerate(squares):
-        crop = image.crop(square).resize((options.size, options.size), Image.LANCZOS)
+        crop = image.crop(square).resize(bucket, Image.LANCZOS)
         name = stem if len(squares) == 1 else f"{stem}-{index + 1}"
         outputs.append((name, crop))
         if options.flip:
@@ -344,7 +353,7 @@ def process_photo(
     first = outputs[0][1]
     item.sharpness = round(laplacian_variance(first), 1)
     item.background = tuple(round(v, 1) for v in border_colour(first))  # type: ignore[assignment]
-    masks = square_masks(mask, squares, options) if mask is not None else [None] * len(outputs)
+    masks = square_masks(mask, squares, bucket, options.flip) if mask is not None else [None] * len(outputs)
     for (name, picture), cut in zip(outputs, masks, strict=True):
         _save(picture, out / f"{name}.png")
         item.outputs.append(f"{name}.png")
@@ -358,15 +367,59 @@ def process_photo(
 
 
 def square_masks(
-    mask: Image.Image, squares: list[tuple[int, int, int, int]], options: PrepareOptions
+    mask: Image.Image, squares: list[tuple[int, ...]], size: tuple[int, int], flip: bool
 ) -> list[Image.Image | None]:
-    """A photo's mask cut and resized as its squares were (and mirrored for their -flip copies), in the order of
+    """A photo's mask cut and resized as its pictures were (and mirrored for their -flip copies), in the order of
     the outputs, so that training weighs the prepared pictures where the photo said its subject is."""
     cuts: list[Image.Image | None] = []
     for square in squares:
-        cut = mask.crop(square).resize((options.size, options.size), Image.BILINEAR)
-        cuts += [cut, ImageOps.mirror(cut)] if options.flip else [cut]
+        cut = mask.crop(square).resize(size, Image.BILINEAR)
+        cuts += [cut, ImageOps.mirror(cut)] if flip else [cut]
     return cuts
+
+
+def bucket_frame(
+    square: tuple[int, ...],
+    framing: str,
+    width: int,
+    height: int,
+    size: int,
+    face: tuple[float, float, float, float] | None,
+) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """The bucket a photo's crop takes, and the crop: the bucket nearest the photo's aspect (prepare/buckets.py)
+    whose rectangle keeps the whole face, else the next nearest; the square framing it is the square's choice."""
+    aspect = math.log(width / height)
+    for bucket in sorted(bucket_sizes(size), key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect)):
+        box = bucket_box(square, bucket, framing, width, height)
+        if face is None or contains(box, face):
+            return bucket, box
+    return (size, size), square
+
+
+def bucket_box(
+    square: tuple[int, ...], bucket: tuple[int, int], framing: str, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The rectangle of the bucket's aspect a framing cuts. Around a face, it has the square's area (the face keeps
+    its size) and centres on it across, reaching downward where it is taller (the neck, shoulders and body are below a
+    face); without one, it is the largest in the photo, centred on the square (the photo's centre, or its detail).
+    Moved, and shrunk where the photo is too small, to lie inside the photo."""
+    x1, y1, x2, y2 = square
+    side, ratio = x2 - x1, bucket[0] / bucket[1]
+    if framing in ("face", "head-and-shoulders"):
+        w, h = side * math.sqrt(ratio), side / math.sqrt(ratio)
+    else:
+        w, h = min(width, height * ratio), min(height, width / ratio)
+    shrink = min(1.0, width / w, height / h)
+    w, h = w * shrink, h * shrink
+    cx = (x1 + x2) / 2
+    cy = (y1 + y2) / 2 + (0.8 * max(0.0, h - side) / 2 if framing in ("face", "head-and-shoulders") else 0.0)
+    left = min(max(0.0, cx - w / 2), width - w)
+    top = min(max(0.0, cy - h / 2), height - h)
+    return round(left), round(top), round(left + w), round(top + h)
+
+
+def contains(box: tuple[int, ...], inner: tuple[float, float, float, float]) -> bool:
+    return box[0] <= inner[0] + 1 and box[1] <= inner[1] + 1 and box[2] >= inner[2] - 1 and box[3] >= inner[3] - 1
 
 
 def mask_digest(source: Path) -> str:
@@ -493,7 +546,7 @@ def prepare_photo(
         and old.get("mask_sha256", "") == mask_digest(source)
         and not undescribed(old, identity)
     ):
-        tuples = ("original_size", "face_box", "crop", "background")
+        tuples = ("original_size", "face_box", "crop", "background", "bucket")
         item = Item(**{k: tuple(v) if k in tuples and v else v for k, v in old.items()})
         taken.update(Path(name).stem.lower() for name in item.outputs)
         return item, False
@@ -746,11 +799,12 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
             if options.crop != "center"
             else "not looked for"
         ) + who(item)
+        bucket = item.bucket or (options.size, options.size)
         rows.append(
-            f"<tr><td><img src='{data_uri(picture)}' alt='' width=96 height=96></td>"
+            f"<tr><td><img src='{data_uri(picture)}' alt='' width=96 height={round(96 * bucket[1] / bucket[0])}></td>"
             f"<td>{html.escape(item.source)}<br><span class='muted'>{item.original_size[0]}x{item.original_size[1]}"
             f" → {', '.join(html.escape(o) for o in item.outputs if o.endswith('.png') and not is_mask_file(o))}"
-            "</span></td>"
+            f" ({bucket[0]}x{bucket[1]})</span></td>"
             f"<td>{html.escape(face)}</td><td>{item.sharpness:.0f}</td><td>{item.upscale:.2f}x</td>"
             f"<td>{html.escape(item.caption) or '<span class=muted>none</span>'}</td>"
             f"<td>{html.escape('; '.join(item.notes))}</td></tr>"
@@ -760,13 +814,21 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Prepared training set</title>"
         f"<style>{STYLE} td,th{{border-bottom:1px solid #eee;padding:4px 8px;text-align:left}} "
         f"tr.bad td{{color:#a33}}</style></head><body><h1>Prepared training set</h1>"
-        f"<p>{usable} of {len(items)} files usable, {options.size}px squares, crop: {options.crop}"
+        f"<p>{usable} of {len(items)} files usable, {html.escape(shapes(items, options))}, crop: {options.crop}"
         f"{', with mirrored copies' if options.flip else ''}.</p><h2>Verdict</h2><ul>"
         + "".join(f"<li>{html.escape(line)}</li>" for line in verdict)
         + "</ul><h2>Images</h2><table><tr><th></th><th>photo</th><th>face</th><th>sharpness</th>"
         "<th>enlarged</th><th>caption</th><th>notes</th></tr>" + "".join(rows) + "</table></body></html>"
     )
     return write_text(out / "report.html", page)
+
+
+def shapes(items: list[Item], options: PrepareOptions) -> str:
+    """The pictures' sizes: '384x640 buckets: 3 x 384x640, 2 x 512x512', or '512px squares'."""
+    chosen = [item.bucket or (options.size, options.size) for item in items if item.status == "ok"]
+    if options.buckets == "off" or not chosen:
+        return f"{options.size}px squares"
+    return f"aspect-ratio buckets of about {options.size}x{options.size}: {describe_buckets(chosen)}"
 
 
 def who(item: Item) -> str:
@@ -787,6 +849,9 @@ def summary_lines(result: PrepareResult) -> list[str]:
             continue
         face = (f"face {item.face_fraction:.0%} {item.yaw}" if item.face_box else item.framing) + who(item)
         notes = f"  ({'; '.join(item.notes)})" if item.notes else ""
-        lines.append(f"  ok        {item.source}: {face}, sharpness {item.sharpness:.0f}, x{item.upscale:.2f}{notes}")
+        shape = f"{item.bucket[0]}x{item.bucket[1]}, " if item.bucket else ""
+        lines.append(
+            f"  ok        {item.source}: {shape}{face}, sharpness {item.sharpness:.0f}, x{item.upscale:.2f}{notes}"
+        )
     lines += ["", *result.verdict, "", f"report: {result.report}"]
     return lines

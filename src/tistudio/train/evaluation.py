@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel
 from tistudio.storage import append_line, write_text
 from tistudio.templates import fill_template
+from tistudio.train.latents import Rows
 from tistudio.train.objective import Denoiser, seed_for
 from tistudio.train.runfolder import EVAL_HEADER, eval_row, read_eval_log
 from tistudio.train.trainable import Tensors, Trainable
@@ -91,64 +92,78 @@ class EvalBatch:
 
     indices: list[int]
     timesteps: torch.Tensor
-    noise: torch.Tensor
+    noise: torch.Tensor | list[torch.Tensor]  # one row per sample (a list where the buckets' shapes differ)
     prompts: list[str]
     time_ids: torch.Tensor | None = None  # SDXL: each sample's size and crop conditioning
 
 
 def evaluation_batch(
-    count: int,
+    latents: Rows,
     captions: list[str],
     template: tuple[str, ...],
     name: str,
     seed: int,
-    latent_shape: tuple[int, ...],
     draws: Denoiser,
     size: int = 32,
     sizes: torch.Tensor | None = None,
     stratified: bool = False,
 ) -> EvalBatch:
-    """The same samples for every evaluation: each image in turn, with fixed noise, timesteps and prompts, drawn as
-    the denoiser `draws` them. With `stratified`, the timesteps cover the schedule evenly (one drawn in each of
-    `size` equal strata, the strata shuffled over the samples), so that a small batch does not happen to miss the
-    high or the low noise levels."""
+    """The same samples for every evaluation: each image in turn (the buckets taking turns, so that a batch smaller
+    than the set still covers every bucket it uses), with fixed noise, timesteps and prompts, drawn as the denoiser
+    `draws` them. With `stratified`, the timesteps cover the schedule evenly (one drawn in each of `size` equal
+    strata, the strata shuffled over the samples), so that a small batch does not happen to miss the high or the low
+    noise levels."""
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
-    indices = [i % count for i in range(size)]
+    turns = interleaved(latents.members())
+    indices = [turns[i % latents.count] for i in range(size)]
     prompts = [
         fill_template(template[i % len(template)], name, captions[index], rng) for i, index in enumerate(indices)
     ]
     steps = draws.draw_timesteps(size, generator, stratified)
+    if latents.single:
+        noise: torch.Tensor | list[torch.Tensor] = draws.draw_noise((size, *latents.shapes[0]), generator)
+    else:
+        noise = [draws.draw_noise((1, *latents.shape(index)), generator)[0] for index in indices]
     return EvalBatch(
         indices=indices,
         timesteps=steps,
-        noise=draws.draw_noise((size, *latent_shape), generator),
+        noise=noise,
         prompts=prompts,
         time_ids=None if sizes is None else sizes[torch.tensor(indices)],
     )
 
 
+def interleaved(groups: Sequence[Sequence[int]]) -> list[int]:
+    """The groups' members taking turns: [a0, b0, c0, a1, b1, a2, ...] (one group: its members in order)."""
+    longest = max((len(group) for group in groups), default=0)
+    return [group[i] for i in range(longest) for group in groups if i < len(group)]
+
+
 @torch.no_grad()
 def evaluation_loss(
-    denoiser: Denoiser, latents: torch.Tensor, batch: EvalBatch, chunk: int = 16, weights: torch.Tensor | None = None
+    denoiser: Denoiser, latents: Rows, batch: EvalBatch, chunk: int = 16, weights: Rows | None = None
 ) -> float:
-    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk), weighted as
-    training is where the images have loss `weights` (train/masks.py)."""
-    total = 0.0
-    for start in range(0, len(batch.indices), chunk):
-        part = slice(start, start + chunk)
-        chosen = torch.tensor(batch.indices[part], device=latents.device)
-        clean = latents[chosen]
-        noise = batch.noise[part].to(latents.device)
-        loss = denoiser.loss(
-            clean,
-            batch.timesteps[part].to(latents.device),
-            noise,
-            batch.prompts[part],
-            time_ids=None if batch.time_ids is None else batch.time_ids[part],
-            weights=None if weights is None else weights[chosen],
-        )
-        total += float(loss) * clean.shape[0]
+    """Mean loss over a fixed evaluation batch (no images are generated; a forward pass per chunk of samples of one
+    shape), weighted as training is where the images have loss `weights` (train/masks.py)."""
+    total, device = 0.0, latents.device
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for place, index in enumerate(batch.indices):
+        by_shape.setdefault(latents.shape(index), []).append(place)
+    for places in by_shape.values():
+        for start in range(0, len(places), chunk):
+            part = places[start : start + chunk]
+            chosen = [batch.indices[p] for p in part]
+            at = torch.tensor(part)
+            loss = denoiser.loss(
+                latents.take(chosen),
+                batch.timesteps[at].to(device),
+                torch.stack([batch.noise[p] for p in part]).to(device),
+                [batch.prompts[p] for p in part],
+                time_ids=None if batch.time_ids is None else batch.time_ids[at],
+                weights=None if weights is None else weights.take(chosen),
+            )
+            total += float(loss) * len(part)
     return total / len(batch.indices)
 
 
@@ -258,12 +273,12 @@ class Evaluator:
     def __init__(
         self,
         denoiser: Denoiser,
-        latents: torch.Tensor,
+        latents: Rows,
         batch: EvalBatch,
         log_path: Path,
         likeness: Likeness | None = None,
         likeness_every: int = 0,
-        weights: torch.Tensor | None = None,
+        weights: Rows | None = None,
         spec: Mapping[str, Any] | None = None,
     ) -> None:
         self.denoiser, self.latents, self.batch = denoiser, latents, batch

@@ -35,6 +35,8 @@ from tistudio.errors import EmbeddingError, TistudioError
 from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
 from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel, load_model, resolve_device
+from tistudio.prepare.buckets import Size, choose_buckets, cover_crop, fit, most_common
+from tistudio.prepare.buckets import describe as describe_buckets
 from tistudio.prepare.dataset import Dataset, TrainImage, load_dataset, square
 from tistudio.progress import Event, Progress, Reporter
 from tistudio.samplers import check_sampler
@@ -42,6 +44,7 @@ from tistudio.schedule import Schedule, parse_schedule
 from tistudio.storage import write_json
 from tistudio.templates import fill_template, load_template, preview_prompt
 from tistudio.train.evaluation import Evaluator, Likeness, evaluation_batch, evaluation_due
+from tistudio.train.latents import Rows, batches_per_epoch, bucket_batch, bucket_mode
 from tistudio.train.lora import LoraTrainable, check_resumable
 from tistudio.train.masks import loss_weights, mask_mode
 from tistudio.train.objective import Denoiser, batch_loss, denoiser_for, seed_for, size_ids
@@ -178,7 +181,12 @@ def run_training(
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
     masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None, start_step > 0)
-    samples = encode_samples(model, dataset, size, template, name, replace(options, loss_mask=masking), parallel, stop)
+    bucketing = bucket_mode(options.buckets, saved["meta"].get("buckets") if saved else None, start_step > 0)
+    buckets = choose_buckets([item.image.size for item in dataset.images], size, bucketing == "on")
+    log.info("aspect-ratio buckets %s: %s", bucketing, describe_buckets(buckets))
+    samples = encode_samples(
+        model, dataset, buckets, template, name, replace(options, loss_mask=masking), parallel, stop
+    )
     if samples is None:  # a stop asked while encoding
         return stopped_while_encoding(point, report, schedule.end_step)
 
@@ -210,7 +218,8 @@ def run_training(
         ),
     )
     carried = partial(word_at, word, name) if options.preview_embedded else None
-    session.open_outputs(template, size, masking, cleanup, dataset.summary(), carried)
+    decided = {"loss_mask": masking, "buckets": bucketing}  # what a resume keeps
+    session.open_outputs(template, most_common(buckets), decided, cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
     record = partial(
@@ -225,6 +234,7 @@ def run_training(
         parallel=parallel,
         masking=describe_masking(masking, samples),
         judged=judged_by(evaluator, unmeasured),
+        bucketing=f"{bucketing}: {describe_buckets(buckets)}",
     )
     session.train(earlier_batch, record if main else None)
 
@@ -266,20 +276,21 @@ class Session:
     def open_outputs(
         self,
         template: tuple[str, ...],
-        size: int,
-        masking: str,
+        preview_size: Size,
+        decided: dict[str, str],
         cleanup: ExitStack,
         summary: str,
         carried: Callable[[int], Embedding] | None,
     ) -> None:
         """The previewer (`carried`: the embedding a preview stores, --preview-embedded), TensorBoard, the loss log
-        and the checkpointer; the start's evaluation and preview."""
+        and the checkpointer (`decided`: what the run decided once, kept in its resume state); the start's evaluation
+        and preview (`preview_size`: the most common bucket)."""
         options, point, main, start = self.options, self.point, self.parallel.main, self.result.start_step
         if options.preview_every and main:
             self.previewer = Previewer(
                 self.denoiser.model,
                 self.denoiser.encoder,
-                preview_params(options, template, point.name, size),
+                preview_params(options, template, point.name, preview_size),
                 point.run,
                 options.clip_skip,
                 carried,
@@ -298,7 +309,7 @@ class Session:
             self.losses,
             start,
             writes=main,
-            meta={"loss_mask": masking},
+            meta=decided,
         )
         if self.evaluator is not None and start == 0:
             evaluate(self.evaluator, self.trainable, 0, self.end, self.report)  # the untrained start, for the curve
@@ -351,7 +362,7 @@ class Session:
             if self.scaler is None:  # on a GPU the GradScaler skipped a bad step; the loss log accounts for it later
                 self.guard.good() if bool(finite) else self.guard.bad(step + 1, self.checkpoints.saved_step)
             step = result.step = step + 1
-            epoch = (step * per_step - 1) // samples.count
+            epoch = samples.epoch(step, batch * parallel.world, per_step)
             self.losses.add(LossRow(step, epoch, loss, rates[0], finite), self.checkpoints.saved_step)
             elapsed = time.monotonic() - started
             self.report(
@@ -580,14 +591,15 @@ class StopBeforeTraining(Exception):  # a signal, not an error
 def encode_latents(
     model: SDModel,
     dataset: Dataset,
-    size: int,
+    size: int | Sequence[Size],
     flip: bool,
     only: range | None = None,
     stop: threading.Event | None = None,
-) -> tuple[torch.Tensor, list[str]]:
-    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor. `only`: the
-    indices of the images to encode (a data-parallel process's share), all by default. A `stop` asked meanwhile
-    acts between two images (StopBeforeTraining): a large set at a large size takes minutes to encode."""
+) -> tuple[Rows, list[str]]:
+    """One latent per image (and per mirror image): the VAE posterior mean times the scaling factor, of the image
+    fitted to its training size - `size`: each image's bucket (prepare/buckets.py), or one square side for all.
+    `only`: the indices of the images to encode (a data-parallel process's share), all by default. A `stop` asked
+    meanwhile acts between two images (StopBeforeTraining): a large set at a large size takes minutes to encode."""
     import numpy as np
     from PIL import ImageOps
 
@@ -597,11 +609,13 @@ def encode_latents(
     if upcast:
         vae.float()
     latents, captions = [], []
+    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
     try:
-        for item in dataset.images if only is None else [dataset.images[i] for i in only]:
+        for index in range(len(dataset.images)) if only is None else only:
+            item = dataset.images[index]
             if stop is not None and stop.is_set():
                 raise StopBeforeTraining
-            picture = square(item.image, size)
+            picture = fit(item.image, buckets[index])
             variants = [picture, ImageOps.mirror(picture)] if flip else [picture]
             for variant in variants:
                 array = torch.from_numpy(np.asarray(variant, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
@@ -612,28 +626,32 @@ def encode_latents(
     finally:
         if upcast:
             vae.to(model.dtype)
-    return torch.stack(latents), captions
+    return Rows(latents), captions
 
 
-def latent_sizes(model: SDModel, dataset: Dataset, size: int, flip: bool) -> torch.Tensor | None:
+def latent_sizes(model: SDModel, dataset: Dataset, size: int | Sequence[Size], flip: bool) -> torch.Tensor | None:
     """For a family with size conditioning (SDXL), each latent's time_ids (encode_latents' order), else None."""
     if not model.spec.size_conditioning:
         return None
-    return torch.tensor([crop_sizes(item, size) for item in dataset.images for _ in range(2 if flip else 1)])
+    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
+    pairs = zip(dataset.images, buckets, strict=True)
+    return torch.tensor([crop_sizes(item, bucket) for item, bucket in pairs for _ in range(1 + flip)])
 
 
-def crop_sizes(item: TrainImage, size: int) -> list[float]:
-    """SDXL's time_ids of a training image made size x size: the original photo's size, the crop's top-left
-    corner in the picture resized so that the crop is `size` wide, the target size. For a prepared set these are the
-    source photo and the square prepare cut from it (its manifest); otherwise the image and its centre crop."""
+def crop_sizes(item: TrainImage, bucket: Size | int) -> list[float]:
+    """SDXL's time_ids of a training image fitted to its bucket (width, height): the original photo's size, the
+    crop's top-left corner in the photo resized to cover the bucket, the bucket's size. For a prepared set the photo
+    is the source and the crop the rectangle prepare cut from it (its manifest), fitted to the bucket in turn;
+    otherwise the image itself and its centred crop."""
+    bucket = (bucket, bucket) if isinstance(bucket, int) else bucket
+    target = (bucket[1], bucket[0])
     if item.source_size and item.source_crop:
-        (width, height), (left, top, right, _) = item.source_size, item.source_crop
-        scale = size / max(1, right - left)
-        return size_ids((height, width), (round(top * scale), round(left * scale)), (size, size))
+        (width, height), (left, top, right, bottom) = item.source_size, item.source_crop
+        scale, (inner_left, inner_top) = cover_crop(right - left, bottom - top, bucket)
+        return size_ids((height, width), (round(top * scale) + inner_top, round(left * scale) + inner_left), target)
     width, height = item.original_size
-    scale = size / min(width, height)
-    top, left = round((height * scale - size) / 2), round((width * scale - size) / 2)
-    return size_ids((height, width), (top, left), (size, size))
+    _, (left, top) = cover_crop(width, height, bucket)
+    return size_ids((height, width), (top, left), target)
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
@@ -676,7 +694,7 @@ class Samples:
     """The cached latents and their captions, and the draw of each step's micro-batches: everything random at step
     k comes from generators seeded by (seed, k), which is what makes resume exact."""
 
-    latents: torch.Tensor  # [count, channels, h, w], float32, on the model's device
+    latents: Rows  # each [channels, h, w], float32, on the model's device; one shape per bucket (train/latents.py)
     captions: list[str]
     template: tuple[str, ...]
     name: str
@@ -684,11 +702,25 @@ class Samples:
     shuffle_tags: bool = False
     tag_dropout: float = 0.0
     sizes: torch.Tensor | None = None  # [count, 6]: SDXL's size and crop conditioning of each latent
-    weights: torch.Tensor | None = None  # [count, 1, h, w] on the device: the loss weights (train/masks.py), or None
+    weights: Rows | None = None  # each [1, h, w] on the device: the loss weights (train/masks.py), or None
 
     @property
     def count(self) -> int:
-        return int(self.latents.shape[0])
+        return self.latents.count
+
+    def indices(self, step: int, micro: int, batch: int, per_step: int) -> list[int]:
+        """The samples of micro-batch `micro` of optimizer step `step`: from one shuffled stream (one shape), or
+        from one bucket (several: train/latents.py)."""
+        first = step * per_step + micro * batch
+        if self.latents.single:
+            return sample_indices(self.seed, first, batch, self.count)
+        return bucket_batch(self.seed, first // batch, self.latents.members(), batch)
+
+    def epoch(self, step: int, batch: int, per_step: int) -> int:
+        """The epoch the last sample of step `step` (1-based, after it) was drawn in."""
+        if self.latents.single:
+            return (step * per_step - 1) // self.count
+        return (step * per_step // batch - 1) // batches_per_epoch(self.latents.members(), batch)
 
     def longest_prompt(self) -> str:
         return max(
@@ -702,7 +734,7 @@ class Samples:
 
     def draw(self, step: int, micro: int, batch: int, per_step: int, draws: Denoiser) -> Batch:
         """Micro-batch `micro` of optimizer step `step` (0-based), its timesteps and noise drawn as `draws` does."""
-        indices = sample_indices(self.seed, step * per_step + micro * batch, batch, self.count)
+        indices = self.indices(step, micro, batch, per_step)
         rng = random.Random(seed_for(self.seed, 2, step, micro))
         prompts = [
             fill_template(
@@ -713,15 +745,14 @@ class Samples:
         generator = torch.Generator().manual_seed(seed_for(self.seed, 3, step, micro))
         t = draws.draw_timesteps(batch, generator)
         device = self.latents.device
-        noise = draws.draw_noise((batch, *self.latents.shape[1:]), generator).to(device)
-        chosen = torch.tensor(indices, device=device)
+        noise = draws.draw_noise((batch, *self.latents.shape(indices[0])), generator).to(device)
         return Batch(
-            clean=self.latents[chosen],
+            clean=self.latents.take(indices),
             timesteps=t.to(device),
             noise=noise,
             prompts=prompts,
             time_ids=None if self.sizes is None else self.sizes[torch.tensor(indices)],
-            weights=None if self.weights is None else self.weights[chosen],
+            weights=None if self.weights is None else self.weights.take(indices),
         )
 
 
@@ -733,32 +764,28 @@ def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
 def encode_samples(
     model: SDModel,
     dataset: Dataset,
-    size: int,
+    size: int | Sequence[Size],
     template: tuple[str, ...],
     name: str,
     options: TrainOptions,
     parallel: Parallel | None = None,
     stop: threading.Event | None = None,
 ) -> Samples | None:
-    """The cached training samples. Several processes each encode their share of the images and exchange them. A
-    `stop` asked meanwhile acts between two images: None (one process; several stop together in the loop, at a step
-    they agree on)."""
+    """The cached training samples, each image at its bucket's size (`size`: one per image, or one square side for
+    all). Several processes each encode their share of the images and exchange them. A `stop` asked meanwhile acts
+    between two images: None (one process; several stop together in the loop, at a step they agree on)."""
     parallel = parallel or Parallel()
+    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
     if parallel.active:
-        count, variants = len(dataset.images), 2 if options.flip else 1
-        mine, _ = encode_latents(model, dataset, size, options.flip, only=parallel.share(count))
-        mine = mine.reshape(-1, variants, *mine.shape[1:])
-        latents = parallel.gather_shares(mine, count).flatten(0, 1)
-        captions = [item.caption for item in dataset.images for _ in range(variants)]
+        latents = gather_latents(model, dataset, buckets, options.flip, parallel)
+        captions = [item.caption for item in dataset.images for _ in range(1 + options.flip)]
     else:
         try:
-            latents, captions = encode_latents(model, dataset, size, options.flip, stop=stop)
+            latents, captions = encode_latents(model, dataset, buckets, options.flip, stop=stop)
         except StopBeforeTraining:
             return None
-    sizes = latent_sizes(model, dataset, size, options.flip)
-    weights = loss_weights(
-        dataset, size, int(latents.shape[-1]), options.flip, options.loss_mask, options.mask_background
-    )
+    sizes = latent_sizes(model, dataset, buckets, options.flip)
+    weights = loss_weights(dataset, buckets, model.vae_scale, options.flip, options.loss_mask, options.mask_background)
     return Samples(
         latents=latents,
         captions=captions,
@@ -768,8 +795,26 @@ def encode_samples(
         shuffle_tags=options.shuffle_tags,
         tag_dropout=options.tag_dropout,
         sizes=sizes,
-        weights=None if weights is None else weights.to(latents.device),
+        weights=None if weights is None else Rows(weights).to(latents.device),
     )
+
+
+def gather_latents(model: SDModel, dataset: Dataset, buckets: list[Size], flip: bool, parallel: Parallel) -> Rows:
+    """Every image's latents on every process, each process encoding its share: the rows, of their buckets' shapes,
+    travel flattened and padded to the longest."""
+    import math
+
+    count, variants = len(dataset.images), 1 + flip
+    channels, scale = int(model.vae.config.latent_channels), model.vae_scale
+    shapes = [(channels, height // scale, width // scale) for width, height in buckets]
+    longest = max(math.prod(shape) for shape in shapes)
+    share = parallel.share(count)
+    mine, _ = encode_latents(model, dataset, buckets, flip, only=share)
+    local = torch.zeros((len(share), variants, longest), dtype=torch.float32, device=model.device)
+    for k, row in enumerate(mine.rows()):
+        local[k // variants, k % variants, : row.numel()] = row.flatten()
+    every = parallel.gather_shares(local, count)
+    return Rows([every[i, v, : math.prod(shapes[i])].reshape(shapes[i]) for i in range(count) for v in range(variants)])
 
 
 def judged_by(evaluator: Evaluator | None, why_not: Sequence[str] = ()) -> str:
@@ -785,7 +830,8 @@ def judged_by(evaluator: Evaluator | None, why_not: Sequence[str] = ()) -> str:
 
 def describe_masking(mode: str, samples: Samples) -> str:
     """What options.json says of the loss's weighting: the mode trained with, and whether any image is weighted."""
-    weighted = 0 if samples.weights is None else int((samples.weights.flatten(1).std(dim=1) > 1e-6).sum())
+    rows = [] if samples.weights is None else samples.weights.rows()
+    weighted = sum(float(row.std()) > 1e-6 for row in rows)
     return f"{mode}: {weighted} of {samples.count} images weighted toward the subject"
 
 
@@ -940,12 +986,11 @@ def make_evaluator(
         return None
     spec = evaluation_spec(options, start_step, saved, run)
     batch = evaluation_batch(
-        samples.count,
+        samples.latents,
         samples.captions,
         samples.template,
         samples.name,
         options.seed,
-        tuple(samples.latents.shape[1:]),
         denoiser,
         size=spec["samples"],
         sizes=samples.sizes,
@@ -1008,9 +1053,12 @@ def evaluate(
     report(Event.EVAL, step, total, loss=loss, likeness=like, message=shown)
 
 
-def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, size: int) -> list[SamplingParams]:
+def preview_params(
+    options: TrainOptions, template: tuple[str, ...], name: str, size: int | Size
+) -> list[SamplingParams]:
     """The previews' sampling settings, one per prompt: the preview_* options, each line of preview_prompt (the
-    template's first line by default)."""
+    template's first line by default), at `size` (width, height; an int: a square)."""
+    width, height = (size, size) if isinstance(size, int) else size
     prompts = preview_prompts(options.preview_prompt) or [preview_prompt(template, name)]
     return [
         SamplingParams(
@@ -1019,8 +1067,8 @@ def preview_params(options: TrainOptions, template: tuple[str, ...], name: str, 
             steps=options.preview_steps,
             sampler=check_sampler(options.preview_sampler, "preview_sampler"),
             cfg=options.preview_cfg,
-            width=size,
-            height=size,
+            width=width,
+            height=height,
             seeds=(options.preview_seed,),
         )
         for prompt in prompts
@@ -1220,6 +1268,8 @@ def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -
     below the headroom. It draws from its own generator and throws its gradient away, so the run is unchanged."""
     device = denoiser.model.device
     latents, prompt = samples.latents, samples.longest_prompt()
+    shape = max(latents.shapes, key=lambda s: s[1] * s[2])  # the largest bucket's latents (all about one area)
+    rows = latents.members()[latents.shapes.index(shape)]
 
     def fits(batch: int) -> bool:
         torch.cuda.empty_cache()
@@ -1227,8 +1277,8 @@ def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -
         try:
             generator = torch.Generator().manual_seed(0)
             t = denoiser.draw_timesteps(batch, generator)
-            noise = denoiser.draw_noise((batch, *latents.shape[1:]), generator).to(device)
-            clean = latents[torch.arange(batch, device=device) % latents.shape[0]]
+            noise = denoiser.draw_noise((batch, *shape), generator).to(device)
+            clean = latents.take([rows[i % len(rows)] for i in range(batch)])
             denoiser.loss(clean, t.to(device), noise, [prompt] * batch).backward()
             torch.cuda.synchronize(device)
         except torch.cuda.OutOfMemoryError:
@@ -1274,6 +1324,7 @@ def write_run_options(
     parallel: Parallel,
     masking: str = "",
     judged: str = "",
+    bucketing: str = "",
 ) -> None:
     """options.json: the options as given and as resolved (what a later sitting and the report read)."""
     write_json(
@@ -1299,6 +1350,7 @@ def write_run_options(
                 "skipped_images": [[str(p), r] for p, r in dataset.skipped],
                 "compiled_unet": options.compile_unet,
                 "loss_mask": masking,
+                "buckets": bucketing,
                 "likeness": judged,
                 "neutral_loss": None if evaluator is None else evaluator.neutral,
                 "eval_batch": None if evaluator is None else evaluator.spec,

@@ -2,11 +2,11 @@
 
 A photo's mask (prepare/dataset.py reads it: an alpha channel, or ``IMAGE.mask.png`` / OneTrainer's
 ``IMAGE-masklabel.png`` beside the photo; white is the subject) or a head-and-shoulders shape around the face the
-detector finds becomes a weight per latent pixel: cut to the training square as the
-photo is, reduced to the latent grid, its edge softened, the left-out part keeping ``mask_background`` of the
-weight, then scaled so that every image's weights average 1 (a masked image teaches as much as an unmasked one and
-the learning rate means what it did). Images without a mask weigh every pixel alike. Where no image has a mask
-there are no weights at all, and the loss is the plain mean.
+detector finds becomes a weight per latent pixel: cut to the training picture (a square, or the photo's
+aspect-ratio bucket) as the photo is, reduced to the latent grid, its edge softened, the left-out part keeping
+``mask_background`` of the weight, then scaled so that every image's weights average 1 (a masked image teaches
+as much as an unmasked one and the learning rate means what it did). Images without a mask weigh every pixel
+alike. Where no image has a mask there are no weights at all, and the loss is the plain mean.
 
 Which photos get a face shape (``--loss-mask``): ``auto`` (the default) where the run learns a subject - not with a
 style template, whose word is the whole picture's look - and a face is found in at least FACE_SHARE of the photos
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from tistudio.prepare.dataset import Dataset, square
+from tistudio.prepare.buckets import Size, fit
+from tistudio.prepare.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,12 @@ def face_finder() -> FaceFinder:
     return find
 
 
-def latent_weights(mask: Image.Image, size: int, side: int, background: float) -> np.ndarray:
-    """A photo's mask as weights on the side x side latent grid of its size x size training square, averaging 1."""
-    cut = square(mask.convert("L"), size).resize((side, side), Image.BOX)
-    soft = cut.filter(ImageFilter.GaussianBlur(max(0.5, side / 32)))  # a soft edge: about 1/32 of the picture
+def latent_weights(mask: Image.Image, bucket: Size, scale: int, background: float) -> np.ndarray:
+    """A photo's mask as weights on the latent grid (a cell per `scale` pixels) of its training picture - the
+    bucket's size, cut as the photo is (prepare/buckets.py) - averaging 1."""
+    grid = (bucket[0] // scale, bucket[1] // scale)
+    cut = fit(mask.convert("L"), bucket).resize(grid, Image.BOX)
+    soft = cut.filter(ImageFilter.GaussianBlur(max(0.5, min(grid) / 32)))  # a soft edge: about 1/32 of the picture
     subject = np.asarray(soft, dtype=np.float32) / 255.0
     weights = background + (1.0 - background) * subject
     mean = float(weights.mean())
@@ -117,17 +120,19 @@ def face_masks(dataset: Dataset, mode: str, finder: FaceFinder) -> list[Image.Im
 
 def loss_weights(
     dataset: Dataset,
-    size: int,
-    side: int,
+    buckets: int | Sequence[Size],
+    scale: int,
     flip: bool,
     mode: str,
     background: float,
     find_face: FaceFinder | None = None,
-) -> torch.Tensor | None:
-    """[count, 1, side, side] weights in encode_latents' order (each image, then its mirror with `flip`), or None
-    where no image has a mask (mode "off", or no mask given and none found). `mode`: "masks" uses the photos'
-    masks; "face" also draws head-and-shoulders around the face found (`find_face`, the detector by default) in
-    photos without one; "auto" does so where most of those photos show a face (mask_mode resolves the option)."""
+) -> list[torch.Tensor] | None:
+    """Each latent's [1, h, w] weights in encode_latents' order (each image, then its mirror with `flip`), or None
+    where no image has a mask (mode "off", or no mask given and none found). `buckets`: each image's training size
+    (an int: the same square for all); `scale`: pixels per latent cell. `mode`: "masks" uses the photos' masks;
+    "face" also draws head-and-shoulders around the face found (`find_face`, the detector by default) in photos
+    without one; "auto" does so where most of those photos show a face (mask_mode resolves the option)."""
+    sizes = [(buckets, buckets)] * len(dataset.images) if isinstance(buckets, int) else list(buckets)
     if mode == "off":
         return None
     if mode in ("face", "auto") and any(item.mask is None for item in dataset.images):
@@ -143,12 +148,12 @@ def loss_weights(
         "the loss is weighted toward the subject in %d of %d images (the rest weighs %g)", given, len(masks), background
     )
     rows = []
-    for mask in masks:
+    for mask, bucket in zip(masks, sizes, strict=True):
         variants = [mask, ImageOps.mirror(mask)] if flip and mask is not None else [mask] * (2 if flip else 1)
         for variant in variants:
-            rows.append(
-                np.ones((side, side), np.float32)
-                if variant is None
-                else latent_weights(variant, size, side, background)
+            grid = (bucket[1] // scale, bucket[0] // scale)
+            weights = (
+                np.ones(grid, np.float32) if variant is None else latent_weights(variant, bucket, scale, background)
             )
-    return torch.from_numpy(np.stack(rows)).unsqueeze(1)
+            rows.append(torch.from_numpy(weights).unsqueeze(0))
+    return rows
