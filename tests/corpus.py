@@ -76,6 +76,19 @@ def draw_toy(rng: random.Random, size: int = 96) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
+SHAPES = {"tall": (40, 70), "wide": (70, 40), "square": (60, 60)}  # at size 64, buckets 48x80, 80x48 and 64x64
+
+
+def shaped_photos(folder: Path, per_shape: int = 3) -> Path:
+    """Toy photos of three shapes (aspect-ratio buckets, issue 32)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(5)
+    for kind, size in SHAPES.items():
+        for index in range(per_shape):
+            draw_toy(rng).resize(size, Image.LANCZOS).save(folder / f"{kind}-{index}.png")
+    return folder
+
+
 def make_photos(folder: Path, count: int = 10, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

@@ -5,7 +5,6 @@ from one bucket and resumes bit for bit, and SDXL's time_ids carry the real crop
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import threading
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from corpus import draw_toy
+from corpus import SHAPES, shaped_photos
 from tistudio.cli import main
 from tistudio.config import CreateOptions, PrepareOptions, TrainOptions
 from tistudio.embeddings.files import read_embedding
@@ -25,16 +24,6 @@ from tistudio.train import loop
 from tistudio.train.create import create_embedding
 
 DATA = Path(__file__).with_name("data")
-SHAPES = {"tall": (40, 70), "wide": (70, 40), "square": (60, 60)}  # at size 64: 48x80, 80x48, 64x64
-
-
-def shaped_photos(folder: Path, per_shape: int = 3) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(5)
-    for kind, size in SHAPES.items():
-        for index in range(per_shape):
-            draw_toy(rng).resize(size, Image.LANCZOS).save(folder / f"{kind}-{index}.png")
-    return folder
 
 
 def test_the_buckets_are_kohyas_for_512_and_sdxls_own_for_1024() -> None:

@@ -197,6 +197,25 @@ def test_two_processes_train_the_vectors_one_process_trains(
     ]
 
 
+def test_two_processes_draw_each_step_from_one_bucket_as_one_process_does(
+    tiny_sd1, sd1_model, tmp_path, cache_dir
+) -> None:
+    """Aspect-ratio buckets under torchrun: each process encodes its share of photos of three shapes, the latents
+    are exchanged whatever their shape, and every micro-batch's samples come from one bucket on both processes."""
+    from corpus import shaped_photos
+
+    photos = shaped_photos(tmp_path / "photos", per_shape=2)
+    template = new_embedding(sd1_model, tmp_path / "template")
+    one, two = tmp_path / "one", tmp_path / "two"
+    copies(template, one, two)
+    done = torchrun(cache_dir, *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_process(sd1_model, photos, one, cache_dir, max_steps=4)
+    a, b = vectors(one), vectors(two)
+    assert torch.allclose(a.tensor, b.tensor, atol=TOLERANCE, rtol=0), (a.tensor - b.tensor).abs().max()
+    assert resolved(two)["buckets"] == resolved(one)["buckets"] == "on: 2 x 48x80, 2 x 64x64, 2 x 80x48"
+
+
 def test_two_processes_train_the_word_and_its_lora_as_one_process_does(
     tiny_sd1, sd1_model, photos, tmp_path, cache_dir
 ) -> None:
