@@ -50,6 +50,31 @@ def upload(client: TestClient, name: str, photos: Path) -> dict:
     return client.post(f"/api/photosets/{name}/photos", files=files)
 
 
+def test_photos_keep_their_shape_in_buckets_through_the_api(client, tmp_path) -> None:
+    """Issue 32: the prepare and train forms have the buckets choice, the photo report names each picture's bucket,
+    and the run says what it trained on."""
+    from corpus import shaped_photos
+
+    schema = client.get("/api/schema").json()
+    assert {"buckets"} <= {f["name"] for f in schema["prepare"]} & {f["name"] for f in schema["train"]}
+    client.post("/api/photosets/tomtut")
+    upload(client, "tomtut", shaped_photos(tmp_path / "shaped", per_shape=1))
+    job = client.post("/api/photosets/tomtut/prepare", json={"size": 64, "crop": "center"}).json()
+    assert wait(client, job)["status"] == "done"
+    items = {item["source"]: item for item in client.get("/api/datasets/tomtut").json()["items"]}
+    assert {name: item["bucket"] for name, item in items.items()} == {
+        "tall-0.png": [48, 80],
+        "wide-0.png": [80, 48],
+        "square-0.png": [64, 64],
+    }
+    created = client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy", "vectors": 1}).json()
+    assert wait(client, created)["status"] == "done"
+    train = {"set": "tomtut", "embedding": "tomtut", "max_steps": 2, "preview_every": 0, "size": 64}
+    assert wait(client, client.post("/api/train", json=train).json())["status"] == "done"
+    resolved = client.get("/api/runs/tomtut").json()["resolved"]
+    assert resolved["buckets"] == "on: 1 x 48x80, 1 x 64x64, 1 x 80x48"
+
+
 def test_the_whole_workflow_through_the_api(client, photos) -> None:
     assert client.get("/api/status").json()["demo"] is False
     assert client.post("/api/photosets/tomtut").status_code == 200

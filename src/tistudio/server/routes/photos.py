@@ -37,6 +37,7 @@ REPORTED = (
     "upscale",
     "notes",
     "framing",
+    "bucket",
 )
 
 

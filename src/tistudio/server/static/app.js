@@ -400,8 +400,9 @@ async function showReport() {
     if (item.status === "ok") {
       figure.querySelector("img").src = item.images[0];
       const face = item.faces ? `face ${Math.round(item.face_fraction * 100)}%, ${item.yaw}` : item.framing;
-      figure.querySelector("figcaption").textContent =
-        `${item.source}: ${face}, sharpness ${Math.round(item.sharpness)}` + (item.notes.length ? ` — ${item.notes.join("; ")}` : "");
+      const shape = item.bucket ? `${item.bucket[0]}×${item.bucket[1]}, ` : "";  // its aspect-ratio bucket
+      figure.querySelector("figcaption").textContent = `${item.source}: ${shape}${face}, sharpness ` +
+        `${Math.round(item.sharpness)}` + (item.notes.length ? ` — ${item.notes.join("; ")}` : "");
     } else {
       figure.classList.add("bad");
       figure.querySelector("figcaption").textContent = `${item.source}: left out, ${item.reason}`;
