@@ -196,6 +196,58 @@ def render(person: Person, scene: Scene, hat: bool = False) -> Image.Image:
     return small
 
 
+TALL = 106  # a tall frame's height: 64 x 106, the aspect of the 48x80 bucket (0.6)
+TALL_SHIRT = 1  # the shirt of the tall frames' figure: red, a colour no background has
+
+
+def render_tall(person: Person, scene: Scene) -> Image.Image:
+    """The person in a tall 64 x TALL frame (a portrait: aspect-ratio buckets, issue 32): the frame's centre square is
+    :func:`render`'s picture of the head and shoulders, and the frame goes on above it (the scene) and below it,
+    where the figure's torso, in the shirt :data:`TALL_SHIRT`, reaches the bottom - what a square crop throws away."""
+    k = DRAW / SIZE
+    s, height = DRAW, round(TALL * k)
+    image = Image.new("RGB", (s, height))
+    draw = ImageDraw.Draw(image)
+    square = Image.new("RGB", (s, s))
+    _background(ImageDraw.Draw(square), scene.scene)
+    top = (height - s) // 2
+    # the scene's top and bottom rows stretched over the frame's extra rows, then its square in the middle
+    image.paste(square.crop((0, 0, s, 1)).resize((s, top + 1)), (0, 0))
+    image.paste(square.crop((0, s - 1, s, s)).resize((s, height - top - s + 1)), (0, top + s - 1))
+    image.paste(square, (0, top))
+    dressed = Scene(**{**asdict(scene), "shirt": TALL_SHIRT})
+    cx, cy = s / 2 + scene.dx * k, top + s * 0.52 + scene.dy * k
+    r = 19 * k * scene.scale
+    draw.rounded_rectangle(
+        [cx - 1.3 * r, cy + 1.6 * r, cx + 1.3 * r, height + r],
+        radius=0.4 * r,
+        fill=_shade(SHIRTS[TALL_SHIRT], scene.light),
+    )
+    figure = Image.new("RGB", (s, s))
+    _background(ImageDraw.Draw(figure), scene.scene)
+    _figure(ImageDraw.Draw(figure), person, dressed)
+    shape = Image.new("RGB", (s, s))
+    _figure(ImageDraw.Draw(shape), person, dressed, silhouette=True)
+    image.paste(figure, (0, top), shape.convert("L"))
+    return image.resize((SIZE, TALL), Image.LANCZOS)
+
+
+def torso_share(image: Image.Image) -> float:
+    """The share of a picture's bottom sixth, across its middle half, in the tall frames' shirt red (a red hue -
+    not the hair's orange-red - saturated and lit): whether the figure below the face is drawn."""
+    import numpy as np
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    rows, cols = rgb.shape[0], rgb.shape[1]
+    part = rgb[rows - max(1, rows // 6) :, cols // 4 : cols - cols // 4]
+    high, low = part.max(axis=-1), part.min(axis=-1)
+    saturation = (high - low) / np.maximum(high, 1e-6)
+    r, g, b = part[..., 0], part[..., 1], part[..., 2]
+    hue = np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360
+    red = ((hue >= 330) | (hue <= 2)) & (saturation > 0.4) & (high > 0.35)
+    return float(red.mean())
+
+
 def person_mask(person: Person, scene: Scene) -> Image.Image:
     """The exact silhouette of the person in :func:`render`'s picture (64x64, mode L: 255 the person - head, hair,
     beard and shoulders - 0 the scene), drawn with the same shapes; a painting's frame is scene."""

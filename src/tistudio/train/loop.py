@@ -180,12 +180,9 @@ def run_training(
         point.run.open(start_step, set_aside=point.set_aside)
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
-    masking = mask_mode(options.loss_mask, template, saved["meta"].get("loss_mask") if saved else None, start_step > 0)
-    bucketing = bucket_mode(options.buckets, saved["meta"].get("buckets") if saved else None, start_step > 0)
-    buckets = choose_buckets([item.image.size for item in dataset.images], size, bucketing == "on")
-    log.info("aspect-ratio buckets %s: %s", bucketing, describe_buckets(buckets))
+    shaped = Shaping.decide(options, template, saved, start_step, dataset, size)
     samples = encode_samples(
-        model, dataset, buckets, template, name, replace(options, loss_mask=masking), parallel, stop
+        model, dataset, shaped.buckets, template, name, replace(options, loss_mask=shaped.masking), parallel, stop
     )
     if samples is None:  # a stop asked while encoding
         return stopped_while_encoding(point, report, schedule.end_step)
@@ -218,8 +215,7 @@ def run_training(
         ),
     )
     carried = partial(word_at, word, name) if options.preview_embedded else None
-    decided = {"loss_mask": masking, "buckets": bucketing}  # what a resume keeps
-    session.open_outputs(template, most_common(buckets), decided, cleanup, dataset.summary(), carried)
+    session.open_outputs(template, most_common(shaped.buckets), shaped.kept(), cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
     record = partial(
@@ -232,9 +228,9 @@ def run_training(
         size,
         evaluator=evaluator,
         parallel=parallel,
-        masking=describe_masking(masking, samples),
+        masking=describe_masking(shaped.masking, samples),
         judged=judged_by(evaluator, unmeasured),
-        bucketing=f"{bucketing}: {describe_buckets(buckets)}",
+        bucketing=shaped.describe(),
     )
     session.train(earlier_batch, record if main else None)
 
@@ -759,6 +755,41 @@ class Samples:
 def my_part(batch: Batch, parallel: Parallel, size: int) -> Batch:
     """This process's `size` samples of a micro-batch drawn for all of them (the whole batch for one process)."""
     return batch.part(parallel.part(size)) if parallel.active else batch
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """How the run shapes its samples, decided once (a resume keeps both choices): the loss mask's mode
+    (train/masks.py) and the aspect-ratio buckets (prepare/buckets.py), with each image's bucket."""
+
+    masking: str
+    bucketing: str
+    buckets: list[Size]
+
+    @classmethod
+    def decide(
+        cls,
+        options: TrainOptions,
+        template: tuple[str, ...],
+        saved: dict[str, Any] | None,
+        start_step: int,
+        dataset: Dataset,
+        size: int,
+    ) -> Shaping:
+        recorded = saved["meta"] if saved else {}
+        masking = mask_mode(options.loss_mask, template, recorded.get("loss_mask"), start_step > 0)
+        bucketing = bucket_mode(options.buckets, recorded.get("buckets"), start_step > 0)
+        buckets = choose_buckets([item.image.size for item in dataset.images], size, bucketing == "on")
+        shaped = cls(masking, bucketing, buckets)
+        log.info("aspect-ratio buckets %s", shaped.describe())
+        return shaped
+
+    def kept(self) -> dict[str, str]:
+        """What the resume state keeps."""
+        return {"loss_mask": self.masking, "buckets": self.bucketing}
+
+    def describe(self) -> str:
+        return f"{self.bucketing}: {describe_buckets(self.buckets)}"
 
 
 def encode_samples(
