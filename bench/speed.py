@@ -8,6 +8,7 @@ inversion example on the same model folder and settings.
     python bench/speed.py --model sdxl --size 512 --steps 2 --warmup 1 --checkpointing   # SDXL, on a CPU
     python bench/speed.py --model sdxl --size 1024 --device cuda --precision bf16 --processes 1,2,8   # scaling
     python bench/speed.py --model sd15 --size 256 --lora-ranks 0,8        # pivotal tuning's step against the word's
+    python bench/speed.py --model sd15 --size 256 --buckets off,on        # squares against aspect-ratio buckets
 
 --model is `tiny` (the tests' random tiny model), `sd15` (Stable Diffusion 1.5's full architecture with seeded random
 weights, built once into the cache: about 4.3 GB; honest for speed and memory, never for pictures), `sdxl` (SDXL
@@ -176,6 +177,7 @@ def child_ours(spec: dict) -> dict:
             gradient_checkpointing=spec.get("checkpointing", False),
             lora_rank=spec.get("lora_rank", 0),
             loras_dir=str(work / "loras"),
+            buckets=spec.get("buckets", "off"),
         ),
         cache_dir=work,
         on_progress=lambda p: events.append((p.event, time.perf_counter())),
@@ -368,8 +370,13 @@ def model_folder(spec: str, cache: Path) -> Path:
     return Path(spec)
 
 
-def make_photos(folder: Path, size: int, count: int = 8) -> Path:
-    """Plain pictures at the training size (content does not change the cost of a step)."""
+SHAPES = ((2, 3), (3, 2), (1, 1))  # --buckets on's photos: a portrait, a landscape, a square, in turn
+
+
+def make_photos(folder: Path, size: int, count: int = 8, shaped: bool = False) -> Path:
+    """Plain pictures at the training size (content does not change the cost of a step); `shaped`: portraits,
+    landscapes and squares in turn, of about the training area (each trains at its own bucket)."""
+    import math
     import random
 
     from PIL import Image, ImageDraw
@@ -377,13 +384,29 @@ def make_photos(folder: Path, size: int, count: int = 8) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for index in range(count):
-        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        across, down = SHAPES[index % len(SHAPES)] if shaped else (1, 1)
+        width, height = round(size * math.sqrt(across / down)), round(size * math.sqrt(down / across))
+        image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
         draw = ImageDraw.Draw(image)
         for _ in range(12):
-            x, y = rng.randrange(size), rng.randrange(size)
+            x, y = rng.randrange(width), rng.randrange(height)
             draw.ellipse((x, y, x + size // 4, y + size // 4), fill=tuple(rng.randrange(256) for _ in range(3)))
         image.save(folder / f"photo_{index:02d}.png")
     return folder
+
+
+def mean_pixels(folder: Path, size: int, buckets: bool) -> float:
+    """The pixels a step trains per sample: the photos' buckets' areas, averaged (size x size for squares)."""
+    from PIL import Image
+
+    from tistudio.prepare.buckets import choose_buckets
+
+    shapes = []
+    for path in sorted(folder.glob("*.png")):
+        with Image.open(path) as image:
+            shapes.append(image.size)
+    chosen = choose_buckets(shapes, size, buckets)
+    return sum(w * h for w, h in chosen) / len(chosen)
 
 
 def run_child(kind: str, spec: dict, log: Path, processes: int = 1) -> dict:
@@ -468,6 +491,12 @@ def main() -> int:
         help="tistudio's LoRA ranks beside the word, comma-separated (default: %(default)s: the word alone; "
         "e.g. 0,8 to compare a pivotal-tuning step with an embedding step)",
     )
+    parser.add_argument(
+        "--buckets",
+        default="off",
+        help="off (square photos), on (portraits, landscapes and squares, each at its aspect-ratio bucket), or "
+        "off,on; the table adds megapixels/s, the step's speed at equal pixel count",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.child:
@@ -481,6 +510,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tistudio-speed-") as temp:
         work = Path(temp)
         data = make_photos(work / "photos", size)
+        shaped = make_photos(work / "shaped", size, shaped=True)
         base = {
             "model": str(folder),
             "data": str(data),
@@ -499,25 +529,36 @@ def main() -> int:
             "gen_images": args.gen_images,
         }
         ranks = [int(r) for r in args.lora_ranks.split(",")]
-        contenders = [("ours", int(p), rank) for p in args.processes.split(",") for rank in ranks]
-        contenders += [("peer", 1, 0)] if args.peer else []
+        contenders = [
+            ("ours", int(p), rank, buckets)
+            for p in args.processes.split(",")
+            for rank in ranks
+            for buckets in args.buckets.split(",")
+        ]
+        contenders += [("peer", 1, 0, "off")] if args.peer else []
         for batch in (int(b) for b in args.batch.split(",")):
-            for kind, processes, rank in contenders:
+            for kind, processes, rank, buckets in contenders:
                 label = (
-                    f"{kind}-{batch}" + (f"-x{processes}" if processes > 1 else "") + (f"-lora{rank}" if rank else "")
+                    f"{kind}-{batch}"
+                    + (f"-x{processes}" if processes > 1 else "")
+                    + (f"-lora{rank}" if rank else "")
+                    + ("-buckets" if buckets == "on" else "")
                 )
-                spec = {**base, "batch": batch, "work": str(work / label), "lora_rank": rank}
+                spec = {**base, "batch": batch, "work": str(work / label), "lora_rank": rank, "buckets": buckets}
+                if buckets == "on":
+                    spec["data"] = str(shaped)
                 Path(spec["work"]).mkdir()
                 print(f"... {label}, {processes} process(es)", file=sys.stderr, flush=True)
                 who = kind if processes == 1 else f"ours x{processes}"
-                rows.append(
-                    {
-                        "what": "train",
-                        "who": who + (f" + LoRA {rank}" if rank else ""),
-                        "batch": batch,
-                        **run_child(kind, spec, work / f"{label}.log", processes),
-                    }
-                )
+                row = {
+                    "what": "train",
+                    "who": who + (f" + LoRA {rank}" if rank else "") + (" buckets" if buckets == "on" else ""),
+                    "batch": batch,
+                    **run_child(kind, spec, work / f"{label}.log", processes),
+                }
+                row["pixels_per_sample"] = mean_pixels(Path(spec["data"]), size, buckets == "on")
+                row["megapixels_per_s"] = row["samples_per_s"] * row["pixels_per_sample"] / 1e6
+                rows.append(row)
         if args.generate:
             for kind in ("generate-ours", "generate-diffusers"):
                 spec = {**base, "batch": 1, "work": str(work / kind)}
@@ -590,6 +631,14 @@ def main() -> int:
             )
     for label, values in ratios.items():
         print(f"tistudio / peer, {label}: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
+    for row in rows:
+        square = next((r for r in rows if r["who"] == "ours" and r["batch"] == row["batch"]), None)
+        if row["who"] == "ours buckets" and square:
+            print(
+                f"tistudio, batch {row['batch']}: buckets train {row['megapixels_per_s']:.4f} megapixels/s "
+                f"({row['pixels_per_sample']:.0f} px a sample), squares {square['megapixels_per_s']:.4f} "
+                f"({square['pixels_per_sample']:.0f} px): {row['megapixels_per_s'] / square['megapixels_per_s']:.2f}x"
+            )
     for row in rows:
         single = next((r for r in rows if r["who"] == "ours" and r["batch"] == row["batch"]), None)
         if row.get("processes", 1) > 1 and single:
