@@ -17,6 +17,7 @@ from corpus import SHAPES, shaped_photos
 from tistudio.cli import main
 from tistudio.config import CreateOptions, PrepareOptions, TrainOptions
 from tistudio.embeddings.files import read_embedding
+from tistudio.errors import OptionError
 from tistudio.prepare.buckets import bucket_sizes, choose_buckets, nearest_bucket
 from tistudio.prepare.dataset import load_dataset
 from tistudio.prepare.preprocess import prepare
@@ -175,6 +176,16 @@ def test_buckets_off_trains_squares(sd1_model, tmp_path) -> None:
     assert resolved["buckets"] == "off: 3 x 64x64"
     with Image.open(tmp_path / "run" / "previews" / "tomtut-1.png") as preview:
         assert preview.size == (64, 64)
+    # a chosen preview size instead of the most common bucket; a bad one is refused before any compute
+    loop.train(
+        bucket_options(photos, folder, max_steps=2, eval_every=0, preview_every=2, preview_size="64x96"),
+        cache_dir=tmp_path,
+        model=sd1_model,
+    )
+    with Image.open(tmp_path / "run" / "previews" / "tomtut-2.png") as preview:
+        assert preview.size == (64, 96)
+    with pytest.raises(OptionError, match="preview_size"):
+        loop.train(bucket_options(photos, folder, max_steps=3, preview_size="tall"), cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("prepared", [False, True])

@@ -213,6 +213,8 @@ class TrainOptions(ModelOptions):
         "DPM++ 2M Karras", "preview sampler (A1111 name)", choices=SAMPLER_NAMES, check=check_sampler, advanced=True
     )
     preview_cfg: float = option(7.0, "preview CFG scale", **CFG_RANGE, advanced=True, label="Preview CFG scale")
+    # The previews' size, WIDTHxHEIGHT; empty: the training size's square, or with buckets the bucket most photos use.
+    preview_size: str = option("", "preview size WxH (default: the bucket most photos use)", advanced=True)
     # Store the step's embedding inside each preview PNG (A1111's "Save images with embedding in PNG chunks"):
     # the picture is then a file A1111 loads as the embedding at that step, named NAME-STEP.
     # TensorBoard event files in RUN/tensorboard beside loss.csv: loss, learning rate, evaluations, previews.
@@ -586,6 +588,7 @@ def validate_train(options: TrainOptions) -> None:
     check_fields(options)
     if options.size and (options.size < 64 or options.size % 8):
         raise OptionError("size", options.size, "use 0 (native) or a multiple of 8 of at least 64")
+    parse_size(options.preview_size, "preview_size")
     parse_schedule(options.learning_rate, max_steps=options.max_steps, start_step=0)
     parse_schedule(options.lora_learning_rate, max_steps=options.max_steps, field_name="lora_learning_rate")
     if len(preview_prompts(options.preview_prompt)) > MAX_PREVIEW_PROMPTS:

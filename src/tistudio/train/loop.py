@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from tistudio import __version__
-from tistudio.config import TrainOptions, preview_prompts, to_dict, validate_train
+from tistudio.config import TrainOptions, parse_size, preview_prompts, to_dict, validate_train
 from tistudio.embeddings.files import Embedding, find_embedding_file, png_embedding_text, read_embedding
 from tistudio.errors import EmbeddingError, TistudioError
 from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
@@ -215,7 +215,8 @@ def run_training(
         ),
     )
     carried = partial(word_at, word, name) if options.preview_embedded else None
-    session.open_outputs(template, most_common(shaped.buckets), shaped.kept(), cleanup, dataset.summary(), carried)
+    shown = parse_size(options.preview_size, "preview_size") or most_common(shaped.buckets)
+    session.open_outputs(template, shown, shaped.kept(), cleanup, dataset.summary(), carried)
 
     # 6. The loop: one optimizer step = gradient_accumulation micro-batches of batch_size samples.
     record = partial(
