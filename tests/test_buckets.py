@@ -20,7 +20,7 @@ from tistudio.embeddings.files import read_embedding
 from tistudio.errors import OptionError
 from tistudio.prepare.buckets import bucket_sizes, choose_buckets, nearest_bucket
 from tistudio.prepare.dataset import load_dataset
-from tistudio.prepare.preprocess import prepare
+from tistudio.prepare.preprocess import bucketed, prepare
 from tistudio.train import loop
 from tistudio.train.create import create_embedding
 
@@ -40,6 +40,8 @@ def test_the_buckets_are_kohyas_for_512_and_sdxls_own_for_1024() -> None:
     assert nearest_bucket(4000, 3000, buckets) == (576, 448)  # a 4:3 holiday photo
     assert nearest_bucket(900, 900, buckets) == (512, 512)
     assert choose_buckets([(600, 900), (4000, 3000)], 512, on=False) == [(512, 512)] * 2
+    # prepare's auto: buckets at SDXL's size, squares at SD1's and SD2's (whose training defaults to squares)
+    assert [bucketed(PrepareOptions(photos="p", out="o", size=size)) for size in (512, 768, 1024)] == [0, 0, 1]
 
 
 def test_prepare_keeps_each_photos_shape_with_the_face_inside(tmp_path) -> None:
@@ -58,7 +60,8 @@ def test_prepare_keeps_each_photos_shape_with_the_face_inside(tmp_path) -> None:
     face.save(photos / "square.png")
     detector = FaceDetector()
 
-    result = prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "out"), size=256), detector=detector)
+    bucketed = PrepareOptions(photos=str(photos), out=str(tmp_path / "out"), size=256, buckets="on")
+    result = prepare(bucketed, detector=detector)
     items = {item.source: item for item in result.items}
     expected = {"portrait.png": (192, 320), "holiday.png": (320, 192), "square.png": (256, 256)}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]
@@ -74,8 +77,8 @@ def test_prepare_keeps_each_photos_shape_with_the_face_inside(tmp_path) -> None:
         assert manifest[name]["bucket"] == list(bucket)
     # the portrait reaches below the face, where the square stopped (the face's framing keeps its size)
     square_crop = prepare(
-        PrepareOptions(photos=str(photos), out=str(tmp_path / "squares"), size=256, buckets="off"), detector=detector
-    )
+        PrepareOptions(photos=str(photos), out=str(tmp_path / "squares"), size=256), detector=detector
+    )  # auto below SDXL's 1024: squares
     squares = {item.source: item for item in square_crop.items}
     assert items["portrait.png"].crop[3] > squares["portrait.png"].crop[3]
     assert all(item.bucket == (256, 256) for item in squares.values())
@@ -103,6 +106,7 @@ def bucket_options(photos: Path, folder: Path, **changes) -> TrainOptions:
         eval_every=2,
         flip=True,
         likeness="off",
+        buckets="on",
     )
     base.update(changes)
     return TrainOptions(**base)
@@ -195,7 +199,9 @@ def test_sdxl_time_ids_are_the_real_size_and_crop_of_the_bucket(sdxl_model, tmp_
     Image.new("RGB", (300, 600), (200, 120, 40)).save(photos / "tall.png")  # 1:2, its bucket 48x80 (0.6)
     folder = photos
     if prepared:  # prepare cuts the bucket's shape: (0, 50, 300, 550) of the photo, then 48x80
-        prepare(PrepareOptions(photos=str(photos), out=str(tmp_path / "prepared"), size=64, crop="center"))
+        prepare(
+            PrepareOptions(photos=str(photos), out=str(tmp_path / "prepared"), size=64, crop="center", buckets="on")
+        )
         folder = tmp_path / "prepared"
     dataset = load_dataset(folder)
     if prepared:
@@ -207,15 +213,34 @@ def test_sdxl_time_ids_are_the_real_size_and_crop_of_the_bucket(sdxl_model, tmp_
     assert loop.latent_sizes(sdxl_model, dataset, buckets, flip=False).tolist() == [[600, 300, 8, 0, 80, 48]]
 
 
+def test_sdxl_trains_in_buckets_by_default(sdxl_model, tmp_path) -> None:
+    photos = shaped_photos(tmp_path / "photos", per_shape=1)
+    folder = tmp_path / "emb"
+    create_embedding(
+        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(folder)),
+        cache_dir=tmp_path,
+        model=sdxl_model,
+    )
+    changes = dict(buckets="auto", max_steps=1, eval_every=0, preview_every=0, flip=False, gradient_accumulation=1)
+    loop.train(bucket_options(photos, folder, **changes), cache_dir=tmp_path, model=sdxl_model)
+    resolved = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]
+    assert resolved["buckets"] == "on: 1 x 48x80, 1 x 64x64, 1 x 80x48"
+
+
 def test_the_cli_prepares_and_trains_in_buckets(tmp_path, tiny_sd1, cache_dir, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     photos = shaped_photos(tmp_path / "photos", per_shape=2)
-    assert main(["prepare", str(photos), "prepared", "--size", "64", "--crop", "center"]) == 0
+    assert main(["prepare", str(photos), "prepared", "--size", "64", "--crop", "center", "--buckets", "on"]) == 0
     out = capsys.readouterr().out
-    assert "tall-0.png: 48x80" in out and "wide-0.png: 80x48" in out and "square-0.png: 64x64" in out
+    assert "tall-0.png: 48x80, " in out and "wide-0.png: 80x48, " in out and "square-0.png: center, " in out
     base = ["--cache-dir", str(cache_dir)]
     assert main([*base, "create", "tomtut", "--model", str(tiny_sd1)]) == 0
     train = [*base, "train", "tomtut", "--model", str(tiny_sd1), "--dataset", "prepared", "--steps", "2"]
-    assert main([*train, "--preview-every", "0", "--batch-size", "2"]) == 0
+    assert main([*train, "--preview-every", "0", "--batch-size", "2", "--buckets", "on"]) == 0
     resolved = json.loads(Path("runs/tomtut/options.json").read_text())["resolved"]
     assert resolved["buckets"] == "on: 2 x 48x80, 2 x 64x64, 2 x 80x48"
+    # auto: squares for SD1 (trained on square crops; bench/buckets.py), kept by a resume; on for SDXL
+    assert main([*base, "create", "sqtut", "--model", str(tiny_sd1)]) == 0
+    other = [*base, "train", "sqtut", "--model", str(tiny_sd1), "--dataset", "prepared", "--preview-every", "0"]
+    assert main([*other, "--steps", "1"]) == 0
+    assert json.loads(Path("runs/sqtut/options.json").read_text())["resolved"]["buckets"].startswith("off: 6 x 64x64")

@@ -208,9 +208,11 @@ def test_two_processes_draw_each_step_from_one_bucket_as_one_process_does(
     template = new_embedding(sd1_model, tmp_path / "template")
     one, two = tmp_path / "one", tmp_path / "two"
     copies(template, one, two)
-    done = torchrun(cache_dir, *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "4"))
+    done = torchrun(
+        cache_dir, *cli_train(tiny_sd1, photos, two, "--batch-size", "1", "--max-steps", "4", "--buckets", "on")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    one_process(sd1_model, photos, one, cache_dir, max_steps=4)
+    one_process(sd1_model, photos, one, cache_dir, max_steps=4, buckets="on")
     a, b = vectors(one), vectors(two)
     assert torch.allclose(a.tensor, b.tensor, atol=TOLERANCE, rtol=0), (a.tensor - b.tensor).abs().max()
     assert resolved(two)["buckets"] == resolved(one)["buckets"] == "on: 2 x 48x80, 2 x 64x64, 2 x 80x48"

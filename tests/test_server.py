@@ -59,7 +59,7 @@ def test_photos_keep_their_shape_in_buckets_through_the_api(client, tmp_path) ->
     assert {"buckets"} <= {f["name"] for f in schema["prepare"]} & {f["name"] for f in schema["train"]}
     client.post("/api/photosets/tomtut")
     upload(client, "tomtut", shaped_photos(tmp_path / "shaped", per_shape=1))
-    job = client.post("/api/photosets/tomtut/prepare", json={"size": 64, "crop": "center"}).json()
+    job = client.post("/api/photosets/tomtut/prepare", json={"size": 64, "crop": "center", "buckets": "on"}).json()
     assert wait(client, job)["status"] == "done"
     items = {item["source"]: item for item in client.get("/api/datasets/tomtut").json()["items"]}
     assert {name: item["bucket"] for name, item in items.items()} == {
@@ -69,7 +69,7 @@ def test_photos_keep_their_shape_in_buckets_through_the_api(client, tmp_path) ->
     }
     created = client.post("/api/embeddings", json={"name": "tomtut", "init_text": "toy", "vectors": 1}).json()
     assert wait(client, created)["status"] == "done"
-    train = {"set": "tomtut", "embedding": "tomtut", "max_steps": 2, "preview_every": 0, "size": 64}
+    train = {"set": "tomtut", "embedding": "tomtut", "max_steps": 2, "preview_every": 0, "size": 64, "buckets": "on"}
     assert wait(client, client.post("/api/train", json=train).json())["status"] == "done"
     resolved = client.get("/api/runs/tomtut").json()["resolved"]
     assert resolved["buckets"] == "on: 1 x 48x80, 1 x 64x64, 1 x 80x48"

@@ -174,11 +174,12 @@ class TrainOptions(ModelOptions):
     size: int = option(0, "training size in pixels (0: the model's native size)", minimum=0, maximum=2048)
     # Aspect-ratio buckets (prepare/buckets.py): "on" trains each photo at the size of about size x size nearest
     # its aspect (384x640 ... 640x384 for 512, SDXL's list for 1024), every micro-batch from one bucket; "off"
-    # centre-crops squares; "auto" is on for every family (SDXL was trained on buckets, and on the demo world a
-    # tall photo's whole figure is what a square crop threw away). A resumed run keeps the choice it began with.
+    # centre-crops squares; "auto" is on for SDXL (trained on buckets, the crop in its size conditioning) and off
+    # for SD1 and SD2 (trained on square crops; on the demo world squares kept the person better, bench/buckets.py).
+    # A resumed run keeps the choice it began with.
     buckets: str = option(
         "auto",
-        "aspect-ratio buckets: train each photo at its own shape (on), or in squares (off)",
+        "aspect-ratio buckets: train each photo at its own shape (on), or in squares (off); auto: on for SDXL",
         choices=("auto", "on", "off"),
     )
     # Optimizer steps to train to (counted from the embedding's creation; resume continues to this).
@@ -434,9 +435,12 @@ class PrepareOptions:
     size: int = option(512, "output size in pixels (the square's side, or the buckets' area)", minimum=64, maximum=2048)
     # on: each picture keeps its photo's shape - the crop around the face (or detail) takes the bucket nearest the
     # photo's aspect (prepare/buckets.py: 384x640 ... 640x384 at 512) and reaches where the photo has room (the
-    # body below a face in a portrait); off: squares, as before buckets.
+    # body below a face in a portrait); off: squares; auto: on at size 1024 and above (SDXL's size, whose training
+    # uses buckets by default), off below (SD1 and SD2 train in squares by default).
     buckets: str = option(
-        "on", "keep each photo's shape in an aspect-ratio bucket (on) or cut squares (off)", choices=("on", "off")
+        "auto",
+        "keep each photo's shape in an aspect-ratio bucket (on) or cut squares (off); auto: on at 1024 px and above",
+        choices=("auto", "on", "off"),
     )
     # face: the face and a little around it; head-and-shoulders: more of the person; center: a plain centre crop.
     crop: str = option("face", "how to frame each photo", choices=("face", "head-and-shoulders", "center"))

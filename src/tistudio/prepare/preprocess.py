@@ -326,7 +326,7 @@ def process_photo(
             squares, item.framing = [(left, top, left + side, top + side)], "focal"
             item.notes.append("no face found: cropped around the most detailed region")
     bucket = (options.size, options.size)
-    if options.buckets == "on" and item.framing != "split":
+    if bucketed(options) and item.framing != "split":
         bucket, squares[0] = bucket_frame(squares[0], item.framing, width, height, options.size, face_box)
     item.bucket = bucket
     side_original = (squares[0][2] - squares[0][0]) * to_original
@@ -364,6 +364,14 @@ def process_photo(
             _save(cut, out / f"{name}.mask.png")
             item.outputs.append(f"{name}.mask.png")
     return item
+
+
+SDXL_SIZE = 1024  # --buckets auto: buckets from this size up (SDXL's), squares below (SD1's 512, SD2's 768)
+
+
+def bucketed(options: PrepareOptions) -> bool:
+    """Whether prepare cuts aspect-ratio buckets (--buckets, auto: at SDXL's size and above) or squares."""
+    return options.buckets == "on" or (options.buckets == "auto" and options.size >= SDXL_SIZE)
 
 
 def square_masks(
@@ -826,7 +834,7 @@ def write_report(out: Path, items: list[Item], verdict: list[str], options: Prep
 def shapes(items: list[Item], options: PrepareOptions) -> str:
     """The pictures' sizes: '384x640 buckets: 3 x 384x640, 2 x 512x512', or '512px squares'."""
     chosen = [item.bucket or (options.size, options.size) for item in items if item.status == "ok"]
-    if options.buckets == "off" or not chosen:
+    if not bucketed(options) or not chosen:
         return f"{options.size}px squares"
     return f"aspect-ratio buckets of about {options.size}x{options.size}: {describe_buckets(chosen)}"
 
@@ -849,7 +857,7 @@ def summary_lines(result: PrepareResult) -> list[str]:
             continue
         face = (f"face {item.face_fraction:.0%} {item.yaw}" if item.face_box else item.framing) + who(item)
         notes = f"  ({'; '.join(item.notes)})" if item.notes else ""
-        shape = f"{item.bucket[0]}x{item.bucket[1]}, " if item.bucket else ""
+        shape = f"{item.bucket[0]}x{item.bucket[1]}, " if item.bucket and item.bucket[0] != item.bucket[1] else ""
         lines.append(
             f"  ok        {item.source}: {shape}{face}, sharpness {item.sharpness:.0f}, x{item.upscale:.2f}{notes}"
         )

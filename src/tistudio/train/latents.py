@@ -97,11 +97,13 @@ def bucket_batch(seed: int, number: int, members: Sequence[Sequence[int]], batch
     return bucket_epoch(seed, epoch, members, batch)[place]
 
 
-def bucket_mode(asked: str, recorded: str | None, resumed: bool) -> str:
-    """The --buckets a run trains with: as asked; "auto" is "on", except that a resumed run keeps what it began
-    with (a run begun before buckets existed trained in squares: "off")."""
+def bucket_mode(asked: str, recorded: str | None, resumed: bool, size_conditioned: bool) -> str:
+    """The --buckets a run trains with: as asked; "auto" is "on" for a family with size conditioning (SDXL, trained
+    on buckets with the crop in its time_ids) and "off" for the others (SD1 and SD2 were trained on square crops,
+    and on the demo world, a model that knows only squares, squares kept the person better: bench/buckets.py),
+    except that a resumed run keeps what it began with (a run begun before buckets existed: "off")."""
     if asked != "auto":
         return asked
     if resumed:
         return recorded or "off"
-    return "on"
+    return "on" if size_conditioned else "off"

@@ -180,7 +180,7 @@ def run_training(
         point.run.open(start_step, set_aside=point.set_aside)
         remove_stale_temporaries(point.target, point.embedding_path)
     report(Event.ENCODE, start_step, schedule.end_step, message=f"encoding {len(dataset.images)} images")
-    shaped = Shaping.decide(options, template, saved, start_step, dataset, size)
+    shaped = Shaping.decide(options, template, saved, start_step, dataset, size, model.spec.size_conditioning)
     samples = encode_samples(
         model, dataset, shaped.buckets, template, name, replace(options, loss_mask=shaped.masking), parallel, stop
     )
@@ -776,10 +776,11 @@ class Shaping:
         start_step: int,
         dataset: Dataset,
         size: int,
+        size_conditioned: bool,
     ) -> Shaping:
         recorded = saved["meta"] if saved else {}
         masking = mask_mode(options.loss_mask, template, recorded.get("loss_mask"), start_step > 0)
-        bucketing = bucket_mode(options.buckets, recorded.get("buckets"), start_step > 0)
+        bucketing = bucket_mode(options.buckets, recorded.get("buckets"), start_step > 0, size_conditioned)
         buckets = choose_buckets([item.image.size for item in dataset.images], size, bucketing == "on")
         shaped = cls(masking, bucketing, buckets)
         log.info("aspect-ratio buckets %s", shaped.describe())
