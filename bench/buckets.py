@@ -22,12 +22,11 @@ import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import demo_world
+from learning import demo_world, train_arm
 
 TORSO_SHOWN = 0.3  # tall renders 0.85-1.0 (0.73-0.99 through the VAE); 26% of square renders (red shirts)
 SEEDS = tuple(range(2000, 2008))
@@ -95,55 +94,19 @@ def measure(model, encoder, reader, name: str) -> dict[str, float]:
 
 
 def run_arm(buckets: str, args, cache: Path, model, folder: Path) -> dict:
-    from tistudio.config import CreateOptions, TrainOptions
     from tistudio.demo import world
-    from tistudio.demo.run import NAME, TEMPLATE
-    from tistudio.train.create import create_embedding
-    from tistudio.train.loop import train
-    from tistudio.train.runfolder import read_eval_log
+    from tistudio.demo.run import NAME
 
     reader = world.load_trait_reader(folder)
+
+    def judged(model, encoder) -> tuple[float, dict]:
+        figures = measure(model, encoder, reader, NAME)
+        return figures["person"], figures
+
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        photos = tall_photos(work / "photos")
-        (work / "template.txt").write_text(TEMPLATE)
-        create_embedding(
-            CreateOptions(model="demo", name=NAME, vectors=4, overwrite=True, embeddings_dir=str(work / "emb")),
-            cache_dir=cache,
-            model=model,
-        )
-        curve: list[dict] = []
-
-        def likeness(model, encoder) -> float:
-            curve.append(measure(model, encoder, reader, NAME))
-            return curve[-1]["person"]
-
-        options = TrainOptions(
-            model="demo",
-            embedding=NAME,
-            dataset=str(photos),
-            embeddings_dir=str(work / "emb"),
-            run_dir=str(work / "run"),
-            template=str(work / "template.txt"),
-            batch_size=4,
-            max_steps=args.steps,
-            eval_every=args.every,
-            likeness_every=args.every,
-            preview_every=0,
-            save_every=0,
-            seed=args.seed,
-            buckets=buckets,
-        )
-        started = time.monotonic()
-        result = train(options, cache_dir=cache, model=model, likeness=likeness)
-        seconds = time.monotonic() - started
-        steps = [step for step, _, like in read_eval_log(work / "run" / "eval.csv") if like is not None]
-    return {
-        "buckets": buckets,
-        "seconds": round(seconds, 1),
-        "kept_step": result.best_step or result.step,
-        "curve": [{"step": s, **m} for s, m in zip(steps, curve, strict=True)],
-    }
+        arm = train_arm(cache, model, work, tall_photos(work / "photos"), judged, args, buckets=buckets)
+    return {"buckets": buckets, **arm}
 
 
 def main() -> int:

@@ -288,6 +288,56 @@ def demo_world() -> tuple[Path, object, Path]:
     return cache, load_model(ModelOptions(model="demo"), cache), demo_model_dir(cache)
 
 
+def train_arm(cache: Path, model, work: Path, photos: Path, measure, args, **changes) -> dict:
+    """One arm of a demo-world comparison (bench/pivotal.py, bench/buckets.py): a fresh 4-vector embedding trained on
+    `photos` with the demo's template, batch 4, lr 0.005 and `changes`; `measure(model, encoder)` -> (the likeness
+    that picks the kept step, the evaluation's figures) at every --every steps. Its seconds, kept step and curve."""
+    from tistudio.config import CreateOptions, TrainOptions
+    from tistudio.demo.run import NAME, TEMPLATE
+    from tistudio.train.create import create_embedding
+    from tistudio.train.loop import train
+    from tistudio.train.runfolder import read_eval_log
+
+    (work / "template.txt").write_text(TEMPLATE)
+    create_embedding(
+        CreateOptions(model="demo", name=NAME, vectors=4, overwrite=True, embeddings_dir=str(work / "emb")),
+        cache_dir=cache,
+        model=model,
+    )
+    curve: list[dict] = []
+
+    def likeness(model, encoder) -> float:
+        score, figures = measure(model, encoder)
+        curve.append(figures)
+        return score
+
+    options = TrainOptions(
+        model="demo",
+        embedding=NAME,
+        dataset=str(photos),
+        embeddings_dir=str(work / "emb"),
+        run_dir=str(work / "run"),
+        template=str(work / "template.txt"),
+        batch_size=4,
+        max_steps=args.steps,
+        eval_every=args.every,
+        likeness_every=args.every,
+        preview_every=0,
+        save_every=0,
+        seed=args.seed,
+        **changes,
+    )
+    started = time.monotonic()
+    result = train(options, cache_dir=cache, model=model, likeness=likeness)
+    seconds = time.monotonic() - started
+    steps = [step for step, _, like in read_eval_log(work / "run" / "eval.csv") if like is not None]
+    return {
+        "seconds": round(seconds, 1),
+        "kept_step": result.best_step or result.step,
+        "curve": [{"step": s, **m} for s, m in zip(steps, curve, strict=True)],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)

@@ -21,12 +21,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import demo_world
+from learning import demo_world, train_arm
 
 HAT_SHOWN = 0.03  # without the hat: renders at most 0.016, the world model's samples 0.004; with it: renders 0.22-0.44
 SEEDS = tuple(range(2000, 2008))
@@ -66,61 +65,32 @@ def measure(folder: Path, model, encoder, reader, scenes, hat: bool) -> dict[str
 
 
 def run_arm(label: str, rank: int, lora_lr: str, args, cache: Path, model, folder: Path) -> dict:
-    from tistudio.config import CreateOptions, TrainOptions
     from tistudio.demo import world
-    from tistudio.demo.run import NAME, TEMPLATE, person_photos
-    from tistudio.train.create import create_embedding
-    from tistudio.train.loop import train
-    from tistudio.train.runfolder import read_eval_log
+    from tistudio.demo.run import person_photos
 
     reader, scenes = world.load_trait_reader(folder), world.fit_scene_reader()
+
+    def judged(model, encoder) -> tuple[float, dict]:
+        figures = measure(folder, model, encoder, reader, scenes, not args.no_hat)
+        return figures["hat"] if not args.no_hat else figures["person"], figures
+
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         photos = person_photos(work / "photos", hat=not args.no_hat)
-        (work / "template.txt").write_text(TEMPLATE)
-        create_embedding(
-            CreateOptions(model="demo", name=NAME, vectors=4, overwrite=True, embeddings_dir=str(work / "emb")),
-            cache_dir=cache,
-            model=model,
-        )
-        curve: list[dict] = []
-
-        def likeness(model, encoder) -> float:
-            curve.append(measure(folder, model, encoder, reader, scenes, not args.no_hat))
-            return curve[-1]["hat"] if not args.no_hat else curve[-1]["person"]
-
-        options = TrainOptions(
-            model="demo",
-            embedding=NAME,
-            dataset=str(photos),
-            embeddings_dir=str(work / "emb"),
-            run_dir=str(work / "run"),
+        arm = train_arm(
+            cache,
+            model,
+            work,
+            photos,
+            judged,
+            args,
             loras_dir=str(work / "loras"),
-            template=str(work / "template.txt"),
-            batch_size=4,
-            max_steps=args.steps,
-            eval_every=args.every,
-            likeness_every=args.every,
-            preview_every=0,
-            save_every=0,
-            seed=args.seed,
             lora_rank=rank,
             lora_learning_rate=lora_lr,
             lora_start=args.lora_start,
             lora_targets=args.targets,
         )
-        started = time.monotonic()
-        result = train(options, cache_dir=cache, model=model, likeness=likeness)
-        seconds = time.monotonic() - started
-        steps = [step for step, _, like in read_eval_log(work / "run" / "eval.csv") if like is not None]
-    return {
-        "arm": label,
-        "rank": rank,
-        "lora_lr": lora_lr if rank else None,
-        "seconds": round(seconds, 1),
-        "kept_step": result.best_step or result.step,
-        "curve": [{"step": s, **m} for s, m in zip(steps, curve, strict=True)],
-    }
+    return {"arm": label, "rank": rank, "lora_lr": lora_lr if rank else None, **arm}
 
 
 def main() -> int:
