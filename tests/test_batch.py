@@ -34,6 +34,7 @@ init_text = "toy"
 embedding = "zbobx"
 dataset = "prepared/zbobx"
 learning_rate = "0.003"
+buckets = "on"
 """
 
 
@@ -63,6 +64,11 @@ def test_a_plan_trains_every_embedding_and_continues_when_run_again(
     assert alice.meta["init_text"] == "toy"
     options = json.loads((studio / "runs" / "zbobx" / "options.json").read_text())["options"]
     assert options["learning_rate"] == "0.003" and options["dataset"] == str(studio / "prepared" / "zbobx")
+    buckets = {
+        n: json.loads((studio / "runs" / n / "options.json").read_text())["resolved"]["buckets"]
+        for n in ("zalicex", "zbobx")
+    }
+    assert buckets == {"zalicex": "off: 6 x 64x64", "zbobx": "on: 6 x 64x64"}  # a job's own choice (issue 32)
     # again: nothing left to train, and no model is loaded for it
     assert many(cache_dir, str(plan)) == 0
     assert "2 jobs: 2 finished" in capsys.readouterr().out

@@ -44,6 +44,23 @@ def test_the_buckets_are_kohyas_for_512_and_sdxls_own_for_1024() -> None:
     assert [bucketed(PrepareOptions(photos="p", out="o", size=size)) for size in (512, 768, 1024)] == [0, 0, 1]
 
 
+def test_the_fixed_evaluation_batch_takes_the_buckets_in_turn(sd1_model) -> None:
+    from tistudio.models.conditioning import PromptEncoder
+    from tistudio.train.evaluation import evaluation_batch, evaluation_loss
+    from tistudio.train.latents import Rows
+    from tistudio.train.objective import NoisePrediction
+
+    shapes = [(4, 10, 6)] * 4 + [(4, 6, 10)] * 2 + [(4, 8, 8)] * 3  # tall, wide and square latents, in that order
+    latents = Rows([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)])
+    denoiser = NoisePrediction(sd1_model, PromptEncoder.for_model(sd1_model))
+    batch = evaluation_batch(latents, ["a"] * 9, ("a photo of [name]",), "tomtut", seed=1, draws=denoiser, size=3)
+    assert {latents.shape(i) for i in batch.indices} == {(4, 10, 6), (4, 6, 10), (4, 8, 8)}  # 3 samples, 3 buckets
+    assert [tuple(noise.shape) for noise in batch.noise] == [latents.shape(i) for i in batch.indices]
+    assert evaluation_loss(denoiser, latents, batch) > 0
+    with pytest.raises(ValueError, match="one shape"):
+        latents.take([0, 4])  # a batch never mixes buckets
+
+
 def test_prepare_keeps_each_photos_shape_with_the_face_inside(tmp_path) -> None:
     from tistudio.prepare.faces import FaceDetector
 
