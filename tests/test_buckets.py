@@ -106,6 +106,15 @@ def test_prepare_keeps_each_photos_shape_with_the_face_inside(tmp_path) -> None:
     assert "256px squares" in (tmp_path / "squares" / "report.html").read_text()
 
 
+def new_word(model, folder: Path) -> None:
+    """A new 'tomtut' embedding for `model` in `folder`."""
+    create_embedding(
+        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(folder)),
+        cache_dir=folder.parent,
+        model=model,
+    )
+
+
 def bucket_options(photos: Path, folder: Path, **changes) -> TrainOptions:
     base = dict(
         model="unused",
@@ -134,11 +143,7 @@ def test_a_bucketed_run_draws_one_shape_per_batch_and_resumes_bit_exactly(sd1_mo
     mask = Image.new("L", SHAPES["tall"], 0)
     mask.paste(255, (0, 0, 40, 35))  # the upper half of a tall photo is the subject: the masked loss, in buckets
     mask.save(photos / "tall-0.mask.png")
-    create_embedding(
-        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(tmp_path / "template")),
-        cache_dir=tmp_path,
-        model=sd1_model,
-    )
+    new_word(sd1_model, tmp_path / "template")
     folders = {}
     for label in ("straight", "resumed"):
         folders[label] = tmp_path / label / "emb"
@@ -183,11 +188,7 @@ def test_a_bucketed_run_draws_one_shape_per_batch_and_resumes_bit_exactly(sd1_mo
 def test_buckets_off_trains_squares(sd1_model, tmp_path) -> None:
     photos = shaped_photos(tmp_path / "photos", per_shape=1)
     folder = tmp_path / "emb"
-    create_embedding(
-        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(folder)),
-        cache_dir=tmp_path,
-        model=sd1_model,
-    )
+    new_word(sd1_model, folder)
     loop.train(
         bucket_options(photos, folder, buckets="off", max_steps=1, eval_every=0, preview_every=1),
         cache_dir=tmp_path,
@@ -233,11 +234,7 @@ def test_sdxl_time_ids_are_the_real_size_and_crop_of_the_bucket(sdxl_model, tmp_
 def test_sdxl_trains_in_buckets_by_default(sdxl_model, tmp_path) -> None:
     photos = shaped_photos(tmp_path / "photos", per_shape=1)
     folder = tmp_path / "emb"
-    create_embedding(
-        CreateOptions(model="x", name="tomtut", init_text="toy", embeddings_dir=str(folder)),
-        cache_dir=tmp_path,
-        model=sdxl_model,
-    )
+    new_word(sdxl_model, folder)
     changes = dict(buckets="auto", max_steps=1, eval_every=0, preview_every=0, flip=False, gradient_accumulation=1)
     loop.train(bucket_options(photos, folder, **changes), cache_dir=tmp_path, model=sdxl_model)
     resolved = json.loads((tmp_path / "run" / "options.json").read_text())["resolved"]
