@@ -8,7 +8,9 @@ Each photo is cropped to a square around the largest face (tistudio's MTCNN dete
 head, ``head-and-shoulders`` more of the person, ``center`` is a plain centre crop - or, when no face is found,
 around its most detailed region (edges and entropy); very wide or tall photos can be split into overlapping
 squares instead. The square is resized with Lanczos to the output size; enlarging more than ``max_upscale``
-leaves the photo out as too small. Captions come from an ``IMAGE.txt`` beside the photo and/or the file name.
+leaves the photo out as too small. With aspect-ratio buckets (``--buckets``: on at SDXL's size by default; see
+bucket_frame) the crop is a rectangle of the bucket nearest the photo's aspect instead, written at that bucket's
+size. Captions come from an ``IMAGE.txt`` beside the photo and/or the file name.
 
 A report - in the terminal and as ``report.html`` with thumbnails - gives per image the face and its size, the
 sharpness (variance of the Laplacian), the enlargement and near-duplicates (a perceptual hash), and for the set
