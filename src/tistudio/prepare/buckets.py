@@ -52,6 +52,11 @@ def choose_buckets(pictures: Sequence[Size], size: int, on: bool) -> list[Size]:
     return [nearest_bucket(width, height, buckets) for width, height in pictures]
 
 
+def per_picture(size: int | Sequence[Size], count: int) -> list[Size]:
+    """Each of `count` pictures' training size: `size` as given (one per picture), or an int's square for all."""
+    return [(size, size)] * count if isinstance(size, int) else list(size)
+
+
 def most_common(chosen: Sequence[Size]) -> Size:
     """The bucket most pictures use (on a tie, the squarest, then the widest): where previews are drawn."""
     counts = Counter(chosen)

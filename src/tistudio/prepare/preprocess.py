@@ -415,14 +415,15 @@ def bucket_box(
     Moved, and shrunk where the photo is too small, to lie inside the photo."""
     x1, y1, x2, y2 = square
     side, ratio = x2 - x1, bucket[0] / bucket[1]
-    if framing in ("face", "head-and-shoulders"):
+    around_face = framing in ("face", "head-and-shoulders")
+    if around_face:
         w, h = side * math.sqrt(ratio), side / math.sqrt(ratio)
     else:
         w, h = min(width, height * ratio), min(height, width / ratio)
     shrink = min(1.0, width / w, height / h)
     w, h = w * shrink, h * shrink
     cx = (x1 + x2) / 2
-    cy = (y1 + y2) / 2 + (0.8 * max(0.0, h - side) / 2 if framing in ("face", "head-and-shoulders") else 0.0)
+    cy = (y1 + y2) / 2 + (0.8 * max(0.0, h - side) / 2 if around_face else 0.0)
     left = min(max(0.0, cx - w / 2), width - w)
     top = min(max(0.0, cy - h / 2), height - h)
     return round(left), round(top), round(left + w), round(top + h)

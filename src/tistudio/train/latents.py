@@ -30,6 +30,9 @@ class Rows:
             self.where.append((group, len(groups[group])))
             groups[group].append(row)
         self.stacks = [torch.stack(group) for group in groups]
+        self.by_shape: list[list[int]] = [[] for _ in self.shapes]  # the rows of each shape, in order
+        for index, (group, _) in enumerate(self.where):
+            self.by_shape[group].append(index)
 
     @property
     def count(self) -> int:
@@ -52,10 +55,7 @@ class Rows:
 
     def members(self) -> list[list[int]]:
         """The rows of each shape, in order."""
-        found: list[list[int]] = [[] for _ in self.shapes]
-        for index, (group, _) in enumerate(self.where):
-            found[group].append(index)
-        return found
+        return self.by_shape
 
     def take(self, indices: Sequence[int]) -> torch.Tensor:
         """The rows `indices`, stacked: they must share one shape (a micro-batch is drawn from one bucket)."""
@@ -68,7 +68,7 @@ class Rows:
 
     def to(self, device: torch.device | str) -> Rows:
         moved = Rows.__new__(Rows)
-        moved.shapes, moved.where = self.shapes, self.where
+        moved.shapes, moved.where, moved.by_shape = self.shapes, self.where, self.by_shape
         moved.stacks = [stack.to(device) for stack in self.stacks]
         return moved
 

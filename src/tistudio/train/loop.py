@@ -35,7 +35,7 @@ from tistudio.errors import EmbeddingError, TistudioError
 from tistudio.generate.images import Renderer, SamplingParams, check_fits, infotext, save_png
 from tistudio.models.conditioning import PromptEncoder
 from tistudio.models.loading import SDModel, load_model, resolve_device
-from tistudio.prepare.buckets import Size, choose_buckets, cover_crop, fit, most_common
+from tistudio.prepare.buckets import Size, choose_buckets, cover_crop, fit, most_common, per_picture
 from tistudio.prepare.buckets import describe as describe_buckets
 from tistudio.prepare.dataset import Dataset, TrainImage, load_dataset, square
 from tistudio.progress import Event, Progress, Reporter
@@ -606,7 +606,7 @@ def encode_latents(
     if upcast:
         vae.float()
     latents, captions = [], []
-    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
+    buckets = per_picture(size, len(dataset.images))
     try:
         for index in range(len(dataset.images)) if only is None else only:
             item = dataset.images[index]
@@ -630,17 +630,16 @@ def latent_sizes(model: SDModel, dataset: Dataset, size: int | Sequence[Size], f
     """For a family with size conditioning (SDXL), each latent's time_ids (encode_latents' order), else None."""
     if not model.spec.size_conditioning:
         return None
-    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
+    buckets = per_picture(size, len(dataset.images))
     pairs = zip(dataset.images, buckets, strict=True)
     return torch.tensor([crop_sizes(item, bucket) for item, bucket in pairs for _ in range(1 + flip)])
 
 
-def crop_sizes(item: TrainImage, bucket: Size | int) -> list[float]:
+def crop_sizes(item: TrainImage, bucket: Size) -> list[float]:
     """SDXL's time_ids of a training image fitted to its bucket (width, height): the original photo's size, the
     crop's top-left corner in the photo resized to cover the bucket, the bucket's size. For a prepared set the photo
     is the source and the crop the rectangle prepare cut from it (its manifest), fitted to the bucket in turn;
     otherwise the image itself and its centred crop."""
-    bucket = (bucket, bucket) if isinstance(bucket, int) else bucket
     target = (bucket[1], bucket[0])
     if item.source_size and item.source_crop:
         (width, height), (left, top, right, bottom) = item.source_size, item.source_crop
@@ -808,7 +807,7 @@ def encode_samples(
     all). Several processes each encode their share of the images and exchange them. A `stop` asked meanwhile acts
     between two images: None (one process; several stop together in the loop, at a step they agree on)."""
     parallel = parallel or Parallel()
-    buckets = [(size, size)] * len(dataset.images) if isinstance(size, int) else list(size)
+    buckets = per_picture(size, len(dataset.images))
     if parallel.active:
         latents = gather_latents(model, dataset, buckets, options.flip, parallel)
         captions = [item.caption for item in dataset.images for _ in range(1 + options.flip)]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from tistudio.prepare.buckets import Size, fit
+from tistudio.prepare.buckets import Size, fit, per_picture
 from tistudio.prepare.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def loss_weights(
     (an int: the same square for all); `scale`: pixels per latent cell. `mode`: "masks" uses the photos' masks;
     "face" also draws head-and-shoulders around the face found (`find_face`, the detector by default) in photos
     without one; "auto" does so where most of those photos show a face (mask_mode resolves the option)."""
-    sizes = [(buckets, buckets)] * len(dataset.images) if isinstance(buckets, int) else list(buckets)
+    sizes = per_picture(buckets, len(dataset.images))
     if mode == "off":
         return None
     if mode in ("face", "auto") and any(item.mask is None for item in dataset.images):

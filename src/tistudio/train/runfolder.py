@@ -214,24 +214,24 @@ class RunFolder:
         resume states), with a copy of the logs whole, so that training can go on from `step` and lose nothing."""
         aside = self.path / f"after-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         later = re.compile(rf"^{re.escape(self.name)}-(\d+)(-\d+)?\.(safetensors|pt|png)$")
-        moved = 0
-        for folder in ("embeddings", "loras", "previews"):
-            for path in sorted((self.path / folder).iterdir()) if (self.path / folder).is_dir() else ():
-                found = later.match(path.name)
-                if found and int(found.group(1)) > step:
-                    (aside / folder).mkdir(parents=True, exist_ok=True)
-                    path.rename(aside / folder / path.name)
-                    moved += 1
-        for path in (self.last_path, self.path / "loras" / self.last_path.name, self.final_path, self.states):
-            if path.exists():
-                aside.mkdir(parents=True, exist_ok=True)
-                path.rename(aside / path.name)
-                moved += 1
+        moving = [
+            path
+            for folder in ("embeddings", "loras", "previews")
+            if (self.path / folder).is_dir()
+            for path in sorted((self.path / folder).iterdir())
+            if (found := later.match(path.name)) and int(found.group(1)) > step
+        ]
+        last = (self.last_path, self.lora_path(self.last_path), self.final_path, self.states)
+        moving += [path for path in last if path.exists()]
+        for path in moving:  # each to the same place under `aside` as under the run folder
+            into = aside / path.relative_to(self.path)
+            into.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(into)
         for log_file in (self.loss_log, self.eval_log):
             if log_file.is_file():
                 aside.mkdir(parents=True, exist_ok=True)
                 write_text(aside / log_file.name, log_file.read_text("utf-8", errors="replace"))
-        log.info("continuing %s from step %d: %d later files moved to %s", self.name, step, moved, aside)
+        log.info("continuing %s from step %d: %d later files moved to %s", self.name, step, len(moving), aside)
         return aside
 
     def trim_losses(self, step: int) -> None:
