@@ -314,6 +314,12 @@ def test_the_command_line_trains_picks_a_step_and_draws_with_the_word_and_its_lo
     assert main(["generate", "a photo of tomtut", *model, "--steps", "2", "--size", "64x64", "--seed", "1", "-q"]) == 0
     text = Image.open(next(Path("outputs").glob("*.png"))).text["parameters"]
     assert text.startswith("a photo of tomtut <lora:tomtut:1>\n") and "Lora hashes: " in text
+    # going on from the chosen step sets the later steps aside, the last step's word and its LoRA each whole
+    assert main([*train_args, "--max-steps", "6", "--continue-from", "kept"]) == 0
+    (aside,) = Path("runs/tomtut").glob("after-2-*")
+    assert read_embedding(aside / "tomtut-last.safetensors").step == 4
+    assert read_lora(aside / "loras" / "tomtut-last.safetensors").meta["step"] == "4"
+    assert read_lora(Path("loras/tomtut.safetensors")).meta["step"] == "6"
     assert main(["train", "tomtut", *model, "--dataset", str(photos), "--max-steps", "6", "-q"]) == 2
     assert "--lora-rank 4" in capsys.readouterr().err  # resuming without the LoRA is refused in one line
 
