@@ -748,7 +748,7 @@ function startHint(kept, trained, last) {
   if (kept && trained > kept.step && from === "kept") {
     parts.push(`Start training continues from step ${kept.step}, the step the embedding holds, with a fresh ` +
       `optimizer; what the run saved after it (steps ${kept.step + 1}–${trained}) is moved into the run folder's ` +
-      `after-${kept.step} folder first.`);
+      `after-${kept.step}-… folder first (named for the time).`);
   } else if (kept && trained > kept.step) {
     parts.push(`Start training continues from step ${trained}, the last step trained, not from step ${kept.step} ` +
       `that ${kept.by.startsWith("you") ? "you chose" : "the run kept"}; step ${kept.step} stays the embedding until ` +
