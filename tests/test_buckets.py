@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from corpus import SHAPES, shaped_photos
+from test_train import options as train_options
 from tistudio.cli import main
 from tistudio.config import CreateOptions, PrepareOptions, TrainOptions
 from tistudio.embeddings.files import read_embedding
@@ -116,26 +117,9 @@ def new_word(model, folder: Path) -> None:
 
 
 def bucket_options(photos: Path, folder: Path, **changes) -> TrainOptions:
-    base = dict(
-        model="unused",
-        embedding="tomtut",
-        dataset=str(photos),
-        embeddings_dir=str(folder),
-        run_dir=str(folder.parent / "run"),
-        size=64,
-        batch_size=2,
-        gradient_accumulation=2,
-        max_steps=6,
-        preview_every=3,
-        preview_steps=1,
-        save_every=2,
-        eval_every=2,
-        flip=True,
-        likeness="off",
-        buckets="on",
-    )
-    base.update(changes)
-    return TrainOptions(**base)
+    """test_train's options, with evaluations, previews, copies, accumulation, mirrors and buckets on."""
+    bucketed = dict(gradient_accumulation=2, preview_every=3, preview_steps=1, save_every=2, eval_every=2, flip=True)
+    return train_options(photos, folder, **{**bucketed, "likeness": "off", "buckets": "on", **changes})
 
 
 def test_a_bucketed_run_draws_one_shape_per_batch_and_resumes_bit_exactly(sd1_model, tmp_path, monkeypatch) -> None:
