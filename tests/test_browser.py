@@ -160,9 +160,11 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         while time.monotonic() < deadline:
             text = page.locator("#train-status").inner_text()
             seen.add(text)
-            if "trained tomtut to step 40" in text:
+            if "Trained tomtut to step 40" in text:
                 break
             page.wait_for_timeout(100)
+        # the finished run's line: the library's clause as a sentence, with its capital and full stop
+        expect(page.locator("#train-status")).to_have_text("Trained tomtut to step 40.")
         assert any("step" in t and "of 40" in t and "loss" in t for t in seen), seen
         expect(page.locator("#loss-chart svg")).to_be_visible()
         expect(page.locator("#preview-timeline figure")).to_have_count(5)  # steps 0, 10, 20, 30, 40
@@ -528,6 +530,52 @@ def test_the_page_shows_a_word_trained_with_a_lora_and_offers_its_file(browser, 
             "(its file is missing)" in row.inner_text() and row.get_by_role("button", name="Download LoRA").count() == 0
         )
         shot(page, "6-word-with-lora")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_run_stopped_by_the_workspace_cap_says_why_in_sentences(
+    browser, tmp_path, cache_dir, tiny_sd1, photos
+) -> None:
+    """A training the server stopped because its workspace was full says so on the Train tab, why and what to do,
+    each sentence with its capital and full stop: the cap's reason and the run's end had been one run-on line."""
+    from playwright.sync_api import expect
+
+    from tistudio.server.workspace import Workspace
+
+    port = free_port()
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, port=port)
+    try:
+        page = browser.new_page()
+        api(page, "POST", f"{base}/api/photosets/tomtut")
+        for photo in sorted(photos.glob("*.png")):
+            upload = {"name": photo.name, "mimeType": "image/png", "buffer": photo.read_bytes()}
+            assert page.request.post(f"{base}/api/photosets/tomtut/photos", multipart={"files": upload}).ok
+        for job in (
+            api(page, "POST", f"{base}/api/embeddings", name="tomtut", init_text="toy figure", vectors=2),
+            api(page, "POST", f"{base}/api/photosets/tomtut/prepare", size=64),
+        ):
+            while (done := api(page, "GET", f"{base}/api/jobs/{job['id']}"))["status"] not in ("done", "failed"):
+                page.wait_for_timeout(100)
+            assert done["status"] == "done", done
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    cap_gb = (Workspace(tmp_path / f"ws-{port}").used_bytes() + 150_000) / 1024**3
+    server, base = start_server(tmp_path, cache_dir, tiny_sd1, "--max-workspace-gb", f"{cap_gb:.9f}", port=port)
+    try:
+        page = browser.new_page()
+        body = {"set": "tomtut", "embedding": "tomtut", "max_steps": 400, "size": 64}
+        job = api(page, "POST", f"{base}/api/train", **body, preview_every=1, save_every=1, tensorboard=True)
+        while (done := api(page, "GET", f"{base}/api/jobs/{job['id']}"))["status"] in ("queued", "running"):
+            page.wait_for_timeout(200)
+        assert done["status"] == "stopped", done
+        step = done["result"]["step"]
+        page.goto(f"{base}/#train")
+        status = page.locator("#train-status")
+        expect(status).to_contain_text("Stopped because the workspace is full:")
+        expect(status).to_contain_text(f"then go on. Stopped at step {step} of 400; everything up to it is saved.")
     finally:
         server.terminate()
         server.wait(timeout=30)

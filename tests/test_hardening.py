@@ -313,6 +313,9 @@ def test_jobs_stop_saved_at_the_workspace_cap(tmp_path, tiny_sd1, cache_dir, pho
         trained = wait(client, client.post("/api/train", json={**body, "save_every": 1, "tensorboard": True}).json())
         assert trained["status"] == "stopped" and "workspace is full" in trained["result"]["message"], trained
         step = trained["result"]["step"]
+        # why it stopped, then where: two sentences, not one run-on clause ("... then go on stopped at step 12")
+        assert f"then go on. Stopped at step {step} of 400; saved." in trained["result"]["message"]
+        assert trained["result"]["stopped_because"].startswith("Stopped because the workspace is full: ")
         assert 0 < step < 400
         from tistudio.embeddings.files import read_embedding
 

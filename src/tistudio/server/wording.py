@@ -55,6 +55,17 @@ def for_page(text: str, workspace: Path | None = None) -> str:
     return _fields(_flags(text))
 
 
+def sentences(*parts: str) -> str:
+    """Messages that are each a sentence of their own, said one after another: each begins with a capital and
+    ends with a full stop. The library's messages are clauses ("stopped at step 12 of 40; saved"), and two of
+    them joined as they are run together ("... then go on stopped at step 12")."""
+    said = []
+    for part in filter(None, (p.strip() for p in parts)):
+        part = part[0].upper() + part[1:]
+        said.append(part if part.endswith((".", "!", "?")) else part + ".")
+    return " ".join(said)
+
+
 def model_name(spec: str) -> str:
     """How a page names the served model: a file's or folder's name, never its path; a Hub id or demo as given."""
     if spec.startswith(("/", "~", ".")) or "\\" in spec or Path(spec).expanduser().exists():

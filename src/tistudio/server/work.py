@@ -13,7 +13,7 @@ from tistudio.config import CreateOptions, GenerateOptions, PrepareOptions, Trai
 from tistudio.progress import Event, Progress
 from tistudio.server.context import ServerConfig
 from tistudio.server.jobs import Job, Worker
-from tistudio.server.wording import for_page
+from tistudio.server.wording import for_page, sentences
 from tistudio.server.workspace import Limits, Workspace
 from tistudio.storage import size_text
 
@@ -176,7 +176,8 @@ class Work:
             "embedding": name,
             "step": result.step,
             "stopped": result.stopped,
-            "message": for_page(" ".join(filter(None, (quota.reason, result.message))), self.workspace.root),
+            "message": for_page(sentences(quota.reason, result.message), self.workspace.root),
+            **({"stopped_because": for_page(sentences(quota.reason))} if quota.reason else {}),
             "last_loss": result.last_loss,
         }
 

@@ -767,7 +767,8 @@ function jobSummary(job, trained) {
   const more = trained < last ? ` Resume continues from step ${trained}, the last save.` : "";
   switch (job.status) {
     case "done": return (job.result && job.result.message) || `Trained ${name} to step ${at}.`;
-    case "stopped": return `Stopped at step ${at} of ${last}; everything up to it is saved.${more}`;
+    case "stopped": return (job.result && job.result.stopped_because ? `${job.result.stopped_because} ` : "") +
+      `Stopped at step ${at} of ${last}; everything up to it is saved.${more}`;
     case "interrupted": return `The training of ${name} was interrupted at step ${at} of ${last}: ${job.error}.${more}`;
     case "failed": return `The training of ${name} failed: ${job.error}`;
     case "cancelled": return `The training of ${name} was cancelled while it waited; it never started.`;
