@@ -18,7 +18,6 @@ never in the training captions) and 8 unseen seeds at guidance 3, and reads:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import demo_world, train_arm
+from learning import demo_world, train_arm, write_arms
 
 TORSO_SHOWN = 0.3  # tall renders 0.85-1.0 (0.73-0.99 through the VAE); 26% of square renders (red shirts)
 SEEDS = tuple(range(2000, 2008))
@@ -125,10 +124,7 @@ def main() -> int:
         print("  step  person  torso  square")
         for point in row["curve"]:
             print(f"  {point['step']:4d}  {point['person']:6.2f}  {point['torso']:5.2f}  {point['square']:6.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "arms": results}, indent=1))
-    print(f"\nwritten {out}")
+    write_arms(args, results)
     return 0
 
 

@@ -288,6 +288,14 @@ def demo_world() -> tuple[Path, object, Path]:
     return cache, load_model(ModelOptions(model="demo"), cache), demo_model_dir(cache)
 
 
+def write_arms(args, arms: list[dict]) -> None:
+    """A demo-world comparison's arms and the arguments that ran them, as JSON at --out."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "arms": arms}, indent=1))
+    print(f"\nwritten {out}")
+
+
 def train_arm(cache: Path, model, work: Path, photos: Path, measure, args, **changes) -> dict:
     """One arm of a demo-world comparison (bench/pivotal.py, bench/buckets.py): a fresh 4-vector embedding trained on
     `photos` with the demo's template, batch 4, lr 0.005 and `changes`; `measure(model, encoder)` -> (the likeness

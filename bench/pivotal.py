@@ -18,14 +18,13 @@ unseen seeds at guidance 3, and reads:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import demo_world, train_arm
+from learning import demo_world, train_arm, write_arms
 
 HAT_SHOWN = 0.03  # without the hat: renders at most 0.016, the world model's samples 0.004; with it: renders 0.22-0.44
 SEEDS = tuple(range(2000, 2008))
@@ -129,10 +128,7 @@ def main() -> int:
                 f"  {point['step']:4d}  {point['hat']:5.2f}  ({point['hat_photos']:6.2f}  "
                 f"{point['hat_paintings']:9.2f})  {point['person']:6.2f}  {point['obeyed']:6.2f}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "arms": results}, indent=1))
-    print(f"\nwritten {out}")
+    write_arms(args, results)
     return 0
 
 
