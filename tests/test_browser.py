@@ -187,6 +187,18 @@ def test_a_persons_whole_path_in_the_browser(browser, tmp_path, cache_dir, tiny_
         page.select_option("#train-form-continue_from", "last")
         page.click("nav a[data-tab=embeddings]")
         expect(page.locator("#embedding-table tbody tr td").nth(2)).to_have_text("20")
+        # Start from the kept step: steps 21-40 are trained again, and the choice is not carried to the next Start
+        page.click("nav a[data-tab=train]")
+        page.select_option("#train-form-continue_from", "kept")
+        page.click("#train-button")
+        expect(page.locator("#train-form-continue_from")).to_have_value("last")
+        branch = api(page, "GET", f"{base}/api/jobs")[0]
+        assert branch["kind"] == "train" and branch["request"]["continue_from"] == "kept", branch
+        while api(page, "GET", f"{base}/api/jobs/{branch['id']}")["status"] in ("queued", "running"):
+            page.wait_for_timeout(200)
+        expect(page.locator("#train-status")).to_have_text("Trained tomtut to step 40.", timeout=30_000)
+        expect(page.locator("#preview-timeline figure")).to_have_count(5)  # 0-20 kept, 30 and 40 drawn again
+        expect(page.locator("#train-hint")).not_to_contain_text("step 20, the step the embedding holds")
 
         # 4. Generate, see the image and its parameters, reuse its seed.
         page.click("nav a[data-tab=generate]")

@@ -993,6 +993,7 @@ function setupTrain() {
       const values = trainForm.values();
       const job = await api("POST", "/api/train", values);
       state.jobs.unshift(job);
+      trainForm.set("continue_from", "last");  // a branch from the kept step is taken once, never again unasked
       if (fileRun.name !== values.embedding) await loadRun(values.embedding);
       follow(job);
     } catch (e) { showError("#train-error", e); trainForm.mark(e); }
