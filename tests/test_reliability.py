@@ -488,3 +488,27 @@ def test_the_server_worker_survives_a_full_disk_and_the_job_file_catches_up(tmp_
         workers.shutdown()
         workers.join(10)
     assert not any(worker.is_alive() for worker in workers.workers)
+
+
+def test_sigterm_stops_a_server_while_a_client_stalls_mid_request(tiny_sd1, photos, tmp_path, cache_dir) -> None:
+    """A client that sent its headers and then stalls - an upload whose network dropped, a half-sent body - must
+    not keep SIGTERM from stopping the server: uvicorn waits for every request in progress to finish, with no end
+    of its own."""
+    import socket
+
+    process, base = serve_tomtut(tmp_path / "ws", photos, tiny_sd1, cache_dir)
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(
+                b"POST /api/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"name": '
+            )
+            time.sleep(1.0)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            assert time.monotonic() - started < 20, "the server took its time stopping"
+    finally:
+        if process.poll() is None:
+            process.kill()

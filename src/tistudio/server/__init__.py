@@ -32,6 +32,9 @@ def read_auth(auth: str, auth_file: str) -> list[tuple[str, str]]:
     return pairs
 
 
+SHUTDOWN_GRACE_S = 5  # the longest a shutdown waits for requests in progress (an upload, a stalled client)
+
+
 def serve(config: ServerConfig, host: str, port: int) -> None:
     """Run the server until Ctrl-C. --listen (a non-loopback host) needs auth: checked by the caller."""
     from tistudio.server.serving import ShuttingDownServer
@@ -50,7 +53,9 @@ def uvicorn_settings(app: Any, limits: Limits, host: str, port: int, trusted_pro
     503 at once instead of piling up (a flood of idle sockets); idle keep-alive connections close after 5 s, and
     connections whose request headers are not in within header_seconds are closed (slowloris). Forwarding
     headers are read only from `trusted_proxies` (uvicorn's default believes any from 127.0.0.1, so a local
-    process could pose as many clients to the password lockout)."""
+    process could pose as many clients to the password lockout). A shutdown waits at most SHUTDOWN_GRACE_S for
+    the requests in progress (uvicorn's own wait has no end: a client stalled mid-request held Ctrl-C and SIGTERM
+    for ever), then cancels them; the running job's stop and save come after, in the app's lifespan."""
     import uvicorn
 
     from tistudio.server.serving import header_deadline_protocol
@@ -66,4 +71,5 @@ def uvicorn_settings(app: Any, limits: Limits, host: str, port: int, trusted_pro
         http=header_deadline_protocol(limits.header_seconds),
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=trusted_proxies or None,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
