@@ -38,10 +38,16 @@ def bucket_sizes(size: int) -> list[Size]:
     return sorted(found, key=lambda wh: wh[0] / wh[1])
 
 
-def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
-    """The bucket whose aspect is nearest the picture's (log ratio: 2:1 and 1:2 are equally far from square)."""
+def by_nearness(width: int, height: int, buckets: Sequence[Size]) -> list[Size]:
+    """The buckets, the one whose aspect is nearest the picture's first (log ratio: 2:1 and 1:2 are equally far
+    from square; of two equally near, the larger)."""
     aspect = math.log(max(1, width) / max(1, height))
-    return min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
+    return sorted(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
+    """The bucket whose aspect is nearest the picture's."""
+    return by_nearness(width, height, buckets)[0]
 
 
 def choose_buckets(pictures: Sequence[Size], size: int, on: bool) -> list[Size]:

@@ -38,7 +38,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from tistudio.config import PrepareOptions, validate_prepare
 from tistudio.errors import DatasetError, OptionError
-from tistudio.prepare.buckets import bucket_sizes
+from tistudio.prepare.buckets import bucket_sizes, by_nearness
 from tistudio.prepare.buckets import describe as describe_buckets
 from tistudio.prepare.dataset import (
     CAPTION_SUFFIXES,
@@ -398,8 +398,7 @@ def bucket_frame(
 ) -> tuple[tuple[int, int], tuple[int, ...]]:
     """The bucket a photo's crop takes, and the crop: the bucket nearest the photo's aspect (prepare/buckets.py)
     whose rectangle keeps the whole face, else the next nearest; the square framing it is the square's choice."""
-    aspect = math.log(width / height)
-    for bucket in sorted(bucket_sizes(size), key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect)):
+    for bucket in by_nearness(width, height, bucket_sizes(size)):
         box = bucket_box(square, bucket, framing, width, height)
         if face is None or contains(box, face):
             return bucket, box

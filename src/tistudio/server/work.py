@@ -177,7 +177,7 @@ class Work:
             "step": result.step,
             "stopped": result.stopped,
             "message": for_page(sentences(quota.reason, result.message), self.workspace.root),
-            **({"stopped_because": for_page(sentences(quota.reason))} if quota.reason else {}),
+            **({"stopped_because": for_page(sentences(quota.reason), self.workspace.root)} if quota.reason else {}),
             "last_loss": result.last_loss,
         }
 

@@ -115,7 +115,7 @@ def evaluation_batch(
     noise levels."""
     generator = torch.Generator().manual_seed(seed_for(seed, 4))
     rng = random.Random(seed_for(seed, 5))
-    turns = interleaved(latents.members())
+    turns = interleaved(latents.by_shape)
     indices = [turns[i % latents.count] for i in range(size)]
     prompts = [
         fill_template(template[i % len(template)], name, captions[index], rng) for i, index in enumerate(indices)

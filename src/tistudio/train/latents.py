@@ -53,10 +53,6 @@ class Rows:
         """Every row, in order."""
         return [self.stacks[group][place] for group, place in self.where]
 
-    def members(self) -> list[list[int]]:
-        """The rows of each shape, in order."""
-        return self.by_shape
-
     def take(self, indices: Sequence[int]) -> torch.Tensor:
         """The rows `indices`, stacked: they must share one shape (a micro-batch is drawn from one bucket)."""
         groups = {self.where[i][0] for i in indices}

@@ -710,13 +710,13 @@ class Samples:
         first = step * per_step + micro * batch
         if self.latents.single:
             return sample_indices(self.seed, first, batch, self.count)
-        return bucket_batch(self.seed, first // batch, self.latents.members(), batch)
+        return bucket_batch(self.seed, first // batch, self.latents.by_shape, batch)
 
     def epoch(self, step: int, batch: int, per_step: int) -> int:
         """The epoch the last sample of step `step` (1-based, after it) was drawn in."""
         if self.latents.single:
             return (step * per_step - 1) // self.count
-        return (step * per_step // batch - 1) // batches_per_epoch(self.latents.members(), batch)
+        return (step * per_step // batch - 1) // batches_per_epoch(self.latents.by_shape, batch)
 
     def longest_prompt(self) -> str:
         return max(
@@ -1301,7 +1301,7 @@ def cuda_step_fits(denoiser: Denoiser, samples: Samples, trainable: Trainable) -
     device = denoiser.model.device
     latents, prompt = samples.latents, samples.longest_prompt()
     shape = max(latents.shapes, key=lambda s: s[1] * s[2])  # the largest bucket's latents (all about one area)
-    rows = latents.members()[latents.shapes.index(shape)]
+    rows = latents.by_shape[latents.shapes.index(shape)]
 
     def fits(batch: int) -> bool:
         torch.cuda.empty_cache()
