@@ -588,6 +588,8 @@ def test_a_run_stopped_by_the_workspace_cap_says_why_in_sentences(
         status = page.locator("#train-status")
         expect(status).to_contain_text("Stopped because the workspace is full:")
         expect(status).to_contain_text(f"then go on. Stopped at step {step} of 400; everything up to it is saved.")
+        expect(status).to_have_class(re.compile(r"\berror\b"))  # it needs the user: not in grey
+        shot(page, "7-stopped-by-the-cap")
     finally:
         server.terminate()
         server.wait(timeout=30)

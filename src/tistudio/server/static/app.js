@@ -722,9 +722,9 @@ function bindTrain(name) {
     $("#train-status").textContent = [jobSummary(latest, trained),
       other ? `${other.request.embedding} is training now; a start here waits for it.` : ""].filter(Boolean).join(" ");
   }
-  // a run that failed or was interrupted needs the user: say it in the error colour, not in grey
-  $("#train-status").classList.toggle("error", !active && Boolean(latest) && ["failed", "interrupted"]
-    .includes(latest.status));
+  // a run that failed, was interrupted or was stopped by the workspace cap needs the user: the error colour, not grey
+  $("#train-status").classList.toggle("error", !active && Boolean(latest) && (["failed", "interrupted"]
+    .includes(latest.status) || Boolean(latest.result && latest.result.stopped_because)));
   if (!active) setProgress("#train-progress", null);
   drawTimeline();
 }
@@ -855,8 +855,8 @@ function drawKept(run) {
     link.href = run.report;
     link.target = "_blank";
     link.rel = "noopener";
-    link.textContent = " Open the run's report";
-    note.append(link);
+    link.textContent = "Open the run's report";
+    note.append(" ", link);  // the space before the link, not underlined as part of it
   }
 }
 
